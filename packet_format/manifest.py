@@ -1,0 +1,182 @@
+"""The checkpoint manifest: `manifest.json` beside a checkpoint's packet-format part files.
+
+It lists each table's dim, rows and parts, and for each (table, producer) the watermark
+(generation, sequence) the checkpoint already contains, so a replica bootstraps with
+"load checkpoint, then apply every packet after its watermark".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from packet_format.errors import ManifestError
+from packet_format.header import check_name, check_position
+
+MANIFEST_VERSION = 1
+MANIFEST_KIND = "persia-inc-checkpoint"
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestPart:
+    """One part file, its path relative to the checkpoint folder."""
+
+    path: str
+    rows: int
+    bytes: int
+    checksum: str
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestTable:
+    dim: int
+    rows: int
+    parts: tuple[ManifestPart, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Watermark:
+    """The newest packet of one (table, producer) stream already contained."""
+
+    table: str
+    producer: str
+    generation: int
+    sequence: int
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.generation, self.sequence)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointManifest:
+    model: str
+    tables: dict[str, ManifestTable]
+    watermarks: tuple[Watermark, ...] = ()
+    created_at_ns: int = field(default_factory=time.time_ns)
+    format_version: int = MANIFEST_VERSION
+
+    def to_json(self) -> bytes:
+        record = {
+            "kind": MANIFEST_KIND,
+            "format_version": self.format_version,
+            "model": self.model,
+            "created_at_ns": self.created_at_ns,
+            "tables": {
+                name: {
+                    "dim": table.dim,
+                    "rows": table.rows,
+                    "parts": [
+                        {"path": p.path, "rows": p.rows, "bytes": p.bytes, "checksum": p.checksum}
+                        for p in table.parts
+                    ],
+                }
+                for name, table in sorted(self.tables.items())
+            },
+            "watermarks": [
+                {"table": w.table, "producer": w.producer, "generation": w.generation,
+                 "sequence": w.sequence}
+                for w in self.watermarks
+            ],
+        }
+        return json.dumps(record, indent=2).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, where: str = MANIFEST_NAME) -> CheckpointManifest:
+        """Parse and validate; raises ManifestError naming `where` and the offending key."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(where, f"over {MAX_MANIFEST_BYTES} bytes")
+        try:
+            record = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ManifestError(where, f"not JSON: {exc}") from exc
+        reader = _Fields(where)
+        root = reader.obj(record, "manifest")
+        if root.get("kind") != MANIFEST_KIND:
+            raise ManifestError(where, f"'kind' must be {MANIFEST_KIND!r}")
+        version = root.get("format_version")
+        if version != MANIFEST_VERSION:
+            raise ManifestError(where, f"format_version {version!r}, expected {MANIFEST_VERSION}")
+        tables = {}
+        for name, raw in reader.obj(root.get("tables"), "tables").items():
+            reader.name("table", name, f"tables.{name}")
+            table = reader.obj(raw, f"tables.{name}")
+            parts = []
+            for i, raw_part in enumerate(reader.list(table.get("parts"), f"tables.{name}.parts")):
+                at = f"tables.{name}.parts[{i}]"
+                part = reader.obj(raw_part, at)
+                path = reader.str(part.get("path"), f"{at}.path")
+                if path.startswith("/") or ".." in path.split("/") or "://" in path:
+                    raise ManifestError(where, f"{at}.path {path!r} must be relative and inside")
+                parts.append(ManifestPart(
+                    path=path, rows=reader.int(part.get("rows"), f"{at}.rows"),
+                    bytes=reader.int(part.get("bytes"), f"{at}.bytes"),
+                    checksum=reader.str(part.get("checksum"), f"{at}.checksum"),
+                ))
+            rows = reader.int(table.get("rows"), f"tables.{name}.rows")
+            if sum(p.rows for p in parts) != rows:
+                raise ManifestError(where, f"tables.{name}.rows {rows} != the sum of its parts")
+            dim = reader.int(table.get("dim"), f"tables.{name}.dim")
+            if dim <= 0:
+                raise ManifestError(where, f"tables.{name}.dim must be positive")
+            tables[name] = ManifestTable(dim=dim, rows=rows, parts=tuple(parts))
+        watermarks = []
+        for i, raw in enumerate(reader.list(root.get("watermarks", []), "watermarks")):
+            at = f"watermarks[{i}]"
+            mark = reader.obj(raw, at)
+            watermark = Watermark(
+                table=reader.name("table", mark.get("table"), f"{at}.table"),
+                producer=reader.name("producer", mark.get("producer"), f"{at}.producer"),
+                generation=reader.int(mark.get("generation"), f"{at}.generation"),
+                sequence=reader.int(mark.get("sequence"), f"{at}.sequence"),
+            )
+            try:
+                check_position(watermark.generation, watermark.sequence)
+            except ValueError as exc:
+                raise ManifestError(where, f"{at}: {exc}") from exc
+            watermarks.append(watermark)
+        return cls(
+            model=reader.name("model", root.get("model"), "model"),
+            tables=tables,
+            watermarks=tuple(watermarks),
+            created_at_ns=reader.int(root.get("created_at_ns"), "created_at_ns"),
+        )
+
+
+class _Fields:
+    """Typed field access that names the JSON key in every error."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, key: str, expected: str, value: object) -> ManifestError:
+        return ManifestError(self.where, f"{key}: expected {expected}, got {value!r:.80}")
+
+    def obj(self, value: object, key: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, "an object", value)
+        return value
+
+    def list(self, value: object, key: str) -> list:
+        if not isinstance(value, list):
+            raise self.fail(key, "a list", value)
+        return value
+
+    def str(self, value: object, key: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(key, "a string", value)
+        return value
+
+    def int(self, value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.fail(key, "a non-negative integer", value)
+        return value
+
+    def name(self, kind: str, value: object, key: str) -> str:
+        try:
+            return check_name(kind, value)
+        except ValueError as exc:
+            raise ManifestError(self.where, f"{key}: {exc}") from exc

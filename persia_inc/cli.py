@@ -1,0 +1,75 @@
+"""`persia-inc`: one command line for every part of the pipeline.
+
+Each subcommand lives in `persia_inc.commands.<name>` and exposes `HELP` (one line),
+`DESCRIPTION`, `add_arguments(parser)` and `run(args) -> int`. Command modules keep their
+heavy imports inside `run`, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# Subcommand name -> module. Order is the order `--help` lists them in.
+COMMANDS: dict[str, str] = {
+    "inspect": "persia_inc.commands.inspect",
+    "demo": "persia_inc.commands.demo",
+}
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="persia-inc",
+        description=(
+            "Ship incremental sparse-embedding updates from training to the embedding servers "
+            "that serve them: packets on local disk, HDFS or Ceph, announced by file or Kafka, "
+            "hot-applied in order."
+        ),
+        epilog="Run 'persia-inc COMMAND --help' for a command's options.",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity on stderr (default: INFO)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(
+            name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    from persia_inc.config import ConfigError
+
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        print(f"persia-inc {args.command}: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

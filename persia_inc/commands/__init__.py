@@ -1,0 +1,1 @@
+"""Subcommands of `persia-inc`; see `persia_inc.cli`."""

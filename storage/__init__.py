@@ -1,0 +1,30 @@
+"""Where packets live: local disk, HDFS (WebHDFS) or Ceph (S3), behind one `ObjectStore`.
+
+`open_store(uri)` picks the backend from the URI scheme; backends import their library lazily,
+so a missing one fails with an install hint rather than an ImportError three frames deep.
+"""
+
+import logging
+
+from storage.base import ObjectInfo, ObjectStore, StorageKind, check_key
+from storage.errors import BackendUnavailableError, StorageError, TransientStorageError
+from storage.registry import open_store, storage_kind
+from storage.retry import NO_RETRY, RetryPolicy, call_with_retry, is_retriable
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "NO_RETRY",
+    "BackendUnavailableError",
+    "ObjectInfo",
+    "ObjectStore",
+    "RetryPolicy",
+    "StorageError",
+    "StorageKind",
+    "TransientStorageError",
+    "call_with_retry",
+    "check_key",
+    "is_retriable",
+    "open_store",
+    "storage_kind",
+]

@@ -1,0 +1,146 @@
+"""`ObjectStore`: the few primitives every backend implements, and what is built on them once.
+
+Keys are relative to the store's root URI, '/'-separated, never absolute, never '..'.
+Backends implement `_put` (atomic), `_get`, `_open`, `_list`, `_delete`, `_exists`;
+retries, key checks and logging live here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, ClassVar, Literal, TypeVar
+
+from storage.retry import RetryPolicy, call_with_retry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+StorageKind = Literal["local", "hdfs", "ceph"]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ObjectInfo:
+    """One stored object: its key (relative to the store root) and size in bytes."""
+
+    key: str
+    size: int
+
+
+def check_key(key: str, *, allow_empty: bool = False) -> str:
+    """Return `key` if it is a safe relative key, else raise ValueError."""
+    if not isinstance(key, str):
+        raise ValueError(f"storage key must be a string, got {type(key).__name__}")
+    if key == "" and allow_empty:
+        return key
+    parts = key.split("/")
+    trailing_ok = allow_empty and parts[-1] == ""  # a prefix may end in '/'
+    body = parts[:-1] if trailing_ok else parts
+    if not body or any(p in ("", ".", "..") for p in body) or "\\" in key or "\0" in key:
+        raise ValueError(f"invalid storage key {key!r}: want relative 'a/b/c' without '..'")
+    return key
+
+
+class ObjectStore(ABC):
+    """A root URI under which objects are put, got, listed and deleted."""
+
+    kind: ClassVar[StorageKind]
+
+    def __init__(self, root_uri: str, retry: RetryPolicy | None = None) -> None:
+        self.root_uri = root_uri.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self.stop = threading.Event()  # set by close(): cuts retry waits short
+        self.retries = 0  # retried calls so far, for metrics
+
+    # --- primitives --------------------------------------------------------------------
+
+    @abstractmethod
+    def _put(self, key: str, data: bytes | memoryview) -> None:
+        """Store `data` at `key` atomically: readers see all of it or nothing."""
+
+    @abstractmethod
+    def _get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def _open(self, key: str) -> BinaryIO: ...
+
+    @abstractmethod
+    def _list(self, prefix: str, start_after: str | None) -> list[ObjectInfo]:
+        """Objects whose key starts with `prefix` and sorts after `start_after`, in key order."""
+
+    @abstractmethod
+    def _delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def _exists(self, key: str) -> bool: ...
+
+    # --- public face -------------------------------------------------------------------
+
+    def uri(self, key: str) -> str:
+        """The full URI of `key`."""
+        return f"{self.root_uri}/{check_key(key)}"
+
+    def key_of(self, uri: str) -> str:
+        """Inverse of `uri`: the key of a URI under this root; ValueError if it is outside."""
+        prefix = self.root_uri + "/"
+        if not uri.startswith(prefix):
+            raise ValueError(f"{uri!r} is not under {self.root_uri!r}")
+        return check_key(uri[len(prefix):])
+
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Atomically store `data` at `key` (replacing any object there)."""
+        check_key(key)
+        view = memoryview(data).cast("B")
+        self._retrying(f"put {self.uri(key)} ({view.nbytes} bytes)", lambda: self._put(key, view))
+
+    def get(self, key: str) -> bytes:
+        """The whole object at `key`; FileNotFoundError if absent."""
+        check_key(key)
+        return self._retrying(f"get {self.uri(key)}", lambda: self._get(key))
+
+    def open(self, key: str) -> BinaryIO:
+        """A readable binary stream of the object at `key` (opening is retried, reads are not)."""
+        check_key(key)
+        return self._retrying(f"open {self.uri(key)}", lambda: self._open(key))
+
+    def list(self, prefix: str = "", start_after: str | None = None) -> list[ObjectInfo]:
+        """Objects under `prefix` whose key sorts strictly after `start_after`, in key order.
+
+        Temporary objects of unfinished puts are never listed.
+        """
+        check_key(prefix, allow_empty=True)
+        return self._retrying(
+            f"list {self.root_uri}/{prefix} after {start_after!r}",
+            lambda: self._list(prefix, start_after),
+        )
+
+    def delete(self, key: str) -> None:
+        """Remove the object at `key`; FileNotFoundError if absent."""
+        check_key(key)
+        self._retrying(f"delete {self.uri(key)}", lambda: self._delete(key))
+
+    def exists(self, key: str) -> bool:
+        """Whether an object is at `key`. Outages raise; they never read as 'absent'."""
+        check_key(key)
+        return self._retrying(f"exists {self.uri(key)}", lambda: self._exists(key))
+
+    def close(self) -> None:
+        """Stop pending retries and release connections; safe to call twice."""
+        self.stop.set()
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.root_uri!r})"
+
+    def _retrying(self, describe: str, operation: Callable[[], T]) -> T:
+        def count(_exc: BaseException, _attempt: int) -> None:
+            self.retries += 1
+
+        return call_with_retry(operation, self.retry, describe, stop=self.stop, on_retry=count)
