@@ -82,6 +82,10 @@ class ObjectStore(ABC):
         """The full URI of `key`."""
         return f"{self.root_uri}/{check_key(key)}"
 
+    def location(self, key_or_prefix: str) -> str:
+        """A URI for messages: `uri` without validation, for prefixes too."""
+        return f"{self.root_uri}/{key_or_prefix}" if key_or_prefix else self.root_uri
+
     def key_of(self, uri: str) -> str:
         """Inverse of `uri`: the key of a URI under this root; ValueError if it is outside."""
         prefix = self.root_uri + "/"

