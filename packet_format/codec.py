@@ -38,7 +38,7 @@ _INT_FIELDS = frozenset(
 )
 _HEADER_FIELDS = tuple(f.name for f in fields(PacketHeader))
 # Arrow and its Python bindings raise these for malformed input; we translate them once.
-_DECODE_FAILURES = (pa.ArrowException, ValueError, TypeError, OverflowError, IndexError, KeyError)
+_DECODE_FAILURES = (pa.ArrowException, OSError, ValueError, TypeError, OverflowError, IndexError, KeyError)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -56,7 +56,8 @@ class InferConfig:
 
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
-    """Announcements over Kafka (kafka-python). `topic` may use {model}."""
+    """Announcements over Kafka (kafka-python). `topic` may use {model}; delivery_timeout_ms:
+    how long the producer side lets one announcement wait for acks before re-sending it."""
 
     bootstrap_servers: tuple[str, ...] = ("127.0.0.1:9092",)
     topic: str = "persia-inc.{model}"
@@ -67,6 +68,7 @@ class KafkaSettings:
     request_timeout_ms: int = 30_000
     num_partitions: int = 4
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    delivery_timeout_ms: int = 60_000
 
     def topic_for(self, model: str) -> str:
         return self.topic.format(model=model)
@@ -75,7 +77,13 @@ class KafkaSettings:
 @dataclass(frozen=True, slots=True)
 class ProducerSettings:
     """Training side. flush_interval_s: flush when the oldest unflushed sign is this old;
-    max_pending_bytes: rows buffered while storage is down before `backpressure` applies."""
+    max_pending_bytes: rows buffered while storage is down before `backpressure` applies.
+
+    producer_id: this producer's stream name (empty: "producer-0"; keep it stable across
+    restarts so a restart finds its earlier generations); close_timeout_s: how long `close()`
+    waits for pending packets to be stored; metrics_port: serve Prometheus metrics on
+    127.0.0.1:port (0: off); metrics_addr: the address it binds.
+    """
 
     flush_interval_s: float = 30.0
     announce: Literal["dir", "kafka"] = "dir"
@@ -85,6 +93,9 @@ class ProducerSettings:
     close_on_exit: bool = True
     close_on_sigterm: bool = True
     metrics_port: int = 0
+    producer_id: str = ""
+    close_timeout_s: float = 30.0
+    metrics_addr: str = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +217,9 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     raise ConfigError(source, key, f"unsupported field type {tp}")
 
 
+_DISPLAY_NAMES = {"infer": "PersiaInferConfig"}  # field name -> the key users write
+
+
 def _build(cls: type, mapping: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -215,7 +229,7 @@ def _build(cls: type, mapping: dict, prefix: str, source: str) -> Any:
         raise ConfigError(source, where, f"unknown key (known: {', '.join(sorted(names))})")
     values = {}
     for name, value in mapping.items():
-        key = f"{prefix}.{name}" if prefix else name
+        key = f"{prefix}.{name}" if prefix else _DISPLAY_NAMES.get(name, name)
         values[name] = _convert(hints[name], value, key, source)
     try:
         return cls(**values)
@@ -348,7 +362,19 @@ def _check_together(config: Config) -> None:
         raise ConfigError(source, "persia_inc.producer.flush_interval_s", "must be positive")
     if producer.max_pending_bytes <= 0:
         raise ConfigError(source, "persia_inc.producer.max_pending_bytes", "must be positive")
+    if producer.close_timeout_s <= 0:
+        raise ConfigError(source, "persia_inc.producer.close_timeout_s", "must be positive")
+    if not 0 <= producer.metrics_port < 65536:
+        raise ConfigError(source, "persia_inc.producer.metrics_port", "must be in [0, 65535]")
+    if producer.producer_id:
+        try:
+            check_name("producer", producer.producer_id)
+        except ValueError as exc:
+            raise ConfigError(source, "persia_inc.producer.producer_id", str(exc)) from exc
     kafka = config.persia_inc.kafka
+    if kafka.delivery_timeout_ms < kafka.request_timeout_ms:
+        raise ConfigError(source, "persia_inc.kafka.delivery_timeout_ms",
+                          "must be at least request_timeout_ms")
     if kafka.heartbeat_interval_ms >= kafka.session_timeout_ms:
         raise ConfigError(source, "persia_inc.kafka.heartbeat_interval_ms",
                           "must be below session_timeout_ms")

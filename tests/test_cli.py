@@ -1,0 +1,103 @@
+"""The `persia-inc` command line, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from packet_format import (
+    CheckpointManifest,
+    ManifestPart,
+    ManifestTable,
+    PacketHeader,
+    Watermark,
+    encode_packet,
+    packet_path,
+)
+
+
+def persia_inc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "persia_inc.cli", *args],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def write_packet_file(root: Path) -> Path:
+    header = PacketHeader(model="ctr", table="emb", producer="p0", generation=2, sequence=5)
+    path = Path(packet_path(str(root), header))
+    path.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    path.write_bytes(encode_packet(header, np.arange(10, dtype=np.uint64),
+                                   rng.standard_normal((10, 4), dtype=np.float32)))
+    return path
+
+
+def test_help_lists_every_command() -> None:
+    result = persia_inc("--help")
+    assert result.returncode == 0
+    assert "inspect" in result.stdout and "demo" in result.stdout
+    inspect_help = persia_inc("inspect", "--help")
+    assert "Exit status" in inspect_help.stdout
+
+
+def test_inspect_valid_packet_as_json(tmp_path: Path) -> None:
+    path = write_packet_file(tmp_path)
+    result = persia_inc("inspect", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["valid"] is True and report["error"] is None and report["kind"] == "packet"
+    assert (report["model"], report["table"], report["producer"]) == ("ctr", "emb", "p0")
+    assert (report["generation"], report["sequence"], report["rows"], report["dim"]) == (2, 5, 10, 4)
+
+
+def test_inspect_corrupt_packet_exits_1_with_the_reason(tmp_path: Path) -> None:
+    path = write_packet_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = persia_inc("inspect", str(path), "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["valid"] is False and "checksum mismatch" in report["error"]
+    assert "checksum mismatch" in result.stderr and str(path) in result.stderr
+
+
+def test_inspect_missing_file_exits_1(tmp_path: Path) -> None:
+    result = persia_inc("inspect", str(tmp_path / "x.arrow"), "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["error"].startswith("FileNotFoundError")
+
+
+def test_inspect_manifest_and_checkpoint_folder(tmp_path: Path) -> None:
+    manifest = CheckpointManifest(
+        model="ctr", tables={"emb": ManifestTable(4, 10, (ManifestPart("emb/part-0.arrow", 10, 1, "x"),))},
+        watermarks=(Watermark("emb", "p0", 2, 5),))
+    (tmp_path / "manifest.json").write_bytes(manifest.to_json())
+    for target in (str(tmp_path / "manifest.json"), str(tmp_path)):
+        result = persia_inc("inspect", target, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["kind"] == "manifest" and report["valid"] is True
+        assert report["watermarks"] == [{"table": "emb", "producer": "p0", "generation": 2, "sequence": 5}]
+    (tmp_path / "manifest.json").write_text('{"kind": "persia-inc-checkpoint", "format_version": 1}')
+    result = persia_inc("inspect", str(tmp_path), "--json")
+    assert result.returncode == 1 and json.loads(result.stdout)["kind"] == "manifest"
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert persia_inc("inspect").returncode == 2
+    assert persia_inc("no-such-command").returncode == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("surprise: 1\n")
+    result = persia_inc("inspect", str(tmp_path / "x.arrow"), "--config", str(bad))
+    assert result.returncode == 2 and "surprise" in result.stderr
+
+
+def test_demo_round_trip_verifies(tmp_path: Path) -> None:
+    result = persia_inc("demo", "--workdir", str(tmp_path), "--packets", "3", "--rows", "1000")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["verified"] is True and report["packets"] == 3 and report["mismatched_rows"] == 0

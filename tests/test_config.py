@@ -1,0 +1,153 @@
+"""global_config.yaml: both PERSIA shapes, our section, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from persia_inc.config import Config, ConfigError, config_from_mapping, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "global_config.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["global_config.yaml", "examples/persia_nested.yaml",
+                                  "examples/ceph_kafka.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    config = load_config(REPO / "configs" / name)
+    assert config.infer.servers == ("127.0.0.1:8000", "127.0.0.1:8001")
+    assert config.enable_incremental_update is True
+
+
+def test_seed_document_form(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+PersiaInferConfig:
+  servers:
+    - emb_server_1:8000
+    - emb_server_2:8000
+  initial_sparse_checkpoint: /your/sparse/model/dir
+enable_incremental_update: true
+incremental_buffer_size: 1000
+incremental_dir: hdfs://nn:9870/persia/inc
+storage: hdfs
+"""))
+    assert config.infer.servers == ("emb_server_1:8000", "emb_server_2:8000")
+    assert config.infer.initial_sparse_checkpoint == "/your/sparse/model/dir"
+    assert (config.incremental_buffer_size, config.storage) == (1000, "hdfs")
+    assert config.persia_inc.producer.flush_interval_s == 30.0  # defaults fill our section
+
+
+def test_persia_repository_form_is_read_unchanged(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+common_config:
+  metrics_config: {enable_metrics: true, push_interval_sec: 10}
+  job_type: Infer
+  infer_config:
+    servers: [10.0.0.1:8000]
+    embedding_checkpoint: s3://persia/ckpt
+embedding_parameter_server_config:
+  capacity: 1000000
+  num_hashmap_internal_shards: 1
+  enable_incremental_update: true
+  incremental_buffer_size: 5000000
+  incremental_channel_capacity: 1000
+  incremental_dir: s3://persia/inc
+  storage: Ceph
+embedding_worker_config:
+  forward_buffer_size: 1000
+"""))
+    assert config.infer.servers == ("10.0.0.1:8000",)
+    assert config.infer.initial_sparse_checkpoint == "s3://persia/ckpt"
+    assert (config.incremental_buffer_size, config.incremental_dir) == (5000000, "s3://persia/inc")
+    assert config.storage == "ceph"
+
+
+def test_our_section_is_typed(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+incremental_dir: /data/inc
+persia_inc:
+  model: ctr
+  producer: {flush_interval_s: 2, announce: kafka, backpressure: raise}
+  kafka: {bootstrap_servers: 127.0.0.1:9092, session_timeout_ms: 2000, heartbeat_interval_ms: 500}
+  retry: {max_attempts: 3}
+  limits: {max_dim: 128}
+"""))
+    inc = config.persia_inc
+    assert inc.producer.flush_interval_s == 2.0 and isinstance(inc.producer.flush_interval_s, float)
+    assert inc.kafka.bootstrap_servers == ("127.0.0.1:9092",)
+    assert inc.kafka.topic_for("ctr") == "persia-inc.ctr"
+    assert inc.retry.max_attempts == 3 and inc.limits.max_dim == 128
+
+
+@pytest.mark.parametrize(("text", "key", "expected"), [
+    ("incremental_buffer_size: lots", "incremental_buffer_size", "expected an integer"),
+    ("enable_incremental_update: 'yes'", "enable_incremental_update", "true or false"),
+    ("surprise: 1", "surprise", "unknown key"),
+    ("persia_inc: {producer: {flush_every: 3}}", "persia_inc.producer.flush_every", "unknown key"),
+    ("persia_inc: {producer: {announce: carrier-pigeon}}", "persia_inc.producer.announce",
+     "one of 'dir', 'kafka'"),
+    ("PersiaInferConfig: {servers: [a:1, 'no-port']}", "PersiaInferConfig.servers[1]", "host:port"),
+    ("PersiaInferConfig: {servers: [a:1, a:1]}", "PersiaInferConfig.servers", "twice"),
+    ("PersiaInferConfig: {servers: [1, 2]}", "PersiaInferConfig.servers[0]", "a string"),
+    ("incremental_dir: s3://b/inc\nstorage: hdfs", "storage", "'ceph'"),
+    ("incremental_dir: /data\nstorage: ceph", "storage", "'local'"),
+    ("incremental_dir: gs://b/x", "incremental_dir", "unsupported storage URI"),
+    ("storage: tape", "storage", "one of"),
+    ("incremental_buffer_size: 0", "incremental_buffer_size", "positive"),
+    ("persia_inc: {kafka: {session_timeout_ms: 1000, heartbeat_interval_ms: 2000}}",
+     "persia_inc.kafka.heartbeat_interval_ms", "below session_timeout_ms"),
+    ("persia_inc: {retry: {max_attempts: 0}}", "persia_inc.retry", "max_attempts"),
+    ("persia_inc: {model: 'a/b'}", "persia_inc.model", "model must be"),
+    ("embedding_parameter_server_config: {bogus: 1}", "embedding_parameter_server_config.bogus",
+     "unknown key"),
+    ("common_config: {infer_config: {serverz: []}}", "common_config.infer_config.serverz",
+     "unknown key"),
+    ("- just\n- a list", "", "top level must be a mapping"),
+])
+def test_bad_values_name_the_file_and_key(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key
+    assert expected in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_the_same_key_in_both_shapes_must_agree() -> None:
+    with pytest.raises(ConfigError, match="both at the top level and in PERSIA's sections"):
+        config_from_mapping({"incremental_buffer_size": 5,
+                             "embedding_parameter_server_config": {"incremental_buffer_size": 6}})
+
+
+def test_missing_and_unparsable_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [unclosed"))
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "incremental_dir: !!python/object/apply:os.system ['true']"))
+
+
+def test_config_is_frozen_and_defaults_are_not_shared() -> None:
+    a, b = Config(), Config()
+    with pytest.raises(AttributeError):
+        a.storage = "hdfs"  # type: ignore[misc]
+    assert a.persia_inc is not b.persia_inc or a.persia_inc == b.persia_inc
+
+
+def test_credentials_in_config_are_not_in_its_repr(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+incremental_dir: s3://b/inc
+storage: ceph
+persia_inc: {s3: {access_key_id: AKIASECRETID, secret_access_key: sup3rs3cret}}
+"""))
+    assert "sup3rs3cret" not in repr(config) and "AKIASECRETID" not in repr(config)
