@@ -1,0 +1,208 @@
+"""Announcers: how a stored packet is made known. Storage is the truth; an announcement is a
+doorbell, sent only after the packet is durably stored, so its failure never loses data.
+
+* `DirectoryAnnouncer` (announce mode `dir`): the atomically published file is the
+  announcement; loaders watch or list the directory. Nothing to send.
+* `KafkaAnnouncer` (mode `kafka`): one JSON `Announcement` per packet, key = producer id,
+  acks=all and idempotent where the broker supports it, sent from its own thread and re-sent
+  until acknowledged (capped backoff), so a broker outage never stalls the writer.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from typing import Any, Protocol
+
+from packet_format import Announcement
+
+log = logging.getLogger(__name__)
+
+
+class Announcer(Protocol):
+    """What the writer needs from an announcer."""
+
+    def announce(self, announcement: Announcement) -> None:
+        """Queue `announcement` for delivery; never blocks on the network, never raises."""
+
+    @property
+    def pending(self) -> int:
+        """Announcements queued and not yet acknowledged."""
+
+    def close(self, timeout_s: float) -> int:
+        """Deliver what is queued within `timeout_s`; returns how many remain undelivered."""
+
+
+class DirectoryAnnouncer:
+    """Announce mode `dir`: the packet file itself is the announcement."""
+
+    def __init__(self, on_announced: Any = None) -> None:
+        self._on_announced = on_announced
+
+    def announce(self, announcement: Announcement) -> None:
+        log.debug("stored %s", announcement.uri)
+        if self._on_announced is not None:
+            self._on_announced(announcement)
+
+    @property
+    def pending(self) -> int:
+        return 0
+
+    def close(self, timeout_s: float) -> int:
+        return 0
+
+
+class KafkaAnnouncer:
+    """Sends announcements to `topic` from a background thread; keeps each until acked.
+
+    settings: `persia_inc.kafka` (KafkaSettings); max_queued: announcements kept while the
+    broker is down before the oldest are dropped (logged and counted: the packets stay in
+    storage, where a loader finds them by listing).
+    """
+
+    def __init__(self, settings: Any, topic: str, *, max_queued: int = 1_000_000,
+                 max_backoff_s: float = 5.0, metrics: Any = None) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.max_queued = max_queued
+        self.max_backoff_s = max_backoff_s
+        self.metrics = metrics
+        self.delivered = 0
+        self.dropped = 0
+        self._queue: collections.deque[Announcement] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._abort = threading.Event()
+        self._client: Any = None
+        self._topic_ready = False
+        self._thread = threading.Thread(target=self._run, name="persia-inc-announcer", daemon=True)
+        self._thread.start()
+
+    # --- public ----------------------------------------------------------------------------
+
+    def announce(self, announcement: Announcement) -> None:
+        with self._cond:
+            if len(self._queue) >= self.max_queued:
+                lost = self._queue.popleft()
+                self.dropped += 1
+                log.error("announcement queue full (%d): dropped the announcement of %s; the "
+                          "packet is stored and a listing loader will find it",
+                          self.max_queued, lost.uri)
+            self._queue.append(announcement)
+            self._gauge()
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def close(self, timeout_s: float) -> int:
+        """Deliver what is queued within `timeout_s`, then stop; safe to call twice."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout=max(0.0, timeout_s))
+        if self._thread.is_alive():
+            self._abort.set()
+            with self._cond:
+                self._cond.notify_all()
+            self._thread.join(timeout=max(5.0, self.settings.request_timeout_ms / 1000 + 1))
+        left = self.pending
+        if left:
+            log.warning("%d announcement(s) to %s not acknowledged at close; their packets are "
+                        "stored and a listing loader will find them", left, self.topic)
+        self._drop_client()
+        return left
+
+    # --- the thread ------------------------------------------------------------------------
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.of(self.metrics.announce_pending).set(len(self._queue))
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._abort.is_set():
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return  # closing and drained
+                batch = list(self._queue)[:1000]
+            try:
+                self._send(batch)
+            except Exception as exc:  # one failed round never kills the thread
+                failures += 1
+                wait = min(self.max_backoff_s, 0.1 * 2 ** min(failures, 10)) * (0.5 + random.random() / 2)
+                log.warning("announcing %d packet(s) to %s failed (%s: %s); retrying in %.2fs",
+                            len(batch), self.topic, type(exc).__name__, exc, wait)
+                if self.metrics is not None:
+                    self.metrics.of(self.metrics.retries, what="announce").inc()
+                self._drop_client()
+                self._abort.wait(wait)
+                continue
+            failures = 0
+            with self._cond:
+                for _ in batch:  # only this thread removes from the left
+                    self._queue.popleft()
+                self.delivered += len(batch)
+                self._gauge()
+            if self.metrics is not None:
+                self.metrics.of(self.metrics.announced).inc(len(batch))
+
+    def _connect(self) -> Any:
+        from kafka import KafkaProducer
+
+        s = self.settings
+        client = KafkaProducer(
+            bootstrap_servers=list(s.bootstrap_servers),
+            client_id=s.client_id,
+            acks="all",  # idempotence stays on (kafka-python's default) where the broker has it
+            security_protocol=s.security_protocol,
+            request_timeout_ms=s.request_timeout_ms,
+            delivery_timeout_ms=s.delivery_timeout_ms,
+            max_block_ms=s.request_timeout_ms,
+            reconnect_backoff_max_ms=int(self.max_backoff_s * 1000),
+        )
+        if not self._topic_ready:
+            self._ensure_topic()
+        return client
+
+    def _ensure_topic(self) -> None:
+        from kafka.admin import KafkaAdminClient, NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        s = self.settings
+        admin = KafkaAdminClient(bootstrap_servers=list(s.bootstrap_servers), client_id=s.client_id,
+                                 security_protocol=s.security_protocol,
+                                 request_timeout_ms=s.request_timeout_ms)
+        try:
+            if self.topic not in admin.list_topics():
+                admin.create_topics([NewTopic(self.topic, s.num_partitions, 1)])
+                log.info("created topic %s (%d partitions)", self.topic, s.num_partitions)
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            admin.close()
+        self._topic_ready = True
+
+    def _send(self, batch: list[Announcement]) -> None:
+        if self._client is None:
+            self._client = self._connect()
+        futures = [self._client.send(self.topic, key=a.key, value=a.to_json()) for a in batch]
+        deadline = time.monotonic() + self.settings.delivery_timeout_ms / 1000 + 1
+        for future in futures:
+            future.get(timeout=max(0.1, deadline - time.monotonic()))
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        self._topic_ready = False  # a restarted broker may have lost the topic
+        if client is not None:
+            try:
+                client.close(timeout=0)
+            except Exception as exc:  # closing a broken client must not mask the real error
+                log.debug("closing the Kafka producer: %s", exc)

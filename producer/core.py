@@ -1,0 +1,396 @@
+"""`IncrementalProducer`: what a training job imports to ship its sparse updates.
+
+The training thread only inserts signs into per-table hash buffers (vectorized) and, when a
+flush starts, swaps a buffer and reads the flushed rows through the table's reader. Encoding,
+storing and announcing run on the writer's background thread (producer/writer.py).
+
+Rows are read on the thread that calls `record`, `evict`, `poll`, `flush` or `close`: call
+them between optimizer steps (the torch hook does, from the optimizer's step post-hook) so a
+packet never holds a row the optimizer is half-way through updating. For the same reason the
+interval trigger is checked on those calls, not by a timer thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from persia_inc.config import Config, load_config
+from producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
+from producer.errors import ProducerClosedError, UnstoredDataError
+from producer.metrics import ProducerMetrics
+from producer.policy import FlushPolicy, FlushReason
+from producer.signset import SignBuffer
+from producer.writer import PacketWriter, Snapshot
+from storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRODUCER_ID = "producer-0"
+
+Reader = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray | None]"]
+"""reader(signs: uint64[n]) -> rows: float32[n, dim], or (rows, state: float32[n, k] | None).
+
+It must return copies (fancy indexing does), not views the optimizer keeps updating."""
+
+
+class _Table:
+    __slots__ = ("buffer", "dim", "name", "oldest_s", "reader")
+
+    def __init__(self, name: str, reader: Reader, dim: int) -> None:
+        self.name = name
+        self.reader = reader
+        self.dim = dim
+        self.buffer = SignBuffer()
+        self.oldest_s: float | None = None  # monotonic time of the oldest unflushed sign
+
+
+class IncrementalProducer:
+    """Buffers touched signs per table and ships their latest rows as packets.
+
+    config: the loaded `Config`; model / producer_id override `persia_inc.model` /
+    `persia_inc.producer.producer_id`; store overrides `config.open_store()` (the producer then
+    does not close it); generation forces a generation (default: 1 + the latest in storage).
+    When `enable_incremental_update` is false every method returns at once and nothing starts.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        model: str | None = None,
+        producer_id: str | None = None,
+        store: ObjectStore | None = None,
+        generation: int | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.config = config
+        self.enabled = bool(config.enable_incremental_update)
+        self.closed = False
+        settings = config.persia_inc.producer
+        self.settings = settings
+        self.model = model or config.persia_inc.model
+        self.producer_id = producer_id or settings.producer_id or DEFAULT_PRODUCER_ID
+        self._tables: dict[str, _Table] = {}
+        if not self.enabled:
+            return
+        self.policy = FlushPolicy(config.incremental_buffer_size, settings.flush_interval_s)
+        self.metrics = ProducerMetrics(self.model, self.producer_id)
+        self._owns_store = store is None
+        self.store = store if store is not None else config.open_store()
+        self.announcer = self._make_announcer()
+        self.writer = PacketWriter(
+            self.store, self.model, self.producer_id, self.announcer,
+            dtype=settings.dtype, max_pending_bytes=settings.max_pending_bytes,
+            backpressure=settings.backpressure, max_backoff_s=config.persia_inc.retry.max_backoff_s,
+            generation=generation, metrics=self.metrics,
+        )
+        self._lock = threading.RLock()  # one flush at a time; close vs. flush
+        self._interval_due_s = float("inf")  # earliest time some table's interval expires
+        self._busy = 0  # >0 inside record/flush or a guarded training step
+        self._deferred_signal: tuple[int, FrameType | None] | None = None
+        self._previous_sigterm: Any = None
+        self._sigterm_installed = False
+        port = settings.metrics_port if metrics_port is None else metrics_port
+        self.metrics_port = self.metrics.serve(port, settings.metrics_addr) if port else 0
+        if settings.close_on_exit:
+            atexit.register(self._close_at_exit)
+        if settings.close_on_sigterm:
+            self._install_sigterm()
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> IncrementalProducer:
+        """Load `path` (global_config.yaml) and build a producer; kwargs as for the constructor."""
+        return cls(load_config(Path(path)), **kwargs)
+
+    def _make_announcer(self) -> Announcer:
+        if self.settings.announce == "kafka":
+            kafka = self.config.persia_inc.kafka
+            return KafkaAnnouncer(kafka, kafka.topic_for(self.model), metrics=self.metrics,
+                                  max_backoff_s=self.config.persia_inc.retry.max_backoff_s)
+        return DirectoryAnnouncer()
+
+    # --- tables ---------------------------------------------------------------------------
+
+    def register_table(self, table: str, reader: Reader, *, dim: int | None = None) -> None:
+        """Declare `table` and how to read its rows at flush time.
+
+        reader(signs: uint64[n]) returns float32[n, dim] (or (rows, state float32[n, k]));
+        dim defaults to what the reader returns for no signs.
+        """
+        if not self.enabled:
+            return
+        from packet_format.header import check_name
+
+        check_name("table", table)
+        if dim is None:
+            rows, _ = self._call_reader(reader, np.empty(0, np.uint64), table)
+            dim = int(rows.shape[1])
+        if dim <= 0:
+            raise ValueError(f"table {table!r}: dim must be positive, got {dim}")
+        with self._lock:
+            if table in self._tables:
+                self._tables[table].reader = reader
+                self._tables[table].dim = dim
+            else:
+                self._tables[table] = _Table(table, reader, dim)
+
+    @property
+    def tables(self) -> list[str]:
+        return list(self._tables)
+
+    def buffered(self, table: str) -> int:
+        """Distinct signs of `table` waiting for the next flush."""
+        return len(self._tables[table].buffer) if self.enabled else 0
+
+    @property
+    def generation(self) -> int | None:
+        """This process's generation (None until storage has answered)."""
+        return self.writer.generation if self.enabled else None
+
+    def wait_generation(self, timeout_s: float | None = None) -> int | None:
+        """Wait until the generation is known; returns it (None on timeout)."""
+        if not self.enabled:
+            return None
+        self.writer._generation_ready.wait(timeout_s)
+        return self.writer.generation
+
+    # --- the training thread's calls ------------------------------------------------------
+
+    def record(self, table: str, signs: np.ndarray) -> None:
+        """Buffer signs: uint64[n] (int64 row ids are reinterpreted) that this step updated.
+
+        Starts a flush of `table` when it holds `incremental_buffer_size` distinct signs, and
+        of any table whose oldest unflushed sign is `flush_interval_s` old.
+        """
+        if not self.enabled:
+            return
+        self._insert(table, signs, SignBuffer.UPSERT)
+
+    def evict(self, table: str, signs: np.ndarray) -> None:
+        """Buffer signs: uint64[n] the training side dropped; the next packet deletes them."""
+        if not self.enabled:
+            return
+        self._insert(table, signs, SignBuffer.DELETE)
+
+    def _insert(self, table: str, signs: np.ndarray, op: np.uint8) -> None:
+        if self.closed:
+            raise ProducerClosedError("the producer is closed")
+        entry = self._tables.get(table)
+        if entry is None:
+            raise KeyError(f"table {table!r} has no reader: call register_table({table!r}, ...) first")
+        self._busy += 1
+        try:
+            size = entry.buffer.insert(signs, op)
+            now = time.monotonic()
+            if entry.oldest_s is None and size:
+                entry.oldest_s = now
+                self._interval_due_s = min(self._interval_due_s, now + self.policy.flush_interval_s)
+            if size >= self.policy.buffer_size:
+                self._flush([table], "size")
+            if now >= self._interval_due_s:
+                self._flush_due(now)
+        finally:
+            self._leave()
+
+    def poll(self) -> None:
+        """Start the flushes whose interval has passed (call it between steps when idle)."""
+        if not self.enabled or self.closed:
+            return
+        now = time.monotonic()
+        if now >= self._interval_due_s:
+            self._busy += 1
+            try:
+                self._flush_due(now)
+            finally:
+                self._leave()
+
+    def _flush_due(self, now: float) -> None:
+        due = [t.name for t in self._tables.values()
+               if self.policy.due(len(t.buffer), t.oldest_s, now) is not None]
+        if due:
+            self._flush(due, "interval")
+        else:
+            self._reset_interval()
+
+    def _reset_interval(self) -> None:
+        times = [t.oldest_s for t in self._tables.values() if t.oldest_s is not None]
+        self._interval_due_s = (min(times) + self.policy.flush_interval_s) if times else float("inf")
+
+    def flush(self, *, wait: bool = True, timeout_s: float | None = None) -> bool:
+        """Flush every table now; with `wait`, return once their packets are stored (True)
+        or `timeout_s` passed (False)."""
+        if not self.enabled:
+            return True
+        if self.closed:
+            raise ProducerClosedError("the producer is closed")
+        self._busy += 1
+        try:
+            self._flush(list(self._tables), "explicit")
+        finally:
+            self._leave()
+        return self.writer.drain(timeout_s) if wait else True
+
+    @contextlib.contextmanager
+    def training_step(self) -> Iterator[None]:
+        """Mark an optimizer step: a SIGTERM arriving inside waits for its end before the
+        producer reads rows (so no torn rows). The torch hook does this for you."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._leave()
+
+    def _enter_step(self) -> None:
+        self._busy += 1
+
+    def _leave(self) -> None:
+        self._busy -= 1
+        if self._busy == 0 and self._deferred_signal is not None:
+            signum, frame = self._deferred_signal
+            self._deferred_signal = None
+            self._terminate(signum, frame)
+
+    # --- flushing -------------------------------------------------------------------------
+
+    def _call_reader(self, reader: Reader, signs: np.ndarray,
+                     table: str) -> tuple[np.ndarray, np.ndarray | None]:
+        result = reader(signs)
+        rows, state = result if isinstance(result, tuple) else (result, None)
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[0] != signs.size:
+            raise ValueError(f"reader of table {table!r} returned shape {rows.shape} for "
+                             f"{signs.size} signs; want ({signs.size}, dim)")
+        if rows.dtype != np.float32:
+            rows = rows.astype(np.float32)
+        if state is not None:
+            state = np.asarray(state, dtype=np.float32)
+            if state.ndim != 2 or state.shape[0] != signs.size:
+                raise ValueError(f"reader of table {table!r} returned state of shape {state.shape}")
+        return rows, state
+
+    def _flush(self, tables: list[str], reason: FlushReason, *, admit: bool = True) -> None:
+        """Swap the buffers of `tables`, read their rows, hand the snapshots to the writer."""
+        with self._lock:
+            if admit:
+                self.writer.admit()  # back-pressure: block or raise before taking more
+            started = time.perf_counter()
+            flushed = 0
+            for name in tables:
+                entry = self._tables[name]
+                signs, ops = entry.buffer.swap()
+                entry.oldest_s = None
+                if not signs.size:
+                    continue
+                if ops.any():
+                    upserts, deleted = signs[ops == 0], signs[ops != 0]
+                else:
+                    upserts, deleted = signs, np.empty(0, np.uint64)
+                try:
+                    rows, state = self._call_reader(entry.reader, upserts, name)
+                except BaseException:
+                    entry.buffer.insert(upserts, SignBuffer.UPSERT)  # nothing leaves unstored
+                    entry.buffer.insert(deleted, SignBuffer.DELETE)
+                    entry.oldest_s = time.monotonic()
+                    raise
+                self.writer.submit(Snapshot(name, upserts, rows, deleted, entry.dim, reason, state))
+                flushed += 1
+            self._reset_interval()
+            if flushed:
+                m = self.metrics
+                m.of(m.flushes, reason=reason).inc()
+                m.of(m.snapshot_latency).observe(time.perf_counter() - started)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Flush everything, wait up to `timeout_s` (default `close_timeout_s`) for it to be
+        stored and announced, and stop. Safe to call twice; a closed producer does not reopen.
+
+        Raises UnstoredDataError if storage stayed down past the timeout (rows are named).
+        """
+        if not self.enabled:
+            self.closed = True
+            return
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        timeout = self.settings.close_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        read_error: BaseException | None = None
+        try:
+            self._flush(list(self._tables), "close", admit=False)
+        except Exception as exc:  # still stop the threads; report below
+            read_error = exc
+            log.exception("reading rows at close failed")
+        left, tables = self.writer.close(max(0.0, deadline - time.monotonic()))
+        unannounced = self.announcer.close(max(1.0, deadline - time.monotonic()))
+        self.metrics.close()
+        if self._owns_store:
+            self.store.close()
+        self._uninstall()
+        if unannounced:
+            log.warning("%d stored packet(s) were not announced before close", unannounced)
+        if left:
+            error = UnstoredDataError(left, tables, f"storage {self.store.root_uri} did not take "
+                                      f"them within {timeout:.1f}s")
+            log.error("%s", error)
+            raise error
+        if read_error is not None:
+            raise read_error
+        self.writer.check_failure()
+
+    def __enter__(self) -> IncrementalProducer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at exit there is no caller left to raise to
+            log.exception("closing the incremental producer at exit failed")
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.info("not on the main thread: SIGTERM will not close the producer")
+            return
+        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._sigterm_installed = True
+
+    def _uninstall(self) -> None:
+        atexit.unregister(self._close_at_exit)
+        if (self._sigterm_installed and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == self._on_sigterm):
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+        self._sigterm_installed = False
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self._busy:  # inside record/flush or an optimizer step: finish it first
+            self._deferred_signal = (signum, frame)
+            return
+        self._terminate(signum, frame)
+
+    def _terminate(self, signum: int, frame: FrameType | None) -> None:
+        log.info("SIGTERM: closing the incremental producer")
+        previous = self._previous_sigterm
+        self._close_at_exit()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous in (signal.SIG_DFL, None):
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)

@@ -1,0 +1,33 @@
+"""The producer's errors: one small family, each saying what to do about it."""
+
+from __future__ import annotations
+
+
+class ProducerError(RuntimeError):
+    """Base of the producer's own errors."""
+
+
+class BackpressureError(ProducerError):
+    """Pending (snapshotted, not yet stored) data passed `max_pending_bytes` and the
+    configured policy is `raise`. Nothing was dropped: the signs stay buffered."""
+
+
+class UnstoredDataError(ProducerError):
+    """`close()` ran out of time before every snapshot was stored (storage still down).
+
+    rows: upserted plus deleted rows not stored; tables: which tables they belong to.
+    """
+
+    def __init__(self, rows: int, tables: list[str], reason: str) -> None:
+        self.rows = rows
+        self.tables = tables
+        super().__init__(f"{rows} row(s) of tables {tables} were not stored: {reason}")
+
+
+class WriterFailedError(ProducerError):
+    """The background writer met an error it cannot retry (a bug, or a packet it cannot
+    encode); raised on the training thread at the next call so it is never silent."""
+
+
+class ProducerClosedError(ProducerError):
+    """The producer is closed; it does not reopen."""

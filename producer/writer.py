@@ -1,0 +1,349 @@
+"""The background writer: encode snapshots as packets, store them, then announce them.
+
+One thread, fed by one queue of snapshots (bounded in bytes). A snapshot leaves memory only
+after `ObjectStore.put` of its packet returned, i.e. the packet is durably stored. During a
+storage outage the writer retries with capped, jittered backoff and the queue keeps growing;
+a newer snapshot of a table still waiting in the queue is merged into the older one (latest
+values win), so memory grows with distinct rows, not with flushes. A snapshot whose put was
+attempted is frozen: its key may already be visible, so its content never changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from packet_format import Announcement, PacketHeader, packet_key, write_packet
+from producer.announce import Announcer
+from producer.errors import BackpressureError, WriterFailedError
+from producer.generation import next_generation
+from producer.policy import FlushReason
+from storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class Snapshot:
+    """One table's flushed rows, read on the training thread.
+
+    signs: uint64[n] upserted signs; rows: float32[n, dim] their values at flush time;
+    state: float32[n, k] optimizer state or None; deleted: uint64[d] evicted signs;
+    taken_s: monotonic time of the (oldest merged) read; created_ns: wall time of the latest.
+    """
+
+    table: str
+    signs: np.ndarray
+    rows: np.ndarray
+    deleted: np.ndarray
+    dim: int
+    reason: FlushReason
+    state: np.ndarray | None = None
+    taken_s: float = field(default_factory=time.monotonic)
+    created_ns: int = field(default_factory=time.time_ns)
+    sequence: int | None = None  # set at the first put attempt, then frozen
+    header: PacketHeader | None = None
+    data: bytes | None = None
+
+    @property
+    def nbytes(self) -> int:
+        state = 0 if self.state is None else self.state.nbytes
+        return self.signs.nbytes + self.rows.nbytes + self.deleted.nbytes + state
+
+    @property
+    def row_count(self) -> int:
+        return int(self.signs.size + self.deleted.size)
+
+    def can_merge(self, newer: Snapshot) -> bool:
+        same_state = (self.state is None) == (newer.state is None) and (
+            self.state is None or self.state.shape[1] == newer.state.shape[1])  # type: ignore[union-attr]
+        return self.sequence is None and self.dim == newer.dim and same_state
+
+    def merge(self, newer: Snapshot) -> None:
+        """Fold `newer` into this snapshot: its upserts and deletes replace ours (latest wins)."""
+        touched = np.concatenate([newer.signs, newer.deleted])
+        keep = ~np.isin(self.signs, touched)
+        keep_deleted = ~np.isin(self.deleted, touched)
+        self.signs = np.concatenate([self.signs[keep], newer.signs])
+        self.rows = np.concatenate([self.rows[keep], newer.rows])
+        if self.state is not None and newer.state is not None:
+            self.state = np.concatenate([self.state[keep], newer.state])
+        self.deleted = np.concatenate([self.deleted[keep_deleted], newer.deleted])
+        self.reason = newer.reason
+        self.created_ns = newer.created_ns
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPacket:
+    """What the writer stored: the key, the header as written and the size in bytes."""
+
+    key: str
+    header: PacketHeader
+    size: int
+
+
+class PacketWriter:
+    """Stores snapshots as packets `{model}/{table}/{producer}/{generation}-{sequence}.arrow`.
+
+    Sequences are contiguous per table within the generation, in store order, so a loader can
+    tell a gap from a quiet table. `generation` None asks storage for the next one (in the
+    writer thread, retried through outages).
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        model: str,
+        producer: str,
+        announcer: Announcer,
+        *,
+        dtype: str = "float32",
+        max_pending_bytes: int = 1 << 30,
+        backpressure: str = "block",
+        max_backoff_s: float = 5.0,
+        generation: int | None = None,
+        metrics: Any = None,
+        on_stored: Any = None,
+    ) -> None:
+        self.store = store
+        self.model = model
+        self.producer = producer
+        self.announcer = announcer
+        self.dtype = dtype
+        self.max_pending_bytes = max_pending_bytes
+        self.backpressure = backpressure
+        self.max_backoff_s = max_backoff_s
+        self.metrics = metrics
+        self.on_stored = on_stored
+        self.generation = generation
+        self.stored: list[StoredPacket] = []  # the last few, for tests and tools
+        self.failure: BaseException | None = None
+        self._next_sequence: dict[str, int] = collections.defaultdict(int)
+        self._queue: collections.deque[Snapshot] = collections.deque()
+        self._inflight: Snapshot | None = None
+        self._pending_bytes = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._abort = threading.Event()
+        self._generation_ready = threading.Event()
+        if generation is not None:
+            self._generation_ready.set()
+        self._thread = threading.Thread(target=self._run, name="persia-inc-writer", daemon=True)
+        self._thread.start()
+
+    # --- training-thread side -------------------------------------------------------------
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of rows snapshotted and not yet stored."""
+        return self._pending_bytes
+
+    @property
+    def pending_rows(self) -> int:
+        with self._cond:
+            return self._pending_rows_locked()
+
+    def _pending_rows_locked(self) -> int:
+        inflight = self._inflight.row_count if self._inflight is not None else 0
+        return inflight + sum(s.row_count for s in self._queue)
+
+    def check_failure(self) -> None:
+        """Raise WriterFailedError if the writer died of an error it cannot retry."""
+        if self.failure is not None:
+            raise WriterFailedError(f"the packet writer failed: {self.failure!r}") from self.failure
+
+    def admit(self) -> None:
+        """Apply back-pressure before a new snapshot: block or raise while pending data is
+        over `max_pending_bytes`. Called on the training thread, before swapping buffers."""
+        self.check_failure()
+        if self._pending_bytes <= self.max_pending_bytes:
+            return
+        if self.metrics is not None:
+            self.metrics.of(self.metrics.backpressure).inc()
+        if self.backpressure == "raise":
+            raise BackpressureError(
+                f"{self._pending_bytes} bytes of snapshots wait for storage "
+                f"({self.store.root_uri}), over max_pending_bytes={self.max_pending_bytes}; "
+                "the touched signs stay buffered, nothing was dropped"
+            )
+        log.warning("back-pressure: %d bytes wait for %s (bound %d); blocking the training thread",
+                    self._pending_bytes, self.store.root_uri, self.max_pending_bytes)
+        with self._cond:
+            while (self._pending_bytes > self.max_pending_bytes and self.failure is None
+                   and not self._abort.is_set()):
+                self._cond.wait(0.5)
+        self.check_failure()
+
+    def submit(self, snapshot: Snapshot) -> None:
+        """Queue a snapshot; merged into a queued snapshot of the same table when possible."""
+        self.check_failure()
+        with self._cond:
+            for queued in reversed(self._queue):
+                if queued.table == snapshot.table:
+                    if queued.can_merge(snapshot):
+                        before = queued.nbytes
+                        queued.merge(snapshot)
+                        self._pending_bytes += queued.nbytes - before
+                        break
+                    self._append(snapshot)
+                    break
+            else:
+                self._append(snapshot)
+            self._gauges()
+            self._cond.notify_all()
+
+    def _append(self, snapshot: Snapshot) -> None:
+        self._queue.append(snapshot)
+        self._pending_bytes += snapshot.nbytes
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until every submitted snapshot is stored; False on timeout or abort."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._inflight is not None:
+                if self.failure is not None or self._abort.is_set():
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.5 if left is None else min(left, 0.5))
+        return True
+
+    def close(self, timeout_s: float) -> tuple[int, list[str]]:
+        """Store what is queued within `timeout_s`, then stop the thread; safe to call twice.
+
+        Returns (rows left unstored, their tables); (0, []) when everything is stored.
+        """
+        self.drain(timeout_s)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._abort.set()  # the queue is empty or time is up: stop retrying
+        self.store.stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        with self._cond:
+            left = list(self._queue) + ([self._inflight] if self._inflight is not None else [])
+        return sum(s.row_count for s in left), sorted({s.table for s in left})
+
+    # --- the writer thread ----------------------------------------------------------------
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.of(self.metrics.pending_bytes).set(self._pending_bytes)
+            self.metrics.of(self.metrics.pending_rows).set(self._pending_rows_locked())
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.max_backoff_s, 0.05 * 2 ** min(attempt, 16)) * (0.5 + random.random() / 2)
+
+    def _run(self) -> None:
+        try:
+            self._discover_generation()
+            while not self._abort.is_set():
+                with self._cond:
+                    while not self._queue and not self._closing and not self._abort.is_set():
+                        self._cond.wait()
+                    if not self._queue or self._abort.is_set():
+                        return
+                    snapshot = self._queue.popleft()
+                    self._inflight = snapshot
+                stored = self._write(snapshot)
+                with self._cond:
+                    if stored:
+                        self._inflight = None
+                        self._pending_bytes -= snapshot.nbytes
+                    self._gauges()
+                    self._cond.notify_all()
+        except BaseException as exc:  # a bug: make it loud on the training thread
+            log.exception("the packet writer failed")
+            self.failure = exc
+            with self._cond:
+                self._cond.notify_all()
+
+    def _discover_generation(self) -> None:
+        attempt = 0
+        while self.generation is None and not self._abort.is_set():
+            try:
+                self.generation = next_generation(self.store, self.model, self.producer)
+                log.info("producer %s of model %s takes generation %d",
+                         self.producer, self.model, self.generation)
+            except Exception as exc:  # storage down: keep trying, training keeps buffering
+                attempt += 1
+                wait = self._backoff(attempt)
+                log.warning("finding the generation of %s in %s failed (%s); retrying in %.2fs",
+                            self.producer, self.store.root_uri, exc, wait)
+                if self.metrics is not None:
+                    self.metrics.of(self.metrics.retries, what="generation").inc()
+                self._abort.wait(wait)
+        self._generation_ready.set()
+
+    def _encode(self, snapshot: Snapshot) -> None:
+        """Freeze the snapshot: take its sequence and encode it, once."""
+        if self.generation is None:
+            raise RuntimeError("writing before the generation is known")
+        snapshot.sequence = self._next_sequence[snapshot.table]
+        self._next_sequence[snapshot.table] += 1
+        header = PacketHeader(
+            model=self.model, table=snapshot.table, producer=self.producer,
+            generation=self.generation, sequence=snapshot.sequence,
+            created_at_ns=snapshot.created_ns, flush_reason=snapshot.reason,
+            dtype=self.dtype, dim=snapshot.dim,  # type: ignore[arg-type]
+        )
+        sink = io.BytesIO()
+        snapshot.header = write_packet(sink, header, snapshot.signs, snapshot.rows,
+                                       deleted=snapshot.deleted, state=snapshot.state)
+        snapshot.data = sink.getvalue()
+
+    def _write(self, snapshot: Snapshot) -> bool:
+        """Store one snapshot, retrying until it is stored (True) or the writer aborts (False)."""
+        if snapshot.data is None or snapshot.header is None:
+            self._encode(snapshot)
+        written = snapshot.header
+        data = snapshot.data
+        if written is None or data is None:
+            raise RuntimeError("snapshot was not encoded")
+        key = packet_key(self.model, snapshot.table, self.producer, written.generation,
+                         written.sequence)
+        attempt = 0
+        while True:
+            try:
+                self.store.put(key, data)
+                break
+            except Exception as exc:  # outage or denial: retry, never drop
+                if self._abort.is_set():
+                    log.error("gave up storing %s at close: %s", self.store.location(key), exc)
+                    return False
+                attempt += 1
+                wait = self._backoff(attempt)
+                level = logging.WARNING if getattr(exc, "retriable", False) else logging.ERROR
+                log.log(level, "storing %s failed (attempt %d): %s: %s; retrying in %.2fs",
+                        self.store.location(key), attempt, type(exc).__name__, exc, wait)
+                if self.metrics is not None:
+                    self.metrics.of(self.metrics.retries, what="store").inc()
+                if self._abort.wait(wait):
+                    return False
+        size = len(data)
+        stored = StoredPacket(key, written, size)
+        self.stored.append(stored)
+        del self.stored[:-1000]
+        if self.metrics is not None:
+            m = self.metrics
+            m.of(m.packets, table=snapshot.table, reason=snapshot.reason).inc()
+            m.of(m.rows, table=snapshot.table).inc(snapshot.row_count)
+            m.of(m.bytes, table=snapshot.table).inc(size)
+            m.of(m.dump_latency).observe(time.monotonic() - snapshot.taken_s)
+        log.debug("stored %s (%d rows, %d deletes, %d bytes)", key, written.rows,
+                  written.deleted_rows, size)
+        self.announcer.announce(Announcement.for_packet(self.store.root_uri, written, size))
+        if self.on_stored is not None:
+            self.on_stored(stored)
+        return True

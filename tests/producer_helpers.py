@@ -1,0 +1,77 @@
+"""Shared helpers of the producer tests: configs, a numpy "model", reading packets back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from packet_format import Packet, decode_packet, parse_packet_path
+from persia_inc.config import Config, config_from_mapping
+from storage import ObjectStore
+
+
+def producer_config(incremental_dir: str, *, buffer_size: int = 1000, storage: str = "local",
+                    enabled: bool = True, **producer: Any) -> Config:
+    """A config for tests: no atexit/SIGTERM hooks unless asked, fast retries."""
+    settings = {"close_on_exit": False, "close_on_sigterm": False, "close_timeout_s": 20.0,
+                "flush_interval_s": 60.0}
+    kafka = producer.pop("kafka", None)
+    s3 = producer.pop("s3", None)
+    settings.update(producer)
+    section: dict[str, Any] = {
+        "model": "ctr",
+        "producer": settings,
+        "retry": {"max_attempts": 2, "initial_backoff_s": 0.01, "max_backoff_s": 0.2,
+                  "deadline_s": 5},
+    }
+    if kafka:
+        section["kafka"] = kafka
+    if s3:
+        section["s3"] = s3
+    return config_from_mapping({
+        "enable_incremental_update": enabled,
+        "incremental_buffer_size": buffer_size,
+        "incremental_dir": incremental_dir,
+        "storage": storage,
+        "persia_inc": section,
+    }, "<test>")
+
+
+class NumpyModel:
+    """Embedding tables as numpy matrices, updated in place like an optimizer would."""
+
+    def __init__(self, rows: int = 10_000, dim: int = 8, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.weight = self.rng.standard_normal((rows, dim)).astype(np.float32)
+
+    def read(self, signs: np.ndarray) -> np.ndarray:
+        """reader: signs uint64[n] -> float32[n, dim] (a copy)."""
+        return self.weight[signs.astype(np.int64)]
+
+    def step(self, batch: int = 256) -> np.ndarray:
+        """Update `batch` random rows (with repeats); returns the touched ids: int64[batch]."""
+        ids = self.rng.integers(0, self.weight.shape[0], batch)
+        np.add.at(self.weight, ids, np.float32(0.01))
+        return ids
+
+
+def read_packets(store: ObjectStore, prefix: str = "") -> list[Packet]:
+    """Every packet under `prefix`, decoded (so verified), in key (= apply) order."""
+    packets = []
+    for info in store.list(prefix):
+        packet = decode_packet(store.get(info.key), where=info.key)
+        assert parse_packet_path(info.key).position == packet.header.position
+        packets.append(packet)
+    return packets
+
+
+def replay(packets: list[Packet], dim: int) -> dict[int, np.ndarray | None]:
+    """Apply packets in order: sign -> latest row (None when deleted)."""
+    state: dict[int, np.ndarray | None] = {}
+    for packet in packets:
+        for sign, row in zip(packet.signs.tolist(), packet.embeddings, strict=True):
+            state[sign] = row
+        for sign in packet.deleted.tolist():
+            state[sign] = None
+    return state

@@ -1,0 +1,218 @@
+"""The producer against local storage: triggers, flush/close, snapshots, evictions,
+generations, back-pressure and a local outage."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from producer_helpers import NumpyModel, producer_config, read_packets, replay
+
+from producer import (
+    BackpressureError,
+    IncrementalProducer,
+    ProducerClosedError,
+    SignBuffer,
+    UnstoredDataError,
+)
+from storage import open_store
+
+
+def test_signbuffer_matches_python_set_with_last_op_winning() -> None:
+    rng = np.random.default_rng(1)
+    buffer = SignBuffer(capacity=16)
+    expected: dict[int, int] = {}
+    for _ in range(30):
+        signs = rng.integers(0, 5000, 700).astype(np.uint64)
+        op = int(rng.integers(0, 2))
+        buffer.insert(signs, op)
+        expected.update(dict.fromkeys(signs.tolist(), op))
+    buffer.insert(np.array([2**64 - 1, 0], np.uint64))
+    expected.update({2**64 - 1: 0, 0: 0})
+    assert len(buffer) == len(expected)
+    signs, ops = buffer.swap()
+    assert dict(zip(signs.tolist(), ops.tolist(), strict=True)) == expected
+    assert len(buffer) == 0 and buffer.swap()[0].size == 0
+
+
+def test_disabled_producer_does_nothing(tmp_path: Path) -> None:
+    config = producer_config(str(tmp_path / "inc"), enabled=False)
+    producer = IncrementalProducer(config)
+    producer.register_table("t", lambda s: np.zeros((s.size, 4), np.float32))
+    started = time.perf_counter()
+    for _ in range(10_000):
+        producer.record("t", np.arange(10))
+    assert time.perf_counter() - started < 0.5
+    assert producer.flush()
+    producer.close()
+    assert not (tmp_path / "inc").exists()
+
+
+def test_size_trigger_flushes_a_table_with_its_latest_rows(tmp_path: Path) -> None:
+    model = NumpyModel()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=500)
+    with IncrementalProducer(config, producer_id="p1") as producer:
+        producer.register_table("emb", model.read)
+        producer.record("emb", np.arange(400))
+        assert producer.buffered("emb") == 400
+        producer.record("emb", np.arange(300, 600))  # 600 distinct >= 500: flush
+        assert producer.buffered("emb") == 0
+        expected = model.weight[:600].copy()
+        assert producer.writer.drain(10)
+        packets = read_packets(producer.store)
+    assert len(packets) == 1
+    header = packets[0].header
+    assert (header.model, header.table, header.producer) == ("ctr", "emb", "p1")
+    assert (header.generation, header.sequence, header.flush_reason) == (1, 0, "size")
+    np.testing.assert_array_equal(packets[0].signs, np.arange(600, dtype=np.uint64))
+    np.testing.assert_array_equal(packets[0].embeddings, expected)
+
+
+def test_interval_trigger(tmp_path: Path) -> None:
+    model = NumpyModel()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000, flush_interval_s=0.2)
+    with IncrementalProducer(config) as producer:
+        producer.register_table("a", model.read)
+        producer.register_table("b", model.read)
+        producer.record("a", np.arange(5))
+        producer.poll()
+        assert producer.buffered("a") == 5  # not yet
+        time.sleep(0.25)
+        producer.record("b", np.arange(3))  # any call checks every table's interval
+        assert producer.buffered("a") == 0 and producer.buffered("b") == 3
+        time.sleep(0.25)
+        producer.poll()
+        assert producer.buffered("b") == 0
+        assert producer.writer.drain(10)
+        packets = read_packets(producer.store)
+    assert [(p.header.table, p.header.flush_reason, p.header.rows) for p in packets] == [
+        ("a", "interval", 5), ("b", "interval", 3)]
+
+
+def test_flush_and_close_store_everything_and_close_is_idempotent(tmp_path: Path) -> None:
+    model = NumpyModel()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000)
+    producer = IncrementalProducer(config)
+    producer.register_table("emb", model.read)
+    producer.record("emb", model.step())
+    assert producer.flush()  # waits until stored
+    assert len(producer.store.list()) == 1
+    touched = model.step()
+    producer.record("emb", touched)
+    producer.close()
+    producer.close()
+    with pytest.raises(ProducerClosedError):
+        producer.record("emb", touched)
+    store = open_store(str(tmp_path / "inc"))
+    packets = read_packets(store)
+    assert [p.header.flush_reason for p in packets] == ["explicit", "close"]
+    assert [p.header.sequence for p in packets] == [0, 1]
+    np.testing.assert_array_equal(np.sort(packets[1].signs), np.unique(touched).astype(np.uint64))
+
+
+def test_every_packet_holds_the_rows_at_flush_time(tmp_path: Path) -> None:
+    model = NumpyModel(rows=3000, dim=4)
+    config = producer_config(str(tmp_path / "inc"), buffer_size=700)
+    at_flush: list[np.ndarray] = []
+
+    def reader(signs: np.ndarray) -> np.ndarray:
+        at_flush.append(model.weight.copy())
+        return model.read(signs)
+
+    touched: set[int] = set()
+    with IncrementalProducer(config) as producer:
+        producer.register_table("emb", reader)
+        for step in range(60):
+            ids = model.step(200)
+            touched.update(ids.tolist())
+            producer.record("emb", ids)
+            if step % 20 == 19:
+                producer.flush()
+            producer.writer.drain(10)  # one packet per flush: no merging to untangle
+        store = producer.store
+    packets = read_packets(open_store(str(tmp_path / "inc")))
+    assert len(packets) == len(at_flush) - 1  # minus register_table's probe
+    for packet, weights in zip(packets, at_flush[1:], strict=True):
+        np.testing.assert_array_equal(packet.embeddings, weights[packet.signs.astype(np.int64)])
+    state = replay(packets, 4)
+    assert set(state) == touched
+    for sign, row in state.items():
+        np.testing.assert_array_equal(row, model.weight[sign])
+    store.close()
+
+
+def test_evict_ships_deletes_and_last_operation_wins(tmp_path: Path) -> None:
+    model = NumpyModel()
+    config = producer_config(str(tmp_path / "inc"))
+    with IncrementalProducer(config) as producer:
+        producer.register_table("emb", model.read)
+        producer.record("emb", np.arange(10))
+        producer.evict("emb", np.array([3, 4, 20]))
+        producer.record("emb", np.array([4]))  # re-created after the eviction
+        producer.flush()
+        packets = read_packets(producer.store)
+    packet = packets[0]
+    assert packet.deleted.tolist() == [3, 20]
+    assert packet.signs.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert packet.header.deleted_rows == 2
+
+
+def test_restart_takes_a_new_generation_across_tables(tmp_path: Path) -> None:
+    model = NumpyModel()
+    config = producer_config(str(tmp_path / "inc"))
+    for expected, table in ((1, "a"), (2, "b"), (3, "a")):
+        with IncrementalProducer(config, producer_id="p") as producer:
+            producer.register_table(table, model.read)
+            assert producer.wait_generation(10) == expected
+            producer.record(table, np.arange(3))
+    with IncrementalProducer(config, producer_id="other") as producer:
+        assert producer.wait_generation(10) == 1  # generations are per producer
+    keys = [i.key for i in open_store(str(tmp_path / "inc")).list()]
+    assert keys == ["ctr/a/p/0000000001-000000000000.arrow", "ctr/a/p/0000000003-000000000000.arrow",
+                    "ctr/b/p/0000000002-000000000000.arrow"]
+
+
+def test_local_outage_retries_merges_and_loses_nothing(tmp_path: Path) -> None:
+    """The store's parent is a plain file (puts fail) until the test replaces it with a folder."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")
+    model = NumpyModel(rows=2000, dim=4)
+    config = producer_config(str(blocked / "inc"), buffer_size=300, max_pending_bytes=10**8)
+    touched: set[int] = set()
+    with IncrementalProducer(config, generation=1) as producer:
+        producer.register_table("emb", model.read)
+        for _ in range(20):
+            ids = model.step(100)
+            touched.update(ids.tolist())
+            producer.record("emb", ids)
+        time.sleep(0.3)
+        assert producer.writer.pending_rows > 0
+        assert not producer.flush(timeout_s=0.3)  # still down
+        blocked.unlink()
+        blocked.mkdir()
+        assert producer.flush(timeout_s=20)
+    packets = read_packets(open_store(str(blocked / "inc")))
+    assert [p.header.sequence for p in packets] == list(range(len(packets)))
+    state = replay(packets, 4)
+    assert set(state) == touched
+    for sign, row in state.items():
+        np.testing.assert_array_equal(row, model.weight[sign])
+
+
+def test_backpressure_raise_keeps_the_signs(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")
+    model = NumpyModel(rows=2000, dim=4)
+    config = producer_config(str(blocked / "inc"), buffer_size=100, max_pending_bytes=2000,
+                             backpressure="raise", close_timeout_s=0.5)
+    producer = IncrementalProducer(config, generation=1)
+    producer.register_table("emb", model.read)
+    producer.record("emb", np.arange(100))  # flush 1: 100 rows x 24 bytes > 2000
+    with pytest.raises(BackpressureError):
+        producer.record("emb", np.arange(100, 200))
+    assert producer.buffered("emb") == 100  # kept, not dropped
+    with pytest.raises(UnstoredDataError) as info:
+        producer.close()
+    assert info.value.rows == 200 and info.value.tables == ["emb"]
