@@ -17,6 +17,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, str] = {
     "inspect": "persia_inc.commands.inspect",
     "demo": "persia_inc.commands.demo",
+    "embedding-server": "persia_inc.commands.embedding_server",
+    "checkpoint": "persia_inc.commands.checkpoint",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

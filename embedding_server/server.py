@@ -1,0 +1,365 @@
+"""The gRPC embedding server: one process per shard, over a `Shard`.
+
+`serve(config, shard_index)` binds exactly `PersiaInferConfig.servers[shard_index]`, reports
+NOT_SERVING on the standard health service until `initial_sparse_checkpoint` is loaded, then
+SERVING; SIGTERM or SIGINT stops it gracefully (in-flight calls get `grace_s`).
+
+Write methods (Apply, Delete, LoadCheckpoint, Dump) need `authorization: Bearer <token>` when
+a token is configured; a request that does not fit gets INVALID_ARGUMENT with the reason and
+the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from embedding_server.protos import embedding_pb2 as pb
+from embedding_server.protos import embedding_pb2_grpc as pb_grpc
+from embedding_server.shard import Shard, TableNotFoundError
+from packet_format import PacketError
+from storage import StorageError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "persia_inc.embedding.v1.EmbeddingService"
+WRITE_METHODS = frozenset({"Apply", "Delete", "LoadCheckpoint", "Dump"})
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+
+
+class Metrics:
+    """Prometheus metrics of one shard, in their own registry."""
+
+    def __init__(self, shard: int) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.lookups = Counter("persia_embedding_lookups", "Lookup calls", ["table"], registry=r)
+        self.lookup_rows = Counter("persia_embedding_lookup_rows", "Signs looked up", ["table"],
+                                   registry=r)
+        self.misses = Counter("persia_embedding_lookup_misses",
+                              "Signs looked up that had no row (answered with zeros)", ["table"],
+                              registry=r)
+        self.apply_rows = Counter("persia_embedding_apply_rows",
+                                  "Rows upserted by Apply (rate: apply rows/s)", ["table"],
+                                  registry=r)
+        self.apply_deletes = Counter("persia_embedding_apply_deletes", "Signs deleted by Apply",
+                                     ["table"], registry=r)
+        self.applies = Counter("persia_embedding_applies", "Apply calls by outcome",
+                               ["table", "outcome"], registry=r)
+        self.latency = Histogram("persia_embedding_rpc_seconds", "Server-side RPC latency",
+                                 ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("persia_embedding_rpc_errors", "RPCs answered with an error",
+                              ["method", "code"], registry=r)
+        self.rows = Gauge("persia_embedding_table_rows", "Live rows", ["table"], registry=r)
+        self.bytes = Gauge("persia_embedding_table_bytes", "Bytes held by a table", ["table"],
+                           registry=r)
+        self.watermark_generation = Gauge("persia_embedding_watermark_generation",
+                                          "Newest applied generation", ["table", "producer"],
+                                          registry=r)
+        self.watermark_sequence = Gauge("persia_embedding_watermark_sequence",
+                                        "Newest applied sequence", ["table", "producer"],
+                                        registry=r)
+        self.ready = Gauge("persia_embedding_ready", "1 once the checkpoint is loaded",
+                           registry=r)
+        Gauge("persia_embedding_shard", "This process's shard index", registry=r).set(shard)
+
+
+def _signs(data: bytes, field: str) -> np.ndarray:
+    """Raw little-endian uint64 bytes -> uint64[n] (a view, no copy)."""
+    if len(data) % 8:
+        raise ValueError(f"{field} must be a multiple of 8 bytes (uint64 LE), got {len(data)}")
+    return np.frombuffer(data, dtype="<u8")
+
+
+def _rpc(method: str) -> Callable:
+    """Wrap a unary servicer method: auth, readiness, latency, and errors -> status codes."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(self: EmbeddingServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code, message = self._check_call(method, context)
+            if code is None:
+                try:
+                    return fn(self, request, context)
+                except TableNotFoundError as exc:
+                    code, message = grpc.StatusCode.NOT_FOUND, str(exc)
+                except (ValueError, PacketError) as exc:
+                    code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+                except FileNotFoundError as exc:
+                    code, message = grpc.StatusCode.NOT_FOUND, f"not found: {exc}"
+                except (StorageError, PermissionError, OSError) as exc:
+                    code, message = grpc.StatusCode.UNAVAILABLE, f"storage: {exc}"
+                except Exception as exc:  # one bad request never kills the server
+                    log.exception("%s failed unexpectedly", method)
+                    code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+                finally:
+                    self.metrics.latency.labels(method).observe(time.perf_counter() - started)
+            self.metrics.errors.labels(method, code.name).inc()
+            if code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                log.warning("%s from %s: %s: %s", method, context.peer(), code.name, message)
+            context.abort(code, message)
+
+        return wrapper
+
+    return decorate
+
+
+class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
+    """The RPC face of one `Shard`."""
+
+    def __init__(self, shard: Shard, *, shard_index: int = 0, num_shards: int = 1,
+                 token: str = "", dump_chunk_rows: int = 1_000_000,
+                 loader: Callable[[str], tuple[int, float]] | None = None) -> None:
+        self.shard = shard
+        self.shard_index, self.num_shards = shard_index, num_shards
+        self._token = token.encode()
+        self.dump_chunk_rows = dump_chunk_rows
+        self.metrics = Metrics(shard_index)
+        self.ready = threading.Event()
+        self._loader = loader
+
+    # ------------------------------------------------------------------------- plumbing
+
+    def _check_call(self, method: str, context: grpc.ServicerContext
+                    ) -> tuple[grpc.StatusCode | None, str]:
+        if method in WRITE_METHODS and self._token:
+            given = ""
+            for key, value in context.invocation_metadata():
+                if key == "authorization":
+                    given = value
+            if not given:
+                return grpc.StatusCode.UNAUTHENTICATED, f"{method} needs 'authorization: Bearer <token>'"
+            scheme, _, secret = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(secret.encode(), self._token):
+                return grpc.StatusCode.PERMISSION_DENIED, f"{method}: wrong token"
+        if method in ("Lookup", "Apply", "Delete", "Dump") and not self.ready.is_set():
+            return grpc.StatusCode.UNAVAILABLE, "loading the initial checkpoint; not ready yet"
+        return None, ""
+
+    def _refresh_gauges(self) -> None:
+        for stats in self.shard.stats():
+            self.metrics.rows.labels(stats.name).set(stats.rows)
+            self.metrics.bytes.labels(stats.name).set(stats.bytes)
+        for mark in self.shard.watermarks():
+            self.metrics.watermark_generation.labels(mark.table, mark.producer).set(mark.generation)
+            self.metrics.watermark_sequence.labels(mark.table, mark.producer).set(mark.sequence)
+
+    # ------------------------------------------------------------------------- methods
+
+    @_rpc("Lookup")
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:  # noqa: N802
+        signs = _signs(request.signs, "signs")
+        rows, misses = self.shard.lookup(request.table, signs)
+        m = self.metrics
+        m.lookups.labels(request.table).inc()
+        m.lookup_rows.labels(request.table).inc(signs.shape[0])
+        if misses:
+            m.misses.labels(request.table).inc(misses)
+        return pb.LookupResponse(dim=rows.shape[1], rows=rows.tobytes(), misses=misses)
+
+    @_rpc("Apply")
+    def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
+        signs = _signs(request.signs, "signs")
+        deleted = _signs(request.deleted_signs, "deleted_signs")
+        dim, n = request.dim, signs.shape[0]
+        if dim == 0:
+            raise ValueError("dim must be set (the table's embedding width)")
+        if len(request.rows) != n * dim * 4:
+            raise ValueError(
+                f"rows has {len(request.rows)} bytes; {n} signs of dim {dim} need {n * dim * 4} "
+                "(float32 LE, n x dim)")
+        rows = np.frombuffer(request.rows, dtype="<f4").reshape(n, dim)
+        outcome = self.shard.apply(request.table, request.producer, request.generation,
+                                   request.sequence, dim, signs, rows, deleted)
+        m = self.metrics
+        m.applies.labels(request.table, "applied" if outcome.applied else "skipped").inc()
+        if outcome.applied:
+            m.apply_rows.labels(request.table).inc(n)
+            m.apply_deletes.labels(request.table).inc(outcome.deleted)
+            m.watermark_generation.labels(request.table, request.producer).set(request.generation)
+            m.watermark_sequence.labels(request.table, request.producer).set(request.sequence)
+        log.debug("apply %s/%s %d-%d: %s", request.table, request.producer, request.generation,
+                  request.sequence, outcome)
+        generation, sequence = outcome.watermark
+        return pb.ApplyResponse(
+            applied=outcome.applied, inserted=outcome.inserted, updated=outcome.updated,
+            deleted=outcome.deleted, evicted=outcome.evicted,
+            watermark=pb.Watermark(table=request.table, producer=request.producer,
+                                   generation=generation, sequence=sequence))
+
+    @_rpc("Delete")
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:  # noqa: N802
+        deleted = self.shard.delete(request.table, _signs(request.signs, "signs"))
+        return pb.DeleteResponse(deleted=deleted)
+
+    @_rpc("Watermarks")
+    def Watermarks(self, request: pb.WatermarksRequest, context: grpc.ServicerContext  # noqa: N802
+                   ) -> pb.WatermarksResponse:
+        return pb.WatermarksResponse(watermarks=self._watermark_messages())
+
+    def _watermark_messages(self) -> list[pb.Watermark]:
+        return [pb.Watermark(table=w.table, producer=w.producer, generation=w.generation,
+                             sequence=w.sequence) for w in self.shard.watermarks()]
+
+    @_rpc("LoadCheckpoint")
+    def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, context: grpc.ServicerContext  # noqa: N802
+                       ) -> pb.LoadCheckpointResponse:
+        if self._loader is None:
+            raise ValueError("this server cannot load checkpoints")
+        rows, seconds = self._loader(request.uri)
+        return pb.LoadCheckpointResponse(rows=rows, seconds=seconds)
+
+    @_rpc("Status")
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:  # noqa: N802
+        self._refresh_gauges()
+        tables = [pb.TableStatus(name=s.name, dim=s.dim, rows=s.rows, bytes=s.bytes,
+                                 lookups=s.lookups, lookup_rows=s.lookup_rows, misses=s.misses)
+                  for s in self.shard.stats()]
+        return pb.StatusResponse(
+            shard=self.shard_index, num_shards=self.num_shards, ready=self.ready.is_set(),
+            uptime_s=time.monotonic() - self.shard.started, tables=tables,
+            watermarks=self._watermark_messages())
+
+    def Dump(self, request: pb.DumpRequest, context: grpc.ServicerContext) -> Iterator[pb.DumpChunk]:  # noqa: N802
+        code, message = self._check_call("Dump", context)
+        if code is None:
+            try:
+                table = self.shard.table(request.table)
+            except TableNotFoundError as exc:
+                code, message = grpc.StatusCode.NOT_FOUND, str(exc)
+        if code is not None:
+            self.metrics.errors.labels("Dump", code.name).inc()
+            context.abort(code, message)
+        chunk = int(request.chunk_rows) or self.dump_chunk_rows
+        for signs, rows in table.iter_rows(chunk):
+            yield pb.DumpChunk(table=request.table, dim=table.dim, signs=signs.tobytes(),
+                               rows=rows.tobytes())
+
+
+# ---------------------------------------------------------------------------------- process
+
+
+def _credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials | None:
+    if not cert_file:
+        return None
+    with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
+def serve(config: Any, shard_index: int, *, stop: threading.Event | None = None) -> int:
+    """Run shard `shard_index` of `config` until SIGTERM/SIGINT (or `stop`); returns an exit code.
+
+    config: persia_inc.config.Config. Exit 1 if the initial checkpoint cannot be loaded.
+    """
+    from embedding_server.checkpoint import load_shard
+    from embedding_server.table import warm_up
+
+    settings = config.persia_inc.embedding_server
+    servers = config.infer.servers
+    if not 0 <= shard_index < len(servers):
+        raise ValueError(f"--shard {shard_index} is outside the {len(servers)} configured servers")
+    address = servers[shard_index]
+    token = ""
+    if settings.token_env:
+        token = os.environ.get(settings.token_env, "")
+        if not token:
+            raise ValueError(f"token_env names {settings.token_env!r} but that variable is empty")
+
+    shard = Shard(capacity=settings.capacity, max_dim=config.persia_inc.limits.max_dim)
+    load_lock = threading.Lock()
+
+    def load(uri: str) -> tuple[int, float]:
+        with load_lock:
+            started = time.monotonic()
+            with config.open_store(uri) as store:
+                tables, marks, rows = load_shard(
+                    store, shard_index, len(servers), capacity=settings.capacity,
+                    limits=config.persia_inc.limits, log_interval_s=settings.load_log_interval_s)
+            shard.install(tables, marks)
+            return rows, time.monotonic() - started
+
+    servicer = EmbeddingServicer(shard, shard_index=shard_index, num_shards=len(servers),
+                                 token=token, dump_chunk_rows=settings.dump_chunk_rows, loader=load)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # two processes must never share one shard's port
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers,
+                                                    thread_name_prefix=f"shard{shard_index}"),
+                         options=options)
+    pb_grpc.add_EmbeddingServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    credentials = _credentials(settings.tls_cert_file, settings.tls_key_file)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind {address}: {exc}") from exc
+    if not port:
+        raise OSError(f"cannot bind {address} (in use, or not an address of this host)")
+
+    stop = stop or threading.Event()
+    failed = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+
+    server.start()
+    metrics_port = settings.metrics_port_base + shard_index if settings.metrics_port_base else 0
+    if metrics_port:
+        host = address.rpartition(":")[0].strip("[]")
+        start_http_server(metrics_port, addr=host, registry=servicer.metrics.registry)
+    log.info("shard %d/%d listening on %s (tls %s, write token %s, metrics %s, capacity %s)",
+             shard_index, len(servers), address, "on" if credentials else "off",
+             "on" if token else "off", metrics_port or "off", settings.capacity or "unbounded")
+
+    def initial_load() -> None:
+        uri = config.infer.initial_sparse_checkpoint
+        try:
+            started = time.monotonic()
+            warm_up()
+            log.info("shard %d: kernels ready in %.1f s", shard_index, time.monotonic() - started)
+            if uri:
+                rows, seconds = load(uri)
+                log.info("shard %d loaded %d rows from %s in %.1f s", shard_index, rows, uri, seconds)
+            else:
+                log.info("shard %d: no initial_sparse_checkpoint; starting empty", shard_index)
+        except Exception:
+            log.exception("shard %d cannot load initial checkpoint %s; exiting", shard_index, uri)
+            failed.set()
+            stop.set()
+            return
+        servicer.ready.set()
+        servicer.metrics.ready.set(1)
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("shard %d serving", shard_index)
+
+    threading.Thread(target=initial_load, name="initial-load", daemon=True).start()
+    stop.wait()
+    log.info("shard %d stopping (grace %.1f s)", shard_index, settings.grace_s)
+    health_servicer.enter_graceful_shutdown()
+    server.stop(settings.grace_s).wait()
+    log.info("shard %d stopped", shard_index)
+    return 1 if failed.is_set() else 0

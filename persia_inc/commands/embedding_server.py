@@ -1,0 +1,40 @@
+"""`persia-inc embedding-server --config CFG --shard I`: run one embedding-server shard."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run one embedding-server shard (gRPC) from the configuration"
+DESCRIPTION = """\
+Runs shard I of the embedding servers listed in PersiaInferConfig.servers, bound to exactly
+servers[I]. At start it loads its share of initial_sparse_checkpoint (if set) and reports
+NOT_SERVING on the gRPC health service until that is done. SIGTERM or Ctrl-C stops it
+gracefully (persia_inc.embedding_server.grace_s).
+
+Exit status: 0 stopped cleanly, 1 the initial checkpoint could not be loaded or the address
+could not be bound, 2 usage or configuration error.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="CFG", required=True, help="global_config.yaml")
+    parser.add_argument("--shard", metavar="I", type=int, required=True,
+                        help="which entry of PersiaInferConfig.servers this process serves")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
+    from embedding_server.server import serve
+    from persia_inc.config import load_config
+
+    config = load_config(args.config)
+    try:
+        return serve(config, args.shard)
+    except ValueError as exc:
+        print(f"persia-inc embedding-server: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        logging.getLogger(__name__).error("%s", exc)
+        return 1
