@@ -2,16 +2,16 @@
 
 Columns (in this order): `sign` uint64, `embedding` fixed_size_list<float32|float16>[dim],
 optional `state` fixed_size_list<float32>[k], optional `op` uint8 (0 upsert, 1 delete).
-Writers put upserts first, ascending by sign, then deletes, ascending by sign; readers accept
-any order but reject duplicates. The schema metadata carries the header and an xxh3-64 checksum
-over the column value buffers, in column order.
+Writers put upserts first, then deletes, each in the caller's order (no reordering: that costs
+more than the rest of encoding); a sign occurs at most once in a packet, which both sides check
+with one SIMD sort. The schema metadata carries the header and an xxh3-64 checksum over the
+column value buffers, in column order.
 
 Nothing here can run code from a packet: Arrow IPC is plain data, and we never unpickle.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, fields, replace
 from typing import BinaryIO
 
@@ -92,16 +92,23 @@ def _as_rows(name: str, values: object, n: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _sorted_unique(name: str, signs: np.ndarray) -> np.ndarray | None:
-    """Permutation that sorts `signs` (None when already strictly ascending); rejects repeats."""
-    if signs.size < 2 or bool(np.all(signs[1:] > signs[:-1])):
+def first_repeat(*arrays: np.ndarray) -> int | None:
+    """A sign that occurs more than once across `arrays` (each uint64[k]), or None.
+
+    Ascending input (a sorted producer) is proven unique in one pass; otherwise one sort.
+    """
+    present = [a for a in arrays if a.size]
+    if not present:
         return None
-    order = np.argsort(signs, kind="stable")
-    ordered = signs[order]
+    if len(present) == 1 and _ascending(present[0]):
+        return None
+    ordered = np.sort(np.concatenate(present) if len(present) > 1 else present[0])
     repeats = ordered[1:] == ordered[:-1]
-    if repeats.any():
-        raise ValueError(f"{name} holds sign {int(ordered[1:][repeats][0])} more than once")
-    return order
+    return int(ordered[1:][repeats][0]) if repeats.any() else None
+
+
+def _ascending(signs: np.ndarray) -> bool:
+    return signs.size < 2 or bool(np.all(signs[1:] > signs[:-1]))
 
 
 def _fixed_size_list(rows: np.ndarray) -> pa.FixedSizeListArray:
@@ -135,11 +142,11 @@ def encode_packet(
 
     signs: uint64[n] (unique); embeddings: float32[n, dim]; deleted: uint64[d] signs to
     delete (unique, disjoint from `signs`); state: float32[n, k] optimizer state or None.
-    Rows are written sorted by sign. Raises ValueError for inconsistent arguments.
+    Rows keep the caller's order. Raises ValueError for inconsistent arguments.
     """
-    sink = io.BytesIO()
+    sink = pa.BufferOutputStream()
     write_packet(sink, header, signs, embeddings, deleted=deleted, state=state)
-    return sink.getvalue()
+    return sink.getvalue().to_pybytes()
 
 
 def write_packet(
@@ -162,20 +169,14 @@ def write_packet(
     if state is not None:
         state = _as_rows("state", state, n)
 
-    order = _sorted_unique("signs", signs)
-    if order is not None:
-        signs, embeddings = signs[order], embeddings[order]
-        state = state[order] if state is not None else None
-    delete_order = _sorted_unique("deleted", deleted_signs)
-    if delete_order is not None:
-        deleted_signs = deleted_signs[delete_order]
+    for name, values in (("signs", signs), ("deleted", deleted_signs)):
+        repeat = first_repeat(values)
+        if repeat is not None:
+            raise ValueError(f"{name} holds sign {repeat} more than once")
     if deleted_signs.size and n:
-        hits = np.searchsorted(signs, deleted_signs)
-        clash = (hits < n) & (signs[np.minimum(hits, n - 1)] == deleted_signs)
-        if clash.any():
-            raise ValueError(
-                f"sign {int(deleted_signs[clash][0])} is both upserted and deleted in one packet"
-            )
+        clash = first_repeat(signs, deleted_signs)
+        if clash is not None:
+            raise ValueError(f"sign {clash} is both upserted and deleted in one packet")
 
     d = deleted_signs.size
     all_signs = np.concatenate([signs, deleted_signs]) if d else signs
@@ -219,6 +220,8 @@ def write_packet(
 def _to_buffer(source: object, where: str, limits: PacketLimits) -> pa.Buffer:
     if isinstance(source, pa.Buffer):
         buf = source
+    elif isinstance(source, pa.NativeFile):  # a memory map reads without a copy
+        buf = source.read_buffer(limits.max_bytes + 1)
     elif isinstance(source, bytes | bytearray | memoryview):
         buf = pa.py_buffer(source)
     elif hasattr(source, "read"):
@@ -304,25 +307,6 @@ def _list_column(batch: pa.RecordBatch, name: str, item: pa.DataType, where: str
 def _no_nulls(column: pa.Array, name: str, where: str) -> None:
     if column.null_count or (hasattr(column, "values") and column.values.null_count):
         raise CorruptPacketError(where, f"column {name!r} holds nulls")
-
-
-def _check_unique(signs: np.ndarray, deleted: np.ndarray, where: str) -> None:
-    """Reject a sign that appears twice among the upserts, the deletes, or across both."""
-    if _ascending(signs) and _ascending(deleted):  # the writer's layout: one pass each
-        if signs.size and deleted.size:
-            hits = np.minimum(np.searchsorted(signs, deleted), signs.size - 1)
-            clash = signs[hits] == deleted
-            if clash.any():
-                raise CorruptPacketError(where, f"duplicate sign {int(deleted[clash][0])}")
-        return
-    ordered = np.sort(np.concatenate([signs, deleted]))
-    repeats = ordered[1:] == ordered[:-1]
-    if repeats.any():
-        raise CorruptPacketError(where, f"duplicate sign {int(ordered[1:][repeats][0])}")
-
-
-def _ascending(signs: np.ndarray) -> bool:
-    return signs.size < 2 or bool(np.all(signs[1:] > signs[:-1]))
 
 
 def decode_packet(
@@ -430,7 +414,9 @@ def _decode_batch(
             signs, rows = all_signs[upsert], all_rows[upsert]
             state = all_state[upsert] if all_state is not None else None
             deleted = all_signs[~upsert]
-    _check_unique(signs, deleted, where)
+    repeat = first_repeat(signs, deleted)
+    if repeat is not None:
+        raise CorruptPacketError(where, f"duplicate sign {repeat}")
     if rows.dtype != np.float32:
         rows = rows.astype(np.float32)
     return Packet(header=header, signs=signs, embeddings=rows, deleted=deleted, state=state)

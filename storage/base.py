@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, ClassVar, Literal, TypeVar
 
@@ -98,6 +99,18 @@ class ObjectStore(ABC):
         check_key(key)
         view = memoryview(data).cast("B")
         self._retrying(f"put {self.uri(key)} ({view.nbytes} bytes)", lambda: self._put(key, view))
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        """A binary sink whose contents are stored atomically at `key` when the block exits
+        cleanly, and discarded when it raises. Saves a copy of large objects where the
+        backend can stream (local disk writes straight into the temporary file)."""
+        import pyarrow as pa  # a dependency of the project; only needed here
+
+        check_key(key)
+        sink = pa.BufferOutputStream()
+        yield sink  # type: ignore[misc]
+        self.put(key, sink.getvalue())
 
     def get(self, key: str) -> bytes:
         """The whole object at `key`; FileNotFoundError if absent."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
-from storage.base import ObjectInfo, ObjectStore
+from storage.base import ObjectInfo, ObjectStore, check_key
 from storage.errors import StorageError, TransientStorageError
 from storage.retry import RetryPolicy
 
@@ -76,6 +76,34 @@ class LocalStore(ObjectStore):
             for folder in [path.parent, *created]:
                 _fsync_dir(folder)
 
+    @contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        """Stream into the temporary file itself (no in-memory copy), then fsync and rename."""
+        import pyarrow as pa
+
+        check_key(key)
+        path = self._path(key)
+        with self._mapped(key, reading=False):
+            created = self._make_parents(path.parent)
+            temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+            sink = pa.OSFile(str(temp), mode="w")  # Arrow's native file: no Python copies
+        try:
+            yield sink  # type: ignore[misc]
+            with self._mapped(key, reading=False):
+                sink.close()
+                fd = os.open(temp, os.O_RDONLY)  # fsync flushes the file, whichever fd asks
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(temp, path)
+                for folder in [path.parent, *created]:
+                    _fsync_dir(folder)
+        finally:
+            if not sink.closed:
+                sink.close()
+            temp.unlink(missing_ok=True)
+
     def _make_parents(self, folder: Path) -> list[Path]:
         """mkdir -p; returns the parents of newly made folders (whose entries must be synced)."""
         missing = []
@@ -91,8 +119,15 @@ class LocalStore(ObjectStore):
             return self._path(key).read_bytes()
 
     def _open(self, key: str) -> BinaryIO:
+        """A read-only memory map: zero-copy for Arrow readers. Safe because objects are
+        replaced by rename, never rewritten in place."""
+        import pyarrow as pa
+
         with self._mapped(key):
-            return open(self._path(key), "rb")
+            path = self._path(key)
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "a folder", str(path))
+            return pa.memory_map(str(path), "r")  # type: ignore[return-value]
 
     def _list(self, prefix: str, start_after: str | None) -> list[ObjectInfo]:
         folder_key, _, _ = prefix.rpartition("/")

@@ -65,14 +65,13 @@ def rewrite(data: bytes, *, metadata: dict[str, str] | None = None,
 # ------------------------------------------------------------------------------ round trip
 
 
-def test_roundtrip_returns_sorted_rows_and_the_full_header() -> None:
+def test_roundtrip_keeps_rows_in_order_with_the_full_header() -> None:
     signs, rows = make_rows()
     packet = decode_packet(encode_packet(HEADER, signs, rows))
-    order = np.argsort(signs)
     assert packet.signs.dtype == np.uint64
-    assert np.array_equal(packet.signs, signs[order])
+    assert np.array_equal(packet.signs, signs)
     assert packet.embeddings.dtype == np.float32
-    assert np.array_equal(packet.embeddings, rows[order])
+    assert np.array_equal(packet.embeddings, rows)
     assert packet.deleted.size == 0 and packet.state is None
     h = packet.header
     assert (h.model, h.table, h.producer, h.generation, h.sequence) == ("ctr", "emb", "trainer-0", 7, 42)
@@ -96,11 +95,10 @@ def test_deletes_state_and_float16_roundtrip() -> None:
     header = PacketHeader(model="m", table="t", producer="p", generation=1, sequence=0,
                           dtype="float16", flush_reason="size")
     packet = decode_packet(encode_packet(header, signs, rows, deleted=deleted, state=state))
-    order = np.argsort(signs)
-    assert np.array_equal(packet.deleted, np.sort(deleted))
-    assert np.allclose(packet.embeddings, rows[order], atol=1e-2)
+    assert np.array_equal(packet.deleted, deleted)
+    assert np.allclose(packet.embeddings, rows, atol=1e-2)
     assert packet.embeddings.dtype == np.float32
-    assert np.array_equal(packet.state, state[order])
+    assert np.array_equal(packet.state, state)
     assert packet.header.flush_reason == "size" and packet.header.deleted_rows == 2
 
 

@@ -1,0 +1,159 @@
+"""Packet codec throughput against raw I/O of the same bytes, measured in the same run.
+
+Local disk: encode + atomic put (temp file, fsync, rename, fsync folder) of 1M-row packets,
+dim 16 and 64, against writing the encoded bytes to a file with fsync; get + full decode
+(checksum, schema, duplicates) against reading the same bytes. Ratio = raw time / our time
+(1.0 = as fast as raw I/O). Bar: both at least 0.8x.
+
+Ceph (S3 gateway): the same for 8 to 64 MB packets through our S3 store against plain boto3
+put_object/get_object of the same bytes. Bar: at least 0.9x. Uses the gateway in
+S3_ENDPOINT_URL (with AWS_* credentials) if set, else starts a throwaway cluster.
+
+    .venv/bin/python bench/packet_codec.py [--repeat 5] [--no-ceph]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from packet_format import PacketHeader, decode_packet, encode_packet, write_packet  # noqa: E402
+from storage import open_store  # noqa: E402
+
+
+def paired_medians(raw: Callable[[], object], ours: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Median seconds of `raw` and `ours`, run alternately so disk and network drift hit both."""
+    raw(), ours()  # warm up caches, connections and lazy imports
+    raw_times, our_times = [], []
+    for _ in range(repeat):
+        for fn, times in ((raw, raw_times), (ours, our_times)):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    return statistics.median(raw_times), statistics.median(our_times)
+
+
+def make_packet(rows: int, dim: int, seed: int = 0) -> tuple[PacketHeader, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    signs = np.unique(rng.integers(0, 2**63, int(rows * 1.01), dtype=np.uint64))[:rows]
+    rng.shuffle(signs)  # a producer's hashset has no order; the encoder sorts
+    header = PacketHeader(model="bench", table="emb", producer="p0", generation=1, sequence=0)
+    return header, signs, rng.standard_normal((rows, dim), dtype=np.float32)
+
+
+def raw_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def bench_local(repeat: int) -> list[tuple[str, float, float, float]]:
+    results = []
+    with tempfile.TemporaryDirectory(dir=REPO) as folder:
+        store = open_store(folder)
+        for dim in (16, 64):
+            header, signs, rows = make_packet(1_000_000, dim)
+            data = encode_packet(header, signs, rows)
+            mb = len(data) / 1e6
+
+            def ours_write(header=header, signs=signs, rows=rows) -> None:
+                with store.writer("p.arrow") as sink:
+                    write_packet(sink, header, signs, rows)
+
+            def ours_read() -> None:
+                with store.open("p.arrow") as source:
+                    decode_packet(source, where="p.arrow")
+
+            raw_path = Path(folder) / "raw.bin"
+            t_raw_w, t_ours_w = paired_medians(
+                lambda data=data, raw_path=raw_path: raw_write(raw_path, data), ours_write, repeat)
+            t_raw_r, t_ours_r = paired_medians(
+                lambda raw_path=raw_path: raw_path.read_bytes(), ours_read, repeat)
+            results.append((f"local write 1M x {dim} ({mb:.0f} MB)", mb / t_ours_w, mb / t_raw_w,
+                            t_raw_w / t_ours_w))
+            results.append((f"local read  1M x {dim} ({mb:.0f} MB)", mb / t_ours_r, mb / t_raw_r,
+                            t_raw_r / t_ours_r))
+    return results
+
+
+def bench_ceph(repeat: int) -> list[tuple[str, float, float, float]]:
+    from storage.s3 import S3Settings
+
+    from services import CephCluster
+
+    cluster = None
+    if not os.environ.get("S3_ENDPOINT_URL"):
+        cluster = CephCluster(Path(tempfile.mkdtemp(prefix="bench-ceph-"))).start()
+        os.environ.update(cluster.env)
+    try:
+        import boto3
+        import botocore.config
+
+        client = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"],
+                              config=botocore.config.Config(s3={"addressing_style": "path"}))
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        client.create_bucket(Bucket=bucket)
+        store = open_store(f"s3://{bucket}/inc",
+                           s3=S3Settings(endpoint_url=os.environ["S3_ENDPOINT_URL"]))
+        results = []
+        for rows, dim in ((110_000, 16), (220_000, 64)):  # about 8 MB and 57 MB
+            header, signs, values = make_packet(rows, dim)
+            data = encode_packet(header, signs, values)
+            mb = len(data) / 1e6
+
+            def ours_write(header=header, signs=signs, values=values) -> None:
+                with store.writer("p.arrow") as sink:
+                    write_packet(sink, header, signs, values)
+
+            def ours_read() -> None:
+                decode_packet(store.get("p.arrow"), where="p.arrow")
+
+            def raw_put(data=data) -> None:
+                client.put_object(Bucket=bucket, Key="raw.bin", Body=data)
+
+            def raw_get() -> None:
+                client.get_object(Bucket=bucket, Key="raw.bin")["Body"].read()
+
+            t_raw_w, t_ours_w = paired_medians(raw_put, ours_write, repeat)
+            t_raw_r, t_ours_r = paired_medians(raw_get, ours_read, repeat)
+            results.append((f"ceph  write {rows} x {dim} ({mb:.0f} MB)", mb / t_ours_w, mb / t_raw_w,
+                            t_raw_w / t_ours_w))
+            results.append((f"ceph  read  {rows} x {dim} ({mb:.0f} MB)", mb / t_ours_r, mb / t_raw_r,
+                            t_raw_r / t_ours_r))
+        return results
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=9, help="runs per figure; the median is kept")
+    parser.add_argument("--no-ceph", action="store_true", help="local disk only")
+    args = parser.parse_args()
+    results = bench_local(args.repeat)
+    if not args.no_ceph:
+        results += bench_ceph(args.repeat)
+    print(f"{'case':<34} {'ours MB/s':>10} {'raw MB/s':>10} {'ratio':>7}")
+    for name, ours, raw, ratio in results:
+        print(f"{name:<34} {ours:>10.0f} {raw:>10.0f} {ratio:>6.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
