@@ -22,6 +22,45 @@ from packet_format import Packet, Watermark
 
 log = logging.getLogger(__name__)
 
+_APPLY_METHOD = "/persia_inc.embedding.v1.EmbeddingService/Apply"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def encode_apply_request(table: str, producer: str, generation: int, sequence: int, dim: int,
+                         signs: np.ndarray, rows: np.ndarray, deleted: np.ndarray) -> bytes:
+    """The protobuf wire bytes of an `ApplyRequest`, written in one copy.
+
+    signs: uint64[n]; rows: float32[n, dim]; deleted: uint64[d] (C-contiguous, little-endian
+    on every platform we run on). Byte-identical to `ApplyRequest(...).SerializeToString()`
+    (fields ascending, proto3 defaults omitted; a test checks it), but the arrays go straight
+    into the message instead of through `tobytes()` and protobuf's own copy, which took most
+    of a 1M-row Apply's client time.
+    """
+    parts: list[bytes | memoryview] = []
+    for number, text in ((1, table), (2, producer)):
+        if text:
+            data = text.encode()
+            parts += [bytes([number << 3 | 2]), _varint(len(data)), data]
+    for number, value in ((3, generation), (4, sequence), (5, dim)):
+        if value:
+            parts += [bytes([number << 3]), _varint(value)]
+    for number, array in ((6, signs), (7, rows), (8, deleted)):
+        if array.size:
+            view = memoryview(np.ascontiguousarray(array)).cast("B")
+            parts += [bytes([number << 3 | 2]), _varint(view.nbytes), view]
+    return b"".join(parts)
+
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
@@ -62,6 +101,9 @@ class EmbeddingClient:
         else:
             self._channels = [grpc.insecure_channel(s, options=options) for s in self.servers]
         self._stubs = [pb_grpc.EmbeddingServiceStub(c) for c in self._channels]
+        self._apply_raw = [c.unary_unary(_APPLY_METHOD, request_serializer=None,
+                                         response_deserializer=pb.ApplyResponse.FromString)
+                           for c in self._channels]
         self._closed = False
 
     @classmethod
@@ -155,11 +197,9 @@ class EmbeddingClient:
         for shard in range(num):
             lo, hi = bounds[shard], bounds[shard + 1]
             dlo, dhi = dbounds[shard], dbounds[shard + 1]
-            request = pb.ApplyRequest(
-                table=h.table, producer=h.producer, generation=h.generation,
-                sequence=h.sequence, dim=dim, signs=signs[lo:hi].tobytes(),
-                rows=rows[lo:hi].tobytes(), deleted_signs=deleted[dlo:dhi].tobytes())
-            calls[shard] = self._stubs[shard].Apply.future(
+            request = encode_apply_request(h.table, h.producer, h.generation, h.sequence, dim,
+                                           signs[lo:hi], rows[lo:hi], deleted[dlo:dhi])
+            calls[shard] = self._apply_raw[shard].future(
                 request, timeout=self.timeout_s, metadata=self._write_metadata)
         replies = self._gather(calls)
         ordered = [replies[s] for s in range(num)]

@@ -173,16 +173,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     @_rpc("Apply")
     def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
+        # each read of a bytes field copies it out of the message: read each once
         signs = _signs(request.signs, "signs")
         deleted = _signs(request.deleted_signs, "deleted_signs")
+        data = request.rows
         dim, n = request.dim, signs.shape[0]
         if dim == 0:
             raise ValueError("dim must be set (the table's embedding width)")
-        if len(request.rows) != n * dim * 4:
+        if len(data) != n * dim * 4:
             raise ValueError(
-                f"rows has {len(request.rows)} bytes; {n} signs of dim {dim} need {n * dim * 4} "
+                f"rows has {len(data)} bytes; {n} signs of dim {dim} need {n * dim * 4} "
                 "(float32 LE, n x dim)")
-        rows = np.frombuffer(request.rows, dtype="<f4").reshape(n, dim)
+        rows = np.frombuffer(data, dtype="<f4").reshape(n, dim)
         outcome = self.shard.apply(request.table, request.producer, request.generation,
                                    request.sequence, dim, signs, rows, deleted)
         m = self.metrics

@@ -233,3 +233,19 @@ def test_generated_grpc_modules_are_current(tmp_path: Path) -> None:
         fresh = (tmp_path / "embedding_server/protos" / name).read_text()
         committed = (ROOT / "embedding_server/protos" / name).read_text()
         assert fresh == committed, f"{name} is stale: run embedding_server/protos/generate.sh"
+
+
+def test_hand_encoded_apply_request_matches_protobuf() -> None:
+    from embedding_server.client import encode_apply_request
+    from embedding_server.protos import embedding_pb2 as pb
+
+    rng = np.random.default_rng(5)
+    for n, d, generation, sequence in ((0, 4, 0, 0), (3, 4, 1, 300), (200, 16, 2**33, 10**12 - 1)):
+        signs = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+        rows = rng.random((n, d), dtype=np.float32)
+        deleted = np.arange(n // 2, dtype=np.uint64)
+        ours = encode_apply_request("táble", "p", generation, sequence, d, signs, rows, deleted)
+        theirs = pb.ApplyRequest(table="táble", producer="p", generation=generation,
+                                 sequence=sequence, dim=d, signs=signs.tobytes(),
+                                 rows=rows.tobytes(), deleted_signs=deleted.tobytes())
+        assert ours == theirs.SerializeToString()

@@ -1,0 +1,208 @@
+"""Embedding-server benchmarks (the issue's bars), printed and written to
+bench/results/embedding_server.json.
+
+1. In-process table: upsert and lookup of 1M random signs against a 10M-row dim-16 table, as
+   a ratio to numpy fancy-index scatter/gather of the same number of rows on a plain
+   float32[10M, 16] array, in the same run (bar: >= 0.5x).
+2. Memory at 10M rows, dim 16: bytes per row, allocated and resident (bar: <= 1.5 x 72).
+3. Two shard processes over gRPC on loopback: p50/p99 of a 53,248-sign lookup (128 samples x
+   26 features x 16 ids, dim 16; bar p99 < 10 ms), also while a writer applies; and Apply
+   throughput with 1M-row packets (bar >= 3M rows/s).
+
+Run: flock /tmp/persia-heavy.lock .venv/bin/python bench/embedding_server.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from embedding_server.client import EmbeddingClient  # noqa: E402
+from embedding_server.table import EmbeddingTable, warm_up  # noqa: E402
+from packet_format import Packet, PacketHeader  # noqa: E402
+
+DIM = 16
+REQUEST_SIGNS = 128 * 26 * 16
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def best(fn, repeats: int) -> float:
+    """Median seconds of `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def in_process(rows: int, batch: int, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    signs = np.unique(rng.integers(0, 2**64, int(rows * 1.001), dtype=np.uint64, endpoint=False))
+    signs = rng.permutation(signs)[:rows]
+    warm_up()  # JIT code is process overhead, not table memory
+    before = rss_bytes()
+    table = EmbeddingTable(DIM, reserve=rows)
+    started = time.perf_counter()
+    step = 1_000_000
+    for lo in range(0, rows, step):
+        chunk = signs[lo:lo + step]
+        table.upsert(chunk, rng.random((chunk.size, DIM), dtype=np.float32))
+    build_s = time.perf_counter() - started
+    resident = rss_bytes() - before
+    memory = {"rows": len(table), "allocated_bytes_per_row": table.nbytes / rows,
+              "resident_bytes_per_row": resident / rows, "raw_bytes_per_row": 72,
+              "ratio_allocated": table.nbytes / rows / 72, "ratio_resident": resident / rows / 72,
+              "build_rows_per_s": rows / build_s}
+
+    query = signs[rng.integers(0, rows, batch)]
+    values = rng.random((batch, DIM), dtype=np.float32)
+    out = np.empty((batch, DIM), np.float32)
+    plain = np.zeros((rows, DIM), np.float32)
+    index = rng.integers(0, rows, batch)
+    t_lookup = best(lambda: table.lookup(query, out), repeats)
+    t_gather = best(lambda: plain[index], repeats)
+    t_upsert = best(lambda: table.upsert(query, values), repeats)
+    t_scatter = best(lambda: plain.__setitem__(index, values), repeats)
+    return {
+        "table_rows": rows, "batch": batch, "dim": DIM,
+        "lookup_rows_per_s": batch / t_lookup, "numpy_gather_rows_per_s": batch / t_gather,
+        "lookup_ratio": t_gather / t_lookup,
+        "apply_rows_per_s": batch / t_upsert, "numpy_scatter_rows_per_s": batch / t_scatter,
+        "apply_ratio": t_scatter / t_upsert,
+        "memory": memory,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_packet(sequence: int, signs: np.ndarray, rows: np.ndarray) -> Packet:
+    header = PacketHeader(model="bench", table="emb", producer="bench", generation=0,
+                          sequence=sequence, dim=DIM, rows=signs.size)
+    return Packet(header=header, signs=signs, embeddings=rows, deleted=np.empty(0, np.uint64))
+
+
+def over_grpc(table_rows: int, lookups: int) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="persia-bench-"))
+    servers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    config = {"PersiaInferConfig": {"servers": servers}, "incremental_dir": str(workdir / "inc"),
+              "persia_inc": {"embedding_server": {"max_message_bytes": 512 * 1024 * 1024}}}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    procs = [subprocess.Popen([sys.executable, "-m", "persia_inc.cli", "--log-level", "WARNING",
+                               "embedding-server", "--config", str(workdir / "config.yaml"),
+                               "--shard", str(i)], cwd=ROOT) for i in range(2)]
+    try:
+        with EmbeddingClient(servers, max_message_bytes=512 * 1024 * 1024) as client:
+            client.wait_ready(120)
+            rng = np.random.default_rng(1)
+            signs = rng.integers(0, 2**64, table_rows, dtype=np.uint64, endpoint=False)
+            batch = 1_000_000
+            packets = [make_packet(i, signs[lo:lo + batch],
+                                   rng.random((min(batch, table_rows - lo), DIM), dtype=np.float32))
+                       for i, lo in enumerate(range(0, table_rows, batch))]
+            started = time.perf_counter()
+            for p in packets:
+                client.apply(p)
+            insert_s = time.perf_counter() - started
+            # steady-state apply: updates of existing rows, 1M-row packets
+            started = time.perf_counter()
+            for i, p in enumerate(packets):
+                client.apply(make_packet(len(packets) + i, p.signs, p.embeddings))
+            update_s = time.perf_counter() - started
+
+            def latencies(n: int) -> np.ndarray:
+                out = []
+                for _ in range(n):
+                    query = signs[rng.integers(0, table_rows, REQUEST_SIGNS)]
+                    t0 = time.perf_counter()
+                    client.lookup("emb", query)
+                    out.append(time.perf_counter() - t0)
+                return np.array(out) * 1000
+
+            latencies(20)
+            quiet = latencies(lookups)
+            stop = threading.Event()
+            applied = [0]
+
+            def writer() -> None:
+                seq = 10_000
+                small = [make_packet(0, p.signs[:100_000], p.embeddings[:100_000]) for p in packets]
+                while not stop.is_set():
+                    p = small[seq % len(small)]
+                    client.apply(make_packet(seq, p.signs, p.embeddings))
+                    applied[0] += p.signs.size
+                    seq += 1
+
+            thread = threading.Thread(target=writer)
+            thread.start()
+            t0 = time.perf_counter()
+            busy = latencies(lookups)
+            busy_s = time.perf_counter() - t0
+            stop.set()
+            thread.join()
+        return {
+            "servers": 2, "table_rows": table_rows, "dim": DIM,
+            "apply_insert_rows_per_s": table_rows / insert_s,
+            "apply_update_rows_per_s": table_rows / update_s,
+            "lookup_signs": REQUEST_SIGNS, "lookups": lookups,
+            "lookup_p50_ms": float(np.percentile(quiet, 50)),
+            "lookup_p99_ms": float(np.percentile(quiet, 99)),
+            "lookup_during_apply_p50_ms": float(np.percentile(busy, 50)),
+            "lookup_during_apply_p99_ms": float(np.percentile(busy, 99)),
+            "apply_rows_per_s_during_lookups": applied[0] / busy_s,
+        }
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1M-row table, fewer repeats")
+    args = parser.parse_args()
+    rows = 1_000_000 if args.quick else 10_000_000
+    results = {
+        "machine": {"cpus": os.cpu_count()},
+        "in_process": in_process(rows, 1_000_000, 3 if args.quick else 7),
+        "grpc": over_grpc(1_000_000 if args.quick else 4_000_000, 100 if args.quick else 500),
+    }
+    text = json.dumps(results, indent=2)
+    print(text)
+    if not args.quick:
+        out = ROOT / "bench" / "results" / "embedding_server.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
