@@ -5,6 +5,7 @@
   `kafka_factory` starts extra brokers a test may stop and restart.
 * `webhdfs`: the WebHDFS protocol emulator (tests/webhdfs_emulator.py) per test.
 * `object_store`: the same storage cases against local disk, Ceph and the emulator.
+* `embedding_cluster_factory`: N real embedding-server processes on loopback, one config file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 from storage import ObjectStore, RetryPolicy, open_store
 
-from services import CephCluster, TansuBroker
+from services import CephCluster, EmbeddingCluster, TansuBroker, free_port, write_test_config
 from webhdfs_emulator import WebHdfsEmulator
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=10)
@@ -64,6 +65,35 @@ def webhdfs(tmp_path: Path) -> Iterator[WebHdfsEmulator]:
         yield emulator
     finally:
         emulator.stop()
+
+
+@pytest.fixture
+def embedding_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., EmbeddingCluster]]:
+    """make(num, name="c", incremental_dir=None, storage="local", checkpoint="", model="m",
+    persia_inc={...section overrides}, **embedding_server_settings) -> a ready cluster.
+
+    The cluster's `config_path` is a complete config (servers, incremental_dir, our section)
+    for the loader, producer and handler of the same test. All processes stop at teardown.
+    """
+    made: list[EmbeddingCluster] = []
+
+    def make(num: int, name: str = "c", incremental_dir: str | None = None, **options: object
+             ) -> EmbeddingCluster:
+        folder = tmp_path / name
+        folder.mkdir()
+        servers = [f"127.0.0.1:{free_port()}" for _ in range(num)]
+        path = write_test_config(folder / "config.yaml", servers,
+                                 incremental_dir or str(tmp_path / "incremental"), **options)  # type: ignore[arg-type]
+        cluster = EmbeddingCluster(path, servers, folder)
+        made.append(cluster)
+        for shard in range(num):
+            cluster.start(shard)
+        cluster.wait_ready()
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop_all()
 
 
 BACKENDS = ["local", "ceph", "hdfs"]

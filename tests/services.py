@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -240,3 +241,88 @@ class TansuBroker:
         if self._proc is not None:
             stop_pid(self._proc)
             self._proc = None
+
+
+# ------------------------------------------------------------------------ embedding servers
+
+EMBEDDING_TOKEN_ENV = "PERSIA_TEST_EMBEDDING_TOKEN"
+EMBEDDING_TOKEN = "s3cret-test-token"
+EMBEDDING_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+class EmbeddingCluster:
+    """N `persia-inc embedding-server` child processes sharing one config file.
+
+    The same config file serves the loader, the producer and the inference handler in tests,
+    so every part sees the same servers and incremental_dir.
+    """
+
+    def __init__(self, config_path: Path, servers: list[str], logs: Path) -> None:
+        self.config_path = config_path
+        self.servers = servers
+        self.logs = logs
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def start(self, shard: int) -> None:
+        env = {**os.environ, EMBEDDING_TOKEN_ENV: EMBEDDING_TOKEN}
+        with (self.logs / f"shard{shard}.log").open("ab") as log:
+            self.procs[shard] = subprocess.Popen(
+                [sys.executable, "-m", "persia_inc.cli", "embedding-server",
+                 "--config", str(self.config_path), "--shard", str(shard)],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def stop(self, shard: int, sig: int = signal.SIGTERM) -> int:
+        """Stop one shard (SIGTERM, or SIGKILL for a crash); returns its exit code."""
+        proc = self.procs.pop(shard)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                return proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return proc.wait(5)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for shard in list(self.procs):
+            self.stop(shard)
+
+    def client(self, **kwargs: object):  # -> EmbeddingClient
+        from embedding_server.client import EmbeddingClient
+
+        kwargs.setdefault("token", EMBEDDING_TOKEN)
+        kwargs.setdefault("max_message_bytes", EMBEDDING_MAX_MESSAGE)
+        return EmbeddingClient(self.servers, **kwargs)  # type: ignore[arg-type]
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        with self.client() as client:
+            try:
+                client.wait_ready(timeout_s)
+            except TimeoutError:
+                raise ServiceError(f"embedding servers not ready in {timeout_s}s:\n"
+                                   f"{self.log_text()[-4000:]}") from None
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
+
+
+def write_test_config(path: Path, servers: list[str], incremental_dir: str, *,
+                      storage: str = "local", checkpoint: str = "", model: str = "m",
+                      persia_inc: dict | None = None, **server_settings: object) -> Path:
+    """A global_config.yaml for tests: our servers, storage and fast intervals."""
+    import yaml
+
+    settings = {"token_env": EMBEDDING_TOKEN_ENV, "max_message_bytes": EMBEDDING_MAX_MESSAGE,
+                "workers": 4, "grace_s": 1.0, **server_settings}
+    ours: dict = {"model": model, "embedding_server": settings}
+    for key, value in (persia_inc or {}).items():
+        ours[key] = {**ours.get(key, {}), **value} if isinstance(value, dict) else value
+    config = {
+        "PersiaInferConfig": {"servers": servers, "initial_sparse_checkpoint": checkpoint},
+        "enable_incremental_update": True,
+        "incremental_dir": incremental_dir,
+        "storage": storage,
+        "persia_inc": ours,
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
