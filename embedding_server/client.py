@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from embedding_server._wire import decode_lookup_reply, encode_apply_request
 from embedding_server.errors import ShardError
 from embedding_server.protos import embedding_pb2 as pb
 from embedding_server.protos import embedding_pb2_grpc as pb_grpc
@@ -22,44 +23,7 @@ from packet_format import Packet, Watermark
 
 log = logging.getLogger(__name__)
 
-_APPLY_METHOD = "/persia_inc.embedding.v1.EmbeddingService/Apply"
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def encode_apply_request(table: str, producer: str, generation: int, sequence: int, dim: int,
-                         signs: np.ndarray, rows: np.ndarray, deleted: np.ndarray) -> bytes:
-    """The protobuf wire bytes of an `ApplyRequest`, written in one copy.
-
-    signs: uint64[n]; rows: float32[n, dim]; deleted: uint64[d] (C-contiguous, little-endian
-    on every platform we run on). Byte-identical to `ApplyRequest(...).SerializeToString()`
-    (fields ascending, proto3 defaults omitted; a test checks it), but the arrays go straight
-    into the message instead of through `tobytes()` and protobuf's own copy, which took most
-    of a 1M-row Apply's client time.
-    """
-    parts: list[bytes | memoryview] = []
-    for number, text in ((1, table), (2, producer)):
-        if text:
-            data = text.encode()
-            parts += [bytes([number << 3 | 2]), _varint(len(data)), data]
-    for number, value in ((3, generation), (4, sequence), (5, dim)):
-        if value:
-            parts += [bytes([number << 3]), _varint(value)]
-    for number, array in ((6, signs), (7, rows), (8, deleted)):
-        if array.size:
-            view = memoryview(np.ascontiguousarray(array)).cast("B")
-            parts += [bytes([number << 3 | 2]), _varint(view.nbytes), view]
-    return b"".join(parts)
+_METHOD = "/persia_inc.embedding.v1.EmbeddingService/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +65,14 @@ class EmbeddingClient:
         else:
             self._channels = [grpc.insecure_channel(s, options=options) for s in self.servers]
         self._stubs = [pb_grpc.EmbeddingServiceStub(c) for c in self._channels]
-        self._apply_raw = [c.unary_unary(_APPLY_METHOD, request_serializer=None,
+        # the two calls that carry big arrays skip protobuf's copies (see _wire.py)
+        self._apply_raw = [c.unary_unary(_METHOD + "Apply", request_serializer=None,
                                          response_deserializer=pb.ApplyResponse.FromString)
                            for c in self._channels]
+        self._lookup_raw = [c.unary_unary(_METHOD + "Lookup",
+                                          request_serializer=pb.LookupRequest.SerializeToString,
+                                          response_deserializer=decode_lookup_reply)
+                            for c in self._channels]
         self._closed = False
 
     @classmethod
@@ -155,8 +124,12 @@ class EmbeddingClient:
         signs = np.ascontiguousarray(signs, dtype=np.uint64)
         n, num = signs.shape[0], len(self.servers)
         if num == 1 or n == 0:
-            reply = self._call(0, "Lookup", pb.LookupRequest(table=table, signs=signs.tobytes()))
-            return np.frombuffer(reply.rows, "<f4").reshape(n, reply.dim)
+            try:
+                reply = self._lookup_raw[0](pb.LookupRequest(table=table, signs=signs.tobytes()),
+                                            timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                raise self._error(0, exc) from exc
+            return reply.rows.reshape(n, reply.dim) if n else np.zeros((0, reply.dim), np.float32)
         order, bounds = group_by_shard(signs, num)
         grouped = signs[order]
         calls = {}
@@ -164,7 +137,7 @@ class EmbeddingClient:
             lo, hi = bounds[shard], bounds[shard + 1]
             if hi > lo:
                 request = pb.LookupRequest(table=table, signs=grouped[lo:hi].tobytes())
-                calls[shard] = self._stubs[shard].Lookup.future(request, timeout=self.timeout_s)
+                calls[shard] = self._lookup_raw[shard].future(request, timeout=self.timeout_s)
         replies = self._gather(calls)
         dim = next(iter(replies.values())).dim
         out = np.empty((n, dim), np.float32)
@@ -173,7 +146,7 @@ class EmbeddingClient:
                 raise ShardError(shard, self.servers[shard], "FAILED_PRECONDITION",
                                  f"table {table!r} has dim {reply.dim} here but {dim} elsewhere")
             lo, hi = bounds[shard], bounds[shard + 1]
-            out[order[lo:hi]] = np.frombuffer(reply.rows, "<f4").reshape(hi - lo, dim)
+            out[order[lo:hi]] = reply.rows.reshape(hi - lo, dim)
         return out
 
     def apply(self, packet: Packet) -> ApplyResult:

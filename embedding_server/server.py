@@ -27,6 +27,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from embedding_server._wire import LookupReply
 from embedding_server.protos import embedding_pb2 as pb
 from embedding_server.protos import embedding_pb2_grpc as pb_grpc
 from embedding_server.shard import Shard, TableNotFoundError
@@ -169,7 +170,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         m.lookup_rows.labels(request.table).inc(signs.shape[0])
         if misses:
             m.misses.labels(request.table).inc(misses)
-        return pb.LookupResponse(dim=rows.shape[1], rows=rows.tobytes(), misses=misses)
+        return LookupReply(dim=rows.shape[1], rows=rows, misses=misses)  # encoded by _register
 
     @_rpc("Apply")
     def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
@@ -255,6 +256,29 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 # ---------------------------------------------------------------------------------- process
 
 
+def _register(servicer: EmbeddingServicer, server: grpc.Server) -> None:
+    """Add the service like the generated `add_EmbeddingServiceServicer_to_server`, except
+    that Lookup's answer is written straight from the row array (`LookupReply.encode`)."""
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers = {
+        "Lookup": unary(servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
+                        response_serializer=LookupReply.encode),
+        "Dump": grpc.unary_stream_rpc_method_handler(
+            servicer.Dump, request_deserializer=pb.DumpRequest.FromString,
+            response_serializer=pb.DumpChunk.SerializeToString),
+    }
+    for name, request, response in (
+            ("Apply", pb.ApplyRequest, pb.ApplyResponse),
+            ("Delete", pb.DeleteRequest, pb.DeleteResponse),
+            ("Watermarks", pb.WatermarksRequest, pb.WatermarksResponse),
+            ("LoadCheckpoint", pb.LoadCheckpointRequest, pb.LoadCheckpointResponse),
+            ("Status", pb.StatusRequest, pb.StatusResponse)):
+        handlers[name] = unary(getattr(servicer, name), request_deserializer=request.FromString,
+                               response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def _credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials | None:
     if not cert_file:
         return None
@@ -304,7 +328,7 @@ def serve(config: Any, shard_index: int, *, stop: threading.Event | None = None)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers,
                                                     thread_name_prefix=f"shard{shard_index}"),
                          options=options)
-    pb_grpc.add_EmbeddingServiceServicer_to_server(servicer, server)
+    _register(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -236,7 +236,7 @@ def test_generated_grpc_modules_are_current(tmp_path: Path) -> None:
 
 
 def test_hand_encoded_apply_request_matches_protobuf() -> None:
-    from embedding_server.client import encode_apply_request
+    from embedding_server._wire import encode_apply_request
     from embedding_server.protos import embedding_pb2 as pb
 
     rng = np.random.default_rng(5)
@@ -249,3 +249,20 @@ def test_hand_encoded_apply_request_matches_protobuf() -> None:
                                  sequence=sequence, dim=d, signs=signs.tobytes(),
                                  rows=rows.tobytes(), deleted_signs=deleted.tobytes())
         assert ours == theirs.SerializeToString()
+
+
+def test_lookup_reply_wire_format_matches_protobuf() -> None:
+    from embedding_server._wire import LookupReply, decode_lookup_reply
+    from embedding_server.protos import embedding_pb2 as pb
+
+    rng = np.random.default_rng(6)
+    for n, d, misses in ((0, 8, 0), (5, 8, 2), (1000, 16, 1000)):
+        rows = rng.random((n, d), dtype=np.float32)
+        ours = LookupReply(d, rows, misses).encode()
+        assert ours == pb.LookupResponse(dim=d, rows=rows.tobytes(), misses=misses).SerializeToString()
+        back = decode_lookup_reply(ours)
+        assert (back.dim, back.misses) == (d, misses) and np.array_equal(back.rows, rows)
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_lookup_reply(pb.LookupResponse(dim=3, rows=b"\x00" * 8).SerializeToString())
+    with pytest.raises(ValueError, match="truncated"):
+        decode_lookup_reply(pb.LookupResponse(dim=3, rows=b"\x00" * 12).SerializeToString()[:-1])
