@@ -15,11 +15,23 @@ import logging
 import random
 import threading
 import time
+import warnings
 from typing import Any, Protocol
 
 from packet_format import Announcement
 
 log = logging.getLogger(__name__)
+
+
+def import_kafka() -> Any:
+    """Import kafka-python, hiding the DeprecationWarning its protocol module raises on
+    Python 3.11 (importlib.resources.open_text) so `-W error` runs do not fail on it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import kafka
+        import kafka.admin
+        import kafka.errors
+    return kafka
 
 
 class Announcer(Protocol):
@@ -78,6 +90,7 @@ class KafkaAnnouncer:
         self._abort = threading.Event()
         self._client: Any = None
         self._topic_ready = False
+        import_kafka()  # here, on the caller's thread: fail early if it is missing
         self._thread = threading.Thread(target=self._run, name="persia-inc-announcer", daemon=True)
         self._thread.start()
 
@@ -155,10 +168,10 @@ class KafkaAnnouncer:
                 self.metrics.of(self.metrics.announced).inc(len(batch))
 
     def _connect(self) -> Any:
-        from kafka import KafkaProducer
-
+        if not self._topic_ready:
+            self._ensure_topic()
         s = self.settings
-        client = KafkaProducer(
+        return import_kafka().KafkaProducer(
             bootstrap_servers=list(s.bootstrap_servers),
             client_id=s.client_id,
             acks="all",  # idempotence stays on (kafka-python's default) where the broker has it
@@ -168,23 +181,19 @@ class KafkaAnnouncer:
             max_block_ms=s.request_timeout_ms,
             reconnect_backoff_max_ms=int(self.max_backoff_s * 1000),
         )
-        if not self._topic_ready:
-            self._ensure_topic()
-        return client
 
     def _ensure_topic(self) -> None:
-        from kafka.admin import KafkaAdminClient, NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
+        kafka = import_kafka()
         s = self.settings
-        admin = KafkaAdminClient(bootstrap_servers=list(s.bootstrap_servers), client_id=s.client_id,
-                                 security_protocol=s.security_protocol,
-                                 request_timeout_ms=s.request_timeout_ms)
+        admin = kafka.admin.KafkaAdminClient(
+            bootstrap_servers=list(s.bootstrap_servers), client_id=s.client_id,
+            security_protocol=s.security_protocol, request_timeout_ms=s.request_timeout_ms,
+        )
         try:
             if self.topic not in admin.list_topics():
-                admin.create_topics([NewTopic(self.topic, s.num_partitions, 1)])
+                admin.create_topics([kafka.admin.NewTopic(self.topic, s.num_partitions, 1)])
                 log.info("created topic %s (%d partitions)", self.topic, s.num_partitions)
-        except TopicAlreadyExistsError:
+        except kafka.errors.TopicAlreadyExistsError:
             pass
         finally:
             admin.close()
@@ -203,6 +212,6 @@ class KafkaAnnouncer:
         self._topic_ready = False  # a restarted broker may have lost the topic
         if client is not None:
             try:
-                client.close(timeout=0)
+                client.close(timeout=1)
             except Exception as exc:  # closing a broken client must not mask the real error
                 log.debug("closing the Kafka producer: %s", exc)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from producer_helpers import NumpyModel, producer_config, read_packets, replay
+from test_producer_support import NumpyModel, producer_config, read_packets, replay
 
 from producer import (
     BackpressureError,

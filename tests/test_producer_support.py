@@ -1,4 +1,4 @@
-"""Shared helpers of the producer tests: configs, a numpy "model", reading packets back."""
+"""Shared helpers of the producer tests (no tests here): configs, a numpy model, packets."""
 
 from __future__ import annotations
 
