@@ -1,0 +1,73 @@
+"""PyTorch wiring: record the rows each optimizer step touched and read them from `weight`.
+
+Forward hooks on the embedding modules keep the ids each forward used (while grad is on);
+the optimizer's step pre-hook marks the step (a SIGTERM then waits for its end) and its step
+post-hook records the ids, so a flush reads rows after the update, between steps: no torn rows.
+The sign of row i is i (uint64).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from producer.core import IncrementalProducer
+
+
+class IncrementalUpdateHook:
+    """Ships the rows of `tables` ({name: nn.Embedding | nn.EmbeddingBag}) that `optimizer`
+    updates, through `producer`. Works with sparse and dense gradients. `remove()` detaches."""
+
+    def __init__(self, producer: IncrementalProducer, tables: dict[str, nn.Module],
+                 optimizer: torch.optim.Optimizer) -> None:
+        self.producer = producer
+        self.tables = dict(tables)
+        self._seen: dict[str, list[torch.Tensor]] = {name: [] for name in self.tables}
+        self._handles: list[Any] = []
+        for name, module in self.tables.items():
+            if not isinstance(module, nn.Embedding | nn.EmbeddingBag):
+                raise TypeError(f"table {name!r}: expected nn.Embedding or nn.EmbeddingBag, "
+                                f"got {type(module).__name__}")
+            producer.register_table(name, self._reader(module), dim=int(module.weight.shape[1]))
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+        self._handles.append(optimizer.register_step_post_hook(self._post_step))
+
+    @staticmethod
+    def _reader(module: nn.Module) -> Any:
+        def read(signs: np.ndarray) -> np.ndarray:
+            """signs: uint64[n] row ids -> float32[n, dim], a copy of the rows now."""
+            index = torch.from_numpy(signs.astype(np.int64, copy=False))
+            with torch.no_grad():
+                return module.weight.detach().index_select(0, index).float().cpu().numpy()
+        return read
+
+    def _forward_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if torch.is_grad_enabled() and module.training:
+                self._seen[name].append(inputs[0].detach().reshape(-1))
+        return hook
+
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.producer._enter_step()
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        try:
+            for name, seen in self._seen.items():
+                if not seen:
+                    continue
+                ids = seen[0] if len(seen) == 1 else torch.cat(seen)
+                seen.clear()
+                self.producer.record(name, ids.cpu().numpy().view(np.uint64))
+            self.producer.poll()
+        finally:
+            self.producer._leave()
+
+    def remove(self) -> None:
+        """Detach every hook (the producer stays open)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
