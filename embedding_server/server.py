@@ -47,35 +47,35 @@ class Metrics:
     def __init__(self, shard: int) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.lookups = Counter("persia_embedding_lookups", "Lookup calls", ["table"], registry=r)
-        self.lookup_rows = Counter("persia_embedding_lookup_rows", "Signs looked up", ["table"],
+        self.lookups = Counter("persia_inc_embedding_lookups", "Lookup calls", ["table"], registry=r)
+        self.lookup_rows = Counter("persia_inc_embedding_lookup_rows", "Signs looked up", ["table"],
                                    registry=r)
-        self.misses = Counter("persia_embedding_lookup_misses",
+        self.misses = Counter("persia_inc_embedding_lookup_misses",
                               "Signs looked up that had no row (answered with zeros)", ["table"],
                               registry=r)
-        self.apply_rows = Counter("persia_embedding_apply_rows",
+        self.apply_rows = Counter("persia_inc_embedding_apply_rows",
                                   "Rows upserted by Apply (rate: apply rows/s)", ["table"],
                                   registry=r)
-        self.apply_deletes = Counter("persia_embedding_apply_deletes", "Signs deleted by Apply",
+        self.apply_deletes = Counter("persia_inc_embedding_apply_deletes", "Signs deleted by Apply",
                                      ["table"], registry=r)
-        self.applies = Counter("persia_embedding_applies", "Apply calls by outcome",
+        self.applies = Counter("persia_inc_embedding_applies", "Apply calls by outcome",
                                ["table", "outcome"], registry=r)
-        self.latency = Histogram("persia_embedding_rpc_seconds", "Server-side RPC latency",
+        self.latency = Histogram("persia_inc_embedding_rpc_seconds", "Server-side RPC latency",
                                  ["method"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.errors = Counter("persia_embedding_rpc_errors", "RPCs answered with an error",
+        self.errors = Counter("persia_inc_embedding_rpc_errors", "RPCs answered with an error",
                               ["method", "code"], registry=r)
-        self.rows = Gauge("persia_embedding_table_rows", "Live rows", ["table"], registry=r)
-        self.bytes = Gauge("persia_embedding_table_bytes", "Bytes held by a table", ["table"],
+        self.rows = Gauge("persia_inc_embedding_table_rows", "Live rows", ["table"], registry=r)
+        self.bytes = Gauge("persia_inc_embedding_table_bytes", "Bytes held by a table", ["table"],
                            registry=r)
-        self.watermark_generation = Gauge("persia_embedding_watermark_generation",
+        self.watermark_generation = Gauge("persia_inc_embedding_watermark_generation",
                                           "Newest applied generation", ["table", "producer"],
                                           registry=r)
-        self.watermark_sequence = Gauge("persia_embedding_watermark_sequence",
+        self.watermark_sequence = Gauge("persia_inc_embedding_watermark_sequence",
                                         "Newest applied sequence", ["table", "producer"],
                                         registry=r)
-        self.ready = Gauge("persia_embedding_ready", "1 once the checkpoint is loaded",
+        self.ready = Gauge("persia_inc_embedding_ready", "1 once the checkpoint is loaded",
                            registry=r)
-        Gauge("persia_embedding_shard", "This process's shard index", registry=r).set(shard)
+        Gauge("persia_inc_embedding_shard", "This process's shard index", registry=r).set(shard)
 
 
 def _signs(data: bytes, field: str) -> np.ndarray:

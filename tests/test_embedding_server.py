@@ -9,14 +9,11 @@ exactly the PIDs they started.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -24,104 +21,28 @@ import numpy as np
 import pytest
 import yaml
 
-from embedding_server.client import EmbeddingClient
 from embedding_server.errors import ShardError
 from embedding_server.protos import embedding_pb2 as pb
 from embedding_server.protos import embedding_pb2_grpc as pb_grpc
 from embedding_server.sharding import shard_of
 from packet_format import Packet, PacketHeader, Watermark, decode_packet, encode_packet
 
-TOKEN_ENV = "PERSIA_TEST_EMBEDDING_TOKEN"
-TOKEN = "s3cret-test-token"
-MAX_MESSAGE = 4 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Cluster:
-    """N shard processes from one config file."""
-
-    config_path: Path
-    servers: list[str]
-    logs: Path
-    procs: dict[int, subprocess.Popen] = field(default_factory=dict)
-
-    def start(self, shard: int) -> None:
-        env = {**os.environ, TOKEN_ENV: TOKEN}
-        log = open(self.logs / f"shard{shard}.log", "ab")  # noqa: SIM115 - owned by the child
-        self.procs[shard] = subprocess.Popen(
-            [sys.executable, "-m", "persia_inc.cli", "embedding-server",
-             "--config", str(self.config_path), "--shard", str(shard)],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
-
-    def stop(self, shard: int) -> int:
-        proc = self.procs.pop(shard)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                return proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                return proc.wait(5)
-        return proc.returncode
-
-    def stop_all(self) -> None:
-        for shard in list(self.procs):
-            self.stop(shard)
-
-    def client(self, **kwargs: object) -> EmbeddingClient:
-        kwargs.setdefault("token", TOKEN)
-        kwargs.setdefault("max_message_bytes", MAX_MESSAGE)
-        return EmbeddingClient(self.servers, **kwargs)  # type: ignore[arg-type]
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        with self.client() as client:
-            try:
-                client.wait_ready(timeout_s)
-            except TimeoutError:
-                for proc in self.procs.values():
-                    if proc.poll() is not None:
-                        raise RuntimeError(self.log_text()) from None
-                raise
-
-    def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
+from services import EMBEDDING_MAX_MESSAGE as MAX_MESSAGE
+from services import EMBEDDING_TOKEN as TOKEN
+from services import EMBEDDING_TOKEN_ENV as TOKEN_ENV
+from services import EmbeddingCluster as Cluster
+from services import free_port
 
 
 @pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
-    made: list[Cluster] = []
+def cluster_factory(embedding_cluster_factory: Callable[..., Cluster]) -> Callable[..., Cluster]:
+    """The shared cluster fixture, with small checkpoint parts so saves produce several."""
 
     def make(num: int, checkpoint: str = "", name: str = "c", **settings: object) -> Cluster:
-        servers = [f"127.0.0.1:{free_port()}" for _ in range(num)]
-        folder = tmp_path / name
-        folder.mkdir()
-        config = {
-            "PersiaInferConfig": {"servers": servers, "initial_sparse_checkpoint": checkpoint},
-            "incremental_dir": str(tmp_path / "inc"),
-            "storage": "local",
-            "persia_inc": {"model": "m", "embedding_server": {
-                "token_env": TOKEN_ENV, "max_message_bytes": MAX_MESSAGE, "workers": 4,
-                "grace_s": 1.0, "dump_chunk_rows": 1000, **settings}},
-        }
-        path = folder / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        cluster = Cluster(path, servers, folder)
-        made.append(cluster)
-        for shard in range(num):
-            cluster.start(shard)
-        cluster.wait_ready()
-        return cluster
+        settings.setdefault("dump_chunk_rows", 1000)
+        return embedding_cluster_factory(num, name=name, checkpoint=checkpoint, **settings)
 
-    yield make
-    for cluster in made:
-        cluster.stop_all()
+    return make
 
 
 def packet(table: str, generation: int, sequence: int, signs: np.ndarray, rows: np.ndarray,
