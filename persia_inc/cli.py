@@ -19,6 +19,9 @@ COMMANDS: dict[str, str] = {
     "demo": "persia_inc.commands.demo",
     "embedding-server": "persia_inc.commands.embedding_server",
     "checkpoint": "persia_inc.commands.checkpoint",
+    "loader": "persia_inc.commands.loader",
+    "replay": "persia_inc.commands.replay",
+    "status": "persia_inc.commands.status",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

@@ -1,0 +1,113 @@
+"""Prometheus metrics of one loader, in its own registry, and the HTTP endpoint that serves
+them with `/healthz` beside `/metrics`."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600)
+
+
+class LoaderMetrics:
+    """Counters, gauges and histograms of one loader, labelled by model (and table)."""
+
+    def __init__(self, model: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, m = self.registry, ["model"]
+        self.model = model
+        t = [*m, "table"]
+        self.packets = Counter("persia_inc_loader_packets_applied", "Packets applied on every shard",
+                               t, registry=r)
+        self.skipped = Counter("persia_inc_loader_packets_skipped",
+                               "Candidates skipped: duplicates or at/below the watermark",
+                               [*m, "why"], registry=r)
+        self.rows = Counter("persia_inc_loader_rows_applied", "Rows (upserts and deletes) applied",
+                            t, registry=r)
+        self.bytes = Counter("persia_inc_loader_bytes_applied", "Packet bytes applied", t, registry=r)
+        self.apply_latency = Histogram("persia_inc_loader_apply_seconds",
+                                       "Apply through the embedding client, every shard acked",
+                                       m, registry=r, buckets=_LATENCY_BUCKETS)
+        self.freshness = Histogram("persia_inc_loader_freshness_seconds",
+                                   "Apply time minus the packet's created-at", m, registry=r,
+                                   buckets=_FRESHNESS_BUCKETS)
+        self.quarantined = Counter("persia_inc_loader_quarantined", "Packets failing verification",
+                                   [*m, "reason"], registry=r)
+        self.rejected = Counter("persia_inc_loader_rejected",
+                                "Announcements or paths rejected (malformed, outside, missing)",
+                                [*m, "reason"], registry=r)
+        self.gaps = Counter("persia_inc_loader_gaps", "Missing packets passed after the gap timeout",
+                            t, registry=r)
+        self.errors = Counter("persia_inc_loader_errors", "Failed fetches, applies and listings "
+                              "(retried)", [*m, "stage"], registry=r)
+        self.replays = Counter("persia_inc_loader_replays",
+                               "Streams rewound because a server fell behind (restarted)",
+                               m, registry=r)
+        self.lag = Gauge("persia_inc_loader_lag_packets", "Packets pending (known, not applied)",
+                         t, registry=r)
+        self.queue = Gauge("persia_inc_loader_queue", "Candidates waiting for the dispatcher",
+                           m, registry=r)
+        self.healthy = Gauge("persia_inc_loader_healthy", "1 when the dispatcher runs and the "
+                             "servers answer", m, registry=r)
+
+    def serve(self, port: int, addr: str, health: Callable[[], dict[str, Any]]) -> MetricsServer:
+        """Serve /metrics and /healthz on addr:port (port 0 picks a free port)."""
+        return MetricsServer(self.registry, port, addr, health)
+
+
+class MetricsServer:
+    """A tiny HTTP server: `/metrics` (Prometheus text) and `/healthz` (JSON; 503 when not
+    healthy). Runs in a daemon thread; `close()` stops it promptly."""
+
+    def __init__(self, registry: CollectorRegistry, port: int, addr: str,
+                 health: Callable[[], dict[str, Any]]) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/healthz"):
+                    report = health()
+                    body = json.dumps(report).encode()
+                    self.send_response(200 if report.get("healthy") else 503)
+                    self.send_header("Content-Type", "application/json")
+                elif self.path.startswith("/metrics") or self.path == "/":
+                    body = generate_latest(registry)
+                    self.send_response(200)
+                    self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                else:
+                    body = b"not found\n"
+                    self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("metrics http: " + format, *args)
+
+        self._server = http.server.ThreadingHTTPServer((addr, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="loader-metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving; safe to call twice."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(5)
+        self._server.server_close()

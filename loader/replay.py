@@ -1,0 +1,180 @@
+"""Replay: load a checkpoint (or start from the servers' watermarks) and apply every later
+packet in storage, in order, up to an optional point. Also the planning `status` uses."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from loader.daemon import lowest, server_positions
+from loader.fetch import Fetched, fetch_packet
+from loader.ordering import Position, Stream, is_generation_start, is_successor
+from loader.sources import packet_id_of_key
+from packet_format import DEFAULT_LIMITS, PacketId, PacketLimits, stream_prefix
+from storage import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedPacket:
+    packet_id: PacketId
+    key: str
+    size: int
+
+
+@dataclass
+class ReplayPlan:
+    """Per stream, the servers' watermark and the stored packets after it, in apply order."""
+
+    start: dict[Stream, Position | None] = field(default_factory=dict)
+    packets: dict[Stream, list[PlannedPacket]] = field(default_factory=dict)
+    gaps: list[tuple[Stream, Position | None, Position]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(len(p) for p in self.packets.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.size for ps in self.packets.values() for p in ps)
+
+    def ordered(self) -> Iterator[PlannedPacket]:
+        for stream in sorted(self.packets):
+            yield from self.packets[stream]
+
+
+def list_streams(store: ObjectStore, model: str) -> dict[Stream, list[tuple[PacketId, ObjectInfo]]]:
+    """Every stored packet of `model`, grouped by stream, in apply order."""
+    streams: dict[Stream, list[tuple[PacketId, ObjectInfo]]] = {}
+    for info in store.list(stream_prefix(model)):
+        packet_id = packet_id_of_key(info.key, model)
+        if packet_id is not None:
+            streams.setdefault((packet_id.table, packet_id.producer), []).append((packet_id, info))
+    return streams
+
+
+def plan_replay(store: ObjectStore, model: str, start: dict[Stream, Position | None], *,
+                until: Position | None = None) -> ReplayPlan:
+    """What to apply: per stream, the stored packets after `start[stream]` and at or below
+    `until` (generation, sequence). Gaps are recorded (and still passed, as the daemon does)."""
+    plan = ReplayPlan(start=dict(start))
+    for stream, found in sorted(list_streams(store, model).items()):
+        mark = start.get(stream)
+        plan.start.setdefault(stream, mark)
+        chosen = []
+        for packet_id, info in found:
+            position = packet_id.position
+            if (mark is not None and position <= mark) or (until is not None and position > until):
+                continue
+            if not (is_successor(mark, position) or is_generation_start(mark, position)):
+                plan.gaps.append((stream, mark, position))
+            chosen.append(PlannedPacket(packet_id, info.key, info.size))
+            mark = position
+        plan.packets[stream] = chosen
+    return plan
+
+
+@dataclass
+class ReplayResult:
+    packets: int = 0
+    rows: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+
+def replay(client: Any, store: ObjectStore, model: str, *, checkpoint: str = "",
+           until: Position | None = None, until_time_ns: int | None = None,
+           limits: PacketLimits = DEFAULT_LIMITS, prefetch: int = 4,
+           progress: Callable[[int, int, int], None] | None = None,
+           plan: ReplayPlan | None = None) -> ReplayResult:
+    """Load `checkpoint` (if given) into every shard, then apply every later packet in order.
+
+    until: stop each stream after this (generation, sequence); until_time_ns: stop each stream
+    at its first packet created after this time. progress(packets, rows, bytes) after each
+    packet. A packet that fails verification stops the replay (PacketError): a replay is run by
+    a human who must know."""
+    started = time.monotonic()
+    if checkpoint:
+        rows = client.load_checkpoint(checkpoint)
+        log.info("loaded checkpoint %s: %d rows", checkpoint, rows)
+    if plan is None:
+        plan = plan_replay(store, model, servers_start(client), until=until)
+    for stream, mark, position in plan.gaps:
+        log.error("GAP in %s/%s/%s: after %s the next stored packet is %s", model, *stream, mark,
+                  position)
+    result = ReplayResult()
+    stopped: set[Stream] = set()
+    with ThreadPoolExecutor(prefetch, thread_name_prefix="replay-fetch") as pool:
+        todo = list(plan.ordered())
+        futures = [pool.submit(fetch_packet, store, p.key, p.packet_id, limits=limits)
+                   for p in todo[:prefetch]]
+        for index, planned in enumerate(todo):
+            if index + prefetch < len(todo):
+                nxt = todo[index + prefetch]
+                futures.append(pool.submit(fetch_packet, store, nxt.key, nxt.packet_id, limits=limits))
+            fetched: Fetched = futures[index].result()
+            futures[index] = None  # type: ignore[call-overload]  # let the packet go
+            stream = (planned.packet_id.table, planned.packet_id.producer)
+            h = fetched.packet.header
+            if stream in stopped or (until_time_ns is not None and h.created_at_ns > until_time_ns):
+                stopped.add(stream)
+                continue
+            applied = client.apply(fetched.packet)
+            result.packets += 1
+            result.skipped += int(applied.skipped)
+            result.rows += h.rows + h.deleted_rows
+            result.bytes += fetched.nbytes
+            if progress is not None:
+                progress(result.packets, result.rows, result.bytes)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def servers_start(client: Any) -> dict[Stream, Position | None]:
+    """Per stream, what every shard holds (None: some shard holds nothing of it)."""
+    marks = server_positions(client)
+    if marks is None:
+        raise RuntimeError("an embedding server is not ready (still loading its checkpoint?)")
+    return {stream: lowest(positions) for stream, positions in marks.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatus:
+    """One stream: the servers' watermark, the newest stored packet, and the lag."""
+
+    table: str
+    producer: str
+    watermark: Position | None
+    newest: Position | None
+    lag_packets: int
+    lag_s: float
+
+
+def stream_status(client: Any, store: ObjectStore, model: str,
+                  now_ns: int | None = None) -> list[StreamStatus]:
+    """Status of every stream known to the servers or storage. lag_s: how long the oldest
+    packet the servers do not hold has been waiting (now minus its created-at)."""
+    from packet_format import read_packet_header
+
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    start = servers_start(client)
+    stored = list_streams(store, model)
+    out = []
+    for stream in sorted(set(start) | set(stored)):
+        mark = start.get(stream)
+        found = stored.get(stream, [])
+        behind = [(p, i) for p, i in found if mark is None or p.position > mark]
+        lag_s = 0.0
+        if behind:
+            with store.open(behind[0][1].key) as source:
+                header = read_packet_header(source, where=store.uri(behind[0][1].key))
+            lag_s = max(0.0, (now_ns - header.created_at_ns) / 1e9)
+        out.append(StreamStatus(stream[0], stream[1], mark,
+                                found[-1][0].position if found else None, len(behind), lag_s))
+    return out

@@ -1,0 +1,375 @@
+"""Sources of candidate packets, all feeding one bounded queue of `Candidate`s.
+
+* `StoragePoller`: lists each known stream after its position, and now and then the whole
+  model (new streams), with list functions passed in, so it serves local disk, HDFS and S3.
+* `DirectoryWatcher`: watchdog events on a local `incremental_dir`, plus a `StoragePoller`
+  at `rescan_interval_s`, so a missed event costs at most one rescan.
+* `KafkaSource`: a consumer group member; each announcement is validated (URI under
+  `incremental_dir`, identity consistent with its key) and becomes a candidate whose
+  `settle()` lets the offset be committed. Offsets are committed from the consumer thread,
+  only up to the first message whose packet is not settled yet.
+
+A source never dies on one bad item: it logs, counts (`on_reject(reason)`) and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from packet_format import Announcement, PacketError, PacketId, parse_packet_path, stream_prefix
+from storage import ObjectInfo
+
+log = logging.getLogger(__name__)
+
+Stream = tuple[str, str]
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A packet some source says is stored. `settle` is called once the dispatcher is done with
+    it (applied, skipped or rejected); Kafka commits its offset then."""
+
+    packet_id: PacketId
+    key: str
+    announcement: Announcement | None = None
+    settle: Callable[[], None] | None = None
+    source: str = ""
+    created_at_ns: int = 0
+
+
+def packet_id_of_key(key: str, model: str) -> PacketId | None:
+    """The packet a key names, if it is exactly `{model}/{table}/{producer}/G-S.arrow`."""
+    if key.count("/") != 3 or not key.startswith(model + "/"):
+        return None
+    try:
+        packet_id = parse_packet_path(key)
+    except PacketError:
+        return None
+    return packet_id if packet_id.key == key else None
+
+
+def _import_kafka() -> Any:
+    """kafka-python, without the DeprecationWarning its protocol module raises on 3.11."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import kafka
+        import kafka.structs
+    return kafka
+
+
+def offer(out: queue.Queue, candidate: Candidate, stop: threading.Event) -> bool:
+    """Put `candidate` on the bounded queue, waiting while it is full; False if stopping."""
+    while not stop.is_set():
+        try:
+            out.put(candidate, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+class StoragePoller:
+    """Lists storage for new packets every `interval_s`.
+
+    list_fn(prefix, start_after) -> [ObjectInfo] in key order; positions() -> {stream: key of
+    the last applied packet or None}: each known stream is listed after its position, and every
+    `discover_every`-th round the whole model is listed (streams nobody knows yet).
+    """
+
+    def __init__(self, list_fn: Callable[[str, str | None], list[ObjectInfo]], model: str,
+                 out: queue.Queue, positions: Callable[[], dict[Stream, str | None]], *,
+                 interval_s: float, discover_every: int = 10, name: str = "list",
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.list_fn = list_fn
+        self.model = model
+        self.out = out
+        self.positions = positions
+        self.interval_s = interval_s
+        self.discover_every = discover_every
+        self.name = name
+        self.on_error = on_error or (lambda stage: None)
+        self.stop = threading.Event()
+        self.rounds = 0
+        self._thread = threading.Thread(target=self._run, name=f"loader-{name}", daemon=True)
+
+    def start(self) -> StoragePoller:
+        self._thread.start()
+        return self
+
+    def poll_once(self) -> int:
+        """One round; returns how many candidates were queued."""
+        found = 0
+        discover = self.rounds % self.discover_every == 0
+        self.rounds += 1
+        positions = self.positions()
+        if discover:
+            listings = [(stream_prefix(self.model), None)]
+        else:
+            listings = [(stream_prefix(self.model, t, p), after) for (t, p), after in positions.items()]
+        for prefix, after in listings:
+            for info in self.list_fn(prefix, after):
+                packet_id = packet_id_of_key(info.key, self.model)
+                if packet_id is None:
+                    continue
+                position = positions.get((packet_id.table, packet_id.producer))
+                if position is not None and info.key <= position:
+                    continue
+                if not offer(self.out, Candidate(packet_id, info.key, source=self.name), self.stop):
+                    return found
+                found += 1
+        return found
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.poll_once()
+            except Exception as exc:  # an outage: log, count, try again next round
+                log.warning("%s: listing %s failed: %s", self.name, self.model, exc)
+                self.on_error("list")
+            self.stop.wait(self.interval_s)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+
+class DirectoryWatcher:
+    """watchdog on a local root (recursive), plus a rescan `StoragePoller`."""
+
+    def __init__(self, root: str, model: str, out: queue.Queue, rescan: StoragePoller,
+                 on_reject: Callable[[str], None] | None = None) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        self.root = root.rstrip("/")
+        self.model = model
+        self.out = out
+        self.rescan = rescan
+        self.on_reject = on_reject or (lambda reason: None)
+        self.stop = threading.Event()
+        watcher = self
+
+        class Handler(FileSystemEventHandler):
+            def on_created(self, event: FileSystemEvent) -> None:
+                watcher._event(event.src_path, event.is_directory)
+
+            def on_moved(self, event: FileSystemEvent) -> None:
+                watcher._event(event.dest_path, event.is_directory)
+
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(Handler(), self.root, recursive=True)
+
+    def _event(self, path: bytes | str, is_directory: bool) -> None:
+        try:
+            path = path.decode() if isinstance(path, bytes) else path
+            if is_directory or not path.endswith(".arrow") or not path.startswith(self.root + "/"):
+                return
+            key = path[len(self.root) + 1:]
+            if key.rpartition("/")[2].startswith("."):
+                return  # a temporary file of a put in flight
+            packet_id = packet_id_of_key(key, self.model)
+            if packet_id is None:
+                return  # not a packet of this model (quarantine, another model, junk)
+            candidate = Candidate(packet_id, key, source="watch")
+            try:
+                self.out.put(candidate, timeout=1.0)
+            except queue.Full:
+                log.warning("watch: queue full, %s left to the next rescan", key)
+        except Exception:  # watchdog #793: an exception here would kill the observer silently
+            log.exception("watch: could not handle an event for %r", path)
+            self.on_reject("watch_event")
+
+    def start(self) -> DirectoryWatcher:
+        import os
+
+        os.makedirs(self.root, exist_ok=True)
+        self._observer.start()
+        self.rescan.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self.rescan.close()
+        if self._observer.is_alive():
+            self._observer.stop()
+            self._observer.join(10)
+
+
+class KafkaSource:
+    """One member of the loaders' consumer group on the model's topic.
+
+    key_of(uri) -> key raises ValueError for a URI outside `incremental_dir`. Offsets are
+    committed (explicitly, auto-commit off) up to, not including, the first consumed message of
+    each partition whose candidate has not been settled.
+    """
+
+    def __init__(self, settings: Any, topic: str, model: str, out: queue.Queue,
+                 key_of: Callable[[str], str], *, on_reject: Callable[[str], None] | None = None,
+                 commit_interval_s: float = 0.2) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.model = model
+        self.out = out
+        self.key_of = key_of
+        self.on_reject = on_reject or (lambda reason: None)
+        self.commit_interval_s = commit_interval_s
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._outstanding: dict[Any, set[int]] = {}  # partition -> offsets not settled
+        self._next: dict[Any, int] = {}  # partition -> offset after the last consumed
+        self._committed: dict[Any, int] = {}
+        self.assigned: set[Any] = set()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="loader-kafka", daemon=True)
+        self._ready = threading.Event()
+
+    def start(self, timeout_s: float = 30.0) -> KafkaSource:
+        self._thread.start()
+        self._ready.wait(timeout_s)
+        return self
+
+    # ---------------------------------------------------------------- message handling
+
+    def validate(self, value: bytes | None, where: str) -> Candidate | None:
+        """An announcement -> a candidate, or None (logged and counted) if it is malformed or
+        points anywhere but a packet key of this model under `incremental_dir`."""
+        try:
+            if value is None:
+                raise PacketError(where, "empty message")
+            announcement = Announcement.from_json(value, where=where)
+            key = self.key_of(announcement.uri)
+            packet_id = packet_id_of_key(key, self.model)
+            if packet_id is None:
+                raise PacketError(where, f"uri {announcement.uri!r} is not a packet of model "
+                                  f"{self.model!r}")
+            said = PacketId(announcement.model, announcement.table, announcement.producer,
+                            announcement.generation, announcement.sequence)
+            if said != packet_id:
+                raise PacketError(where, f"announces {said} but its uri names {packet_id}")
+        except ValueError as exc:  # PacketError/AnnouncementError are ValueErrors, as is key_of's
+            log.warning("kafka: rejected announcement %s: %s", where, exc)
+            self.on_reject("announcement")
+            return None
+        return Candidate(packet_id, key, announcement, source="kafka",
+                         created_at_ns=announcement.created_at_ns)
+
+    def _settler(self, partition: Any, offset: int) -> Callable[[], None]:
+        def settle() -> None:
+            with self._lock:
+                pending = self._outstanding.get(partition)
+                if pending is not None:
+                    pending.discard(offset)
+        return settle
+
+    def committable(self) -> dict[Any, int]:
+        """Partition -> offset safe to commit (everything before it settled)."""
+        with self._lock:
+            out = {}
+            for partition, nxt in self._next.items():
+                pending = self._outstanding.get(partition) or set()
+                out[partition] = min(pending) if pending else nxt
+            return out
+
+    def _commit(self, consumer: Any, kafka_structs: Any, force: bool = False) -> None:
+        offsets = {p: o for p, o in self.committable().items()
+                   if p in self.assigned and (force or self._committed.get(p) != o)}
+        offsets = {p: o for p, o in offsets.items() if self._committed.get(p) != o}
+        if not offsets:
+            return
+        consumer.commit({p: kafka_structs.OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+        self._committed.update(offsets)
+
+    def _run(self) -> None:
+        kafka = _import_kafka()
+        from kafka import structs
+
+        source = self
+        s = self.settings
+
+        class Rebalance(kafka.ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                try:
+                    source._commit(consumer, structs)
+                except Exception as exc:
+                    log.warning("kafka: commit on revoke failed: %s", exc)
+                with source._lock:
+                    for partition in revoked:
+                        source.assigned.discard(partition)
+                        source._outstanding.pop(partition, None)
+                        source._next.pop(partition, None)
+                        source._committed.pop(partition, None)
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                source.assigned.update(assigned)
+                log.info("kafka: assigned %s", sorted(str(p) for p in assigned))
+
+        consumer = None
+        try:
+            consumer = kafka.KafkaConsumer(
+                bootstrap_servers=list(s.bootstrap_servers), group_id=s.group_id,
+                client_id=f"{s.client_id}-loader", enable_auto_commit=False,
+                auto_offset_reset="earliest", session_timeout_ms=s.session_timeout_ms,
+                heartbeat_interval_ms=s.heartbeat_interval_ms,
+                request_timeout_ms=max(s.request_timeout_ms, s.session_timeout_ms + 1000),
+                security_protocol=s.security_protocol,
+            )
+            consumer.subscribe([self.topic], listener=Rebalance())
+        except Exception as exc:
+            log.error("kafka: cannot start the consumer: %s", exc)
+            self.error = exc
+            self._ready.set()
+            return
+        last_commit = 0.0
+        import time
+
+        try:
+            while not self.stop.is_set():
+                try:
+                    batches = consumer.poll(timeout_ms=100, max_records=500)
+                    self._ready.set()
+                    for partition, records in batches.items():
+                        for record in records:
+                            self._consume(partition, record)
+                    now = time.monotonic()
+                    if now - last_commit >= self.commit_interval_s:
+                        last_commit = now
+                        self._commit(consumer, structs)
+                except Exception as exc:  # broker hiccup: log, count, keep polling
+                    log.warning("kafka: poll/commit failed: %s", exc)
+                    self.on_reject("kafka_error")
+                    self.stop.wait(0.5)
+            try:
+                self._commit(consumer, structs)
+            except Exception as exc:
+                log.warning("kafka: final commit failed: %s", exc)
+        finally:
+            self._ready.set()
+            consumer.close(autocommit=False)
+
+    def _consume(self, partition: Any, record: Any) -> None:
+        where = f"{self.topic}[{partition.partition}]@{record.offset}"
+        with self._lock:
+            self._outstanding.setdefault(partition, set()).add(record.offset)
+            self._next[partition] = record.offset + 1
+        candidate = self.validate(record.value, where)
+        settle = self._settler(partition, record.offset)
+        if candidate is None:
+            settle()
+            return
+        candidate.settle = settle
+        if not offer(self.out, candidate, self.stop):
+            return
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._thread.is_alive():
+            self._thread.join(15)
