@@ -20,7 +20,10 @@ import io
 import logging
 import re
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from embedding_server.sharding import shard_of
 from embedding_server.table import EmbeddingTable
@@ -33,6 +36,7 @@ from packet_format import (
     ManifestTable,
     PacketHeader,
     PacketLimits,
+    Watermark,
     decode_packet,
     write_packet,
 )
@@ -52,6 +56,59 @@ def part_key(table: str, shard: int, num_shards: int, index: int) -> str:
     return f"{table}/part-{shard:05d}-of-{num_shards:05d}-{index:05d}.arrow"
 
 
+class CheckpointWriter:
+    """Writes part files, then `manifest.json` last (its presence means the checkpoint is whole)."""
+
+    def __init__(self, store: ObjectStore, model: str) -> None:
+        self.store = store
+        self.model = model
+        self.dims: dict[str, int] = {}
+        self.parts: dict[str, list[ManifestPart]] = {}
+
+    def add_part(self, table: str, dim: int, signs: np.ndarray, rows: np.ndarray, *,
+                 shard: int = 0, num_shards: int = 1) -> None:
+        """Store one part: signs uint64[n], rows float32[n, dim], from `shard` of `num_shards`."""
+        if self.dims.setdefault(table, dim) != dim:
+            raise ValueError(f"table {table!r} has dim {self.dims[table]} in one part and {dim} "
+                             f"in another")
+        table_parts = self.parts.setdefault(table, [])
+        index = sum(1 for p in table_parts if p.path.startswith(f"{table}/part-{shard:05d}-"))
+        header = PacketHeader(model=self.model, table=table, producer=CHECKPOINT_PRODUCER,
+                              generation=shard, sequence=index, flush_reason="checkpoint", dim=dim)
+        sink = io.BytesIO()
+        written = write_packet(sink, header, signs, rows)
+        key = part_key(table, shard, num_shards, index)
+        data = sink.getbuffer()
+        self.store.put(key, data)
+        table_parts.append(ManifestPart(path=key, rows=int(signs.shape[0]), bytes=data.nbytes,
+                                        checksum=written.checksum))
+
+    def finish(self, watermarks: Iterable[Watermark] = ()) -> CheckpointManifest:
+        manifest = CheckpointManifest(
+            model=self.model,
+            tables={name: ManifestTable(dim=self.dims[name],
+                                        rows=sum(p.rows for p in self.parts[name]),
+                                        parts=tuple(self.parts[name])) for name in self.dims},
+            watermarks=tuple(watermarks),
+        )
+        self.store.put(MANIFEST_NAME, manifest.to_json())
+        return manifest
+
+
+def write_checkpoint(store: ObjectStore, *, model: str,
+                     tables: dict[str, tuple[np.ndarray, np.ndarray]],
+                     watermarks: Iterable[Watermark] = (),
+                     chunk_rows: int = 1_000_000) -> CheckpointManifest:
+    """Write a checkpoint from arrays held by the caller (e.g. a training job's initial tables):
+    tables maps name -> (signs uint64[n], rows float32[n, dim]). Any number of servers loads it."""
+    writer = CheckpointWriter(store, model)
+    for name, (signs, rows) in tables.items():
+        for start in range(0, max(len(signs), 1), chunk_rows):
+            writer.add_part(name, int(rows.shape[1]), signs[start:start + chunk_rows],
+                            rows[start:start + chunk_rows])
+    return writer.finish(watermarks)
+
+
 def save_checkpoint(client: EmbeddingClient, store: ObjectStore, *, model: str,
                     chunk_rows: int = 1_000_000) -> CheckpointManifest:
     """Dump every shard reachable through `client` into `store`; returns the manifest written.
@@ -61,35 +118,16 @@ def save_checkpoint(client: EmbeddingClient, store: ObjectStore, *, model: str,
     started = time.monotonic()
     watermarks = client.watermarks()  # before any row: see the module docstring
     num_shards = len(client.servers)
-    dims: dict[str, int] = {}
-    parts: dict[str, list[ManifestPart]] = {}
+    writer = CheckpointWriter(store, model)
     for shard in range(num_shards):
         for table in client.status(shard).tables:
-            if dims.setdefault(table.name, table.dim) != table.dim:
-                raise ValueError(f"table {table.name!r} has dim {dims[table.name]} on one shard "
-                                 f"and {table.dim} on shard {shard}")
-            table_parts = parts.setdefault(table.name, [])
-            for index, (signs, rows) in enumerate(client.dump(shard, table.name, chunk_rows)):
-                header = PacketHeader(model=model, table=table.name, producer=CHECKPOINT_PRODUCER,
-                                      generation=shard, sequence=index, flush_reason="checkpoint",
-                                      dim=table.dim)
-                sink = io.BytesIO()
-                written = write_packet(sink, header, signs, rows)
-                key = part_key(table.name, shard, num_shards, index)
-                data = sink.getbuffer()
-                store.put(key, data)
-                table_parts.append(ManifestPart(path=key, rows=int(signs.shape[0]),
-                                                bytes=data.nbytes, checksum=written.checksum))
-    manifest = CheckpointManifest(
-        model=model,
-        tables={name: ManifestTable(dim=dims[name], rows=sum(p.rows for p in parts[name]),
-                                    parts=tuple(parts[name])) for name in dims},
-        watermarks=tuple(watermarks),
-    )
-    store.put(MANIFEST_NAME, manifest.to_json())
+            for signs, rows in client.dump(shard, table.name, chunk_rows):
+                writer.add_part(table.name, table.dim, signs, rows, shard=shard,
+                                num_shards=num_shards)
+    manifest = writer.finish(watermarks)
     total = sum(t.rows for t in manifest.tables.values())
     log.info("checkpoint of %d tables, %d rows from %d shards written to %s in %.1f s",
-             len(dims), total, num_shards, store.root_uri, time.monotonic() - started)
+             len(manifest.tables), total, num_shards, store.root_uri, time.monotonic() - started)
     return manifest
 
 
