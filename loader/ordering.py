@@ -150,13 +150,13 @@ class Ordering:
         if is_generation_start(state.watermark, head) and state.listed_at >= state.head_since:
             return Decision(Action.APPLY, packet)  # nothing older was in storage
         if state.gap_since is None:
-            state.gap_since = now
+            state.gap_since = state.head_since  # the wait starts when the gap showed
         if is_generation_start(state.watermark, head) and state.listed_at < state.head_since:
             return Decision(Action.LIST)
         if now - state.gap_since >= self.gap_timeout_s:
             return Decision(Action.PASS_GAP, packet, missing_after=state.watermark)
-        if now - state.listed_at >= self.list_interval_s:
-            return Decision(Action.LIST)
+        if state.listed_at < state.head_since or now - state.listed_at >= self.list_interval_s:
+            return Decision(Action.LIST)  # the missing packet may be stored, just not announced
         return Decision(Action.WAIT)
 
     def applied(self, packet: PacketId, *, now: float) -> None:
