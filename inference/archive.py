@@ -1,0 +1,71 @@
+"""Package a dense model for TorchServe: TorchScript `.pt` + handler + config -> `.mar`.
+
+Uses torch-model-archiver's Python API (`generate_model_archive(ModelArchiverConfig)`), the
+same code path as its command line. The archive holds:
+
+* `<name>.pt`: the TorchScript dense model (`inference.model.save_torchscript`);
+* `persia_handler.py`: a two-line entry point that subclasses `inference.handler.PersiaHandler`
+  (the worker's Python must have this package installed, as TorchServe's own docs assume for
+  any library a handler imports);
+* extra files: `persia_model.json` (the `ModelSpec`) and, if given, `global_config.yaml` (the
+  embedding servers; `PERSIA_INC_CONFIG` on the TorchServe process overrides it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from inference.spec import CONFIG_FILE, SPEC_FILE, ModelSpec
+
+HANDLER_FILE = "persia_handler.py"
+_HANDLER_SOURCE = '''"""TorchServe entry point of a persia-inc model (written by inference.archive)."""
+
+from inference.handler import PersiaHandler as _PersiaHandler
+
+
+class PersiaHandler(_PersiaHandler):
+    """The class TorchServe instantiates: all logic lives in inference.handler."""
+'''
+
+
+def archive_model(model_name: str, serialized_file: str | Path, spec: ModelSpec,
+                  export_dir: str | Path, *, config_file: str | Path | None = None,
+                  version: str = "1.0", force: bool = True) -> Path:
+    """Write `<export_dir>/<model_name>.mar` and return its path.
+
+    serialized_file: a TorchScript file ending in `.pt`; config_file: a persia-inc YAML config
+    to ship as `global_config.yaml` (None: the TorchServe process must set PERSIA_INC_CONFIG).
+    """
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    serialized = Path(serialized_file)
+    if serialized.suffix != ".pt":
+        raise ValueError(f"{serialized}: TorchServe loads TorchScript only from a .pt file")
+    if not serialized.is_file():
+        raise FileNotFoundError(serialized)
+    export = Path(export_dir)
+    export.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="persia-mar-") as staging_dir:
+        staging = Path(staging_dir)
+        handler = staging / HANDLER_FILE
+        handler.write_text(_HANDLER_SOURCE, encoding="utf-8")
+        extras = [spec.save(staging / SPEC_FILE)]
+        if config_file is not None:
+            from persia_inc.config import load_config
+
+            load_config(config_file)  # fail here, not in a TorchServe worker
+            extras.append(Path(shutil.copyfile(config_file, staging / CONFIG_FILE)))
+        generate_model_archive(ModelArchiverConfig(
+            model_name=model_name, handler=str(handler), version=version,
+            serialized_file=str(serialized), extra_files=",".join(str(p) for p in extras),
+            export_path=str(export), force=force))
+    mar = export / f"{model_name}.mar"
+    if not mar.is_file():
+        raise RuntimeError(f"torch-model-archiver did not write {mar}")
+    return mar
+
+
+__all__ = ["HANDLER_FILE", "archive_model"]

@@ -1,0 +1,131 @@
+"""`PersiaHandler`: the TorchServe front end of `inference.engine.PersiaInference`.
+
+Inside a .mar (see `inference.archive`) the handler finds:
+
+* the TorchScript dense model (`*.pt`, loaded by the stock `BaseHandler`);
+* `persia_model.json`, the `ModelSpec` (features, table, limits);
+* the embedding servers: the config named by the `PERSIA_INC_CONFIG` environment variable of
+  the TorchServe process if set (one .mar, many deployments), else `global_config.yaml`
+  shipped in the .mar as an extra file.
+
+Request input: the Arrow IPC bytes under `data` (gRPC input map key, or HTTP form field),
+`batch` (the seed document's name) or `body` (an HTTP raw body). A bad request gets status 400
+with a message that names the column, and only that request fails: the others of the same
+TorchServe batch are answered and the worker keeps running. Embedding servers that fail give
+503 for the batch. A good request's answer is a JSON list of float scores, one per sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
+
+from inference.batch import BatchError, DecodedBatch
+from inference.engine import EmbeddingShapeError, PersiaInference
+from inference.spec import CONFIG_ENV, CONFIG_FILE, SPEC_FILE, ModelSpec
+
+log = logging.getLogger(__name__)
+
+INPUT_KEYS = ("data", "batch", "body")
+READY_TIMEOUT_S = 10.0
+
+
+def config_path(model_dir: str | Path) -> Path:
+    """The config the handler reads: `$PERSIA_INC_CONFIG`, else the one in the .mar."""
+    named = os.environ.get(CONFIG_ENV)
+    return Path(named) if named else Path(model_dir) / CONFIG_FILE
+
+
+def request_body(row: Any) -> bytes | bytearray:
+    """The request bytes of one TorchServe input row; BatchError if there are none."""
+    if isinstance(row, dict):
+        for key in INPUT_KEYS:
+            value = row.get(key)
+            if value is not None:
+                if isinstance(value, bytes | bytearray):
+                    return value
+                raise BatchError("", f"input {key!r} must be the raw Arrow IPC bytes "
+                                     f"(send Content-Type: application/octet-stream), got "
+                                     f"{type(value).__name__}")
+    raise BatchError("", f"no request body: send the Arrow IPC bytes as input {INPUT_KEYS[0]!r}")
+
+
+class PersiaHandler(BaseHandler):
+    """TorchServe handler: preprocess = decode, inference = lookup + pool + forward,
+    postprocess = one list of scores (or one error) per request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine: PersiaInference | None = None
+        self.client: Any = None
+
+    def initialize(self, context: Any) -> None:
+        super().initialize(context)  # loads the .pt TorchScript model into self.model
+        from embedding_server.client import EmbeddingClient
+        from persia_inc.config import load_config
+
+        model_dir = Path(context.system_properties.get("model_dir"))
+        spec = ModelSpec.load(model_dir / SPEC_FILE)
+        path = config_path(model_dir)
+        config = load_config(path)
+        if not config.infer.servers:
+            raise ValueError(f"{path}: PersiaInferConfig.servers is empty")
+        self.client = EmbeddingClient.from_config(config)
+        try:
+            self.client.wait_ready(READY_TIMEOUT_S)
+        except TimeoutError as exc:  # serve anyway: lookups answer 503 until the shards are up
+            log.warning("embedding servers not ready yet: %s", exc)
+        self.engine = PersiaInference(self.model, spec, self.client.lookup)
+        log.info("PersiaHandler ready: %d sparse features in table %r on %s (config %s)",
+                 len(spec.sparse), spec.table, ", ".join(config.infer.servers), path)
+        self.initialized = True
+
+    def _engine(self) -> PersiaInference:
+        if self.engine is None:
+            raise RuntimeError("PersiaHandler used before initialize()")
+        return self.engine
+
+    def preprocess(self, data: list[Any]) -> list[DecodedBatch | BatchError]:
+        """Decode every request; a bad one becomes its BatchError."""
+        engine = self._engine()
+        out: list[DecodedBatch | BatchError] = []
+        for row in data:
+            try:
+                out.append(engine.decode(request_body(row)))
+            except BatchError as exc:
+                out.append(exc)
+        return out
+
+    def inference(self, data: list[DecodedBatch | BatchError], *args: Any, **kwargs: Any) -> list[Any]:
+        """Look up, pool and run the model for the good requests, together."""
+        from embedding_server.errors import ShardError
+
+        engine = self._engine()
+        try:
+            return engine.run(data)
+        except ShardError as exc:
+            log.warning("embedding lookup failed: %s", exc)
+            raise PredictionException(f"embedding servers unavailable: {exc}", 503) from exc
+        except EmbeddingShapeError as exc:
+            raise PredictionException(str(exc), 500) from exc
+
+    def postprocess(self, data: list[Any]) -> list[Any]:
+        """One entry per request: its scores as a list of floats, or an error (status 400)."""
+        out: list[Any] = []
+        for index, item in enumerate(data):
+            if isinstance(item, BatchError):
+                log.info("bad request %d: %s", index, item)
+                if self.context is not None:
+                    self.context.set_response_status(400, f"bad request: {item}", index)
+                out.append({"error": f"bad request: {item}", "column": item.column})
+            else:
+                out.append(item.tolist())
+        return out
+
+
+__all__ = ["CONFIG_ENV", "CONFIG_FILE", "PersiaHandler", "config_path", "request_body"]

@@ -1,0 +1,70 @@
+"""The dense part of a small CTR model, and saving it with TorchScript.
+
+`CtrDense` takes the dense features and the sum-pooled embeddings of every sparse feature
+(see `inference.spec` for how the features map to the embedding table) and returns a
+click probability per sample. TorchServe's stock `BaseHandler` loads TorchScript only from a
+file ending in `.pt`, so `save_torchscript` insists on that suffix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inference.spec import ModelSpec
+
+
+class CtrDense(nn.Module):
+    """MLP over [dense, flattened pooled embeddings] -> sigmoid.
+
+    forward(dense: float32[B, dense_dim], sparse: float32[B, F, dim]) -> float32[B].
+    """
+
+    def __init__(self, dense_dim: int = 13, num_sparse: int = 26, dim: int = 16,
+                 hidden: tuple[int, ...] = (128, 64)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = dense_dim + num_sparse * dim
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([dense, sparse.flatten(1)], dim=1)
+        return torch.sigmoid(self.mlp(x)).squeeze(-1)
+
+
+def build_model(spec: ModelSpec, seed: int = 0) -> CtrDense:
+    """A `CtrDense` shaped for `spec`, with weights from `seed` (deterministic)."""
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = CtrDense(spec.dense_dim, len(spec.sparse), spec.dim)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model.eval()
+
+
+def save_torchscript(model: nn.Module, path: str | Path) -> Path:
+    """`torch.jit.script(model).save(path)`; `path` must end in `.pt` (TorchServe's loader
+    picks TorchScript by that suffix). Returns the path."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        raise ValueError(f"{path}: a TorchScript file for TorchServe must end in .pt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(model.eval()).save(str(path))
+    return path
+
+
+def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+    """Load a TorchScript file on CPU in eval mode (TorchScript, not pickle)."""
+    module = torch.jit.load(str(path), map_location="cpu")
+    module.eval()
+    return module
+
+
+__all__ = ["CtrDense", "build_model", "load_torchscript", "save_torchscript"]
