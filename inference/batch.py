@@ -152,7 +152,18 @@ def _read_single_batch(data: bytes | bytearray | memoryview) -> pa.RecordBatch:
 
 
 def decode_batch(data: bytes | bytearray | memoryview, spec: ModelSpec) -> DecodedBatch:
-    """Decode and validate one request body against `spec`; raises `BatchError`."""
+    """Decode and validate one request body against `spec`; raises `BatchError` only."""
+    try:
+        return _decode(data, spec)
+    except BatchError:
+        raise
+    except (pa.ArrowException, UnicodeDecodeError, OSError, ValueError, TypeError, IndexError) as exc:
+        # what a hostile body can still provoke inside pyarrow (e.g. a field name that is
+        # not utf-8): one error type for the caller, the cause chained
+        raise BatchError("", f"malformed Arrow data: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(data: bytes | bytearray | memoryview, spec: ModelSpec) -> DecodedBatch:
     limits = spec.limits
     size = memoryview(data).nbytes
     if size > limits.max_bytes:

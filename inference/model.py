@@ -8,6 +8,9 @@ file ending in `.pt`, so `save_torchscript` insists on that suffix.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -56,15 +59,36 @@ def save_torchscript(model: nn.Module, path: str | Path) -> Path:
     if path.suffix != ".pt":
         raise ValueError(f"{path}: a TorchScript file for TorchServe must end in .pt")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.script(model.eval()).save(str(path))
+    scripted = script(model)
+    with _torchscript_without_deprecation():
+        scripted.save(str(path))
     return path
+
+
+def script(model: nn.Module) -> torch.jit.ScriptModule:
+    """`torch.jit.script(model)` in eval mode.
+
+    torch 2.13 marks TorchScript deprecated (DeprecationWarning), but TorchServe 0.12's stock
+    loader and the seed document use it, so those warnings are silenced here, by message.
+    """
+    with _torchscript_without_deprecation():
+        return torch.jit.script(model.eval())
+
+
+@contextlib.contextmanager
+def _torchscript_without_deprecation() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated",
+                                category=DeprecationWarning)
+        yield
 
 
 def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
     """Load a TorchScript file on CPU in eval mode (TorchScript, not pickle)."""
-    module = torch.jit.load(str(path), map_location="cpu")
+    with _torchscript_without_deprecation():
+        module = torch.jit.load(str(path), map_location="cpu")
     module.eval()
     return module
 
 
-__all__ = ["CtrDense", "build_model", "load_torchscript", "save_torchscript"]
+__all__ = ["CtrDense", "build_model", "load_torchscript", "save_torchscript", "script"]
