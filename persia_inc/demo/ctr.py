@@ -1,0 +1,45 @@
+"""The demo's training side: a small CTR model over Criteo-shaped synthetic data.
+
+Table `C{i}` holds feature i's embeddings; the sign of row r is r (as the producer hook reads it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+DENSE_FEATURES, SPARSE_FEATURES = 13, 26
+
+
+def table_names() -> list[str]:
+    return [f"C{i + 1}" for i in range(SPARSE_FEATURES)]
+
+
+class CTRModel(nn.Module):
+    """26 embedding tables (sparse gradients) + an MLP over them and 13 dense features."""
+
+    def __init__(self, vocab: int, dim: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.tables = nn.ModuleList(
+            nn.Embedding(vocab, dim, sparse=True) for _ in range(SPARSE_FEATURES))
+        self.mlp = nn.Sequential(nn.Linear(DENSE_FEATURES + SPARSE_FEATURES * dim, 128), nn.ReLU(),
+                                 nn.Linear(128, 1))
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """dense: float32[b, 13]; sparse: int64[b, 26] row ids -> logits float32[b]."""
+        embedded = [table(sparse[:, i]) for i, table in enumerate(self.tables)]
+        return self.mlp(torch.cat([dense, *embedded], dim=1)).squeeze(1)
+
+    def named_tables(self) -> dict[str, nn.Embedding]:
+        return dict(zip(table_names(), self.tables, strict=True))
+
+
+def synthetic_batch(rng: np.random.Generator, batch: int, vocab: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dense float32[b, 13], sparse int64[b, 26] Zipf-distributed ids, click label float32[b]."""
+    dense = torch.from_numpy(rng.standard_normal((batch, DENSE_FEATURES), dtype=np.float32))
+    sparse = torch.from_numpy((rng.zipf(1.2, (batch, SPARSE_FEATURES)) % vocab).astype(np.int64))
+    label = torch.from_numpy((rng.random(batch) < 0.25).astype(np.float32))
+    return dense, sparse, label
