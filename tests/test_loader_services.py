@@ -1,0 +1,325 @@
+"""The loader against real processes: embedding-server shards on loopback, local disk with
+watchdog, Ceph (S3) and the WebHDFS emulator by listing, Kafka (Tansu) with a consumer group,
+kill -9 of the loader, a restarted embedding server, and replay / status from the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loader.daemon import Loader
+from packet_format import Announcement, PacketHeader, encode_packet, packet_key
+from persia_inc.config import load_config
+from storage import ObjectStore
+
+from conftest import FAST_RETRY
+from services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV
+
+DIM = 4
+FAST = {"rescan_interval_s": 0.2, "list_interval_s": 0.1, "gap_timeout_s": 1.0,
+        "watermark_poll_s": 0.2, "retry_backoff_s": 0.1, "quarantine_prefix": "_quarantine"}
+KAFKA_FAST = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500, "num_partitions": 2}
+
+
+class Training:
+    """Writes packets the way a producer does and remembers what the servers must end with."""
+
+    def __init__(self, store: ObjectStore, table: str = "t", producer: str = "p", seed: int = 0,
+                 universe: int = 200) -> None:
+        self.store, self.table, self.producer = store, table, producer
+        self.rng = np.random.default_rng(seed)
+        self.signs = np.arange(1, universe + 1, dtype=np.uint64) + (seed << 20)
+        self.expected: dict[int, np.ndarray] = {}
+
+    def packet(self, generation: int, sequence: int, n: int = 20
+               ) -> tuple[str, bytes, np.ndarray, np.ndarray]:
+        signs = self.rng.choice(self.signs, size=n, replace=False)
+        rows = self.rng.standard_normal((n, DIM)).astype(np.float32)
+        header = PacketHeader(model="m", table=self.table, producer=self.producer,
+                              generation=generation, sequence=sequence)
+        key = packet_key("m", self.table, self.producer, generation, sequence)
+        return key, encode_packet(header, signs, rows), signs, rows
+
+    def write(self, generation: int, sequence: int, *, remember: bool = True, n: int = 20) -> str:
+        key, data, signs, rows = self.packet(generation, sequence, n)
+        self.store.put(key, data)
+        if remember:
+            self.remember(signs, rows)
+        return key
+
+    def remember(self, signs: np.ndarray, rows: np.ndarray) -> None:
+        for sign, row in zip(signs.tolist(), rows, strict=True):
+            self.expected[sign] = row
+
+    def check(self, client, timeout_s: float = 15.0) -> None:
+        """Wait until the servers hold exactly the expected rows."""
+        signs = np.array(sorted(self.expected), dtype=np.uint64)
+        want = np.stack([self.expected[s] for s in signs.tolist()])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                got = client.lookup(self.table, signs)
+                if np.array_equal(got, want):
+                    return
+            except Exception:
+                got = None
+            if time.monotonic() > deadline:
+                mismatched = None if got is None else int((got != want).any(axis=1).sum())
+                raise AssertionError(f"servers differ from training in {mismatched} rows")
+            time.sleep(0.05)
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def metric(loader: Loader, name: str) -> float:
+    return sum(s.value for m in loader.metrics.registry.collect() for s in m.samples
+               if s.name == name)
+
+
+def test_directory_source_orders_and_handles_bad_packets(embedding_cluster_factory, tmp_path: Path) -> None:
+    inc = tmp_path / "inc"
+    cluster = embedding_cluster_factory(2, incremental_dir=str(inc),
+                                        persia_inc={"loader": {**FAST, "metrics_port": 0}})
+    config = load_config(cluster.config_path)
+    with cluster.client() as client, config.open_store() as store:
+        training = Training(store)
+        training.write(1, 0)  # stored before the loader starts: found by the first listing
+        with Loader(config, client) as loader:
+            training.check(client)
+            # out of order: 3 then 2 then 1 -> applied 1, 2, 3
+            made = [training.packet(1, seq) for seq in (1, 2, 3)]
+            for _, _, signs, rows in made:
+                training.remember(signs, rows)  # the apply order
+            for key, data, _, _ in reversed(made):
+                store.put(key, data)
+            training.check(client)
+            # a duplicate (same packet again, rewritten atomically) changes nothing
+            key = packet_key("m", "t", "p", 1, 3)
+            store.put(key, store.get(key))
+            # corrupt: quarantined, never applied; then a gap that is passed after 1 s
+            corrupt_key, data, _, _ = training.packet(1, 4)
+            store.put(corrupt_key, data[:-20])
+            training.write(1, 5)
+            wait_for(lambda: metric(loader, "persia_inc_loader_gaps_total") == 1, what="gap passed")
+            training.check(client)
+            assert metric(loader, "persia_inc_loader_quarantined_total") == 1
+            assert store.exists("_quarantine/" + corrupt_key) and not store.exists(corrupt_key)
+            # a missing packet: (1, 7) arrives, (1, 6) never does -> gap passed, then (1, 6)
+            # arriving late must not be applied over newer rows
+            training.write(1, 7)
+            wait_for(lambda: metric(loader, "persia_inc_loader_gaps_total") == 2, what="second gap")
+            training.check(client)
+            late_signs_before = client.lookup("t", training.signs).copy()
+            training.write(1, 6, remember=False)
+            time.sleep(0.6)
+            np.testing.assert_array_equal(client.lookup("t", training.signs), late_signs_before)
+            # a new generation (producer restart) starts at sequence 0
+            for seq in range(3):
+                training.write(2, seq)
+            # junk files are ignored
+            (inc / "m" / "t" / "p" / "README.txt").write_text("hi")
+            (inc / "m" / "t" / "p" / "9-9.arrow").write_bytes(b"x")
+            training.check(client)
+            health = loader.health()
+            assert health["healthy"], health
+            assert metric(loader, "persia_inc_loader_packets_applied_total") >= 9
+            assert metric(loader, "persia_inc_loader_freshness_seconds_count") >= 9
+
+
+@pytest.mark.parametrize("backend", ["ceph", "hdfs"])
+def test_listing_source_on_s3_and_hdfs(backend: str, embedding_cluster_factory, request) -> None:
+    if backend == "ceph":
+        ceph = request.getfixturevalue("ceph")
+        uri = ceph.new_bucket()
+        s3 = ceph.s3_settings()
+        options = {"storage": "ceph", "persia_inc": {"loader": FAST, "s3": {
+            "endpoint_url": s3.endpoint_url, "region": s3.region,
+            "access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key}}}
+    else:
+        webhdfs = request.getfixturevalue("webhdfs")
+        uri = f"{webhdfs.uri}/persia/inc"
+        options = {"storage": "hdfs", "persia_inc": {"loader": FAST}}
+    cluster = embedding_cluster_factory(2, incremental_dir=uri, **options)
+    config = load_config(cluster.config_path)
+    with cluster.client() as client, config.open_store() as store:
+        store.retry = FAST_RETRY
+        one, two = Training(store, producer="a", seed=1), Training(store, producer="b", seed=2)
+        one.write(1, 0)
+        with Loader(config, client) as loader:
+            assert loader.source_kind == "list"
+            for seq in range(1, 4):
+                one.write(1, seq)
+                two.write(1, seq - 1)
+            one.check(client)
+            two.check(client)
+
+
+def test_kafka_group_of_two_loaders_with_ceph(embedding_cluster_factory, ceph, kafka) -> None:
+    from producer.announce import import_kafka
+
+    kafka_mod = import_kafka()
+    uri = ceph.new_bucket()
+    s3 = ceph.s3_settings()
+    topic = f"persia-inc-{uri.split('/')[2]}"
+    cluster = embedding_cluster_factory(2, incremental_dir=uri, storage="ceph", persia_inc={
+        "loader": {**FAST, "list_interval_s": 30.0, "rescan_interval_s": 30.0},
+        "producer": {"announce": "kafka"},
+        "kafka": {**KAFKA_FAST, "bootstrap_servers": [kafka.bootstrap], "topic": topic},
+        "s3": {"endpoint_url": s3.endpoint_url, "region": s3.region,
+               "access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key}})
+    config = load_config(cluster.config_path)
+    admin = kafka_mod.admin.KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    admin.create_topics([kafka_mod.admin.NewTopic(topic, 2, 1)])
+    admin.close()
+    producer = kafka_mod.KafkaProducer(bootstrap_servers=kafka.bootstrap)
+    with cluster.client() as client, config.open_store() as store:
+        streams = [Training(store, producer=f"p{i}", seed=i) for i in range(4)]
+        loaders = [Loader(config, client).start() for _ in range(2)]
+        try:
+            wait_for(lambda: all(lo.sources[1].assigned for lo in loaders), 30, "both assigned")
+            for seq in range(5):
+                for training in streams:
+                    key = training.write(1, seq)
+                    header = PacketHeader(model="m", table="t", producer=training.producer,
+                                          generation=1, sequence=seq, checksum="x")
+                    announcement = Announcement.for_packet(store.root_uri, header, 1)
+                    assert store.key_of(announcement.uri) == key
+                    producer.send(topic, key=announcement.key, value=announcement.to_json())
+            # hostile and malformed messages never stop the loaders
+            producer.send(topic, key=b"p0", value=b"{not json")
+            bad = Announcement.for_packet("s3://elsewhere/root", header, 1)
+            producer.send(topic, key=b"p0", value=bad.to_json())
+            producer.flush()
+            for training in streams:
+                training.check(client, timeout_s=30)
+            assert sum(lo.applied for lo in loaders) >= 20
+            wait_for(lambda: sum(metric(lo, "persia_inc_loader_rejected_total") for lo in loaders) >= 2,
+                     what="rejections counted")
+        finally:
+            for lo in loaders:
+                lo.close()
+            producer.close()
+        # offsets were committed after apply: the group has nothing left to read
+        consumer = kafka_mod.KafkaConsumer(bootstrap_servers=kafka.bootstrap,
+                                           group_id=config.persia_inc.kafka.group_id)
+        parts = [kafka_mod.TopicPartition(topic, p) for p in range(2)]
+        ends = consumer.end_offsets(parts)
+        committed = {p: consumer.committed(p) for p in parts}
+        consumer.close()
+        assert committed == ends
+
+
+def _loader_process(config_path: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, EMBEDDING_TOKEN_ENV: EMBEDDING_TOKEN}
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "persia_inc.cli", "loader", "--config",
+                                 str(config_path)], stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def test_kill_9_mid_stream_then_restart_ends_equal_and_in_order(embedding_cluster_factory,
+                                                                tmp_path: Path) -> None:
+    from services import free_port
+
+    port = free_port()
+    cluster = embedding_cluster_factory(2, incremental_dir=str(tmp_path / "inc"),
+                                        persia_inc={"loader": {**FAST, "metrics_port": port}})
+    config = load_config(cluster.config_path)
+    log = tmp_path / "loader.log"
+    with cluster.client() as client, config.open_store() as store:
+        training = Training(store, universe=400)
+        proc = _loader_process(cluster.config_path, log)
+        try:
+            for seq in range(30):
+                training.write(1, seq, n=50)
+                if seq == 15:
+                    time.sleep(0.3)
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(10)
+            proc = _loader_process(cluster.config_path, log)
+            for seq in range(30, 40):
+                training.write(1, seq, n=50)
+            training.check(client, timeout_s=30)
+            marks = client.watermarks()
+            assert [(w.table, w.producer, w.generation, w.sequence) for w in marks] == [("t", "p", 1, 39)]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+                assert json.load(reply)["healthy"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                assert b"persia_inc_loader_freshness_seconds_bucket" in reply.read()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_restarted_embedding_server_is_rebuilt(embedding_cluster_factory, tmp_path: Path) -> None:
+    cluster = embedding_cluster_factory(2, incremental_dir=str(tmp_path / "inc"),
+                                        persia_inc={"loader": FAST})
+    config = load_config(cluster.config_path)
+    with cluster.client() as client, config.open_store() as store:
+        training = Training(store)
+        with Loader(config, client) as loader:
+            for seq in range(5):
+                training.write(1, seq)
+            training.check(client)
+            cluster.stop(1, signal.SIGKILL)
+            training.write(1, 5)  # arrives while shard 1 is down
+            cluster.start(1)
+            cluster.wait_ready()
+            training.write(1, 6)
+            training.check(client, timeout_s=20)
+            assert metric(loader, "persia_inc_loader_replays_total") >= 1
+
+
+def test_replay_and_status_commands(embedding_cluster_factory, tmp_path: Path) -> None:
+    cluster = embedding_cluster_factory(2, incremental_dir=str(tmp_path / "inc"),
+                                        persia_inc={"loader": FAST})
+    env = {**os.environ, EMBEDDING_TOKEN_ENV: EMBEDDING_TOKEN}
+    config = load_config(cluster.config_path)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "persia_inc.cli", *args, "--config",
+                               str(cluster.config_path)], capture_output=True, text=True, env=env,
+                              timeout=120, check=False)
+
+    with cluster.client() as client, config.open_store() as store:
+        training = Training(store)
+        for seq in range(6):
+            if seq == 3:
+                rollback = Training(store)  # a copy of the state up to (1, 2)
+                rollback.expected = dict(training.expected)
+            training.write(1, seq)
+        status = cli("status", "--json")
+        assert status.returncode == 0, status.stderr
+        stream = json.loads(status.stdout)["streams"][0]
+        assert stream["watermark"] is None and stream["newest"] == [1, 5]
+        assert stream["lag_packets"] == 6 and stream["lag_s"] >= 0
+        dry = cli("replay", "--dry-run", "--until", "1:2")
+        assert dry.returncode == 0 and len(dry.stdout.splitlines()) == 3, dry.stderr
+        done = cli("replay", "--until", "1:2")
+        assert done.returncode == 0, done.stderr
+        rollback.check(client)
+        done = cli("replay")
+        assert done.returncode == 0 and "replayed 3 packets" in done.stdout, done.stdout
+        training.check(client)
+        status = json.loads(cli("status", "--json").stdout)["streams"][0]
+        assert status["watermark"] == [1, 5] and status["lag_packets"] == 0
