@@ -94,10 +94,3 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     bad.write_text("surprise: 1\n")
     result = persia_inc("inspect", str(tmp_path / "x.arrow"), "--config", str(bad))
     assert result.returncode == 2 and "surprise" in result.stderr
-
-
-def test_demo_round_trip_verifies(tmp_path: Path) -> None:
-    result = persia_inc("demo", "--workdir", str(tmp_path), "--packets", "3", "--rows", "1000")
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["verified"] is True and report["packets"] == 3 and report["mismatched_rows"] == 0
