@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from inference.spec import CONFIG_FILE, SPEC_FILE, ModelSpec
@@ -38,8 +39,11 @@ def archive_model(model_name: str, serialized_file: str | Path, spec: ModelSpec,
     serialized_file: a TorchScript file ending in `.pt`; config_file: a persia-inc YAML config
     to ship as `global_config.yaml` (None: the TorchServe process must set PERSIA_INC_CONFIG).
     """
-    from model_archiver.model_archiver_config import ModelArchiverConfig
-    from model_archiver.model_packaging import generate_model_archive
+    with warnings.catch_warnings():
+        # model_archiver/version.py leaves version.txt open (a ResourceWarning at import)
+        warnings.simplefilter("ignore", ResourceWarning)
+        from model_archiver.model_archiver_config import ModelArchiverConfig
+        from model_archiver.model_packaging import generate_model_archive
 
     serialized = Path(serialized_file)
     if serialized.suffix != ".pt":

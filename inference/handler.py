@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
-from ts.torch_handler.base_handler import BaseHandler
-from ts.utils.util import PredictionException
+with warnings.catch_warnings():
+    # ts/version.py reads version.txt without closing it: a ResourceWarning at import time,
+    # which a `-W error` run (our pytest) would turn into a failure
+    warnings.simplefilter("ignore", ResourceWarning)
+    from ts.torch_handler.base_handler import BaseHandler
+    from ts.utils.util import PredictionException
 
 from inference.batch import BatchError, DecodedBatch
 from inference.engine import EmbeddingShapeError, PersiaInference
@@ -84,6 +89,13 @@ class PersiaHandler(BaseHandler):
         log.info("PersiaHandler ready: %d sparse features in table %r on %s (config %s)",
                  len(spec.sparse), spec.table, ", ".join(config.infer.servers), path)
         self.initialized = True
+
+    def _load_torchscript_model(self, model_pt_path: str) -> Any:
+        """BaseHandler's TorchScript loader (torch.jit.load), without torch 2.13's
+        deprecation warning (see inference.model.script)."""
+        from inference.model import load_torchscript
+
+        return load_torchscript(model_pt_path, map_location=self.device)
 
     def _engine(self) -> PersiaInference:
         if self.engine is None:

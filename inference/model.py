@@ -83,10 +83,11 @@ def _torchscript_without_deprecation() -> Iterator[None]:
         yield
 
 
-def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
-    """Load a TorchScript file on CPU in eval mode (TorchScript, not pickle)."""
+def load_torchscript(path: str | Path, map_location: str | torch.device | None = "cpu"
+                     ) -> torch.jit.ScriptModule:
+    """Load a TorchScript file in eval mode (TorchScript, not pickle)."""
     with _torchscript_without_deprecation():
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(str(path), map_location=map_location)
     module.eval()
     return module
 

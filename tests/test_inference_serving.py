@@ -1,0 +1,260 @@
+"""The serving path end to end, against real processes on loopback: TorchServe (one per module,
+stopped by PID), two embedding-server shards per test, and the loader.
+
+The last test is the issue's "done when": a packet written to storage changes rows a request
+uses, the loader applies it, and TorchServe's prediction becomes exactly what the in-process
+handler computes with the new rows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedding_server.errors import ShardError
+from inference.archive import archive_model
+from inference.batch import PersiaBatch
+from inference.client import InferenceError, get_inference_stub, infer, infer_http
+from inference.engine import PersiaInference
+from inference.handler import PersiaHandler
+from inference.local import LocalTorchServe
+from inference.management import GrpcManagement, HttpManagement, ManagementError
+from inference.model import build_model, load_torchscript, save_torchscript
+from inference.spec import CONFIG_ENV, SPEC_FILE, ModelSpec
+from packet_format import PacketHeader, decode_packet, encode_packet, packet_key
+from persia_inc.config import load_config
+
+from services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV, EmbeddingCluster, stop_pid
+
+SPEC = ModelSpec()
+MODEL = "ctr"
+ROWS = 128
+
+
+@pytest.fixture(scope="module")
+def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTorchServe]:
+    server = LocalTorchServe(tmp_path_factory.mktemp("torchserve")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def dense_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_torchscript(build_model(SPEC, seed=7), tmp_path_factory.mktemp("model") / f"{MODEL}.pt")
+
+
+def request(seed: int, rows: int = ROWS) -> tuple[bytes, list[np.ndarray]]:
+    """A seed-document-style request; returns (body, the raw signs of each feature:
+    uint64[rows, 16])."""
+    rng = np.random.default_rng(seed)
+    sparse = [rng.integers(0, 5000, (rows, 16), dtype=np.uint64) for _ in SPEC.sparse]
+    body = (PersiaBatch().add_dense([rng.random((rows, SPEC.dense_dim), dtype=np.float32)])
+            .add_sparse(list(zip(SPEC.sparse, sparse, strict=True))).to_bytes())
+    return body, sparse
+
+
+def table_signs(sparse: list[np.ndarray]) -> np.ndarray:
+    """uint64[n]: the unique table signs a request uses."""
+    return np.unique(np.concatenate([SPEC.table_signs(f, s.reshape(-1)) for f, s in enumerate(sparse)]))
+
+
+def publish(config_path: Path, sequence: int, signs: np.ndarray, rows: np.ndarray) -> str:
+    """Store a packet as the training side does (atomic put under incremental_dir)."""
+    config = load_config(config_path)
+    header = PacketHeader(model=config.persia_inc.model, table=SPEC.table, producer="trainer-0",
+                          generation=0, sequence=sequence)
+    key = packet_key(header.model, header.table, header.producer, 0, sequence)
+    store = config.open_store()
+    try:
+        store.put(key, encode_packet(header, signs, rows))
+    finally:
+        store.close()
+    return key
+
+
+def in_process(cluster: EmbeddingCluster, dense_pt: Path) -> tuple[PersiaInference, Callable[[], None]]:
+    client = cluster.client()
+    return PersiaInference(load_torchscript(dense_pt), SPEC, client.lookup), client.close
+
+
+def make_cluster(factory: Callable[..., EmbeddingCluster], name: str) -> EmbeddingCluster:
+    return factory(2, name=name, model=MODEL,
+                   persia_inc={"loader": {"rescan_interval_s": 0.5, "watermark_poll_s": 0.5}})
+
+
+# --------------------------------------------------------------------------------- tests
+
+
+def test_register_infer_and_bad_requests(torchserve: LocalTorchServe, dense_pt: Path,
+                                         embedding_cluster_factory: Callable[..., EmbeddingCluster]
+                                         ) -> None:
+    cluster = make_cluster(embedding_cluster_factory, "serve")
+    body, sparse = request(1)
+    signs = table_signs(sparse)
+    rows = np.random.default_rng(2).standard_normal((signs.size, SPEC.dim)).astype(np.float32)
+    with cluster.client() as client:
+        client.apply(decode_packet(
+            encode_packet(PacketHeader(model=MODEL, table=SPEC.table, producer="p", generation=0,
+                                       sequence=0), signs, rows)))
+    archive_model("served", dense_pt, SPEC, torchserve.model_store, config_file=cluster.config_path)
+    engine, close = in_process(cluster, dense_pt)
+    stub = get_inference_stub(torchserve.grpc_inference_target)
+    try:
+        with GrpcManagement(torchserve.grpc_management_target) as grpc_mgmt, \
+                HttpManagement(torchserve.management_url) as http_mgmt:
+            assert "registered" in grpc_mgmt.register("served.mar")
+            assert "served" in http_mgmt.list_models() and "served" in grpc_mgmt.list_models()
+            want = engine.predict(body)
+            assert want.shape == (ROWS,) and np.isfinite(want).all()
+            assert np.array_equal(infer(stub, "served", body), want)
+            assert np.array_equal(infer_http(torchserve.inference_url, "served", body), want)
+
+            narrow = PersiaBatch().add_dense([np.zeros((4, 12), np.float32)]).add_sparse(
+                [(n, np.zeros((4, 1), np.uint64)) for n in SPEC.sparse]).to_bytes()
+            fewer = PersiaBatch().add_dense([np.zeros((4, 13), np.float32)]).add_sparse(
+                [(n, np.zeros((4, 1), np.uint64)) for n in SPEC.sparse[:-1]]).to_bytes()
+            cases = [(b"\x01not arrow at all", "not an Arrow IPC stream"),
+                     (narrow, "column 'dense'"), (fewer, "column 'feature26': missing")]
+            for bad, message in cases:
+                for send in (lambda b: infer(stub, "served", b),
+                             lambda b: infer_http(torchserve.inference_url, "served", b)):
+                    with pytest.raises(InferenceError) as info:
+                        send(bad)
+                    assert info.value.status == 400 and message in info.value.message
+            with pytest.raises(InferenceError, match="Model not found") as info:
+                infer(stub, "no-such-model", body)
+            with pytest.raises(InferenceError) as info:
+                infer_http(torchserve.inference_url, "no-such-model", body)
+            assert info.value.status == 404
+            # the worker survived all of it
+            assert np.array_equal(infer(stub, "served", body), want)
+
+            assert "scaled" in http_mgmt.scale("served", 2).lower()
+            assert len(http_mgmt.describe("served")[0]["workers"]) == 2
+            assert "scaled" in grpc_mgmt.scale("served", 1).lower()
+            assert np.array_equal(infer_http(torchserve.inference_url, "served", body), want)
+            assert "unregistered" in http_mgmt.unregister("served")
+            with pytest.raises(ManagementError) as refused:
+                grpc_mgmt.unregister("served")
+            assert refused.value.status == "NOT_FOUND" or "not found" in refused.value.message.lower()
+    finally:
+        stub.channel.close()
+        close()
+
+
+def test_handler_in_process_with_config_from_environment(
+        tmp_path: Path, dense_pt: Path, monkeypatch: pytest.MonkeyPatch,
+        embedding_cluster_factory: Callable[..., EmbeddingCluster]) -> None:
+    """PersiaHandler without TorchServe: a .mar with no config inside, PERSIA_INC_CONFIG naming
+    it, one TorchServe batch of [good, bad, good] -> two answers and one 400."""
+    cluster = make_cluster(embedding_cluster_factory, "env")
+    good1, sparse1 = request(3, rows=5)
+    good2, _ = request(4, rows=7)
+    some = table_signs(sparse1)[::2]  # half of request 1's signs have rows; the rest read as zeros
+    with cluster.client() as client:
+        client.apply(decode_packet(encode_packet(
+            PacketHeader(model=MODEL, table=SPEC.table, producer="p", generation=0, sequence=0),
+            some, np.full((some.size, SPEC.dim), 0.25, np.float32))))
+    mar = archive_model("envmodel", dense_pt, SPEC, tmp_path / "store")
+    model_dir = tmp_path / "model_dir"
+    with zipfile.ZipFile(mar) as archive:
+        archive.extractall(model_dir)
+        assert SPEC_FILE in archive.namelist() and "global_config.yaml" not in archive.namelist()
+    monkeypatch.setenv(CONFIG_ENV, str(cluster.config_path))
+    import json
+
+    from ts.context import Context, RequestProcessor  # inference.handler imported ts quietly
+
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    context = Context("envmodel", str(model_dir), manifest, 3, None, "0.12.0", model_yaml_config={})
+    handler = PersiaHandler()
+    handler.initialize(context)
+    try:
+        context.request_processor = [RequestProcessor({}) for _ in range(3)]
+        handler.context = context
+        out = handler.postprocess(handler.inference(handler.preprocess(
+            [{"data": bytearray(good1)}, {"body": bytearray(b"junk")}, {"batch": bytearray(good2)}])))
+        assert len(out) == 3 and len(out[0]) == 5 and len(out[2]) == 7
+        assert context.get_response_status(1)[0] == 400 and "bad request" in out[1]["error"]
+        assert context.get_response_status(0)[0] == 200
+        engine, close = in_process(cluster, dense_pt)
+        try:
+            assert out[0] == engine.predict(good1).tolist()
+        finally:
+            close()
+    finally:
+        handler.client.close()
+
+
+def test_incremental_update_reaches_inference(
+        tmp_path: Path, torchserve: LocalTorchServe, dense_pt: Path,
+        embedding_cluster_factory: Callable[..., EmbeddingCluster]) -> None:
+    """Done-when: storage -> loader -> embedding servers -> TorchServe changes its answer to
+    exactly what the in-process handler computes with the new rows."""
+    cluster = make_cluster(embedding_cluster_factory, "e2e")
+    env = {**os.environ, EMBEDDING_TOKEN_ENV: EMBEDDING_TOKEN}
+    with (tmp_path / "loader.log").open("ab") as log:
+        loader = subprocess.Popen(
+            [sys.executable, "-m", "persia_inc.cli", "loader", "--config", str(cluster.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+    body, sparse = request(11)
+    signs = table_signs(sparse)
+    rng = np.random.default_rng(12)
+    old_rows = rng.standard_normal((signs.size, SPEC.dim)).astype(np.float32)
+    engine, close = in_process(cluster, dense_pt)
+    stub = get_inference_stub(torchserve.grpc_inference_target)
+
+    def wait_for_rows(expected: np.ndarray, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if np.array_equal(engine.lookup(SPEC.table, signs), expected):
+                    return
+            except ShardError as exc:  # NOT_FOUND until the first packet creates the table
+                assert exc.code == "NOT_FOUND", exc
+            if loader.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"loader did not apply {what} (exit {loader.poll()}):\n"
+                                     + (tmp_path / "loader.log").read_text()[-3000:])
+            time.sleep(0.1)
+
+    try:
+        publish(cluster.config_path, 0, signs, old_rows)
+        wait_for_rows(old_rows, "the first packet")
+        archive_model("e2e", dense_pt, SPEC, torchserve.model_store, config_file=cluster.config_path)
+        with HttpManagement(torchserve.management_url) as mgmt:
+            mgmt.register("e2e.mar")
+            before = infer(stub, "e2e", body)
+            assert np.array_equal(before, engine.predict(body))
+
+            # the training side changes the rows of sample 0's signs of every feature, and more
+            touched = np.unique(np.concatenate(
+                [SPEC.table_signs(f, s[0]) for f, s in enumerate(sparse)] + [signs[::3]]))
+            new_rows = np.random.default_rng(13).standard_normal((touched.size, SPEC.dim)).astype(np.float32)
+            new_rows[:, :] *= 3.0
+            publish(cluster.config_path, 1, touched, new_rows)
+            expected_table = old_rows.copy()
+            expected_table[np.searchsorted(signs, touched)] = new_rows
+            wait_for_rows(expected_table, "the update packet")
+
+            after_grpc = infer(stub, "e2e", body)
+            after_http = infer_http(torchserve.inference_url, "e2e", body)
+            want = engine.predict(body)  # the in-process handler, reading the new rows
+            assert np.array_equal(after_grpc, want) and np.array_equal(after_http, want)
+            assert not np.array_equal(after_grpc, before)
+            assert after_grpc[0] != before[0]  # sample 0: every feature's rows changed
+            mgmt.unregister("e2e")
+    finally:
+        stub.channel.close()
+        close()
+        stop_pid(loader)
+    assert loader.returncode == 0, (tmp_path / "loader.log").read_text()[-3000:]
