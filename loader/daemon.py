@@ -217,7 +217,10 @@ class Loader:
             self._must_check = True
             return False
         self._must_check = False
-        for stream in set(self.ordering.streams) | set(marks):
+        streams = set(self.ordering.streams)
+        if self.source_kind != "kafka":  # kafka: a loader follows the streams it is told about
+            streams |= set(marks)
+        for stream in streams:
             held = lowest(marks.get(stream, [None]))
             ours = self.ordering.watermark(stream)
             fresh = stream not in self.ordering.streams
@@ -229,6 +232,8 @@ class Loader:
                     self._drop_fetches(stream)
                 self.ordering.set_watermark(stream, held, now=now)
                 self._publish_position(stream)
+                if held is not None:
+                    self._settle_upto(stream, held)  # another loader of the group applied them
         return True
 
     # ---------------------------------------------------------------------- dispatcher
@@ -336,6 +341,10 @@ class Loader:
     def _drop_fetches(self, stream: Stream) -> None:
         for ident in [i for i in self._fetches if i[0] == stream]:
             self._fetches.pop(ident).cancel()
+
+    def _settle_upto(self, stream: Stream, position: Position) -> None:
+        for ident in [i for i in self._settlers if i[0] == stream and i[1] <= position]:
+            self._settle(ident)
 
     def _settle(self, ident: tuple[Stream, Position]) -> None:
         for settle in self._settlers.pop(ident, []):

@@ -190,7 +190,11 @@ class DirectoryWatcher:
 
     def start(self) -> DirectoryWatcher:
         import os
+        import warnings
 
+        # watchdog 7's inotify thread warns when nested folders appear quickly (a producer's
+        # or the quarantine's makedirs); under -W error that warning would kill its thread
+        warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
         os.makedirs(self.root, exist_ok=True)
         self._observer.start()
         self.rescan.start()
