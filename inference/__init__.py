@@ -1,0 +1,16 @@
+"""Serving: the request batch format, the TorchServe handler over a plain-Python engine, the
+gRPC/HTTP clients, and the helpers that save, archive and register the dense model.
+
+Importing the package is cheap (numpy, pyarrow): torch, TorchServe and grpc are imported by
+the modules that need them (`inference.engine`, `inference.handler`, `inference.client`,
+`inference.management`, `inference.archive`, `inference.model`).
+"""
+
+import logging
+
+from inference.batch import BatchError, DecodedBatch, PersiaBatch, decode_batch
+from inference.spec import ModelSpec, RequestLimits
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = ["BatchError", "DecodedBatch", "ModelSpec", "PersiaBatch", "RequestLimits", "decode_batch"]
