@@ -17,13 +17,14 @@ from producer.errors import (
 )
 from producer.generation import latest_generation, next_generation
 from producer.policy import FlushPolicy
-from producer.signset import SignBuffer
+from producer.signset import DenseSignBuffer, SignBuffer
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "DEFAULT_PRODUCER_ID",
     "BackpressureError",
+    "DenseSignBuffer",
     "DirectoryAnnouncer",
     "FlushPolicy",
     "IncrementalProducer",

@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -31,7 +31,7 @@ from producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
 from producer.errors import ProducerClosedError, UnstoredDataError
 from producer.metrics import ProducerMetrics
 from producer.policy import FlushPolicy, FlushReason
-from producer.signset import SignBuffer
+from producer.signset import DenseSignBuffer, SignBuffer
 from producer.writer import PacketWriter, Snapshot
 from storage import ObjectStore
 
@@ -48,11 +48,12 @@ It must return copies (fancy indexing does), not views the optimizer keeps updat
 class _Table:
     __slots__ = ("buffer", "dim", "name", "oldest_s", "reader")
 
-    def __init__(self, name: str, reader: Reader, dim: int) -> None:
+    def __init__(self, name: str, reader: Reader, dim: int, rows: int | None) -> None:
         self.name = name
         self.reader = reader
         self.dim = dim
-        self.buffer = SignBuffer()
+        self.buffer: SignBuffer | DenseSignBuffer = (
+            SignBuffer() if rows is None else DenseSignBuffer(rows))
         self.oldest_s: float | None = None  # monotonic time of the oldest unflushed sign
 
 
@@ -123,11 +124,15 @@ class IncrementalProducer:
 
     # --- tables ---------------------------------------------------------------------------
 
-    def register_table(self, table: str, reader: Reader, *, dim: int | None = None) -> None:
+    def register_table(self, table: str, reader: Reader, *, dim: int | None = None,
+                       rows: int | None = None) -> None:
         """Declare `table` and how to read its rows at flush time.
 
         reader(signs: uint64[n]) returns float32[n, dim] (or (rows, state float32[n, k]));
-        dim defaults to what the reader returns for no signs.
+        dim defaults to what the reader returns for no signs. rows: when every sign of the
+        table is a row id in [0, rows) (an embedding matrix), the buffer is one byte per row
+        (`DenseSignBuffer`), cheaper per insert than the hash map; None: any uint64 sign.
+        Registering a table again replaces its reader and keeps its buffered signs.
         """
         if not self.enabled:
             return
@@ -135,16 +140,31 @@ class IncrementalProducer:
 
         check_name("table", table)
         if dim is None:
-            rows, _ = self._call_reader(reader, np.empty(0, np.uint64), table)
-            dim = int(rows.shape[1])
+            probe, _ = self._call_reader(reader, np.empty(0, np.uint64), table)
+            dim = int(probe.shape[1])
         if dim <= 0:
             raise ValueError(f"table {table!r}: dim must be positive, got {dim}")
+        if rows is not None and rows <= 0:
+            raise ValueError(f"table {table!r}: rows must be positive, got {rows}")
         with self._lock:
-            if table in self._tables:
-                self._tables[table].reader = reader
-                self._tables[table].dim = dim
-            else:
-                self._tables[table] = _Table(table, reader, dim)
+            entry = self._tables.get(table)
+            if entry is None:
+                self._tables[table] = _Table(table, reader, dim, rows)
+                return
+            entry.reader = reader
+            entry.dim = dim
+            dense = isinstance(entry.buffer, DenseSignBuffer)
+            if dense != (rows is not None) or (dense and entry.buffer.capacity != rows):
+                signs, ops = entry.buffer.swap()  # carry what is buffered into the new kind
+                buffer = SignBuffer() if rows is None else DenseSignBuffer(rows)
+                try:
+                    buffer.insert(signs[ops == 0], SignBuffer.UPSERT)
+                    buffer.insert(signs[ops != 0], SignBuffer.DELETE)
+                except ValueError:  # a buffered sign is out of the new range: keep the old
+                    entry.buffer.insert(signs[ops == 0], SignBuffer.UPSERT)
+                    entry.buffer.insert(signs[ops != 0], SignBuffer.DELETE)
+                    raise
+                entry.buffer = buffer
 
     @property
     def tables(self) -> list[str]:
@@ -176,31 +196,46 @@ class IncrementalProducer:
         """
         if not self.enabled:
             return
-        self._insert(table, signs, SignBuffer.UPSERT)
+        self._insert({table: signs}, SignBuffer.UPSERT)
+
+    def record_many(self, signs_by_table: Mapping[str, np.ndarray]) -> None:
+        """`record` for several tables at once ({table: uint64[n]}): one call per training step
+        (the torch hook's), the triggers checked once and the full tables flushed together."""
+        if not self.enabled:
+            return
+        self._insert(signs_by_table, SignBuffer.UPSERT)
 
     def evict(self, table: str, signs: np.ndarray) -> None:
         """Buffer signs: uint64[n] the training side dropped; the next packet deletes them."""
         if not self.enabled:
             return
-        self._insert(table, signs, SignBuffer.DELETE)
+        self._insert({table: signs}, SignBuffer.DELETE)
 
-    def _insert(self, table: str, signs: np.ndarray, op: np.uint8) -> None:
+    def _insert(self, signs_by_table: Mapping[str, np.ndarray], op: np.uint8) -> None:
         if self.closed:
             raise ProducerClosedError("the producer is closed")
-        entry = self._tables.get(table)
-        if entry is None:
-            raise KeyError(f"table {table!r} has no reader: call register_table({table!r}, ...) first")
+        tables = self._tables
+        for table in signs_by_table:
+            if table not in tables:
+                raise KeyError(f"table {table!r} has no reader: call register_table({table!r}, ...) first")
         self._busy += 1
         try:
-            size = entry.buffer.insert(signs, op)
+            limit = self.policy.buffer_size
             now = time.monotonic()
-            if entry.oldest_s is None and size:
-                entry.oldest_s = now
-                self._interval_due_s = min(self._interval_due_s, now + self.policy.flush_interval_s)
-            if size >= self.policy.buffer_size:
-                self._flush([table], "size")
+            full = []
+            for table, signs in signs_by_table.items():
+                entry = tables[table]
+                size = entry.buffer.insert(signs, op)
+                if entry.oldest_s is None and size:
+                    entry.oldest_s = now
+                    self._interval_due_s = min(self._interval_due_s,
+                                               now + self.policy.flush_interval_s)
+                if size >= limit:
+                    full.append(table)
+            if full:
+                self._flush(full, "size")
             if now >= self._interval_due_s:
-                self._flush_due(now)
+                self._flush_due(time.monotonic())
         finally:
             self._leave()
 

@@ -177,3 +177,77 @@ class SignBuffer:
             if self._top_op >= 0:
                 found |= as_signs(signs) == EMPTY
             return found
+
+
+@numba.njit(cache=True, nogil=True)
+def _mark(marks: np.ndarray, signs: np.ndarray, op: np.uint8, size: int) -> tuple[int, int]:
+    """Set marks[sign] = op + 1 for each sign; returns (new size, index of the first sign out
+    of range, or signs.size when all were in range)."""
+    value = np.uint8(op + np.uint8(1))
+    limit = np.uint64(marks.size)
+    for i in range(signs.size):
+        sign = signs[i]
+        if sign >= limit:
+            return size, i
+        if marks[sign] == 0:
+            size += 1
+        marks[sign] = value
+    return size, signs.size
+
+
+class DenseSignBuffer:
+    """`SignBuffer` for signs known to lie in [0, rows): embedding row ids.
+
+    One byte per row (0 absent, 1 upsert, 2 delete) instead of a hash map: an insert touches
+    one byte per sign, with no probing, so a table of 1M rows costs 1 MB and stays mostly in
+    cache across training steps. Same interface and last-op-wins rule as `SignBuffer`; a sign
+    outside [0, rows) raises ValueError (the signs before it are kept).
+    """
+
+    UPSERT = SignBuffer.UPSERT
+    DELETE = SignBuffer.DELETE
+
+    def __init__(self, rows: int) -> None:
+        if rows <= 0:
+            raise ValueError(f"rows must be positive, got {rows}")
+        self._lock = threading.Lock()
+        self._marks = np.zeros(int(rows), dtype=np.uint8)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        return int(self._marks.size)
+
+    def insert(self, signs: np.ndarray, op: np.uint8 = UPSERT) -> int:
+        """Add signs: uint64[n] (int64 is reinterpreted; any stride) with `op`; returns the
+        distinct count."""
+        if type(signs) is not np.ndarray or signs.dtype != np.uint64 or signs.ndim != 1:
+            signs = as_signs(signs)
+        with self._lock:
+            self._size, reached = _mark(self._marks, signs, np.uint8(op), self._size)
+        if reached != signs.size:
+            raise ValueError(f"sign {int(signs[reached])} is outside [0, {self._marks.size})")
+        return self._size
+
+    def swap(self) -> tuple[np.ndarray, np.ndarray]:
+        """Take every buffered sign out; returns (signs: uint64[n] ascending, ops: uint8[n])."""
+        with self._lock:
+            if not self._size:
+                return np.empty(0, np.uint64), np.empty(0, np.uint8)
+            where = np.flatnonzero(self._marks)
+            ops = self._marks[where] - np.uint8(1)
+            self._marks[where] = 0
+            self._size = 0
+            return where.astype(np.uint64), ops
+
+    def contains(self, signs: np.ndarray) -> np.ndarray:
+        """bool[n]: whether each of signs: uint64[n] is buffered."""
+        signs = as_signs(signs)
+        with self._lock:
+            found = np.zeros(signs.size, dtype=bool)
+            inside = signs < self._marks.size
+            found[inside] = self._marks[signs[inside].astype(np.int64)] != 0
+            return found

@@ -19,7 +19,12 @@ from producer.core import IncrementalProducer
 
 class IncrementalUpdateHook:
     """Ships the rows of `tables` ({name: nn.Embedding | nn.EmbeddingBag}) that `optimizer`
-    updates, through `producer`. Works with sparse and dense gradients. `remove()` detaches."""
+    updates, through `producer`. Works with sparse and dense gradients. `remove()` detaches.
+
+    Per step the forward hooks only keep a reference to each input id tensor (no copy, no
+    conversion); the step post-hook turns them into numpy views and records every table in
+    one `record_many` call, whose buffers are one byte per row (`DenseSignBuffer`).
+    """
 
     def __init__(self, producer: IncrementalProducer, tables: dict[str, nn.Module],
                  optimizer: torch.optim.Optimizer) -> None:
@@ -31,8 +36,10 @@ class IncrementalUpdateHook:
             if not isinstance(module, nn.Embedding | nn.EmbeddingBag):
                 raise TypeError(f"table {name!r}: expected nn.Embedding or nn.EmbeddingBag, "
                                 f"got {type(module).__name__}")
-            producer.register_table(name, self._reader(module), dim=int(module.weight.shape[1]))
-            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            weight = module.weight
+            producer.register_table(name, self._reader(module), dim=int(weight.shape[1]),
+                                    rows=int(weight.shape[0]))
+            self._handles.append(module.register_forward_hook(self._forward_hook(self._seen[name])))
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
 
@@ -45,10 +52,13 @@ class IncrementalUpdateHook:
                 return module.weight.detach().index_select(0, index).float().cpu().numpy()
         return read
 
-    def _forward_hook(self, name: str) -> Any:
+    @staticmethod
+    def _forward_hook(seen: list[torch.Tensor]) -> Any:
+        is_grad_enabled = torch.is_grad_enabled
+
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            if torch.is_grad_enabled() and module.training:
-                self._seen[name].append(inputs[0].detach().reshape(-1))
+            if module.training and is_grad_enabled():
+                seen.append(inputs[0])  # a reference: ids are read after the step
         return hook
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -56,13 +66,17 @@ class IncrementalUpdateHook:
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         try:
+            batch: dict[str, np.ndarray] = {}
             for name, seen in self._seen.items():
                 if not seen:
                     continue
-                ids = seen[0] if len(seen) == 1 else torch.cat(seen)
+                ids = seen[0] if len(seen) == 1 else torch.cat([t.reshape(-1) for t in seen])
                 seen.clear()
-                self.producer.record(name, ids.cpu().numpy().view(np.uint64))
-            self.producer.poll()
+                batch[name] = ids.cpu().numpy().reshape(-1)  # a view of the ids, any stride
+            if batch:
+                self.producer.record_many(batch)  # also checks the interval trigger
+            else:
+                self.producer.poll()
         finally:
             self.producer._leave()
 

@@ -298,10 +298,12 @@ class PacketWriter:
             created_at_ns=snapshot.created_ns, flush_reason=snapshot.reason,
             dtype=self.dtype, dim=snapshot.dim,  # type: ignore[arg-type]
         )
-        order = np.argsort(snapshot.signs)  # here, off the training thread: packets sorted by sign
-        snapshot.signs, snapshot.rows = snapshot.signs[order], snapshot.rows[order]
-        if snapshot.state is not None:
-            snapshot.state = snapshot.state[order]
+        signs = snapshot.signs  # packets are sorted by sign; a dense buffer's already are
+        if signs.size > 1 and not bool(np.all(signs[1:] > signs[:-1])):
+            order = np.argsort(signs)  # here, off the training thread
+            snapshot.signs, snapshot.rows = signs[order], snapshot.rows[order]
+            if snapshot.state is not None:
+                snapshot.state = snapshot.state[order]
         snapshot.deleted = np.sort(snapshot.deleted)
         sink = io.BytesIO()
         snapshot.header = write_packet(sink, header, snapshot.signs, snapshot.rows,

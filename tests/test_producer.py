@@ -12,6 +12,7 @@ from test_producer_support import NumpyModel, producer_config, read_packets, rep
 
 from producer import (
     BackpressureError,
+    DenseSignBuffer,
     IncrementalProducer,
     ProducerClosedError,
     SignBuffer,
@@ -216,3 +217,46 @@ def test_backpressure_raise_keeps_the_signs(tmp_path: Path) -> None:
     with pytest.raises(UnstoredDataError) as info:
         producer.close()
     assert info.value.rows == 200 and info.value.tables == ["emb"]
+
+
+def test_dense_signbuffer_matches_python_set_with_last_op_winning() -> None:
+    rng = np.random.default_rng(2)
+    buffer = DenseSignBuffer(5000)
+    expected: dict[int, int] = {}
+    for _ in range(30):
+        signs = rng.integers(0, 5000, (700, 2))[:, 1]  # a strided int64 view, as from torch
+        op = int(rng.integers(0, 2))
+        assert buffer.insert(signs, op) == len(expected.keys() | set(signs.tolist()))
+        expected.update(dict.fromkeys(signs.tolist(), op))
+    assert buffer.contains(np.array([signs[0], 5000, 2**64 - 1], np.uint64)).tolist() == [
+        True, False, False]
+    signs, ops = buffer.swap()
+    assert np.all(np.diff(signs.astype(np.int64)) > 0)  # ascending
+    assert dict(zip(signs.tolist(), ops.tolist(), strict=True)) == expected
+    assert len(buffer) == 0 and buffer.swap()[0].size == 0
+    with pytest.raises(ValueError, match="outside"):
+        buffer.insert(np.array([3, 5000, 4], np.uint64))
+    assert len(buffer) == 1 and buffer.swap()[0].tolist() == [3]  # signs before the bad one stay
+
+
+def test_record_many_with_dense_tables_flushes_the_full_ones(tmp_path: Path) -> None:
+    model = NumpyModel()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=500)
+    with IncrementalProducer(config) as producer:
+        producer.register_table("a", model.read, rows=1000)
+        producer.register_table("b", model.read)
+        producer.record_many({"a": np.arange(400), "b": np.arange(10)})
+        producer.record_many({"a": np.arange(300, 600), "b": np.arange(5, 20)})  # a: 600 >= 500
+        assert (producer.buffered("a"), producer.buffered("b")) == (0, 20)
+        with pytest.raises(KeyError):
+            producer.record_many({"b": np.arange(3), "nope": np.arange(3)})
+        assert producer.buffered("b") == 20  # nothing inserted when a table is unknown
+        producer.register_table("b", model.read, rows=1000)  # re-register: buffered signs kept
+        assert producer.buffered("b") == 20
+        expected_a = model.weight[:600].copy()
+        assert producer.flush()
+        packets = read_packets(producer.store)
+    by_table = {(p.header.table, p.header.sequence): p for p in packets}
+    np.testing.assert_array_equal(by_table["a", 0].signs, np.arange(600, dtype=np.uint64))
+    np.testing.assert_array_equal(by_table["a", 0].embeddings, expected_a)
+    np.testing.assert_array_equal(by_table["b", 0].signs, np.arange(20, dtype=np.uint64))
