@@ -43,11 +43,14 @@ def synthetic_batch(rng: np.random.Generator, batch: int, vocab: int) -> tuple[t
     return dense, sparse, label
 
 
-def make_producer(incremental_dir: str, buffer_size: int = 100_000) -> IncrementalProducer:
+def make_producer(incremental_dir: str, buffer_size: int = 100_000,
+                  flush_interval_s: float = 30.0) -> IncrementalProducer:
+    """A producer to local `incremental_dir`: a table flushes at `buffer_size` distinct rows
+    or when its oldest unflushed row is `flush_interval_s` old."""
     config = config_from_mapping({
         "enable_incremental_update": True, "incremental_buffer_size": buffer_size,
         "incremental_dir": incremental_dir, "storage": "local",
-        "persia_inc": {"model": "ctr"},
+        "persia_inc": {"model": "ctr", "producer": {"flush_interval_s": flush_interval_s}},
     }, "<example>")
     return IncrementalProducer(config, producer_id="trainer-0")
 
