@@ -127,6 +127,7 @@ def freshness(tmp: Path, name: str, packets: int, rows: int, *, loader_settings:
             checker.start()
             for seq in range(packets):
                 signs, emb = make(rng, rows, 20 * rows)
+                signs[0] = 10**12 + seq  # a sign no other packet touches: visible means applied
                 header = PacketHeader(model="m", table="t", producer="p", generation=1, sequence=seq)
                 key = packet_key("m", "t", "p", 1, seq)
                 data = encode_packet(header, signs, emb)
