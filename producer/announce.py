@@ -15,23 +15,12 @@ import logging
 import random
 import threading
 import time
-import warnings
 from typing import Any, Protocol
 
 from packet_format import Announcement
+from persia_inc.kafka_client import import_kafka
 
 log = logging.getLogger(__name__)
-
-
-def import_kafka() -> Any:
-    """Import kafka-python, hiding the DeprecationWarning its protocol module raises on
-    Python 3.11 (importlib.resources.open_text) so `-W error` runs do not fail on it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        import kafka
-        import kafka.admin
-        import kafka.errors
-    return kafka
 
 
 class Announcer(Protocol):

@@ -4,26 +4,21 @@ kill -9 of a training process."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
-import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pytest
 from test_producer_support import NumpyModel, producer_config, read_packets, replay
 
 from packet_format import Announcement, parse_packet_path
+from persia_inc.kafka_client import import_kafka
 from producer import IncrementalProducer
-from producer.announce import import_kafka
 from storage import open_store
 
 from services import CephCluster, TansuBroker
@@ -95,38 +90,6 @@ def _announcements(bootstrap: str, topic: str, want: int, timeout_s: float = 30)
     return found
 
 
-@pytest.fixture
-def quiet_kafka_logs() -> Iterator[None]:
-    """kafka-python 3.0.12 logs errors whose exceptions hold the unclosed socket of a refused
-    connection (kafka/net/inet.py); pytest keeps captured records to the session's end, where
-    the socket's ResourceWarning then fails the run. Keep kafka's records out of the capture
-    and finalize those sockets here, where we know where they come from."""
-    kafka_log = logging.getLogger("kafka")
-    kafka_log.propagate = False
-    try:
-        yield
-    finally:
-        kafka_log.propagate = True
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-            for sock in [o for o in gc.get_objects() if isinstance(o, socket.socket)]:
-                if sock.fileno() != -1 and _refused(sock):
-                    sock.close()
-
-
-def _refused(sock: socket.socket) -> bool:
-    """A TCP socket left by a refused connect: never bound to an address, never connected."""
-    try:
-        if sock.getsockname()[0] != "0.0.0.0":
-            return False
-        sock.getpeername()
-    except OSError:
-        return True
-    return False
-
-
-@pytest.mark.usefixtures("quiet_kafka_logs")
 def test_kafka_broker_outage_loses_nothing(tmp_path: Path,
                                            kafka_factory: Callable[..., TansuBroker]) -> None:
     # Memory storage: the restarted broker has lost the topic and what was announced before,
@@ -183,7 +146,7 @@ import pytest
 sys.path.insert(0, {tests!r})
 from test_producer_support import NumpyModel, producer_config
 from producer import IncrementalProducer
-from producer.announce import import_kafka
+from persia_inc.kafka_client import import_kafka
 config = producer_config({uri!r}, buffer_size=20000)
 model = NumpyModel(rows=200_000, dim=64)
 producer = IncrementalProducer(config, producer_id="killed")

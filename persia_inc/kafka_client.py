@@ -1,0 +1,50 @@
+"""kafka-python, imported the one way both the producer and the loader use it.
+
+Two things about kafka-python 3.0.12 are handled here, once:
+
+* its protocol module raises a DeprecationWarning on Python 3.11 at import, which fails runs
+  with warnings as errors;
+* a connect that fails (broker down: connection refused) leaves its socket open
+  (`kafka.net.inet.KafkaNetSocket.sock_connect` raises without closing it); the exception's
+  traceback keeps it alive, so every reconnect attempt during an outage holds a file descriptor
+  until garbage collection. We close the socket when the connect fails.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+_PATCHED = "_persia_inc_closes_failed_sockets"
+
+
+def import_kafka() -> Any:
+    """The `kafka` package, with `kafka.admin`, `kafka.errors` and `kafka.structs` loaded."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import kafka
+        import kafka.admin
+        import kafka.errors
+        import kafka.structs
+    _close_sockets_of_failed_connects()
+    return kafka
+
+
+def _close_sockets_of_failed_connects() -> None:
+    try:
+        from kafka.net.inet import KafkaNetSocket
+    except ImportError:  # another kafka-python layout: nothing to mend
+        return
+    original = getattr(KafkaNetSocket, "sock_connect", None)
+    if original is None or getattr(original, _PATCHED, False):
+        return
+
+    async def sock_connect(self: Any, net: Any, sock: Any, sockaddr: Any, timeout_at: Any = None) -> Any:
+        try:
+            return await original(self, net, sock, sockaddr, timeout_at=timeout_at)
+        except BaseException:
+            sock.close()
+            raise
+
+    setattr(sock_connect, _PATCHED, True)
+    KafkaNetSocket.sock_connect = sock_connect
