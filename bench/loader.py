@@ -169,7 +169,7 @@ def replay_bench(tmp: Path, packets: int, rows: int) -> dict:
 
 
 def kafka_ceph(tmp: Path, packets: int, rows: int) -> dict:
-    from producer.announce import import_kafka
+    from persia_inc.kafka_client import import_kafka
 
     from services import CephCluster, TansuBroker
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from packet_format import Announcement, PacketError, PacketId, parse_packet_path, stream_prefix
+from persia_inc.kafka_client import import_kafka
 from storage import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,6 @@ def packet_id_of_key(key: str, model: str) -> PacketId | None:
     except PacketError:
         return None
     return packet_id if packet_id.key == key else None
-
-
-def _import_kafka() -> Any:
-    """kafka-python, without the DeprecationWarning its protocol module raises on 3.11."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        import kafka
-        import kafka.structs
-    return kafka
 
 
 def offer(out: queue.Queue, candidate: Candidate, stop: threading.Event) -> bool:
@@ -293,7 +283,7 @@ class KafkaSource:
         self._committed.update(offsets)
 
     def _run(self) -> None:
-        kafka = _import_kafka()
+        kafka = import_kafka()
         from kafka import structs
 
         source = self

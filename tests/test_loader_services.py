@@ -171,7 +171,7 @@ def test_listing_source_on_s3_and_hdfs(backend: str, embedding_cluster_factory, 
 
 
 def test_kafka_group_of_two_loaders_with_ceph(embedding_cluster_factory, ceph, kafka) -> None:
-    from producer.announce import import_kafka
+    from persia_inc.kafka_client import import_kafka
 
     kafka_mod = import_kafka()
     uri = ceph.new_bucket()
