@@ -442,8 +442,9 @@ def _check_together(config: Config) -> None:
                           "announce is 'kafka' but no bootstrap servers are set")
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML configuration file."""
+def load_config(path: str | os.PathLike[str], *, need_servers: bool = False) -> Config:
+    """Read and validate a YAML configuration file; `need_servers` also requires
+    PersiaInferConfig.servers (for the commands that talk to the embedding servers)."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -455,5 +456,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, "", f"not valid YAML: {exc}") from exc
-    return config_from_mapping(raw, source)
+    config = config_from_mapping(raw, source)
+    if need_servers and not config.infer.servers:
+        raise ConfigError(source, "PersiaInferConfig.servers",
+                          "is empty, and this command talks to the embedding servers")
+    return config
 

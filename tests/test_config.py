@@ -151,3 +151,11 @@ storage: ceph
 persia_inc: {s3: {access_key_id: AKIASECRETID, secret_access_key: sup3rs3cret}}
 """))
     assert "sup3rs3cret" not in repr(config) and "AKIASECRETID" not in repr(config)
+
+
+def test_serving_commands_require_servers(tmp_path: Path) -> None:
+    path = write(tmp_path, "incremental_dir: /data/inc\n")
+    assert load_config(path).infer.servers == ()
+    with pytest.raises(ConfigError) as info:
+        load_config(path, need_servers=True)
+    assert info.value.key == "PersiaInferConfig.servers"

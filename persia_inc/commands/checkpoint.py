@@ -36,10 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from persia_inc.config import load_config
     from storage import StorageError
 
-    config = load_config(args.config)
-    if not config.infer.servers:
-        print("persia-inc checkpoint: PersiaInferConfig.servers is empty", file=sys.stderr)
-        return 2
+    config = load_config(args.config, need_servers=True)
     try:
         with EmbeddingClient.from_config(config) as client:
             if args.action == "save":

@@ -34,10 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from loader.daemon import Loader
     from persia_inc.config import load_config
 
-    config = load_config(args.config)
-    if not config.infer.servers:
-        print("persia-inc loader: PersiaInferConfig.servers is empty", file=sys.stderr)
-        return 2
+    config = load_config(args.config, need_servers=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

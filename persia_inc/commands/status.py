@@ -33,10 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from persia_inc.config import load_config
     from storage import StorageError
 
-    config = load_config(args.config)
-    if not config.infer.servers:
-        print("persia-inc status: PersiaInferConfig.servers is empty", file=sys.stderr)
-        return 2
+    config = load_config(args.config, need_servers=True)
     try:
         with EmbeddingClient.from_config(config) as client, config.open_store() as store:
             rows = stream_status(client, store, config.persia_inc.model)
