@@ -27,8 +27,9 @@ test: $(STAMP) test-deps
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)
-	$(BIN)/python bench/packet_codec.py
+bench: $(STAMP)  ## every benchmark, one after the other (about 10 minutes; starts its own Ceph)
+	for b in packet_codec embedding_server producer loader inference; do \
+	  $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -15,6 +15,7 @@ S3_ENDPOINT_URL (with AWS_* credentials) if set, else starts a throwaway cluster
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -152,6 +153,11 @@ def main() -> int:
     print(f"{'case':<34} {'ours MB/s':>10} {'raw MB/s':>10} {'ratio':>7}")
     for name, ours, raw, ratio in results:
         print(f"{name:<34} {ours:>10.0f} {raw:>10.0f} {ratio:>6.2f}x")
+    out = REPO / "bench" / "results" / "packet_codec.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps([
+        {"case": name, "ours_mb_s": round(ours, 1), "raw_mb_s": round(raw, 1), "ratio": round(ratio, 3)}
+        for name, ours, raw, ratio in results], indent=2) + "\n")
     return 0
 
 
