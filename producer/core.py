@@ -316,33 +316,40 @@ class IncrementalProducer:
         return rows, state
 
     def _flush(self, tables: list[str], reason: FlushReason, *, admit: bool = True) -> None:
-        """Swap the buffers of `tables`, read their rows, hand the snapshots to the writer."""
+        """Swap the buffers of `tables`, read their rows, hand the snapshots to the writer.
+
+        Every table is read before the writer hears of any: a writer woken by the first table
+        would compete with the reads of the others for the GIL and the cores.
+        """
         with self._lock:
             if admit:
                 self.writer.admit()  # back-pressure: block or raise before taking more
             started = time.perf_counter()
-            flushed = 0
-            for name in tables:
-                entry = self._tables[name]
-                signs, ops = entry.buffer.swap()
-                entry.oldest_s = None
-                if not signs.size:
-                    continue
-                if ops.any():
-                    upserts, deleted = signs[ops == 0], signs[ops != 0]
-                else:
-                    upserts, deleted = signs, np.empty(0, np.uint64)
-                try:
-                    rows, state = self._call_reader(entry.reader, upserts, name)
-                except BaseException:
-                    entry.buffer.insert(upserts, SignBuffer.UPSERT)  # nothing leaves unstored
-                    entry.buffer.insert(deleted, SignBuffer.DELETE)
-                    entry.oldest_s = time.monotonic()
-                    raise
-                self.writer.submit(Snapshot(name, upserts, rows, deleted, entry.dim, reason, state))
-                flushed += 1
+            snapshots: list[Snapshot] = []
+            try:
+                for name in tables:
+                    entry = self._tables[name]
+                    signs, ops = entry.buffer.swap()
+                    entry.oldest_s = None
+                    if not signs.size:
+                        continue
+                    if ops.any():
+                        upserts, deleted = signs[ops == 0], signs[ops != 0]
+                    else:
+                        upserts, deleted = signs, np.empty(0, np.uint64)
+                    try:
+                        rows, state = self._call_reader(entry.reader, upserts, name)
+                    except BaseException:
+                        entry.buffer.insert(upserts, SignBuffer.UPSERT)  # nothing leaves unstored
+                        entry.buffer.insert(deleted, SignBuffer.DELETE)
+                        entry.oldest_s = time.monotonic()
+                        raise
+                    snapshots.append(Snapshot(name, upserts, rows, deleted, entry.dim, reason, state))
+            finally:
+                if snapshots:  # the tables read before a failing reader are shipped all the same
+                    self.writer.submit_many(snapshots)
             self._reset_interval()
-            if flushed:
+            if snapshots:
                 m = self.metrics
                 m.of(m.flushes, reason=reason).inc()
                 m.of(m.snapshot_latency).observe(time.perf_counter() - started)

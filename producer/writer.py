@@ -184,19 +184,24 @@ class PacketWriter:
 
     def submit(self, snapshot: Snapshot) -> None:
         """Queue a snapshot; merged into a queued snapshot of the same table when possible."""
+        self.submit_many([snapshot])
+
+    def submit_many(self, snapshots: list[Snapshot]) -> None:
+        """Queue snapshots (in order) under one lock and one wake-up of the writer thread."""
         self.check_failure()
         with self._cond:
-            for queued in reversed(self._queue):
-                if queued.table == snapshot.table:
-                    if queued.can_merge(snapshot):
-                        before = queued.nbytes
-                        queued.merge(snapshot)
-                        self._pending_bytes += queued.nbytes - before
+            for snapshot in snapshots:
+                for queued in reversed(self._queue):
+                    if queued.table == snapshot.table:
+                        if queued.can_merge(snapshot):
+                            before = queued.nbytes
+                            queued.merge(snapshot)
+                            self._pending_bytes += queued.nbytes - before
+                            break
+                        self._append(snapshot)
                         break
+                else:
                     self._append(snapshot)
-                    break
-            else:
-                self._append(snapshot)
             self._gauges()
             self._cond.notify_all()
 
