@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 SLOT_DTYPE = np.dtype([("key", "<u8"), ("row", "<i4")], align=False)
 EMPTY = -1
@@ -39,50 +43,99 @@ def _home(key: np.uint64, shift: np.uint64) -> np.int64:
     return np.int64(h >> shift)
 
 
-BLOCK = 32  # signs whose slots are loaded together, so their cache misses overlap
+PROBE_AHEAD = 16  # signs hashed ahead of the one being resolved (slot prefetch distance)
+COPY_AHEAD = 32  # rows prefetched ahead of the one being copied
+_RING = 64  # power of two > PROBE_AHEAD: the homes of signs in flight
+
+
+def _prefetcher(write: int):
+    """An intrinsic `f(arr, i)` that prefetches the cache line of arr[i] (arr[i, 0] for 2-D)."""
+
+    @intrinsic
+    def prefetch(typingctx, arr, idx):
+        def codegen(context, builder, signature, args):
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            zero = ir.Constant(ir.IntType(64), 0)
+            ptr = cgutils.get_item_pointer2(
+                context, builder, ary.data, cgutils.unpack_tuple(builder, ary.shape),
+                cgutils.unpack_tuple(builder, ary.strides), aryty.layout,
+                [args[1]] + [zero] * (aryty.ndim - 1), wraparound=False, boundscheck=False)
+            i32 = ir.IntType(32)
+            bytes_ptr = ir.IntType(8).as_pointer()
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [bytes_ptr, i32, i32, i32]),
+                "llvm.prefetch.p0")
+            # (address, rw, locality 3 = keep in all levels, cache type 1 = data)
+            builder.call(fn, [builder.bitcast(ptr, bytes_ptr), ir.Constant(i32, write),
+                              ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(arr, types.int64), codegen
+
+    return prefetch
+
+
+_prefetch = _prefetcher(0)
+_prefetch_write = _prefetcher(1)
 
 
 @_jit
-def _probe_block(slots, shift, signs, base, m, homes, out_rows):
-    """Rows of signs[base:base+m] into out_rows[:m] (-1: unknown); returns the misses.
+def _prefetch_slot(slots, j):
+    """Both cache lines a 12-byte slot may straddle (usually the same one)."""
+    _prefetch(slots, j)
+    _prefetch(slots, (j + 1) & (slots.shape[0] - 1))
 
-    Group prefetching: the home slot of every sign in the block is read in one branch-free
-    pass of independent loads (the CPU overlaps their cache misses); only then are probe
-    chains followed, over lines now in cache, so a mispredicted branch no longer waits on
-    memory. This is what makes lookups several times faster than a plain probe loop.
-    """
-    mask = slots.shape[0] - 1
-    for b in range(m):
-        homes[b] = _home(signs[base + b], shift)
-    for b in range(m):
-        out_rows[b] = slots[homes[b]].row  # read here, used below: the loads overlap
-    misses = 0
-    for b in range(m):
-        key = signs[base + b]
-        j = homes[b]
-        r = out_rows[b]
-        row = -1
-        while r != EMPTY:
-            if slots[j].key == key:
-                row = r
-                break
-            j = (j + 1) & mask
-            r = slots[j].row
-        out_rows[b] = row
-        if row < 0:
-            misses += 1
-    return misses
+
+@_jit
+def _prefetch_row(values, row, write):
+    """Every cache line of values[row] (one for dim 16 on the table's 64-byte-aligned rows)."""
+    dim = values.shape[1]
+    for d in range(0, dim, 16):
+        if write:
+            _prefetch_write(values[row], d)
+        else:
+            _prefetch(values[row], d)
+    if write:
+        _prefetch_write(values[row], dim - 1)
+    else:
+        _prefetch(values[row], dim - 1)
 
 
 @_jit
 def find_rows(slots, shift, signs, out_rows):
-    """out_rows[i] = row of signs[i], or -1; returns the number of misses."""
-    homes = np.empty(BLOCK, np.int64)
-    misses = 0
+    """out_rows[i] = row of signs[i], or -1; returns the number of misses.
+
+    Software-pipelined: sign i is hashed and its home slot prefetched PROBE_AHEAD signs
+    before its probe chain is followed, so about that many slot misses are in flight at
+    once and the chain usually walks a line already in cache.
+    """
+    mask = slots.shape[0] - 1
+    homes = np.empty(_RING, np.int64)
     n = signs.shape[0]
-    for base in range(0, n, BLOCK):
-        m = min(BLOCK, n - base)
-        misses += _probe_block(slots, shift, signs, base, m, homes, out_rows[base:base + m])
+    misses = 0
+    for i in range(n + PROBE_AHEAD):
+        if i < n:
+            h = _home(signs[i], shift)
+            homes[i & (_RING - 1)] = h
+            _prefetch_slot(slots, h)
+        k = i - PROBE_AHEAD
+        if k < 0:
+            continue
+        key = signs[k]
+        j = homes[k & (_RING - 1)]
+        row = -1
+        while True:
+            r = slots[j].row
+            if r == EMPTY:
+                break
+            if slots[j].key == key:
+                row = r
+                break
+            j = (j + 1) & mask
+        out_rows[k] = row
+        if row < 0:
+            misses += 1
     return misses
 
 
@@ -91,8 +144,8 @@ def gather(slots, shift, values, signs, out, ticks, tick):
     """out[i] = values[row of signs[i]], zeros for unknown signs; returns the misses.
 
     ticks: int64[rows] last-use stamps written for hits (LRU), or an empty array for none.
-    Two passes (find every row, then copy): a copy that waits on its own probe serializes
-    two cache misses per sign; split, each pass keeps many misses in flight.
+    Two passes, each keeping many misses in flight: find every row (prefetched probes), then
+    copy with each row prefetched COPY_AHEAD rows before it is read.
     """
     n = signs.shape[0]
     dim = values.shape[1]
@@ -100,6 +153,10 @@ def gather(slots, shift, values, signs, out, ticks, tick):
     misses = find_rows(slots, shift, signs, rows)
     track = ticks.shape[0] > 0
     for i in range(n):
+        if i + COPY_AHEAD < n:
+            ahead = rows[i + COPY_AHEAD]
+            if ahead >= 0:
+                _prefetch_row(values, ahead, False)
         row = rows[i]
         if row < 0:
             for d in range(dim):
@@ -113,40 +170,50 @@ def gather(slots, shift, values, signs, out, ticks, tick):
 
 
 @_jit
-def upsert(slots, shift, values, row_signs, free, n_free, high, signs, rows, ticks, tick):
+def upsert(slots, shift, values, row_signs, free, n_free, high, signs, rows, found, ticks, tick):
     """Insert or overwrite `signs` with `rows`; returns (n_free, high, inserted).
 
-    free: int32[f] stack of reusable rows, n_free its depth; high: rows ever handed out.
-    The caller has made room: slots stay under the load limit and values has enough rows.
-    A sign repeated within `signs` keeps its last row.
+    found: int64[n] the rows of `signs` by `find_rows` under the same exclusive lock (-1:
+    not found then); a found row is written without probing again. free: int32[f] stack of
+    reusable rows, n_free its depth; high: rows ever handed out. The caller has made room:
+    slots stay under the load limit and values has enough rows. A sign repeated within
+    `signs` keeps its last row.
     """
     mask = slots.shape[0] - 1
     dim = values.shape[1]
     track = ticks.shape[0] > 0
+    n = signs.shape[0]
     inserted = 0
-    for i in range(signs.shape[0]):
-        key = signs[i]
-        j = _home(key, shift)
-        row = -1
-        while True:
-            r = slots[j].row
-            if r == EMPTY:
-                break
-            if slots[j].key == key:
-                row = r
-                break
-            j = (j + 1) & mask
-        if row < 0:
-            if n_free > 0:
-                n_free -= 1
-                row = free[n_free]
+    for i in range(n):
+        if i + COPY_AHEAD < n:
+            ahead = found[i + COPY_AHEAD]
+            if ahead >= 0:
+                _prefetch_row(values, ahead, True)
             else:
-                row = high
-                high += 1
-            slots[j].key = key
-            slots[j].row = row
-            row_signs[row] = key
-            inserted += 1
+                _prefetch_slot(slots, _home(signs[i + COPY_AHEAD], shift))
+        row = found[i]
+        if row < 0:
+            key = signs[i]
+            j = _home(key, shift)
+            while True:
+                r = slots[j].row
+                if r == EMPTY:
+                    break
+                if slots[j].key == key:
+                    row = r
+                    break
+                j = (j + 1) & mask
+            if row < 0:
+                if n_free > 0:
+                    n_free -= 1
+                    row = free[n_free]
+                else:
+                    row = high
+                    high += 1
+                slots[j].key = key
+                slots[j].row = row
+                row_signs[row] = key
+                inserted += 1
         for d in range(dim):
             values[row, d] = rows[i, d]
         if track:

@@ -27,6 +27,7 @@ from embedding_server import _kernels as kern
 MAX_LOAD = 0.7
 GROWTH = 1.25
 MAX_ROWS = 2**31 - 1  # row ids are int32
+CACHE_LINE = 64  # bytes
 _TICK_FREE = np.iinfo(np.int64).max
 
 
@@ -78,8 +79,19 @@ class UpsertResult:
     evicted: int  # rows evicted to stay within capacity
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """np.empty starting on a 64-byte cache line, so a 64-byte row (dim 16) is one line,
+    not two: a random row read or prefetched then costs one cache miss."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + CACHE_LINE, np.uint8)
+    skip = -raw.ctypes.data % CACHE_LINE
+    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
+
+
 def _empty_slots(n: int) -> np.ndarray:
-    slots = np.zeros(n, kern.SLOT_DTYPE)
+    slots = _aligned_empty((n,), kern.SLOT_DTYPE)
+    slots["key"] = 0
     slots["row"] = kern.EMPTY
     return slots
 
@@ -102,7 +114,7 @@ class EmbeddingTable:
         self._slots = _empty_slots(1 << bits)
         self._shift = np.uint64(64 - bits)
         cap = max(reserve, 16)
-        self._values = np.empty((cap, self.dim), np.float32)
+        self._values = _aligned_empty((cap, self.dim), np.float32)
         self._row_signs = np.empty(cap, np.uint64)
         self._free = np.empty(16, np.int32)
         self._n_free = 0
@@ -210,26 +222,29 @@ class EmbeddingTable:
         n = signs.shape[0]
         live = len(self)
         self._tick += 1
-        new_bound = n  # upper bound on new rows; counted exactly only when it matters
-        if self.capacity or live + n > self._slots.shape[0] * MAX_LOAD or n > self._spare_rows():
-            found = np.empty(n, np.int64)
-            kern.find_rows(self._slots, self._shift, signs, found)
-            hit = found >= 0
-            new_bound = int(n - hit.sum())
-            if self.capacity:
-                self._ticks[found[hit]] = self._tick  # what is written now is not evicted
+        # one prefetched probe pass finds the rows to overwrite; the write pass then probes
+        # only for signs that were new
+        found = np.empty(n, np.int64)
+        kern.find_rows(self._slots, self._shift, signs, found)
+        hit = found >= 0
+        new_bound = int(n - np.count_nonzero(hit))  # upper bound: a new sign may repeat
+        if self.capacity:
+            self._ticks[found[hit]] = self._tick  # what is written now is not evicted
         evicted = 0
         if self.capacity and live + new_bound > self.capacity:
             if new_bound > self.capacity:
                 raise ValueError(
                     f"{new_bound} new signs in one batch exceed the table capacity {self.capacity}")
             evicted = self._evict_locked(live + new_bound - self.capacity + self.capacity // 100)
+            if evicted:  # an evicted row may be one found above
+                kern.find_rows(self._slots, self._shift, signs, found)
+                new_bound = int(n - np.count_nonzero(found >= 0))
         if live + new_bound > MAX_ROWS:
             raise ValueError(f"a table holds at most {MAX_ROWS} rows per shard")
         self._reserve_locked(len(self) + new_bound, new_bound)
         self._n_free, self._high, inserted = kern.upsert(
             self._slots, self._shift, self._values, self._row_signs, self._free, self._n_free,
-            self._high, signs, rows, self._ticks, self._tick)
+            self._high, signs, rows, found, self._ticks, self._tick)
         return UpsertResult(int(inserted), n - int(inserted), evicted)
 
     def _spare_rows(self) -> int:
@@ -248,7 +263,7 @@ class EmbeddingTable:
         short = new_rows - self._spare_rows()
         if short > 0:
             cap = max(self._values.shape[0] + short, int(self._values.shape[0] * GROWTH))
-            values = np.empty((cap, self.dim), np.float32)
+            values = _aligned_empty((cap, self.dim), np.float32)
             values[: self._high] = self._values[: self._high]
             row_signs = np.empty(cap, np.uint64)
             row_signs[: self._high] = self._row_signs[: self._high]

@@ -125,6 +125,39 @@ def test_lru_capacity_evicts_least_recently_used() -> None:
         table.upsert(np.arange(5000, 5200, dtype=np.uint64), np.zeros((200, 2), np.float32))
 
 
+def test_upsert_whose_eviction_takes_rows_of_the_same_batch() -> None:
+    # 90 of the batch's signs exist and 10 are new: making room (1% overshoot) evicts one of
+    # the 90 after it was found, so its write must not land on its freed row
+    table = EmbeddingTable(2, capacity=100)
+    first = np.arange(100, dtype=np.uint64)
+    table.upsert(first, rows_for(first, 2))
+    batch = np.concatenate([first[10:], np.arange(1000, 1010, dtype=np.uint64)])
+    result = table.upsert(batch, rows_for(batch, 2, 0.5))
+    assert result.evicted == 11 and result.inserted == 11 and len(table) == 100
+    got, misses = table.lookup(batch)
+    assert misses == 0 and np.array_equal(got, rows_for(batch, 2, 0.5))
+    assert not table.contains(first[:10]).any()
+
+
+def test_prefetched_probes_match_a_dict_across_block_edges_and_duplicates() -> None:
+    # batch sizes around the pipelines' distances, repeated signs, misses mixed with hits
+    rng = np.random.default_rng(11)
+    table = EmbeddingTable(16)
+    model: dict[int, np.ndarray] = {}
+    universe = rng.integers(0, 2**64, 3000, dtype=np.uint64, endpoint=False)
+    for n in (1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 500, 2000):
+        signs = rng.choice(universe, n)  # with repeats: the last row of a sign wins
+        rows = rng.random((n, 16), dtype=np.float32)
+        table.upsert(signs, rows)
+        model.update(zip(signs.tolist(), rows, strict=True))
+        query = rng.choice(universe, n + 7)
+        got, misses = table.lookup(query)
+        want = np.array([model.get(s, np.zeros(16, np.float32)) for s in query.tolist()])
+        assert np.array_equal(got, want)
+        assert misses == sum(s not in model for s in query.tolist())
+    assert len(table) == len(model)
+
+
 def test_lookups_never_see_a_torn_row_in_process() -> None:
     table = EmbeddingTable(32)
     signs = np.arange(20_000, dtype=np.uint64)
