@@ -43,8 +43,8 @@ def _home(key: np.uint64, shift: np.uint64) -> np.int64:
     return np.int64(h >> shift)
 
 
-PROBE_AHEAD = 16  # signs hashed ahead of the one being resolved (slot prefetch distance)
-COPY_AHEAD = 32  # rows prefetched ahead of the one being copied
+PROBE_AHEAD = 24  # signs hashed ahead of the one being resolved (slot prefetch distance)
+COPY_AHEAD = 64  # rows prefetched ahead of the one being copied
 _RING = 64  # power of two > PROBE_AHEAD: the homes of signs in flight
 
 
