@@ -1,17 +1,16 @@
 """The background writer: encode snapshots as packets, store them, then announce them.
 
 One thread, fed by one queue of snapshots (bounded in bytes). A snapshot leaves memory only
-after `ObjectStore.put` of its packet returned, i.e. the packet is durably stored. During a
-storage outage the writer retries with capped, jittered backoff and the queue keeps growing;
-a newer snapshot of a table still waiting in the queue is merged into the older one (latest
-values win), so memory grows with distinct rows, not with flushes. A snapshot whose put was
-attempted is frozen: its key may already be visible, so its content never changes.
+after the `ObjectStore.writer` block of its packet exited cleanly, i.e. the packet is durably
+stored. During a storage outage the writer retries with capped, jittered backoff and the queue
+keeps growing; a newer snapshot of a table still waiting in the queue is merged into the older
+one (latest values win), so memory grows with distinct rows, not with flushes. A snapshot whose
+store was attempted is frozen: its key may already be visible, so its content never changes.
 """
 
 from __future__ import annotations
 
 import collections
-import io
 import logging
 import random
 import threading
@@ -50,8 +49,7 @@ class Snapshot:
     taken_s: float = field(default_factory=time.monotonic)
     created_ns: int = field(default_factory=time.time_ns)
     sequence: int | None = None  # set at the first put attempt, then frozen
-    header: PacketHeader | None = None
-    data: bytes | None = None
+    header: PacketHeader | None = None  # set with `sequence`
 
     @property
     def nbytes(self) -> int:
@@ -291,44 +289,45 @@ class PacketWriter:
                 self._abort.wait(wait)
         self._generation_ready.set()
 
-    def _encode(self, snapshot: Snapshot) -> None:
-        """Freeze the snapshot: take its sequence and encode it, once."""
+    def _freeze(self, snapshot: Snapshot) -> PacketHeader:
+        """Freeze the snapshot: take its sequence and put its rows in sign order, once."""
         if self.generation is None:
             raise RuntimeError("writing before the generation is known")
         snapshot.sequence = self._next_sequence[snapshot.table]
         self._next_sequence[snapshot.table] += 1
-        header = PacketHeader(
-            model=self.model, table=snapshot.table, producer=self.producer,
-            generation=self.generation, sequence=snapshot.sequence,
-            created_at_ns=snapshot.created_ns, flush_reason=snapshot.reason,
-            dtype=self.dtype, dim=snapshot.dim,  # type: ignore[arg-type]
-        )
         signs = snapshot.signs  # packets are sorted by sign; a dense buffer's already are
         if signs.size > 1 and not bool(np.all(signs[1:] > signs[:-1])):
             order = np.argsort(signs)  # here, off the training thread
             snapshot.signs, snapshot.rows = signs[order], snapshot.rows[order]
             if snapshot.state is not None:
                 snapshot.state = snapshot.state[order]
-        snapshot.deleted = np.sort(snapshot.deleted)
-        sink = io.BytesIO()
-        snapshot.header = write_packet(sink, header, snapshot.signs, snapshot.rows,
-                                       deleted=snapshot.deleted, state=snapshot.state)
-        snapshot.data = sink.getvalue()
+        if snapshot.deleted.size > 1:
+            snapshot.deleted = np.sort(snapshot.deleted)
+        snapshot.header = PacketHeader(
+            model=self.model, table=snapshot.table, producer=self.producer,
+            generation=self.generation, sequence=snapshot.sequence,
+            created_at_ns=snapshot.created_ns, flush_reason=snapshot.reason,
+            dtype=self.dtype, dim=snapshot.dim,  # type: ignore[arg-type]
+        )
+        return snapshot.header
 
     def _write(self, snapshot: Snapshot) -> bool:
-        """Store one snapshot, retrying until it is stored (True) or the writer aborts (False)."""
-        if snapshot.data is None or snapshot.header is None:
-            self._encode(snapshot)
-        written = snapshot.header
-        data = snapshot.data
-        if written is None or data is None:
-            raise RuntimeError("snapshot was not encoded")
-        key = packet_key(self.model, snapshot.table, self.producer, written.generation,
-                         written.sequence)
+        """Store one snapshot, retrying until it is stored (True) or the writer aborts (False).
+
+        The packet is encoded straight into the store's sink (on local disk the temporary file
+        itself, written by Arrow without the GIL): no packet-sized copy in memory. A retry
+        encodes the frozen snapshot again, to the same bytes.
+        """
+        header = snapshot.header if snapshot.header is not None else self._freeze(snapshot)
+        key = packet_key(self.model, snapshot.table, self.producer, header.generation,
+                         header.sequence)
         attempt = 0
         while True:
             try:
-                self.store.put(key, data)
+                with self.store.writer(key) as sink:
+                    written = write_packet(sink, header, snapshot.signs, snapshot.rows,
+                                           deleted=snapshot.deleted, state=snapshot.state)
+                    size = sink.tell()
                 break
             except Exception as exc:  # outage or denial: retry, never drop
                 if self._abort.is_set():
@@ -343,7 +342,6 @@ class PacketWriter:
                     self.metrics.of(self.metrics.retries, what="store").inc()
                 if self._abort.wait(wait):
                     return False
-        size = len(data)
         stored = StoredPacket(key, written, size)
         self.stored.append(stored)
         del self.stored[:-1000]
