@@ -195,6 +195,24 @@ def _mark(marks: np.ndarray, signs: np.ndarray, op: np.uint8, size: int) -> tupl
     return size, signs.size
 
 
+@numba.njit(cache=True, nogil=True)
+def _take(marks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Collect the marked rows in one pass and clear their marks: (signs uint64[size]
+    ascending, ops uint8[size])."""
+    signs = np.empty(size + 1, np.uint64)  # branch-free: every row writes slot j, a marked
+    ops = np.empty(size + 1, np.uint8)  # one keeps it (rows are marked at random)
+    j = 0
+    for i in range(marks.size):
+        mark = marks[i]
+        signs[j] = i
+        ops[j] = mark - np.uint8(1)
+        marks[i] = 0
+        j += mark != 0
+        if j > size:  # never: `size` counts the marks; guards the writes above
+            raise ValueError("more marked rows than the buffer counted")
+    return signs[:size], ops[:size]
+
+
 class DenseSignBuffer:
     """`SignBuffer` for signs known to lie in [0, rows): embedding row ids.
 
@@ -237,11 +255,9 @@ class DenseSignBuffer:
         with self._lock:
             if not self._size:
                 return np.empty(0, np.uint64), np.empty(0, np.uint8)
-            where = np.flatnonzero(self._marks)
-            ops = self._marks[where] - np.uint8(1)
-            self._marks[where] = 0
+            signs, ops = _take(self._marks, self._size)
             self._size = 0
-            return where.astype(np.uint64), ops
+            return signs, ops
 
     def contains(self, signs: np.ndarray) -> np.ndarray:
         """bool[n]: whether each of signs: uint64[n] is buffered."""

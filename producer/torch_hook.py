@@ -47,7 +47,8 @@ class IncrementalUpdateHook:
     def _reader(module: nn.Module) -> Any:
         def read(signs: np.ndarray) -> np.ndarray:
             """signs: uint64[n] row ids -> float32[n, dim], a copy of the rows now."""
-            index = torch.from_numpy(signs.astype(np.int64, copy=False))
+            ids = signs.view(np.int64) if signs.dtype == np.uint64 else signs.astype(np.int64)
+            index = torch.from_numpy(ids)  # row ids < 2**63: reinterpreted, not copied
             with torch.no_grad():
                 return module.weight.detach().index_select(0, index).float().cpu().numpy()
         return read
