@@ -125,7 +125,9 @@ def bench_overhead(steps: int, block: int, vocab: int, folder: str) -> None:
     mb = (sum(arms[True]) + drain_s) / len(arms[True])
     n = len(arms[True])
     print(f"step time (batch 2048, 26 tables x {vocab:,} rows, dim 16, {n} steps per arm in "
-          f"{blocks} alternating blocks of {block}, 40 warm-up steps excluded):")
+          f"{blocks} alternating blocks of {block}, 40 warm-up steps excluded; torch as it comes: "
+          f"{torch.get_num_threads()} intra-op threads on {os.cpu_count()} cores, the writer "
+          f"thread shares them):")
     print(f"  median: without hook {a * 1e3:.2f} ms, with hook {b * 1e3:.2f} ms, "
           f"ratio {b / a:.3f} ({100 * (b / a - 1):+.1f}%)")
     print(f"  mean incl. flush steps and writer drain ({drain_s * 1e3:.0f} ms in all): without "
