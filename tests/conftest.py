@@ -85,6 +85,8 @@ def embedding_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Embeddin
         path = write_test_config(folder / "config.yaml", servers,
                                  incremental_dir or str(tmp_path / "incremental"), **options)  # type: ignore[arg-type]
         cluster = EmbeddingCluster(path, servers, folder)
+        if options.get("tls_cert_file"):
+            cluster.client_defaults["tls_ca"] = Path(str(options["tls_cert_file"])).read_bytes()
         made.append(cluster)
         for shard in range(num):
             cluster.start(shard)

@@ -262,6 +262,7 @@ class EmbeddingCluster:
         self.servers = servers
         self.logs = logs
         self.procs: dict[int, subprocess.Popen] = {}
+        self.client_defaults: dict[str, object] = {}  # e.g. tls_ca when the servers use TLS
 
     def start(self, shard: int) -> None:
         env = {**os.environ, EMBEDDING_TOKEN_ENV: EMBEDDING_TOKEN}
@@ -292,6 +293,8 @@ class EmbeddingCluster:
 
         kwargs.setdefault("token", EMBEDDING_TOKEN)
         kwargs.setdefault("max_message_bytes", EMBEDDING_MAX_MESSAGE)
+        for key, value in self.client_defaults.items():
+            kwargs.setdefault(key, value)
         return EmbeddingClient(self.servers, **kwargs)  # type: ignore[arg-type]
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
