@@ -154,7 +154,7 @@ def bench_ceph(repeat: int) -> list[tuple[str, float, float, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=9, help="runs per figure; the median is kept")
+    parser.add_argument("--repeat", type=int, default=15, help="runs per figure; the median is kept")
     parser.add_argument("--no-ceph", action="store_true", help="local disk only")
     args = parser.parse_args()
     results = bench_local(args.repeat)

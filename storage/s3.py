@@ -48,6 +48,42 @@ class S3Settings:
     read_timeout_s: float = 30.0
 
 
+class _MemoryReader(io.RawIOBase):
+    """A seekable read-only stream over a buffer: botocore sends it without first copying a
+    packet-sized `bytes` (memoryview alone is not an accepted Body)."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = self._view[self._pos: self._pos + len(target)]
+        target[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        end = len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
+        chunk = self._view[self._pos:end]
+        self._pos = end
+        return chunk  # type: ignore[return-value]  # a view: http.client sends it as is
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """('bucket', 'prefix') of `s3://bucket/prefix`."""
     parsed = urlparse(uri)
@@ -129,10 +165,11 @@ class S3Store(ObjectStore):
     def _put(self, key: str, data: bytes | memoryview) -> None:
         with self._mapped(key):
             if len(data) <= self.settings.multipart_threshold_bytes:
-                self._client.put_object(Bucket=self.bucket, Key=self._object(key), Body=bytes(data))
+                self._client.put_object(Bucket=self.bucket, Key=self._object(key),
+                                        Body=_MemoryReader(data))
             else:
                 self._client.upload_fileobj(
-                    io.BytesIO(data), self.bucket, self._object(key), Config=self._transfer
+                    _MemoryReader(data), self.bucket, self._object(key), Config=self._transfer
                 )
 
     def _get(self, key: str) -> bytes:
