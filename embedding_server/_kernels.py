@@ -103,6 +103,19 @@ def _prefetch_row(values, row, write):
 
 
 @_jit
+def _probe(slots, mask, key, j):
+    """Follow the linear-probe chain of `key` from slot `j`: (slot, row) where it is, or
+    (the empty slot that ends the chain, -1) when it is absent."""
+    while True:
+        r = slots[j].row
+        if r == EMPTY:
+            return j, -1
+        if slots[j].key == key:
+            return j, r
+        j = (j + 1) & mask
+
+
+@_jit
 def find_rows(slots, shift, signs, out_rows):
     """out_rows[i] = row of signs[i], or -1; returns the number of misses.
 
@@ -122,17 +135,7 @@ def find_rows(slots, shift, signs, out_rows):
         k = i - PROBE_AHEAD
         if k < 0:
             continue
-        key = signs[k]
-        j = homes[k & (_RING - 1)]
-        row = -1
-        while True:
-            r = slots[j].row
-            if r == EMPTY:
-                break
-            if slots[j].key == key:
-                row = r
-                break
-            j = (j + 1) & mask
+        _, row = _probe(slots, mask, signs[k], homes[k & (_RING - 1)])
         out_rows[k] = row
         if row < 0:
             misses += 1
@@ -194,15 +197,7 @@ def upsert(slots, shift, values, row_signs, free, n_free, high, signs, rows, fou
         row = found[i]
         if row < 0:
             key = signs[i]
-            j = _home(key, shift)
-            while True:
-                r = slots[j].row
-                if r == EMPTY:
-                    break
-                if slots[j].key == key:
-                    row = r
-                    break
-                j = (j + 1) & mask
+            j, row = _probe(slots, mask, key, _home(key, shift))
             if row < 0:
                 if n_free > 0:
                     n_free -= 1
@@ -233,19 +228,9 @@ def remove(slots, shift, free, n_free, signs, ticks):
     removed = 0
     for i in range(signs.shape[0]):
         key = signs[i]
-        j = _home(key, shift)
-        found = False
-        while True:
-            r = slots[j].row
-            if r == EMPTY:
-                break
-            if slots[j].key == key:
-                found = True
-                break
-            j = (j + 1) & mask
-        if not found:
+        j, row = _probe(slots, mask, key, _home(key, shift))
+        if row < 0:
             continue
-        row = slots[j].row
         free[n_free] = row
         n_free += 1
         if track:
@@ -297,15 +282,7 @@ def live_rows(slots, shift, row_signs, start, stop, out_rows):
     n = 0
     for row in range(start, stop):
         key = row_signs[row]
-        j = _home(key, shift)
-        while True:
-            r = slots[j].row
-            if r == EMPTY:
-                break
-            if slots[j].key == key:
-                if r == row:
-                    out_rows[n] = row
-                    n += 1
-                break
-            j = (j + 1) & mask
+        if _probe(slots, mask, key, _home(key, shift))[1] == row:
+            out_rows[n] = row
+            n += 1
     return n
