@@ -101,10 +101,13 @@ class ObjectStore(ABC):
         self._retrying(f"put {self.uri(key)} ({view.nbytes} bytes)", lambda: self._put(key, view))
 
     @contextmanager
-    def writer(self, key: str) -> Iterator[BinaryIO]:
+    def writer(self, key: str, size_hint: int = 0) -> Iterator[BinaryIO]:
         """A binary sink whose contents are stored atomically at `key` when the block exits
         cleanly, and discarded when it raises. Saves a copy of large objects where the
-        backend can stream (local disk writes straight into the temporary file)."""
+        backend can stream (local disk writes straight into the temporary file).
+
+        size_hint: an upper bound of the bytes the block writes, when the caller knows one;
+        local disk then encodes into reused aligned memory and writes it with direct I/O."""
         import pyarrow as pa  # a dependency of the project; only needed here
 
         check_key(key)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
 import numpy as np
 import pytest
 
-from packet_format import PacketHeader, decode_packet, encode_packet, packet_key
+from packet_format import PacketHeader, decode_packet, encode_packet, packet_key, write_packet
 from storage import (
     NO_RETRY,
     ObjectInfo,
@@ -86,6 +87,21 @@ def test_packets_survive_the_roundtrip_bit_for_bit(object_store: ObjectStore) ->
     assert np.array_equal(packet.embeddings, rows)
 
 
+def test_a_packet_streamed_with_a_size_hint_reads_back_whole(object_store: ObjectStore) -> None:
+    rng = np.random.default_rng(2)
+    signs = np.arange(3001, dtype=np.uint64)  # a size that is no multiple of a page
+    rows = rng.standard_normal((3001, 16), dtype=np.float32)
+    header = PacketHeader(model="m", table="t", producer="p", generation=1, sequence=0)
+    for sequence in range(3):  # the second and third reuse the first one's memory
+        key = packet_key("m", "t", "p", 1, sequence)
+        with object_store.writer(key, size_hint=signs.nbytes + rows.nbytes + 65536) as sink:
+            write_packet(sink, header, signs + np.uint64(sequence), rows + sequence)
+        packet = decode_packet(object_store.get(key), where=object_store.uri(key))
+        assert np.array_equal(packet.signs, signs + np.uint64(sequence))
+        assert np.array_equal(packet.embeddings, rows + sequence)
+    assert [o.key for o in object_store.list("m/")] == [packet_key("m", "t", "p", 1, i) for i in range(3)]
+
+
 def test_readers_never_see_a_partial_object(object_store: ObjectStore) -> None:
     """While large objects are being put, every listed object reads back whole."""
     blobs = {f"w/{i:03d}": bytes([i]) * (2 * 1024 * 1024) for i in range(6)}
@@ -135,6 +151,45 @@ def test_local_put_leaves_no_temp_file_and_lists_none(tmp_path) -> None:
     (tmp_path / "a" / ".b.123.tmp").write_bytes(b"partial")  # a crashed writer's leftover
     assert [p.name for p in (tmp_path / "a").iterdir() if not p.name.startswith(".")] == ["b"]
     assert store.list() == [ObjectInfo("a/b", 1)]
+
+
+def test_local_hinted_writes_go_through_direct_io(tmp_path) -> None:
+    store = open_store(str(tmp_path / "inc"))
+    data = np.random.default_rng(3).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    for key in ("a/one", "a/two"):
+        with store.writer(key, size_hint=len(data)) as sink:
+            sink.write(data)
+        assert (tmp_path / "inc" / key).read_bytes() == data  # trimmed back from whole pages
+    assert store._direct_io  # ext4, xfs and (since Linux 6.6) tmpfs take O_DIRECT
+    assert sorted(p.name for p in (tmp_path / "inc" / "a").iterdir()) == ["one", "two"]  # no temps
+
+
+def test_local_folder_refusing_direct_io_gets_a_plain_write(tmp_path, monkeypatch) -> None:
+    """Filesystems without O_DIRECT (older tmpfs, some FUSE mounts) answer EINVAL at open."""
+    real_open = os.open
+
+    def refuse_direct(path: str, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr("storage.local.os.open", refuse_direct)
+    store = open_store(str(tmp_path))
+    for key, payload in (("k1", b"a" * 6000), ("k2", b"b" * 70)):
+        with store.writer(key, size_hint=len(payload)) as sink:
+            sink.write(payload)
+        assert store.get(key) == payload
+    assert not store._direct_io
+
+
+def test_local_write_past_its_size_hint_fails_once_then_streams(tmp_path) -> None:
+    store = open_store(str(tmp_path), retry=NO_RETRY)
+    with pytest.raises(OSError, match="out of bounds"), store.writer("k", size_hint=10) as sink:
+        sink.write(b"x" * 5000)
+    assert store.list() == []  # nothing half-written is visible
+    with store.writer("k", size_hint=10) as sink:  # hints are no longer trusted
+        sink.write(b"y" * 5000)
+    assert store.get("k") == b"y" * 5000
 
 
 def test_local_file_uri_and_plain_path_agree(tmp_path) -> None:
