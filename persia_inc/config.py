@@ -83,6 +83,10 @@ class ProducerSettings:
     restarts so a restart finds its earlier generations); close_timeout_s: how long `close()`
     waits for pending packets to be stored; metrics_port: serve Prometheus metrics on
     127.0.0.1:port (0: off); metrics_addr: the address it binds.
+
+    writer_nice: how much lower than the training threads the packet writer thread runs
+    (Linux nice increment, 0-19), so encoding and storing use the cores training leaves idle;
+    row_pool_bytes: idle snapshot row buffers kept for reuse between flushes (0: none).
     """
 
     flush_interval_s: float = 30.0
@@ -96,6 +100,8 @@ class ProducerSettings:
     producer_id: str = ""
     close_timeout_s: float = 30.0
     metrics_addr: str = "127.0.0.1"
+    writer_nice: int = 19
+    row_pool_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +429,10 @@ def _check_together(config: Config) -> None:
         raise ConfigError(source, "persia_inc.producer.max_pending_bytes", "must be positive")
     if producer.close_timeout_s <= 0:
         raise ConfigError(source, "persia_inc.producer.close_timeout_s", "must be positive")
+    if not 0 <= producer.writer_nice <= 19:
+        raise ConfigError(source, "persia_inc.producer.writer_nice", "must be in [0, 19]")
+    if producer.row_pool_bytes < 0:
+        raise ConfigError(source, "persia_inc.producer.row_pool_bytes", "must be 0 or more")
     if not 0 <= producer.metrics_port < 65536:
         raise ConfigError(source, "persia_inc.producer.metrics_port", "must be in [0, 65535]")
     if producer.producer_id:

@@ -31,6 +31,7 @@ from producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
 from producer.errors import ProducerClosedError, UnstoredDataError
 from producer.metrics import ProducerMetrics
 from producer.policy import FlushPolicy, FlushReason
+from producer.rowpool import RowBufferPool
 from producer.signset import DenseSignBuffer, SignBuffer
 from producer.writer import PacketWriter, Snapshot
 from storage import ObjectStore
@@ -42,15 +43,19 @@ DEFAULT_PRODUCER_ID = "producer-0"
 Reader = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray | None]"]
 """reader(signs: uint64[n]) -> rows: float32[n, dim], or (rows, state: float32[n, k] | None).
 
-It must return copies (fancy indexing does), not views the optimizer keeps updating."""
+It must return copies (fancy indexing does), not views the optimizer keeps updating.
+Registered with `reads_into=True` it is called as reader(signs, out) instead: it fills
+out: float32[n, dim] (a reused buffer) and returns the state float32[n, k] or None."""
 
 
 class _Table:
-    __slots__ = ("buffer", "dim", "name", "oldest_s", "reader")
+    __slots__ = ("buffer", "dim", "name", "oldest_s", "reader", "reads_into")
 
-    def __init__(self, name: str, reader: Reader, dim: int, rows: int | None) -> None:
+    def __init__(self, name: str, reader: Reader, dim: int, rows: int | None,
+                 reads_into: bool) -> None:
         self.name = name
         self.reader = reader
+        self.reads_into = reads_into
         self.dim = dim
         self.buffer: SignBuffer | DenseSignBuffer = (
             SignBuffer() if rows is None else DenseSignBuffer(rows))
@@ -95,8 +100,9 @@ class IncrementalProducer:
             self.store, self.model, self.producer_id, self.announcer,
             dtype=settings.dtype, max_pending_bytes=settings.max_pending_bytes,
             backpressure=settings.backpressure, max_backoff_s=config.persia_inc.retry.max_backoff_s,
-            generation=generation, metrics=self.metrics,
+            generation=generation, metrics=self.metrics, nice=settings.writer_nice,
         )
+        self.row_pool = RowBufferPool(settings.row_pool_bytes)
         self._lock = threading.RLock()  # one flush at a time; close vs. flush
         self._interval_due_s = float("inf")  # earliest time some table's interval expires
         self._busy = 0  # >0 inside record/flush or a guarded training step
@@ -125,12 +131,15 @@ class IncrementalProducer:
     # --- tables ---------------------------------------------------------------------------
 
     def register_table(self, table: str, reader: Reader, *, dim: int | None = None,
-                       rows: int | None = None) -> None:
+                       rows: int | None = None, reads_into: bool = False) -> None:
         """Declare `table` and how to read its rows at flush time.
 
         reader(signs: uint64[n]) returns float32[n, dim] (or (rows, state float32[n, k]));
-        dim defaults to what the reader returns for no signs. rows: when every sign of the
-        table is a row id in [0, rows) (an embedding matrix), the buffer is one byte per row
+        dim defaults to what the reader returns for no signs. reads_into: the reader is
+        reader(signs, out) and fills out: float32[n, dim], a buffer the producer reuses across
+        flushes (no fresh memory to fault in on the training thread); dim is then required,
+        and it returns the state or None. rows: when every sign of the
+        table is a row id in [0, rows) (an embedding matrix), the buffer is one bit per row
         (`DenseSignBuffer`), cheaper per insert than the hash map; None: any uint64 sign.
         Registering a table again replaces its reader and keeps its buffered signs.
         """
@@ -139,6 +148,8 @@ class IncrementalProducer:
         from packet_format.header import check_name
 
         check_name("table", table)
+        if dim is None and reads_into:
+            raise ValueError(f"table {table!r}: a reads_into reader needs dim")
         if dim is None:
             probe, _ = self._call_reader(reader, np.empty(0, np.uint64), table)
             dim = int(probe.shape[1])
@@ -149,9 +160,10 @@ class IncrementalProducer:
         with self._lock:
             entry = self._tables.get(table)
             if entry is None:
-                self._tables[table] = _Table(table, reader, dim, rows)
+                self._tables[table] = _Table(table, reader, dim, rows, reads_into)
                 return
             entry.reader = reader
+            entry.reads_into = reads_into
             entry.dim = dim
             dense = isinstance(entry.buffer, DenseSignBuffer)
             if dense != (rows is not None) or (dense and entry.buffer.capacity != rows):
@@ -299,6 +311,25 @@ class IncrementalProducer:
 
     # --- flushing -------------------------------------------------------------------------
 
+    def _read_rows(self, entry: _Table,
+                   signs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(rows, state, pooled block that rows views or None) of `signs` in `entry`."""
+        if not entry.reads_into:
+            return (*self._call_reader(entry.reader, signs, entry.name), None)
+        block = self.row_pool.take(signs.size, entry.dim)
+        try:
+            rows = block[:signs.size]
+            state = entry.reader(signs, rows)  # type: ignore[call-arg]
+            if state is not None:
+                state = np.asarray(state, dtype=np.float32)
+                if state.ndim != 2 or state.shape[0] != signs.size:
+                    raise ValueError(f"reader of table {entry.name!r} returned state of shape "
+                                     f"{state.shape} for {signs.size} signs")
+        except BaseException:
+            self.row_pool.give_back(block)
+            raise
+        return rows, state, block
+
     def _call_reader(self, reader: Reader, signs: np.ndarray,
                      table: str) -> tuple[np.ndarray, np.ndarray | None]:
         result = reader(signs)
@@ -338,13 +369,14 @@ class IncrementalProducer:
                     else:
                         upserts, deleted = signs, np.empty(0, np.uint64)
                     try:
-                        rows, state = self._call_reader(entry.reader, upserts, name)
+                        rows, state, block = self._read_rows(entry, upserts)
                     except BaseException:
                         entry.buffer.insert(upserts, SignBuffer.UPSERT)  # nothing leaves unstored
                         entry.buffer.insert(deleted, SignBuffer.DELETE)
                         entry.oldest_s = time.monotonic()
                         raise
-                    snapshots.append(Snapshot(name, upserts, rows, deleted, entry.dim, reason, state))
+                    snapshots.append(Snapshot(name, upserts, rows, deleted, entry.dim, reason, state,
+                                              block=block, give_back=self.row_pool.give_back))
             finally:
                 if snapshots:  # the tables read before a failing reader are shipped all the same
                     self.writer.submit_many(snapshots)

@@ -23,7 +23,7 @@ class IncrementalUpdateHook:
 
     Per step the forward hooks only keep a reference to each input id tensor (no copy, no
     conversion); the step post-hook turns them into numpy views and records every table in
-    one `record_many` call, whose buffers are one byte per row (`DenseSignBuffer`).
+    one `record_many` call, whose buffers are bitsets over the rows (`DenseSignBuffer`).
     """
 
     def __init__(self, producer: IncrementalProducer, tables: dict[str, nn.Module],
@@ -38,20 +38,27 @@ class IncrementalUpdateHook:
                                 f"got {type(module).__name__}")
             weight = module.weight
             producer.register_table(name, self._reader(module), dim=int(weight.shape[1]),
-                                    rows=int(weight.shape[0]))
+                                    rows=int(weight.shape[0]), reads_into=True)
             self._handles.append(module.register_forward_hook(self._forward_hook(self._seen[name])))
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
 
     @staticmethod
     def _reader(module: nn.Module) -> Any:
-        def read(signs: np.ndarray) -> np.ndarray:
-            """signs: uint64[n] row ids -> float32[n, dim], a copy of the rows now."""
+        def read_into(signs: np.ndarray, out: np.ndarray) -> None:
+            """Copy the rows of signs: uint64[n] (row ids) into out: float32[n, dim], as they
+            are now. A float32 CPU weight is gathered straight into `out`; any other dtype or
+            device is gathered there and converted on the copy."""
             ids = signs.view(np.int64) if signs.dtype == np.uint64 else signs.astype(np.int64)
             index = torch.from_numpy(ids)  # row ids < 2**63: reinterpreted, not copied
+            target = torch.from_numpy(out)
             with torch.no_grad():
-                return module.weight.detach().index_select(0, index).float().cpu().numpy()
-        return read
+                weight = module.weight.detach()
+                if weight.dtype == torch.float32 and weight.device.type == "cpu":
+                    torch.index_select(weight, 0, index, out=target)
+                else:
+                    target.copy_(weight.index_select(0, index.to(weight.device)))
+        return read_into
 
     @staticmethod
     def _forward_hook(seen: list[torch.Tensor]) -> Any:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import random
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +40,7 @@ class Snapshot:
     signs: uint64[n] upserted signs; rows: float32[n, dim] their values at flush time;
     state: float32[n, k] optimizer state or None; deleted: uint64[d] evicted signs;
     taken_s: monotonic time of the (oldest merged) read; created_ns: wall time of the latest.
+    block: the pooled buffer `rows` is a view of, handed to `give_back` once no longer needed.
     """
 
     table: str
@@ -50,11 +54,27 @@ class Snapshot:
     created_ns: int = field(default_factory=time.time_ns)
     sequence: int | None = None  # set at the first put attempt, then frozen
     header: PacketHeader | None = None  # set with `sequence`
+    block: np.ndarray | None = None
+    give_back: Callable[[np.ndarray], None] | None = None
+
+    def release_block(self) -> None:
+        """Hand the pooled buffer back: call once `rows` no longer views it (stored or copied)."""
+        block, self.block = self.block, None
+        if block is not None and self.give_back is not None:
+            self.give_back(block)
 
     @property
     def nbytes(self) -> int:
         state = 0 if self.state is None else self.state.nbytes
         return self.signs.nbytes + self.rows.nbytes + self.deleted.nbytes + state
+
+    @property
+    def encoded_size_bound(self) -> int:
+        """More bytes than its packet takes: every row's sign, float32 values (deleted rows
+        carry zeros), state and op byte, plus room for the schema (written twice, with the
+        header) and the IPC framing."""
+        state_dim = 0 if self.state is None else int(self.state.shape[1])
+        return self.row_count * (8 + 4 * (self.dim + state_dim) + 1) + 64 * 1024
 
     @property
     def row_count(self) -> int:
@@ -66,7 +86,8 @@ class Snapshot:
         return self.sequence is None and self.dim == newer.dim and same_state
 
     def merge(self, newer: Snapshot) -> None:
-        """Fold `newer` into this snapshot: its upserts and deletes replace ours (latest wins)."""
+        """Fold `newer` into this snapshot: its upserts and deletes replace ours (latest wins).
+        The rows are copied, so both pooled buffers go back."""
         touched = np.concatenate([newer.signs, newer.deleted])
         keep = ~np.isin(self.signs, touched)
         keep_deleted = ~np.isin(self.deleted, touched)
@@ -77,6 +98,8 @@ class Snapshot:
         self.deleted = np.concatenate([self.deleted[keep_deleted], newer.deleted])
         self.reason = newer.reason
         self.created_ns = newer.created_ns
+        self.release_block()
+        newer.release_block()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +116,8 @@ class PacketWriter:
 
     Sequences are contiguous per table within the generation, in store order, so a loader can
     tell a gap from a quiet table. `generation` None asks storage for the next one (in the
-    writer thread, retried through outages).
+    writer thread, retried through outages). `nice`: the writer thread's nice increment
+    (Linux), so it takes the CPU the training threads leave idle.
     """
 
     def __init__(
@@ -110,6 +134,7 @@ class PacketWriter:
         generation: int | None = None,
         metrics: Any = None,
         on_stored: Any = None,
+        nice: int = 0,
     ) -> None:
         self.store = store
         self.model = model
@@ -121,6 +146,7 @@ class PacketWriter:
         self.max_backoff_s = max_backoff_s
         self.metrics = metrics
         self.on_stored = on_stored
+        self.nice = nice
         self.generation = generation
         self.stored: list[StoredPacket] = []  # the last few, for tests and tools
         self.failure: BaseException | None = None
@@ -250,6 +276,7 @@ class PacketWriter:
 
     def _run(self) -> None:
         try:
+            _lower_thread_priority(self.nice)
             self._discover_generation()
             while not self._abort.is_set():
                 with self._cond:
@@ -264,6 +291,7 @@ class PacketWriter:
                     if stored:
                         self._inflight = None
                         self._pending_bytes -= snapshot.nbytes
+                        snapshot.release_block()
                     self._gauges()
                     self._cond.notify_all()
         except BaseException as exc:  # a bug: make it loud on the training thread
@@ -301,6 +329,7 @@ class PacketWriter:
             snapshot.signs, snapshot.rows = signs[order], snapshot.rows[order]
             if snapshot.state is not None:
                 snapshot.state = snapshot.state[order]
+            snapshot.release_block()  # the rows were copied in sign order
         if snapshot.deleted.size > 1:
             snapshot.deleted = np.sort(snapshot.deleted)
         snapshot.header = PacketHeader(
@@ -324,7 +353,7 @@ class PacketWriter:
         attempt = 0
         while True:
             try:
-                with self.store.writer(key) as sink:
+                with self.store.writer(key, size_hint=snapshot.encoded_size_bound) as sink:
                     written = write_packet(sink, header, snapshot.signs, snapshot.rows,
                                            deleted=snapshot.deleted, state=snapshot.state)
                     size = sink.tell()
@@ -357,3 +386,16 @@ class PacketWriter:
         if self.on_stored is not None:
             self.on_stored(stored)
         return True
+
+
+def _lower_thread_priority(increment: int) -> None:
+    """Make the calling thread `increment` nicer (Linux gives each thread its own nice value;
+    elsewhere setpriority would renice the whole process, so this does nothing there)."""
+    if increment <= 0 or sys.platform != "linux":
+        return
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+    except OSError as exc:  # a sandbox may forbid it: run at normal priority
+        log.info("could not lower the packet writer's CPU priority: %s", exc)

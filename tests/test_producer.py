@@ -3,6 +3,7 @@ generations, back-pressure and a local outage."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -175,15 +176,21 @@ def test_restart_takes_a_new_generation_across_tables(tmp_path: Path) -> None:
                     "ctr/b/p/0000000002-000000000000.arrow"]
 
 
-def test_local_outage_retries_merges_and_loses_nothing(tmp_path: Path) -> None:
-    """The store's parent is a plain file (puts fail) until the test replaces it with a folder."""
+@pytest.mark.parametrize("reads_into", [False, True], ids=["returned-rows", "pooled-rows"])
+def test_local_outage_retries_merges_and_loses_nothing(tmp_path: Path, reads_into: bool) -> None:
+    """The store's parent is a plain file (puts fail) until the test replaces it with a folder.
+    With pooled row buffers, merging snapshots hands buffers back while later flushes reuse
+    them: no packet may show another flush's rows."""
     blocked = tmp_path / "blocked"
     blocked.write_text("not a folder")
     model = NumpyModel(rows=2000, dim=4)
     config = producer_config(str(blocked / "inc"), buffer_size=300, max_pending_bytes=10**8)
     touched: set[int] = set()
     with IncrementalProducer(config, generation=1) as producer:
-        producer.register_table("emb", model.read)
+        if reads_into:
+            producer.register_table("emb", model.read_into, dim=4, rows=2000, reads_into=True)
+        else:
+            producer.register_table("emb", model.read)
         for _ in range(20):
             ids = model.step(100)
             touched.update(ids.tolist())
@@ -260,3 +267,78 @@ def test_record_many_with_dense_tables_flushes_the_full_ones(tmp_path: Path) -> 
     np.testing.assert_array_equal(by_table["a", 0].signs, np.arange(600, dtype=np.uint64))
     np.testing.assert_array_equal(by_table["a", 0].embeddings, expected_a)
     np.testing.assert_array_equal(by_table["b", 0].signs, np.arange(20, dtype=np.uint64))
+
+
+def test_dense_signbuffer_covers_every_bit_of_its_words() -> None:
+    buffer = DenseSignBuffer(1000)  # 15 full words and a partial one
+    everything = np.arange(1000, dtype=np.uint64)
+    assert buffer.insert(everything[::-1]) == 1000
+    signs, ops = buffer.swap()
+    assert np.array_equal(signs, everything) and not ops.any()
+    buffer.insert(everything[::7])
+    buffer.insert(everything[::14], SignBuffer.DELETE)
+    buffer.insert(everything[::28])  # upserted again after the delete: upserts win
+    signs, ops = buffer.swap()
+    assert np.array_equal(signs, everything[::7])
+    expected = np.isin(signs, everything[::14]) & ~np.isin(signs, everything[::28])
+    assert np.array_equal(ops.astype(bool), expected)
+    buffer.insert(everything[:5])  # a swap clears the deletes too
+    assert buffer.swap()[1].tolist() == [0] * 5
+
+
+def test_pooled_reader_reuses_row_buffers_and_ships_the_rows_at_flush_time(tmp_path: Path) -> None:
+    model = NumpyModel(rows=5000, dim=8)
+    config = producer_config(str(tmp_path / "inc"), buffer_size=400)
+    expected = []
+    with IncrementalProducer(config) as producer:
+        producer.register_table("emb", model.read_into, dim=8, rows=5000, reads_into=True)
+        for _ in range(12):
+            ids = np.unique(model.step(450))
+            producer.record("emb", ids)  # over 400: flushes every time
+            expected.append((ids, model.weight[ids].copy()))
+            assert producer.writer.drain(10)
+        pool = producer.row_pool
+        assert pool.allocated == 1 and pool.reused == 11  # one buffer, read into again and again
+        packets = read_packets(producer.store)
+    assert len(packets) == 12
+    for packet, (ids, rows) in zip(packets, expected, strict=True):
+        assert np.array_equal(packet.signs, ids.astype(np.uint64))
+        assert np.array_equal(packet.embeddings, rows)
+
+
+def test_a_failing_pooled_reader_keeps_the_signs_and_returns_its_buffer(tmp_path: Path) -> None:
+    model = NumpyModel(rows=1000, dim=4)
+    calls = {"n": 0}
+
+    def flaky(signs: np.ndarray, out: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("optimizer state unavailable")
+        model.read_into(signs, out)
+        return np.ones((signs.size, 3), np.float32) if calls["n"] == 3 else np.ones((1, 3), np.float32)
+
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000)
+    with IncrementalProducer(config) as producer:
+        producer.register_table("emb", flaky, dim=4, rows=1000, reads_into=True)
+        producer.record("emb", np.arange(50))
+        with pytest.raises(RuntimeError, match="unavailable"):
+            producer.flush()
+        assert producer.buffered("emb") == 50 and producer.row_pool.idle_bytes > 0
+        with pytest.raises(ValueError, match=r"table 'emb'.*state of shape \(1, 3\) for 50 signs"):
+            producer.flush()  # a state of the wrong length is refused, the signs kept
+        assert producer.buffered("emb") == 50
+        assert producer.flush()
+        packets = read_packets(producer.store)
+    assert len(packets) == 1 and packets[0].state is not None and packets[0].state.shape == (50, 3)
+    with IncrementalProducer(config) as producer, pytest.raises(ValueError, match="needs dim"):
+        producer.register_table("x", flaky, reads_into=True)
+
+
+def test_writer_thread_runs_at_the_configured_nice(tmp_path: Path) -> None:
+    config = producer_config(str(tmp_path / "inc"), writer_nice=7)
+    with IncrementalProducer(config) as producer:
+        assert producer.wait_generation(10) is not None
+        tid = producer.writer._thread.native_id
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        own = Path(f"/proc/self/task/{threading.get_native_id()}/stat").read_text()
+        assert int(fields[16]) == min(19, int(own.rsplit(")", 1)[1].split()[16]) + 7)

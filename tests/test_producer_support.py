@@ -49,6 +49,10 @@ class NumpyModel:
         """reader: signs uint64[n] -> float32[n, dim] (a copy)."""
         return self.weight[signs.astype(np.int64)]
 
+    def read_into(self, signs: np.ndarray, out: np.ndarray) -> None:
+        """reader registered with reads_into=True: fills out: float32[n, dim]."""
+        np.take(self.weight, signs.astype(np.int64), axis=0, out=out)
+
     def step(self, batch: int = 256) -> np.ndarray:
         """Update `batch` random rows (with repeats); returns the touched ids: int64[batch]."""
         ids = self.rng.integers(0, self.weight.shape[0], batch)

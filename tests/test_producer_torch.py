@@ -41,3 +41,22 @@ def test_hook_ships_the_rows_each_step_touched(tmp_path: Path) -> None:
         weight = module.weight.detach().numpy()
         for sign, row in state.items():
             np.testing.assert_array_equal(row, weight[sign])
+
+
+def test_hook_converts_rows_of_a_float64_table(tmp_path: Path) -> None:
+    """Rows are gathered straight into the producer's float32 buffers only for float32 CPU
+    weights; another dtype is gathered, then converted on the copy."""
+    emb = nn.Embedding(100, 3, sparse=True, dtype=torch.float64)
+    optimizer = torch.optim.SGD(emb.parameters(), lr=0.1)
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000)
+    with IncrementalProducer(config) as producer:
+        IncrementalUpdateHook(producer, {"emb": emb}, optimizer)
+        ids = torch.tensor([5, 7, 5, 99])
+        optimizer.zero_grad()
+        emb(ids).sum().backward()
+        optimizer.step()
+        assert producer.flush()
+        (packet,) = read_packets(producer.store)
+    assert packet.signs.tolist() == [5, 7, 99]
+    np.testing.assert_array_equal(packet.embeddings,
+                                  emb.weight.detach()[[5, 7, 99]].numpy().astype(np.float32))
