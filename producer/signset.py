@@ -211,9 +211,9 @@ def _mark(present: np.ndarray, deleted: np.ndarray, signs: np.ndarray, delete: b
         word = sign >> np.uint64(6)
         bit = one << (sign & np.uint64(63))
         old = present[word]
-        if not old & bit:
-            size += 1
-            present[word] = old | bit
+        new = old | bit
+        size += np.int64(new != old)  # no branch on the loaded word: the next loads overlap it
+        present[word] = new
         if delete:
             deleted[word] |= bit
         elif track_deletes:
@@ -314,3 +314,4 @@ class DenseSignBuffer:
             words = self._present[(ids >> np.uint64(6)).astype(np.int64)]
             found[inside] = (words >> (ids & np.uint64(63))) & np.uint64(1) != 0
             return found
+
