@@ -117,7 +117,7 @@ class PacketWriter:
     Sequences are contiguous per table within the generation, in store order, so a loader can
     tell a gap from a quiet table. `generation` None asks storage for the next one (in the
     writer thread, retried through outages). `nice`: the writer thread's nice increment
-    (Linux), so it takes the CPU the training threads leave idle.
+    (Linux), for hosts where other work must come first.
     """
 
     def __init__(
