@@ -1,10 +1,10 @@
 """Local disk (`/path` or `file:///path`): temp file + fsync + rename + fsync of the folder.
 
-Once a written file is on disk its pages are dropped from the page cache: a producer never
-reads its packets back, so keeping them only evicts what the training job needs, and writing
-into recycled pages costs the writer thread a fraction of the CPU that fresh ones do (about
-10x less for a 7 MB packet on the VMs we measured; see bench/producer.py). A reader on the
-same host reads the file from disk.
+Writes that come with a size hint (the producer's packets) bypass the page cache: the producer
+never reads its packets back, keeping them would only evict what the training job needs, and
+filling fresh page-cache pages cost its writer thread ~10x the CPU of the write itself on the
+VMs we measured (bench/producer.py). Other writes (checkpoints, tools) stay cached for readers
+on the same host.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class LocalStore(ObjectStore):
                 with open(temp, "xb") as handle:
                     handle.write(data)
                     handle.flush()
-                    _sync_and_drop_pages(handle.fileno())
+                    os.fsync(handle.fileno())
                 self._publish(temp, path, created)
             except BaseException:
                 temp.unlink(missing_ok=True)
@@ -98,7 +98,7 @@ class LocalStore(ObjectStore):
         With a size_hint, encode into reused page-aligned memory instead and write it with
         O_DIRECT: no page-cache pages to fill and write back, which costs the writer thread
         (and the cores training shares with it) about 5x less CPU per packet. Folders that
-        refuse O_DIRECT (tmpfs) get a plain write of the same memory."""
+        refuse O_DIRECT (older tmpfs, some FUSE mounts) get a plain write of the same memory."""
         check_key(key)
         if size_hint > 0 and not self._hint_overflowed:
             with self._scratch.lend(size_hint) as scratch:
@@ -120,7 +120,7 @@ class LocalStore(ObjectStore):
                 sink.close()
                 fd = os.open(temp, os.O_RDONLY)  # fsync flushes the file, whichever fd asks
                 try:
-                    _sync_and_drop_pages(fd)
+                    os.fsync(fd)
                 finally:
                     os.close(fd)
                 self._publish(temp, path, created)
@@ -173,7 +173,9 @@ class LocalStore(ObjectStore):
                 done += os.write(fd, data[done:end])
             if direct:
                 os.ftruncate(fd, size)
-            _sync_and_drop_pages(fd)
+                os.fsync(fd)
+            else:
+                _sync_and_drop_pages(fd)
         finally:
             os.close(fd)
 
