@@ -14,7 +14,7 @@ from loader.daemon import lowest, server_positions
 from loader.fetch import Fetched, fetch_packet
 from loader.ordering import Position, Stream, is_generation_start, is_successor
 from loader.sources import packet_id_of_key
-from packet_format import DEFAULT_LIMITS, PacketId, PacketLimits, stream_prefix
+from packet_format import DEFAULT_LIMITS, PacketId, PacketLimits, read_packet_header, stream_prefix
 from storage import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,26 @@ def plan_replay(store: ObjectStore, model: str, start: dict[Stream, Position | N
             mark = position
         plan.packets[stream] = chosen
     return plan
+
+
+def trim_plan_until_time(store: ObjectStore, plan: ReplayPlan, until_time_ns: int, *,
+                         limits: PacketLimits = DEFAULT_LIMITS) -> ReplayPlan:
+    """`plan` cut, per stream, before its first packet created after `until_time_ns`, which is
+    where `replay(until_time_ns=...)` stops. Reads the header of each packet it keeps and of
+    the first one it cuts (for a dry run: a replay reads them as it goes)."""
+    trimmed = ReplayPlan(start=dict(plan.start))
+    for stream, planned in plan.packets.items():
+        kept = []
+        for packet in planned:
+            header = read_packet_header(store.get(packet.key), where=store.uri(packet.key),
+                                        limits=limits)
+            if header.created_at_ns > until_time_ns:
+                break
+            kept.append(packet)
+        trimmed.packets[stream] = kept
+    kept_positions = {(s, p.packet_id.position) for s, ps in trimmed.packets.items() for p in ps}
+    trimmed.gaps = [gap for gap in plan.gaps if (gap[0], gap[2]) in kept_positions]
+    return trimmed
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from loader.fetch import Quarantine, VerificationError, fetch_packet
 from loader.ordering import Action, Offer, Ordering
-from loader.replay import plan_replay
+from loader.replay import plan_replay, trim_plan_until_time
 from loader.sources import Candidate, KafkaSource, StoragePoller, packet_id_of_key
 from packet_format import (
     Announcement,
@@ -263,6 +264,23 @@ def test_replay_plan_orders_streams_and_stops_at_until(tmp_path: Path) -> None:
     assert plan.gaps == [(S, (2, 0), (2, 2))]
     plan = plan_replay(store, "m", {}, until=(1, 2))
     assert [p.packet_id.position for p in plan.packets[S]] == [(1, 0), (1, 1), (1, 2)]
+
+
+def test_replay_plan_trimmed_at_a_time_stops_each_stream_at_its_first_later_packet(
+        tmp_path: Path) -> None:
+    store = open_store(str(tmp_path))
+    for seq in (0, 1, 3):  # (1, 2) missing: a gap before (1, 3)
+        put_packet(store, 1, seq)
+    put_packet(store, 1, 0, producer="q")
+    cut = time.time_ns()
+    time.sleep(0.01)
+    put_packet(store, 1, 4)
+    put_packet(store, 1, 1, producer="q")
+    plan = trim_plan_until_time(store, plan_replay(store, "m", {}), cut)
+    assert [p.packet_id.position for p in plan.packets[S]] == [(1, 0), (1, 1), (1, 3)]
+    assert [p.packet_id.position for p in plan.packets["t", "q"]] == [(1, 0)]
+    assert plan.gaps == [(S, (1, 1), (1, 3))]
+    assert trim_plan_until_time(store, plan, 0).total == 0
 
 
 def test_no_threads_left_by_a_poller(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from loader.daemon import Loader
-from packet_format import Announcement, PacketHeader, encode_packet, packet_key
+from packet_format import Announcement, PacketHeader, encode_packet, packet_key, read_packet_header
 from persia_inc.config import load_config
 from storage import ObjectStore
 
@@ -318,6 +318,10 @@ def test_replay_and_status_commands(embedding_cluster_factory, tmp_path: Path) -
         assert stream["watermark"] is None and stream["newest"] == [1, 5]
         assert stream["lag_packets"] == 6 and stream["lag_s"] >= 0
         dry = cli("replay", "--dry-run", "--until", "1:2")
+        assert dry.returncode == 0 and len(dry.stdout.splitlines()) == 3, dry.stderr
+        created = [read_packet_header(store.get(packet_key("m", "t", "p", 1, seq))).created_at_ns
+                   for seq in (2, 3)]
+        dry = cli("replay", "--dry-run", "--until-time", f"{sum(created) / 2e9:.6f}")
         assert dry.returncode == 0 and len(dry.stdout.splitlines()) == 3, dry.stderr
         done = cli("replay", "--until", "1:2")
         assert done.returncode == 0, done.stderr

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from embedding_server.client import EmbeddingClient
     from embedding_server.errors import ShardError
-    from loader.replay import plan_replay, replay, servers_start
+    from loader.replay import plan_replay, replay, servers_start, trim_plan_until_time
     from packet_format import PacketError
     from persia_inc.config import load_config
     from storage import StorageError
@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
                 if args.checkpoint:
                     start = _checkpoint_start(config, args.checkpoint)
                 plan = plan_replay(store, model, start, until=args.until)
+                if args.until_time is not None:
+                    plan = trim_plan_until_time(store, plan, args.until_time,
+                                                limits=config.persia_inc.limits)
                 for planned in plan.ordered():
                     print(f"{store.uri(planned.key)}\t{planned.size}")
                 print(f"{plan.total} packets, {plan.total_bytes} bytes; {len(plan.gaps)} gaps",
