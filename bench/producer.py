@@ -72,18 +72,18 @@ def bench_overhead(steps: int, block: int, vocab: int, folder: str) -> None:
     would take from the training threads).
     """
     import torch
-    from train_ctr import CTRModel, make_producer, synthetic_batch
+    from train_ctr import example_batch, example_model, make_producer
 
     from producer.torch_hook import IncrementalUpdateHook
 
     torch.manual_seed(0)
-    model = CTRModel(vocab, 16)
+    model = example_model(vocab, 16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     producer = make_producer(folder, buffer_size=100_000, flush_interval_s=3600.0)
     producer.wait_generation(30)
     rng = np.random.default_rng(0)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    tables = {f"C{i + 1}": t for i, t in enumerate(model.tables)}
+    tables = model.named_tables()
 
     def writer_cpu_s() -> float:
         """CPU time of the writer thread (Linux: /proc per-thread stat, user + system)."""
@@ -95,7 +95,7 @@ def bench_overhead(steps: int, block: int, vocab: int, folder: str) -> None:
         hook = IncrementalUpdateHook(producer, tables, optimizer) if hooked else None
         times = []
         for _ in range(n):
-            dense, sparse, label = synthetic_batch(rng, 2048, vocab)
+            dense, sparse, label = example_batch(rng, 2048, vocab)
             started = time.perf_counter()
             optimizer.zero_grad()
             loss_fn(model(dense, sparse), label).backward()

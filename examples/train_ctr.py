@@ -14,33 +14,22 @@ import torch
 from torch import nn
 
 from persia_inc.config import config_from_mapping
+from persia_inc.demo import ctr
 from producer import IncrementalProducer
 from producer.torch_hook import IncrementalUpdateHook
 
-DENSE, SPARSE = 13, 26
+HIDDEN = (256, 64)  # the MLP's hidden widths
+ZIPF = 1.1  # id skew: heavier tails than the demo's 1.2, so more distinct rows per step
 
 
-class CTRModel(nn.Module):
-    """26 sparse embedding tables (sparse gradients) + an MLP over them and 13 dense features."""
-
-    def __init__(self, vocab: int = 100_000, dim: int = 16) -> None:
-        super().__init__()
-        self.tables = nn.ModuleList(nn.Embedding(vocab, dim, sparse=True) for _ in range(SPARSE))
-        self.mlp = nn.Sequential(nn.Linear(DENSE + SPARSE * dim, 256), nn.ReLU(),
-                                 nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 1))
-
-    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """dense: float32[b, 13]; sparse: int64[b, 26] row ids -> logits float32[b]."""
-        embedded = [table(sparse[:, i]) for i, table in enumerate(self.tables)]
-        return self.mlp(torch.cat([dense, *embedded], dim=1)).squeeze(1)
+def example_model(vocab: int = 100_000, dim: int = 16) -> ctr.CTRModel:
+    """The demo's CTR model (26 sparse-gradient tables C1..C26 + an MLP) with a wider MLP."""
+    return ctr.CTRModel(vocab, dim, hidden=HIDDEN)
 
 
-def synthetic_batch(rng: np.random.Generator, batch: int, vocab: int) -> tuple[torch.Tensor, ...]:
-    """Criteo-shaped: 13 dense, 26 Zipf-distributed sparse ids, a click label."""
-    dense = torch.from_numpy(rng.standard_normal((batch, DENSE)).astype(np.float32))
-    sparse = torch.from_numpy((rng.zipf(1.1, (batch, SPARSE)) % vocab).astype(np.int64))
-    label = torch.from_numpy((rng.random(batch) < 0.25).astype(np.float32))
-    return dense, sparse, label
+def example_batch(rng: np.random.Generator, batch: int, vocab: int) -> tuple[torch.Tensor, ...]:
+    """Criteo-shaped: 13 dense features, 26 Zipf-distributed sparse ids, a click label."""
+    return ctr.synthetic_batch(rng, batch, vocab, zipf=ZIPF)
 
 
 def make_producer(incremental_dir: str, buffer_size: int = 100_000,
@@ -63,17 +52,17 @@ def main() -> None:
     parser.add_argument("--no-hook", action="store_true")
     args = parser.parse_args()
     vocab = 100_000
-    model = CTRModel(vocab)
+    model = example_model(vocab)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     producer = None
     if not args.no_hook:
         producer = make_producer(args.dir)
-        IncrementalUpdateHook(producer, {f"C{i + 1}": t for i, t in enumerate(model.tables)}, optimizer)
+        IncrementalUpdateHook(producer, model.named_tables(), optimizer)
     rng = np.random.default_rng(0)
     loss_fn = nn.BCEWithLogitsLoss()
     started = time.perf_counter()
     for _ in range(args.steps):
-        dense, sparse, label = synthetic_batch(rng, args.batch, vocab)
+        dense, sparse, label = example_batch(rng, args.batch, vocab)
         optimizer.zero_grad()
         loss = loss_fn(model(dense, sparse), label)
         loss.backward()

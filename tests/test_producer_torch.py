@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ from torch import nn
 
 from producer import IncrementalProducer
 from producer.torch_hook import IncrementalUpdateHook
+from storage import open_store
 
 
 def test_hook_ships_the_rows_each_step_touched(tmp_path: Path) -> None:
@@ -60,3 +64,15 @@ def test_hook_converts_rows_of_a_float64_table(tmp_path: Path) -> None:
     assert packet.signs.tolist() == [5, 7, 99]
     np.testing.assert_array_equal(packet.embeddings,
                                   emb.weight.detach()[[5, 7, 99]].numpy().astype(np.float32))
+
+
+def test_example_training_script_ships_every_table(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "train_ctr.py"), "--dir", str(tmp_path / "inc"),
+         "--steps", "5", "--batch", "256"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    packets = read_packets(open_store(str(tmp_path / "inc")))
+    assert sorted(p.header.table for p in packets) == sorted(f"C{i}" for i in range(1, 27))
+    assert all(p.header.rows > 0 and p.header.dim == 16 for p in packets)

@@ -17,15 +17,22 @@ def table_names() -> list[str]:
 
 
 class CTRModel(nn.Module):
-    """26 embedding tables (sparse gradients) + an MLP over them and 13 dense features."""
+    """26 embedding tables (sparse gradients) + an MLP over them and 13 dense features.
 
-    def __init__(self, vocab: int, dim: int = 16, seed: int = 0) -> None:
+    hidden: the MLP's hidden widths (the demo's (128,); examples/train_ctr.py uses (256, 64))."""
+
+    def __init__(self, vocab: int, dim: int = 16, seed: int = 0,
+                 hidden: tuple[int, ...] = (128,)) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.tables = nn.ModuleList(
             nn.Embedding(vocab, dim, sparse=True) for _ in range(SPARSE_FEATURES))
-        self.mlp = nn.Sequential(nn.Linear(DENSE_FEATURES + SPARSE_FEATURES * dim, 128), nn.ReLU(),
-                                 nn.Linear(128, 1))
+        layers: list[nn.Module] = []
+        width = DENSE_FEATURES + SPARSE_FEATURES * dim
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """dense: float32[b, 13]; sparse: int64[b, 26] row ids -> logits float32[b]."""
@@ -36,10 +43,11 @@ class CTRModel(nn.Module):
         return dict(zip(table_names(), self.tables, strict=True))
 
 
-def synthetic_batch(rng: np.random.Generator, batch: int, vocab: int
+def synthetic_batch(rng: np.random.Generator, batch: int, vocab: int, zipf: float = 1.2
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dense float32[b, 13], sparse int64[b, 26] Zipf-distributed ids, click label float32[b]."""
+    """dense float32[b, 13], sparse int64[b, 26] ids drawn from Zipf(`zipf`) folded into
+    [0, vocab), click label float32[b]."""
     dense = torch.from_numpy(rng.standard_normal((batch, DENSE_FEATURES), dtype=np.float32))
-    sparse = torch.from_numpy((rng.zipf(1.2, (batch, SPARSE_FEATURES)) % vocab).astype(np.int64))
+    sparse = torch.from_numpy((rng.zipf(zipf, (batch, SPARSE_FEATURES)) % vocab).astype(np.int64))
     label = torch.from_numpy((rng.random(batch) < 0.25).astype(np.float32))
     return dense, sparse, label
