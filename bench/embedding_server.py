@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,6 +193,7 @@ def over_grpc(table_rows: int, lookups: int) -> dict:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,6 +163,7 @@ def main() -> int:
         for proc in shards:
             proc.terminate()
             proc.wait(15)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

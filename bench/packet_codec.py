@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -149,6 +150,7 @@ def bench_ceph(repeat: int) -> list[tuple[str, float, float, float]]:
     finally:
         if cluster is not None:
             cluster.stop()
+            shutil.rmtree(cluster.workdir, ignore_errors=True)  # its 10 GB sparse disk file
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -205,6 +206,7 @@ def bench_flush_ceph(s3_uri: str) -> None:
     finally:
         if cluster is not None:
             cluster.stop()
+            shutil.rmtree(cluster.workdir, ignore_errors=True)  # its 10 GB sparse disk file
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,10 +85,18 @@ class CephCluster:
                 "them as root) or `bash infra/install-test-deps.sh`"
             )
         env = {**os.environ, "OBJECTSTORE": os.environ.get("CEPH_OBJECTSTORE", "bluestore")}
-        result = subprocess.run(
-            ["bash", str(CEPH_SCRIPTS / "start-ceph-rgw.sh"), str(self.workdir)],
-            capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
-        )
+        try:
+            result = subprocess.run(
+                ["bash", str(CEPH_SCRIPTS / "start-ceph-rgw.sh"), str(self.workdir)],
+                capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            self.stop()
+            tails = "\n".join(f"== {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+                              for log in sorted((self.workdir / "log").glob("*.*")))
+            free = shutil.disk_usage(self.workdir)
+            raise ServiceError(f"Ceph did not start within {timeout_s:.0f}s ({free.free / 2**30:.1f} GiB "
+                               f"free under {self.workdir}):\n{tails[-3000:]}") from exc
         if result.returncode != 0:
             self.stop()
             raise ServiceError(f"Ceph did not start:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
