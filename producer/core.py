@@ -31,7 +31,7 @@ from producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
 from producer.errors import ProducerClosedError, UnstoredDataError
 from producer.metrics import ProducerMetrics
 from producer.policy import FlushPolicy, FlushReason
-from producer.rowpool import RowBufferPool
+from producer.rowpool import row_buffer_pool
 from producer.signset import DenseSignBuffer, SignBuffer
 from producer.writer import PacketWriter, Snapshot
 from storage import ObjectStore
@@ -46,6 +46,17 @@ Reader = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray | Non
 It must return copies (fancy indexing does), not views the optimizer keeps updating.
 Registered with `reads_into=True` it is called as reader(signs, out) instead: it fills
 out: float32[n, dim] (a reused buffer) and returns the state float32[n, k] or None."""
+
+
+def _checked_state(state: object, n: int, table: str) -> np.ndarray | None:
+    """A reader's optimizer state as float32[n, k], or None; ValueError naming the table."""
+    if state is None:
+        return None
+    state = np.asarray(state, dtype=np.float32)
+    if state.ndim != 2 or state.shape[0] != n:
+        raise ValueError(f"reader of table {table!r} returned state of shape {state.shape} "
+                         f"for {n} signs")
+    return state
 
 
 class _Table:
@@ -102,7 +113,7 @@ class IncrementalProducer:
             backpressure=settings.backpressure, max_backoff_s=config.persia_inc.retry.max_backoff_s,
             generation=generation, metrics=self.metrics, nice=settings.writer_nice,
         )
-        self.row_pool = RowBufferPool(settings.row_pool_bytes)
+        self.row_pool = row_buffer_pool(settings.row_pool_bytes)
         self._lock = threading.RLock()  # one flush at a time; close vs. flush
         self._interval_due_s = float("inf")  # earliest time some table's interval expires
         self._busy = 0  # >0 inside record/flush or a guarded training step
@@ -316,15 +327,10 @@ class IncrementalProducer:
         """(rows, state, pooled block that rows views or None) of `signs` in `entry`."""
         if not entry.reads_into:
             return (*self._call_reader(entry.reader, signs, entry.name), None)
-        block = self.row_pool.take(signs.size, entry.dim)
+        block = self.row_pool.take(signs.size, (entry.dim,))
         try:
             rows = block[:signs.size]
-            state = entry.reader(signs, rows)  # type: ignore[call-arg]
-            if state is not None:
-                state = np.asarray(state, dtype=np.float32)
-                if state.ndim != 2 or state.shape[0] != signs.size:
-                    raise ValueError(f"reader of table {entry.name!r} returned state of shape "
-                                     f"{state.shape} for {signs.size} signs")
+            state = _checked_state(entry.reader(signs, rows), signs.size, entry.name)  # type: ignore[call-arg]
         except BaseException:
             self.row_pool.give_back(block)
             raise
@@ -340,11 +346,7 @@ class IncrementalProducer:
                              f"{signs.size} signs; want ({signs.size}, dim)")
         if rows.dtype != np.float32:
             rows = rows.astype(np.float32)
-        if state is not None:
-            state = np.asarray(state, dtype=np.float32)
-            if state.ndim != 2 or state.shape[0] != signs.size:
-                raise ValueError(f"reader of table {table!r} returned state of shape {state.shape}")
-        return rows, state
+        return rows, _checked_state(state, signs.size, table)
 
     def _flush(self, tables: list[str], reason: FlushReason, *, admit: bool = True) -> None:
         """Swap the buffers of `tables`, read their rows, hand the snapshots to the writer.

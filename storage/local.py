@@ -22,15 +22,20 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from storage.base import ObjectInfo, ObjectStore, check_key
+from storage.blockpool import PAGE as _PAGE
+from storage.blockpool import BlockPool, aligned_empty
 from storage.errors import StorageError, TransientStorageError
 from storage.retry import RetryPolicy
-from storage.scratch import PAGE as _PAGE
-from storage.scratch import ScratchPool
 
 log = logging.getLogger(__name__)
-
 TEMP_SUFFIX = ".tmp"
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE}
+SCRATCH_IDLE_BYTES = 256 * 1024 * 1024  # encode memory kept between writes
+
+
+def _aligned_scratch(size: int, _tail: tuple[int, ...]) -> np.ndarray:
+    """Page-aligned encode memory, in whole MiB so nearby sizes reuse one block."""
+    return aligned_empty(-(-size // (1 << 20)) * (1 << 20))
 
 
 def local_root(uri: str) -> Path:
@@ -48,7 +53,7 @@ class LocalStore(ObjectStore):
 
     def __init__(self, root_uri: str, retry: RetryPolicy | None = None) -> None:
         self.root = local_root(root_uri).absolute()
-        self._scratch = ScratchPool()
+        self._scratch = BlockPool(SCRATCH_IDLE_BYTES, _aligned_scratch)
         self._direct_io = True  # until the folder refuses O_DIRECT
         self._hint_overflowed = False
         super().__init__(root_uri, retry)
@@ -102,7 +107,7 @@ class LocalStore(ObjectStore):
         check_key(key)
         if size_hint > 0 and not self._hint_overflowed:
             with self._scratch.lend(size_hint) as scratch:
-                yield from self._write_from_memory(key, scratch)
+                yield from self._write_from_memory(key, scratch[:-(-size_hint // _PAGE) * _PAGE])
             return
         yield from self._stream_to_file(key)
 

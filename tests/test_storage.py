@@ -337,3 +337,19 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert all(w <= 1.0 for w in waits)
     assert waits[-1] >= 0.5
     assert len({round(policy.backoff_s(3), 6) for _ in range(20)}) > 1
+
+
+def test_block_pool_reuses_the_smallest_fitting_block_within_its_bound() -> None:
+    from storage.blockpool import BlockPool
+
+    pool = BlockPool(3000, lambda n, tail: np.zeros((n, *tail), np.uint8))
+    small, big = pool.take(1000, (1,)), pool.take(2000, (1,))
+    flat = pool.take(500)
+    for block in (small, big, flat):
+        pool.give_back(block)
+    assert pool.idle_bytes == 3000 and pool.allocated == 3  # over the bound: the smallest left
+    assert pool.take(900, (1,)) is small and pool.take(1500, (1,)) is big and pool.reused == 2
+    assert pool.take(400) is not flat and pool.allocated == 4
+    assert pool.take(900, (2,)).shape == (900, 2)  # another row width: a new block
+    pool.give_back(np.zeros(4000, np.uint8))  # larger than the bound: not kept
+    assert pool.idle_bytes == 0
