@@ -48,6 +48,10 @@ class ObjectStore(ABC):
     """A root URI under which objects are put, got, listed and deleted."""
 
     kind: ClassVar[StorageKind]
+    write_alignment: ClassVar[int] = 0
+    """When > 0, `writer` (with a size hint) writes a large buffer that starts on this memory
+    boundary at an offset that is a multiple of it straight from the caller's memory, without
+    copying it; writers that can lay their bytes out so may ask it (the packet encoder does)."""
 
     def __init__(self, root_uri: str, retry: RetryPolicy | None = None) -> None:
         self.root_uri = root_uri.rstrip("/")

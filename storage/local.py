@@ -25,6 +25,7 @@ from storage.base import ObjectInfo, ObjectStore, check_key
 from storage.blockpool import PAGE as _PAGE
 from storage.blockpool import BlockPool, aligned_empty
 from storage.errors import StorageError, TransientStorageError
+from storage.page_sink import PageSink
 from storage.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def local_root(uri: str) -> Path:
 
 class LocalStore(ObjectStore):
     kind = "local"
+    write_alignment = _PAGE
 
     def __init__(self, root_uri: str, retry: RetryPolicy | None = None) -> None:
         self.root = local_root(root_uri).absolute()
@@ -135,30 +137,28 @@ class LocalStore(ObjectStore):
             temp.unlink(missing_ok=True)
 
     def _write_from_memory(self, key: str, scratch: np.ndarray) -> Iterator[BinaryIO]:
-        import pyarrow as pa
-
-        sink = pa.FixedSizeBufferWriter(pa.py_buffer(scratch))
+        sink = PageSink(scratch)
         try:
             yield sink  # type: ignore[misc]
-        except OSError:  # the block only writes to memory: this is Arrow's "out of bounds"
+        except OSError:  # the sink only writes to memory: the scratch block was too small
             self._hint_overflowed = True
             log.warning("an object for %s outgrew its size hint of %d bytes; writing "
                         "through the page cache from now on", self.location(key), scratch.size)
             raise
-        size = sink.tell()
         path = self._path(key)
         with self._mapped(key, reading=False):
             created = self._make_parents(path.parent)
             temp = self._temp_path(path)
             try:
-                self._write_file(temp, memoryview(scratch), size)
+                self._write_file(temp, sink.segments(), sink.position)
                 self._publish(temp, path, created)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
 
-    def _write_file(self, temp: Path, data: memoryview, size: int) -> None:
-        """Write data[:size] to a new file, durably: O_DIRECT in whole pages, then trimmed."""
+    def _write_file(self, temp: Path, parts: list[memoryview], size: int) -> None:
+        """Write `size` bytes from page-aligned `parts` (whole pages each, the last one padded)
+        to a new file, durably: one O_DIRECT writev, then truncated to `size`."""
         fd = -1
         if self._direct_io:
             try:
@@ -172,12 +172,9 @@ class LocalStore(ObjectStore):
         if not direct:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            end = -(-size // _PAGE) * _PAGE if direct else size
-            done = 0
-            while done < end:
-                done += os.write(fd, data[done:end])
+            _write_all(fd, parts)
+            os.ftruncate(fd, size)
             if direct:
-                os.ftruncate(fd, size)
                 os.fsync(fd)
             else:
                 _sync_and_drop_pages(fd)
@@ -256,6 +253,17 @@ class LocalStore(ObjectStore):
     def _exists(self, key: str) -> bool:
         with self._mapped(key):
             return self._path(key).is_file()
+
+
+def _write_all(fd: int, parts: list[memoryview]) -> None:
+    """writev until every byte of `parts` is written (a write may stop short)."""
+    while parts:
+        done = os.writev(fd, parts)
+        while parts and done >= parts[0].nbytes:
+            done -= parts[0].nbytes
+            parts = parts[1:]
+        if parts and done:
+            parts = [parts[0][done:], *parts[1:]]
 
 
 def _sync_and_drop_pages(fd: int) -> None:
