@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.blockpool import BlockPool
+from storage.blockpool import BlockPool, aligned_empty
 
 _GRANULE_SHIFT = 3  # capacities step by 1/8 of a power of two: at most 12.5% unused
 
@@ -25,7 +25,9 @@ def _capacity(rows: int) -> int:
 
 
 def _row_block(rows: int, tail: tuple[int, ...]) -> np.ndarray:
-    return np.empty((_capacity(rows), *tail), dtype=np.float32)
+    """Page-aligned, so a local store can write the rows to disk straight from the buffer."""
+    shape = (_capacity(rows), *tail)
+    return aligned_empty(int(np.prod(shape)) * 4).view(np.float32).reshape(shape)
 
 
 def row_buffer_pool(max_idle_bytes: int) -> BlockPool:

@@ -343,9 +343,10 @@ class PacketWriter:
     def _write(self, snapshot: Snapshot) -> bool:
         """Store one snapshot, retrying until it is stored (True) or the writer aborts (False).
 
-        The packet is encoded straight into the store's sink (on local disk the temporary file
-        itself, written by Arrow without the GIL): no packet-sized copy in memory. A retry
-        encodes the frozen snapshot again, to the same bytes.
+        The packet is encoded straight into the store's sink. On local disk the rows, read into
+        a page-aligned pooled buffer, are laid out on a page of the file and written from that
+        buffer by direct I/O: no copy of them at all. A retry encodes the frozen snapshot
+        again, to the same bytes.
         """
         header = snapshot.header if snapshot.header is not None else self._freeze(snapshot)
         key = packet_key(self.model, snapshot.table, self.producer, header.generation,
@@ -355,7 +356,8 @@ class PacketWriter:
             try:
                 with self.store.writer(key, size_hint=snapshot.encoded_size_bound) as sink:
                     written = write_packet(sink, header, snapshot.signs, snapshot.rows,
-                                           deleted=snapshot.deleted, state=snapshot.state)
+                                           deleted=snapshot.deleted, state=snapshot.state,
+                                           align=self.store.write_alignment)
                     size = sink.tell()
                 break
             except Exception as exc:  # outage or denial: retry, never drop
