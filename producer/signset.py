@@ -315,3 +315,96 @@ class DenseSignBuffer:
             found[inside] = (words >> (ids & np.uint64(63))) & np.uint64(1) != 0
             return found
 
+
+
+_ROWS_AHEAD = 4  # rows of the id matrix between a bitset word's prefetch and its update
+
+
+@numba.njit(cache=True, nogil=True)
+def _mark_columns(bits: np.ndarray, offsets: np.ndarray, rows: np.ndarray, ids: np.ndarray,
+                  columns: np.ndarray, sizes: np.ndarray) -> int:
+    """Set the present bit of ids[r, columns[t]] in table t's bitset, bits[offsets[t]:], for
+    every row r and table t, row by row (the matrix is read in memory order).
+
+    Returns ids.shape[0] when done, or the row holding the first id out of its table's
+    [0, rows) (the rows before it marked, and that row's earlier tables)."""
+    one = np.uint64(1)
+    n = ids.shape[0]
+    tables = columns.size
+    for r in range(n):
+        if r + _ROWS_AHEAD < n:
+            for t in range(tables):
+                sign = ids[r + _ROWS_AHEAD, columns[t]]
+                if 0 <= sign < rows[t]:
+                    _prefetch_write(bits, offsets[t] + (sign >> 6))
+        for t in range(tables):
+            sign = ids[r, columns[t]]
+            if sign < 0 or sign >= rows[t]:
+                return r
+            word = offsets[t] + (sign >> 6)
+            bit = one << np.uint64(sign & 63)
+            old = bits[word]
+            new = old | bit
+            sizes[t] += np.int64(new != old)
+            bits[word] = new
+    return n
+
+
+class DenseColumns:
+    """Marks several `DenseSignBuffer`s from the columns of one id matrix in one compiled pass.
+
+    The usual input of a CTR model is an int64 [batch, features] matrix with one column per
+    embedding table. Marking it table by table reads the matrix column-wise, a strided pass
+    per table; one row-major pass over all tables reads each line once and keeps many more
+    bitset loads in flight. For one kernel to reach every table, their present bitsets move
+    into one array here (the buffers keep working as before, on views of it).
+    """
+
+    def __init__(self, buffers: list[DenseSignBuffer]) -> None:
+        self.buffers = tuple(buffers)
+        words = [b._present.size for b in self.buffers]
+        self._offsets = np.concatenate([[0], np.cumsum(words)[:-1]]).astype(np.int64)
+        self._bits = np.zeros(sum(words), dtype=np.uint64)
+        self._views = []
+        for b, offset, count in zip(self.buffers, self._offsets, words, strict=True):
+            with b._lock:
+                view = self._bits[offset:offset + count]
+                view[:] = b._present
+                b._present = view
+            self._views.append(view)
+        self._rows = np.array([b.capacity for b in self.buffers], dtype=np.int64)
+        self._sizes = np.zeros(len(self.buffers), dtype=np.int64)
+
+    def current(self) -> bool:
+        """Whether every buffer still marks into this group's array (a newer group can take
+        them over)."""
+        return all(b._present is v for b, v in zip(self.buffers, self._views, strict=True))
+
+    def insert(self, ids: np.ndarray, columns: np.ndarray) -> list[int]:
+        """Upsert ids[:, columns[t]] into buffers[t], for each t; returns their distinct counts.
+
+        ids: int64 or uint64 [batch, k] (any strides); columns: int64[len(buffers)]. An id
+        outside a table's [0, rows) raises ValueError naming it (the rows before it are
+        kept, and so are the ids before it in its table)."""
+        if ids.dtype == np.uint64:
+            ids = ids.view(np.int64)  # ids >= 2**63 turn negative: out of range either way
+        locks = [b._lock for b in self.buffers]
+        for lock in locks:
+            lock.acquire()
+        try:
+            if any(b._has_deletes for b in self.buffers):  # the deleted bits need clearing
+                reached = 0
+            else:
+                sizes = self._sizes
+                for i, b in enumerate(self.buffers):
+                    sizes[i] = b._size
+                reached = _mark_columns(self._bits, self._offsets, self._rows, ids, columns, sizes)
+                for i, b in enumerate(self.buffers):
+                    b._size = int(sizes[i])
+        finally:
+            for lock in locks:
+                lock.release()
+        if reached < ids.shape[0]:  # one table at a time, each raising at its first bad id
+            rest = ids[reached:]
+            return [b.insert(rest[:, c]) for b, c in zip(self.buffers, columns, strict=True)]
+        return [b._size for b in self.buffers]

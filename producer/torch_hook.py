@@ -74,6 +74,12 @@ class IncrementalUpdateHook:
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         try:
+            matrix = _columns_of_one_matrix(self._seen)
+            if matrix is not None:
+                self.producer.record_columns(*matrix)  # also checks the interval trigger
+                for seen in self._seen.values():
+                    seen.clear()
+                return
             batch: dict[str, np.ndarray] = {}
             for name, seen in self._seen.items():
                 if not seen:
@@ -82,7 +88,7 @@ class IncrementalUpdateHook:
                 seen.clear()
                 batch[name] = ids.cpu().numpy().reshape(-1)  # a view of the ids, any stride
             if batch:
-                self.producer.record_many(batch)  # also checks the interval trigger
+                self.producer.record_many(batch)
             else:
                 self.producer.poll()
         finally:
@@ -93,3 +99,33 @@ class IncrementalUpdateHook:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _columns_of_one_matrix(seen: dict[str, list[torch.Tensor]]
+                           ) -> tuple[np.ndarray, dict[str, int]] | None:
+    """When every table saw one 1-D CPU int64 id tensor this step and all are columns of one
+    row-major matrix (`sparse[:, i]`, the usual CTR input), that matrix as a numpy view (no
+    copy) and each table's column in it; else None."""
+    first = None
+    offsets: dict[str, int] = {}
+    for name, tensors in seen.items():
+        if len(tensors) != 1:
+            return None
+        ids = tensors[0]
+        if ids.ndim != 1 or ids.dtype != torch.int64 or ids.device.type != "cpu":
+            return None
+        if first is None:
+            first = ids
+        elif (ids.shape != first.shape or ids.stride() != first.stride()
+              or ids.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        offsets[name] = ids.storage_offset()
+    if first is None or first.shape[0] < 2:
+        return None
+    row_stride = first.stride()[0]
+    start = min(offsets.values())
+    width = max(offsets.values()) - start + 1
+    if width > row_stride:  # not columns of one row: different rows of something else
+        return None
+    matrix = first.as_strided((first.shape[0], width), (row_stride, 1), start)
+    return matrix.numpy(), {name: offset - start for name, offset in offsets.items()}

@@ -19,6 +19,7 @@ from producer import (
     SignBuffer,
     UnstoredDataError,
 )
+from producer.signset import DenseColumns
 from storage import open_store
 
 
@@ -342,3 +343,66 @@ def test_writer_thread_runs_at_the_configured_nice(tmp_path: Path) -> None:
         fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
         own = Path(f"/proc/self/task/{threading.get_native_id()}/stat").read_text()
         assert int(fields[16]) == min(19, int(own.rsplit(")", 1)[1].split()[16]) + 7)
+
+
+def test_dense_columns_mark_like_one_buffer_per_column() -> None:
+    rng = np.random.default_rng(5)
+    rows = [1000, 300, 5000]
+    fused = [DenseSignBuffer(r) for r in rows]
+    alone = [DenseSignBuffer(r) for r in rows]
+    for buffer in fused:
+        buffer.insert(np.array([1, 2]))  # bits set before the group takes the bitsets over
+    for buffer in alone:
+        buffer.insert(np.array([1, 2]))
+    group = DenseColumns(fused)
+    columns = np.array([3, 0, 1])  # table t reads column columns[t]; column 2 is nobody's
+    for _ in range(20):
+        ids = np.stack([rng.integers(0, 300, 64), rng.integers(0, 300, 64),
+                        rng.integers(0, 10**9, 64), rng.integers(0, 1000, 64)], axis=1)
+        sizes = group.insert(ids, columns)
+        assert sizes == [b.insert(ids[:, c]) for b, c in zip(alone, columns, strict=True)]
+    for a, b in zip(fused, alone, strict=True):
+        assert np.array_equal(a.swap()[0], b.swap()[0])
+    assert group.current()
+    bad = np.array([[5, 6, 0, 7], [8, 9, 0, 1000]])  # 1000 is outside the first table's rows
+    with pytest.raises(ValueError, match="sign 1000 is outside"):
+        group.insert(bad, columns)
+    assert fused[0].swap()[0].tolist() == [7]  # the rows before the bad one stay, in every table
+    assert fused[1].swap()[0].tolist() == [5]
+
+
+def test_dense_columns_keep_last_op_wins_after_an_evict() -> None:
+    buffers = [DenseSignBuffer(100), DenseSignBuffer(100)]
+    group = DenseColumns(buffers)
+    buffers[0].insert(np.array([4, 5]), SignBuffer.DELETE)
+    group.insert(np.array([[4, 1], [6, 2]]), np.array([0, 1]))  # 4 upserted after its delete
+    signs, ops = buffers[0].swap()
+    assert dict(zip(signs.tolist(), ops.tolist(), strict=True)) == {4: 0, 5: 1, 6: 0}
+
+
+def test_record_columns_marks_each_table_from_its_column_and_flushes_full_ones(
+        tmp_path: Path) -> None:
+    model = NumpyModel()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=500)
+    with IncrementalProducer(config) as producer:
+        producer.register_table("a", model.read, rows=1000)
+        producer.register_table("b", model.read, rows=1000)
+        producer.register_table("h", model.read)  # a hash buffer: recorded column by column
+        ids = np.stack([np.arange(600), np.arange(600) % 7, np.arange(600) % 3], axis=1)
+        producer.record_columns(ids[:300], {"a": 0, "b": 1})
+        assert (producer.buffered("a"), producer.buffered("b")) == (300, 7)
+        producer.record_columns(ids[300:], {"a": 0, "b": 1})  # a: 600 >= 500, flushed
+        assert (producer.buffered("a"), producer.buffered("b")) == (0, 7)
+        producer.record_columns(ids, {"b": 1, "h": 2})
+        assert (producer.buffered("b"), producer.buffered("h")) == (7, 3)
+        with pytest.raises(KeyError, match="nope"):
+            producer.record_columns(ids, {"nope": 0})
+        with pytest.raises(ValueError, match="id matrix"):
+            producer.record_columns(ids[:, 0], {"a": 0})
+        expected_a = model.weight[:600].copy()
+        assert producer.flush()
+        packets = read_packets(producer.store)
+    by_table = {(p.header.table, p.header.sequence): p for p in packets}
+    np.testing.assert_array_equal(by_table["a", 0].signs, np.arange(600, dtype=np.uint64))
+    np.testing.assert_array_equal(by_table["a", 0].embeddings, expected_a)
+    np.testing.assert_array_equal(by_table["b", 0].signs, np.arange(7, dtype=np.uint64))

@@ -76,3 +76,52 @@ def test_example_training_script_ships_every_table(tmp_path: Path) -> None:
     packets = read_packets(open_store(str(tmp_path / "inc")))
     assert sorted(p.header.table for p in packets) == sorted(f"C{i}" for i in range(1, 27))
     assert all(p.header.rows > 0 and p.header.dim == 16 for p in packets)
+
+
+def test_columns_of_one_id_matrix_are_recorded_from_the_matrix_itself() -> None:
+    from producer.torch_hook import _columns_of_one_matrix
+
+    sparse = torch.arange(40, dtype=torch.int64).reshape(8, 5)
+    seen = {"c3": [sparse[:, 3]], "c1": [sparse[:, 1]], "c2": [sparse[:, 2]]}
+    matrix, columns = _columns_of_one_matrix(seen)
+    assert matrix.shape == (8, 3) and columns == {"c3": 2, "c1": 0, "c2": 1}
+    for name, tensors in seen.items():
+        assert np.array_equal(matrix[:, columns[name]], tensors[0].numpy())
+    assert np.shares_memory(matrix, sparse.numpy())  # a view: no copy
+    other = torch.arange(40, dtype=torch.int64).reshape(8, 5)
+    for not_one_matrix in (
+        {"a": [sparse[:, 0]], "b": [other[:, 1]]},  # two matrices
+        {"a": [sparse[:, 0]], "b": []},  # a table without ids this step
+        {"a": [sparse[:, 0], sparse[:, 0]], "b": [sparse[:, 1]]},  # two forwards
+        {"a": [sparse[0]], "b": [sparse[1]]},  # rows, not columns
+        {"a": [sparse[:, 0].to(torch.int32)]},
+    ):
+        assert _columns_of_one_matrix(not_one_matrix) is None
+
+
+def test_hook_on_a_ctr_id_matrix_ships_every_touched_row(tmp_path: Path) -> None:
+    from persia_inc.demo.ctr import CTRModel, synthetic_batch
+
+    model = CTRModel(400, 4, hidden=(8,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rng = np.random.default_rng(0)
+    touched = [set() for _ in model.tables]
+    config = producer_config(str(tmp_path / "inc"), buffer_size=120)
+    with IncrementalProducer(config) as producer:
+        IncrementalUpdateHook(producer, model.named_tables(), optimizer)
+        for _ in range(15):
+            dense, sparse, label = synthetic_batch(rng, 32, 400)
+            for i, ids in enumerate(sparse.T.tolist()):
+                touched[i].update(ids)
+            optimizer.zero_grad()
+            nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), label).backward()
+            optimizer.step()
+        assert list(producer._column_groups) == [tuple(model.named_tables())]  # one fused group
+        assert producer.flush()
+        packets = read_packets(producer.store)
+    for (name, module), rows in zip(model.named_tables().items(), touched, strict=True):
+        state = replay([p for p in packets if p.header.table == name], 4)
+        assert set(state) == rows
+        weight = module.weight.detach().numpy()
+        for sign, row in state.items():
+            np.testing.assert_array_equal(row, weight[sign])
