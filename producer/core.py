@@ -5,9 +5,11 @@ flush starts, swaps a buffer and reads the flushed rows through the table's read
 storing and announcing run on the writer's background thread (producer/writer.py).
 
 Rows are read on the thread that calls `record`, `evict`, `poll`, `flush` or `close`: call
-them between optimizer steps (the torch hook does, from the optimizer's step post-hook) so a
-packet never holds a row the optimizer is half-way through updating. For the same reason the
-interval trigger is checked on those calls, not by a timer thread.
+them between optimizer steps so a packet never holds a row the optimizer is half-way through
+updating. For the same reason the interval trigger is checked on those calls, not by a timer
+thread. With `defer_reads()` (the torch hook turns it on) the rows of `reads_into` tables are
+read on the writer thread instead, under a lock every optimizer step holds: the training
+thread then only swaps buffers, and the reads overlap its next forward and backward.
 """
 
 from __future__ import annotations
@@ -113,11 +115,16 @@ class IncrementalProducer:
             dtype=settings.dtype, max_pending_bytes=settings.max_pending_bytes,
             backpressure=settings.backpressure, max_backoff_s=config.persia_inc.retry.max_backoff_s,
             generation=generation, metrics=self.metrics, nice=settings.writer_nice,
+            read_guard=self._no_step_running, on_read_failed=self._take_back,
         )
         self.row_pool = row_buffer_pool(settings.row_pool_bytes)
         self._lock = threading.RLock()  # one flush at a time; close vs. flush
         self._interval_due_s = float("inf")  # earliest time some table's interval expires
         self._busy = 0  # >0 inside record/flush or a guarded training step
+        self._deferred_reads = False
+        self._step_lock = threading.Lock()  # held by the training thread inside an optimizer step
+        self._step_owner: int | None = None  # thread id holding _step_lock
+        self._read_error: Exception | None = None  # a deferred read's failure, raised next call
         self._deferred_signal: tuple[int, FrameType | None] | None = None
         self._previous_sigterm: Any = None
         self._sigterm_installed = False
@@ -309,6 +316,7 @@ class IncrementalProducer:
             self._flush(full, "size")
         if now >= self._interval_due_s:
             self._flush_due(time.monotonic())
+        self._raise_read_error()
 
     def poll(self) -> None:
         """Start the flushes whose interval has passed (call it between steps when idle)."""
@@ -321,6 +329,7 @@ class IncrementalProducer:
                 self._flush_due(now)
             finally:
                 self._leave()
+        self._raise_read_error()
 
     def _flush_due(self, now: float) -> None:
         due = [t.name for t in self._tables.values()
@@ -346,20 +355,68 @@ class IncrementalProducer:
             self._flush(list(self._tables), "explicit")
         finally:
             self._leave()
-        return self.writer.drain(timeout_s) if wait else True
+        stored = self.writer.drain(timeout_s) if wait else True
+        self._raise_read_error()
+        return stored
 
     @contextlib.contextmanager
     def training_step(self) -> Iterator[None]:
         """Mark an optimizer step: a SIGTERM arriving inside waits for its end before the
-        producer reads rows (so no torn rows). The torch hook does this for you."""
-        self._busy += 1
+        producer reads rows, and deferred reads wait for it too (so no torn rows). The torch
+        hook does this for you."""
+        self._enter_step()
         try:
             yield
         finally:
+            self._end_update()
             self._leave()
+
+    def defer_reads(self, enabled: bool = True) -> None:
+        """Read the rows of `reads_into` tables on the writer thread, never while an optimizer
+        step runs, instead of on the training thread at flush time.
+
+        Only for training loops that mark every step that changes those rows (`training_step`,
+        or the torch hook, which turns this on): the rows are then read between two steps'
+        updates, possibly a few steps after the flush, which ships them as fresh or fresher.
+        A reader that fails there hands its signs back to the buffer and its error is raised
+        by the next `record`, `evict`, `poll` or `flush`. Call those after a step's update,
+        outside `training_step()` (a flush inside it raises RuntimeError instead of waiting
+        for itself)."""
+        if self.enabled:
+            self._deferred_reads = bool(enabled)
 
     def _enter_step(self) -> None:
         self._busy += 1
+        if self._deferred_reads and self._step_owner is None:
+            self._step_lock.acquire()
+            self._step_owner = threading.get_ident()
+
+    def _end_update(self) -> None:
+        """The optimizer has updated the rows: deferred reads may go on."""
+        if self._step_owner == threading.get_ident():
+            self._step_owner = None
+            self._step_lock.release()
+
+    @contextlib.contextmanager
+    def _no_step_running(self) -> Iterator[None]:
+        with self._step_lock:
+            yield
+
+    def _take_back(self, snapshot: Snapshot, error: Exception) -> None:
+        """A deferred read failed (on the writer thread): buffer its signs again, report."""
+        log.error("reading rows of table %r failed; its %d signs stay buffered: %s: %s",
+                  snapshot.table, snapshot.signs.size, type(error).__name__, error)
+        entry = self._tables[snapshot.table]
+        entry.buffer.insert(snapshot.signs, SignBuffer.UPSERT)
+        entry.buffer.insert(snapshot.deleted, SignBuffer.DELETE)
+        if entry.oldest_s is None:
+            entry.oldest_s = snapshot.taken_s
+        self._read_error = error
+
+    def _raise_read_error(self) -> None:
+        error, self._read_error = self._read_error, None
+        if error is not None:
+            raise error
 
     def _leave(self) -> None:
         self._busy -= 1
@@ -384,6 +441,17 @@ class IncrementalProducer:
             raise
         return rows, state, block
 
+    def _read_later(self, entry: _Table, signs: np.ndarray
+                    ) -> tuple[np.ndarray, None, np.ndarray, Callable[[], np.ndarray | None]]:
+        """(rows still unread, no state yet, their pooled block, the read that fills them)."""
+        block = self.row_pool.take(signs.size, (entry.dim,))
+        rows = block[:signs.size]
+        reader, table = entry.reader, entry.name
+
+        def read() -> np.ndarray | None:
+            return _checked_state(reader(signs, rows), signs.size, table)  # type: ignore[call-arg]
+        return rows, None, block, read
+
     def _call_reader(self, reader: Reader, signs: np.ndarray,
                      table: str) -> tuple[np.ndarray, np.ndarray | None]:
         result = reader(signs)
@@ -402,6 +470,9 @@ class IncrementalProducer:
         Every table is read before the writer hears of any: a writer woken by the first table
         would compete with the reads of the others for the GIL and the cores.
         """
+        if self._step_owner == threading.get_ident():
+            raise RuntimeError("with deferred reads, record and flush after the optimizer step, "
+                               "not inside training_step(): the writer waits for the step to end")
         with self._lock:
             if admit:
                 self.writer.admit()  # back-pressure: block or raise before taking more
@@ -418,15 +489,20 @@ class IncrementalProducer:
                         upserts, deleted = signs[ops == 0], signs[ops != 0]
                     else:
                         upserts, deleted = signs, np.empty(0, np.uint64)
+                    read = None
                     try:
-                        rows, state, block = self._read_rows(entry, upserts)
+                        if self._deferred_reads and entry.reads_into and upserts.size:
+                            rows, state, block, read = self._read_later(entry, upserts)
+                        else:
+                            rows, state, block = self._read_rows(entry, upserts)
                     except BaseException:
                         entry.buffer.insert(upserts, SignBuffer.UPSERT)  # nothing leaves unstored
                         entry.buffer.insert(deleted, SignBuffer.DELETE)
                         entry.oldest_s = time.monotonic()
                         raise
                     snapshots.append(Snapshot(name, upserts, rows, deleted, entry.dim, reason, state,
-                                              block=block, give_back=self.row_pool.give_back))
+                                              block=block, give_back=self.row_pool.give_back,
+                                              read=read))
             finally:
                 if snapshots:  # the tables read before a failing reader are shipped all the same
                     self.writer.submit_many(snapshots)
@@ -454,12 +530,16 @@ class IncrementalProducer:
         timeout = self.settings.close_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         read_error: BaseException | None = None
+        self._end_update()  # a step that raised never reached its post-hook
+        self._deferred_reads = False  # close runs between steps: read here
         try:
             self._flush(list(self._tables), "close", admit=False)
         except Exception as exc:  # still stop the threads; report below
             read_error = exc
             log.exception("reading rows at close failed")
         left, tables = self.writer.close(max(0.0, deadline - time.monotonic()))
+        if self._read_error is not None and read_error is None:  # a deferred read failed
+            read_error, self._read_error = self._read_error, None
         unannounced = self.announcer.close(max(1.0, deadline - time.monotonic()))
         self.metrics.close()
         if self._owns_store:

@@ -2,7 +2,9 @@
 
 Forward hooks on the embedding modules keep the ids each forward used (while grad is on);
 the optimizer's step pre-hook marks the step (a SIGTERM then waits for its end) and its step
-post-hook records the ids, so a flush reads rows after the update, between steps: no torn rows.
+post-hook records the ids. The hook turns on the producer's deferred reads: flushed rows are
+read on the writer thread under a lock the optimizer's step holds from its pre-hook to its
+post-hook, so they are never torn, and the training thread does not wait for them.
 The sign of row i is i (uint64).
 """
 
@@ -42,6 +44,7 @@ class IncrementalUpdateHook:
             self._handles.append(module.register_forward_hook(self._forward_hook(self._seen[name])))
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
+        producer.defer_reads()
 
     @staticmethod
     def _reader(module: nn.Module) -> Any:
@@ -73,6 +76,7 @@ class IncrementalUpdateHook:
         self.producer._enter_step()
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.producer._end_update()  # the rows are updated: deferred reads may go on
         try:
             matrix = _columns_of_one_matrix(self._seen)
             if matrix is not None:
@@ -95,10 +99,12 @@ class IncrementalUpdateHook:
             self.producer._leave()
 
     def remove(self) -> None:
-        """Detach every hook (the producer stays open)."""
+        """Detach every hook (the producer stays open, reading rows at flush time again)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.producer._end_update()
+        self.producer.defer_reads(False)
 
 
 def _columns_of_one_matrix(seen: dict[str, list[torch.Tensor]]

@@ -11,6 +11,7 @@ store was attempted is frozen: its key may already be visible, so its content ne
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import random
@@ -41,6 +42,8 @@ class Snapshot:
     state: float32[n, k] optimizer state or None; deleted: uint64[d] evicted signs;
     taken_s: monotonic time of the (oldest merged) read; created_ns: wall time of the latest.
     block: the pooled buffer `rows` is a view of, handed to `give_back` once no longer needed.
+    read: when set, `rows` is not read yet: read() fills it and returns the state (or None);
+    the writer calls it through `read_rows` (deferred reads, see `IncrementalProducer`).
     """
 
     table: str
@@ -56,6 +59,13 @@ class Snapshot:
     header: PacketHeader | None = None  # set with `sequence`
     block: np.ndarray | None = None
     give_back: Callable[[np.ndarray], None] | None = None
+    read: Callable[[], np.ndarray | None] | None = None
+
+    def read_rows(self) -> None:
+        """Fill `rows` (and `state`) if they are still to be read; at most once."""
+        read, self.read = self.read, None
+        if read is not None:
+            self.state = read()
 
     def release_block(self) -> None:
         """Hand the pooled buffer back: call once `rows` no longer views it (stored or copied)."""
@@ -87,7 +97,10 @@ class Snapshot:
 
     def merge(self, newer: Snapshot) -> None:
         """Fold `newer` into this snapshot: its upserts and deletes replace ours (latest wins).
-        The rows are copied, so both pooled buffers go back."""
+        The rows are copied, so both pooled buffers go back. Runs where `submit` is called,
+        between training steps, so rows still to be read are read here."""
+        self.read_rows()
+        newer.read_rows()
         touched = np.concatenate([newer.signs, newer.deleted])
         keep = ~np.isin(self.signs, touched)
         keep_deleted = ~np.isin(self.deleted, touched)
@@ -135,6 +148,8 @@ class PacketWriter:
         metrics: Any = None,
         on_stored: Any = None,
         nice: int = 0,
+        read_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        on_read_failed: Callable[[Snapshot, Exception], None] | None = None,
     ) -> None:
         self.store = store
         self.model = model
@@ -147,6 +162,8 @@ class PacketWriter:
         self.metrics = metrics
         self.on_stored = on_stored
         self.nice = nice
+        self.read_guard = read_guard
+        self.on_read_failed = on_read_failed
         self.generation = generation
         self.stored: list[StoredPacket] = []  # the last few, for tests and tools
         self.failure: BaseException | None = None
@@ -342,12 +359,23 @@ class PacketWriter:
 
     def _write(self, snapshot: Snapshot) -> bool:
         """Store one snapshot, retrying until it is stored (True) or the writer aborts (False).
+        Rows still to be read are read first, under `read_guard`; if that fails the producer
+        takes the snapshot's signs back (`on_read_failed`) and this returns True.
 
         The packet is encoded straight into the store's sink. On local disk the rows, read into
         a page-aligned pooled buffer, are laid out on a page of the file and written from that
         buffer by direct I/O: no copy of them at all. A retry encodes the frozen snapshot
         again, to the same bytes.
         """
+        if snapshot.read is not None:
+            try:
+                with self.read_guard():  # no optimizer step runs while the rows are read
+                    snapshot.read_rows()
+            except Exception as exc:  # the reader's failure: the producer keeps the signs
+                if self.on_read_failed is None:
+                    raise
+                self.on_read_failed(snapshot, exc)
+                return True  # done with it: nothing to store
         header = snapshot.header if snapshot.header is not None else self._freeze(snapshot)
         key = packet_key(self.model, snapshot.table, self.producer, header.generation,
                          header.sequence)

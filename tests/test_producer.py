@@ -177,23 +177,26 @@ def test_restart_takes_a_new_generation_across_tables(tmp_path: Path) -> None:
                     "ctr/b/p/0000000002-000000000000.arrow"]
 
 
-@pytest.mark.parametrize("reads_into", [False, True], ids=["returned-rows", "pooled-rows"])
-def test_local_outage_retries_merges_and_loses_nothing(tmp_path: Path, reads_into: bool) -> None:
+@pytest.mark.parametrize("reads", ["returned", "pooled", "deferred"])
+def test_local_outage_retries_merges_and_loses_nothing(tmp_path: Path, reads: str) -> None:
     """The store's parent is a plain file (puts fail) until the test replaces it with a folder.
     With pooled row buffers, merging snapshots hands buffers back while later flushes reuse
-    them: no packet may show another flush's rows."""
+    them: no packet may show another flush's rows. Deferred reads: merges read the rows
+    still unread, the writer reads the others."""
     blocked = tmp_path / "blocked"
     blocked.write_text("not a folder")
     model = NumpyModel(rows=2000, dim=4)
     config = producer_config(str(blocked / "inc"), buffer_size=300, max_pending_bytes=10**8)
     touched: set[int] = set()
     with IncrementalProducer(config, generation=1) as producer:
-        if reads_into:
-            producer.register_table("emb", model.read_into, dim=4, rows=2000, reads_into=True)
-        else:
+        if reads == "returned":
             producer.register_table("emb", model.read)
+        else:
+            producer.register_table("emb", model.read_into, dim=4, rows=2000, reads_into=True)
+        producer.defer_reads(reads == "deferred")
         for _ in range(20):
-            ids = model.step(100)
+            with producer.training_step():
+                ids = model.step(100)
             touched.update(ids.tolist())
             producer.record("emb", ids)
         time.sleep(0.3)
@@ -406,3 +409,76 @@ def test_record_columns_marks_each_table_from_its_column_and_flushes_full_ones(
     np.testing.assert_array_equal(by_table["a", 0].signs, np.arange(600, dtype=np.uint64))
     np.testing.assert_array_equal(by_table["a", 0].embeddings, expected_a)
     np.testing.assert_array_equal(by_table["b", 0].signs, np.arange(7, dtype=np.uint64))
+
+
+def test_deferred_reads_run_on_the_writer_thread_and_never_inside_a_step(tmp_path: Path) -> None:
+    model = NumpyModel(rows=3000, dim=4)
+    in_update = threading.Event()
+    readers: set[int] = set()
+    torn: list[int] = []
+
+    def read_into(signs: np.ndarray, out: np.ndarray) -> None:
+        readers.add(threading.get_ident())
+        if in_update.is_set():
+            torn.append(signs.size)
+        model.read_into(signs, out)
+
+    config = producer_config(str(tmp_path / "inc"), buffer_size=250)
+    touched: set[int] = set()
+    with IncrementalProducer(config) as producer:
+        producer.register_table("emb", read_into, dim=4, rows=3000, reads_into=True)
+        producer.defer_reads()
+        for _ in range(40):
+            with producer.training_step():
+                in_update.set()
+                ids = model.step(60)
+                time.sleep(0.002)  # a slow update: a read racing it would see the flag
+                in_update.clear()
+            touched.update(ids.tolist())
+            producer.record("emb", ids)
+        assert producer.flush()
+        packets = read_packets(producer.store)
+    assert readers == {producer.writer._thread.ident} and not torn  # the writer, between steps
+    state = replay(packets, 4)
+    assert set(state) == touched
+    for sign, row in state.items():
+        np.testing.assert_array_equal(row, model.weight[sign])
+
+
+def test_a_failing_deferred_read_keeps_the_signs_and_raises_on_the_next_call(tmp_path: Path) -> None:
+    model = NumpyModel(rows=1000, dim=4)
+    calls = {"n": 0}
+
+    def flaky(signs: np.ndarray, out: np.ndarray) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("weights moved to another device")
+        model.read_into(signs, out)
+
+    config = producer_config(str(tmp_path / "inc"), buffer_size=40)
+    with IncrementalProducer(config) as producer:
+        producer.register_table("emb", flaky, dim=4, rows=1000, reads_into=True)
+        producer.defer_reads()
+        producer.record("emb", np.arange(50))  # full: flushed, read later by the writer
+        assert producer.writer.drain(10)
+        assert producer.buffered("emb") == 50  # the failed read handed its signs back
+        with pytest.raises(RuntimeError, match="another device"):
+            producer.record("emb", np.arange(50, 60))  # recorded, then the error is raised
+        assert producer.buffered("emb") == 0  # 60 >= 40: flushed again, this time read
+        assert producer.flush()
+        packets = read_packets(producer.store)
+    assert sorted(int(s) for p in packets for s in p.signs) == list(range(60))
+    assert not list((tmp_path / "inc").rglob("*.tmp"))
+
+
+def test_a_flush_inside_a_step_with_deferred_reads_is_refused_not_deadlocked(tmp_path: Path) -> None:
+    model = NumpyModel(rows=100, dim=4)
+    with IncrementalProducer(producer_config(str(tmp_path / "inc"), buffer_size=5)) as producer:
+        producer.register_table("emb", model.read_into, dim=4, rows=100, reads_into=True)
+        producer.defer_reads()
+        with producer.training_step(), pytest.raises(RuntimeError, match="after the optimizer step"):
+            producer.record("emb", np.arange(10))
+        assert producer.buffered("emb") == 10  # kept for the next flush
+        producer.record("emb", np.arange(3))
+        assert producer.flush()
+        assert [int(s) for p in read_packets(producer.store) for s in p.signs] == list(range(10))
