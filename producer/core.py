@@ -253,18 +253,21 @@ class IncrementalProducer:
             return
         if self.closed:
             raise ProducerClosedError("the producer is closed")
-        self._check_tables(columns)
         if ids.ndim != 2:
             raise ValueError(f"record_columns needs a [batch, k] id matrix, got shape {ids.shape}")
+        tables = tuple(columns)
+        group = self._column_groups.get(tables)
+        if group is None or not group.current():  # a known group's tables are all registered
+            self._check_tables(columns)
         self._busy += 1
         try:
-            group = self._dense_columns(tuple(columns))
+            group = self._dense_columns(tables)
             if group is None:
                 self._record_sizes({t: self._tables[t].buffer.insert(ids[..., c].reshape(-1))
                                     for t, c in columns.items()})
                 return
-            index = np.fromiter(columns.values(), dtype=np.int64, count=len(columns))
-            self._record_sizes(dict(zip(columns, group.insert(ids, index), strict=True)))
+            index = group.index(tuple(columns.values()))
+            self._record_sizes(dict(zip(tables, group.insert(ids, index), strict=True)))
         finally:
             self._leave()
 

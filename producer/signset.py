@@ -374,6 +374,13 @@ class DenseColumns:
             self._views.append(view)
         self._rows = np.array([b.capacity for b in self.buffers], dtype=np.int64)
         self._sizes = np.zeros(len(self.buffers), dtype=np.int64)
+        self._index: tuple[tuple[int, ...], np.ndarray] = ((), np.empty(0, np.int64))
+
+    def index(self, columns: tuple[int, ...]) -> np.ndarray:
+        """`columns` as the int64 array `insert` takes (kept: a training loop repeats it)."""
+        if self._index[0] != columns:
+            self._index = (columns, np.array(columns, dtype=np.int64))
+        return self._index[1]
 
     def current(self) -> bool:
         """Whether every buffer still marks into this group's array (a newer group can take

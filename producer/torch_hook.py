@@ -111,27 +111,35 @@ def _columns_of_one_matrix(seen: dict[str, list[torch.Tensor]]
                            ) -> tuple[np.ndarray, dict[str, int]] | None:
     """When every table saw one 1-D CPU int64 id tensor this step and all are columns of one
     row-major matrix (`sparse[:, i]`, the usual CTR input), that matrix as a numpy view (no
-    copy) and each table's column in it; else None."""
+    copy) and each table's column in it; else None.
+
+    Runs every step, so it only asks each tensor for plain numbers: tensors whose storage
+    starts at one address (data pointer less offset) share it, as live storages never overlap.
+    """
     first = None
     offsets: dict[str, int] = {}
+    int64 = torch.int64
     for name, tensors in seen.items():
         if len(tensors) != 1:
             return None
         ids = tensors[0]
-        if ids.ndim != 1 or ids.dtype != torch.int64 or ids.device.type != "cpu":
+        if ids.dtype is not int64:
             return None
+        offset = ids.storage_offset()
         if first is None:
-            first = ids
-        elif (ids.shape != first.shape or ids.stride() != first.stride()
-              or ids.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            if ids.dim() != 1 or not ids.is_cpu or len(ids) < 2:
+                return None
+            first, stride, rows = ids, ids.stride(), len(ids)
+            storage = ids.data_ptr() - 8 * offset
+        elif (ids.data_ptr() - 8 * offset != storage or ids.stride() != stride
+              or len(ids) != rows or ids.dim() != 1):
             return None
-        offsets[name] = ids.storage_offset()
-    if first is None or first.shape[0] < 2:
+        offsets[name] = offset
+    if first is None:
         return None
-    row_stride = first.stride()[0]
     start = min(offsets.values())
     width = max(offsets.values()) - start + 1
-    if width > row_stride:  # not columns of one row: different rows of something else
+    if width > stride[0]:  # not columns of one row: different rows of something else
         return None
-    matrix = first.as_strided((first.shape[0], width), (row_stride, 1), start)
+    matrix = first.as_strided((rows, width), (stride[0], 1), start)
     return matrix.numpy(), {name: offset - start for name, offset in offsets.items()}
