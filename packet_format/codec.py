@@ -14,6 +14,7 @@ Nothing here can run code from a packet: Arrow IPC is plain data, and we never u
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, fields, replace
 from typing import BinaryIO
 
@@ -223,14 +224,17 @@ def write_packet(
     return written
 
 
-class _OffsetProbe:
+class _OffsetProbe(io.RawIOBase):
     """A sink that keeps no bytes and notes the offset at which the buffer at `address` arrives."""
 
     def __init__(self, address: int) -> None:
+        super().__init__()
         self.address = address
         self.position = 0
         self.found: int | None = None
-        self.closed = False
+
+    def writable(self) -> bool:
+        return True
 
     def write(self, data: object) -> int:
         size = memoryview(data).nbytes  # type: ignore[arg-type]
@@ -238,18 +242,6 @@ class _OffsetProbe:
             self.found = self.position
         self.position += size
         return size
-
-    def tell(self) -> int:
-        return self.position
-
-    def flush(self) -> None:
-        pass
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.closed = True
 
 
 _PAD_KEY = META_PREFIX + "pad"

@@ -13,6 +13,8 @@ has been written.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
 from storage.blockpool import PAGE
@@ -24,7 +26,7 @@ def _address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
-class PageSink:
+class PageSink(io.RawIOBase):
     """A write-only binary sink over `scratch` (page-aligned uint8 memory).
 
     `write` raises OSError when the copied bytes outgrow the scratch (as Arrow's fixed-size
@@ -34,13 +36,13 @@ class PageSink:
     def __init__(self, scratch: np.ndarray) -> None:
         if scratch.ctypes.data % PAGE or scratch.size % PAGE:
             raise ValueError("scratch must be page aligned and whole pages long")
+        super().__init__()
         self._scratch = scratch
         self._used = 0  # bytes of scratch taken (closed runs are padded to whole pages)
         self._run_start = 0  # scratch offset where the open run of copied bytes begins
         self._parts: list[memoryview] = []  # closed runs and references, in object order
         self.position = 0
         self.referenced_bytes = 0
-        self.closed = False
 
     # --- the file-like face Arrow and the writers use -----------------------------------
 
@@ -61,14 +63,8 @@ class PageSink:
     def tell(self) -> int:
         return self.position
 
-    def flush(self) -> None:
-        pass
-
     def writable(self) -> bool:
         return True
-
-    def close(self) -> None:
-        self.closed = True
 
     # --- what the store writes ----------------------------------------------------------
 
