@@ -115,6 +115,7 @@ class IncrementalProducer:
             dtype=settings.dtype, max_pending_bytes=settings.max_pending_bytes,
             backpressure=settings.backpressure, max_backoff_s=config.persia_inc.retry.max_backoff_s,
             generation=generation, metrics=self.metrics, nice=settings.writer_nice,
+            idle=settings.writer_policy == "idle",
             read_guard=self._no_step_running, on_read_failed=self._take_back,
         )
         self.row_pool = row_buffer_pool(settings.row_pool_bytes)

@@ -105,6 +105,7 @@ persia_inc:
     ("persia_inc: {retry: {max_attempts: 0}}", "persia_inc.retry", "max_attempts"),
     ("persia_inc: {model: 'a/b'}", "persia_inc.model", "model must be"),
     ("persia_inc: {producer: {writer_nice: 20}}", "persia_inc.producer.writer_nice", "[0, 19]"),
+    ("persia_inc: {producer: {writer_policy: low}}", "persia_inc.producer.writer_policy", "'idle'"),
     ("persia_inc: {producer: {row_pool_bytes: -1}}", "persia_inc.producer.row_pool_bytes",
      "0 or more"),
     ("embedding_parameter_server_config: {bogus: 1}", "embedding_parameter_server_config.bogus",
