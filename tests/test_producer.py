@@ -251,6 +251,16 @@ def test_dense_signbuffer_matches_python_set_with_last_op_winning() -> None:
     assert len(buffer) == 1 and buffer.swap()[0].tolist() == [3]  # signs before the bad one stay
 
 
+def _flush_and_check_first_packets(producer: IncrementalProducer, a_rows: np.ndarray,
+                                   b_signs: int) -> None:
+    """Table a's first packet holds signs 0..599 with `a_rows`; b's holds 0..b_signs-1."""
+    assert producer.flush()
+    by_table = {(p.header.table, p.header.sequence): p for p in read_packets(producer.store)}
+    np.testing.assert_array_equal(by_table["a", 0].signs, np.arange(600, dtype=np.uint64))
+    np.testing.assert_array_equal(by_table["a", 0].embeddings, a_rows)
+    np.testing.assert_array_equal(by_table["b", 0].signs, np.arange(b_signs, dtype=np.uint64))
+
+
 def test_record_many_with_dense_tables_flushes_the_full_ones(tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"), buffer_size=500)
@@ -265,13 +275,7 @@ def test_record_many_with_dense_tables_flushes_the_full_ones(tmp_path: Path) -> 
         assert producer.buffered("b") == 20  # nothing inserted when a table is unknown
         producer.register_table("b", model.read, rows=1000)  # re-register: buffered signs kept
         assert producer.buffered("b") == 20
-        expected_a = model.weight[:600].copy()
-        assert producer.flush()
-        packets = read_packets(producer.store)
-    by_table = {(p.header.table, p.header.sequence): p for p in packets}
-    np.testing.assert_array_equal(by_table["a", 0].signs, np.arange(600, dtype=np.uint64))
-    np.testing.assert_array_equal(by_table["a", 0].embeddings, expected_a)
-    np.testing.assert_array_equal(by_table["b", 0].signs, np.arange(20, dtype=np.uint64))
+        _flush_and_check_first_packets(producer, model.weight[:600].copy(), b_signs=20)
 
 
 def test_dense_signbuffer_covers_every_bit_of_its_words() -> None:
@@ -415,13 +419,7 @@ def test_record_columns_marks_each_table_from_its_column_and_flushes_full_ones(
             producer.record_columns(ids, {"nope": 0})
         with pytest.raises(ValueError, match="id matrix"):
             producer.record_columns(ids[:, 0], {"a": 0})
-        expected_a = model.weight[:600].copy()
-        assert producer.flush()
-        packets = read_packets(producer.store)
-    by_table = {(p.header.table, p.header.sequence): p for p in packets}
-    np.testing.assert_array_equal(by_table["a", 0].signs, np.arange(600, dtype=np.uint64))
-    np.testing.assert_array_equal(by_table["a", 0].embeddings, expected_a)
-    np.testing.assert_array_equal(by_table["b", 0].signs, np.arange(7, dtype=np.uint64))
+        _flush_and_check_first_packets(producer, model.weight[:600].copy(), b_signs=7)
 
 
 def test_deferred_reads_run_on_the_writer_thread_and_never_inside_a_step(tmp_path: Path) -> None:
