@@ -197,6 +197,7 @@ class IncrementalProducer:
                     entry.buffer.insert(signs[ops != 0], SignBuffer.DELETE)
                     raise
                 entry.buffer = buffer
+                self._column_groups.clear()  # they mark the buffer replaced
 
     @property
     def tables(self) -> list[str]:
@@ -257,9 +258,6 @@ class IncrementalProducer:
         if ids.ndim != 2:
             raise ValueError(f"record_columns needs a [batch, k] id matrix, got shape {ids.shape}")
         tables = tuple(columns)
-        group = self._column_groups.get(tables)
-        if group is None or not group.current():  # a known group's tables are all registered
-            self._check_tables(columns)
         self._busy += 1
         try:
             group = self._dense_columns(tables)
@@ -273,13 +271,14 @@ class IncrementalProducer:
             self._leave()
 
     def _dense_columns(self, tables: tuple[str, ...]) -> DenseColumns | None:
-        """The `DenseColumns` of `tables` (made once, remade if a table's buffer changed), or
-        None when one of them has no row count (a hash buffer)."""
-        buffers = [self._tables[t].buffer for t in tables]
+        """The `DenseColumns` of `tables` (made once; remade when another group took its
+        bitsets, and dropped when `register_table` replaces a buffer), or None when one of
+        them has no row count (a hash buffer). KeyError for a table never registered."""
         cached = self._column_groups.get(tables)
-        if (cached is not None and cached.current()
-                and all(a is b for a, b in zip(cached.buffers, buffers, strict=True))):
+        if cached is not None and cached.current():
             return cached
+        self._check_tables(tables)
+        buffers = [self._tables[t].buffer for t in tables]
         if not all(isinstance(b, DenseSignBuffer) for b in buffers):
             return None
         group = DenseColumns(buffers)  # type: ignore[arg-type]
@@ -433,21 +432,20 @@ class IncrementalProducer:
 
     def _read_rows(self, entry: _Table,
                    signs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(rows, state, pooled block that rows views or None) of `signs` in `entry`."""
+        """(rows, state, pooled block that rows views or None) of `signs` in `entry`, now."""
         if not entry.reads_into:
             return (*self._call_reader(entry.reader, signs, entry.name), None)
-        block = self.row_pool.take(signs.size, (entry.dim,))
+        rows, _, block, read = self._read_later(entry, signs)
         try:
-            rows = block[:signs.size]
-            state = _checked_state(entry.reader(signs, rows), signs.size, entry.name)  # type: ignore[call-arg]
+            return rows, read(), block
         except BaseException:
             self.row_pool.give_back(block)
             raise
-        return rows, state, block
 
     def _read_later(self, entry: _Table, signs: np.ndarray
                     ) -> tuple[np.ndarray, None, np.ndarray, Callable[[], np.ndarray | None]]:
-        """(rows still unread, no state yet, their pooled block, the read that fills them)."""
+        """(rows still unread in a pooled block, no state yet, the block, the read that fills
+        the rows and returns the state) for a `reads_into` table."""
         block = self.row_pool.take(signs.size, (entry.dim,))
         rows = block[:signs.size]
         reader, table = entry.reader, entry.name

@@ -24,8 +24,9 @@ class IncrementalUpdateHook:
     updates, through `producer`. Works with sparse and dense gradients. `remove()` detaches.
 
     Per step the forward hooks only keep a reference to each input id tensor (no copy, no
-    conversion); the step post-hook turns them into numpy views and records every table in
-    one `record_many` call, whose buffers are bitsets over the rows (`DenseSignBuffer`).
+    conversion); the step post-hook records every table in one call, whose buffers are bitsets
+    over the rows (`DenseSignBuffer`): `record_columns` when the ids are columns of one matrix,
+    else `record_many` of numpy views.
     """
 
     def __init__(self, producer: IncrementalProducer, tables: dict[str, nn.Module],

@@ -129,8 +129,9 @@ class PacketWriter:
 
     Sequences are contiguous per table within the generation, in store order, so a loader can
     tell a gap from a quiet table. `generation` None asks storage for the next one (in the
-    writer thread, retried through outages). `nice`: the writer thread's nice increment
-    (Linux), for hosts where other work must come first.
+    writer thread, retried through outages). `idle`: run the writer thread under SCHED_IDLE,
+    else `nice` nicer (Linux). `read_guard` is held while rows still unread are read, and
+    `on_read_failed` takes back the snapshot of a read that failed.
     """
 
     def __init__(

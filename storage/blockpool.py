@@ -16,8 +16,6 @@ from contextlib import contextmanager
 import numpy as np
 
 PAGE = 4096
-
-
 HUGE_PAGE = 2 * 1024 * 1024
 
 

@@ -102,10 +102,11 @@ class LocalStore(ObjectStore):
     def writer(self, key: str, size_hint: int = 0) -> Iterator[BinaryIO]:
         """Stream into the temporary file itself (no in-memory copy), then fsync and rename.
 
-        With a size_hint, encode into reused page-aligned memory instead and write it with
-        O_DIRECT: no page-cache pages to fill and write back, which costs the writer thread
-        (and the cores training shares with it) about 5x less CPU per packet. Folders that
-        refuse O_DIRECT (older tmpfs, some FUSE mounts) get a plain write of the same memory."""
+        With a size_hint, gather the object in a `PageSink` instead (reused page-aligned memory,
+        large page-aligned buffers by reference) and write it with O_DIRECT: no page-cache pages
+        to fill and write back, which costs the writer thread (and the cores training shares
+        with it) about 5x less CPU per packet. Folders that refuse O_DIRECT (older tmpfs, some
+        FUSE mounts) get a plain write of the same memory."""
         check_key(key)
         if size_hint > 0 and not self._hint_overflowed:
             with self._scratch.lend(size_hint) as scratch:
