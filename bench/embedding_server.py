@@ -33,9 +33,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedding_server.client import EmbeddingClient  # noqa: E402
-from embedding_server.table import EmbeddingTable, warm_up  # noqa: E402
-from packet_format import Packet, PacketHeader  # noqa: E402
+from persia_inc.embedding_server.client import EmbeddingClient  # noqa: E402
+from persia_inc.embedding_server.table import EmbeddingTable, warm_up  # noqa: E402
+from persia_inc.packet_format import Packet, PacketHeader  # noqa: E402
 
 DIM = 16
 REQUEST_SIGNS = 128 * 26 * 16

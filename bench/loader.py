@@ -28,13 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from embedding_server.errors import ShardError  # noqa: E402
-from loader.daemon import Loader  # noqa: E402
-from loader.replay import replay  # noqa: E402
-from packet_format import Announcement, Packet, PacketHeader, encode_packet, packet_key  # noqa: E402
 from persia_inc.config import load_config  # noqa: E402
-
-from services import EmbeddingCluster, free_port, write_test_config  # noqa: E402
+from persia_inc.embedding_server.errors import ShardError  # noqa: E402
+from persia_inc.loader.daemon import Loader  # noqa: E402
+from persia_inc.loader.replay import replay  # noqa: E402
+from persia_inc.local_services import EmbeddingCluster, free_port, write_test_config  # noqa: E402
+from persia_inc.packet_format import Announcement, Packet, PacketHeader, encode_packet, packet_key  # noqa: E402
 
 DIM = 16
 
@@ -169,9 +168,8 @@ def replay_bench(tmp: Path, packets: int, rows: int) -> dict:
 
 
 def kafka_ceph(tmp: Path, packets: int, rows: int) -> dict:
-    from persia_inc.kafka_client import import_kafka
-
-    from services import CephCluster, TansuBroker
+    from persia_inc.foundation.kafka import import_kafka
+    from persia_inc.local_services import CephCluster, TansuBroker
 
     kafka = import_kafka()
     ceph = CephCluster(tmp / "ceph")

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from packet_format import PacketHeader, decode_packet, encode_packet, write_packet  # noqa: E402
-from storage import open_store  # noqa: E402
+from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet, write_packet  # noqa: E402
+from persia_inc.storage import open_store  # noqa: E402
 
 
 def paired_medians(raw: Callable[[], object], ours: Callable[[], object], repeat: int
@@ -102,9 +102,8 @@ def bench_local(repeat: int) -> list[tuple[str, float, float, float]]:
 
 
 def bench_ceph(repeat: int) -> list[tuple[str, float, float, float]]:
-    from storage.s3 import S3Settings
-
-    from services import CephCluster
+    from persia_inc.local_services import CephCluster
+    from persia_inc.storage.s3 import S3Settings
 
     cluster = None
     if not os.environ.get("S3_ENDPOINT_URL"):

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from persia_inc.config import config_from_mapping
-from producer import IncrementalProducer, SignBuffer
+from persia_inc.producer import IncrementalProducer, SignBuffer
 
 
 def bench_record(rounds: int = 200) -> None:
@@ -107,7 +107,7 @@ def bench_overhead(steps: int, block: int, vocab: int, folder: str) -> None:
     import torch
     from train_ctr import example_batch, example_model, make_producer
 
-    from producer.torch_hook import IncrementalUpdateHook
+    from persia_inc.producer.torch_hook import IncrementalUpdateHook
 
     model = example_model(vocab, 16)  # seeded
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -213,7 +213,7 @@ def bench_flush_ceph(s3_uri: str) -> None:
     without S3_ENDPOINT_URL, to a throwaway single-node Ceph started (and stopped) here."""
     import dataclasses
 
-    from storage.s3 import S3Settings
+    from persia_inc.storage.s3 import S3Settings
 
     cluster = None
     try:
@@ -227,7 +227,7 @@ def bench_flush_ceph(s3_uri: str) -> None:
             if not uri:
                 raise SystemExit("S3_ENDPOINT_URL is set: give --s3-uri s3://bucket/prefix")
         else:
-            from services import CephCluster
+            from persia_inc.local_services import CephCluster
 
             print("starting a throwaway Ceph cluster (mon, osd, radosgw) ...", flush=True)
             cluster = CephCluster(Path(tempfile.mkdtemp(prefix="bench-ceph-"))).start()

@@ -8,8 +8,8 @@ where they are used.
 
 import logging
 
-from embedding_server.errors import ShardError
-from embedding_server.sharding import group_by_shard, shard_of, splitmix64
+from persia_inc.embedding_server.errors import ShardError
+from persia_inc.embedding_server.sharding import group_by_shard, shard_of, splitmix64
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

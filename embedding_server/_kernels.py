@@ -17,7 +17,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from persia_inc.prefetch import prefetcher
+from persia_inc.foundation.prefetch import prefetcher
 
 SLOT_DTYPE = np.dtype([("key", "<u8"), ("row", "<i4")], align=False)
 EMPTY = -1

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embedding_server.sharding import shard_of
-from embedding_server.table import EmbeddingTable
-from packet_format import (
+from persia_inc.embedding_server.sharding import shard_of
+from persia_inc.embedding_server.table import EmbeddingTable
+from persia_inc.packet_format import (
     DEFAULT_LIMITS,
     MANIFEST_NAME,
     CheckpointManifest,
@@ -42,8 +42,8 @@ from packet_format import (
 )
 
 if TYPE_CHECKING:
-    from embedding_server.client import EmbeddingClient
-    from storage import ObjectStore
+    from persia_inc.embedding_server.client import EmbeddingClient
+    from persia_inc.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

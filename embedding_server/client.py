@@ -14,12 +14,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-from embedding_server._wire import decode_lookup_reply, encode_apply_request
-from embedding_server.errors import ShardError
-from embedding_server.protos import embedding_pb2 as pb
-from embedding_server.protos import embedding_pb2_grpc as pb_grpc
-from embedding_server.sharding import group_by_shard
-from packet_format import Packet, Watermark
+from persia_inc.embedding_server._wire import decode_lookup_reply, encode_apply_request
+from persia_inc.embedding_server.errors import ShardError
+from persia_inc.embedding_server.protos import embedding_pb2 as pb
+from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
+from persia_inc.embedding_server.sharding import group_by_shard
+from persia_inc.packet_format import Packet, Watermark
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from embedding_server._wire import LookupReply
-from embedding_server.protos import embedding_pb2 as pb
-from embedding_server.protos import embedding_pb2_grpc as pb_grpc
-from embedding_server.shard import Shard, TableNotFoundError
-from packet_format import PacketError
-from storage import StorageError
+from persia_inc.embedding_server._wire import LookupReply
+from persia_inc.embedding_server.protos import embedding_pb2 as pb
+from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
+from persia_inc.embedding_server.shard import Shard, TableNotFoundError
+from persia_inc.packet_format import PacketError
+from persia_inc.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +291,8 @@ def serve(config: Any, shard_index: int, *, stop: threading.Event | None = None)
 
     config: persia_inc.config.Config. Exit 1 if the initial checkpoint cannot be loaded.
     """
-    from embedding_server.checkpoint import load_shard
-    from embedding_server.table import warm_up
+    from persia_inc.embedding_server.checkpoint import load_shard
+    from persia_inc.embedding_server.table import warm_up
 
     settings = config.persia_inc.embedding_server
     servers = config.infer.servers

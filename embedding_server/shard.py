@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedding_server.table import EmbeddingTable
-from packet_format import Watermark
-from packet_format.header import check_name, check_position
+from persia_inc.embedding_server.table import EmbeddingTable
+from persia_inc.packet_format import Watermark
+from persia_inc.packet_format.header import check_name, check_position
 
 
 class TableNotFoundError(KeyError):

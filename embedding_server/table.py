@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedding_server import _kernels as kern
+from persia_inc.embedding_server import _kernels as kern
 
 MAX_LOAD = 0.7
 GROWTH = 1.25

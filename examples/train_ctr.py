@@ -15,8 +15,8 @@ from torch import nn
 
 from persia_inc.config import config_from_mapping
 from persia_inc.demo import ctr
-from producer import IncrementalProducer
-from producer.torch_hook import IncrementalUpdateHook
+from persia_inc.producer import IncrementalProducer
+from persia_inc.producer.torch_hook import IncrementalUpdateHook
 
 HIDDEN = (256, 64)  # the MLP's hidden widths
 ZIPF = 1.1  # id skew: heavier tails than the demo's 1.2, so more distinct rows per step

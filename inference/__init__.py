@@ -8,8 +8,8 @@ the modules that need them (`inference.engine`, `inference.handler`, `inference.
 
 import logging
 
-from inference.batch import BatchError, DecodedBatch, PersiaBatch, decode_batch
-from inference.spec import ModelSpec, RequestLimits
+from persia_inc.inference.batch import BatchError, DecodedBatch, PersiaBatch, decode_batch
+from persia_inc.inference.spec import ModelSpec, RequestLimits
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

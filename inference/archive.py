@@ -18,12 +18,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from inference.spec import CONFIG_FILE, SPEC_FILE, ModelSpec
+from persia_inc.inference.spec import CONFIG_FILE, SPEC_FILE, ModelSpec
 
 HANDLER_FILE = "persia_handler.py"
 _HANDLER_SOURCE = '''"""TorchServe entry point of a persia-inc model (written by inference.archive)."""
 
-from inference.handler import PersiaHandler as _PersiaHandler
+from persia_inc.inference.handler import PersiaHandler as _PersiaHandler
 
 
 class PersiaHandler(_PersiaHandler):

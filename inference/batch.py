@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from inference.spec import DENSE_COLUMN, ModelSpec
+from persia_inc.inference.spec import DENSE_COLUMN, ModelSpec
 
 FORMAT = b"persia-inc-batch/1"
 

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import requests
 
-from inference.protos import stubs
+from persia_inc.inference.protos import stubs
 
 INPUT_KEY = "data"
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.nn.functional import embedding_bag
 
-from inference.batch import BatchError, DecodedBatch, decode_batch
-from inference.spec import ModelSpec
+from persia_inc.inference.batch import BatchError, DecodedBatch, decode_batch
+from persia_inc.inference.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

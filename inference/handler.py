@@ -30,9 +30,9 @@ with warnings.catch_warnings():
     from ts.torch_handler.base_handler import BaseHandler
     from ts.utils.util import PredictionException
 
-from inference.batch import BatchError, DecodedBatch
-from inference.engine import EmbeddingShapeError, PersiaInference
-from inference.spec import CONFIG_ENV, CONFIG_FILE, SPEC_FILE, ModelSpec
+from persia_inc.inference.batch import BatchError, DecodedBatch
+from persia_inc.inference.engine import EmbeddingShapeError, PersiaInference
+from persia_inc.inference.spec import CONFIG_ENV, CONFIG_FILE, SPEC_FILE, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class PersiaHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         super().initialize(context)  # loads the .pt TorchScript model into self.model
-        from embedding_server.client import EmbeddingClient
         from persia_inc.config import load_config
+        from persia_inc.embedding_server.client import EmbeddingClient
 
         model_dir = Path(context.system_properties.get("model_dir"))
         spec = ModelSpec.load(model_dir / SPEC_FILE)
@@ -93,7 +93,7 @@ class PersiaHandler(BaseHandler):
     def _load_torchscript_model(self, model_pt_path: str) -> Any:
         """BaseHandler's TorchScript loader (torch.jit.load), without torch 2.13's
         deprecation warning (see inference.model.script)."""
-        from inference.model import load_torchscript
+        from persia_inc.inference.model import load_torchscript
 
         return load_torchscript(model_pt_path, map_location=self.device)
 
@@ -115,7 +115,7 @@ class PersiaHandler(BaseHandler):
 
     def inference(self, data: list[DecodedBatch | BatchError], *args: Any, **kwargs: Any) -> list[Any]:
         """Look up, pool and run the model for the good requests, together."""
-        from embedding_server.errors import ShardError
+        from persia_inc.embedding_server.errors import ShardError
 
         engine = self._engine()
         try:

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import grpc
 import requests
 
-from inference.protos import stubs
+from persia_inc.inference.protos import stubs
 
 
 class ManagementError(RuntimeError):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inference.spec import ModelSpec
+from persia_inc.inference.spec import ModelSpec
 
 
 class CtrDense(nn.Module):

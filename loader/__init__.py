@@ -7,8 +7,8 @@ watchdog / kafka-python only when it starts a source that needs them.
 
 import logging
 
-from loader.fetch import Fetched, Quarantine, VerificationError, fetch_packet
-from loader.ordering import Action, Decision, Offer, Ordering
+from persia_inc.loader.fetch import Fetched, Quarantine, VerificationError, fetch_packet
+from persia_inc.loader.ordering import Action, Decision, Offer, Ordering
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -16,19 +16,19 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from embedding_server.errors import ShardError
-from loader.fetch import Fetched, Quarantine, fetch_packet
-from loader.metrics import LoaderMetrics, MetricsServer
-from loader.ordering import Action, Offer, Ordering, Position, Stream
-from loader.sources import (
+from persia_inc.embedding_server.errors import ShardError
+from persia_inc.loader.fetch import Fetched, Quarantine, fetch_packet
+from persia_inc.loader.metrics import LoaderMetrics, MetricsServer
+from persia_inc.loader.ordering import Action, Offer, Ordering, Position, Stream
+from persia_inc.loader.sources import (
     Candidate,
     DirectoryWatcher,
     KafkaSource,
     StoragePoller,
     packet_id_of_key,
 )
-from packet_format import PacketError, PacketId, packet_key, stream_prefix
-from storage import ObjectStore, StorageError
+from persia_inc.packet_format import PacketError, PacketId, packet_key, stream_prefix
+from persia_inc.storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,15 @@ import logging
 import time
 from dataclasses import dataclass
 
-from packet_format import DEFAULT_LIMITS, Packet, PacketError, PacketId, PacketLimits, decode_packet
-from storage import ObjectStore
+from persia_inc.packet_format import (
+    DEFAULT_LIMITS,
+    Packet,
+    PacketError,
+    PacketId,
+    PacketLimits,
+    decode_packet,
+)
+from persia_inc.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

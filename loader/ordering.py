@@ -15,7 +15,7 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from packet_format import PacketId
+from persia_inc.packet_format import PacketId
 
 Stream = tuple[str, str]  # (table, producer)
 Position = tuple[int, int]  # (generation, sequence)

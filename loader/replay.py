@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from loader.daemon import lowest, server_positions
-from loader.fetch import Fetched, fetch_packet
-from loader.ordering import Position, Stream, is_generation_start, is_successor
-from loader.sources import packet_id_of_key
-from packet_format import DEFAULT_LIMITS, PacketId, PacketLimits, read_packet_header, stream_prefix
-from storage import ObjectInfo, ObjectStore
+from persia_inc.loader.daemon import lowest, server_positions
+from persia_inc.loader.fetch import Fetched, fetch_packet
+from persia_inc.loader.ordering import Position, Stream, is_generation_start, is_successor
+from persia_inc.loader.sources import packet_id_of_key
+from persia_inc.packet_format import DEFAULT_LIMITS, PacketId, PacketLimits, read_packet_header, stream_prefix
+from persia_inc.storage import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def stream_status(client: Any, store: ObjectStore, model: str,
                   now_ns: int | None = None) -> list[StreamStatus]:
     """Status of every stream known to the servers or storage. lag_s: how long the oldest
     packet the servers do not hold has been waiting (now minus its created-at)."""
-    from packet_format import read_packet_header
+    from persia_inc.packet_format import read_packet_header
 
     now_ns = time.time_ns() if now_ns is None else now_ns
     start = servers_start(client)

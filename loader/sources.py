@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from packet_format import Announcement, PacketError, PacketId, parse_packet_path, stream_prefix
-from persia_inc.kafka_client import import_kafka
-from storage import ObjectInfo
+from persia_inc.foundation.kafka import import_kafka
+from persia_inc.packet_format import Announcement, PacketError, PacketId, parse_packet_path, stream_prefix
+from persia_inc.storage import ObjectInfo
 
 log = logging.getLogger(__name__)
 

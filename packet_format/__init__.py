@@ -5,8 +5,8 @@ Imports nothing of ours, so both sides (and third parties) can depend on it alon
 
 import logging
 
-from packet_format.announcement import ANNOUNCEMENT_VERSION, Announcement
-from packet_format.codec import (
+from persia_inc.packet_format.announcement import ANNOUNCEMENT_VERSION, Announcement
+from persia_inc.packet_format.codec import (
     OP_DELETE,
     OP_UPSERT,
     Packet,
@@ -15,7 +15,7 @@ from packet_format.codec import (
     read_packet_header,
     write_packet,
 )
-from packet_format.errors import (
+from persia_inc.packet_format.errors import (
     AnnouncementError,
     CorruptPacketError,
     ManifestError,
@@ -23,7 +23,7 @@ from packet_format.errors import (
     PacketTooLargeError,
     UnsupportedPacketError,
 )
-from packet_format.header import (
+from persia_inc.packet_format.header import (
     DEFAULT_LIMITS,
     FORMAT_VERSION,
     MAX_GENERATION,
@@ -31,14 +31,14 @@ from packet_format.header import (
     PacketHeader,
     PacketLimits,
 )
-from packet_format.manifest import (
+from persia_inc.packet_format.manifest import (
     MANIFEST_NAME,
     CheckpointManifest,
     ManifestPart,
     ManifestTable,
     Watermark,
 )
-from packet_format.naming import (
+from persia_inc.packet_format.naming import (
     PACKET_SUFFIX,
     PacketId,
     packet_key,

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from packet_format.errors import AnnouncementError
-from packet_format.header import PacketHeader, check_name, check_position
-from packet_format.naming import packet_path
+from persia_inc.packet_format.errors import AnnouncementError
+from persia_inc.packet_format.header import PacketHeader, check_name, check_position
+from persia_inc.packet_format.naming import packet_path
 
 ANNOUNCEMENT_VERSION = 1
 MAX_ANNOUNCEMENT_BYTES = 64 * 1024

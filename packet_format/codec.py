@@ -22,13 +22,13 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from packet_format._flatbuf import HEADER_RECORD_BATCH, FlatbufferError, record_batch_facts
-from packet_format.errors import (
+from persia_inc.packet_format._flatbuf import HEADER_RECORD_BATCH, FlatbufferError, record_batch_facts
+from persia_inc.packet_format.errors import (
     CorruptPacketError,
     PacketTooLargeError,
     UnsupportedPacketError,
 )
-from packet_format.header import DEFAULT_LIMITS, FORMAT_VERSION, PacketHeader, PacketLimits
+from persia_inc.packet_format.header import DEFAULT_LIMITS, FORMAT_VERSION, PacketHeader, PacketLimits
 
 ARROW_MAGIC = b"ARROW1"
 META_PREFIX = "persia."

@@ -11,8 +11,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from packet_format.errors import ManifestError
-from packet_format.header import check_name, check_position
+from persia_inc.packet_format.errors import ManifestError
+from persia_inc.packet_format.header import check_name, check_position
 
 MANIFEST_VERSION = 1
 MANIFEST_KIND = "persia-inc-checkpoint"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from packet_format.errors import PacketError
-from packet_format.header import PacketHeader, check_name, check_position
+from persia_inc.packet_format.errors import PacketError
+from persia_inc.packet_format.header import PacketHeader, check_name, check_position
 
 PACKET_SUFFIX = ".arrow"
 _FILE_RE = re.compile(r"^(\d{10})-(\d{12})\.arrow$")

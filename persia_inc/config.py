@@ -25,11 +25,11 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from packet_format import PacketLimits
-from packet_format.header import check_name
-from storage import RetryPolicy, storage_kind
-from storage.hdfs import HdfsSettings
-from storage.s3 import S3Settings
+from persia_inc.packet_format import PacketLimits
+from persia_inc.packet_format.header import check_name
+from persia_inc.storage import RetryPolicy, storage_kind
+from persia_inc.storage.hdfs import HdfsSettings
+from persia_inc.storage.s3 import S3Settings
 
 StorageName = Literal["local", "hdfs", "ceph"]
 
@@ -226,7 +226,7 @@ class Config:
 
     def open_store(self, uri: str | None = None):  # -> storage.ObjectStore
         """The store at `uri` (default: `incremental_dir`) with this config's settings."""
-        from storage import open_store
+        from persia_inc.storage import open_store
 
         s = self.persia_inc
         return open_store(uri or self.incremental_dir, retry=s.retry, s3=s.s3, hdfs=s.hdfs)

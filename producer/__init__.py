@@ -6,18 +6,18 @@ to a PyTorch model and optimizer (imported separately so this package does not n
 
 import logging
 
-from producer.announce import DirectoryAnnouncer, KafkaAnnouncer
-from producer.core import DEFAULT_PRODUCER_ID, IncrementalProducer, Reader
-from producer.errors import (
+from persia_inc.producer.announce import DirectoryAnnouncer, KafkaAnnouncer
+from persia_inc.producer.core import DEFAULT_PRODUCER_ID, IncrementalProducer, Reader
+from persia_inc.producer.errors import (
     BackpressureError,
     ProducerClosedError,
     ProducerError,
     UnstoredDataError,
     WriterFailedError,
 )
-from producer.generation import latest_generation, next_generation
-from producer.policy import FlushPolicy
-from producer.signset import DenseSignBuffer, SignBuffer
+from persia_inc.producer.generation import latest_generation, next_generation
+from persia_inc.producer.policy import FlushPolicy
+from persia_inc.producer.signset import DenseSignBuffer, SignBuffer
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

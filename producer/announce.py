@@ -17,8 +17,8 @@ import threading
 import time
 from typing import Any, Protocol
 
-from packet_format import Announcement
-from persia_inc.kafka_client import import_kafka
+from persia_inc.foundation.kafka import import_kafka
+from persia_inc.packet_format import Announcement
 
 log = logging.getLogger(__name__)
 

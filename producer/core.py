@@ -29,14 +29,14 @@ from typing import Any
 import numpy as np
 
 from persia_inc.config import Config, load_config
-from producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
-from producer.errors import ProducerClosedError, UnstoredDataError
-from producer.metrics import ProducerMetrics
-from producer.policy import FlushPolicy, FlushReason
-from producer.rowpool import row_buffer_pool
-from producer.signset import DenseColumns, DenseSignBuffer, SignBuffer
-from producer.writer import PacketWriter, Snapshot
-from storage import ObjectStore
+from persia_inc.producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
+from persia_inc.producer.errors import ProducerClosedError, UnstoredDataError
+from persia_inc.producer.metrics import ProducerMetrics
+from persia_inc.producer.policy import FlushPolicy, FlushReason
+from persia_inc.producer.rowpool import row_buffer_pool
+from persia_inc.producer.signset import DenseColumns, DenseSignBuffer, SignBuffer
+from persia_inc.producer.writer import PacketWriter, Snapshot
+from persia_inc.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class IncrementalProducer:
         """
         if not self.enabled:
             return
-        from packet_format.header import check_name
+        from persia_inc.packet_format.header import check_name
 
         check_name("table", table)
         if dim is None and reads_into:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from packet_format import PacketError, parse_packet_path, stream_prefix
-from storage import ObjectStore
+from persia_inc.packet_format import PacketError, parse_packet_path, stream_prefix
+from persia_inc.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

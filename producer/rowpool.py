@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.blockpool import BlockPool, aligned_empty
+from persia_inc.storage.blockpool import BlockPool, aligned_empty
 
 _GRANULE_SHIFT = 3  # capacities step by 1/8 of a power of two: at most 12.5% unused
 

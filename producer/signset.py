@@ -15,7 +15,7 @@ import threading
 import numba
 import numpy as np
 
-from persia_inc.prefetch import prefetcher
+from persia_inc.foundation.prefetch import prefetcher
 
 EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # marks a free slot; the sign 2**64-1 itself is kept aside
 _GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from producer.core import IncrementalProducer
+from persia_inc.producer.core import IncrementalProducer
 
 
 class IncrementalUpdateHook:

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from packet_format import Announcement, PacketHeader, packet_key, write_packet
-from producer.announce import Announcer
-from producer.errors import BackpressureError, WriterFailedError
-from producer.generation import next_generation
-from producer.policy import FlushReason
-from storage import ObjectStore
+from persia_inc.packet_format import Announcement, PacketHeader, packet_key, write_packet
+from persia_inc.producer.announce import Announcer
+from persia_inc.producer.errors import BackpressureError, WriterFailedError
+from persia_inc.producer.generation import next_generation
+from persia_inc.producer.policy import FlushReason
+from persia_inc.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

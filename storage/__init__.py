@@ -6,10 +6,10 @@ so a missing one fails with an install hint rather than an ImportError three fra
 
 import logging
 
-from storage.base import ObjectInfo, ObjectStore, StorageKind, check_key
-from storage.errors import BackendUnavailableError, StorageError, TransientStorageError
-from storage.registry import open_store, storage_kind
-from storage.retry import NO_RETRY, RetryPolicy, call_with_retry, is_retriable
+from persia_inc.foundation.retry import NO_RETRY, RetryPolicy, call_with_retry, is_retriable
+from persia_inc.storage.base import ObjectInfo, ObjectStore, StorageKind, check_key
+from persia_inc.storage.errors import BackendUnavailableError, StorageError, TransientStorageError
+from persia_inc.storage.registry import open_store, storage_kind
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, ClassVar, Literal, TypeVar
 
-from storage.retry import RetryPolicy, call_with_retry
+from persia_inc.foundation.retry import RetryPolicy, call_with_retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

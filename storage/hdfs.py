@@ -20,10 +20,10 @@ from urllib.parse import urlparse
 import hdfs
 import requests
 
-from storage.base import ObjectInfo, ObjectStore
-from storage.errors import StorageError, TransientStorageError
-from storage.local import TEMP_SUFFIX
-from storage.retry import RetryPolicy
+from persia_inc.foundation.retry import RetryPolicy
+from persia_inc.storage.base import ObjectInfo, ObjectStore
+from persia_inc.storage.errors import StorageError, TransientStorageError
+from persia_inc.storage.local import TEMP_SUFFIX
 
 _MISSING = {"FileNotFoundException"}
 _DENIED = {"AccessControlException", "SecurityException"}

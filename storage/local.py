@@ -21,12 +21,12 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from storage.base import ObjectInfo, ObjectStore, check_key
-from storage.blockpool import PAGE as _PAGE
-from storage.blockpool import BlockPool, aligned_empty
-from storage.errors import StorageError, TransientStorageError
-from storage.page_sink import PageSink
-from storage.retry import RetryPolicy
+from persia_inc.foundation.retry import RetryPolicy
+from persia_inc.storage.base import ObjectInfo, ObjectStore, check_key
+from persia_inc.storage.blockpool import PAGE as _PAGE
+from persia_inc.storage.blockpool import BlockPool, aligned_empty
+from persia_inc.storage.errors import StorageError, TransientStorageError
+from persia_inc.storage.page_sink import PageSink
 
 log = logging.getLogger(__name__)
 TEMP_SUFFIX = ".tmp"

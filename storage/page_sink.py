@@ -17,7 +17,7 @@ import io
 
 import numpy as np
 
-from storage.blockpool import PAGE
+from persia_inc.storage.blockpool import PAGE
 
 BY_REFERENCE_MIN_BYTES = 64 * 1024  # below this a copy costs less than the bookkeeping
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from storage.base import ObjectStore, StorageKind
-from storage.errors import BackendUnavailableError
-from storage.retry import RetryPolicy
+from persia_inc.foundation.retry import RetryPolicy
+from persia_inc.storage.base import ObjectStore, StorageKind
+from persia_inc.storage.errors import BackendUnavailableError
 
 # scheme: (module, class, storage kind, pip package that provides its library)
 _BACKENDS: dict[str, tuple[str, str, StorageKind, str]] = {

@@ -20,9 +20,9 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from storage.base import ObjectInfo, ObjectStore
-from storage.errors import StorageError, TransientStorageError
-from storage.retry import RetryPolicy
+from persia_inc.foundation.retry import RetryPolicy
+from persia_inc.storage.base import ObjectInfo, ObjectStore
+from persia_inc.storage.errors import StorageError, TransientStorageError
 
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled"}

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from storage import ObjectStore, RetryPolicy, open_store
+from persia_inc.local_services import CephCluster, EmbeddingCluster, TansuBroker, free_port, write_test_config
+from persia_inc.storage import ObjectStore, RetryPolicy, open_store
 
-from services import CephCluster, EmbeddingCluster, TansuBroker, free_port, write_test_config
 from webhdfs_emulator import WebHdfsEmulator
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=10)

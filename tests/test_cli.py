@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packet_format import (
+from persia_inc.packet_format import (
     CheckpointManifest,
     ManifestPart,
     ManifestTable,

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from packet_format import PacketHeader, decode_packet, encode_packet
 from persia_inc.demo.ctr import CTRModel
 from persia_inc.demo.pipeline import DemoReport, _verify
+from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
 
 
 def test_demo_runs_the_whole_pipeline_and_verifies(tmp_path: Path) -> None:

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_server.errors import ShardError
-from packet_format import PacketHeader, decode_packet, encode_packet
-
-from services import free_port
+from persia_inc.embedding_server.errors import ShardError
+from persia_inc.local_services import free_port
+from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
 
 
 def self_signed(folder: Path, name: str) -> tuple[Path, Path]:

@@ -21,17 +21,16 @@ import numpy as np
 import pytest
 import yaml
 
-from embedding_server.errors import ShardError
-from embedding_server.protos import embedding_pb2 as pb
-from embedding_server.protos import embedding_pb2_grpc as pb_grpc
-from embedding_server.sharding import shard_of
-from packet_format import Packet, PacketHeader, Watermark, decode_packet, encode_packet
-
-from services import EMBEDDING_MAX_MESSAGE as MAX_MESSAGE
-from services import EMBEDDING_TOKEN as TOKEN
-from services import EMBEDDING_TOKEN_ENV as TOKEN_ENV
-from services import EmbeddingCluster as Cluster
-from services import free_port
+from persia_inc.embedding_server.errors import ShardError
+from persia_inc.embedding_server.protos import embedding_pb2 as pb
+from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
+from persia_inc.embedding_server.sharding import shard_of
+from persia_inc.local_services import EMBEDDING_MAX_MESSAGE as MAX_MESSAGE
+from persia_inc.local_services import EMBEDDING_TOKEN as TOKEN
+from persia_inc.local_services import EMBEDDING_TOKEN_ENV as TOKEN_ENV
+from persia_inc.local_services import EmbeddingCluster as Cluster
+from persia_inc.local_services import free_port
+from persia_inc.packet_format import Packet, PacketHeader, Watermark, decode_packet, encode_packet
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_server.checkpoint import load_shard, part_key
-from embedding_server.shard import Shard, TableNotFoundError
-from embedding_server.sharding import group_by_shard, shard_of, splitmix64
-from embedding_server.table import EmbeddingTable
-from packet_format import MANIFEST_NAME, CheckpointManifest, ManifestPart, ManifestTable, Watermark
-from storage import open_store
+from persia_inc.embedding_server.checkpoint import load_shard, part_key
+from persia_inc.embedding_server.shard import Shard, TableNotFoundError
+from persia_inc.embedding_server.sharding import group_by_shard, shard_of, splitmix64
+from persia_inc.embedding_server.table import EmbeddingTable
+from persia_inc.packet_format import MANIFEST_NAME, CheckpointManifest, ManifestPart, ManifestTable, Watermark
+from persia_inc.storage import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,8 +216,8 @@ def test_shard_apply_is_idempotent_by_watermark_and_validates() -> None:
 def write_checkpoint(root: Path, tables: dict[str, tuple[np.ndarray, np.ndarray]],
                      saved_shards: int) -> None:
     """A checkpoint as `save_checkpoint` lays it out, written without servers."""
-    from embedding_server.checkpoint import CHECKPOINT_PRODUCER
-    from packet_format import PacketHeader, encode_packet, read_packet_header
+    from persia_inc.embedding_server.checkpoint import CHECKPOINT_PRODUCER
+    from persia_inc.packet_format import PacketHeader, encode_packet, read_packet_header
 
     store = open_store(str(root))
     entries = {}
@@ -269,8 +269,8 @@ def test_generated_grpc_modules_are_current(tmp_path: Path) -> None:
 
 
 def test_hand_encoded_apply_request_matches_protobuf() -> None:
-    from embedding_server._wire import encode_apply_request
-    from embedding_server.protos import embedding_pb2 as pb
+    from persia_inc.embedding_server._wire import encode_apply_request
+    from persia_inc.embedding_server.protos import embedding_pb2 as pb
 
     rng = np.random.default_rng(5)
     for n, d, generation, sequence in ((0, 4, 0, 0), (3, 4, 1, 300), (200, 16, 2**33, 10**12 - 1)):
@@ -285,8 +285,8 @@ def test_hand_encoded_apply_request_matches_protobuf() -> None:
 
 
 def test_lookup_reply_wire_format_matches_protobuf() -> None:
-    from embedding_server._wire import LookupReply, decode_lookup_reply
-    from embedding_server.protos import embedding_pb2 as pb
+    from persia_inc.embedding_server._wire import LookupReply, decode_lookup_reply
+    from persia_inc.embedding_server.protos import embedding_pb2 as pb
 
     rng = np.random.default_rng(6)
     for n, d, misses in ((0, 8, 0), (5, 8, 2), (1000, 16, 1000)):

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from inference.batch import BatchError, PersiaBatch, decode_batch
-from inference.engine import PersiaInference
-from inference.model import build_model, load_torchscript, save_torchscript, script
-from inference.spec import ModelSpec, RequestLimits
+from persia_inc.inference.batch import BatchError, PersiaBatch, decode_batch
+from persia_inc.inference.engine import PersiaInference
+from persia_inc.inference.model import build_model, load_torchscript, save_torchscript, script
+from persia_inc.inference.spec import ModelSpec, RequestLimits
 
 SPEC = ModelSpec()
 
@@ -190,7 +190,7 @@ def test_engine_sum_pools_like_numpy_and_dedups_lookups() -> None:
 
 
 def test_torchserve_stubs_are_generated_from_the_jar(tmp_path: Path) -> None:
-    from inference.protos import generate, stubs
+    from persia_inc.inference.protos import generate, stubs
 
     directory = generate(tmp_path)
     package = directory / "persia_inc_ts_protos"

@@ -19,20 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_server.errors import ShardError
-from inference.archive import archive_model
-from inference.batch import PersiaBatch
-from inference.client import InferenceError, get_inference_stub, infer, infer_http
-from inference.engine import PersiaInference
-from inference.handler import PersiaHandler
-from inference.local import LocalTorchServe
-from inference.management import GrpcManagement, HttpManagement, ManagementError
-from inference.model import build_model, load_torchscript, save_torchscript
-from inference.spec import CONFIG_ENV, SPEC_FILE, ModelSpec
-from packet_format import PacketHeader, decode_packet, encode_packet, packet_key
 from persia_inc.config import load_config
-
-from services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV, EmbeddingCluster, stop_pid
+from persia_inc.embedding_server.errors import ShardError
+from persia_inc.inference.archive import archive_model
+from persia_inc.inference.batch import PersiaBatch
+from persia_inc.inference.client import InferenceError, get_inference_stub, infer, infer_http
+from persia_inc.inference.engine import PersiaInference
+from persia_inc.inference.handler import PersiaHandler
+from persia_inc.inference.local import LocalTorchServe
+from persia_inc.inference.management import GrpcManagement, HttpManagement, ManagementError
+from persia_inc.inference.model import build_model, load_torchscript, save_torchscript
+from persia_inc.inference.spec import CONFIG_ENV, SPEC_FILE, ModelSpec
+from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV, EmbeddingCluster, stop_pid
+from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet, packet_key
 
 SPEC = ModelSpec()
 MODEL = "ctr"

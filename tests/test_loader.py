@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader.fetch import Quarantine, VerificationError, fetch_packet
-from loader.ordering import Action, Offer, Ordering
-from loader.replay import plan_replay, trim_plan_until_time
-from loader.sources import Candidate, KafkaSource, StoragePoller, packet_id_of_key
-from packet_format import (
+from persia_inc.config import KafkaSettings
+from persia_inc.loader.fetch import Quarantine, VerificationError, fetch_packet
+from persia_inc.loader.ordering import Action, Offer, Ordering
+from persia_inc.loader.replay import plan_replay, trim_plan_until_time
+from persia_inc.loader.sources import Candidate, KafkaSource, StoragePoller, packet_id_of_key
+from persia_inc.packet_format import (
     Announcement,
     CorruptPacketError,
     PacketHeader,
@@ -23,8 +24,7 @@ from packet_format import (
     encode_packet,
     packet_key,
 )
-from persia_inc.config import KafkaSettings
-from storage import open_store
+from persia_inc.storage import open_store
 
 S = ("t", "p")
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader.daemon import Loader
-from packet_format import Announcement, PacketHeader, encode_packet, packet_key, read_packet_header
 from persia_inc.config import load_config
-from storage import ObjectStore
+from persia_inc.loader.daemon import Loader
+from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV
+from persia_inc.packet_format import Announcement, PacketHeader, encode_packet, packet_key, read_packet_header
+from persia_inc.storage import ObjectStore
 
 from conftest import FAST_RETRY
-from services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV
 
 DIM = 4
 FAST = {"rescan_interval_s": 0.2, "list_interval_s": 0.1, "gap_timeout_s": 1.0,
@@ -171,7 +171,7 @@ def test_listing_source_on_s3_and_hdfs(backend: str, embedding_cluster_factory, 
 
 
 def test_kafka_group_of_two_loaders_with_ceph(embedding_cluster_factory, ceph, kafka) -> None:
-    from persia_inc.kafka_client import import_kafka
+    from persia_inc.foundation.kafka import import_kafka
 
     kafka_mod = import_kafka()
     uri = ceph.new_bucket()
@@ -238,7 +238,7 @@ def _loader_process(config_path: Path, log: Path) -> subprocess.Popen:
 
 def test_kill_9_mid_stream_then_restart_ends_equal_and_in_order(embedding_cluster_factory,
                                                                 tmp_path: Path) -> None:
-    from services import free_port
+    from persia_inc.local_services import free_port
 
     port = free_port()
     cluster = embedding_cluster_factory(2, incremental_dir=str(tmp_path / "inc"),

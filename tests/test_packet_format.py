@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from packet_format import (
+from persia_inc.packet_format import (
     Announcement,
     AnnouncementError,
     CheckpointManifest,
@@ -31,7 +31,7 @@ from packet_format import (
     read_packet_header,
     write_packet,
 )
-from packet_format.codec import META_PREFIX
+from persia_inc.packet_format.codec import META_PREFIX
 
 HEADER = PacketHeader(model="ctr", table="emb", producer="trainer-0", generation=7, sequence=42)
 
@@ -377,7 +377,7 @@ def test_malformed_manifests_name_the_key(mutate, key: str) -> None:
 
 
 def test_aligned_packet_puts_the_rows_on_a_page_and_decodes_the_same() -> None:
-    from storage.blockpool import aligned_empty
+    from persia_inc.storage.blockpool import aligned_empty
 
     n, dim = 3000, 8
     signs, values = make_rows(n, dim)

@@ -15,7 +15,7 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from packet_format import PacketError, PacketHeader, PacketLimits, decode_packet, encode_packet
+from persia_inc.packet_format import PacketError, PacketHeader, PacketLimits, decode_packet, encode_packet
 
 LIMITS = PacketLimits(max_rows=10_000, max_bytes=1_000_000, max_dim=64)
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_producer_support import NumpyModel, producer_config, read_packets, replay
 
-from producer import (
+from persia_inc.producer import (
     BackpressureError,
     DenseSignBuffer,
     IncrementalProducer,
@@ -20,8 +20,8 @@ from producer import (
     SignBuffer,
     UnstoredDataError,
 )
-from producer.signset import DenseColumns
-from storage import open_store
+from persia_inc.producer.signset import DenseColumns
+from persia_inc.storage import open_store
 
 
 def test_signbuffer_matches_python_set_with_last_op_winning() -> None:

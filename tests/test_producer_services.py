@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 from test_producer_support import NumpyModel, producer_config, read_packets, replay
 
-from packet_format import Announcement, parse_packet_path
-from persia_inc.kafka_client import import_kafka
-from producer import IncrementalProducer
-from storage import open_store
-
-from services import CephCluster, TansuBroker
+from persia_inc.foundation.kafka import import_kafka
+from persia_inc.local_services import CephCluster, TansuBroker
+from persia_inc.packet_format import Announcement, parse_packet_path
+from persia_inc.producer import IncrementalProducer
+from persia_inc.storage import open_store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,8 +144,8 @@ import numpy as np
 import pytest
 sys.path.insert(0, {tests!r})
 from test_producer_support import NumpyModel, producer_config
-from producer import IncrementalProducer
-from persia_inc.kafka_client import import_kafka
+from persia_inc.producer import IncrementalProducer
+from persia_inc.foundation.kafka import import_kafka
 config = producer_config({uri!r}, buffer_size=20000)
 model = NumpyModel(rows=200_000, dim=64)
 producer = IncrementalProducer(config, producer_id="killed")
@@ -197,7 +196,7 @@ def test_metrics_are_served_when_asked(tmp_path: Path) -> None:
     model = NumpyModel()
     with IncrementalProducer(config, metrics_port=0) as quiet:
         assert quiet.metrics_port == 0
-    from services import free_port
+    from persia_inc.local_services import free_port
 
     with IncrementalProducer(config, metrics_port=free_port()) as producer:
         producer.register_table("emb", model.read)

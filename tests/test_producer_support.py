@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from packet_format import Packet, decode_packet, parse_packet_path
 from persia_inc.config import Config, config_from_mapping
-from storage import ObjectStore
+from persia_inc.packet_format import Packet, decode_packet, parse_packet_path
+from persia_inc.storage import ObjectStore
 
 
 def producer_config(incremental_dir: str, *, buffer_size: int = 1000, storage: str = "local",

@@ -12,9 +12,9 @@ import torch
 from test_producer_support import producer_config, read_packets, replay
 from torch import nn
 
-from producer import IncrementalProducer
-from producer.torch_hook import IncrementalUpdateHook
-from storage import open_store
+from persia_inc.producer import IncrementalProducer
+from persia_inc.producer.torch_hook import IncrementalUpdateHook
+from persia_inc.storage import open_store
 
 
 def test_hook_ships_the_rows_each_step_touched(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_example_training_script_ships_every_table(tmp_path: Path) -> None:
 
 
 def test_columns_of_one_id_matrix_are_recorded_from_the_matrix_itself() -> None:
-    from producer.torch_hook import _columns_of_one_matrix
+    from persia_inc.producer.torch_hook import _columns_of_one_matrix
 
     sparse = torch.arange(40, dtype=torch.int64).reshape(8, 5)
     seen = {"c3": [sparse[:, 3]], "c1": [sparse[:, 1]], "c2": [sparse[:, 2]]}

@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from packet_format import PacketHeader, decode_packet, encode_packet, packet_key, write_packet
-from storage import (
+from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet, packet_key, write_packet
+from persia_inc.storage import (
     NO_RETRY,
     ObjectInfo,
     ObjectStore,
@@ -340,7 +340,7 @@ def test_backoff_is_capped_and_jittered() -> None:
 
 
 def test_block_pool_reuses_the_smallest_fitting_block_within_its_bound() -> None:
-    from storage.blockpool import BlockPool
+    from persia_inc.storage.blockpool import BlockPool
 
     pool = BlockPool(3000, lambda n, tail: np.zeros((n, *tail), np.uint8))
     small, big = pool.take(1000, (1,)), pool.take(2000, (1,))
@@ -356,8 +356,8 @@ def test_block_pool_reuses_the_smallest_fitting_block_within_its_bound() -> None
 
 
 def test_page_sink_writes_aligned_buffers_by_reference_and_copies_the_rest() -> None:
-    from storage.blockpool import PAGE, aligned_empty
-    from storage.page_sink import PageSink
+    from persia_inc.storage.blockpool import PAGE, aligned_empty
+    from persia_inc.storage.page_sink import PageSink
 
     rows = aligned_empty(20 * PAGE + 100)  # page aligned, a partial page at its end
     rows[:] = np.random.default_rng(0).integers(0, 256, rows.size, dtype=np.uint8)
@@ -382,7 +382,7 @@ def test_page_sink_writes_aligned_buffers_by_reference_and_copies_the_rest() -> 
 
 def test_local_hinted_packet_with_aligned_rows_reads_back_whole(tmp_path) -> None:
     """The producer's path: rows in page-aligned memory, laid out on a page of the packet."""
-    from storage.blockpool import aligned_empty
+    from persia_inc.storage.blockpool import aligned_empty
 
     store = open_store(str(tmp_path))
     n, dim = 5000, 16

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from embedding_server.protos import embedding_pb2 as embedding__server_dot_protos_dot_embedding__pb2
+from persia_inc.embedding_server.protos import embedding_pb2 as persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in embedding_server/protos/embedding_pb2_grpc.py depends on'
+        + ' but the generated code in persia_inc/embedding_server/protos/embedding_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class EmbeddingServiceStub:
         """
         self.Lookup = channel.unary_unary(
                 '/persia_inc.embedding.v1.EmbeddingService/Lookup',
-                request_serializer=embedding__server_dot_protos_dot_embedding__pb2.LookupRequest.SerializeToString,
-                response_deserializer=embedding__server_dot_protos_dot_embedding__pb2.LookupResponse.FromString,
+                request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupRequest.SerializeToString,
+                response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupResponse.FromString,
                 _registered_method=True)
         self.Apply = channel.unary_unary(
                 '/persia_inc.embedding.v1.EmbeddingService/Apply',
-                request_serializer=embedding__server_dot_protos_dot_embedding__pb2.ApplyRequest.SerializeToString,
-                response_deserializer=embedding__server_dot_protos_dot_embedding__pb2.ApplyResponse.FromString,
+                request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.ApplyResponse.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/persia_inc.embedding.v1.EmbeddingService/Delete',
-                request_serializer=embedding__server_dot_protos_dot_embedding__pb2.DeleteRequest.SerializeToString,
-                response_deserializer=embedding__server_dot_protos_dot_embedding__pb2.DeleteResponse.FromString,
+                request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DeleteResponse.FromString,
                 _registered_method=True)
         self.Watermarks = channel.unary_unary(
                 '/persia_inc.embedding.v1.EmbeddingService/Watermarks',
-                request_serializer=embedding__server_dot_protos_dot_embedding__pb2.WatermarksRequest.SerializeToString,
-                response_deserializer=embedding__server_dot_protos_dot_embedding__pb2.WatermarksResponse.FromString,
+                request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.WatermarksRequest.SerializeToString,
+                response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.WatermarksResponse.FromString,
                 _registered_method=True)
         self.LoadCheckpoint = channel.unary_unary(
                 '/persia_inc.embedding.v1.EmbeddingService/LoadCheckpoint',
-                request_serializer=embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointRequest.SerializeToString,
-                response_deserializer=embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointResponse.FromString,
+                request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointRequest.SerializeToString,
+                response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointResponse.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/persia_inc.embedding.v1.EmbeddingService/Status',
-                request_serializer=embedding__server_dot_protos_dot_embedding__pb2.StatusRequest.SerializeToString,
-                response_deserializer=embedding__server_dot_protos_dot_embedding__pb2.StatusResponse.FromString,
+                request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.StatusRequest.SerializeToString,
+                response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.StatusResponse.FromString,
                 _registered_method=True)
         self.Dump = channel.unary_stream(
                 '/persia_inc.embedding.v1.EmbeddingService/Dump',
-                request_serializer=embedding__server_dot_protos_dot_embedding__pb2.DumpRequest.SerializeToString,
-                response_deserializer=embedding__server_dot_protos_dot_embedding__pb2.DumpChunk.FromString,
+                request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DumpRequest.SerializeToString,
+                response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DumpChunk.FromString,
                 _registered_method=True)
 
 
@@ -127,38 +127,38 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
-                    request_deserializer=embedding__server_dot_protos_dot_embedding__pb2.LookupRequest.FromString,
-                    response_serializer=embedding__server_dot_protos_dot_embedding__pb2.LookupResponse.SerializeToString,
+                    request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupRequest.FromString,
+                    response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupResponse.SerializeToString,
             ),
             'Apply': grpc.unary_unary_rpc_method_handler(
                     servicer.Apply,
-                    request_deserializer=embedding__server_dot_protos_dot_embedding__pb2.ApplyRequest.FromString,
-                    response_serializer=embedding__server_dot_protos_dot_embedding__pb2.ApplyResponse.SerializeToString,
+                    request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.ApplyRequest.FromString,
+                    response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.ApplyResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
-                    request_deserializer=embedding__server_dot_protos_dot_embedding__pb2.DeleteRequest.FromString,
-                    response_serializer=embedding__server_dot_protos_dot_embedding__pb2.DeleteResponse.SerializeToString,
+                    request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DeleteRequest.FromString,
+                    response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DeleteResponse.SerializeToString,
             ),
             'Watermarks': grpc.unary_unary_rpc_method_handler(
                     servicer.Watermarks,
-                    request_deserializer=embedding__server_dot_protos_dot_embedding__pb2.WatermarksRequest.FromString,
-                    response_serializer=embedding__server_dot_protos_dot_embedding__pb2.WatermarksResponse.SerializeToString,
+                    request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.WatermarksRequest.FromString,
+                    response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.WatermarksResponse.SerializeToString,
             ),
             'LoadCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadCheckpoint,
-                    request_deserializer=embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointRequest.FromString,
-                    response_serializer=embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointResponse.SerializeToString,
+                    request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointRequest.FromString,
+                    response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=embedding__server_dot_protos_dot_embedding__pb2.StatusRequest.FromString,
-                    response_serializer=embedding__server_dot_protos_dot_embedding__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.StatusRequest.FromString,
+                    response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.StatusResponse.SerializeToString,
             ),
             'Dump': grpc.unary_stream_rpc_method_handler(
                     servicer.Dump,
-                    request_deserializer=embedding__server_dot_protos_dot_embedding__pb2.DumpRequest.FromString,
-                    response_serializer=embedding__server_dot_protos_dot_embedding__pb2.DumpChunk.SerializeToString,
+                    request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DumpRequest.FromString,
+                    response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DumpChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,8 +186,8 @@ class EmbeddingService:
             request,
             target,
             '/persia_inc.embedding.v1.EmbeddingService/Lookup',
-            embedding__server_dot_protos_dot_embedding__pb2.LookupRequest.SerializeToString,
-            embedding__server_dot_protos_dot_embedding__pb2.LookupResponse.FromString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupRequest.SerializeToString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -213,8 +213,8 @@ class EmbeddingService:
             request,
             target,
             '/persia_inc.embedding.v1.EmbeddingService/Apply',
-            embedding__server_dot_protos_dot_embedding__pb2.ApplyRequest.SerializeToString,
-            embedding__server_dot_protos_dot_embedding__pb2.ApplyResponse.FromString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.ApplyRequest.SerializeToString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.ApplyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -240,8 +240,8 @@ class EmbeddingService:
             request,
             target,
             '/persia_inc.embedding.v1.EmbeddingService/Delete',
-            embedding__server_dot_protos_dot_embedding__pb2.DeleteRequest.SerializeToString,
-            embedding__server_dot_protos_dot_embedding__pb2.DeleteResponse.FromString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DeleteRequest.SerializeToString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DeleteResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -267,8 +267,8 @@ class EmbeddingService:
             request,
             target,
             '/persia_inc.embedding.v1.EmbeddingService/Watermarks',
-            embedding__server_dot_protos_dot_embedding__pb2.WatermarksRequest.SerializeToString,
-            embedding__server_dot_protos_dot_embedding__pb2.WatermarksResponse.FromString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.WatermarksRequest.SerializeToString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.WatermarksResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -294,8 +294,8 @@ class EmbeddingService:
             request,
             target,
             '/persia_inc.embedding.v1.EmbeddingService/LoadCheckpoint',
-            embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointRequest.SerializeToString,
-            embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointResponse.FromString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointRequest.SerializeToString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LoadCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -321,8 +321,8 @@ class EmbeddingService:
             request,
             target,
             '/persia_inc.embedding.v1.EmbeddingService/Status',
-            embedding__server_dot_protos_dot_embedding__pb2.StatusRequest.SerializeToString,
-            embedding__server_dot_protos_dot_embedding__pb2.StatusResponse.FromString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.StatusRequest.SerializeToString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -348,8 +348,8 @@ class EmbeddingService:
             request,
             target,
             '/persia_inc.embedding.v1.EmbeddingService/Dump',
-            embedding__server_dot_protos_dot_embedding__pb2.DumpRequest.SerializeToString,
-            embedding__server_dot_protos_dot_embedding__pb2.DumpChunk.FromString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DumpRequest.SerializeToString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.DumpChunk.FromString,
             options,
             channel_credentials,
             insecure,

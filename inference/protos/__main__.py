@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from inference.protos import generate
+from persia_inc.inference.protos import generate
 
 if __name__ == "__main__":
     print(generate(Path(sys.argv[1]) if len(sys.argv) > 1 else None))

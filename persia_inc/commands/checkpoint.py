@@ -29,12 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedding_server.checkpoint import save_checkpoint
-    from embedding_server.client import EmbeddingClient
-    from embedding_server.errors import ShardError
-    from packet_format import PacketError
     from persia_inc.config import load_config
-    from storage import StorageError
+    from persia_inc.embedding_server.checkpoint import save_checkpoint
+    from persia_inc.embedding_server.client import EmbeddingClient
+    from persia_inc.embedding_server.errors import ShardError
+    from persia_inc.packet_format import PacketError
+    from persia_inc.storage import StorageError
 
     config = load_config(args.config, need_servers=True)
     try:

@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import sys
 
-    from embedding_server.server import serve
     from persia_inc.config import load_config
+    from persia_inc.embedding_server.server import serve
 
     config = load_config(args.config)
     try:

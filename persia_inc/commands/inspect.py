@@ -25,9 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def inspect_uri(uri: str, config_path: str | None = None) -> dict:
     """Inspect `uri`; returns the report (always with `valid`, `error`, `kind`, `uri`)."""
-    from packet_format import MANIFEST_NAME, CheckpointManifest, PacketError, decode_packet
     from persia_inc.config import Config, load_config
-    from storage import StorageError, open_store
+    from persia_inc.packet_format import MANIFEST_NAME, CheckpointManifest, PacketError, decode_packet
+    from persia_inc.storage import StorageError, open_store
 
     config = load_config(config_path) if config_path else Config()
     settings = config.persia_inc

@@ -30,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from embedding_server.client import EmbeddingClient
-    from loader.daemon import Loader
     from persia_inc.config import load_config
+    from persia_inc.embedding_server.client import EmbeddingClient
+    from persia_inc.loader.daemon import Loader
 
     config = load_config(args.config, need_servers=True)
     stop = threading.Event()

@@ -60,12 +60,12 @@ def run(args: argparse.Namespace) -> int:
         TransferSpeedColumn,
     )
 
-    from embedding_server.client import EmbeddingClient
-    from embedding_server.errors import ShardError
-    from loader.replay import plan_replay, replay, servers_start, trim_plan_until_time
-    from packet_format import PacketError
     from persia_inc.config import load_config
-    from storage import StorageError
+    from persia_inc.embedding_server.client import EmbeddingClient
+    from persia_inc.embedding_server.errors import ShardError
+    from persia_inc.loader.replay import plan_replay, replay, servers_start, trim_plan_until_time
+    from persia_inc.packet_format import PacketError
+    from persia_inc.storage import StorageError
 
     config = load_config(args.config, need_servers=True)
     model = config.persia_inc.model
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _checkpoint_start(config: Any, uri: str) -> dict:
     """The watermarks a checkpoint's manifest says it contains."""
-    from packet_format import MANIFEST_NAME, CheckpointManifest
+    from persia_inc.packet_format import MANIFEST_NAME, CheckpointManifest
 
     with config.open_store(uri) as store:
         manifest = CheckpointManifest.from_json(store.get(MANIFEST_NAME), where=store.uri(MANIFEST_NAME))

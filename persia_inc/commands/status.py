@@ -26,12 +26,12 @@ def _fmt(position: tuple[int, int] | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedding_server.client import EmbeddingClient
-    from embedding_server.errors import ShardError
-    from loader.replay import stream_status
-    from packet_format import PacketError
     from persia_inc.config import load_config
-    from storage import StorageError
+    from persia_inc.embedding_server.client import EmbeddingClient
+    from persia_inc.embedding_server.errors import ShardError
+    from persia_inc.loader.replay import stream_status
+    from persia_inc.packet_format import PacketError
+    from persia_inc.storage import StorageError
 
     config = load_config(args.config, need_servers=True)
     try:

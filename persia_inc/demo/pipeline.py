@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from packet_format import PacketError, parse_packet_path, read_packet_header
 from persia_inc.config import Config, load_config
+from persia_inc.packet_format import PacketError, parse_packet_path, read_packet_header
 
 log = logging.getLogger(__name__)
 
@@ -264,12 +264,12 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     """Run the pipeline; writes report.json and freshness.png into the workdir."""
     import torch
 
-    from embedding_server.checkpoint import write_checkpoint
-    from embedding_server.client import EmbeddingClient
     from persia_inc.demo.ctr import CTRModel, synthetic_batch
-    from producer import IncrementalProducer
-    from producer.torch_hook import IncrementalUpdateHook
-    from storage import open_store
+    from persia_inc.embedding_server.checkpoint import write_checkpoint
+    from persia_inc.embedding_server.client import EmbeddingClient
+    from persia_inc.producer import IncrementalProducer
+    from persia_inc.producer.torch_hook import IncrementalUpdateHook
+    from persia_inc.storage import open_store
 
     torch.set_num_threads(1)  # leave the other core to the servers and the loader
     workdir = options.workdir

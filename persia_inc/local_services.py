@@ -21,7 +21,7 @@ from pathlib import Path
 import boto3
 import botocore.config
 
-from storage.s3 import S3Settings
+from persia_inc.storage.s3 import S3Settings
 
 REPO = Path(__file__).resolve().parent.parent
 CEPH_SCRIPTS = REPO / "infra" / "ceph"
@@ -298,7 +298,7 @@ class EmbeddingCluster:
             self.stop(shard)
 
     def client(self, **kwargs: object):  # -> EmbeddingClient
-        from embedding_server.client import EmbeddingClient
+        from persia_inc.embedding_server.client import EmbeddingClient
 
         kwargs.setdefault("token", EMBEDDING_TOKEN)
         kwargs.setdefault("max_message_bytes", EMBEDDING_MAX_MESSAGE)

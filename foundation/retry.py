@@ -1,4 +1,6 @@
-"""The one place that decides whether and when to retry a storage call."""
+"""The one place that decides whether and when to retry: errors say whether they are
+retriable (a `retriable` attribute), and `retry_delay_s` decides from the error, the attempt
+and the deadline."""
 
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
-
-from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,8 +50,8 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 def is_retriable(exc: BaseException) -> bool:
-    """Whether `exc` is worth retrying: only storage errors that say so."""
-    return isinstance(exc, StorageError) and exc.retriable
+    """Whether `exc` is worth retrying: only errors that say so (`exc.retriable is True`)."""
+    return getattr(exc, "retriable", False) is True
 
 
 def call_with_retry(
