@@ -2,28 +2,65 @@
 
 Shard of a sign = `embedding_server.sharding.shard_of(sign, len(servers))`; the calls to the
 shards go out together (gRPC futures, no thread per call) and the answer is in request order.
+
+Identity is checked, not assumed: before its first call to a shard, and again after the shard
+was unreachable (it may have restarted with another configuration), the client asks the server
+which shard of how many it is (`Status`) and refuses a server that disagrees with its own list
+(`ShardIdentityError`). Every Lookup, Apply and Delete also names the shard it is meant for, so
+the server refuses misrouted work even between two checks.
+
+An Apply whose slice for one shard exceeds the message limit (the smaller of the client's and
+the server's) is sent in chunks under one apply id; the server commits them together.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 
-from persia_inc.embedding_server._wire import decode_lookup_reply, encode_apply_request
-from persia_inc.embedding_server.errors import ShardError
+from persia_inc.embedding_server._wire import ApplyChunk, decode_lookup_reply, encode_apply_request
+from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
+from persia_inc.embedding_server.settings import EmbeddingServerSettings
 from persia_inc.embedding_server.sharding import group_by_shard
 from persia_inc.packet_format import Packet, Watermark
 
 log = logging.getLogger(__name__)
 
 _METHOD = "/persia_inc.embedding.v1.EmbeddingService/"
+_IDENTITY_KEYS = ("persia-shard", "persia-num-shards")  # server.IDENTITY_KEYS (no grpc server import)
+_HEADROOM_BYTES = 64 * 1024  # a message's bytes besides its arrays (names, numbers), at most
+_MAX_DIM = 4096  # the widest row a server accepts (PacketLimits.max_dim's default)
+# codes after which a shard may come back as another process: check its identity again
+_RECHECK_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "FAILED_PRECONDITION"})
+
+
+def apply_chunks(rows: int, deletes: int, dim: int, budget_bytes: int
+                 ) -> list[tuple[slice, slice]]:
+    """Split one shard's slice (`rows` upserts of width `dim`, then `deletes` signs) into
+    (rows, deletes) slices whose arrays fit in `budget_bytes` each; at least one (an empty
+    slice still advances the watermark)."""
+    row_bytes = 8 + 4 * dim
+    if budget_bytes < row_bytes:
+        raise ValueError(f"a {budget_bytes}-byte message cannot carry one row of dim {dim}")
+    out, i, j = [], 0, 0
+    while True:
+        take = min(rows - i, budget_bytes // row_bytes)
+        drop = min(deletes - j, (budget_bytes - take * row_bytes) // 8)
+        out.append((slice(i, i + take), slice(j, j + drop)))
+        i, j = i + take, j + drop
+        if i >= rows and j >= deletes:
+            return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +93,12 @@ class EmbeddingClient:
             raise ValueError("EmbeddingClient needs at least one server")
         self.servers = tuple(servers)
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
+        num = len(self.servers)
+        self._verified = [False] * num
+        self._limits = [max_message_bytes] * num  # lowered to what each server accepts
+        self._verify_lock = threading.Lock()
+        self._dims: dict[str, int] = {}  # table -> width, as last answered
         self._write_metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
@@ -76,77 +119,130 @@ class EmbeddingClient:
         self._closed = False
 
     @classmethod
-    def from_config(cls, config: Any) -> EmbeddingClient:
-        """A client for `config.infer.servers` with the configured token, TLS and limits."""
-        import os
-
-        settings = config.persia_inc.embedding_server
+    def from_settings(cls, servers: Sequence[str], settings: EmbeddingServerSettings) -> EmbeddingClient:
+        """A client for `servers` (host:port in shard order) with the token (read from the
+        environment variable `settings.token_env`), TLS roots, deadline and message limit of
+        `settings`."""
         token = os.environ.get(settings.token_env, "") if settings.token_env else ""
         tls_ca = None
         if settings.tls_cert_file:
             with open(settings.tls_ca_file or settings.tls_cert_file, "rb") as handle:
                 tls_ca = handle.read()
-        return cls(config.infer.servers, token=token, tls_ca=tls_ca,
-                   timeout_s=settings.request_timeout_s,
+        return cls(servers, token=token, tls_ca=tls_ca, timeout_s=settings.request_timeout_s,
                    max_message_bytes=settings.max_message_bytes)
 
     # ---------------------------------------------------------------------------- calls
 
     def _error(self, shard: int, exc: grpc.RpcError) -> ShardError:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        return ShardError(shard, self.servers[shard], code.name, details or "")
+        details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
+        if code.name in _RECHECK_CODES:
+            self._verified[shard] = False
+        trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+        if _IDENTITY_KEYS[0] in trailing:  # the server refused work that is not its own
+            reported = (int(trailing[_IDENTITY_KEYS[0]]), int(trailing.get(_IDENTITY_KEYS[1], 0)))
+            return ShardIdentityError(shard, self.servers[shard], (shard, len(self.servers)),
+                                      reported, details)
+        return ShardError(shard, self.servers[shard], code.name, details)
 
-    def _gather(self, calls: dict[int, grpc.Future]) -> dict[int, Any]:
-        """Wait for every call; raise the first failure (after all have finished)."""
+    def verify(self, shards: Iterable[int] | None = None, *, force: bool = False) -> None:
+        """Check that each shard's server reports the index and shard count our list gives it
+        (shards: default all; only those not yet checked unless `force`). Raises
+        ShardIdentityError naming the first that disagrees, ShardError if one is unreachable.
+        Called before first use and after a shard was unreachable; cheap once checked."""
+        wanted = range(len(self.servers)) if shards is None else shards
+        todo = [s for s in wanted if force or not self._verified[s]]
+        if not todo:
+            return
+        calls = {s: self._stubs[s].Status.future(pb.StatusRequest(), timeout=self.timeout_s)
+                 for s in todo}
+        replies = self._gather(calls)
+        num = len(self.servers)
+        with self._verify_lock:
+            for shard in todo:
+                reply = replies[shard]
+                if (reply.shard, reply.num_shards) != (shard, num):
+                    self._verified[shard] = False
+                    log.error("shard %d (%s) reports itself as shard %d of %d; refusing it",
+                              shard, self.servers[shard], reply.shard, reply.num_shards)
+                    raise ShardIdentityError(shard, self.servers[shard], (shard, num),
+                                             (reply.shard, reply.num_shards))
+                if reply.max_message_bytes:
+                    self._limits[shard] = min(self.max_message_bytes, reply.max_message_bytes)
+                self._verified[shard] = True
+
+    def _gather(self, calls: dict[Any, grpc.Future]) -> dict[Any, Any]:
+        """Wait for every call (keyed by shard, or by a tuple starting with the shard); raise
+        the first failure (after all have finished)."""
         results, first = {}, None
-        for shard, call in calls.items():
+        for key, call in calls.items():
             try:
-                results[shard] = call.result()
+                results[key] = call.result()
             except grpc.RpcError as exc:
-                first = first or self._error(shard, exc)
+                first = first or self._error(key[0] if isinstance(key, tuple) else key, exc)
         if first is not None:
             raise first
         return results
 
     def _call(self, shard: int, method: str, request: Any, *, write: bool = False) -> Any:
+        if method != "Status":
+            self.verify((shard,))
         try:
             return getattr(self._stubs[shard], method)(
                 request, timeout=self.timeout_s, metadata=self._write_metadata if write else ())
         except grpc.RpcError as exc:
             raise self._error(shard, exc) from exc
 
+    def _dim_of(self, table: str) -> int:
+        """The table's width as last seen (0: unknown), asking shard 0 once when unknown."""
+        if table not in self._dims:
+            self._dims.update({t.name: t.dim for t in self.status(0).tables})
+        return self._dims.get(table, 0)
+
     def lookup(self, table: str, signs: np.ndarray) -> np.ndarray:
         """Rows of `signs` in request order; unknown signs read as zeros.
 
         signs: uint64[n] -> float32[n, dim]. Raises ShardError (NOT_FOUND: unknown table).
+        A shard's share whose answer would exceed the message limit is asked in pieces.
         """
         signs = np.ascontiguousarray(signs, dtype=np.uint64)
         n, num = signs.shape[0], len(self.servers)
-        if num == 1 or n == 0:
-            try:
-                reply = self._lookup_raw[0](pb.LookupRequest(table=table, signs=signs.tobytes()),
-                                            timeout=self.timeout_s)
-            except grpc.RpcError as exc:
-                raise self._error(0, exc) from exc
-            return reply.rows.reshape(n, reply.dim) if n else np.zeros((0, reply.dim), np.float32)
-        order, bounds = group_by_shard(signs, num)
-        grouped = signs[order]
+        if num == 1:
+            order, bounds, grouped = None, np.array([0, n], np.int64), signs
+        else:
+            order, bounds = group_by_shard(signs, num)
+            grouped = signs[order]
+        used = [s for s in range(num) if bounds[s + 1] > bounds[s]] or [0]
+        self.verify(used)
+        step = n or 1
+        if n * 4 * _MAX_DIM > min(self._limits[s] for s in used):
+            dim = self._dims.get(table) or self._dim_of(table)
+            if dim:
+                step = max(1, (min(self._limits[s] for s in used) - _HEADROOM_BYTES) // (4 * dim))
         calls = {}
-        for shard in range(num):
-            lo, hi = bounds[shard], bounds[shard + 1]
-            if hi > lo:
-                request = pb.LookupRequest(table=table, signs=grouped[lo:hi].tobytes())
-                calls[shard] = self._lookup_raw[shard].future(request, timeout=self.timeout_s)
+        for shard in used:
+            lo, hi = int(bounds[shard]), int(bounds[shard + 1])
+            for start in range(lo, max(hi, lo + 1), step):
+                stop = min(hi, start + step)
+                request = pb.LookupRequest(table=table, signs=grouped[start:stop].tobytes(),
+                                           shard=shard, num_shards=num)
+                calls[(shard, start, stop)] = self._lookup_raw[shard].future(
+                    request, timeout=self.timeout_s)
         replies = self._gather(calls)
         dim = next(iter(replies.values())).dim
+        self._dims[table] = dim
+        if len(replies) == 1 and order is None:
+            reply = next(iter(replies.values()))
+            return reply.rows.reshape(n, dim) if n else np.zeros((0, dim), np.float32)
         out = np.empty((n, dim), np.float32)
-        for shard, reply in replies.items():
+        for (shard, start, stop), reply in replies.items():
             if reply.dim != dim:
                 raise ShardError(shard, self.servers[shard], "FAILED_PRECONDITION",
                                  f"table {table!r} has dim {reply.dim} here but {dim} elsewhere")
-            lo, hi = bounds[shard], bounds[shard + 1]
-            out[order[lo:hi]] = reply.rows.reshape(hi - lo, dim)
+            if order is None:
+                out[start:stop] = reply.rows.reshape(stop - start, dim)
+            else:
+                out[order[start:stop]] = reply.rows.reshape(stop - start, dim)
         return out
 
     def apply(self, packet: Packet) -> ApplyResult:
@@ -154,10 +250,14 @@ class EmbeddingClient:
         (so every shard's watermark advances) and acknowledged before this returns.
 
         Idempotent: a packet at or below a shard's watermark changes nothing there.
-        Raises ShardError if any shard failed (the others may have applied it: retry).
+        Raises ShardError if any shard failed (the others may have applied it: retry);
+        ShardIdentityError if a server is not the shard our list says (nothing sent to it).
+        A shard's slice over the message limit goes in chunks, committed together by the
+        server on the last one (a failure in between leaves that shard as it was).
         """
         h = packet.header
         num = len(self.servers)
+        self.verify()
         signs = np.ascontiguousarray(packet.signs, dtype=np.uint64)
         rows = np.ascontiguousarray(packet.embeddings, dtype=np.float32)
         deleted = np.ascontiguousarray(packet.deleted, dtype=np.uint64)
@@ -166,15 +266,31 @@ class EmbeddingClient:
         dorder, dbounds = group_by_shard(deleted, num)
         if num > 1:
             signs, rows, deleted = signs[order], rows[order], deleted[dorder]
-        calls = {}
+        apply_id = uuid.uuid4().hex
+        pending: dict[int, list[bytes]] = {}  # shard -> its messages, chunks in order
         for shard in range(num):
             lo, hi = bounds[shard], bounds[shard + 1]
             dlo, dhi = dbounds[shard], dbounds[shard + 1]
-            request = encode_apply_request(h.table, h.producer, h.generation, h.sequence, dim,
-                                           signs[lo:hi], rows[lo:hi], deleted[dlo:dhi])
-            calls[shard] = self._apply_raw[shard].future(
-                request, timeout=self.timeout_s, metadata=self._write_metadata)
-        replies = self._gather(calls)
+            pieces = apply_chunks(hi - lo, dhi - dlo, dim, self._limits[shard] - _HEADROOM_BYTES)
+            pending[shard] = [
+                encode_apply_request(
+                    h.table, h.producer, h.generation, h.sequence, dim,
+                    signs[lo:hi][r], rows[lo:hi][r], deleted[dlo:dhi][d],
+                    ApplyChunk(shard, num, apply_id if len(pieces) > 1 else "", i,
+                               len(pieces) if len(pieces) > 1 else 0))
+                for i, (r, d) in enumerate(pieces)]
+        # one round per chunk index: every shard's next chunk goes out together; a shard's
+        # chunks go in order, each after the one before was staged
+        replies: dict[int, pb.ApplyResponse] = {}
+        while pending:
+            calls = {shard: self._apply_raw[shard].future(
+                messages.pop(0), timeout=self.timeout_s, metadata=self._write_metadata)
+                for shard, messages in pending.items()}
+            for shard, reply in self._gather(calls).items():
+                replies[shard] = reply
+                if not reply.staged:  # committed, or skipped (already held): no more chunks
+                    pending[shard].clear()
+            pending = {s: m for s, m in pending.items() if m}
         ordered = [replies[s] for s in range(num)]
         return ApplyResult(applied=tuple(r.applied for r in ordered),
                            inserted=sum(r.inserted for r in ordered),
@@ -184,13 +300,16 @@ class EmbeddingClient:
     def delete(self, table: str, signs: np.ndarray) -> int:
         """Delete signs outside any producer stream; returns how many rows were freed."""
         signs = np.ascontiguousarray(signs, dtype=np.uint64)
-        order, bounds = group_by_shard(signs, len(self.servers))
+        num = len(self.servers)
+        self.verify()
+        order, bounds = group_by_shard(signs, num)
         grouped = signs[order]
         calls = {
             shard: self._stubs[shard].Delete.future(
-                pb.DeleteRequest(table=table, signs=grouped[bounds[shard]:bounds[shard + 1]].tobytes()),
+                pb.DeleteRequest(table=table, signs=grouped[bounds[shard]:bounds[shard + 1]].tobytes(),
+                                 shard=shard, num_shards=num),
                 timeout=self.timeout_s, metadata=self._write_metadata)
-            for shard in range(len(self.servers))
+            for shard in range(num)
         }
         return sum(r.deleted for r in self._gather(calls).values())
 
@@ -203,6 +322,7 @@ class EmbeddingClient:
 
         A stream some shard has never applied is left out (that shard holds none of it).
         """
+        self.verify()
         calls = {s: self._stubs[s].Watermarks.future(pb.WatermarksRequest(), timeout=self.timeout_s)
                  for s in range(len(self.servers))}
         replies = self._gather(calls)
@@ -224,6 +344,7 @@ class EmbeddingClient:
     def load_checkpoint(self, uri: str) -> int:
         """Make every shard replace its tables with its share of the checkpoint at `uri`;
         returns the rows loaded over all shards."""
+        self.verify()
         calls = {s: self._stubs[s].LoadCheckpoint.future(
             pb.LoadCheckpointRequest(uri=uri), timeout=self.timeout_s,
             metadata=self._write_metadata) for s in range(len(self.servers))}
@@ -232,6 +353,7 @@ class EmbeddingClient:
     def dump(self, shard: int, table: str, chunk_rows: int = 0
              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every live row of `table` on `shard`: (signs: uint64[k], rows: float32[k, dim])."""
+        self.verify((shard,))
         stream = self._stubs[shard].Dump(pb.DumpRequest(table=table, chunk_rows=chunk_rows),
                                          timeout=self.timeout_s, metadata=self._write_metadata)
         try:
@@ -242,9 +364,8 @@ class EmbeddingClient:
             raise self._error(shard, exc) from exc
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Block until every shard's health check says SERVING; TimeoutError otherwise."""
-        import time
-
+        """Block until every shard's health check says SERVING; TimeoutError otherwise. The
+        shards' identities are checked again before the next call (they may have restarted)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout_s
@@ -261,6 +382,7 @@ class EmbeddingClient:
                     raise TimeoutError(f"shard {shard} ({self.servers[shard]}) not SERVING "
                                        f"after {timeout_s} s")
                 time.sleep(0.05)
+        self._verified = [False] * len(self.servers)
 
     # ---------------------------------------------------------------------------- lifecycle
 

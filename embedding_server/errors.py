@@ -18,3 +18,22 @@ class ShardError(RuntimeError):
         self.shard, self.address, self.code, self.details = shard, address, code, details
         self.retriable = code in RETRIABLE_CODES
         super().__init__(f"shard {shard} ({address}): {code}: {details}")
+
+
+class ShardIdentityError(ShardError):
+    """A server is not the shard the client's server list says it is (the list is in another
+    order, or has another length than the servers were started with). Never retriable: only
+    fixing the configuration helps.
+
+    expected/reported: (shard index, shard count) by the client's list and by the server.
+    """
+
+    def __init__(self, shard: int, address: str, expected: tuple[int, int],
+                 reported: tuple[int, int], details: str = "") -> None:
+        self.expected, self.reported = expected, reported
+        text = (f"shard identity mismatch at {address}: the client's server list makes it shard "
+                f"{expected[0]} of {expected[1]}, the server reports shard {reported[0]} of "
+                f"{reported[1]}; check the order and length of PersiaInferConfig.servers")
+        super().__init__(shard, address, "FAILED_PRECONDITION",
+                         f"{text}: {details}" if details else text)
+        self.retriable = False

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from persia_inc.embedding_server.checkpoint import load_shard, part_key
-from persia_inc.embedding_server.shard import Shard, TableNotFoundError
+from persia_inc.embedding_server.shard import ChunkLostError, ForeignSignsError, Shard, TableNotFoundError
 from persia_inc.embedding_server.sharding import group_by_shard, shard_of, splitmix64
 from persia_inc.embedding_server.table import EmbeddingTable
 from persia_inc.packet_format import MANIFEST_NAME, CheckpointManifest, ManifestPart, ManifestTable, Watermark
@@ -210,6 +210,45 @@ def test_shard_apply_is_idempotent_by_watermark_and_validates() -> None:
         shard.lookup("nope", signs)
 
 
+def test_shard_refuses_foreign_signs_and_commits_chunks_all_or_nothing() -> None:
+    now = [0.0]
+    shard = Shard(shard_index=1, num_shards=2, stage_timeout_s=10.0, clock=lambda: now[0])
+    signs = np.arange(1, 401, dtype=np.uint64)
+    mine = signs[shard_of(signs, 2) == 1]
+    theirs = signs[shard_of(signs, 2) == 0]
+    none = np.empty(0, np.uint64)
+    with pytest.raises(ForeignSignsError, match=f"sign {theirs[0]} belongs to shard 0 of 2"):
+        shard.apply("t", "p", 0, 1, 2, signs, rows_for(signs, 2), none)
+    with pytest.raises(ForeignSignsError):
+        shard.apply("t", "p", 0, 1, 2, mine, rows_for(mine, 2), theirs[:1])
+    assert shard.table_names() == [] and shard.watermarks() == []
+    shard.apply("t", "p", 0, 1, 2, mine, rows_for(mine, 2), none)
+
+    def chunk(i: int, apply_id: str = "x", sequence: int = 2) -> object:
+        part = mine[i * 50:(i + 1) * 50]
+        return shard.apply_chunk("t", "p", 0, sequence, 2, part, rows_for(part, 2, 5), none,
+                                 apply_id=apply_id, chunk=i, chunks=3)
+
+    assert chunk(0).staged and chunk(1).staged
+    assert shard.lookup("t", mine)[0][:, 0].tolist() == rows_for(mine, 2)[:, 0].tolist()
+    assert shard.watermarks() == [Watermark("t", "p", 0, 1)] and shard.staged()[0] == 1
+    out = chunk(2)
+    assert out.applied and not out.staged and out.updated == 150
+    assert shard.lookup("t", mine[:150])[0][:, 0].tolist() == rows_for(mine[:150], 2, 5)[:, 0].tolist()
+    assert shard.watermarks() == [Watermark("t", "p", 0, 2)] and shard.staged() == (0, 0)
+    # an abandoned apply is dropped after the timeout; its next chunk is refused
+    assert chunk(0, "y", 3).staged
+    now[0] += 11
+    assert shard.staged() == (0, 0)
+    with pytest.raises(ChunkLostError, match="restart the apply"):
+        chunk(1, "y", 3)
+    # out of order, and a chunk at or below the watermark
+    with pytest.raises(ChunkLostError):
+        chunk(1, "z", 4)
+    assert not chunk(0, "old", 2).applied and shard.staged() == (0, 0)
+    assert shard.watermarks() == [Watermark("t", "p", 0, 2)]
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -269,7 +308,7 @@ def test_generated_grpc_modules_are_current(tmp_path: Path) -> None:
 
 
 def test_hand_encoded_apply_request_matches_protobuf() -> None:
-    from persia_inc.embedding_server._wire import encode_apply_request
+    from persia_inc.embedding_server._wire import ApplyChunk, decode_apply_request, encode_apply_request
     from persia_inc.embedding_server.protos import embedding_pb2 as pb
 
     rng = np.random.default_rng(5)
@@ -277,11 +316,23 @@ def test_hand_encoded_apply_request_matches_protobuf() -> None:
         signs = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
         rows = rng.random((n, d), dtype=np.float32)
         deleted = np.arange(n // 2, dtype=np.uint64)
-        ours = encode_apply_request("táble", "p", generation, sequence, d, signs, rows, deleted)
+        place = ApplyChunk(shard=n % 3, num_shards=3, apply_id="a1" if n else "", chunk=n % 2,
+                           chunks=2 if n else 0)
+        ours = encode_apply_request("táble", "p", generation, sequence, d, signs, rows, deleted,
+                                    place)
         theirs = pb.ApplyRequest(table="táble", producer="p", generation=generation,
                                  sequence=sequence, dim=d, signs=signs.tobytes(),
-                                 rows=rows.tobytes(), deleted_signs=deleted.tobytes())
+                                 rows=rows.tobytes(), deleted_signs=deleted.tobytes(),
+                                 shard=place.shard, num_shards=3, apply_id=place.apply_id,
+                                 chunk=place.chunk, chunks=place.chunks)
         assert ours == theirs.SerializeToString()
+        back = decode_apply_request(ours)
+        assert (back.table, back.producer, back.generation, back.sequence, back.dim) == \
+            ("táble", "p", generation, sequence, d)
+        assert back.place == place and not back.error
+        assert bytes(back.signs) == signs.tobytes() and bytes(back.rows) == rows.tobytes()
+        assert bytes(back.deleted_signs) == deleted.tobytes()
+    assert "truncated" in decode_apply_request(ours[:-1]).error
 
 
 def test_lookup_reply_wire_format_matches_protobuf() -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2persia_inc/embedding_server/protos/embedding.proto\x12\x17persia_inc.embedding.v1\"-\n\rLookupRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05signs\x18\x02 \x01(\x0c\";\n\x0eLookupResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\x0c\x12\x0e\n\x06misses\x18\x03 \x01(\x04\"\x96\x01\n\x0c\x41pplyRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x10\n\x08producer\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\r\n\x05signs\x18\x06 \x01(\x0c\x12\x0c\n\x04rows\x18\x07 \x01(\x0c\x12\x15\n\rdeleted_signs\x18\x08 \x01(\x0c\"R\n\tWatermark\x12\r\n\x05table\x18\x01 \x01(\t\x12\x10\n\x08producer\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x10\n\x08sequence\x18\x04 \x01(\x04\"\x9c\x01\n\rApplyResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x10\n\x08inserted\x18\x02 \x01(\x04\x12\x0f\n\x07updated\x18\x03 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x04 \x01(\x04\x12\x0f\n\x07\x65victed\x18\x05 \x01(\x04\x12\x35\n\twatermark\x18\x06 \x01(\x0b\x32\".persia_inc.embedding.v1.Watermark\"-\n\rDeleteRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05signs\x18\x02 \x01(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\x13\n\x11WatermarksRequest\"L\n\x12WatermarksResponse\x12\x36\n\nwatermarks\x18\x01 \x03(\x0b\x32\".persia_inc.embedding.v1.Watermark\"$\n\x15LoadCheckpointRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\"7\n\x16LoadCheckpointResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x0f\n\rStatusRequest\"{\n\x0bTableStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07lookups\x18\x05 \x01(\x04\x12\x13\n\x0blookup_rows\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\"\xc2\x01\n\x0eStatusResponse\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\x12\x34\n\x06tables\x18\x05 \x03(\x0b\x32$.persia_inc.embedding.v1.TableStatus\x12\x36\n\nwatermarks\x18\x06 \x03(\x0b\x32\".persia_inc.embedding.v1.Watermark\"0\n\x0b\x44umpRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x12\n\nchunk_rows\x18\x02 \x01(\x04\"D\n\tDumpChunk\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\r\n\x05signs\x18\x03 \x01(\x0c\x12\x0c\n\x04rows\x18\x04 \x01(\x0c\x32\xa9\x05\n\x10\x45mbeddingService\x12Y\n\x06Lookup\x12&.persia_inc.embedding.v1.LookupRequest\x1a\'.persia_inc.embedding.v1.LookupResponse\x12V\n\x05\x41pply\x12%.persia_inc.embedding.v1.ApplyRequest\x1a&.persia_inc.embedding.v1.ApplyResponse\x12Y\n\x06\x44\x65lete\x12&.persia_inc.embedding.v1.DeleteRequest\x1a\'.persia_inc.embedding.v1.DeleteResponse\x12\x65\n\nWatermarks\x12*.persia_inc.embedding.v1.WatermarksRequest\x1a+.persia_inc.embedding.v1.WatermarksResponse\x12q\n\x0eLoadCheckpoint\x12..persia_inc.embedding.v1.LoadCheckpointRequest\x1a/.persia_inc.embedding.v1.LoadCheckpointResponse\x12Y\n\x06Status\x12&.persia_inc.embedding.v1.StatusRequest\x1a\'.persia_inc.embedding.v1.StatusResponse\x12R\n\x04\x44ump\x12$.persia_inc.embedding.v1.DumpRequest\x1a\".persia_inc.embedding.v1.DumpChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2persia_inc/embedding_server/protos/embedding.proto\x12\x17persia_inc.embedding.v1\"P\n\rLookupRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05signs\x18\x02 \x01(\x0c\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x12\n\nnum_shards\x18\x04 \x01(\r\";\n\x0eLookupResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\x0c\x12\x0e\n\x06misses\x18\x03 \x01(\x04\"\xea\x01\n\x0c\x41pplyRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x10\n\x08producer\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\r\n\x05signs\x18\x06 \x01(\x0c\x12\x0c\n\x04rows\x18\x07 \x01(\x0c\x12\x15\n\rdeleted_signs\x18\x08 \x01(\x0c\x12\r\n\x05shard\x18\t \x01(\r\x12\x12\n\nnum_shards\x18\n \x01(\r\x12\x10\n\x08\x61pply_id\x18\x0b \x01(\t\x12\r\n\x05\x63hunk\x18\x0c \x01(\r\x12\x0e\n\x06\x63hunks\x18\r \x01(\r\"R\n\tWatermark\x12\r\n\x05table\x18\x01 \x01(\t\x12\x10\n\x08producer\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x10\n\x08sequence\x18\x04 \x01(\x04\"\xac\x01\n\rApplyResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x10\n\x08inserted\x18\x02 \x01(\x04\x12\x0f\n\x07updated\x18\x03 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x04 \x01(\x04\x12\x0f\n\x07\x65victed\x18\x05 \x01(\x04\x12\x35\n\twatermark\x18\x06 \x01(\x0b\x32\".persia_inc.embedding.v1.Watermark\x12\x0e\n\x06staged\x18\x07 \x01(\x08\"P\n\rDeleteRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05signs\x18\x02 \x01(\x0c\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x12\n\nnum_shards\x18\x04 \x01(\r\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\x13\n\x11WatermarksRequest\"L\n\x12WatermarksResponse\x12\x36\n\nwatermarks\x18\x01 \x03(\x0b\x32\".persia_inc.embedding.v1.Watermark\"$\n\x15LoadCheckpointRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\"7\n\x16LoadCheckpointResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x0f\n\rStatusRequest\"{\n\x0bTableStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07lookups\x18\x05 \x01(\x04\x12\x13\n\x0blookup_rows\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\"\xa9\x02\n\x0eStatusResponse\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\x12\x34\n\x06tables\x18\x05 \x03(\x0b\x32$.persia_inc.embedding.v1.TableStatus\x12\x36\n\nwatermarks\x18\x06 \x03(\x0b\x32\".persia_inc.embedding.v1.Watermark\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x16\n\x0estaged_applies\x18\x08 \x01(\r\x12\x14\n\x0cstaged_bytes\x18\t \x01(\x04\x12\x1c\n\x14\x66oreign_lookup_signs\x18\n \x01(\x04\"0\n\x0b\x44umpRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x12\n\nchunk_rows\x18\x02 \x01(\x04\"D\n\tDumpChunk\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\r\n\x05signs\x18\x03 \x01(\x0c\x12\x0c\n\x04rows\x18\x04 \x01(\x0c\x32\xa9\x05\n\x10\x45mbeddingService\x12Y\n\x06Lookup\x12&.persia_inc.embedding.v1.LookupRequest\x1a\'.persia_inc.embedding.v1.LookupResponse\x12V\n\x05\x41pply\x12%.persia_inc.embedding.v1.ApplyRequest\x1a&.persia_inc.embedding.v1.ApplyResponse\x12Y\n\x06\x44\x65lete\x12&.persia_inc.embedding.v1.DeleteRequest\x1a\'.persia_inc.embedding.v1.DeleteResponse\x12\x65\n\nWatermarks\x12*.persia_inc.embedding.v1.WatermarksRequest\x1a+.persia_inc.embedding.v1.WatermarksResponse\x12q\n\x0eLoadCheckpoint\x12..persia_inc.embedding.v1.LoadCheckpointRequest\x1a/.persia_inc.embedding.v1.LoadCheckpointResponse\x12Y\n\x06Status\x12&.persia_inc.embedding.v1.StatusRequest\x1a\'.persia_inc.embedding.v1.StatusResponse\x12R\n\x04\x44ump\x12$.persia_inc.embedding.v1.DumpRequest\x1a\".persia_inc.embedding.v1.DumpChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,37 +32,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'persia_inc.embedding_server
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOOKUPREQUEST']._serialized_start=79
-  _globals['_LOOKUPREQUEST']._serialized_end=124
-  _globals['_LOOKUPRESPONSE']._serialized_start=126
-  _globals['_LOOKUPRESPONSE']._serialized_end=185
-  _globals['_APPLYREQUEST']._serialized_start=188
-  _globals['_APPLYREQUEST']._serialized_end=338
-  _globals['_WATERMARK']._serialized_start=340
-  _globals['_WATERMARK']._serialized_end=422
-  _globals['_APPLYRESPONSE']._serialized_start=425
-  _globals['_APPLYRESPONSE']._serialized_end=581
-  _globals['_DELETEREQUEST']._serialized_start=583
-  _globals['_DELETEREQUEST']._serialized_end=628
-  _globals['_DELETERESPONSE']._serialized_start=630
-  _globals['_DELETERESPONSE']._serialized_end=663
-  _globals['_WATERMARKSREQUEST']._serialized_start=665
-  _globals['_WATERMARKSREQUEST']._serialized_end=684
-  _globals['_WATERMARKSRESPONSE']._serialized_start=686
-  _globals['_WATERMARKSRESPONSE']._serialized_end=762
-  _globals['_LOADCHECKPOINTREQUEST']._serialized_start=764
-  _globals['_LOADCHECKPOINTREQUEST']._serialized_end=800
-  _globals['_LOADCHECKPOINTRESPONSE']._serialized_start=802
-  _globals['_LOADCHECKPOINTRESPONSE']._serialized_end=857
-  _globals['_STATUSREQUEST']._serialized_start=859
-  _globals['_STATUSREQUEST']._serialized_end=874
-  _globals['_TABLESTATUS']._serialized_start=876
-  _globals['_TABLESTATUS']._serialized_end=999
-  _globals['_STATUSRESPONSE']._serialized_start=1002
-  _globals['_STATUSRESPONSE']._serialized_end=1196
-  _globals['_DUMPREQUEST']._serialized_start=1198
-  _globals['_DUMPREQUEST']._serialized_end=1246
-  _globals['_DUMPCHUNK']._serialized_start=1248
-  _globals['_DUMPCHUNK']._serialized_end=1316
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1319
-  _globals['_EMBEDDINGSERVICE']._serialized_end=2000
+  _globals['_LOOKUPREQUEST']._serialized_end=159
+  _globals['_LOOKUPRESPONSE']._serialized_start=161
+  _globals['_LOOKUPRESPONSE']._serialized_end=220
+  _globals['_APPLYREQUEST']._serialized_start=223
+  _globals['_APPLYREQUEST']._serialized_end=457
+  _globals['_WATERMARK']._serialized_start=459
+  _globals['_WATERMARK']._serialized_end=541
+  _globals['_APPLYRESPONSE']._serialized_start=544
+  _globals['_APPLYRESPONSE']._serialized_end=716
+  _globals['_DELETEREQUEST']._serialized_start=718
+  _globals['_DELETEREQUEST']._serialized_end=798
+  _globals['_DELETERESPONSE']._serialized_start=800
+  _globals['_DELETERESPONSE']._serialized_end=833
+  _globals['_WATERMARKSREQUEST']._serialized_start=835
+  _globals['_WATERMARKSREQUEST']._serialized_end=854
+  _globals['_WATERMARKSRESPONSE']._serialized_start=856
+  _globals['_WATERMARKSRESPONSE']._serialized_end=932
+  _globals['_LOADCHECKPOINTREQUEST']._serialized_start=934
+  _globals['_LOADCHECKPOINTREQUEST']._serialized_end=970
+  _globals['_LOADCHECKPOINTRESPONSE']._serialized_start=972
+  _globals['_LOADCHECKPOINTRESPONSE']._serialized_end=1027
+  _globals['_STATUSREQUEST']._serialized_start=1029
+  _globals['_STATUSREQUEST']._serialized_end=1044
+  _globals['_TABLESTATUS']._serialized_start=1046
+  _globals['_TABLESTATUS']._serialized_end=1169
+  _globals['_STATUSRESPONSE']._serialized_start=1172
+  _globals['_STATUSRESPONSE']._serialized_end=1469
+  _globals['_DUMPREQUEST']._serialized_start=1471
+  _globals['_DUMPREQUEST']._serialized_end=1519
+  _globals['_DUMPCHUNK']._serialized_start=1521
+  _globals['_DUMPCHUNK']._serialized_end=1589
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1592
+  _globals['_EMBEDDINGSERVICE']._serialized_end=2273
 # @@protoc_insertion_point(module_scope)

@@ -7,12 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "signs")
+    __slots__ = ("table", "signs", "shard", "num_shards")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     SIGNS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     table: str
     signs: bytes
-    def __init__(self, table: _Optional[str] = ..., signs: _Optional[bytes] = ...) -> None: ...
+    shard: int
+    num_shards: int
+    def __init__(self, table: _Optional[str] = ..., signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("dim", "rows", "misses")
@@ -25,7 +29,7 @@ class LookupResponse(_message.Message):
     def __init__(self, dim: _Optional[int] = ..., rows: _Optional[bytes] = ..., misses: _Optional[int] = ...) -> None: ...
 
 class ApplyRequest(_message.Message):
-    __slots__ = ("table", "producer", "generation", "sequence", "dim", "signs", "rows", "deleted_signs")
+    __slots__ = ("table", "producer", "generation", "sequence", "dim", "signs", "rows", "deleted_signs", "shard", "num_shards", "apply_id", "chunk", "chunks")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +38,11 @@ class ApplyRequest(_message.Message):
     SIGNS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DELETED_SIGNS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    APPLY_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     table: str
     producer: str
     generation: int
@@ -42,7 +51,12 @@ class ApplyRequest(_message.Message):
     signs: bytes
     rows: bytes
     deleted_signs: bytes
-    def __init__(self, table: _Optional[str] = ..., producer: _Optional[str] = ..., generation: _Optional[int] = ..., sequence: _Optional[int] = ..., dim: _Optional[int] = ..., signs: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., deleted_signs: _Optional[bytes] = ...) -> None: ...
+    shard: int
+    num_shards: int
+    apply_id: str
+    chunk: int
+    chunks: int
+    def __init__(self, table: _Optional[str] = ..., producer: _Optional[str] = ..., generation: _Optional[int] = ..., sequence: _Optional[int] = ..., dim: _Optional[int] = ..., signs: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., deleted_signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., apply_id: _Optional[str] = ..., chunk: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
 
 class Watermark(_message.Message):
     __slots__ = ("table", "producer", "generation", "sequence")
@@ -57,28 +71,34 @@ class Watermark(_message.Message):
     def __init__(self, table: _Optional[str] = ..., producer: _Optional[str] = ..., generation: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class ApplyResponse(_message.Message):
-    __slots__ = ("applied", "inserted", "updated", "deleted", "evicted", "watermark")
+    __slots__ = ("applied", "inserted", "updated", "deleted", "evicted", "watermark", "staged")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     INSERTED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
     EVICTED_FIELD_NUMBER: _ClassVar[int]
     WATERMARK_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     applied: bool
     inserted: int
     updated: int
     deleted: int
     evicted: int
     watermark: Watermark
-    def __init__(self, applied: _Optional[bool] = ..., inserted: _Optional[int] = ..., updated: _Optional[int] = ..., deleted: _Optional[int] = ..., evicted: _Optional[int] = ..., watermark: _Optional[_Union[Watermark, _Mapping]] = ...) -> None: ...
+    staged: bool
+    def __init__(self, applied: _Optional[bool] = ..., inserted: _Optional[int] = ..., updated: _Optional[int] = ..., deleted: _Optional[int] = ..., evicted: _Optional[int] = ..., watermark: _Optional[_Union[Watermark, _Mapping]] = ..., staged: _Optional[bool] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("table", "signs")
+    __slots__ = ("table", "signs", "shard", "num_shards")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     SIGNS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     table: str
     signs: bytes
-    def __init__(self, table: _Optional[str] = ..., signs: _Optional[bytes] = ...) -> None: ...
+    shard: int
+    num_shards: int
+    def __init__(self, table: _Optional[str] = ..., signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted",)
@@ -133,20 +153,28 @@ class TableStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_rows: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("shard", "num_shards", "ready", "uptime_s", "tables", "watermarks")
+    __slots__ = ("shard", "num_shards", "ready", "uptime_s", "tables", "watermarks", "max_message_bytes", "staged_applies", "staged_bytes", "foreign_lookup_signs")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     WATERMARKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STAGED_APPLIES_FIELD_NUMBER: _ClassVar[int]
+    STAGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FOREIGN_LOOKUP_SIGNS_FIELD_NUMBER: _ClassVar[int]
     shard: int
     num_shards: int
     ready: bool
     uptime_s: float
     tables: _containers.RepeatedCompositeFieldContainer[TableStatus]
     watermarks: _containers.RepeatedCompositeFieldContainer[Watermark]
-    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[Watermark, _Mapping]]] = ...) -> None: ...
+    max_message_bytes: int
+    staged_applies: int
+    staged_bytes: int
+    foreign_lookup_signs: int
+    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[Watermark, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., staged_applies: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., foreign_lookup_signs: _Optional[int] = ...) -> None: ...
 
 class DumpRequest(_message.Message):
     __slots__ = ("table", "chunk_rows")

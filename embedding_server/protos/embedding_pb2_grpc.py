@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class EmbeddingServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Shard identity: requests that route by position (Lookup, Apply, Delete) carry the shard index
+    and shard count the caller believes it reached; a server that is another shard (or one of
+    another count) refuses with FAILED_PRECONDITION and trailing metadata `persia-shard` and
+    `persia-num-shards` holding its own identity. num_shards = 0 means "not given".
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,7 +76,11 @@ class EmbeddingServiceStub:
 
 
 class EmbeddingServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Shard identity: requests that route by position (Lookup, Apply, Delete) carry the shard index
+    and shard count the caller believes it reached; a server that is another shard (or one of
+    another count) refuses with FAILED_PRECONDITION and trailing metadata `persia-shard` and
+    `persia-num-shards` holding its own identity. num_shards = 0 means "not given".
+    """
 
     def Lookup(self, request, context):
         """Rows of `signs` (zeros for unknown signs, counted as misses). NOT_FOUND: unknown table.
@@ -84,6 +92,9 @@ class EmbeddingServiceServicer:
     def Apply(self, request, context):
         """Upsert rows and delete signs of one packet, once: a (generation, sequence) at or below
         the (table, producer) watermark is acknowledged with applied=false. Needs the token.
+        A sign this shard does not own is refused (INVALID_ARGUMENT, nothing written). A slice
+        over the message limit travels in chunks under one apply_id: chunks are staged in memory
+        and committed together on the last one (ABORTED: the staged chunks are gone; restart).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,7 +180,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EmbeddingService:
-    """Missing associated documentation comment in .proto file."""
+    """Shard identity: requests that route by position (Lookup, Apply, Delete) carry the shard index
+    and shard count the caller believes it reached; a server that is another shard (or one of
+    another count) refuses with FAILED_PRECONDITION and trailing metadata `persia-shard` and
+    `persia-num-shards` holding its own identity. num_shards = 0 means "not given".
+    """
 
     @staticmethod
     def Lookup(request,
