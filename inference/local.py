@@ -14,7 +14,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +22,7 @@ from pathlib import Path
 
 import requests
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from persia_inc.foundation.net import free_port
 
 
 def local_properties(model_store: Path, ports: Mapping[str, int], **extra: str) -> dict[str, str]:

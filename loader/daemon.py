@@ -16,10 +16,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from persia_inc.embedding_server.errors import ShardError
+from persia_inc.embedding_server.client import EmbeddingClient
+from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
+from persia_inc.foundation.kafka import KafkaSettings
+from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s
+from persia_inc.foundation.threads import ServiceThread, thread_name
 from persia_inc.loader.fetch import Fetched, Quarantine, fetch_packet
 from persia_inc.loader.metrics import LoaderMetrics, MetricsServer
-from persia_inc.loader.ordering import Action, Offer, Ordering, Position, Stream
+from persia_inc.loader.ordering import Action, Offer, Ordering, Stream
+from persia_inc.loader.settings import LoaderSettings
 from persia_inc.loader.sources import (
     Candidate,
     DirectoryWatcher,
@@ -27,16 +32,39 @@ from persia_inc.loader.sources import (
     StoragePoller,
     packet_id_of_key,
 )
-from persia_inc.packet_format import PacketError, PacketId, packet_key, stream_prefix
+from persia_inc.packet_format import (
+    DEFAULT_LIMITS,
+    PacketError,
+    PacketId,
+    PacketLimits,
+    Position,
+    packet_key,
+    stream_prefix,
+)
 from persia_inc.storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 
 # Server rejections that mean "this packet can never apply" (quarantine), not "try later".
+# A ShardIdentityError (the server list is in the wrong order) is not the packet's fault: it is
+# never quarantined, it waits (with the longest backoff) for the configuration to be fixed.
 _PERMANENT_APPLY_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"})
 
 
-def server_positions(client: Any) -> dict[Stream, list[Position | None]] | None:
+def _packet_rejected(exc: ShardError) -> bool:
+    """Whether a failed Apply means the packet itself can never apply (quarantine it)."""
+    return exc.code in _PERMANENT_APPLY_CODES and not isinstance(exc, ShardIdentityError)
+_BACKOFF_CAP = 10  # the longest retry wait, in units of `retry_backoff_s`
+
+
+def loader_retry_policy(retry_backoff_s: float) -> RetryPolicy:
+    """How the dispatcher retries a failed listing, fetch or apply, and unreachable servers:
+    never giving up (a daemon), waits doubling from `retry_backoff_s` up to ten times it."""
+    return RetryPolicy(max_attempts=None, initial_backoff_s=retry_backoff_s,
+                       max_backoff_s=_BACKOFF_CAP * retry_backoff_s, deadline_s=0)
+
+
+def server_positions(client: EmbeddingClient) -> dict[Stream, list[Position | None]] | None:
     """Per stream, each shard's watermark (None: that shard holds nothing of it); None when a
     shard is unreachable or not ready (still loading its checkpoint)."""
     per_shard: list[dict[Stream, Position]] = []
@@ -54,25 +82,29 @@ def lowest(positions: list[Position | None]) -> Position | None:
     return None if any(p is None for p in positions) else min(positions)  # type: ignore[type-var]
 
 
-def table_dims(client: Any) -> dict[str, int]:
+def table_dims(client: EmbeddingClient) -> dict[str, int]:
     """table -> dim as the servers know it (shard 0; all shards agree or apply fails)."""
     return {t.name: t.dim for t in client.status(0).tables}
 
 
 class Loader:
-    """The daemon. `config`: persia_inc.config.Config; `client`: an EmbeddingClient (not
-    closed here); `store`: the incremental_dir store (default: opened from config and closed
-    here). Start with `start()`, stop with `close()` (finishes the packet in flight, commits)."""
+    """The daemon for `model`'s packets in `store` (the incremental_dir store), applied through
+    `client` (an EmbeddingClient, not closed here); the store is closed at `close()` only if
+    `owns_store`. `kafka`: the announcements' broker and topic; with it the `auto` source is
+    Kafka, without it a directory watch (local) or a listing. Start with `start()`, stop with
+    `close()` (finishes the packet in flight, commits)."""
 
-    def __init__(self, config: Any, client: Any, *, store: ObjectStore | None = None,
+    def __init__(self, client: EmbeddingClient, store: ObjectStore, *, model: str,
+                 settings: LoaderSettings | None = None, limits: PacketLimits = DEFAULT_LIMITS,
+                 kafka: KafkaSettings | None = None, owns_store: bool = False,
                  source: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.config = config
-        self.settings = config.persia_inc.loader
-        self.model = config.persia_inc.model
+        self.settings = settings if settings is not None else LoaderSettings()
+        self.model = model
+        self.kafka = kafka
         self.client = client
-        self._owns_store = store is None
-        self.store = store if store is not None else config.open_store()
-        self.limits = config.persia_inc.limits
+        self._owns_store = owns_store
+        self.store = store
+        self.limits = limits
         self.clock = clock
         self.metrics = LoaderMetrics(self.model)
         self.quarantine = Quarantine(self.store, self.settings.quarantine_prefix)
@@ -85,16 +117,18 @@ class Loader:
         self._settlers: dict[tuple[Stream, Position], list[Callable[[], None]]] = {}
         self._created: dict[tuple[Stream, Position], int] = {}
         self._fetches: dict[tuple[Stream, Position], Future] = {}
-        self._pool = ThreadPoolExecutor(self.settings.prefetch, thread_name_prefix="loader-fetch")
+        self._pool = ThreadPoolExecutor(self.settings.prefetch,
+                                        thread_name_prefix=thread_name("loader-fetch"))
         self._positions: dict[Stream, str | None] = {}
         self._dims: dict[str, int] = {}
         self._last_poll = float("-inf")
         self._servers_ok = False
         self._must_check = True  # read the servers' watermarks before the next apply
         self._retry_at: dict[Stream, float] = {}
+        self._failures: dict[object, int] = {}  # stream or stage -> consecutive failures
         self.applied = 0  # packets applied (every shard acked), for tests and logs
         self.last_loop = clock()
-        self._thread = threading.Thread(target=self._run, name="loader-dispatcher", daemon=True)
+        self._thread = ServiceThread("loader-dispatcher", self._run, stop=self.stop)
         self._http: MetricsServer | None = None
         self._closed = False
         self.error: BaseException | None = None
@@ -103,9 +137,11 @@ class Loader:
 
     def _pick_source(self, source: str) -> str:
         if source == "auto":
-            if self.config.persia_inc.producer.announce == "kafka":
+            if self.kafka is not None:
                 return "kafka"
             return "watch" if self.store.kind == "local" else "list"
+        if source == "kafka" and self.kafka is None:
+            raise ValueError("loader.source 'kafka' needs the Kafka settings (persia_inc.kafka)")
         if source == "watch" and self.store.kind != "local":
             raise ValueError("loader.source 'watch' needs a local incremental_dir; use 'list'")
         return source
@@ -128,7 +164,9 @@ class Loader:
                                               discover_every=s.discover_every,
                                               on_error=self._count_error).start())
         else:
-            kafka = self.config.persia_inc.kafka
+            kafka = self.kafka
+            if kafka is None:  # _pick_source refuses this; a guard for the type checker
+                raise ValueError("loader.source 'kafka' needs the Kafka settings")
             # storage stays the truth: one listing round at start finds what Kafka missed
             self.sources.append(StoragePoller(self.store.list, self.model, self.queue, positions,
                                               interval_s=max(s.rescan_interval_s, s.list_interval_s),
@@ -153,8 +191,7 @@ class Loader:
         self.stop.set()
         for source in self.sources:
             source.stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+        self._thread.close(timeout_s)  # bounded: logs if the dispatcher did not stop
         for source in self.sources:
             source.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -217,6 +254,7 @@ class Loader:
             self._must_check = True
             return False
         self._must_check = False
+        self._failures.pop(_SERVERS, None)
         streams = set(self.ordering.streams)
         if self.source_kind != "kafka":  # kafka: a loader follows the streams it is told about
             streams |= set(marks)
@@ -238,16 +276,24 @@ class Loader:
 
     # ---------------------------------------------------------------------- dispatcher
 
+    def _backoff_s(self, what: object, exc: BaseException) -> float:
+        """The wait before retrying `what` (a stream, or a stage of the dispatcher) after it
+        failed once more with `exc`, as the one retry rule decides (`loader_retry_policy`)."""
+        attempt = self._failures.get(what, 0) + 1
+        self._failures[what] = attempt
+        return daemon_delay_s(exc, attempt, loader_retry_policy(self.settings.retry_backoff_s))
+
     def _run(self) -> None:
         while not self.stop.is_set():
             self.last_loop = self.clock()
             try:
                 busy = self._step()
-            except Exception:  # the dispatcher never dies: log, count, back off, go on
+                self._failures.pop(_DISPATCH, None)
+            except Exception as exc:  # the dispatcher never dies: log, count, back off, go on
                 log.exception("loader: dispatcher step failed")
                 self._count_error("dispatch")
                 busy = False
-                self.stop.wait(self.settings.retry_backoff_s)
+                self.stop.wait(self._backoff_s(_DISPATCH, exc))
             if not busy:
                 self._drain(timeout_s=0.05)
 
@@ -289,7 +335,7 @@ class Loader:
         """One pass over the streams; True if it did work."""
         self._drain()
         if not self.refresh_servers():
-            self.stop.wait(self.settings.retry_backoff_s)
+            self.stop.wait(self._backoff_s(_SERVERS, _servers_down()))
             return False
         did = False
         now = self.clock()
@@ -323,10 +369,12 @@ class Loader:
         try:
             infos = self.store.list(stream_prefix(self.model, *stream), after)
         except (StorageError, OSError) as exc:
-            log.warning("listing %s/%s failed: %s", *stream, exc)
+            wait = self._backoff_s(stream, exc)
+            log.warning("listing %s/%s failed (retry in %.2fs): %s", *stream, wait, exc)
             self._count_error("list")
-            self._retry_at[stream] = started + self.settings.retry_backoff_s
+            self._retry_at[stream] = started + wait
             return
+        self._failures.pop(stream, None)
         found = [p for p in (packet_id_of_key(i.key, self.model) for i in infos) if p is not None]
         self.ordering.listed(stream, found, at=started, now=self.clock())
 
@@ -373,9 +421,10 @@ class Loader:
             self._settle(ident)
             return
         except (StorageError, OSError) as exc:
-            log.warning("fetching %s failed (will retry): %s", packet_id.key, exc)
+            wait = self._backoff_s(stream, exc)
+            log.warning("fetching %s failed (retry in %.2fs): %s", packet_id.key, wait, exc)
             self._count_error("fetch")
-            self._retry_at[stream] = self.clock() + self.settings.retry_backoff_s
+            self._retry_at[stream] = self.clock() + wait
             return
         self._apply(stream, fetched)
 
@@ -389,23 +438,25 @@ class Loader:
         if not self.refresh_servers() or self.ordering.watermark(stream) != before:
             if self.ordering.pending(stream)[:1] == [packet_id]:
                 self._fetches[ident] = _done_future(fetched)  # keep it for the next pass
-            self._retry_at[stream] = self.clock() + (0 if self._servers_ok else self.settings.retry_backoff_s)
+            wait = 0.0 if self._servers_ok else self._backoff_s(_SERVERS, _servers_down())
+            self._retry_at[stream] = self.clock() + wait
             return
         started = self.clock()
         try:
             result = self.client.apply(packet)
         except ShardError as exc:
-            if exc.code in _PERMANENT_APPLY_CODES:
+            if _packet_rejected(exc):
                 self.quarantine.put(packet_id.key, f"rejected by the servers: {exc}")
                 self.metrics.quarantined.labels(self.model, "server_rejected").inc()
                 self.ordering.reject(packet_id, now=self.clock())
                 self._settle(ident)
                 return
-            log.warning("applying %s failed (will retry): %s", packet_id.key, exc)
+            wait = self._backoff_s(stream, exc)
+            log.warning("applying %s failed (retry in %.2fs): %s", packet_id.key, wait, exc)
             self._count_error("apply")
             self._must_check = True
             self._fetches[ident] = _done_future(fetched)
-            self._retry_at[stream] = self.clock() + self.settings.retry_backoff_s
+            self._retry_at[stream] = self.clock() + wait
             return
         done = self.clock()
         h = packet.header
@@ -421,8 +472,17 @@ class Loader:
         self.applied += 1
         self._dims.setdefault(table, h.dim)
         self.ordering.applied(packet_id, now=done)
+        self._failures.pop(stream, None)
         self._publish_position(stream)
         self._settle(ident)
+
+
+_SERVERS, _DISPATCH = "servers", "dispatch"  # failure counters that are not a stream's
+
+
+def _servers_down() -> ConnectionError:
+    """What an unreachable or unready server set is, to the retry rule: no answer (retriable)."""
+    return ConnectionError("embedding servers unreachable or not ready")
 
 
 def _done_future(value: Any) -> Future:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import json
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from persia_inc.foundation.threads import ServiceThread
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class LoaderMetrics:
 
 class MetricsServer:
     """A tiny HTTP server: `/metrics` (Prometheus text) and `/healthz` (JSON; 503 when not
-    healthy). Runs in a daemon thread; `close()` stops it promptly."""
+    healthy). Runs on a `ServiceThread` (`persia-inc-loader-metrics`); `close()` stops it
+    promptly and is safe to call twice."""
 
     def __init__(self, registry: CollectorRegistry, port: int, addr: str,
                  health: Callable[[], dict[str, Any]]) -> None:
@@ -101,13 +103,16 @@ class MetricsServer:
         self._server = http.server.ThreadingHTTPServer((addr, port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="loader-metrics", daemon=True)
-        self._thread.start()
+        self._thread = ServiceThread("loader-metrics", self._serve, wake=self._shutdown).start()
 
-    def close(self) -> None:
-        """Stop serving; safe to call twice."""
-        if self._thread.is_alive():
+    def _serve(self) -> None:
+        self._server.serve_forever(poll_interval=0.2)
+
+    def _shutdown(self) -> None:
+        if self._thread.is_alive():  # shutdown() waits for serve_forever, so only if it runs
             self._server.shutdown()
-            self._thread.join(5)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop serving; safe to call twice."""
+        self._thread.close(timeout_s)
         self._server.server_close()

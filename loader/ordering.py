@@ -15,10 +15,9 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from persia_inc.packet_format import PacketId
+from persia_inc.packet_format import PacketId, Position
 
-Stream = tuple[str, str]  # (table, producer)
-Position = tuple[int, int]  # (generation, sequence)
+Stream = tuple[str, str]  # (table, producer) of one model: the unit of ordering
 
 
 class Offer(enum.Enum):

@@ -8,13 +8,21 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
+from persia_inc.embedding_server.client import EmbeddingClient
+from persia_inc.foundation.threads import thread_name
 from persia_inc.loader.daemon import lowest, server_positions
 from persia_inc.loader.fetch import Fetched, fetch_packet
-from persia_inc.loader.ordering import Position, Stream, is_generation_start, is_successor
+from persia_inc.loader.ordering import Stream, is_generation_start, is_successor
 from persia_inc.loader.sources import packet_id_of_key
-from persia_inc.packet_format import DEFAULT_LIMITS, PacketId, PacketLimits, read_packet_header, stream_prefix
+from persia_inc.packet_format import (
+    DEFAULT_LIMITS,
+    PacketId,
+    PacketLimits,
+    Position,
+    read_packet_header,
+    stream_prefix,
+)
 from persia_inc.storage import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -108,7 +116,7 @@ class ReplayResult:
     seconds: float = 0.0
 
 
-def replay(client: Any, store: ObjectStore, model: str, *, checkpoint: str = "",
+def replay(client: EmbeddingClient, store: ObjectStore, model: str, *, checkpoint: str = "",
            until: Position | None = None, until_time_ns: int | None = None,
            limits: PacketLimits = DEFAULT_LIMITS, prefetch: int = 4,
            progress: Callable[[int, int, int], None] | None = None,
@@ -130,7 +138,7 @@ def replay(client: Any, store: ObjectStore, model: str, *, checkpoint: str = "",
                   position)
     result = ReplayResult()
     stopped: set[Stream] = set()
-    with ThreadPoolExecutor(prefetch, thread_name_prefix="replay-fetch") as pool:
+    with ThreadPoolExecutor(prefetch, thread_name_prefix=thread_name("replay-fetch")) as pool:
         todo = list(plan.ordered())
         futures = [pool.submit(fetch_packet, store, p.key, p.packet_id, limits=limits)
                    for p in todo[:prefetch]]
@@ -156,7 +164,7 @@ def replay(client: Any, store: ObjectStore, model: str, *, checkpoint: str = "",
     return result
 
 
-def servers_start(client: Any) -> dict[Stream, Position | None]:
+def servers_start(client: EmbeddingClient) -> dict[Stream, Position | None]:
     """Per stream, what every shard holds (None: some shard holds nothing of it)."""
     marks = server_positions(client)
     if marks is None:
@@ -176,7 +184,7 @@ class StreamStatus:
     lag_s: float
 
 
-def stream_status(client: Any, store: ObjectStore, model: str,
+def stream_status(client: EmbeddingClient, store: ObjectStore, model: str,
                   now_ns: int | None = None) -> list[StreamStatus]:
     """Status of every stream known to the servers or storage. lag_s: how long the oldest
     packet the servers do not hold has been waiting (now minus its created-at)."""

@@ -10,6 +10,7 @@
   only up to the first message whose packet is not settled yet.
 
 A source never dies on one bad item: it logs, counts (`on_reject(reason)`) and goes on.
+Each runs on a `ServiceThread` (`persia-inc-loader-<name>`): `start()`, `close()`, `stop`.
 """
 
 from __future__ import annotations
@@ -17,17 +18,22 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from persia_inc.foundation.kafka import import_kafka
+from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s
+from persia_inc.foundation.threads import ServiceThread, thread_name
+from persia_inc.loader.ordering import Stream
 from persia_inc.packet_format import Announcement, PacketError, PacketId, parse_packet_path, stream_prefix
 from persia_inc.storage import ObjectInfo
 
 log = logging.getLogger(__name__)
 
-Stream = tuple[str, str]
+# A broker hiccup: poll again soon, then less and less often while it lasts.
+KAFKA_RETRY = RetryPolicy(max_attempts=None, initial_backoff_s=0.1, max_backoff_s=5.0, deadline_s=0)
 
 
 @dataclass(slots=True)
@@ -85,9 +91,9 @@ class StoragePoller:
         self.discover_every = discover_every
         self.name = name
         self.on_error = on_error or (lambda stage: None)
-        self.stop = threading.Event()
         self.rounds = 0
-        self._thread = threading.Thread(target=self._run, name=f"loader-{name}", daemon=True)
+        self._thread = ServiceThread(f"loader-{name}", self._run)
+        self.stop = self._thread.stop
 
     def start(self) -> StoragePoller:
         self._thread.start()
@@ -125,10 +131,9 @@ class StoragePoller:
                 self.on_error("list")
             self.stop.wait(self.interval_s)
 
-    def close(self) -> None:
-        self.stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(10)
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop polling (bounded, safe to call twice)."""
+        self._thread.close(timeout_s)
 
 
 class DirectoryWatcher:
@@ -156,6 +161,7 @@ class DirectoryWatcher:
 
         self._observer = Observer()
         self._observer.daemon = True
+        self._observer.name = thread_name("loader-watch")  # seen by the tests' leak guard
         self._observer.schedule(Handler(), self.root, recursive=True)
 
     def _event(self, path: bytes | str, is_directory: bool) -> None:
@@ -190,12 +196,15 @@ class DirectoryWatcher:
         self.rescan.start()
         return self
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the observer and the rescan (bounded, safe to call twice)."""
         self.stop.set()
-        self.rescan.close()
+        self.rescan.close(timeout_s)
         if self._observer.is_alive():
             self._observer.stop()
-            self._observer.join(10)
+            self._observer.join(timeout_s)
+            if self._observer.is_alive():
+                log.warning("watch: the watchdog observer did not stop within %.1f s", timeout_s)
 
 
 class KafkaSource:
@@ -216,14 +225,14 @@ class KafkaSource:
         self.key_of = key_of
         self.on_reject = on_reject or (lambda reason: None)
         self.commit_interval_s = commit_interval_s
-        self.stop = threading.Event()
         self._lock = threading.Lock()
         self._outstanding: dict[Any, set[int]] = {}  # partition -> offsets not settled
         self._next: dict[Any, int] = {}  # partition -> offset after the last consumed
         self._committed: dict[Any, int] = {}
         self.assigned: set[Any] = set()
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="loader-kafka", daemon=True)
+        self._thread = ServiceThread("loader-kafka", self._run)
+        self.stop = self._thread.stop
         self._ready = threading.Event()
 
     def start(self, timeout_s: float = 30.0) -> KafkaSource:
@@ -324,8 +333,7 @@ class KafkaSource:
             self._ready.set()
             return
         last_commit = 0.0
-        import time
-
+        failures = 0
         try:
             while not self.stop.is_set():
                 try:
@@ -338,10 +346,14 @@ class KafkaSource:
                     if now - last_commit >= self.commit_interval_s:
                         last_commit = now
                         self._commit(consumer, structs)
+                    failures = 0
                 except Exception as exc:  # broker hiccup: log, count, keep polling
-                    log.warning("kafka: poll/commit failed: %s", exc)
+                    failures += 1
+                    wait = daemon_delay_s(exc, failures, KAFKA_RETRY)
+                    log.warning("kafka: poll/commit failed (%s: %s); polling again in %.2fs",
+                                type(exc).__name__, exc, wait)
                     self.on_reject("kafka_error")
-                    self.stop.wait(0.5)
+                    self.stop.wait(wait)
             try:
                 self._commit(consumer, structs)
             except Exception as exc:
@@ -364,7 +376,6 @@ class KafkaSource:
         if not offer(self.out, candidate, self.stop):
             return
 
-    def close(self) -> None:
-        self.stop.set()
-        if self._thread.is_alive():
-            self._thread.join(15)
+    def close(self, timeout_s: float = 15.0) -> None:
+        """Leave the group (final commit) and stop (bounded, safe to call twice)."""
+        self._thread.close(timeout_s)

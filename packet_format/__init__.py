@@ -28,8 +28,10 @@ from persia_inc.packet_format.header import (
     FORMAT_VERSION,
     MAX_GENERATION,
     MAX_SEQUENCE,
+    FlushReason,
     PacketHeader,
     PacketLimits,
+    Position,
 )
 from persia_inc.packet_format.manifest import (
     MANIFEST_NAME,
@@ -63,6 +65,7 @@ __all__ = [
     "AnnouncementError",
     "CheckpointManifest",
     "CorruptPacketError",
+    "FlushReason",
     "ManifestError",
     "ManifestPart",
     "ManifestTable",
@@ -72,6 +75,7 @@ __all__ = [
     "PacketId",
     "PacketLimits",
     "PacketTooLargeError",
+    "Position",
     "UnsupportedPacketError",
     "Watermark",
     "decode_packet",

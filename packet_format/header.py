@@ -12,6 +12,7 @@ MAX_GENERATION = 10**10 - 1  # ten digits in the file name
 MAX_SEQUENCE = 10**12 - 1  # twelve digits in the file name
 
 FlushReason = Literal["size", "interval", "explicit", "close", "checkpoint"]
+Position = tuple[int, int]  # (generation, sequence): a packet's place in its stream
 FLUSH_REASONS: tuple[str, ...] = ("size", "interval", "explicit", "close", "checkpoint")
 DTYPES: tuple[str, ...] = ("float32", "float16")
 
@@ -73,7 +74,7 @@ class PacketHeader:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     @property
-    def position(self) -> tuple[int, int]:
+    def position(self) -> Position:
         """(generation, sequence): the packet's place in its producer's stream."""
         return (self.generation, self.sequence)
 

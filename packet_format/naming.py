@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from persia_inc.packet_format.errors import PacketError
-from persia_inc.packet_format.header import PacketHeader, check_name, check_position
+from persia_inc.packet_format.header import PacketHeader, Position, check_name, check_position
 
 PACKET_SUFFIX = ".arrow"
 _FILE_RE = re.compile(r"^(\d{10})-(\d{12})\.arrow$")
@@ -42,7 +42,7 @@ class PacketId:
         return (self.model, self.table, self.producer)
 
     @property
-    def position(self) -> tuple[int, int]:
+    def position(self) -> Position:
         return (self.generation, self.sequence)
 
     @property

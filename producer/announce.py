@@ -5,19 +5,23 @@ doorbell, sent only after the packet is durably stored, so its failure never los
   announcement; loaders watch or list the directory. Nothing to send.
 * `KafkaAnnouncer` (mode `kafka`): one JSON `Announcement` per packet, key = producer id,
   acks=all and idempotent where the broker supports it, sent from its own thread and re-sent
-  until acknowledged (capped backoff), so a broker outage never stalls the writer.
+  until acknowledged (capped backoff, no deadline: `foundation.retry.daemon_delay_s`), so a
+  broker outage never stalls the writer. An error kafka-python calls not retriable is retried
+  too, after the longest wait and with a new client: after a broker restart the old client's
+  producer id is unknown (`UnknownProducerIdError`), which a new client fixes.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import random
 import threading
 import time
 from typing import Any, Protocol
 
 from persia_inc.foundation.kafka import import_kafka
+from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s, is_retriable
+from persia_inc.foundation.threads import ServiceThread
 from persia_inc.packet_format import Announcement
 
 log = logging.getLogger(__name__)
@@ -61,7 +65,8 @@ class KafkaAnnouncer:
 
     settings: `persia_inc.kafka` (KafkaSettings); max_queued: announcements kept while the
     broker is down before the oldest are dropped (logged and counted: the packets stay in
-    storage, where a loader finds them by listing).
+    storage, where a loader finds them by listing). Failed sends are retried as the retry rule
+    decides for a daemon under `retry` (forever, 0.2 s doubling to max_backoff_s).
     """
 
     def __init__(self, settings: Any, topic: str, *, max_queued: int = 1_000_000,
@@ -70,17 +75,19 @@ class KafkaAnnouncer:
         self.topic = topic
         self.max_queued = max_queued
         self.max_backoff_s = max_backoff_s
+        self.retry = RetryPolicy(max_attempts=None, initial_backoff_s=min(0.2, max_backoff_s),
+                                 max_backoff_s=max_backoff_s, deadline_s=0)
         self.metrics = metrics
         self.delivered = 0
         self.dropped = 0
         self._queue: collections.deque[Announcement] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._abort = threading.Event()
         self._client: Any = None
         self._topic_ready = False
         import_kafka()  # here, on the caller's thread: fail early if it is missing
-        self._thread = threading.Thread(target=self._run, name="persia-inc-announcer", daemon=True)
+        self._thread = ServiceThread("announcer", self._run, wake=self._wake)
+        self._abort = self._thread.stop  # set at close when time is up: stop retrying
         self._thread.start()
 
     # --- public ----------------------------------------------------------------------------
@@ -107,12 +114,8 @@ class KafkaAnnouncer:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout=max(0.0, timeout_s))
-        if self._thread.is_alive():
-            self._abort.set()
-            with self._cond:
-                self._cond.notify_all()
-            self._thread.join(timeout=max(5.0, self.settings.request_timeout_ms / 1000 + 1))
+        self._thread.join(max(0.0, timeout_s))  # delivering what is queued
+        self._thread.close(max(5.0, self.settings.request_timeout_ms / 1000 + 1))
         left = self.pending
         if left:
             log.warning("%d announcement(s) to %s not acknowledged at close; their packets are "
@@ -126,35 +129,43 @@ class KafkaAnnouncer:
         if self.metrics is not None:
             self.metrics.of(self.metrics.announce_pending).set(len(self._queue))
 
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     def _run(self) -> None:
         failures = 0
         while not self._abort.is_set():
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._closing and not self._abort.is_set():
                     self._cond.wait()
-                if not self._queue:
-                    return  # closing and drained
+                if not self._queue or self._abort.is_set():
+                    return  # closing and drained, or out of time
                 batch = list(self._queue)[:1000]
             try:
                 self._send(batch)
             except Exception as exc:  # one failed round never kills the thread
+                self._drop_client()
                 failures += 1
-                wait = min(self.max_backoff_s, 0.1 * 2 ** min(failures, 10)) * (0.5 + random.random() / 2)
-                log.warning("announcing %d packet(s) to %s failed (%s: %s); retrying in %.2fs",
-                            len(batch), self.topic, type(exc).__name__, exc, wait)
+                wait = daemon_delay_s(exc, failures, self.retry)
+                log.log(logging.WARNING if is_retriable(exc) else logging.ERROR,
+                        "announcing %d packet(s) to %s failed (%s: %s); retrying in %.2fs with a "
+                        "new client", len(batch), self.topic, type(exc).__name__, exc, wait)
                 if self.metrics is not None:
                     self.metrics.of(self.metrics.retries, what="announce").inc()
-                self._drop_client()
                 self._abort.wait(wait)
                 continue
             failures = 0
-            with self._cond:
-                for _ in batch:  # only this thread removes from the left
-                    self._queue.popleft()
-                self.delivered += len(batch)
-                self._gauge()
+            self._delivered(batch)
             if self.metrics is not None:
                 self.metrics.of(self.metrics.announced).inc(len(batch))
+
+    def _delivered(self, batch: list[Announcement]) -> None:
+        with self._cond:
+            for _ in batch:  # only this thread removes from the left
+                self._queue.popleft()
+            self.delivered += len(batch)
+            self._gauge()
 
     def _connect(self) -> Any:
         if not self._topic_ready:

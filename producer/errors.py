@@ -13,7 +13,8 @@ class BackpressureError(ProducerError):
 
 
 class UnstoredDataError(ProducerError):
-    """`close()` ran out of time before every snapshot was stored (storage still down).
+    """`close()` ran out of time before every snapshot was stored (storage still down), or the
+    writer failed (see `__cause__`).
 
     rows: upserted plus deleted rows not stored; tables: which tables they belong to.
     """
@@ -25,8 +26,18 @@ class UnstoredDataError(ProducerError):
 
 
 class WriterFailedError(ProducerError):
-    """The background writer met an error it cannot retry (a bug, or a packet it cannot
-    encode); raised on the training thread at the next call so it is never silent."""
+    """The background writer met an error it cannot retry (storage refused a packet for good,
+    a bug, or a packet it cannot encode); raised on the training thread at the next call so it
+    is never silent. The unstored rows stay counted: `close()` reports them.
+
+    uri: the packet the writer was storing ("" when the failure was not about one packet);
+    cause: the error (also `__cause__`).
+    """
+
+    def __init__(self, message: str, *, uri: str = "", cause: BaseException | None = None) -> None:
+        self.uri = uri
+        self.cause = cause
+        super().__init__(message)
 
 
 class ProducerClosedError(ProducerError):

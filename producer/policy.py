@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-FlushReason = Literal["size", "interval", "explicit", "close"]
+from persia_inc.packet_format import FlushReason
 
 
 @dataclass(frozen=True, slots=True)

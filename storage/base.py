@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, ClassVar, Literal, TypeVar
@@ -28,6 +28,48 @@ class ObjectInfo:
 
     key: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """One entry of a folder, as a backend's folder lister reports it to `walk_tree`.
+
+    size: the object's size in bytes, asked only of files the walk keeps (a stat may cost)."""
+
+    name: str
+    is_dir: bool
+    size: Callable[[], int]
+
+
+def walk_tree(list_dir: Callable[[str], Iterable[TreeEntry]], prefix: str,
+              start_after: str | None) -> list[ObjectInfo]:
+    """`ObjectStore._list` for folder-tree backends (local disk, HDFS), written once.
+
+    list_dir(folder_key) -> the entries of that folder ("" is the root), empty if it does not
+    exist. Hidden names (temporary files of puts in flight) are skipped, and so are folders
+    that cannot hold a key under `prefix` sorting after `start_after`. Returns key order.
+    """
+    found: list[ObjectInfo] = []
+
+    def walk(folder_key: str) -> None:
+        key_prefix = folder_key + "/" if folder_key else ""
+        for entry in list_dir(folder_key):
+            if entry.name.startswith("."):
+                continue  # temp files of puts in flight, and hidden files
+            key = key_prefix + entry.name
+            if entry.is_dir:
+                sub = key + "/"
+                if not (sub.startswith(prefix) or prefix.startswith(sub)):
+                    continue
+                if start_after is not None and sub < start_after and not start_after.startswith(sub):
+                    continue  # every key below sorts before start_after
+                walk(key)
+            elif key.startswith(prefix) and (start_after is None or key > start_after):
+                found.append(ObjectInfo(key, entry.size()))
+
+    walk(prefix.rpartition("/")[0])
+    found.sort()
+    return found
 
 
 def check_key(key: str, *, allow_empty: bool = False) -> str:
@@ -48,10 +90,6 @@ class ObjectStore(ABC):
     """A root URI under which objects are put, got, listed and deleted."""
 
     kind: ClassVar[StorageKind]
-    write_alignment: ClassVar[int] = 0
-    """When > 0, `writer` (with a size hint) writes a large buffer that starts on this memory
-    boundary at an offset that is a multiple of it straight from the caller's memory, without
-    copying it; writers that can lay their bytes out so may ask it (the packet encoder does)."""
 
     def __init__(self, root_uri: str, retry: RetryPolicy | None = None) -> None:
         self.root_uri = root_uri.rstrip("/")

@@ -13,7 +13,6 @@ import posixpath
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urlparse
 
@@ -21,24 +20,15 @@ import hdfs
 import requests
 
 from persia_inc.foundation.retry import RetryPolicy
-from persia_inc.storage.base import ObjectInfo, ObjectStore
+from persia_inc.storage.base import ObjectInfo, ObjectStore, TreeEntry, walk_tree
 from persia_inc.storage.errors import StorageError, TransientStorageError
 from persia_inc.storage.local import TEMP_SUFFIX
+from persia_inc.storage.settings import HdfsSettings
 
 _MISSING = {"FileNotFoundException"}
 _DENIED = {"AccessControlException", "SecurityException"}
 _TRANSIENT = {"StandbyException", "RetriableException", "SafeModeException",
               "ObserverRetryOnActiveException", "ConnectTimeoutException"}
-
-
-@dataclass(frozen=True, slots=True)
-class HdfsSettings:
-    """user: the HDFS user for simple auth (empty: the NameNode's default);
-    scheme: http or https for WebHDFS; timeout_s: per request."""
-
-    user: str = ""
-    scheme: str = "http"
-    timeout_s: float = 30.0
 
 
 def split_hdfs_uri(uri: str, scheme: str = "http") -> tuple[str, str]:
@@ -109,35 +99,19 @@ class HdfsStore(ObjectStore):
             return response.raw
 
     def _list(self, prefix: str, start_after: str | None) -> list[ObjectInfo]:
-        folder_key, _, _ = prefix.rpartition("/")
-        found: list[ObjectInfo] = []
         with self._mapped(prefix):
-            self._walk(folder_key, prefix, start_after, found)
-        found.sort()
-        return found
+            return walk_tree(self._list_dir, prefix, start_after)
 
-    def _walk(self, folder_key: str, prefix: str, start_after: str | None,
-              found: list[ObjectInfo]) -> None:
+    def _list_dir(self, folder_key: str) -> list[TreeEntry]:
+        """One LISTSTATUS: the folder's entries with their sizes (none if it is absent)."""
         try:
             entries = self._client.list(self._path(folder_key), status=True)
         except hdfs.HdfsError as exc:
             if exc.exception == "FileNotFoundException":
-                return
+                return []
             raise
-        key_prefix = folder_key + "/" if folder_key else ""
-        for name, status in entries:
-            if name.startswith("."):
-                continue
-            key = key_prefix + name
-            if status["type"] == "DIRECTORY":
-                sub = key + "/"
-                if not (sub.startswith(prefix) or prefix.startswith(sub)):
-                    continue
-                if start_after is not None and sub < start_after and not start_after.startswith(sub):
-                    continue
-                self._walk(key, prefix, start_after, found)
-            elif key.startswith(prefix) and (start_after is None or key > start_after):
-                found.append(ObjectInfo(key, int(status["length"])))
+        return [TreeEntry(name, status["type"] == "DIRECTORY",
+                          lambda s=status: int(s["length"])) for name, status in entries]
 
     def _delete(self, key: str) -> None:
         with self._mapped(key):

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from persia_inc.local_services import CephCluster, EmbeddingCluster, TansuBroker, free_port, write_test_config
+from persia_inc.foundation.net import free_port
+from persia_inc.foundation.threads import leaked_threads
+from persia_inc.local_services import CephCluster, EmbeddingCluster, TansuBroker, write_test_config
 from persia_inc.storage import ObjectStore, RetryPolicy, open_store
 
 from webhdfs_emulator import WebHdfsEmulator
@@ -120,12 +122,10 @@ def object_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Obj
 
 @pytest.fixture(autouse=True)
 def no_thread_leaks() -> Iterator[None]:
-    """Fail a test that leaves a non-daemon thread running (every stop must be prompt)."""
+    """Fail a test that leaves a thread running: any non-daemon thread, and our daemon threads
+    (named `persia-inc-...`, pools included), which only a missing close() leaves behind.
+    Threads get 5 s to finish stopping (every stop must be prompt)."""
     before = set(threading.enumerate())
     yield
-    leaked = [t for t in threading.enumerate()
-              if t not in before and t.is_alive() and not t.daemon]
-    for thread in leaked:
-        thread.join(timeout=5)
-    still = [t.name for t in leaked if t.is_alive()]
+    still = leaked_threads(before, grace_s=5.0)
     assert not still, f"threads leaked by the test: {still}"

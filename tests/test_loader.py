@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from persia_inc.config import KafkaSettings
+from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.loader.fetch import Quarantine, VerificationError, fetch_packet
 from persia_inc.loader.ordering import Action, Offer, Ordering
 from persia_inc.loader.replay import plan_replay, trim_plan_until_time
@@ -287,4 +287,4 @@ def test_no_threads_left_by_a_poller(tmp_path: Path) -> None:
     store = open_store(str(tmp_path))
     poller = StoragePoller(store.list, "m", queue.Queue(), dict, interval_s=0.05).start()
     poller.close()
-    assert not any(t.name == "loader-list" for t in threading.enumerate())
+    assert not any(t.name == "persia-inc-loader-list" for t in threading.enumerate())

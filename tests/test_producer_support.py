@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from persia_inc.config import Config, config_from_mapping
 from persia_inc.packet_format import Packet, decode_packet, parse_packet_path
-from persia_inc.storage import ObjectStore
+from persia_inc.storage import ObjectStore, TransientStorageError
+from persia_inc.storage.local import LocalStore
 
 
 def producer_config(incremental_dir: str, *, buffer_size: int = 1000, storage: str = "local",
@@ -36,6 +40,25 @@ def producer_config(incremental_dir: str, *, buffer_size: int = 1000, storage: s
         "storage": storage,
         "persia_inc": section,
     }, "<test>")
+
+
+class OutageStore(LocalStore):
+    """Local disk whose packet writes fail with a transient (retriable) error while `down` is
+    set, as a network store's do in an outage; `attempts` counts the writes tried."""
+
+    def __init__(self, root_uri: str) -> None:
+        super().__init__(root_uri)
+        self.down = threading.Event()
+        self.down.set()
+        self.attempts = 0
+
+    @contextmanager
+    def writer(self, key: str, size_hint: int = 0) -> Iterator[BinaryIO]:
+        self.attempts += 1
+        if self.down.is_set():
+            raise TransientStorageError(self.location(key), "storage outage (test)")
+        with super().writer(key, size_hint) as sink:
+            yield sink
 
 
 class NumpyModel:

@@ -173,7 +173,7 @@ def test_local_folder_refusing_direct_io_gets_a_plain_write(tmp_path, monkeypatc
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr("storage.local.os.open", refuse_direct)
+    monkeypatch.setattr("persia_inc.storage.local.os.open", refuse_direct)
     store = open_store(str(tmp_path))
     for key, payload in (("k1", b"a" * 6000), ("k2", b"b" * 70)):
         with store.writer(key, size_hint=len(payload)) as sink:
@@ -337,62 +337,3 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert all(w <= 1.0 for w in waits)
     assert waits[-1] >= 0.5
     assert len({round(policy.backoff_s(3), 6) for _ in range(20)}) > 1
-
-
-def test_block_pool_reuses_the_smallest_fitting_block_within_its_bound() -> None:
-    from persia_inc.storage.blockpool import BlockPool
-
-    pool = BlockPool(3000, lambda n, tail: np.zeros((n, *tail), np.uint8))
-    small, big = pool.take(1000, (1,)), pool.take(2000, (1,))
-    flat = pool.take(500)
-    for block in (small, big, flat):
-        pool.give_back(block)
-    assert pool.idle_bytes == 3000 and pool.allocated == 3  # over the bound: the smallest left
-    assert pool.take(900, (1,)) is small and pool.take(1500, (1,)) is big and pool.reused == 2
-    assert pool.take(400) is not flat and pool.allocated == 4
-    assert pool.take(900, (2,)).shape == (900, 2)  # another row width: a new block
-    pool.give_back(np.zeros(4000, np.uint8))  # larger than the bound: not kept
-    assert pool.idle_bytes == 0
-
-
-def test_page_sink_writes_aligned_buffers_by_reference_and_copies_the_rest() -> None:
-    from persia_inc.storage.blockpool import PAGE, aligned_empty
-    from persia_inc.storage.page_sink import PageSink
-
-    rows = aligned_empty(20 * PAGE + 100)  # page aligned, a partial page at its end
-    rows[:] = np.random.default_rng(0).integers(0, 256, rows.size, dtype=np.uint8)
-    unaligned = np.arange(3 * PAGE + 1, dtype=np.uint8)[1:]  # large, but not on a page
-    sink = PageSink(aligned_empty(8 * PAGE))
-    head = b"h" * (PAGE - 10)
-    for part in (head, b"0123456789", rows, b"tail", unaligned):
-        sink.write(part)
-    expected = b"".join([head, b"0123456789", rows.tobytes(), b"tail", unaligned.tobytes()])
-    parts = sink.segments()
-    assert sink.position == len(expected) and sink.referenced_bytes == 20 * PAGE
-    assert all(p.nbytes % PAGE == 0 and np.frombuffer(p, np.uint8).ctypes.data % PAGE == 0
-               for p in parts)
-    assert b"".join(bytes(p) for p in parts)[:len(expected)] == expected
-    rows[0] ^= 0xFF  # referenced, not copied: the sink sees the caller's memory
-    assert bytes(sink.segments()[1][:1]) == bytes(rows[:1])
-    with pytest.raises(OSError, match="out of bounds"):
-        PageSink(aligned_empty(PAGE)).write(b"x" * (PAGE + 1))
-    with pytest.raises(ValueError, match="page aligned"):
-        PageSink(aligned_empty(PAGE + 1))
-
-
-def test_local_hinted_packet_with_aligned_rows_reads_back_whole(tmp_path) -> None:
-    """The producer's path: rows in page-aligned memory, laid out on a page of the packet."""
-    from persia_inc.storage.blockpool import aligned_empty
-
-    store = open_store(str(tmp_path))
-    n, dim = 5000, 16
-    rows = aligned_empty(n * dim * 4).view(np.float32).reshape(n, dim)
-    rows[:] = np.random.default_rng(1).standard_normal((n, dim))
-    signs = np.arange(n, dtype=np.uint64) * 7
-    header = PacketHeader(model="m", table="t", producer="p", generation=1, sequence=0)
-    key = packet_key("m", "t", "p", 1, 0)
-    with store.writer(key, size_hint=n * (8 + 4 * dim) + 65536) as sink:
-        write_packet(sink, header, signs, rows, align=store.write_alignment)
-        assert sink.referenced_bytes > 0.99 * rows.nbytes  # the rows were not copied
-    packet = decode_packet(store.get(key))
-    assert np.array_equal(packet.signs, signs) and np.array_equal(packet.embeddings, rows)
