@@ -27,6 +27,7 @@ def test_demo_runs_the_whole_pipeline_and_verifies(tmp_path: Path) -> None:
     assert report["checked_rows"] > 26 * 1000
     assert 0 < report["freshness_ms"]["p50"] <= report["freshness_ms"]["p99"]
     assert (tmp_path / "freshness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["pictures"] == ["freshness.png"]
     assert "verified" in result.stdout
 
 
@@ -60,3 +61,49 @@ def test_verification_catches_one_flipped_bit_and_a_served_evicted_row(embedding
         _verify(client, model, evicted, dirty)
     assert dirty.mismatched_rows == 1
     assert dirty.evicted_still_served == 1
+
+
+_BLOCKER = '''
+import sys
+BLOCKED = set({blocked!r})
+class _Missing:
+    """Makes the named packages look uninstalled, as on a plain `pip install persia-inc`."""
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, _Missing())
+'''
+
+
+def _without(tmp_path: Path, *blocked: str) -> dict[str, str]:
+    """An environment whose Python cannot import `blocked` (a sitecustomize hides them)."""
+    import os
+
+    (tmp_path / "sitecustomize.py").write_text(_BLOCKER.format(blocked=sorted(blocked)))
+    return {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+
+def test_demo_without_torch_says_which_extra_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "persia_inc.cli", "demo", "--seconds", "1",
+                             "--workdir", str(tmp_path / "work")], env=_without(tmp_path, "torch"),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "persia-inc[torch]" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_demo_import_path_and_picture_without_matplotlib(tmp_path: Path) -> None:
+    """The demo's modules import without the extras, and the picture is skipped, not a crash."""
+    code = ("import sys; from pathlib import Path; import persia_inc.cli, persia_inc.commands.demo; "
+            "from persia_inc.demo.pipeline import plot_freshness; "
+            "assert 'matplotlib' not in sys.modules; "
+            f"print(plot_freshness([1.0, 2.0], Path({str(tmp_path / 'f.png')!r})))")
+    result = subprocess.run([sys.executable, "-c", code], env=_without(tmp_path, "matplotlib", "torch"),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False" and not (tmp_path / "f.png").exists()
+    help_text = subprocess.run([sys.executable, "-m", "persia_inc.cli", "demo", "--help"],
+                               env=_without(tmp_path, "matplotlib", "torch"), capture_output=True,
+                               text=True, timeout=60, check=True).stdout
+    assert "plot" in help_text

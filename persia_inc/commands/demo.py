@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = "train with the hook, load into two embedding servers, verify every row (make demo)"
@@ -12,7 +13,7 @@ embedding servers from it, trains the model on synthetic Criteo-shaped data with
 hook (evicting rows now and then), runs the loader, and shows live progress: steps, packets,
 rows applied, freshness p50/p99 and lag. At the end it checks that every row on the servers
 equals the training table byte for byte and that evicted rows are gone, prints a summary,
-and writes report.json and freshness.png into the workdir.
+and writes report.json and freshness.png (with matplotlib: the `plot` extra) into the workdir.
 
 The default is the embedded set-up: local directory storage and the watchdog loader, no
 external services. --storage ceph|hdfs and --announce kafka use real services when they run
@@ -40,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from persia_inc.demo.pipeline import DemoOptions, Progress, default_workdir, run_demo
+    from persia_inc.extras import have, install_hint
 
+    if not have("torch"):
+        print(f"persia-inc demo: the demo trains with PyTorch, which is not installed: "
+              f"{install_hint('torch')}", file=sys.stderr)
+        return 2
     if args.shards < 1 or args.vocab < 100 or args.seconds <= 0:
         print("persia-inc demo: --shards >= 1, --vocab >= 100 and --seconds > 0 please")
         return 2
@@ -54,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"[bold]persia-inc demo[/] in {workdir} ({args.storage} storage, "
                   f"{args.announce} announcements, {args.shards} embedding servers)")
+    if not have("matplotlib"):
+        console.print("no freshness.png this time: matplotlib is not installed "
+                      f"({install_hint('matplotlib')})")
 
     def render(progress: Progress) -> Table:
         table = Table(show_header=False, box=None)
@@ -91,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(summary)
     for problem in report.problems:
         console.print(f"[red]problem:[/] {problem}")
-    console.print(f"report: {workdir / 'report.json'}   histogram: {workdir / 'freshness.png'}"
-                  f"   logs: {workdir / 'logs'}")
+    pictures = "".join(f"   picture: {workdir / name}" for name in report.pictures)
+    console.print(f"report: {workdir / 'report.json'}{pictures}   logs: {workdir / 'logs'}")
     return 0 if report.verified else 1
 
 
