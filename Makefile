@@ -22,10 +22,12 @@ test-deps:
 
 test: $(STAMP) test-deps
 	$(BIN)/ruff check .
+	tools/check-layers   # import-linter: arrows point one way; mypy over the library packages
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	tools/check-layers
 
 bench: $(STAMP)  ## every benchmark, one after the other (about 10 minutes; starts its own Ceph)
 	for b in packet_codec embedding_server producer loader inference; do \

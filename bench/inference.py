@@ -26,19 +26,18 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from persia_inc.embedding_server.client import EmbeddingClient
+from persia_inc.inference.archive import archive_model
+from persia_inc.inference.batch import PersiaBatch
+from persia_inc.inference.client import get_inference_stub, infer, infer_http
+from persia_inc.inference.engine import PersiaInference, Timings
+from persia_inc.inference.local import LocalTorchServe, free_port
+from persia_inc.inference.management import HttpManagement
+from persia_inc.inference.model import build_model, load_torchscript, save_torchscript
+from persia_inc.inference.spec import ModelSpec
+from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
 
-from persia_inc.embedding_server.client import EmbeddingClient  # noqa: E402
-from persia_inc.inference.archive import archive_model  # noqa: E402
-from persia_inc.inference.batch import PersiaBatch  # noqa: E402
-from persia_inc.inference.client import get_inference_stub, infer, infer_http  # noqa: E402
-from persia_inc.inference.engine import PersiaInference, Timings  # noqa: E402
-from persia_inc.inference.local import LocalTorchServe, free_port  # noqa: E402
-from persia_inc.inference.management import HttpManagement  # noqa: E402
-from persia_inc.inference.model import build_model, load_torchscript, save_torchscript  # noqa: E402
-from persia_inc.inference.spec import ModelSpec  # noqa: E402
-from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SPEC = ModelSpec()
 ROWS = 128

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import threading
 import time
@@ -24,16 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from persia_inc.config import load_config
+from persia_inc.embedding_server.errors import ShardError
+from persia_inc.loader.replay import replay
+from persia_inc.local_services import EmbeddingCluster, free_port, write_test_config
+from persia_inc.packet_format import Announcement, Packet, PacketHeader, encode_packet, packet_key
+from persia_inc.wiring import loader_from_config
 
-from persia_inc.config import load_config  # noqa: E402
-from persia_inc.embedding_server.errors import ShardError  # noqa: E402
-from persia_inc.loader.daemon import Loader  # noqa: E402
-from persia_inc.loader.replay import replay  # noqa: E402
-from persia_inc.local_services import EmbeddingCluster, free_port, write_test_config  # noqa: E402
-from persia_inc.packet_format import Announcement, Packet, PacketHeader, encode_packet, packet_key  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DIM = 16
 
@@ -76,7 +73,7 @@ def throughput(tmp: Path, packets: int, rows: int) -> dict:
                     header = PacketHeader(model="m", table="t", producer="p", generation=1, sequence=seq)
                     store.put(packet_key("m", "t", "p", 1, seq), encode_packet(header, signs, emb))
             started = time.perf_counter()
-            with Loader(config, client) as loader:
+            with loader_from_config(config, client) as loader:
                 while loader.applied < packets:
                     time.sleep(0.002)
                 loader_s = time.perf_counter() - started
@@ -101,7 +98,7 @@ def freshness(tmp: Path, name: str, packets: int, rows: int, *, loader_settings:
         latencies: list[float] = []
         outstanding: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
         lock = threading.Lock()
-        with c.client() as client, config.open_store() as store, Loader(config, client) as loader:
+        with c.client() as client, config.open_store() as store, loader_from_config(config, client) as loader:
             done = threading.Event()
 
             def check() -> None:

@@ -28,12 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet, write_packet
+from persia_inc.storage import open_store
 
-from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet, write_packet  # noqa: E402
-from persia_inc.storage import open_store  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def paired_medians(raw: Callable[[], object], ours: Callable[[], object], repeat: int

@@ -1,6 +1,6 @@
 """The gRPC embedding server: one process per shard, over a `Shard`.
 
-`serve(config, shard_index)` binds exactly `PersiaInferConfig.servers[shard_index]`, reports
+`serve(servers, shard_index, ...)` binds exactly `servers[shard_index]`, reports
 NOT_SERVING on the standard health service until `initial_sparse_checkpoint` is loaded, then
 SERVING; SIGTERM or SIGINT stops it gracefully (in-flight calls get `grace_s`).
 
@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -27,17 +27,25 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from persia_inc.embedding_server._wire import LookupReply
+from persia_inc.embedding_server._wire import ApplyRequestView, LookupReply, decode_apply_request
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
-from persia_inc.embedding_server.shard import Shard, TableNotFoundError
-from persia_inc.packet_format import PacketError
-from persia_inc.storage import StorageError
+from persia_inc.embedding_server.settings import EmbeddingServerSettings
+from persia_inc.embedding_server.shard import (
+    ChunkLostError,
+    ForeignSignsError,
+    Shard,
+    TableNotFoundError,
+)
+from persia_inc.foundation.threads import ServiceThread
+from persia_inc.packet_format import PacketError, PacketLimits
+from persia_inc.storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "persia_inc.embedding.v1.EmbeddingService"
 WRITE_METHODS = frozenset({"Apply", "Delete", "LoadCheckpoint", "Dump"})
+IDENTITY_KEYS = ("persia-shard", "persia-num-shards")  # trailing metadata of identity refusals
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
 
@@ -75,6 +83,10 @@ class Metrics:
                                         registry=r)
         self.ready = Gauge("persia_inc_embedding_ready", "1 once the checkpoint is loaded",
                            registry=r)
+        self.misrouted = Counter("persia_inc_embedding_misrouted",
+                                 "Requests refused or signs counted because they belong to another "
+                                 "shard (a client routing by another server list)",
+                                 ["method"], registry=r)
         Gauge("persia_inc_embedding_shard", "This process's shard index", registry=r).set(shard)
 
 
@@ -85,6 +97,10 @@ def _signs(data: bytes, field: str) -> np.ndarray:
     return np.frombuffer(data, dtype="<u8")
 
 
+class WrongShardError(Exception):
+    """A request names a shard identity (index, count) that is not this server's."""
+
+
 def _rpc(method: str) -> Callable:
     """Wrap a unary servicer method: auth, readiness, latency, and errors -> status codes."""
 
@@ -93,11 +109,21 @@ def _rpc(method: str) -> Callable:
         def wrapper(self: EmbeddingServicer, request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             code, message = self._check_call(method, context)
+            self.shard.expire_staged()  # abandoned chunked applies go even when no Apply comes
             if code is None:
                 try:
                     return fn(self, request, context)
                 except TableNotFoundError as exc:
                     code, message = grpc.StatusCode.NOT_FOUND, str(exc)
+                except (WrongShardError, ForeignSignsError) as exc:
+                    code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, WrongShardError)
+                            else grpc.StatusCode.INVALID_ARGUMENT)
+                    message = str(exc)
+                    self.metrics.misrouted.labels(method).inc()
+                    context.set_trailing_metadata(tuple(zip(
+                        IDENTITY_KEYS, (str(self.shard_index), str(self.num_shards)), strict=True)))
+                except ChunkLostError as exc:
+                    code, message = grpc.StatusCode.ABORTED, str(exc)
                 except (ValueError, PacketError) as exc:
                     code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
                 except FileNotFoundError as exc:
@@ -124,9 +150,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def __init__(self, shard: Shard, *, shard_index: int = 0, num_shards: int = 1,
                  token: str = "", dump_chunk_rows: int = 1_000_000,
-                 loader: Callable[[str], tuple[int, float]] | None = None) -> None:
+                 loader: Callable[[str], tuple[int, float]] | None = None,
+                 max_message_bytes: int = 256 * 1024 * 1024) -> None:
         self.shard = shard
         self.shard_index, self.num_shards = shard_index, num_shards
+        self.max_message_bytes = max_message_bytes
         self._token = token.encode()
         self.dump_chunk_rows = dump_chunk_rows
         self.metrics = Metrics(shard_index)
@@ -151,6 +179,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             return grpc.StatusCode.UNAVAILABLE, "loading the initial checkpoint; not ready yet"
         return None, ""
 
+    def _check_identity(self, shard: int, num_shards: int) -> None:
+        """Refuse a request meant for shard `shard` of `num_shards` (0: not given) unless that is
+        this server."""
+        if num_shards and (shard, num_shards) != (self.shard_index, self.num_shards):
+            raise WrongShardError(
+                f"this server is shard {self.shard_index} of {self.num_shards}; the request was "
+                f"routed to it as shard {shard} of {num_shards}")
+
     def _refresh_gauges(self) -> None:
         for stats in self.shard.stats():
             self.metrics.rows.labels(stats.name).set(stats.rows)
@@ -163,8 +199,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     @_rpc("Lookup")
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:  # noqa: N802
+        self._check_identity(request.shard, request.num_shards)
         signs = _signs(request.signs, "signs")
-        rows, misses = self.shard.lookup(request.table, signs)
+        rows, misses = self.shard.lookup(request.table, signs, check_owner=not request.num_shards)
         m = self.metrics
         m.lookups.labels(request.table).inc()
         m.lookup_rows.labels(request.table).inc(signs.shape[0])
@@ -173,8 +210,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         return LookupReply(dim=rows.shape[1], rows=rows, misses=misses)  # encoded by _register
 
     @_rpc("Apply")
-    def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
-        # each read of a bytes field copies it out of the message: read each once
+    def Apply(self, request: ApplyRequestView, context: grpc.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
+        # the arrays are views on the received message (decode_apply_request): no copy
+        if request.error:
+            raise ValueError(request.error)
+        place = request.place
+        self._check_identity(place.shard, place.num_shards)
         signs = _signs(request.signs, "signs")
         deleted = _signs(request.deleted_signs, "deleted_signs")
         data = request.rows
@@ -186,10 +227,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 f"rows has {len(data)} bytes; {n} signs of dim {dim} need {n * dim * 4} "
                 "(float32 LE, n x dim)")
         rows = np.frombuffer(data, dtype="<f4").reshape(n, dim)
-        outcome = self.shard.apply(request.table, request.producer, request.generation,
-                                   request.sequence, dim, signs, rows, deleted)
+        outcome = self.shard.apply_chunk(
+            request.table, request.producer, request.generation, request.sequence, dim, signs,
+            rows, deleted, apply_id=place.apply_id, chunk=place.chunk, chunks=place.chunks)
         m = self.metrics
-        m.applies.labels(request.table, "applied" if outcome.applied else "skipped").inc()
+        m.applies.labels(request.table, "staged" if outcome.staged else
+                         "applied" if outcome.applied else "skipped").inc()
         if outcome.applied:
             m.apply_rows.labels(request.table).inc(n)
             m.apply_deletes.labels(request.table).inc(outcome.deleted)
@@ -200,13 +243,16 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         generation, sequence = outcome.watermark
         return pb.ApplyResponse(
             applied=outcome.applied, inserted=outcome.inserted, updated=outcome.updated,
-            deleted=outcome.deleted, evicted=outcome.evicted,
+            deleted=outcome.deleted, evicted=outcome.evicted, staged=outcome.staged,
             watermark=pb.Watermark(table=request.table, producer=request.producer,
                                    generation=generation, sequence=sequence))
 
     @_rpc("Delete")
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:  # noqa: N802
-        deleted = self.shard.delete(request.table, _signs(request.signs, "signs"))
+        self._check_identity(request.shard, request.num_shards)
+        signs = _signs(request.signs, "signs")
+        self.shard.check_owned(signs)
+        deleted = self.shard.delete(request.table, signs)
         return pb.DeleteResponse(deleted=deleted)
 
     @_rpc("Watermarks")
@@ -229,13 +275,16 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     @_rpc("Status")
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:  # noqa: N802
         self._refresh_gauges()
+        staged, staged_bytes = self.shard.staged()
         tables = [pb.TableStatus(name=s.name, dim=s.dim, rows=s.rows, bytes=s.bytes,
                                  lookups=s.lookups, lookup_rows=s.lookup_rows, misses=s.misses)
                   for s in self.shard.stats()]
         return pb.StatusResponse(
             shard=self.shard_index, num_shards=self.num_shards, ready=self.ready.is_set(),
             uptime_s=time.monotonic() - self.shard.started, tables=tables,
-            watermarks=self._watermark_messages())
+            watermarks=self._watermark_messages(), max_message_bytes=self.max_message_bytes,
+            staged_applies=staged, staged_bytes=staged_bytes,
+            foreign_lookup_signs=self.shard.foreign_lookup_signs)
 
     def Dump(self, request: pb.DumpRequest, context: grpc.ServicerContext) -> Iterator[pb.DumpChunk]:  # noqa: N802
         code, message = self._check_call("Dump", context)
@@ -261,6 +310,8 @@ def _register(servicer: EmbeddingServicer, server: grpc.Server) -> None:
     that Lookup's answer is written straight from the row array (`LookupReply.encode`)."""
     unary = grpc.unary_unary_rpc_method_handler
     handlers = {
+        "Apply": unary(servicer.Apply, request_deserializer=decode_apply_request,
+                       response_serializer=pb.ApplyResponse.SerializeToString),
         "Lookup": unary(servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
                         response_serializer=LookupReply.encode),
         "Dump": grpc.unary_stream_rpc_method_handler(
@@ -268,7 +319,6 @@ def _register(servicer: EmbeddingServicer, server: grpc.Server) -> None:
             response_serializer=pb.DumpChunk.SerializeToString),
     }
     for name, request, response in (
-            ("Apply", pb.ApplyRequest, pb.ApplyResponse),
             ("Delete", pb.DeleteRequest, pb.DeleteResponse),
             ("Watermarks", pb.WatermarksRequest, pb.WatermarksResponse),
             ("LoadCheckpoint", pb.LoadCheckpointRequest, pb.LoadCheckpointResponse),
@@ -286,16 +336,18 @@ def _credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials | None
         return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
 
-def serve(config: Any, shard_index: int, *, stop: threading.Event | None = None) -> int:
-    """Run shard `shard_index` of `config` until SIGTERM/SIGINT (or `stop`); returns an exit code.
+def serve(servers: Sequence[str], shard_index: int, *, settings: EmbeddingServerSettings,
+          limits: PacketLimits, open_store: Callable[[str], ObjectStore],
+          initial_checkpoint: str = "", stop: threading.Event | None = None) -> int:
+    """Run shard `shard_index` of `servers` (host:port in shard order) until SIGTERM/SIGINT (or
+    `stop`); returns an exit code.
 
-    config: persia_inc.config.Config. Exit 1 if the initial checkpoint cannot be loaded.
+    open_store(uri) opens the storage a checkpoint lives on (the initial one, and LoadCheckpoint
+    calls). Exit 1 if `initial_checkpoint` (empty: start empty) cannot be loaded.
     """
     from persia_inc.embedding_server.checkpoint import load_shard
     from persia_inc.embedding_server.table import warm_up
 
-    settings = config.persia_inc.embedding_server
-    servers = config.infer.servers
     if not 0 <= shard_index < len(servers):
         raise ValueError(f"--shard {shard_index} is outside the {len(servers)} configured servers")
     address = servers[shard_index]
@@ -305,21 +357,23 @@ def serve(config: Any, shard_index: int, *, stop: threading.Event | None = None)
         if not token:
             raise ValueError(f"token_env names {settings.token_env!r} but that variable is empty")
 
-    shard = Shard(capacity=settings.capacity, max_dim=config.persia_inc.limits.max_dim)
+    shard = Shard(capacity=settings.capacity, max_dim=limits.max_dim, shard_index=shard_index,
+                  num_shards=len(servers))
     load_lock = threading.Lock()
 
     def load(uri: str) -> tuple[int, float]:
         with load_lock:
             started = time.monotonic()
-            with config.open_store(uri) as store:
+            with open_store(uri) as store:
                 tables, marks, rows = load_shard(
                     store, shard_index, len(servers), capacity=settings.capacity,
-                    limits=config.persia_inc.limits, log_interval_s=settings.load_log_interval_s)
+                    limits=limits, log_interval_s=settings.load_log_interval_s)
             shard.install(tables, marks)
             return rows, time.monotonic() - started
 
     servicer = EmbeddingServicer(shard, shard_index=shard_index, num_shards=len(servers),
-                                 token=token, dump_chunk_rows=settings.dump_chunk_rows, loader=load)
+                                 token=token, dump_chunk_rows=settings.dump_chunk_rows, loader=load,
+                                 max_message_bytes=settings.max_message_bytes)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -361,7 +415,7 @@ def serve(config: Any, shard_index: int, *, stop: threading.Event | None = None)
              "on" if token else "off", metrics_port or "off", settings.capacity or "unbounded")
 
     def initial_load() -> None:
-        uri = config.infer.initial_sparse_checkpoint
+        uri = initial_checkpoint
         try:
             started = time.monotonic()
             warm_up()
@@ -382,10 +436,11 @@ def serve(config: Any, shard_index: int, *, stop: threading.Event | None = None)
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("shard %d serving", shard_index)
 
-    threading.Thread(target=initial_load, name="initial-load", daemon=True).start()
+    loading = ServiceThread("initial-load", initial_load).start()
     stop.wait()
     log.info("shard %d stopping (grace %.1f s)", shard_index, settings.grace_s)
     health_servicer.enter_graceful_shutdown()
     server.stop(settings.grace_s).wait()
+    loading.close(timeout_s=1.0)  # a load still running is not waited for: the process exits
     log.info("shard %d stopped", shard_index)
     return 1 if failed.is_set() else 0

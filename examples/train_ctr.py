@@ -1,7 +1,8 @@
 """Train a small CTR model on synthetic Criteo-shaped data (13 dense, 26 sparse features) and
-ship its embedding updates with the incremental producer.
+ship its embedding updates with the incremental producer (the model, batches and producer come
+from `persia_inc.demo.ctr`).
 
-    PYTHONPATH=. python examples/train_ctr.py --dir /tmp/inc --steps 200 [--no-hook]
+    python examples/train_ctr.py --dir /tmp/inc --steps 200 [--no-hook]
 """
 
 from __future__ import annotations
@@ -13,35 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from persia_inc.config import config_from_mapping
-from persia_inc.demo import ctr
-from persia_inc.producer import IncrementalProducer
+from persia_inc.demo.ctr import example_batch, example_model, make_producer
 from persia_inc.producer.torch_hook import IncrementalUpdateHook
-
-HIDDEN = (256, 64)  # the MLP's hidden widths
-ZIPF = 1.1  # id skew: heavier tails than the demo's 1.2, so more distinct rows per step
-
-
-def example_model(vocab: int = 100_000, dim: int = 16) -> ctr.CTRModel:
-    """The demo's CTR model (26 sparse-gradient tables C1..C26 + an MLP) with a wider MLP."""
-    return ctr.CTRModel(vocab, dim, hidden=HIDDEN)
-
-
-def example_batch(rng: np.random.Generator, batch: int, vocab: int) -> tuple[torch.Tensor, ...]:
-    """Criteo-shaped: 13 dense features, 26 Zipf-distributed sparse ids, a click label."""
-    return ctr.synthetic_batch(rng, batch, vocab, zipf=ZIPF)
-
-
-def make_producer(incremental_dir: str, buffer_size: int = 100_000,
-                  flush_interval_s: float = 30.0) -> IncrementalProducer:
-    """A producer to local `incremental_dir`: a table flushes at `buffer_size` distinct rows
-    or when its oldest unflushed row is `flush_interval_s` old."""
-    config = config_from_mapping({
-        "enable_incremental_update": True, "incremental_buffer_size": buffer_size,
-        "incremental_dir": incremental_dir, "storage": "local",
-        "persia_inc": {"model": "ctr", "producer": {"flush_interval_s": flush_interval_s}},
-    }, "<example>")
-    return IncrementalProducer(config, producer_id="trainer-0")
 
 
 def main() -> None:

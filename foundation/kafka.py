@@ -13,12 +13,34 @@ Two things about kafka-python 3.0.12 are handled here, once:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
 
 _PATCHED = "_persia_inc_closes_failed_sockets"
 
 
-def import_kafka() -> Any:
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    """Announcements over Kafka (kafka-python). `topic` may use {model}; delivery_timeout_ms:
+    how long the producer side lets one announcement wait for acks before re-sending it."""
+
+    bootstrap_servers: tuple[str, ...] = ("127.0.0.1:9092",)
+    topic: str = "persia-inc.{model}"
+    group_id: str = "persia-inc-loader"
+    client_id: str = "persia-inc"
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    request_timeout_ms: int = 30_000
+    num_partitions: int = 4
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    delivery_timeout_ms: int = 60_000
+
+    def topic_for(self, model: str) -> str:
+        return self.topic.format(model=model)
+
+
+def import_kafka() -> ModuleType:
     """The `kafka` package, with `kafka.admin`, `kafka.errors` and `kafka.structs` loaded."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)

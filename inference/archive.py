@@ -4,8 +4,9 @@ Uses torch-model-archiver's Python API (`generate_model_archive(ModelArchiverCon
 same code path as its command line. The archive holds:
 
 * `<name>.pt`: the TorchScript dense model (`inference.model.save_torchscript`);
-* `persia_handler.py`: a two-line entry point that subclasses `inference.handler.PersiaHandler`
-  (the worker's Python must have this package installed, as TorchServe's own docs assume for
+* `persia_handler.py`: a two-line entry point that subclasses `persia_inc.handler.ConfiguredHandler`
+  (`inference.handler.PersiaHandler` reaching the servers of the deployment's configuration;
+  the worker's Python must have this package installed, as TorchServe's own docs assume for
   any library a handler imports);
 * extra files: `persia_model.json` (the `ModelSpec`) and, if given, `global_config.yaml` (the
   embedding servers; `PERSIA_INC_CONFIG` on the TorchServe process overrides it).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from persia_inc.inference.spec import CONFIG_FILE, SPEC_FILE, ModelSpec
@@ -23,21 +25,25 @@ from persia_inc.inference.spec import CONFIG_FILE, SPEC_FILE, ModelSpec
 HANDLER_FILE = "persia_handler.py"
 _HANDLER_SOURCE = '''"""TorchServe entry point of a persia-inc model (written by inference.archive)."""
 
-from persia_inc.inference.handler import PersiaHandler as _PersiaHandler
+from persia_inc.handler import ConfiguredHandler
 
 
-class PersiaHandler(_PersiaHandler):
-    """The class TorchServe instantiates: all logic lives in inference.handler."""
+class PersiaHandler(ConfiguredHandler):
+    """The class TorchServe instantiates: the logic lives in persia_inc.inference.handler,
+    the configuration reading in persia_inc.handler."""
 '''
 
 
 def archive_model(model_name: str, serialized_file: str | Path, spec: ModelSpec,
                   export_dir: str | Path, *, config_file: str | Path | None = None,
-                  version: str = "1.0", force: bool = True) -> Path:
+                  version: str = "1.0", force: bool = True,
+                  check_config: Callable[[Path], object] | None = None) -> Path:
     """Write `<export_dir>/<model_name>.mar` and return its path.
 
     serialized_file: a TorchScript file ending in `.pt`; config_file: a persia-inc YAML config
-    to ship as `global_config.yaml` (None: the TorchServe process must set PERSIA_INC_CONFIG).
+    to ship as `global_config.yaml` (None: the TorchServe process must set PERSIA_INC_CONFIG);
+    check_config(path) raises if that config is unusable (e.g. `persia_inc.load_config`), so a
+    bad one fails here rather than in a TorchServe worker.
     """
     with warnings.catch_warnings():
         # model_archiver/version.py leaves version.txt open (a ResourceWarning at import)
@@ -58,9 +64,8 @@ def archive_model(model_name: str, serialized_file: str | Path, spec: ModelSpec,
         handler.write_text(_HANDLER_SOURCE, encoding="utf-8")
         extras = [spec.save(staging / SPEC_FILE)]
         if config_file is not None:
-            from persia_inc.config import load_config
-
-            load_config(config_file)  # fail here, not in a TorchServe worker
+            if check_config is not None:
+                check_config(Path(config_file))  # fail here, not in a TorchServe worker
             extras.append(Path(shutil.copyfile(config_file, staging / CONFIG_FILE)))
         generate_model_archive(ModelArchiverConfig(
             model_name=model_name, handler=str(handler), version=version,

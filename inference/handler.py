@@ -18,7 +18,6 @@ TorchServe batch are answered and the worker keeps running. Embedding servers th
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,20 +29,15 @@ with warnings.catch_warnings():
     from ts.torch_handler.base_handler import BaseHandler
     from ts.utils.util import PredictionException
 
+from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.inference.batch import BatchError, DecodedBatch
 from persia_inc.inference.engine import EmbeddingShapeError, PersiaInference
-from persia_inc.inference.spec import CONFIG_ENV, CONFIG_FILE, SPEC_FILE, ModelSpec
+from persia_inc.inference.spec import SPEC_FILE, ModelSpec
 
 log = logging.getLogger(__name__)
 
 INPUT_KEYS = ("data", "batch", "body")
 READY_TIMEOUT_S = 10.0
-
-
-def config_path(model_dir: str | Path) -> Path:
-    """The config the handler reads: `$PERSIA_INC_CONFIG`, else the one in the .mar."""
-    named = os.environ.get(CONFIG_ENV)
-    return Path(named) if named else Path(model_dir) / CONFIG_FILE
 
 
 def request_body(row: Any) -> bytes | bytearray:
@@ -67,28 +61,28 @@ class PersiaHandler(BaseHandler):
     def __init__(self) -> None:
         super().__init__()
         self.engine: PersiaInference | None = None
-        self.client: Any = None
+        self.client: EmbeddingClient | None = None
 
     def initialize(self, context: Any) -> None:
         super().initialize(context)  # loads the .pt TorchScript model into self.model
-        from persia_inc.config import load_config
-        from persia_inc.embedding_server.client import EmbeddingClient
-
         model_dir = Path(context.system_properties.get("model_dir"))
         spec = ModelSpec.load(model_dir / SPEC_FILE)
-        path = config_path(model_dir)
-        config = load_config(path)
-        if not config.infer.servers:
-            raise ValueError(f"{path}: PersiaInferConfig.servers is empty")
-        self.client = EmbeddingClient.from_config(config)
+        self.client, where = self.open_client(model_dir)
         try:
             self.client.wait_ready(READY_TIMEOUT_S)
         except TimeoutError as exc:  # serve anyway: lookups answer 503 until the shards are up
             log.warning("embedding servers not ready yet: %s", exc)
         self.engine = PersiaInference(self.model, spec, self.client.lookup)
-        log.info("PersiaHandler ready: %d sparse features in table %r on %s (config %s)",
-                 len(spec.sparse), spec.table, ", ".join(config.infer.servers), path)
+        log.info("PersiaHandler ready: %d sparse features in table %r on %s (%s)",
+                 len(spec.sparse), spec.table, ", ".join(self.client.servers), where)
         self.initialized = True
+
+    def open_client(self, model_dir: Path) -> tuple[EmbeddingClient, str]:
+        """The embedding servers' client for the model in `model_dir`, and where their
+        addresses came from (for the log). The application's handler
+        (`persia_inc.handler.ConfiguredHandler`, the one a .mar names) reads them from the
+        deployment's configuration."""
+        raise NotImplementedError(f"{type(self).__name__} must say how to reach the embedding servers")
 
     def _load_torchscript_model(self, model_pt_path: str) -> Any:
         """BaseHandler's TorchScript loader (torch.jit.load), without torch 2.13's
@@ -140,4 +134,4 @@ class PersiaHandler(BaseHandler):
         return out
 
 
-__all__ = ["CONFIG_ENV", "CONFIG_FILE", "PersiaHandler", "config_path", "request_body"]
+__all__ = ["INPUT_KEYS", "PersiaHandler", "request_body"]

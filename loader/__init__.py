@@ -1,24 +1,29 @@
 """Serving side: watch directories, list storage, consume announcements; verify, order and
 hot-apply packets to the embedding servers; replay from storage; report status.
 
-Importing the package is cheap; the daemon pulls in grpc (through the embedding client) and
-watchdog / kafka-python only when it starts a source that needs them.
+The public face is `Loader` (the daemon) and `LoaderSettings`; `persia_inc.loader_from_config`
+builds a loader from global_config.yaml. Importing the package is cheap: `Loader` (and with it
+grpc) is imported on first use, watchdog and kafka-python only when a source needs them.
 """
 
-import logging
+from __future__ import annotations
 
-from persia_inc.loader.fetch import Fetched, Quarantine, VerificationError, fetch_packet
-from persia_inc.loader.ordering import Action, Decision, Offer, Ordering
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from persia_inc.loader.settings import LoaderSettings
+
+if TYPE_CHECKING:
+    from persia_inc.loader.daemon import Loader
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = [
-    "Action",
-    "Decision",
-    "Fetched",
-    "Offer",
-    "Ordering",
-    "Quarantine",
-    "VerificationError",
-    "fetch_packet",
-]
+
+def __getattr__(name: str) -> Any:
+    if name == "Loader":
+        return importlib.import_module("persia_inc.loader.daemon").Loader
+    raise AttributeError(f"module 'persia_inc.loader' has no attribute {name!r}")
+
+
+__all__ = ["Loader", "LoaderSettings"]

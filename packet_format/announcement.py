@@ -6,6 +6,7 @@ packet's identity so a loader can order and verify before fetching.
 
 from __future__ import annotations
 
+import builtins
 import json
 from dataclasses import asdict, dataclass
 
@@ -48,15 +49,15 @@ class Announcement:
         )
 
     @property
-    def key(self) -> bytes:
+    def key(self) -> builtins.bytes:
         """Kafka message key: the producer id, so one producer's packets share a partition."""
         return self.producer.encode()
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes | str, *, where: str = "<announcement>") -> Announcement:
+    def from_json(cls, data: builtins.bytes | str, *, where: str = "<announcement>") -> Announcement:
         """Parse and validate; raises AnnouncementError naming `where` and the bad field."""
         if len(data) > MAX_ANNOUNCEMENT_BYTES:
             raise AnnouncementError(where, f"over {MAX_ANNOUNCEMENT_BYTES} bytes")

@@ -5,16 +5,13 @@ optional `state` fixed_size_list<float32>[k], optional `op` uint8 (0 upsert, 1 d
 Writers put upserts first, then deletes, each in the caller's order (no reordering: that costs
 more than the rest of encoding); a sign occurs at most once in a packet, which both sides check
 with one SIMD sort. The schema metadata carries the header and an xxh3-64 checksum over the
-column value buffers, in column order. A writer may add `persia.pad` (spaces) to the record
-batch's custom metadata so that the embedding values start on a page of the file (see
-`write_packet`'s `align`); readers ignore it.
+column value buffers, in column order. Readers ignore record batch custom metadata.
 
 Nothing here can run code from a packet: Arrow IPC is plain data, and we never unpickle.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, fields, replace
 from typing import BinaryIO
 
@@ -122,7 +119,8 @@ def _fixed_size_list(rows: np.ndarray) -> pa.FixedSizeListArray:
 def _checksum(columns: list[np.ndarray]) -> str:
     digest = xxhash.xxh3_64()
     for column in columns:
-        digest.update(memoryview(np.ascontiguousarray(column)).cast("B"))
+        if column.size:  # an empty column adds no bytes (and a 0-row view cannot be cast)
+            digest.update(memoryview(np.ascontiguousarray(column)).cast("B"))
     return digest.hexdigest()
 
 
@@ -160,14 +158,8 @@ def write_packet(
     *,
     deleted: np.ndarray | None = None,
     state: np.ndarray | None = None,
-    align: int = 0,
 ) -> PacketHeader:
-    """Write one packet to a binary file-like `sink`; returns the header as written.
-
-    align: when > 0 and the embedding values start on an `align` boundary in memory, pad the
-    record batch's metadata so they also start at a multiple of `align` in the packet: a sink
-    that writes such buffers by reference (`ObjectStore.write_alignment`) then skips a copy.
-    """
+    """Write one packet to a binary file-like `sink`; returns the header as written."""
     signs = _as_signs("signs", signs)
     n = signs.size
     embeddings = _as_rows("embeddings", embeddings, n)
@@ -218,50 +210,9 @@ def write_packet(
         metadata=_metadata(written),
     )
     batch = pa.record_batch(list(columns.values()), schema=schema)
-    padding = _alignment_padding(schema, batch, all_rows, align) if align > 0 else None
     with pa.ipc.new_file(sink, schema) as writer:
-        writer.write_batch(batch, custom_metadata=padding)
+        writer.write_batch(batch)
     return written
-
-
-class _OffsetProbe(io.RawIOBase):
-    """A sink that keeps no bytes and notes the offset at which the buffer at `address` arrives."""
-
-    def __init__(self, address: int) -> None:
-        super().__init__()
-        self.address = address
-        self.position = 0
-        self.found: int | None = None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: object) -> int:
-        size = memoryview(data).nbytes  # type: ignore[arg-type]
-        if self.found is None and getattr(data, "address", None) == self.address:
-            self.found = self.position
-        self.position += size
-        return size
-
-
-_PAD_KEY = META_PREFIX + "pad"
-_ALIGN_MIN_BYTES = 64 * 1024  # smaller rows are cheaper to copy than to lay out twice
-
-
-def _alignment_padding(schema: pa.Schema, batch: pa.RecordBatch, rows: np.ndarray,
-                       align: int) -> dict[str, str] | None:
-    """Record batch metadata that puts `rows` at a multiple of `align` in the file, found by
-    laying the file out once without writing it; None when there is nothing to align."""
-    if rows.nbytes < _ALIGN_MIN_BYTES or rows.ctypes.data % align:
-        return None
-    probe = _OffsetProbe(rows.ctypes.data)
-    with pa.ipc.new_file(probe, schema) as writer:  # type: ignore[arg-type]
-        writer.write_batch(batch, custom_metadata={_PAD_KEY: ""})
-    if probe.found is None:
-        return None
-    # Spaces grow the metadata by exactly their count when it is a multiple of 8 (Arrow pads
-    # the metadata to 8 bytes, and every buffer offset is a multiple of 8).
-    return {_PAD_KEY: " " * ((-probe.found) % align)}
 
 
 # --------------------------------------------------------------------------------- decoding

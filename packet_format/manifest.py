@@ -108,18 +108,18 @@ class CheckpointManifest:
             for i, raw_part in enumerate(reader.list(table.get("parts"), f"tables.{name}.parts")):
                 at = f"tables.{name}.parts[{i}]"
                 part = reader.obj(raw_part, at)
-                path = reader.str(part.get("path"), f"{at}.path")
+                path = reader.text(part.get("path"), f"{at}.path")
                 if path.startswith("/") or ".." in path.split("/") or "://" in path:
                     raise ManifestError(where, f"{at}.path {path!r} must be relative and inside")
                 parts.append(ManifestPart(
-                    path=path, rows=reader.int(part.get("rows"), f"{at}.rows"),
-                    bytes=reader.int(part.get("bytes"), f"{at}.bytes"),
-                    checksum=reader.str(part.get("checksum"), f"{at}.checksum"),
+                    path=path, rows=reader.count(part.get("rows"), f"{at}.rows"),
+                    bytes=reader.count(part.get("bytes"), f"{at}.bytes"),
+                    checksum=reader.text(part.get("checksum"), f"{at}.checksum"),
                 ))
-            rows = reader.int(table.get("rows"), f"tables.{name}.rows")
+            rows = reader.count(table.get("rows"), f"tables.{name}.rows")
             if sum(p.rows for p in parts) != rows:
                 raise ManifestError(where, f"tables.{name}.rows {rows} != the sum of its parts")
-            dim = reader.int(table.get("dim"), f"tables.{name}.dim")
+            dim = reader.count(table.get("dim"), f"tables.{name}.dim")
             if dim <= 0:
                 raise ManifestError(where, f"tables.{name}.dim must be positive")
             tables[name] = ManifestTable(dim=dim, rows=rows, parts=tuple(parts))
@@ -130,8 +130,8 @@ class CheckpointManifest:
             watermark = Watermark(
                 table=reader.name("table", mark.get("table"), f"{at}.table"),
                 producer=reader.name("producer", mark.get("producer"), f"{at}.producer"),
-                generation=reader.int(mark.get("generation"), f"{at}.generation"),
-                sequence=reader.int(mark.get("sequence"), f"{at}.sequence"),
+                generation=reader.count(mark.get("generation"), f"{at}.generation"),
+                sequence=reader.count(mark.get("sequence"), f"{at}.sequence"),
             )
             try:
                 check_position(watermark.generation, watermark.sequence)
@@ -142,7 +142,7 @@ class CheckpointManifest:
             model=reader.name("model", root.get("model"), "model"),
             tables=tables,
             watermarks=tuple(watermarks),
-            created_at_ns=reader.int(root.get("created_at_ns"), "created_at_ns"),
+            created_at_ns=reader.count(root.get("created_at_ns"), "created_at_ns"),
         )
 
 
@@ -165,12 +165,12 @@ class _Fields:
             raise self.fail(key, "a list", value)
         return value
 
-    def str(self, value: object, key: str) -> str:
+    def text(self, value: object, key: str) -> str:
         if not isinstance(value, str):
             raise self.fail(key, "a string", value)
         return value
 
-    def int(self, value: object, key: str) -> int:
+    def count(self, value: object, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.fail(key, "a non-negative integer", value)
         return value

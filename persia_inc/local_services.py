@@ -21,7 +21,8 @@ from pathlib import Path
 import boto3
 import botocore.config
 
-from persia_inc.storage.s3 import S3Settings
+from persia_inc.foundation.net import free_port
+from persia_inc.storage.settings import S3Settings
 
 REPO = Path(__file__).resolve().parent.parent
 CEPH_SCRIPTS = REPO / "infra" / "ceph"
@@ -29,12 +30,6 @@ CEPH_SCRIPTS = REPO / "infra" / "ceph"
 
 class ServiceError(RuntimeError):
     """A real service needed by a test did not start or stop."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout_s: float, what: str, proc: subprocess.Popen | None = None,

@@ -22,18 +22,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import numpy as np
 
-from persia_inc.config import Config, load_config
+from persia_inc.foundation.kafka import KafkaSettings
+from persia_inc.foundation.retry import RetryPolicy
 from persia_inc.producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
 from persia_inc.producer.errors import ProducerClosedError, UnstoredDataError
 from persia_inc.producer.metrics import ProducerMetrics
 from persia_inc.producer.policy import FlushPolicy, FlushReason
-from persia_inc.producer.rowpool import row_buffer_pool
+from persia_inc.producer.settings import ProducerSettings
 from persia_inc.producer.signset import DenseColumns, DenseSignBuffer, SignBuffer
 from persia_inc.producer.writer import PacketWriter, Snapshot
 from persia_inc.storage import ObjectStore
@@ -47,7 +47,7 @@ Reader = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray | Non
 
 It must return copies (fancy indexing does), not views the optimizer keeps updating.
 Registered with `reads_into=True` it is called as reader(signs, out) instead: it fills
-out: float32[n, dim] (a reused buffer) and returns the state float32[n, k] or None."""
+out: float32[n, dim] (the snapshot's own buffer) and returns the state float32[n, k] or None."""
 
 
 def _checked_state(state: object, n: int, table: str) -> np.ndarray | None:
@@ -76,49 +76,60 @@ class _Table:
 
 
 class IncrementalProducer:
-    """Buffers touched signs per table and ships their latest rows as packets.
+    """Buffers touched signs per table and ships their latest rows as packets to `store`.
 
-    config: the loaded `Config`; model / producer_id override `persia_inc.model` /
-    `persia_inc.producer.producer_id`; store overrides `config.open_store()` (the producer then
-    does not close it); generation forces a generation (default: 1 + the latest in storage).
-    When `enable_incremental_update` is false every method returns at once and nothing starts.
+    settings: `persia_inc.producer`; buffer_size: distinct signs per table that trigger a flush
+    (`incremental_buffer_size`); producer_id overrides `settings.producer_id`; kafka: the
+    broker announcements go to when `settings.announce` is "kafka"; retry: its `max_backoff_s`
+    caps the waits between attempts; owns_store: `close()` also closes the store; generation
+    forces a generation (default: 1 + the latest in storage). When `enabled` is false
+    (`enable_incremental_update`) every method returns at once, nothing starts, and `store`
+    may be None. `persia_inc.producer_from_config` builds one from global_config.yaml.
     """
 
     def __init__(
         self,
-        config: Config,
+        store: ObjectStore | None,
         *,
-        model: str | None = None,
+        model: str = "default",
+        settings: ProducerSettings | None = None,
+        buffer_size: int = 1_000_000,
+        enabled: bool = True,
         producer_id: str | None = None,
-        store: ObjectStore | None = None,
+        kafka: KafkaSettings | None = None,
+        retry: RetryPolicy | None = None,
+        owns_store: bool = False,
         generation: int | None = None,
         metrics_port: int | None = None,
     ) -> None:
-        self.config = config
-        self.enabled = bool(config.enable_incremental_update)
+        settings = settings if settings is not None else ProducerSettings()
+        self.enabled = enabled
         self.closed = False
-        settings = config.persia_inc.producer
         self.settings = settings
-        self.model = model or config.persia_inc.model
+        self.kafka = kafka
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.model = model
         self.producer_id = producer_id or settings.producer_id or DEFAULT_PRODUCER_ID
         self._tables: dict[str, _Table] = {}
         self._column_groups: dict[tuple[str, ...], DenseColumns] = {}
         if not self.enabled:
             return
-        self.policy = FlushPolicy(config.incremental_buffer_size, settings.flush_interval_s)
+        if store is None:
+            raise ValueError("an enabled producer needs a store")
+        if settings.announce == "kafka" and kafka is None:
+            raise ValueError("announce 'kafka' needs the Kafka settings (persia_inc.kafka)")
+        self.policy = FlushPolicy(buffer_size, settings.flush_interval_s)
         self.metrics = ProducerMetrics(self.model, self.producer_id)
-        self._owns_store = store is None
-        self.store = store if store is not None else config.open_store()
+        self._owns_store = owns_store
+        self.store = store
         self.announcer = self._make_announcer()
         self.writer = PacketWriter(
             self.store, self.model, self.producer_id, self.announcer,
             dtype=settings.dtype, max_pending_bytes=settings.max_pending_bytes,
-            backpressure=settings.backpressure, max_backoff_s=config.persia_inc.retry.max_backoff_s,
+            backpressure=settings.backpressure, max_backoff_s=self.retry.max_backoff_s,
             generation=generation, metrics=self.metrics, nice=settings.writer_nice,
-            idle=settings.writer_policy == "idle",
             read_guard=self._no_step_running, on_read_failed=self._take_back,
         )
-        self.row_pool = row_buffer_pool(settings.row_pool_bytes)
         self._lock = threading.RLock()  # one flush at a time; close vs. flush
         self._interval_due_s = float("inf")  # earliest time some table's interval expires
         self._busy = 0  # >0 inside record/flush or a guarded training step
@@ -136,16 +147,10 @@ class IncrementalProducer:
         if settings.close_on_sigterm:
             self._install_sigterm()
 
-    @classmethod
-    def from_config(cls, path: str | os.PathLike[str], **kwargs: Any) -> IncrementalProducer:
-        """Load `path` (global_config.yaml) and build a producer; kwargs as for the constructor."""
-        return cls(load_config(Path(path)), **kwargs)
-
     def _make_announcer(self) -> Announcer:
-        if self.settings.announce == "kafka":
-            kafka = self.config.persia_inc.kafka
-            return KafkaAnnouncer(kafka, kafka.topic_for(self.model), metrics=self.metrics,
-                                  max_backoff_s=self.config.persia_inc.retry.max_backoff_s)
+        if self.settings.announce == "kafka" and self.kafka is not None:
+            return KafkaAnnouncer(self.kafka, self.kafka.topic_for(self.model), metrics=self.metrics,
+                                  max_backoff_s=self.retry.max_backoff_s)
         return DirectoryAnnouncer()
 
     # --- tables ---------------------------------------------------------------------------
@@ -213,10 +218,12 @@ class IncrementalProducer:
         return self.writer.generation if self.enabled else None
 
     def wait_generation(self, timeout_s: float | None = None) -> int | None:
-        """Wait until the generation is known; returns it (None on timeout)."""
+        """Wait until the generation is known; returns it (None on timeout). Raises
+        WriterFailedError if it cannot be found (e.g. it would overflow)."""
         if not self.enabled:
             return None
         self.writer._generation_ready.wait(timeout_s)
+        self.writer.check_failure()
         return self.writer.generation
 
     # --- the training thread's calls ------------------------------------------------------
@@ -304,7 +311,9 @@ class IncrementalProducer:
 
     def _record_sizes(self, sizes: Mapping[str, int]) -> None:
         """After an insert: start the interval clock of tables that were empty, and flush the
-        tables now full and those whose interval has passed."""
+        tables now full and those whose interval has passed. A writer that stopped on an error
+        it cannot retry is reported here, at the next record (the signs stay buffered)."""
+        self.writer.check_failure()
         limit = self.policy.buffer_size
         now = time.monotonic()
         full = []
@@ -431,28 +440,23 @@ class IncrementalProducer:
     # --- flushing -------------------------------------------------------------------------
 
     def _read_rows(self, entry: _Table,
-                   signs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(rows, state, pooled block that rows views or None) of `signs` in `entry`, now."""
+                   signs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(rows, state) of `signs` in `entry`, now."""
         if not entry.reads_into:
-            return (*self._call_reader(entry.reader, signs, entry.name), None)
-        rows, _, block, read = self._read_later(entry, signs)
-        try:
-            return rows, read(), block
-        except BaseException:
-            self.row_pool.give_back(block)
-            raise
+            return self._call_reader(entry.reader, signs, entry.name)
+        rows, _, read = self._read_later(entry, signs)
+        return rows, read()
 
     def _read_later(self, entry: _Table, signs: np.ndarray
-                    ) -> tuple[np.ndarray, None, np.ndarray, Callable[[], np.ndarray | None]]:
-        """(rows still unread in a pooled block, no state yet, the block, the read that fills
-        the rows and returns the state) for a `reads_into` table."""
-        block = self.row_pool.take(signs.size, (entry.dim,))
-        rows = block[:signs.size]
+                    ) -> tuple[np.ndarray, None, Callable[[], np.ndarray | None]]:
+        """(rows still unread, no state yet, the read that fills the rows and returns the
+        state) for a `reads_into` table."""
+        rows = np.empty((signs.size, entry.dim), np.float32)
         reader, table = entry.reader, entry.name
 
         def read() -> np.ndarray | None:
             return _checked_state(reader(signs, rows), signs.size, table)  # type: ignore[call-arg]
-        return rows, None, block, read
+        return rows, None, read
 
     def _call_reader(self, reader: Reader, signs: np.ndarray,
                      table: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -494,16 +498,15 @@ class IncrementalProducer:
                     read = None
                     try:
                         if self._deferred_reads and entry.reads_into and upserts.size:
-                            rows, state, block, read = self._read_later(entry, upserts)
+                            rows, state, read = self._read_later(entry, upserts)
                         else:
-                            rows, state, block = self._read_rows(entry, upserts)
+                            rows, state = self._read_rows(entry, upserts)
                     except BaseException:
                         entry.buffer.insert(upserts, SignBuffer.UPSERT)  # nothing leaves unstored
                         entry.buffer.insert(deleted, SignBuffer.DELETE)
                         entry.oldest_s = time.monotonic()
                         raise
                     snapshots.append(Snapshot(name, upserts, rows, deleted, entry.dim, reason, state,
-                                              block=block, give_back=self.row_pool.give_back,
                                               read=read))
             finally:
                 if snapshots:  # the tables read before a failing reader are shipped all the same
@@ -550,10 +553,12 @@ class IncrementalProducer:
         if unannounced:
             log.warning("%d stored packet(s) were not announced before close", unannounced)
         if left:
-            error = UnstoredDataError(left, tables, f"storage {self.store.root_uri} did not take "
-                                      f"them within {timeout:.1f}s")
+            failure = self.writer.failure  # the writer stopped on an error it cannot retry
+            reason = (str(failure) if failure is not None else
+                      f"storage {self.store.root_uri} did not take them within {timeout:.1f}s")
+            error = UnstoredDataError(left, tables, reason)
             log.error("%s", error)
-            raise error
+            raise error from failure
         if read_error is not None:
             raise read_error
         self.writer.check_failure()

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
+
+MetricT = TypeVar("MetricT", bound=MetricWrapperBase)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class ProducerMetrics:
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
 
-    def of(self, metric: Any, **extra: str) -> Any:
+    def of(self, metric: MetricT, **extra: str) -> MetricT:
         """`metric` with this producer's labels plus `extra`."""
         return metric.labels(**self._labels, **extra)
 

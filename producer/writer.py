@@ -2,10 +2,13 @@
 
 One thread, fed by one queue of snapshots (bounded in bytes). A snapshot leaves memory only
 after the `ObjectStore.writer` block of its packet exited cleanly, i.e. the packet is durably
-stored. During a storage outage the writer retries with capped, jittered backoff and the queue
-keeps growing; a newer snapshot of a table still waiting in the queue is merged into the older
+stored. During a storage outage the writer retries retriable errors with capped, jittered
+backoff and no deadline (`foundation.retry`; back-pressure bounds memory) and the queue keeps
+growing; a newer snapshot of a table still waiting in the queue is merged into the older
 one (latest values win), so memory grows with distinct rows, not with flushes. A snapshot whose
 store was attempted is frozen: its key may already be visible, so its content never changes.
+An error storage says is not retriable stops the writer: the packet stays unstored, and the
+training thread gets a `WriterFailedError` naming it at its next call.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import collections
 import contextlib
 import logging
 import os
-import random
 import sys
 import threading
 import time
@@ -24,14 +26,24 @@ from typing import Any
 
 import numpy as np
 
-from persia_inc.packet_format import Announcement, PacketHeader, packet_key, write_packet
+from persia_inc.foundation.retry import RetryPolicy, retry_delay_s, stop_waits_on
+from persia_inc.foundation.threads import ServiceThread
+from persia_inc.packet_format import Announcement, FlushReason, PacketHeader, packet_key, write_packet
 from persia_inc.producer.announce import Announcer
 from persia_inc.producer.errors import BackpressureError, WriterFailedError
 from persia_inc.producer.generation import next_generation
-from persia_inc.producer.policy import FlushReason
 from persia_inc.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+
+_JOIN_S = 10.0  # at close, how long the thread may take to leave a store call after its stop
+
+
+def writer_retry_policy(max_backoff_s: float = 5.0) -> RetryPolicy:
+    """The writer's retries: retriable errors forever (storage outages must never drop data;
+    back-pressure bounds memory), waits doubling from 50 ms up to `max_backoff_s`."""
+    return RetryPolicy(max_attempts=None, initial_backoff_s=min(0.05, max_backoff_s),
+                       max_backoff_s=max_backoff_s, deadline_s=0)
 
 
 @dataclass(slots=True, eq=False)
@@ -129,9 +141,11 @@ class PacketWriter:
 
     Sequences are contiguous per table within the generation, in store order, so a loader can
     tell a gap from a quiet table. `generation` None asks storage for the next one (in the
-    writer thread, retried through outages). `idle`: run the writer thread under SCHED_IDLE,
-    else `nice` nicer (Linux). `read_guard` is held while rows still unread are read, and
-    `on_read_failed` takes back the snapshot of a read that failed.
+    writer thread, retried through outages). `nice`: run the writer thread this much nicer
+    than the caller (Linux). `read_guard` is held while rows still unread are read, and
+    `on_read_failed` takes back the snapshot of a read that failed. `retry`: how failed puts
+    are retried (default `writer_retry_policy(max_backoff_s)`). owns_store: close() closes
+    the store too; else the store is left as it was (its other users keep it).
     """
 
     def __init__(
@@ -149,9 +163,10 @@ class PacketWriter:
         metrics: Any = None,
         on_stored: Any = None,
         nice: int = 0,
-        idle: bool = False,
         read_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         on_read_failed: Callable[[Snapshot, Exception], None] | None = None,
+        retry: RetryPolicy | None = None,
+        owns_store: bool = False,
     ) -> None:
         self.store = store
         self.model = model
@@ -161,26 +176,27 @@ class PacketWriter:
         self.max_pending_bytes = max_pending_bytes
         self.backpressure = backpressure
         self.max_backoff_s = max_backoff_s
+        self.retry = retry or writer_retry_policy(max_backoff_s)
+        self.owns_store = owns_store
         self.metrics = metrics
         self.on_stored = on_stored
         self.nice = nice
-        self.idle = idle
         self.read_guard = read_guard
         self.on_read_failed = on_read_failed
         self.generation = generation
         self.stored: list[StoredPacket] = []  # the last few, for tests and tools
-        self.failure: BaseException | None = None
+        self.failure: WriterFailedError | None = None  # set once, by the writer thread
         self._next_sequence: dict[str, int] = collections.defaultdict(int)
         self._queue: collections.deque[Snapshot] = collections.deque()
         self._inflight: Snapshot | None = None
         self._pending_bytes = 0
         self._cond = threading.Condition()
         self._closing = False
-        self._abort = threading.Event()
         self._generation_ready = threading.Event()
         if generation is not None:
             self._generation_ready.set()
-        self._thread = threading.Thread(target=self._run, name="persia-inc-writer", daemon=True)
+        self._thread = ServiceThread("writer", self._run, wake=self._wake)
+        self._stop = self._thread.stop  # cuts the writer's waits, and its store calls' waits
         self._thread.start()
 
     # --- training-thread side -------------------------------------------------------------
@@ -200,9 +216,12 @@ class PacketWriter:
         return inflight + sum(s.row_count for s in self._queue)
 
     def check_failure(self) -> None:
-        """Raise WriterFailedError if the writer died of an error it cannot retry."""
-        if self.failure is not None:
-            raise WriterFailedError(f"the packet writer failed: {self.failure!r}") from self.failure
+        """Raise WriterFailedError (naming the packet and the cause) if the writer stopped on an
+        error it cannot retry."""
+        failure = self.failure
+        if failure is not None:  # a fresh error per call: a raised one keeps its traceback
+            raise WriterFailedError(str(failure), uri=failure.uri,
+                                    cause=failure.cause) from failure.cause
 
     def admit(self) -> None:
         """Apply back-pressure before a new snapshot: block or raise while pending data is
@@ -222,7 +241,7 @@ class PacketWriter:
                     self._pending_bytes, self.store.root_uri, self.max_pending_bytes)
         with self._cond:
             while (self._pending_bytes > self.max_pending_bytes and self.failure is None
-                   and not self._abort.is_set()):
+                   and not self._stop.is_set()):
                 self._cond.wait(0.5)
         self.check_failure()
 
@@ -231,8 +250,9 @@ class PacketWriter:
         self.submit_many([snapshot])
 
     def submit_many(self, snapshots: list[Snapshot]) -> None:
-        """Queue snapshots (in order) under one lock and one wake-up of the writer thread."""
-        self.check_failure()
+        """Queue snapshots (in order) under one lock and one wake-up of the writer thread.
+        After a failure they are queued all the same (close() reports them unstored), then
+        WriterFailedError is raised: rows are never dropped on the way."""
         with self._cond:
             for snapshot in snapshots:
                 for queued in reversed(self._queue):
@@ -248,6 +268,7 @@ class PacketWriter:
                     self._append(snapshot)
             self._gauges()
             self._cond.notify_all()
+        self.check_failure()
 
     def _append(self, snapshot: Snapshot) -> None:
         self._queue.append(snapshot)
@@ -258,7 +279,7 @@ class PacketWriter:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             while self._queue or self._inflight is not None:
-                if self.failure is not None or self._abort.is_set():
+                if self.failure is not None or self._stop.is_set():
                     return False
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -267,19 +288,18 @@ class PacketWriter:
         return True
 
     def close(self, timeout_s: float) -> tuple[int, list[str]]:
-        """Store what is queued within `timeout_s`, then stop the thread; safe to call twice.
+        """Store what is queued within `timeout_s`, then stop the thread (its retries and the
+        waits of its store calls end at once); safe to call twice. Closes the store only when
+        `owns_store`.
 
         Returns (rows left unstored, their tables); (0, []) when everything is stored.
         """
         self.drain(timeout_s)
         with self._cond:
             self._closing = True
-            self._cond.notify_all()
-        self._abort.set()  # the queue is empty or time is up: stop retrying
-        self.store.stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        self._thread.join(timeout=30)
+        self._thread.close(_JOIN_S)  # the queue is empty or time is up: stop retrying
+        if self.owns_store:
+            self.store.close()
         with self._cond:
             left = list(self._queue) + ([self._inflight] if self._inflight is not None else [])
         return sum(s.row_count for s in left), sorted({s.table for s in left})
@@ -291,50 +311,66 @@ class PacketWriter:
             self.metrics.of(self.metrics.pending_bytes).set(self._pending_bytes)
             self.metrics.of(self.metrics.pending_rows).set(self._pending_rows_locked())
 
-    def _backoff(self, attempt: int) -> float:
-        return min(self.max_backoff_s, 0.05 * 2 ** min(attempt, 16)) * (0.5 + random.random() / 2)
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _fail(self, message: str, uri: str, cause: BaseException) -> None:
+        """Stop for good: the training thread raises WriterFailedError at its next call."""
+        log.error("%s", message)
+        with self._cond:
+            self.failure = WriterFailedError(message, uri=uri, cause=cause)
+            self._cond.notify_all()
 
     def _run(self) -> None:
         try:
-            _lower_thread_priority(self.nice, idle=self.idle)
-            self._discover_generation()
-            while not self._abort.is_set():
-                with self._cond:
-                    while not self._queue and not self._closing and not self._abort.is_set():
-                        self._cond.wait()
-                    if not self._queue or self._abort.is_set():
-                        return
-                    snapshot = self._queue.popleft()
-                    self._inflight = snapshot
-                stored = self._write(snapshot)
-                with self._cond:
-                    if stored:
-                        self._inflight = None
-                        self._pending_bytes -= snapshot.nbytes
-                        snapshot.release_block()
-                    self._gauges()
-                    self._cond.notify_all()
+            with stop_waits_on(self._stop):
+                self._loop()
         except BaseException as exc:  # a bug: make it loud on the training thread
             log.exception("the packet writer failed")
-            self.failure = exc
+            self._fail(f"the packet writer failed: {type(exc).__name__}: {exc}", "", exc)
+
+    def _loop(self) -> None:
+        _lower_thread_priority(self.nice)
+        self._discover_generation()
+        while not self._stop.is_set() and self.failure is None:
             with self._cond:
+                while not self._queue and not self._closing and not self._stop.is_set():
+                    self._cond.wait()
+                if not self._queue or self._stop.is_set():
+                    return
+                snapshot = self._queue.popleft()
+                self._inflight = snapshot
+            stored = self._write(snapshot)
+            with self._cond:
+                if stored:
+                    self._inflight = None
+                    self._pending_bytes -= snapshot.nbytes
+                    snapshot.release_block()
+                self._gauges()
                 self._cond.notify_all()
 
     def _discover_generation(self) -> None:
-        attempt = 0
-        while self.generation is None and not self._abort.is_set():
+        attempt, started = 0, time.monotonic()
+        while self.generation is None and not self._stop.is_set():
             try:
                 self.generation = next_generation(self.store, self.model, self.producer)
                 log.info("producer %s of model %s takes generation %d",
                          self.producer, self.model, self.generation)
             except Exception as exc:  # storage down: keep trying, training keeps buffering
                 attempt += 1
-                wait = self._backoff(attempt)
+                wait = retry_delay_s(exc, attempt, time.monotonic() - started, self.retry)
+                if wait is None:
+                    self._fail(f"finding the generation of producer {self.producer} in "
+                               f"{self.store.root_uri} failed and cannot be retried: "
+                               f"{type(exc).__name__}: {exc}", self.store.root_uri, exc)
+                    self._generation_ready.set()  # waiters see the failure, not a timeout
+                    return
                 log.warning("finding the generation of %s in %s failed (%s); retrying in %.2fs",
                             self.producer, self.store.root_uri, exc, wait)
                 if self.metrics is not None:
                     self.metrics.of(self.metrics.retries, what="generation").inc()
-                self._abort.wait(wait)
+                self._stop.wait(wait)
         self._generation_ready.set()
 
     def _freeze(self, snapshot: Snapshot) -> PacketHeader:
@@ -361,14 +397,14 @@ class PacketWriter:
         return snapshot.header
 
     def _write(self, snapshot: Snapshot) -> bool:
-        """Store one snapshot, retrying until it is stored (True) or the writer aborts (False).
+        """Store one snapshot, retrying retriable errors until it is stored (True) or the writer
+        stops (False). An error that cannot be retried fails the writer (False): the snapshot
+        stays in flight, unstored, and is reported by close().
         Rows still to be read are read first, under `read_guard`; if that fails the producer
         takes the snapshot's signs back (`on_read_failed`) and this returns True.
 
-        The packet is encoded straight into the store's sink. On local disk the rows, read into
-        a page-aligned pooled buffer, are laid out on a page of the file and written from that
-        buffer by direct I/O: no copy of them at all. A retry encodes the frozen snapshot
-        again, to the same bytes.
+        The packet is encoded straight into the store's sink (on local disk: reused memory,
+        written by direct I/O). A retry encodes the frozen snapshot again, to the same bytes.
         """
         if snapshot.read is not None:
             try:
@@ -382,27 +418,32 @@ class PacketWriter:
         header = snapshot.header if snapshot.header is not None else self._freeze(snapshot)
         key = packet_key(self.model, snapshot.table, self.producer, header.generation,
                          header.sequence)
-        attempt = 0
+        attempt, started = 0, time.monotonic()
         while True:
             try:
                 with self.store.writer(key, size_hint=snapshot.encoded_size_bound) as sink:
                     written = write_packet(sink, header, snapshot.signs, snapshot.rows,
-                                           deleted=snapshot.deleted, state=snapshot.state,
-                                           align=self.store.write_alignment)
+                                           deleted=snapshot.deleted, state=snapshot.state)
                     size = sink.tell()
                 break
-            except Exception as exc:  # outage or denial: retry, never drop
-                if self._abort.is_set():
-                    log.error("gave up storing %s at close: %s", self.store.location(key), exc)
+            except Exception as exc:  # an outage is retried, a refusal stops: never dropped
+                uri = self.store.location(key)
+                if self._stop.is_set():
+                    log.error("gave up storing %s at close: %s", uri, exc)
                     return False
                 attempt += 1
-                wait = self._backoff(attempt)
-                level = logging.WARNING if getattr(exc, "retriable", False) else logging.ERROR
-                log.log(level, "storing %s failed (attempt %d): %s: %s; retrying in %.2fs",
-                        self.store.location(key), attempt, type(exc).__name__, exc, wait)
+                wait = retry_delay_s(exc, attempt, time.monotonic() - started, self.retry)
+                if wait is None:
+                    self._fail(f"storing packet {uri} ({snapshot.row_count} rows of table "
+                               f"{snapshot.table!r}) failed with an error that retrying cannot "
+                               f"fix: {type(exc).__name__}: {exc}; the writer stopped, the rows "
+                               "are kept unstored", uri, exc)
+                    return False
+                log.warning("storing %s failed (attempt %d): %s: %s; retrying in %.2fs",
+                            uri, attempt, type(exc).__name__, exc, wait)
                 if self.metrics is not None:
                     self.metrics.of(self.metrics.retries, what="store").inc()
-                if self._abort.wait(wait):
+                if self._stop.wait(wait):
                     return False
         stored = StoredPacket(key, written, size)
         self.stored.append(stored)
@@ -421,22 +462,16 @@ class PacketWriter:
         return True
 
 
-def _lower_thread_priority(increment: int, *, idle: bool = False) -> None:
-    """Lower the calling thread's CPU priority (Linux gives each thread its own; elsewhere this
-    would renice the whole process, so it does nothing there).
-
-    idle: SCHED_IDLE, so the thread runs only on CPU time no normal thread wants and yields at
-    once when a training thread wakes; else `increment` nicer. On the CTR benchmark an idle
-    writer halved the slowdown of the steps after a burst of flushes; if training never
-    leaves a core free, back-pressure blocks the training thread, which frees one."""
-    if sys.platform != "linux":
+def _lower_thread_priority(increment: int) -> None:
+    """Run the calling thread `increment` nicer (Linux gives each thread its own priority;
+    elsewhere this would renice the whole process, so it does nothing there). SCHED_IDLE was
+    tried and dropped: it made packets later for no measurable gain in step time
+    (bench/results/producer.json, decisions.idle_writer)."""
+    if sys.platform != "linux" or increment <= 0:
         return
     tid = threading.get_native_id()
     try:
-        if idle:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        elif increment > 0:
-            current = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
     except OSError as exc:  # a sandbox may forbid it: run at normal priority
         log.info("could not lower the packet writer's CPU priority: %s", exc)

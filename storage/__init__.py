@@ -10,15 +10,18 @@ from persia_inc.foundation.retry import NO_RETRY, RetryPolicy, call_with_retry, 
 from persia_inc.storage.base import ObjectInfo, ObjectStore, StorageKind, check_key
 from persia_inc.storage.errors import BackendUnavailableError, StorageError, TransientStorageError
 from persia_inc.storage.registry import open_store, storage_kind
+from persia_inc.storage.settings import HdfsSettings, S3Settings
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "NO_RETRY",
     "BackendUnavailableError",
+    "HdfsSettings",
     "ObjectInfo",
     "ObjectStore",
     "RetryPolicy",
+    "S3Settings",
     "StorageError",
     "StorageKind",
     "TransientStorageError",

@@ -11,9 +11,9 @@ from persia_inc.storage.errors import BackendUnavailableError
 
 # scheme: (module, class, storage kind, pip package that provides its library)
 _BACKENDS: dict[str, tuple[str, str, StorageKind, str]] = {
-    "file": ("storage.local", "LocalStore", "local", ""),
-    "hdfs": ("storage.hdfs", "HdfsStore", "hdfs", "hdfs"),
-    "s3": ("storage.s3", "S3Store", "ceph", "boto3"),
+    "file": ("persia_inc.storage.local", "LocalStore", "local", ""),
+    "hdfs": ("persia_inc.storage.hdfs", "HdfsStore", "hdfs", "hdfs"),
+    "s3": ("persia_inc.storage.s3", "S3Store", "ceph", "boto3"),
 }
 
 

@@ -11,7 +11,6 @@ import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import urlparse
 
@@ -23,29 +22,12 @@ from boto3.s3.transfer import TransferConfig
 from persia_inc.foundation.retry import RetryPolicy
 from persia_inc.storage.base import ObjectInfo, ObjectStore
 from persia_inc.storage.errors import StorageError, TransientStorageError
+from persia_inc.storage.settings import S3Settings
 
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled"}
 _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
               "ServiceUnavailable", "InternalError", "RequestTimeTooSkewed", "503", "500"}
-
-
-@dataclass(frozen=True, slots=True)
-class S3Settings:
-    """Where the S3 gateway is and how to talk to it. Empty fields fall back to boto3's chain.
-
-    endpoint_url: e.g. http://127.0.0.1:7480 (env S3_ENDPOINT_URL or AWS_ENDPOINT_URL if empty).
-    """
-
-    endpoint_url: str = ""
-    region: str = ""
-    access_key_id: str = field(default="", repr=False)
-    secret_access_key: str = field(default="", repr=False)
-    addressing_style: str = "path"
-    multipart_threshold_bytes: int = 64 * 1024 * 1024
-    multipart_chunk_bytes: int = 16 * 1024 * 1024
-    connect_timeout_s: float = 3.0
-    read_timeout_s: float = 30.0
 
 
 class _MemoryReader(io.RawIOBase):

@@ -21,11 +21,11 @@ import pytest
 
 from persia_inc.config import load_config
 from persia_inc.embedding_server.errors import ShardError
+from persia_inc.handler import ConfiguredHandler
 from persia_inc.inference.archive import archive_model
 from persia_inc.inference.batch import PersiaBatch
 from persia_inc.inference.client import InferenceError, get_inference_stub, infer, infer_http
 from persia_inc.inference.engine import PersiaInference
-from persia_inc.inference.handler import PersiaHandler
 from persia_inc.inference.local import LocalTorchServe
 from persia_inc.inference.management import GrpcManagement, HttpManagement, ManagementError
 from persia_inc.inference.model import build_model, load_torchscript, save_torchscript
@@ -105,7 +105,8 @@ def test_register_infer_and_bad_requests(torchserve: LocalTorchServe, dense_pt: 
         client.apply(decode_packet(
             encode_packet(PacketHeader(model=MODEL, table=SPEC.table, producer="p", generation=0,
                                        sequence=0), signs, rows)))
-    archive_model("served", dense_pt, SPEC, torchserve.model_store, config_file=cluster.config_path)
+    archive_model("served", dense_pt, SPEC, torchserve.model_store, config_file=cluster.config_path,
+                  check_config=load_config)
     engine, close = in_process(cluster, dense_pt)
     stub = get_inference_stub(torchserve.grpc_inference_target)
     try:
@@ -176,7 +177,7 @@ def test_handler_in_process_with_config_from_environment(
 
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     context = Context("envmodel", str(model_dir), manifest, 3, None, "0.12.0", model_yaml_config={})
-    handler = PersiaHandler()
+    handler = ConfiguredHandler()
     handler.initialize(context)
     try:
         context.request_processor = [RequestProcessor({}) for _ in range(3)]
@@ -229,7 +230,8 @@ def test_incremental_update_reaches_inference(
     try:
         publish(cluster.config_path, 0, signs, old_rows)
         wait_for_rows(old_rows, "the first packet")
-        archive_model("e2e", dense_pt, SPEC, torchserve.model_store, config_file=cluster.config_path)
+        archive_model("e2e", dense_pt, SPEC, torchserve.model_store, config_file=cluster.config_path,
+                  check_config=load_config)
         with HttpManagement(torchserve.management_url) as mgmt:
             mgmt.register("e2e.mar")
             before = infer(stub, "e2e", body)

@@ -22,6 +22,7 @@ from persia_inc.loader.daemon import Loader
 from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV
 from persia_inc.packet_format import Announcement, PacketHeader, encode_packet, packet_key, read_packet_header
 from persia_inc.storage import ObjectStore
+from persia_inc.wiring import loader_from_config
 
 from conftest import FAST_RETRY
 
@@ -100,7 +101,7 @@ def test_directory_source_orders_and_handles_bad_packets(embedding_cluster_facto
     with cluster.client() as client, config.open_store() as store:
         training = Training(store)
         training.write(1, 0)  # stored before the loader starts: found by the first listing
-        with Loader(config, client) as loader:
+        with loader_from_config(config, client) as loader:
             training.check(client)
             # out of order: 3 then 2 then 1 -> applied 1, 2, 3
             made = [training.packet(1, seq) for seq in (1, 2, 3)]
@@ -161,7 +162,7 @@ def test_listing_source_on_s3_and_hdfs(backend: str, embedding_cluster_factory, 
         store.retry = FAST_RETRY
         one, two = Training(store, producer="a", seed=1), Training(store, producer="b", seed=2)
         one.write(1, 0)
-        with Loader(config, client) as loader:
+        with loader_from_config(config, client) as loader:
             assert loader.source_kind == "list"
             for seq in range(1, 4):
                 one.write(1, seq)
@@ -190,7 +191,7 @@ def test_kafka_group_of_two_loaders_with_ceph(embedding_cluster_factory, ceph, k
     producer = kafka_mod.KafkaProducer(bootstrap_servers=kafka.bootstrap)
     with cluster.client() as client, config.open_store() as store:
         streams = [Training(store, producer=f"p{i}", seed=i) for i in range(4)]
-        loaders = [Loader(config, client).start() for _ in range(2)]
+        loaders = [loader_from_config(config, client).start() for _ in range(2)]
         sent = []
         try:
             wait_for(lambda: all(lo.sources[1].assigned for lo in loaders), 30, "both assigned")
@@ -281,7 +282,7 @@ def test_restarted_embedding_server_is_rebuilt(embedding_cluster_factory, tmp_pa
     config = load_config(cluster.config_path)
     with cluster.client() as client, config.open_store() as store:
         training = Training(store)
-        with Loader(config, client) as loader:
+        with loader_from_config(config, client) as loader:
             for seq in range(5):
                 training.write(1, seq)
             training.check(client)

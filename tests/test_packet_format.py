@@ -376,24 +376,3 @@ def test_malformed_manifests_name_the_key(mutate, key: str) -> None:
     assert key in str(info.value) and "s3://b/ckpt/manifest.json" in str(info.value)
 
 
-def test_aligned_packet_puts_the_rows_on_a_page_and_decodes_the_same() -> None:
-    from persia_inc.storage.blockpool import aligned_empty
-
-    n, dim = 3000, 8
-    signs, values = make_rows(n, dim)
-    rows = aligned_empty(values.nbytes).view(np.float32).reshape(n, dim)
-    rows[:] = values
-    sink = io.BytesIO()
-    write_packet(sink, HEADER, signs, rows, align=4096)
-    data = sink.getvalue()
-    offset = data.find(rows.tobytes())
-    assert offset > 0 and offset % 4096 == 0
-    packet = decode_packet(data)
-    assert np.array_equal(packet.embeddings, values) and np.array_equal(packet.signs, signs)
-    assert packet.header == decode_packet(encode_packet(HEADER, signs, values)).header
-    shifted = aligned_empty(values.nbytes + 64)[64:].view(np.float32).reshape(n, dim)
-    shifted[:] = values  # not on a page boundary in memory: no padding, written as usual
-    plain = io.BytesIO()
-    write_packet(plain, HEADER, signs, shifted, align=4096)
-    assert len(plain.getvalue()) < len(data)
-    assert np.array_equal(decode_packet(plain.getvalue()).embeddings, values)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_producer_support import NumpyModel, producer_config, read_packets, replay
+from test_producer_support import NumpyModel, OutageStore, producer_config, read_packets, replay
 
 from persia_inc.producer import (
     BackpressureError,
@@ -22,6 +22,7 @@ from persia_inc.producer import (
 )
 from persia_inc.producer.signset import DenseColumns
 from persia_inc.storage import open_store
+from persia_inc.wiring import producer_from_config
 
 
 def test_signbuffer_matches_python_set_with_last_op_winning() -> None:
@@ -43,7 +44,7 @@ def test_signbuffer_matches_python_set_with_last_op_winning() -> None:
 
 def test_disabled_producer_does_nothing(tmp_path: Path) -> None:
     config = producer_config(str(tmp_path / "inc"), enabled=False)
-    producer = IncrementalProducer(config)
+    producer = producer_from_config(config)
     producer.register_table("t", lambda s: np.zeros((s.size, 4), np.float32))
     started = time.perf_counter()
     for _ in range(10_000):
@@ -57,7 +58,7 @@ def test_disabled_producer_does_nothing(tmp_path: Path) -> None:
 def test_size_trigger_flushes_a_table_with_its_latest_rows(tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"), buffer_size=500)
-    with IncrementalProducer(config, producer_id="p1") as producer:
+    with producer_from_config(config, producer_id="p1") as producer:
         producer.register_table("emb", model.read)
         producer.record("emb", np.arange(400))
         assert producer.buffered("emb") == 400
@@ -77,7 +78,7 @@ def test_size_trigger_flushes_a_table_with_its_latest_rows(tmp_path: Path) -> No
 def test_interval_trigger(tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"), buffer_size=10_000, flush_interval_s=0.2)
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         producer.register_table("a", model.read)
         producer.register_table("b", model.read)
         producer.record("a", np.arange(5))
@@ -98,7 +99,7 @@ def test_interval_trigger(tmp_path: Path) -> None:
 def test_flush_and_close_store_everything_and_close_is_idempotent(tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"), buffer_size=10_000)
-    producer = IncrementalProducer(config)
+    producer = producer_from_config(config)
     producer.register_table("emb", model.read)
     producer.record("emb", model.step())
     assert producer.flush()  # waits until stored
@@ -126,7 +127,7 @@ def test_every_packet_holds_the_rows_at_flush_time(tmp_path: Path) -> None:
         return model.read(signs)
 
     touched: set[int] = set()
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         producer.register_table("emb", reader)
         for step in range(60):
             ids = model.step(200)
@@ -150,7 +151,7 @@ def test_every_packet_holds_the_rows_at_flush_time(tmp_path: Path) -> None:
 def test_evict_ships_deletes_and_last_operation_wins(tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"))
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         producer.register_table("emb", model.read)
         producer.record("emb", np.arange(10))
         producer.evict("emb", np.array([3, 4, 20]))
@@ -167,11 +168,11 @@ def test_restart_takes_a_new_generation_across_tables(tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"))
     for expected, table in ((1, "a"), (2, "b"), (3, "a")):
-        with IncrementalProducer(config, producer_id="p") as producer:
+        with producer_from_config(config, producer_id="p") as producer:
             producer.register_table(table, model.read)
             assert producer.wait_generation(10) == expected
             producer.record(table, np.arange(3))
-    with IncrementalProducer(config, producer_id="other") as producer:
+    with producer_from_config(config, producer_id="other") as producer:
         assert producer.wait_generation(10) == 1  # generations are per producer
     keys = [i.key for i in open_store(str(tmp_path / "inc")).list()]
     assert keys == ["ctr/a/p/0000000001-000000000000.arrow", "ctr/a/p/0000000003-000000000000.arrow",
@@ -180,16 +181,15 @@ def test_restart_takes_a_new_generation_across_tables(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("reads", ["returned", "pooled", "deferred"])
 def test_local_outage_retries_merges_and_loses_nothing(tmp_path: Path, reads: str) -> None:
-    """The store's parent is a plain file (puts fail) until the test replaces it with a folder.
+    """Puts fail with a transient error until the outage ends (OutageStore).
     With pooled row buffers, merging snapshots hands buffers back while later flushes reuse
     them: no packet may show another flush's rows. Deferred reads: merges read the rows
     still unread, the writer reads the others."""
-    blocked = tmp_path / "blocked"
-    blocked.write_text("not a folder")
+    store = OutageStore(str(tmp_path / "inc"))
     model = NumpyModel(rows=2000, dim=4)
-    config = producer_config(str(blocked / "inc"), buffer_size=300, max_pending_bytes=10**8)
+    config = producer_config(str(tmp_path / "inc"), buffer_size=300, max_pending_bytes=10**8)
     touched: set[int] = set()
-    with IncrementalProducer(config, generation=1) as producer:
+    with producer_from_config(config, generation=1, store=store) as producer:
         if reads == "returned":
             producer.register_table("emb", model.read)
         else:
@@ -200,13 +200,13 @@ def test_local_outage_retries_merges_and_loses_nothing(tmp_path: Path, reads: st
                 ids = model.step(100)
             touched.update(ids.tolist())
             producer.record("emb", ids)
-        time.sleep(0.3)
         assert producer.writer.pending_rows > 0
         assert not producer.flush(timeout_s=0.3)  # still down
-        blocked.unlink()
-        blocked.mkdir()
+        assert store.attempts > 1  # retried, not given up
+        store.down.clear()
         assert producer.flush(timeout_s=20)
-    packets = read_packets(open_store(str(blocked / "inc")))
+    assert not store.stop.is_set()  # the producer does not own it: left as it was
+    packets = read_packets(open_store(str(tmp_path / "inc")))
     assert [p.header.sequence for p in packets] == list(range(len(packets)))
     state = replay(packets, 4)
     assert set(state) == touched
@@ -215,12 +215,11 @@ def test_local_outage_retries_merges_and_loses_nothing(tmp_path: Path, reads: st
 
 
 def test_backpressure_raise_keeps_the_signs(tmp_path: Path) -> None:
-    blocked = tmp_path / "blocked"
-    blocked.write_text("not a folder")
+    store = OutageStore(str(tmp_path / "inc"))
     model = NumpyModel(rows=2000, dim=4)
-    config = producer_config(str(blocked / "inc"), buffer_size=100, max_pending_bytes=2000,
+    config = producer_config(str(tmp_path / "inc"), buffer_size=100, max_pending_bytes=2000,
                              backpressure="raise", close_timeout_s=0.5)
-    producer = IncrementalProducer(config, generation=1)
+    producer = producer_from_config(config, generation=1, store=store)
     producer.register_table("emb", model.read)
     producer.record("emb", np.arange(100))  # flush 1: 100 rows x 24 bytes > 2000
     with pytest.raises(BackpressureError):
@@ -264,7 +263,7 @@ def _flush_and_check_first_packets(producer: IncrementalProducer, a_rows: np.nda
 def test_record_many_with_dense_tables_flushes_the_full_ones(tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"), buffer_size=500)
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         producer.register_table("a", model.read, rows=1000)
         producer.register_table("b", model.read)
         producer.record_many({"a": np.arange(400), "b": np.arange(10)})
@@ -295,19 +294,17 @@ def test_dense_signbuffer_covers_every_bit_of_its_words() -> None:
     assert buffer.swap()[1].tolist() == [0] * 5
 
 
-def test_pooled_reader_reuses_row_buffers_and_ships_the_rows_at_flush_time(tmp_path: Path) -> None:
+def test_reads_into_reader_ships_the_rows_at_flush_time(tmp_path: Path) -> None:
     model = NumpyModel(rows=5000, dim=8)
     config = producer_config(str(tmp_path / "inc"), buffer_size=400)
     expected = []
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         producer.register_table("emb", model.read_into, dim=8, rows=5000, reads_into=True)
         for _ in range(12):
             ids = np.unique(model.step(450))
             producer.record("emb", ids)  # over 400: flushes every time
             expected.append((ids, model.weight[ids].copy()))
             assert producer.writer.drain(10)
-        pool = producer.row_pool
-        assert pool.allocated == 1 and pool.reused == 11  # one buffer, read into again and again
         packets = read_packets(producer.store)
     assert len(packets) == 12
     for packet, (ids, rows) in zip(packets, expected, strict=True):
@@ -315,7 +312,7 @@ def test_pooled_reader_reuses_row_buffers_and_ships_the_rows_at_flush_time(tmp_p
         assert np.array_equal(packet.embeddings, rows)
 
 
-def test_a_failing_pooled_reader_keeps_the_signs_and_returns_its_buffer(tmp_path: Path) -> None:
+def test_a_failing_reads_into_reader_keeps_the_signs(tmp_path: Path) -> None:
     model = NumpyModel(rows=1000, dim=4)
     calls = {"n": 0}
 
@@ -327,36 +324,25 @@ def test_a_failing_pooled_reader_keeps_the_signs_and_returns_its_buffer(tmp_path
         return np.ones((signs.size, 3), np.float32) if calls["n"] == 3 else np.ones((1, 3), np.float32)
 
     config = producer_config(str(tmp_path / "inc"), buffer_size=10_000)
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         producer.register_table("emb", flaky, dim=4, rows=1000, reads_into=True)
         producer.record("emb", np.arange(50))
         with pytest.raises(RuntimeError, match="unavailable"):
             producer.flush()
-        assert producer.buffered("emb") == 50 and producer.row_pool.idle_bytes > 0
+        assert producer.buffered("emb") == 50
         with pytest.raises(ValueError, match=r"table 'emb'.*state of shape \(1, 3\) for 50 signs"):
             producer.flush()  # a state of the wrong length is refused, the signs kept
         assert producer.buffered("emb") == 50
         assert producer.flush()
         packets = read_packets(producer.store)
     assert len(packets) == 1 and packets[0].state is not None and packets[0].state.shape == (50, 3)
-    with IncrementalProducer(config) as producer, pytest.raises(ValueError, match="needs dim"):
+    with producer_from_config(config) as producer, pytest.raises(ValueError, match="needs dim"):
         producer.register_table("x", flaky, reads_into=True)
 
 
-def test_writer_thread_runs_idle_by_default_and_still_stores(tmp_path: Path) -> None:
-    model = NumpyModel(rows=100, dim=4)
-    with IncrementalProducer(producer_config(str(tmp_path / "inc"))) as producer:
-        assert producer.wait_generation(10) is not None
-        assert os.sched_getscheduler(producer.writer._thread.native_id) == os.SCHED_IDLE
-        producer.register_table("emb", model.read, rows=100)
-        producer.record("emb", np.arange(30))
-        assert producer.flush(timeout_s=10)
-        assert [int(s) for s in read_packets(producer.store)[0].signs] == list(range(30))
-
-
 def test_writer_thread_runs_at_the_configured_nice(tmp_path: Path) -> None:
-    config = producer_config(str(tmp_path / "inc"), writer_nice=7, writer_policy="normal")
-    with IncrementalProducer(config) as producer:
+    config = producer_config(str(tmp_path / "inc"), writer_nice=7)
+    with producer_from_config(config) as producer:
         assert os.sched_getscheduler(producer.writer._thread.native_id) == os.SCHED_OTHER
         assert producer.wait_generation(10) is not None
         tid = producer.writer._thread.native_id
@@ -404,7 +390,7 @@ def test_record_columns_marks_each_table_from_its_column_and_flushes_full_ones(
         tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"), buffer_size=500)
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         producer.register_table("a", model.read, rows=1000)
         producer.register_table("b", model.read, rows=1000)
         producer.register_table("h", model.read)  # a hash buffer: recorded column by column
@@ -436,7 +422,7 @@ def test_deferred_reads_run_on_the_writer_thread_and_never_inside_a_step(tmp_pat
 
     config = producer_config(str(tmp_path / "inc"), buffer_size=250)
     touched: set[int] = set()
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         producer.register_table("emb", read_into, dim=4, rows=3000, reads_into=True)
         producer.defer_reads()
         for _ in range(40):
@@ -469,7 +455,7 @@ def test_a_failing_deferred_read_keeps_the_signs_and_raises_on_the_next_call(tmp
         model.read_into(signs, out)
 
     config = producer_config(str(tmp_path / "inc"), buffer_size=40)
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         producer.register_table("emb", flaky, dim=4, rows=1000, reads_into=True)
         producer.defer_reads()
         producer.record("emb", np.arange(50))  # full: flushed, read later by the writer
@@ -486,7 +472,7 @@ def test_a_failing_deferred_read_keeps_the_signs_and_raises_on_the_next_call(tmp
 
 def test_a_flush_inside_a_step_with_deferred_reads_is_refused_not_deadlocked(tmp_path: Path) -> None:
     model = NumpyModel(rows=100, dim=4)
-    with IncrementalProducer(producer_config(str(tmp_path / "inc"), buffer_size=5)) as producer:
+    with producer_from_config(producer_config(str(tmp_path / "inc"), buffer_size=5)) as producer:
         producer.register_table("emb", model.read_into, dim=4, rows=100, reads_into=True)
         producer.defer_reads()
         with producer.training_step(), pytest.raises(RuntimeError, match="after the optimizer step"):

@@ -19,8 +19,8 @@ from test_producer_support import NumpyModel, producer_config, read_packets, rep
 from persia_inc.foundation.kafka import import_kafka
 from persia_inc.local_services import CephCluster, TansuBroker
 from persia_inc.packet_format import Announcement, parse_packet_path
-from persia_inc.producer import IncrementalProducer
 from persia_inc.storage import open_store
+from persia_inc.wiring import producer_from_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,7 @@ def test_ceph_outage_in_the_middle_of_training_loses_nothing(ceph: CephCluster) 
             touched.update(ids.tolist())
             producer.record("emb", ids)
 
-    with IncrementalProducer(config, producer_id="p") as producer:
+    with producer_from_config(config, producer_id="p") as producer:
         producer.register_table("emb", model.read)
         train(10)
         assert producer.flush(timeout_s=30)
@@ -108,7 +108,7 @@ def test_kafka_broker_outage_loses_nothing(tmp_path: Path,
             touched.update(ids.tolist())
             producer.record("emb", ids)
 
-    with IncrementalProducer(config, producer_id="k") as producer:
+    with producer_from_config(config, producer_id="k") as producer:
         producer.register_table("emb", model.read)
         train(5)
         producer.flush()
@@ -144,11 +144,10 @@ import numpy as np
 import pytest
 sys.path.insert(0, {tests!r})
 from test_producer_support import NumpyModel, producer_config
-from persia_inc.producer import IncrementalProducer
-from persia_inc.foundation.kafka import import_kafka
+from persia_inc.wiring import producer_from_config
 config = producer_config({uri!r}, buffer_size=20000)
 model = NumpyModel(rows=200_000, dim=64)
-producer = IncrementalProducer(config, producer_id="killed")
+producer = producer_from_config(config, producer_id="killed")
 producer.register_table("emb", model.read)
 print(producer.wait_generation(30), flush=True)
 while True:
@@ -185,7 +184,7 @@ def test_kill_9_mid_flush_leaves_no_partial_packet_and_restart_takes_new_generat
     assert all(p.header.generation == 1 for p in packets)
     assert all(info.key.endswith(".arrow") for info in store.list())
     config = producer_config(uri)
-    with IncrementalProducer(config, producer_id="killed") as producer:
+    with producer_from_config(config, producer_id="killed") as producer:
         assert producer.wait_generation(10) == 2
 
 
@@ -194,11 +193,11 @@ def test_metrics_are_served_when_asked(tmp_path: Path) -> None:
 
     config = producer_config(str(tmp_path / "inc"))
     model = NumpyModel()
-    with IncrementalProducer(config, metrics_port=0) as quiet:
+    with producer_from_config(config, metrics_port=0) as quiet:
         assert quiet.metrics_port == 0
     from persia_inc.local_services import free_port
 
-    with IncrementalProducer(config, metrics_port=free_port()) as producer:
+    with producer_from_config(config, metrics_port=free_port()) as producer:
         producer.register_table("emb", model.read)
         producer.record("emb", np.arange(10))
         producer.flush()

@@ -12,9 +12,9 @@ import torch
 from test_producer_support import producer_config, read_packets, replay
 from torch import nn
 
-from persia_inc.producer import IncrementalProducer
 from persia_inc.producer.torch_hook import IncrementalUpdateHook
 from persia_inc.storage import open_store
+from persia_inc.wiring import producer_from_config
 
 
 def test_hook_ships_the_rows_each_step_touched(tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_hook_ships_the_rows_each_step_touched(tmp_path: Path) -> None:
     optimizer = torch.optim.SGD([*emb.parameters(), *bag.parameters()], lr=0.1)
     config = producer_config(str(tmp_path / "inc"), buffer_size=150)
     touched: dict[str, set[int]] = {"emb": set(), "bag": set()}
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         hook = IncrementalUpdateHook(producer, {"emb": emb, "bag": bag}, optimizer)
         for _ in range(20):
             ids = torch.randint(0, 500, (32,))
@@ -53,7 +53,7 @@ def test_hook_converts_rows_of_a_float64_table(tmp_path: Path) -> None:
     emb = nn.Embedding(100, 3, sparse=True, dtype=torch.float64)
     optimizer = torch.optim.SGD(emb.parameters(), lr=0.1)
     config = producer_config(str(tmp_path / "inc"), buffer_size=10_000)
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         IncrementalUpdateHook(producer, {"emb": emb}, optimizer)
         ids = torch.tensor([5, 7, 5, 99])
         optimizer.zero_grad()
@@ -107,7 +107,7 @@ def test_hook_on_a_ctr_id_matrix_ships_every_touched_row(tmp_path: Path) -> None
     rng = np.random.default_rng(0)
     touched = [set() for _ in model.tables]
     config = producer_config(str(tmp_path / "inc"), buffer_size=120)
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         IncrementalUpdateHook(producer, model.named_tables(), optimizer)
         for _ in range(15):
             dense, sparse, label = synthetic_batch(rng, 32, 400)

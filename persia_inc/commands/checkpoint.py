@@ -31,14 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from persia_inc.config import load_config
     from persia_inc.embedding_server.checkpoint import save_checkpoint
-    from persia_inc.embedding_server.client import EmbeddingClient
     from persia_inc.embedding_server.errors import ShardError
     from persia_inc.packet_format import PacketError
     from persia_inc.storage import StorageError
+    from persia_inc.wiring import embedding_client
 
     config = load_config(args.config, need_servers=True)
     try:
-        with EmbeddingClient.from_config(config) as client:
+        with embedding_client(config) as client:
             if args.action == "save":
                 with config.open_store(args.to) as store:
                     manifest = save_checkpoint(

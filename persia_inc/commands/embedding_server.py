@@ -27,11 +27,11 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from persia_inc.config import load_config
-    from persia_inc.embedding_server.server import serve
+    from persia_inc.wiring import serve_shard
 
     config = load_config(args.config)
     try:
-        return serve(config, args.shard)
+        return serve_shard(config, args.shard)
     except ValueError as exc:
         print(f"persia-inc embedding-server: {exc}", file=sys.stderr)
         return 2

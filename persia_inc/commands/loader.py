@@ -31,16 +31,15 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from persia_inc.config import load_config
-    from persia_inc.embedding_server.client import EmbeddingClient
-    from persia_inc.loader.daemon import Loader
+    from persia_inc.wiring import embedding_client, loader_from_config
 
     config = load_config(args.config, need_servers=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    with EmbeddingClient.from_config(config) as client:
+    with embedding_client(config) as client:
         try:
-            loader = Loader(config, client, source=args.source).start()
+            loader = loader_from_config(config, client, source=args.source).start()
         except (ValueError, OSError) as exc:
             print(f"persia-inc loader: cannot start: {exc}", file=sys.stderr)
             return 1

@@ -61,16 +61,16 @@ def run(args: argparse.Namespace) -> int:
     )
 
     from persia_inc.config import load_config
-    from persia_inc.embedding_server.client import EmbeddingClient
     from persia_inc.embedding_server.errors import ShardError
     from persia_inc.loader.replay import plan_replay, replay, servers_start, trim_plan_until_time
     from persia_inc.packet_format import PacketError
     from persia_inc.storage import StorageError
+    from persia_inc.wiring import embedding_client
 
     config = load_config(args.config, need_servers=True)
     model = config.persia_inc.model
     try:
-        with EmbeddingClient.from_config(config) as client, config.open_store() as store:
+        with embedding_client(config) as client, config.open_store() as store:
             client.wait_ready(config.persia_inc.embedding_server.request_timeout_s)
             if args.dry_run:
                 start = {} if args.checkpoint else servers_start(client)

@@ -27,15 +27,15 @@ def _fmt(position: tuple[int, int] | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from persia_inc.config import load_config
-    from persia_inc.embedding_server.client import EmbeddingClient
     from persia_inc.embedding_server.errors import ShardError
     from persia_inc.loader.replay import stream_status
     from persia_inc.packet_format import PacketError
     from persia_inc.storage import StorageError
+    from persia_inc.wiring import embedding_client
 
     config = load_config(args.config, need_servers=True)
     try:
-        with EmbeddingClient.from_config(config) as client, config.open_store() as store:
+        with embedding_client(config) as client, config.open_store() as store:
             rows = stream_status(client, store, config.persia_inc.model)
     except (ShardError, StorageError, PacketError, FileNotFoundError, PermissionError,
             RuntimeError) as exc:

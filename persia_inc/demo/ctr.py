@@ -1,13 +1,20 @@
 """The demo's training side: a small CTR model over Criteo-shaped synthetic data.
 
 Table `C{i}` holds feature i's embeddings; the sign of row r is r (as the producer hook reads it).
+`example_model`, `example_batch` and `make_producer` build the wider example of
+examples/train_ctr.py (also what bench/producer.py measures).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from persia_inc.producer import IncrementalProducer
 
 DENSE_FEATURES, SPARSE_FEATURES = 13, 26
 
@@ -51,3 +58,33 @@ def synthetic_batch(rng: np.random.Generator, batch: int, vocab: int, zipf: floa
     sparse = torch.from_numpy((rng.zipf(zipf, (batch, SPARSE_FEATURES)) % vocab).astype(np.int64))
     label = torch.from_numpy((rng.random(batch) < 0.25).astype(np.float32))
     return dense, sparse, label
+
+
+EXAMPLE_HIDDEN = (256, 64)  # the example's MLP hidden widths
+EXAMPLE_ZIPF = 1.1  # the example's id skew: heavier tails than the demo's 1.2, more distinct rows
+
+
+def example_model(vocab: int = 100_000, dim: int = 16) -> CTRModel:
+    """The demo's CTR model (26 sparse-gradient tables C1..C26 + an MLP) with a wider MLP."""
+    return CTRModel(vocab, dim, hidden=EXAMPLE_HIDDEN)
+
+
+def example_batch(rng: np.random.Generator, batch: int, vocab: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Criteo-shaped: 13 dense features, 26 Zipf(1.1) sparse ids, a click label."""
+    return synthetic_batch(rng, batch, vocab, zipf=EXAMPLE_ZIPF)
+
+
+def make_producer(incremental_dir: str, buffer_size: int = 100_000,
+                  flush_interval_s: float = 30.0) -> IncrementalProducer:
+    """A producer to local `incremental_dir`: a table flushes at `buffer_size` distinct rows
+    or when its oldest unflushed row is `flush_interval_s` old."""
+    from persia_inc.config import config_from_mapping
+    from persia_inc.wiring import producer_from_config
+
+    config = config_from_mapping({
+        "enable_incremental_update": True, "incremental_buffer_size": buffer_size,
+        "incremental_dir": incremental_dir, "storage": "local",
+        "persia_inc": {"model": "ctr", "producer": {"flush_interval_s": flush_interval_s}},
+    }, "<example>")
+    return producer_from_config(config, producer_id="trainer-0")

@@ -13,11 +13,9 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,11 +25,13 @@ import numpy as np
 import yaml
 
 from persia_inc.config import Config, load_config
-from persia_inc.packet_format import PacketError, parse_packet_path, read_packet_header
+from persia_inc.extras import have
+from persia_inc.foundation.net import free_port
+from persia_inc.foundation.threads import ServiceThread
+from persia_inc.packet_format import PacketError, Position, parse_packet_path, read_packet_header
+from persia_inc.wiring import embedding_client, producer_from_config
 
 log = logging.getLogger(__name__)
-
-Position = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class DemoReport:
     announce: str = "dir"
     shards: int = 2
     problems: list[str] = field(default_factory=list)
+    pictures: list[str] = field(default_factory=list)  # written into the workdir
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -94,12 +95,6 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------ processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ChildProcess:
@@ -142,8 +137,8 @@ class FreshnessWatcher:
         self.created: dict[tuple[str, str, int, int], tuple[int, int]] = {}  # -> (created_ns, rows)
         self.visible: dict[tuple[str, str, int, int], float] = {}
         self.events: dict[tuple[str, str], tuple[list[float], list[Position]]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="demo-freshness", daemon=True)
+        self._thread = ServiceThread("demo-freshness", self._run)
+        self._stop = self._thread.stop
         self.errors = 0
 
     def start(self) -> FreshnessWatcher:
@@ -151,8 +146,8 @@ class FreshnessWatcher:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        """Stop watching (bounded, safe to call twice)."""
+        self._thread.close(timeout_s=10)
 
     def _run(self) -> None:
         last_list = 0.0
@@ -266,8 +261,6 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
 
     from persia_inc.demo.ctr import CTRModel, synthetic_batch
     from persia_inc.embedding_server.checkpoint import write_checkpoint
-    from persia_inc.embedding_server.client import EmbeddingClient
-    from persia_inc.producer import IncrementalProducer
     from persia_inc.producer.torch_hook import IncrementalUpdateHook
     from persia_inc.storage import open_store
 
@@ -302,7 +295,7 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
                 f"embedding-server {shard}",
                 ["embedding-server", "--config", str(config_path), "--shard", str(shard)],
                 workdir / "logs" / f"embedding-server-{shard}.log"))
-        client = EmbeddingClient.from_config(config)
+        client = embedding_client(config)
         try:
             client.wait_ready(90)
         except TimeoutError:
@@ -314,7 +307,7 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         watcher = FreshnessWatcher(client, store, "demo", progress).start()
 
         progress.phase = "training"
-        producer = IncrementalProducer(config, producer_id="trainer-0")
+        producer = producer_from_config(config, producer_id="trainer-0")
         tables = model.named_tables()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         IncrementalUpdateHook(producer, tables, optimizer)
@@ -384,8 +377,9 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         store.close()
     progress.phase = "done"
     notify(progress)
+    if plot_freshness(progress.freshness_ms, workdir / "freshness.png"):
+        report.pictures.append("freshness.png")
     (workdir / "report.json").write_text(report.to_json())
-    _plot(progress.freshness_ms, workdir / "freshness.png")
     return report
 
 
@@ -412,7 +406,11 @@ def _misses(client, table: str) -> int:
                for t in client.status(shard).tables if t.name == table)
 
 
-def _plot(latencies_ms: list[float], path: Path) -> None:
+def plot_freshness(latencies_ms: list[float], path: Path) -> bool:
+    """A histogram of freshness at `path`; False (and no file) without matplotlib, an optional
+    extra the demo says it lacks at its start."""
+    if not have("matplotlib"):
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -431,6 +429,7 @@ def _plot(latencies_ms: list[float], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+    return True
 
 
 def default_workdir() -> Path:

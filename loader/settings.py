@@ -1,0 +1,52 @@
+"""The loader daemon's settings (`persia_inc.loader` in global_config.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderSettings:
+    """Serving side loader daemon (seconds everywhere).
+
+    source: where new packets are noticed: `auto` (kafka when producer.announce is kafka,
+    else watch for a local incremental_dir, else list), `watch` (watchdog + rescan, local only),
+    `list` (poll storage listings), `kafka` (consumer group; storage is still listed at start);
+    rescan_interval_s: full rescan of a watched directory (bounds a missed event's cost);
+    list_interval_s: listing period of HDFS/S3; discover_every: every Nth listing round also
+    lists the whole model to find new (table, producer) streams; gap_timeout_s: how long a
+    missing packet is waited for before it is passed; prefetch: packets fetched ahead;
+    quarantine_prefix: key prefix (under incremental_dir) packets that fail verification are
+    moved to (empty: recorded only); metrics_port / metrics_addr: Prometheus metrics and
+    /healthz (0: off); watermark_poll_s: how often the servers' watermarks are read to notice a
+    restarted server; retry_backoff_s: wait before retrying a failed fetch or apply;
+    queue_size: bound of the candidate queue between sources and the dispatcher.
+    """
+
+    rescan_interval_s: float = 5.0
+    list_interval_s: float = 1.0
+    gap_timeout_s: float = 30.0
+    prefetch: int = 4
+    quarantine_prefix: str = ""
+    metrics_port: int = 0
+    source: Literal["auto", "watch", "list", "kafka"] = "auto"
+    discover_every: int = 10
+    metrics_addr: str = "127.0.0.1"
+    watermark_poll_s: float = 2.0
+    retry_backoff_s: float = 0.5
+    queue_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        for name in ("rescan_interval_s", "list_interval_s", "watermark_poll_s", "retry_backoff_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.gap_timeout_s < 0:
+            raise ValueError("gap_timeout_s must be >= 0")
+        if self.prefetch < 1 or self.discover_every < 1 or self.queue_size < 1:
+            raise ValueError("prefetch, discover_every and queue_size must be positive")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError("metrics_port must be in [0, 65535] (0: off)")
+        if self.quarantine_prefix and (self.quarantine_prefix.startswith("/")
+                                       or ".." in self.quarantine_prefix.split("/")):
+            raise ValueError("quarantine_prefix must be a relative key prefix without '..'")

@@ -1,0 +1,88 @@
+"""Build components from a loaded `Config`: the one place that reads the whole configuration
+on behalf of the layers below, which take only their typed settings and collaborators."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from persia_inc.config import Config, load_config
+
+if TYPE_CHECKING:
+    from persia_inc.embedding_server.client import EmbeddingClient
+    from persia_inc.loader.daemon import Loader
+    from persia_inc.producer.core import IncrementalProducer
+
+
+def _config(config: Config | str | os.PathLike[str]) -> Config:
+    return config if isinstance(config, Config) else load_config(config)
+
+
+def embedding_client(config: Config | str | os.PathLike[str]) -> EmbeddingClient:
+    """A client of `PersiaInferConfig.servers` with `persia_inc.embedding_server`'s token, TLS
+    roots, deadline and message limit."""
+    from persia_inc.embedding_server.client import EmbeddingClient
+
+    config = _config(config)
+    return EmbeddingClient.from_settings(config.infer.servers, config.persia_inc.embedding_server)
+
+
+def producer_from_config(config: Config | str | os.PathLike[str], **overrides: Any) -> IncrementalProducer:
+    """The training side's producer for `config` (a `Config` or a path to global_config.yaml).
+
+    overrides go to `IncrementalProducer` (e.g. producer_id, model, store, generation,
+    metrics_port); without `store` it opens `incremental_dir` and closes it at `close()`.
+    """
+    from persia_inc.producer.core import IncrementalProducer
+
+    config = _config(config)
+    s = config.persia_inc
+    kwargs: dict[str, Any] = {
+        "model": s.model, "settings": s.producer, "buffer_size": config.incremental_buffer_size,
+        "enabled": config.enable_incremental_update, "kafka": s.kafka, "retry": s.retry,
+    }
+    kwargs.update({k: v for k, v in overrides.items() if v is not None or k == "store"})
+    if kwargs.get("model") is None:
+        kwargs["model"] = s.model
+    if "store" not in kwargs or kwargs["store"] is None:
+        kwargs["store"] = config.open_store() if config.enable_incremental_update else None
+        kwargs["owns_store"] = True
+    return IncrementalProducer(**kwargs)
+
+
+def loader_from_config(config: Config | str | os.PathLike[str], client: EmbeddingClient,
+                       **overrides: Any) -> Loader:
+    """The serving side's loader daemon for `config`, applying through `client` (not closed by
+    the loader). overrides go to `Loader` (e.g. store, source, clock); without `store` it
+    opens `incremental_dir` and closes it at `close()`. Announcements are read from Kafka when
+    the producers announce there (`persia_inc.producer.announce: kafka`) or the loader's
+    source says so."""
+    from persia_inc.loader.daemon import Loader
+
+    config = _config(config)
+    s = config.persia_inc
+    kafka_wanted = s.producer.announce == "kafka" or s.loader.source == "kafka" \
+        or overrides.get("source") == "kafka"
+    kwargs: dict[str, Any] = {
+        "model": s.model, "settings": s.loader, "limits": s.limits,
+        "kafka": s.kafka if kafka_wanted else None,
+    }
+    kwargs.update(overrides)
+    if kwargs.get("store") is None:
+        kwargs["store"] = config.open_store()
+        kwargs["owns_store"] = True
+    return Loader(client, **kwargs)
+
+
+def serve_shard(config: Config, shard_index: int, *, stop: threading.Event | None = None) -> int:
+    """Run embedding-server shard `shard_index` of `config` until SIGTERM (or `stop`)."""
+    from persia_inc.embedding_server.server import serve
+
+    s = config.persia_inc
+    return serve(config.infer.servers, shard_index, settings=s.embedding_server, limits=s.limits,
+                 open_store=config.open_store, initial_checkpoint=config.infer.initial_sparse_checkpoint,
+                 stop=stop)
+
+
+__all__ = ["embedding_client", "loader_from_config", "producer_from_config", "serve_shard"]

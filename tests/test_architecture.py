@@ -1,0 +1,63 @@
+"""The package's shape: one import root in the wheel, and light imports for the lower layers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("boto3", "hdfs", "kafka", "yaml", "torch")
+
+
+def _loaded_after(module: str) -> list[str]:
+    code = (f"import sys, json; import {module}; "
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                          check=True)
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("module", ["persia_inc.packet_format", "persia_inc.embedding_server.client",
+                                    "persia_inc.storage", "persia_inc"])
+def test_lower_layers_load_no_heavy_library(module: str) -> None:
+    assert _loaded_after(module) == []
+
+
+def test_the_heavy_check_sees_a_heavy_import() -> None:
+    """The check above can fail: the app's YAML config does load yaml."""
+    assert _loaded_after("persia_inc.config") == ["yaml"]
+
+
+def _source_copy(target: Path) -> Path:
+    """The working tree's tracked and new files (not ignored ones, nor a stale build/)."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+def test_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
+    source = _source_copy(tmp_path / "src")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("persia_inc-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"persia_inc"}
+    for folder in ("foundation", "packet_format", "storage", "producer", "loader", "embedding_server",
+                   "inference", "persia_inc"):
+        for module in (source / folder).rglob("*.py"):
+            relative = module.relative_to(source / folder).as_posix()
+            installed = "persia_inc/" + (relative if folder == "persia_inc" else f"{folder}/{relative}")
+            assert installed in names, f"{module.relative_to(source)} is not in the wheel"
+    assert "persia_inc/embedding_server/protos/embedding.proto" in names
