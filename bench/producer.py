@@ -1,33 +1,64 @@
-"""Producer benchmarks: record throughput vs Python sets; training-step overhead of the hook on
-the example CTR model (bar: at most 5%), with and without the hook in alternating blocks of the
-same run, flushing every 100k distinct rows per table; 1M-row flush to local disk and to Ceph
-(the S3_ENDPOINT_URL gateway with --s3-uri, else a throwaway cluster started here).
+"""Producer benchmarks: record throughput vs Python sets; what the producer costs the training
+job (step-time overhead of the hook on the example CTR model, bar: at most 5%) and how fresh its
+packets are (flush -> packet durably stored on local disk, p50/p99, on the demo's model and
+flush interval, under training load), each with the O_DIRECT write path on and off in
+interleaved blocks of one run; a 1M-row flush to local disk and to Ceph (the S3_ENDPOINT_URL
+gateway with --s3-uri, else a throwaway cluster started here). Writes bench/results/producer.json.
 
-    flock /tmp/persia-heavy.lock .venv/bin/python bench/producer.py [--steps 600] [--no-ceph]
+    flock /tmp/persia-heavy.lock .venv/bin/python bench/producer.py [--rounds 8] [--no-ceph]
+
+The switchable piece (on by default; the `no_page_sink` arm turns it off):
+  page_sink    size-hinted local writes encoded into page-aligned memory and written with
+               O_DIRECT (off: streamed through the page cache)
+Pieces judged and deleted (the PageSink's by-reference writes with alignment padding, the
+block pool, the SCHED_IDLE writer) keep their figures under "decisions" in the results, which
+a rerun carries over.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 from persia_inc.config import config_from_mapping
+from persia_inc.demo import ctr
 from persia_inc.producer import IncrementalProducer, SignBuffer
+from persia_inc.wiring import producer_from_config
+
+RESULTS = Path(__file__).resolve().parent / "results" / "producer.json"
+PIECES = ("page_sink",)
+ALL_ON = frozenset(PIECES)
+HOOKED_ARMS: dict[str, frozenset[str]] = {
+    "all": ALL_ON, **{f"no_{piece}": ALL_ON - {piece} for piece in PIECES}}
 
 
-def bench_record(rounds: int = 200) -> None:
+def arm_producer(folder: str, on: frozenset[str], **kwargs: float) -> IncrementalProducer:
+    """`ctr.make_producer(folder, **kwargs)` with only the pieces in `on` turned on."""
+    producer = ctr.make_producer(folder, **kwargs)  # type: ignore[arg-type]
+    if producer.wait_generation(30) is None:
+        raise RuntimeError(f"no generation from {folder} within 30s")
+    producer.store.direct_writes = "page_sink" in on
+    return producer
+
+
+def abba(names: list[str], rounds: int) -> Iterable[tuple[int, str]]:
+    """(round, arm) in A B C .. C B A order, so drift and the order of arms hit all alike."""
+    for k in range(rounds):
+        for name in (names if k % 2 == 0 else names[::-1]):
+            yield k, name
+
+
+def bench_record(rounds: int = 200) -> dict:
     rng = np.random.default_rng(0)
     arrays = [(rng.zipf(1.2, 53_248) % 50_000_000).astype(np.uint64) for _ in range(rounds)]
     buffer = SignBuffer()
@@ -53,18 +84,18 @@ def bench_record(rounds: int = 200) -> None:
     print(f"record 53,248 signs: {per:.3f} ms/call ({53_248 * rounds / t['ours'] / 1e6:.1f} M signs/s); "
           f"vs set.update(arr.tolist()) {t['py_list'] / t['ours']:.1f}x, "
           f"vs set.update(arr) {t['py_array'] / t['ours']:.1f}x")
+    return {"ms_per_call": round(per, 3), "vs_set_update_tolist": round(t["py_list"] / t["ours"], 1),
+            "vs_set_update_array": round(t["py_array"] / t["ours"], 1)}
 
 
-def bench_record_columns(rounds: int = 200, vocab: int = 300_000) -> None:
+def bench_record_columns(rounds: int = 200, vocab: int = 300_000) -> dict:
     """The torch hook's per-step call on a CTR id matrix [2048, 26] into 26 dense tables: one
     row-major pass (`record_columns`) vs a `record_many` of the 26 column views."""
-    from train_ctr import make_producer
-
     rng = np.random.default_rng(1)
     matrices = [(rng.zipf(1.1, (2048, 26)) % vocab).astype(np.int64) for _ in range(rounds)]
     names = [f"C{i + 1}" for i in range(26)]
     with tempfile.TemporaryDirectory() as folder:
-        producer = make_producer(folder, buffer_size=10**9, flush_interval_s=3600.0)
+        producer = ctr.make_producer(folder, buffer_size=10**9, flush_interval_s=3600.0)
         for name in names:
             producer.register_table(name, lambda signs, out: None, dim=16, rows=vocab, reads_into=True)
         columns = {name: i for i, name in enumerate(names)}
@@ -85,6 +116,8 @@ def bench_record_columns(rounds: int = 200, vocab: int = 300_000) -> None:
           f"{t['fused'] / rounds * 1e3:.3f} ms/step, record_many of the columns "
           f"{t['per_table'] / rounds * 1e3:.3f} ms/step ({t['per_table'] / t['fused']:.1f}x; warm "
           f"cache, in training both pay cache misses on top)")
+    return {"record_columns_ms": round(t["fused"] / rounds * 1e3, 3),
+            "record_many_ms": round(t["per_table"] / rounds * 1e3, 3)}
 
 
 def _time(f) -> float:
@@ -93,99 +126,242 @@ def _time(f) -> float:
     return time.perf_counter() - started
 
 
-def bench_overhead(steps: int, block: int, vocab: int, folder: str) -> None:
-    """Step time of the example CTR model with and without the hook, in alternating blocks.
+def _writer_cpu_s(producer: IncrementalProducer) -> float:
+    """CPU time of the writer thread (Linux: /proc per-thread stat, user + system)."""
+    tid = producer.writer._thread.native_id
+    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    Each table flushes at 100k distinct rows (no interval flush); vocab and the Zipf ids are
-    chosen so every table flushes several times during the measured steps. Batches are made
-    outside the timed region. A with-hook block ends by waiting for the writer, so its
-    background work cannot leak into the next without-hook block; that wait is charged to the
-    hook twice over: at its wall time (an upper bound: it includes fsync waits, which overlap
-    the steps in continuous training) and at the writer thread's CPU time in it (the work it
-    would take from the training threads).
+
+def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
+    """Step time of the example CTR model without the hook and with it under each arm, in
+    interleaved blocks (ABBA).
+
+    Each arm has its own producer and its own copy of one batch sequence, so every arm flushes
+    at the same of its steps: a burst of flushes falls into the same round in every arm, and
+    the rounds pair. Each table flushes at 100k distinct rows (no interval flush). Batches are
+    made outside the timed region. A with-hook block ends by waiting for the writer, so its
+    background work cannot leak into the next block; that wait is charged to the hook twice
+    over: at its wall time (an upper bound: it includes fsync waits, which overlap the steps
+    in continuous training) and at the writer thread's CPU time in it (the work it would take
+    from the training threads). The overhead of an arm in a round is its block's mean step
+    time (drain at CPU time) over the no-hook block's of the same round.
     """
     import torch
-    from train_ctr import example_batch, example_model, make_producer
 
     from persia_inc.producer.torch_hook import IncrementalUpdateHook
 
-    model = example_model(vocab, 16)  # seeded
+    model = ctr.example_model(vocab, 16)  # seeded
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    producer = make_producer(folder, buffer_size=100_000, flush_interval_s=3600.0)
-    producer.wait_generation(30)
-    rng = np.random.default_rng(0)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     tables = model.named_tables()
+    names = ["no_hook", *HOOKED_ARMS]
+    rngs = {name: np.random.default_rng(0) for name in names}
+    producers = {name: arm_producer(f"{folder}/{name}", on, buffer_size=100_000,
+                                    flush_interval_s=3600.0)
+                 for name, on in HOOKED_ARMS.items()}
 
-    def writer_cpu_s() -> float:
-        """CPU time of the writer thread (Linux: /proc per-thread stat, user + system)."""
-        tid = producer.writer._thread.native_id
-        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def run(n: int, hooked: bool) -> tuple[list[float], float, float]:
-        hook = IncrementalUpdateHook(producer, tables, optimizer) if hooked else None
+    def run(n: int, name: str) -> tuple[list[float], float, float]:
+        producer = producers.get(name)
+        hook = IncrementalUpdateHook(producer, tables, optimizer) if producer else None
         times = []
         for _ in range(n):
-            dense, sparse, label = example_batch(rng, 2048, vocab)
+            dense, sparse, label = ctr.example_batch(rngs[name], 2048, vocab)
             started = time.perf_counter()
             optimizer.zero_grad()
             loss_fn(model(dense, sparse), label).backward()
             optimizer.step()
             times.append(time.perf_counter() - started)
         drained = drained_cpu = 0.0
-        if hook is not None:
+        if hook is not None and producer is not None:
             hook.remove()
-            started, cpu = time.perf_counter(), writer_cpu_s()
+            started, cpu = time.perf_counter(), _writer_cpu_s(producer)
             producer.writer.drain()
-            drained, drained_cpu = time.perf_counter() - started, writer_cpu_s() - cpu
+            drained, drained_cpu = time.perf_counter() - started, _writer_cpu_s(producer) - cpu
         return times, drained, drained_cpu
 
-    def packets() -> list[Path]:
-        return sorted(Path(folder).rglob("*.arrow"))
+    def stored(name: str) -> int:
+        return len(producers[name].writer.stored)
 
-    run(20, False)  # warm-up, excluded: until every table has flushed once, so the measured
-    warm_up = 20    # steps see steady training (row buffers and write memory already in place)
-    while len({p.parent.parent.name for p in packets()}) < len(tables) and warm_up < 1000:
-        run(50, True)
-        warm_up += 50
-    before = set(packets())
-    arms: dict[bool, list[float]] = {False: [], True: []}
-    drain_s = drain_cpu_s = 0.0
-    blocks = max(1, steps // block)
-    for k in range(blocks):  # ABBA...: drift and the order of arms hit both alike
-        for hooked in ((False, True) if k % 2 == 0 else (True, False)):
-            times, drained, drained_cpu = run(block, hooked)
-            arms[hooked] += times
-            drain_s += drained
-            drain_cpu_s += drained_cpu
-    new = [p for p in packets() if p not in before]
-    fresh = set(new)
-    rows = sum(s.header.rows for s in producer.writer.stored if Path(folder, s.key) in fresh)
-    buffered = sum(producer.buffered(t) for t in tables)
-    producer.close()
-    a, b = statistics.median(arms[False]), statistics.median(arms[True])
-    ma = sum(arms[False]) / len(arms[False])
-    mb = (sum(arms[True]) + drain_s) / len(arms[True])
-    mc = (sum(arms[True]) + drain_cpu_s) / len(arms[True])
-    n = len(arms[True])
-    print(f"step time (batch 2048, 26 tables x {vocab:,} rows, dim 16, {n} steps per arm in "
-          f"{blocks} alternating blocks of {block}, {warm_up + 20} warm-up steps excluded; torch as it "
-          f"comes: {torch.get_num_threads()} intra-op threads on {os.cpu_count()} cores, the writer "
-          f"thread shares them):")
-    print(f"  median: without hook {a * 1e3:.2f} ms, with hook {b * 1e3:.2f} ms, "
-          f"ratio {b / a:.3f} ({100 * (b / a - 1):+.1f}%)")
-    print(f"  mean incl. flush steps, writer drain at wall time ({drain_s * 1e3:.0f} ms in all): "
-          f"without {ma * 1e3:.2f} ms, with {mb * 1e3:.2f} ms, ratio {mb / ma:.3f} "
-          f"({100 * (mb / ma - 1):+.1f}%)")
-    print(f"  mean incl. flush steps, writer drain at its CPU time ({drain_cpu_s * 1e3:.0f} ms in all): "
-          f"with {mc * 1e3:.2f} ms, ratio {mc / ma:.3f} ({100 * (mc / ma - 1):+.1f}%)")
-    print(f"  flushes during the measured steps: {len(new)} packets, {rows:,} rows "
-          f"(size trigger 100,000 distinct rows per table; {buffered:,} rows still buffered)")
+    run(20, "no_hook")  # warm-up, excluded: until every table of every arm has flushed once,
+    warm_up = 20        # so the measured steps see steady training (buffers in place)
+    for name, producer in producers.items():
+        steps = 0
+        while len({s.header.table for s in producer.writer.stored}) < len(tables) and steps < 1000:
+            run(50, name)
+            steps += 50
+        warm_up = max(warm_up, steps)
+    before = {name: stored(name) for name in producers}
+    blocks: dict[str, list[dict]] = {name: [] for name in names}
+    for k, name in abba(names, rounds):
+        times, drained, drained_cpu = run(block, name)
+        blocks[name].append({
+            "round": k, "median_ms": statistics.median(times) * 1e3,
+            "mean_ms": sum(times) / len(times) * 1e3,
+            "mean_drain_wall_ms": (sum(times) + drained) / len(times) * 1e3,
+            "mean_drain_cpu_ms": (sum(times) + drained_cpu) / len(times) * 1e3,
+            "drain_ms": drained * 1e3, "drain_cpu_ms": drained_cpu * 1e3})
+    flushed = {name: stored(name) - before[name] for name in producers}
+    for producer in producers.values():
+        producer.close()
+    base = blocks["no_hook"]
+    arms: dict[str, dict] = {}
+    for name in names:
+        arm = {"blocks": [{key: round(v, 3) if isinstance(v, float) else v for key, v in b.items()}
+                          for b in blocks[name]]}
+        for figure in ("median_ms", "mean_drain_wall_ms", "mean_drain_cpu_ms"):
+            arm[figure] = round(statistics.mean(b[figure] for b in blocks[name]), 3)
+        if name != "no_hook":
+            per_round = [100 * (b["mean_drain_cpu_ms"] / a["mean_drain_cpu_ms"] - 1)
+                         for a, b in zip(base, blocks[name], strict=True)]
+            arm["packets_while_measuring"] = flushed[name]
+            arm["overhead_pct_per_round"] = [round(x, 2) for x in per_round]
+            arm["overhead_pct"] = round(100 * (arm["mean_drain_cpu_ms"]
+                                               / arms["no_hook"]["mean_drain_cpu_ms"] - 1), 2)
+            arm["overhead_pct_sd"] = round(statistics.stdev(per_round), 2) if rounds > 1 else 0.0
+            arm["median_ratio"] = round(arm["median_ms"] / arms["no_hook"]["median_ms"], 3)
+        arms[name] = arm
+    print(f"step time (batch 2048, 26 tables x {vocab:,} rows, dim 16; {rounds} rounds of ABBA-"
+          f"ordered blocks of {block} steps per arm, up to {warm_up} warm-up steps per arm excluded; "
+          f"torch: {torch.get_num_threads()} intra-op threads on {os.cpu_count()} cores, shared "
+          "with the writer); overhead = mean step incl. the writer's CPU in the end-of-block "
+          "drain, vs no hook:")
+    print(f"  {'no_hook':<15} median {arms['no_hook']['median_ms']:6.2f} ms, mean "
+          f"{arms['no_hook']['mean_drain_cpu_ms']:6.2f} ms")
+    for name in HOOKED_ARMS:
+        a = arms[name]
+        print(f"  {name:<15} median {a['median_ms']:6.2f} ms (x{a['median_ratio']:.3f}), mean "
+              f"{a['mean_drain_cpu_ms']:6.2f} ms, overhead {a['overhead_pct']:+5.1f}% "
+              f"(sd {a['overhead_pct_sd']:.1f} over rounds; incl. drain at wall time "
+              f"x{a['mean_drain_wall_ms'] / arms['no_hook']['mean_drain_wall_ms']:.3f}; "
+              f"{a['packets_while_measuring']} packets)")
+    return {"setup": {"model": "persia_inc.demo.ctr.example_model", "batch": 2048, "vocab": vocab,
+                      "dim": 16, "tables": 26, "flush": "100,000 distinct rows per table",
+                      "rounds": rounds, "block_steps": block, "warm_up_steps_per_arm": warm_up,
+                      "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                      "overhead": "mean step time incl. the writer's CPU time in the end-of-block "
+                                  "drains, over the no-hook arm's, minus 1 (per round: the blocks "
+                                  "of that round)"},
+            "arms": arms}
+
+
+def bench_freshness(rounds: int, seconds: float, folder: str) -> dict:
+    """Flush -> packet durably stored (fsync + rename) on local disk, on the demo's shape: its
+    CTR model (vocab 20k, batch 1024, Zipf 1.2), the hook, a flush every 0.5 s (every table at
+    once: 26 packets), training flat out. One block per arm per round (ABBA). A block ends by
+    training on without the hook until the writer has stored everything it was given, so the
+    last packets are timed under load too. Freshness of a packet: its store time minus the
+    created-at of its header (the flush), on the wall clock."""
+    import torch
+
+    from persia_inc.producer.torch_hook import IncrementalUpdateHook
+
+    vocab, batch = 20_000, 1024
+    model = ctr.CTRModel(vocab, 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    rng = np.random.default_rng(2)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    tables = model.named_tables()
+    samples: list[float] = []
+    producers = {name: arm_producer(f"{folder}/{name}", on, buffer_size=vocab, flush_interval_s=0.5)
+                 for name, on in HOOKED_ARMS.items()}
+    for producer in producers.values():
+        producer.writer.on_stored = lambda stored: samples.append(
+            (time.time_ns() - stored.header.created_at_ns) / 1e6)
+
+    def step() -> None:
+        dense, sparse, label = ctr.synthetic_batch(rng, batch, vocab)
+        optimizer.zero_grad()
+        loss_fn(model(dense, sparse), label).backward()
+        optimizer.step()
+
+    def run(name: str, seconds: float) -> tuple[list[float], int]:
+        samples.clear()
+        producer = producers[name]
+        hook = IncrementalUpdateHook(producer, tables, optimizer)
+        steps, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            step()
+            steps += 1
+        hook.remove()
+        while not producer.writer.drain(0):
+            step()
+        return list(samples), steps
+
+    for name in producers:
+        run(name, 1.5)  # warm-up: pools, files, the model's pages
+    blocks: dict[str, list[dict]] = {name: [] for name in HOOKED_ARMS}
+    for k, name in abba(list(HOOKED_ARMS), rounds):
+        got, steps = run(name, seconds)
+        blocks[name].append({"round": k, "steps": steps, "packets": len(got),
+                             "p50_ms": round(float(np.percentile(got, 50)), 2),
+                             "p99_ms": round(float(np.percentile(got, 99)), 2),
+                             "samples_ms": [round(x, 2) for x in got]})
+    for producer in producers.values():
+        producer.close()
+    arms = {}
+    for name, arm_blocks in blocks.items():
+        pooled = [x for b in arm_blocks for x in b["samples_ms"]]
+        arms[name] = {"p50_ms": round(float(np.percentile(pooled, 50)), 2),
+                      "p99_ms": round(float(np.percentile(pooled, 99)), 2),
+                      "packets": len(pooled),
+                      "steps_per_s": round(sum(b["steps"] for b in arm_blocks) / (seconds * rounds), 1),
+                      "blocks": arm_blocks}
+    base = arms["all"]
+    print(f"freshness, flush -> stored on local disk (demo shape: vocab {vocab:,}, batch {batch}, "
+          f"26 tables, flush every 0.5 s, training flat out; {rounds} rounds of ABBA-ordered "
+          f"{seconds:.0f} s blocks per arm):")
+    for name, a in arms.items():
+        print(f"  {name:<15} p50 {a['p50_ms']:7.1f} ms (x{a['p50_ms'] / base['p50_ms']:.2f}), "
+              f"p99 {a['p99_ms']:7.1f} ms (x{a['p99_ms'] / base['p99_ms']:.2f}), "
+              f"{a['packets']} packets, {a['steps_per_s']:.0f} steps/s")
+    return {"setup": {"model": "persia_inc.demo.ctr.CTRModel (the demo's)", "vocab": vocab,
+                      "batch": batch, "tables": 26, "flush_interval_s": 0.5,
+                      "rounds": rounds, "block_s": seconds,
+                      "freshness": "wall time at store (after fsync and rename) minus the "
+                                   "packet header's created-at (the flush)"},
+            "arms": arms}
+
+
+def _paired(without: list[float], with_: list[float]) -> dict:
+    """What a piece gains per round (without - with: positive is better with the piece), its
+    mean, and the spread: two standard errors of that mean over the rounds."""
+    gains = [a - b for a, b in zip(without, with_, strict=True)]
+    spread = 2 * statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("inf")
+    return {"with": round(statistics.mean(with_), 2), "without": round(statistics.mean(without), 2),
+            "gain": round(statistics.mean(gains), 2), "spread_2se": round(spread, 2),
+            "gain_per_round": [round(g, 2) for g in gains],
+            "beyond_spread": statistics.mean(gains) > spread}
+
+
+def judge(overhead: dict, freshness: dict) -> dict:
+    """Per piece: with (all on) vs without (that piece off), paired by round."""
+    verdicts = {}
+    for piece in PIECES:
+        off = f"no_{piece}"
+        o_with = overhead["arms"]["all"]["overhead_pct_per_round"]
+        o_without = overhead["arms"][off]["overhead_pct_per_round"]
+        f_with, f_without = freshness["arms"]["all"]["blocks"], freshness["arms"][off]["blocks"]
+        verdicts[piece] = {
+            "step_overhead_pct": _paired(o_without, o_with),
+            "freshness_p50_ms": _paired([b["p50_ms"] for b in f_without], [b["p50_ms"] for b in f_with]),
+            "freshness_p99_ms": _paired([b["p99_ms"] for b in f_without], [b["p99_ms"] for b in f_with]),
+        }
+    print("each piece, with vs without (paired by round; gain > 0: better with it; spread: "
+          "2 standard errors):")
+    for piece, v in verdicts.items():
+        parts = [f"{label} {v[key]['with']:.2f} vs {v[key]['without']:.2f} "
+                 f"(gain {v[key]['gain']:+.2f} ± {v[key]['spread_2se']:.2f}"
+                 f"{', beyond spread' if v[key]['beyond_spread'] else ''})"
+                 for key, label in (("step_overhead_pct", "overhead %"),
+                                    ("freshness_p50_ms", "fresh p50 ms"),
+                                    ("freshness_p99_ms", "fresh p99 ms"))]
+        print(f"  {piece:<12} " + "; ".join(parts))
+    return verdicts
 
 
 def bench_flush(uri: str, storage: str, s3: dict | None = None, rows: int = 1_000_000,
-                dim: int = 16) -> None:
+                dim: int = 16) -> dict:
     """One explicit flush of `rows` rows: read them, encode, store durably (fsync / S3 put)."""
     section: dict = {"model": "bench", "producer": {"close_on_exit": False, "close_on_sigterm": False}}
     if s3:
@@ -193,7 +369,7 @@ def bench_flush(uri: str, storage: str, s3: dict | None = None, rows: int = 1_00
     config = config_from_mapping({"enable_incremental_update": True, "incremental_buffer_size": rows + 1,
                                   "incremental_dir": uri, "storage": storage, "persia_inc": section})
     weight = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
-    with IncrementalProducer(config) as producer:
+    with producer_from_config(config) as producer:
         producer.register_table("t", lambda s: weight[s.astype(np.int64)], rows=rows)
         if producer.wait_generation(30) is None:
             raise RuntimeError(f"no generation from {uri} within 30s")
@@ -206,6 +382,7 @@ def bench_flush(uri: str, storage: str, s3: dict | None = None, rows: int = 1_00
     print(f"flush of {rows:,} rows x {dim} to {storage}: "
           f"{elapsed:.2f}s, {rows / elapsed / 1e6:.2f} M rows/s, "
           f"{size / elapsed / 1e6:.0f} MB/s ({size / 1e6:.0f} MB packet)")
+    return {"rows": rows, "dim": dim, "seconds": round(elapsed, 3), "packet_mb": round(size / 1e6, 1)}
 
 
 def bench_flush_ceph(s3_uri: str) -> None:
@@ -243,19 +420,33 @@ def bench_flush_ceph(s3_uri: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600, help="measured steps per arm")
-    parser.add_argument("--block", type=int, default=50, help="steps per alternating block")
+    parser.add_argument("--rounds", type=int, default=8, help="ABBA rounds of the step-time arms")
+    parser.add_argument("--block", type=int, default=50, help="steps per arm per round")
     parser.add_argument("--vocab", type=int, default=300_000, help="rows per embedding table")
+    parser.add_argument("--fresh-rounds", type=int, default=8, help="ABBA rounds of the freshness arms")
+    parser.add_argument("--fresh-seconds", type=float, default=3.0, help="seconds per freshness block")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON (its 'decisions' are kept)")
     parser.add_argument("--s3-uri", default="", help="s3://bucket/prefix when S3_ENDPOINT_URL is set")
     parser.add_argument("--no-ceph", action="store_true", help="skip the flush to Ceph")
     args = parser.parse_args()
-    bench_record()
-    bench_record_columns()
+    results: dict = {"command": "bench/producer.py " + " ".join(sys.argv[1:]),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results["record"] = bench_record()
+    results["record_columns"] = bench_record_columns()
     with tempfile.TemporaryDirectory() as folder:
-        bench_overhead(args.steps, args.block, args.vocab, folder + "/overhead")
-        bench_flush(folder + "/flush", "local")
+        results["step_overhead"] = bench_overhead(args.rounds, args.block, args.vocab,
+                                                  folder + "/overhead")
+        results["freshness"] = bench_freshness(args.fresh_rounds, args.fresh_seconds,
+                                               folder + "/freshness")
+        results["pieces"] = judge(results["step_overhead"], results["freshness"])
+        results["flush_local"] = bench_flush(folder + "/flush", "local")
     if not args.no_ceph:
         bench_flush_ceph(args.s3_uri)
+    if args.out.exists():  # the decisions taken on earlier runs stay with their figures
+        results["decisions"] = json.loads(args.out.read_text()).get("decisions", {})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ examples/train_ctr.py (also what bench/producer.py measures).
 
 from __future__ import annotations
 
+import typing
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,7 +48,8 @@ class CTRModel(nn.Module):
         return self.mlp(torch.cat([dense, *embedded], dim=1)).squeeze(1)
 
     def named_tables(self) -> dict[str, nn.Embedding]:
-        return dict(zip(table_names(), self.tables, strict=True))
+        return {name: typing.cast(nn.Embedding, table)
+                for name, table in zip(table_names(), self.tables, strict=True)}
 
 
 def synthetic_batch(rng: np.random.Generator, batch: int, vocab: int, zipf: float = 1.2
