@@ -12,6 +12,7 @@ every other message uses the generated classes.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,7 @@ def _fields(parts: list, fields: tuple) -> None:
     for number, value in fields:
         if isinstance(value, np.ndarray):
             if value.size:
-                view = memoryview(np.ascontiguousarray(value)).cast("B")
+                view = np.ascontiguousarray(value).data.cast("B")
                 parts += [bytes([number << 3 | _LEN]), _varint(view.nbytes), view]
         elif isinstance(value, str):
             if value:
@@ -125,7 +126,7 @@ def decode_apply_request(message: bytes) -> ApplyRequestView:
                 raise ValueError(f"unsupported wire type {kind}")
         for name in ("table", "producer", "apply_id"):
             if name in values:
-                values[name] = bytes(values[name]).decode()  # type: ignore[arg-type]
+                values[name] = bytes(typing.cast(memoryview, values[name])).decode()
     except (ValueError, UnicodeDecodeError) as exc:
         return ApplyRequestView(error=f"malformed ApplyRequest: {exc}")
     place = ApplyChunk(**{k: values.pop(k) for k in list(values) if k in _PLACE})  # type: ignore[arg-type]

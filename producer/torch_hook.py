@@ -10,6 +10,8 @@ The sign of row i is i (uint64).
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,7 @@ class IncrementalUpdateHook:
     else `record_many` of numpy views.
     """
 
-    def __init__(self, producer: IncrementalProducer, tables: dict[str, nn.Module],
+    def __init__(self, producer: IncrementalProducer, tables: Mapping[str, nn.Module],
                  optimizer: torch.optim.Optimizer) -> None:
         self.producer = producer
         self.tables = dict(tables)
@@ -57,7 +59,7 @@ class IncrementalUpdateHook:
             index = torch.from_numpy(ids)  # row ids < 2**63: reinterpreted, not copied
             target = torch.from_numpy(out)
             with torch.no_grad():
-                weight = module.weight.detach()
+                weight = typing.cast(torch.Tensor, module.weight).detach()
                 if weight.dtype == torch.float32 and weight.device.type == "cpu":
                     torch.index_select(weight, 0, index, out=target)
                 else:
@@ -126,7 +128,7 @@ def _columns_of_one_matrix(seen: dict[str, list[torch.Tensor]]
         ids = tensors[0]
         if ids.dtype is not int64:
             return None
-        offset = ids.storage_offset()
+        offset = int(ids.storage_offset())
         if first is None:
             if ids.dim() != 1 or not ids.is_cpu or len(ids) < 2:
                 return None

@@ -51,7 +51,7 @@ class _MemoryReader(io.RawIOBase):
         self._pos += len(chunk)
         return len(chunk)
 
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+    def read(self, size: int | None = -1) -> bytes:
         end = len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
         chunk = self._view[self._pos:end]
         self._pos = end

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from persia_inc.demo.ctr import CTRModel
-from persia_inc.demo.pipeline import DemoReport, _verify
+from persia_inc.demo.report import DemoReport
+from persia_inc.demo.verify import verify_rows
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
 
 
@@ -51,14 +52,14 @@ def test_verification_catches_one_flipped_bit_and_a_served_evicted_row(embedding
 
     with cluster.client() as client:
         clean = DemoReport()
-        _verify(client, model, evicted, clean)
+        verify_rows(client, model, evicted, clean)
         assert (clean.mismatched_rows, clean.evicted_rows, clean.evicted_still_served) == (0, 2, 0)
 
         with torch.no_grad():  # training moves on by one bit the servers never saw
             model.tables[0].weight.view(torch.int32)[7, 1] ^= 1
         evicted["C3"][9] = True  # training evicted a row whose delete never reached the servers
         dirty = DemoReport()
-        _verify(client, model, evicted, dirty)
+        verify_rows(client, model, evicted, dirty)
     assert dirty.mismatched_rows == 1
     assert dirty.evicted_still_served == 1
 
@@ -96,7 +97,7 @@ def test_demo_without_torch_says_which_extra_in_one_line(tmp_path: Path) -> None
 def test_demo_import_path_and_picture_without_matplotlib(tmp_path: Path) -> None:
     """The demo's modules import without the extras, and the picture is skipped, not a crash."""
     code = ("import sys; from pathlib import Path; import persia_inc.cli, persia_inc.commands.demo; "
-            "from persia_inc.demo.pipeline import plot_freshness; "
+            "import persia_inc.demo.pipeline; from persia_inc.demo.report import plot_freshness; "
             "assert 'matplotlib' not in sys.modules; "
             f"print(plot_freshness([1.0, 2.0], Path({str(tmp_path / 'f.png')!r})))")
     result = subprocess.run([sys.executable, "-c", code], env=_without(tmp_path, "matplotlib", "torch"),

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.live import Live
     from rich.table import Table
 
-    from persia_inc.demo.pipeline import DemoOptions, Progress, default_workdir, run_demo
+    from persia_inc.demo.pipeline import DemoOptions, default_workdir, run_demo
+    from persia_inc.demo.report import Progress
     from persia_inc.extras import have, install_hint
 
     if not have("torch"):

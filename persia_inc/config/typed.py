@@ -37,7 +37,7 @@ def convert(tp: Any, value: Any, key: str, source: str) -> Any:
         if len(options) == 1:
             return convert(options[0], value, key, source)
     bad = ConfigError(source, key, f"expected {describe(tp)}, got {value!r:.80}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
         return build_dataclass(tp, value, key, source)

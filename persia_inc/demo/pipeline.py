@@ -1,34 +1,29 @@
 """The demo pipeline: checkpoint, servers, loader, training with the hook, then verification.
 
-Freshness is measured end to end without trusting any component's own clock reading: a
-watcher lists storage (each packet's created-at is in its header) and polls the servers'
-watermarks every few milliseconds; a packet is visible once every shard's watermark for its
-(table, producer) reached it. Freshness = first time seen visible - created-at.
+The parts it runs live beside it: `processes` (the child processes), `freshness` (how fresh
+each packet became visible), `verify` (rows bit for bit) and `report` (progress, report,
+picture).
 """
 
 from __future__ import annotations
 
-import bisect
-import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from persia_inc.config import Config, load_config
-from persia_inc.extras import have
+from persia_inc.demo.freshness import FreshnessWatcher
+from persia_inc.demo.processes import ChildProcess
+from persia_inc.demo.report import DemoReport, Progress, plot_freshness
+from persia_inc.demo.verify import verify_rows
 from persia_inc.foundation.net import free_port
-from persia_inc.foundation.threads import ServiceThread
-from persia_inc.packet_format import PacketError, Position, parse_packet_path, read_packet_header
 from persia_inc.wiring import embedding_client, producer_from_config
 
 log = logging.getLogger(__name__)
@@ -55,157 +50,6 @@ class DemoOptions:
     incremental_dir: str = ""
     kafka_bootstrap: str = ""
     seed: int = 0
-
-
-@dataclass
-class DemoReport:
-    verified: bool = False
-    packets: int = 0
-    rows_applied: int = 0
-    freshness_ms: dict[str, float] = field(default_factory=dict)
-    mismatched_rows: int = 0
-    checked_rows: int = 0
-    evicted_rows: int = 0
-    evicted_still_served: int = 0
-    steps: int = 0
-    train_seconds: float = 0.0
-    storage: str = "local"
-    announce: str = "dir"
-    shards: int = 2
-    problems: list[str] = field(default_factory=list)
-    pictures: list[str] = field(default_factory=list)  # written into the workdir
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-
-@dataclass
-class Progress:
-    """What the live display shows; updated by the training loop and the watcher."""
-
-    steps: int = 0
-    packets_stored: int = 0
-    packets_visible: int = 0
-    rows_applied: int = 0
-    freshness_ms: list[float] = field(default_factory=list)
-    phase: str = "starting"
-
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.freshness_ms, q)) if self.freshness_ms else float("nan")
-
-
-# ------------------------------------------------------------------------------ processes
-
-
-class ChildProcess:
-    """A `persia-inc` subcommand in its own process, logging to a file, stopped by its PID."""
-
-    def __init__(self, name: str, args: list[str], log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        with log_path.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "persia_inc.cli", *args],
-                                         stdout=out, stderr=subprocess.STDOUT)
-        log.info("started %s (pid %d), log %s", name, self.proc.pid, log_path)
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", self.name, timeout_s)
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-
-# ------------------------------------------------------------------------------ freshness
-
-
-class FreshnessWatcher:
-    """Polls watermarks (every `poll_s`) and lists storage, recording when packets became visible."""
-
-    def __init__(self, client, store, model: str, progress: Progress, poll_s: float = 0.01) -> None:
-        self.client, self.store, self.model, self.progress = client, store, model, progress
-        self.poll_s = poll_s
-        self.created: dict[tuple[str, str, int, int], tuple[int, int]] = {}  # -> (created_ns, rows)
-        self.visible: dict[tuple[str, str, int, int], float] = {}
-        self.events: dict[tuple[str, str], tuple[list[float], list[Position]]] = {}
-        self._thread = ServiceThread("demo-freshness", self._run)
-        self._stop = self._thread.stop
-        self.errors = 0
-
-    def start(self) -> FreshnessWatcher:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop watching (bounded, safe to call twice)."""
-        self._thread.close(timeout_s=10)
-
-    def _run(self) -> None:
-        last_list = 0.0
-        while not self._stop.is_set():
-            now_ns = time.time_ns()
-            try:
-                self._record_watermarks(now_ns)
-                if time.monotonic() - last_list > 0.2:
-                    self._list_storage()
-                    last_list = time.monotonic()
-                self._resolve()
-            except Exception as exc:
-                self.errors += 1
-                log.debug("freshness watcher: %s", exc)
-            self._stop.wait(self.poll_s)
-
-    def _record_watermarks(self, now_ns: int) -> None:
-        for mark in self.client.watermarks():
-            stream = (mark.table, mark.producer)
-            times, positions = self.events.setdefault(stream, ([], []))
-            if not positions or mark.position > positions[-1]:
-                times.append(now_ns / 1e9)
-                positions.append(mark.position)
-
-    def _list_storage(self) -> None:
-        for info in self.store.list(f"{self.model}/"):
-            try:
-                ident = parse_packet_path(info.key)
-            except PacketError:
-                continue
-            key = (ident.table, ident.producer, ident.generation, ident.sequence)
-            if key in self.created:
-                continue
-            with self.store.open(info.key) as source:
-                header = read_packet_header(source, where=self.store.uri(info.key))
-            self.created[key] = (header.created_at_ns, header.rows + header.deleted_rows)
-        self.progress.packets_stored = len(self.created)
-
-    def _resolve(self) -> None:
-        for key, (created_ns, rows) in self.created.items():
-            if key in self.visible:
-                continue
-            times, positions = self.events.get((key[0], key[1]), ([], []))
-            at = bisect.bisect_left(positions, (key[2], key[3]))
-            if at < len(positions):
-                self.visible[key] = times[at]
-                self.progress.packets_visible += 1
-                self.progress.rows_applied += rows
-                self.progress.freshness_ms.append(max(0.0, times[at] * 1e3 - created_ns / 1e6))
-
-    def wait_all_visible(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._list_storage()
-            if self.created and len(self.visible) == len(self.created):
-                return True
-            time.sleep(0.05)
-        return False
 
 
 # ------------------------------------------------------------------------------ the run
@@ -348,7 +192,7 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
 
         progress.phase = "verifying"
         notify(progress)
-        _verify(client, model, evicted, report)
+        verify_rows(client, model, evicted, report)
         report.packets = len(watcher.created)
         report.rows_applied = progress.rows_applied
         latencies = progress.freshness_ms
@@ -381,55 +225,6 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         report.pictures.append("freshness.png")
     (workdir / "report.json").write_text(report.to_json())
     return report
-
-
-def _verify(client, model, evicted: dict[str, np.ndarray], report: DemoReport) -> None:
-    """Every live row on the servers equals training's, bit for bit; evicted rows are gone."""
-    for name, table in model.named_tables().items():
-        weights = table.weight.detach().numpy()
-        signs = np.arange(weights.shape[0], dtype=np.uint64)
-        served = client.lookup(name, signs)
-        live = ~evicted[name]
-        differs = np.any(served.view(np.uint32) != weights.view(np.uint32), axis=1)
-        report.mismatched_rows += int((differs & live).sum())
-        report.checked_rows += int(live.sum())
-        gone = signs[evicted[name]]
-        report.evicted_rows += int(gone.size)
-        if gone.size:
-            misses_before = _misses(client, name)
-            client.lookup(name, gone)
-            report.evicted_still_served += int(gone.size - (_misses(client, name) - misses_before))
-
-
-def _misses(client, table: str) -> int:
-    return sum(t.misses for shard in range(len(client.servers))
-               for t in client.status(shard).tables if t.name == table)
-
-
-def plot_freshness(latencies_ms: list[float], path: Path) -> bool:
-    """A histogram of freshness at `path`; False (and no file) without matplotlib, an optional
-    extra the demo says it lacks at its start."""
-    if not have("matplotlib"):
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    if latencies_ms:
-        axes.hist(latencies_ms, bins=50, color="#3b7dd8")
-        for q, style in ((50, "--"), (99, ":")):
-            value = float(np.percentile(latencies_ms, q))
-            axes.axvline(value, color="black", linestyle=style, label=f"p{q} {value:.0f} ms")
-        axes.legend()
-    axes.set_xlabel("freshness: packet created → visible on every shard (ms)")
-    axes.set_ylabel("packets")
-    axes.set_title("persia-inc demo: update freshness")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return True
 
 
 def default_workdir() -> Path:

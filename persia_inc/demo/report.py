@@ -1,0 +1,74 @@
+"""What the demo shows and leaves behind: the live progress, the report, the picture."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from persia_inc.extras import have
+
+
+@dataclass
+class DemoReport:
+    verified: bool = False
+    packets: int = 0
+    rows_applied: int = 0
+    freshness_ms: dict[str, float] = field(default_factory=dict)
+    mismatched_rows: int = 0
+    checked_rows: int = 0
+    evicted_rows: int = 0
+    evicted_still_served: int = 0
+    steps: int = 0
+    train_seconds: float = 0.0
+    storage: str = "local"
+    announce: str = "dir"
+    shards: int = 2
+    problems: list[str] = field(default_factory=list)
+    pictures: list[str] = field(default_factory=list)  # written into the workdir
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+@dataclass
+class Progress:
+    """What the live display shows; updated by the training loop and the watcher."""
+
+    steps: int = 0
+    packets_stored: int = 0
+    packets_visible: int = 0
+    rows_applied: int = 0
+    freshness_ms: list[float] = field(default_factory=list)
+    phase: str = "starting"
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.freshness_ms, q)) if self.freshness_ms else float("nan")
+
+
+def plot_freshness(latencies_ms: list[float], path: Path) -> bool:
+    """A histogram of freshness at `path`; False (and no file) without matplotlib, an optional
+    extra the demo says it lacks at its start."""
+    if not have("matplotlib"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    if latencies_ms:
+        axes.hist(latencies_ms, bins=50, color="#3b7dd8")
+        for q, style in ((50, "--"), (99, ":")):
+            value = float(np.percentile(latencies_ms, q))
+            axes.axvline(value, color="black", linestyle=style, label=f"p{q} {value:.0f} ms")
+        axes.legend()
+    axes.set_xlabel("freshness: packet created → visible on every shard (ms)")
+    axes.set_ylabel("packets")
+    axes.set_title("persia-inc demo: update freshness")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True
