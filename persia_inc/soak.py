@@ -97,11 +97,20 @@ def truth(shape: ModelShape, last_step: int, bursts: set[int]) -> list[tuple[np.
 # ----------------------------------------------------------------------------- the trainer
 
 
-def _read_json(path: Path, default: object) -> object:
+def _read_progress(state: Path) -> int:
+    """The last step whose rows a flush confirmed stored (-1: none yet)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return default
+        return int(json.loads((state / "progress.json").read_text())["step"])
+    except FileNotFoundError:
+        return -1
+
+
+def _read_bursts(state: Path) -> set[int]:
+    """The steps that are oversized bursts (the whole table)."""
+    try:
+        return {int(b) for b in json.loads((state / "bursts.json").read_text())}
+    except FileNotFoundError:
+        return set()
 
 
 def _write_json(path: Path, value: object) -> None:
@@ -113,14 +122,19 @@ def _write_json(path: Path, value: object) -> None:
     os.replace(temp, path)
 
 
+def _reader(model: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The producer's row reader over one table of the trainer's model."""
+    return lambda signs: model[signs.astype(np.int64)]
+
+
 def run_trainer(config_path: Path, state: Path, shape: ModelShape, steps_per_s: float) -> int:
     """The trainer process: resume after the last confirmed step and train until SIGTERM."""
     from persia_inc.wiring import producer_from_config
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    progress = int(_read_json(state / "progress.json", {"step": -1})["step"])  # type: ignore[index]
-    bursts = {int(b) for b in _read_json(state / "bursts.json", [])}  # type: ignore[union-attr]
+    progress = _read_progress(state)
+    bursts = _read_bursts(state)
     models = [np.zeros((shape.universe, shape.dim), np.float32) for _ in range(shape.tables)]
     for step in range(progress + 1):  # rebuild the model as of the last confirmed step
         for table, model in enumerate(models):
@@ -128,8 +142,7 @@ def run_trainer(config_path: Path, state: Path, shape: ModelShape, steps_per_s: 
             model[signs.astype(np.int64)] = row_value(signs, step, shape.dim)
     producer = producer_from_config(config_path, producer_id=PRODUCER)
     for table, model in enumerate(models):
-        producer.register_table(shape.table_name(table),
-                                lambda s, m=model: m[s.astype(np.int64)], dim=shape.dim)
+        producer.register_table(shape.table_name(table), _reader(model), dim=shape.dim)
     step = progress
     confirm_every = max(1, int(steps_per_s))
     while not stop.is_set():
@@ -270,11 +283,11 @@ class _StallWatch:
             log.debug("soak watch: watermarks failed: %s", exc)
             return False
         waiting = False
-        for (table, position), since in list(self.seen.items()):
-            mark = marks.get(table)
+        for (name, position), since in list(self.seen.items()):
+            mark = marks.get(name)
             if mark is not None and position <= mark:
                 self.longest_s = max(self.longest_s, now - since)
-                del self.seen[(table, position)]
+                del self.seen[(name, position)]
             else:
                 waiting = True
                 self.longest_s = max(self.longest_s, now - since)
@@ -441,8 +454,8 @@ def run_soak(options: SoakOptions, on_fault: Callable[[str, float], None] | None
         watch.close()
         report.longest_stall_s = round(watch.longest_s, 3)
         report.packets = watch.packets
-        last = int(_read_json(state / "progress.json", {"step": -1})["step"])  # type: ignore[index]
-        bursts = {int(b) for b in _read_json(state / "bursts.json", [])}  # type: ignore[union-attr]
+        last = _read_progress(state)
+        bursts = _read_bursts(state)
         report.steps = last + 1
         for table, (signs, rows) in enumerate(truth(shape, last, bursts)):
             served = client.lookup(shape.table_name(table), signs)

@@ -17,12 +17,14 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from persia_inc.foundation.kafka import import_kafka
+from persia_inc.foundation.kafka import KafkaSettings, import_kafka
 from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s, is_retriable
 from persia_inc.foundation.threads import ServiceThread
 from persia_inc.packet_format import Announcement
+from persia_inc.producer.metrics import ProducerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class Announcer(Protocol):
 class DirectoryAnnouncer:
     """Announce mode `dir`: the packet file itself is the announcement."""
 
-    def __init__(self, on_announced: Any = None) -> None:
+    def __init__(self, on_announced: Callable[[Announcement], None] | None = None) -> None:
         self._on_announced = on_announced
 
     def announce(self, announcement: Announcement) -> None:
@@ -69,8 +71,8 @@ class KafkaAnnouncer:
     decides for a daemon under `retry` (forever, 0.2 s doubling to max_backoff_s).
     """
 
-    def __init__(self, settings: Any, topic: str, *, max_queued: int = 1_000_000,
-                 max_backoff_s: float = 5.0, metrics: Any = None) -> None:
+    def __init__(self, settings: KafkaSettings, topic: str, *, max_queued: int = 1_000_000,
+                 max_backoff_s: float = 5.0, metrics: ProducerMetrics | None = None) -> None:
         self.settings = settings
         self.topic = topic
         self.max_queued = max_queued

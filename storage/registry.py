@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 from persia_inc.foundation.retry import RetryPolicy
 from persia_inc.storage.base import ObjectStore, StorageKind
 from persia_inc.storage.errors import BackendUnavailableError
+from persia_inc.storage.settings import HdfsSettings, S3Settings
 
 # scheme: (module, class, storage kind, pip package that provides its library)
 _BACKENDS: dict[str, tuple[str, str, StorageKind, str]] = {
@@ -38,8 +38,8 @@ def open_store(
     uri: str,
     *,
     retry: RetryPolicy | None = None,
-    s3: Any = None,
-    hdfs: Any = None,
+    s3: S3Settings | None = None,
+    hdfs: HdfsSettings | None = None,
 ) -> ObjectStore:
     """Open the store rooted at `uri`. `s3` (S3Settings) and `hdfs` (HdfsSettings) configure
     their backends; `retry` the shared retry policy."""
@@ -51,5 +51,5 @@ def open_store(
             uri, f"the {package!r} package is missing: pip install {package}"
         ) from exc
     cls = getattr(module, class_name)
-    extra = {"s3": {"settings": s3}, "hdfs": {"settings": hdfs}}.get(_scheme(uri), {})
-    return cls(uri, retry, **extra)
+    settings = {"s3": s3, "hdfs": hdfs}.get(_scheme(uri))
+    return cls(uri, retry) if settings is None else cls(uri, retry, settings=settings)
