@@ -72,7 +72,7 @@ class _Table:
         self.dim = dim
         self.buffer: SignBuffer | DenseSignBuffer = (
             SignBuffer() if rows is None else DenseSignBuffer(rows))
-        self.oldest_s: float | None = None  # monotonic time of the oldest unflushed sign
+        self.oldest_s: float | None = None  # when the oldest unflushed sign came (policy clock)
 
 
 class IncrementalProducer:
@@ -82,7 +82,9 @@ class IncrementalProducer:
     (`incremental_buffer_size`); producer_id overrides `settings.producer_id`; kafka: the
     broker announcements go to when `settings.announce` is "kafka"; retry: its `max_backoff_s`
     caps the waits between attempts; owns_store: `close()` also closes the store; generation
-    forces a generation (default: 1 + the latest in storage). When `enabled` is false
+    forces a generation (default: 1 + the latest in storage); clock: the monotonic clock
+    (seconds) the interval trigger measures ages on, `time.monotonic` unless a test drives its
+    own (timeouts, retries and metrics stay on real time). When `enabled` is false
     (`enable_incremental_update`) every method returns at once, nothing starts, and `store`
     may be None. `persia_inc.producer_from_config` builds one from global_config.yaml.
     """
@@ -101,6 +103,7 @@ class IncrementalProducer:
         owns_store: bool = False,
         generation: int | None = None,
         metrics_port: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         settings = settings if settings is not None else ProducerSettings()
         self.enabled = enabled
@@ -118,7 +121,7 @@ class IncrementalProducer:
             raise ValueError("an enabled producer needs a store")
         if settings.announce == "kafka" and kafka is None:
             raise ValueError("announce 'kafka' needs the Kafka settings (persia_inc.kafka)")
-        self.policy = FlushPolicy(buffer_size, settings.flush_interval_s)
+        self.policy = FlushPolicy(buffer_size, settings.flush_interval_s, clock=clock)
         self.metrics = ProducerMetrics(self.model, self.producer_id)
         self._owns_store = owns_store
         self.store = store
@@ -129,6 +132,7 @@ class IncrementalProducer:
             backpressure=settings.backpressure, max_backoff_s=self.retry.max_backoff_s,
             generation=generation, metrics=self.metrics, nice=settings.writer_nice,
             read_guard=self._no_step_running, on_read_failed=self._take_back,
+            max_packet_rows=settings.max_packet_rows, max_packet_bytes=settings.max_packet_bytes,
         )
         self._lock = threading.RLock()  # one flush at a time; close vs. flush
         self._interval_due_s = float("inf")  # earliest time some table's interval expires
@@ -315,7 +319,7 @@ class IncrementalProducer:
         it cannot retry is reported here, at the next record (the signs stay buffered)."""
         self.writer.check_failure()
         limit = self.policy.buffer_size
-        now = time.monotonic()
+        now = self.policy.now()
         full = []
         for table, size in sizes.items():
             entry = self._tables[table]
@@ -327,14 +331,14 @@ class IncrementalProducer:
         if full:
             self._flush(full, "size")
         if now >= self._interval_due_s:
-            self._flush_due(time.monotonic())
+            self._flush_due(self.policy.now())
         self._raise_read_error()
 
     def poll(self) -> None:
         """Start the flushes whose interval has passed (call it between steps when idle)."""
         if not self.enabled or self.closed:
             return
-        now = time.monotonic()
+        now = self.policy.now()
         if now >= self._interval_due_s:
             self._busy += 1
             try:
@@ -421,8 +425,10 @@ class IncrementalProducer:
         entry = self._tables[snapshot.table]
         entry.buffer.insert(snapshot.signs, SignBuffer.UPSERT)
         entry.buffer.insert(snapshot.deleted, SignBuffer.DELETE)
-        if entry.oldest_s is None:
-            entry.oldest_s = snapshot.taken_s
+        if entry.oldest_s is None:  # the signs keep their age: their interval runs on
+            entry.oldest_s = snapshot.oldest_s if snapshot.oldest_s is not None else self.policy.now()
+            self._interval_due_s = min(self._interval_due_s,
+                                       entry.oldest_s + self.policy.flush_interval_s)
         self._read_error = error
 
     def _raise_read_error(self) -> None:
@@ -488,7 +494,7 @@ class IncrementalProducer:
                 for name in tables:
                     entry = self._tables[name]
                     signs, ops = entry.buffer.swap()
-                    entry.oldest_s = None
+                    oldest, entry.oldest_s = entry.oldest_s, None
                     if not signs.size:
                         continue
                     if ops.any():
@@ -504,10 +510,10 @@ class IncrementalProducer:
                     except BaseException:
                         entry.buffer.insert(upserts, SignBuffer.UPSERT)  # nothing leaves unstored
                         entry.buffer.insert(deleted, SignBuffer.DELETE)
-                        entry.oldest_s = time.monotonic()
+                        entry.oldest_s = oldest if oldest is not None else self.policy.now()
                         raise
                     snapshots.append(Snapshot(name, upserts, rows, deleted, entry.dim, reason, state,
-                                              read=read))
+                                              read=read, oldest_s=oldest))
             finally:
                 if snapshots:  # the tables read before a failing reader are shipped all the same
                     self.writer.submit_many(snapshots)

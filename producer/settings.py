@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+DEFAULT_MAX_PACKET_ROWS = 1_000_000
+"""Rows (upserts and deletes) one packet holds at most, by default."""
+DEFAULT_MAX_PACKET_BYTES = 128 * 1024 * 1024
+"""Encoded bytes one packet takes at most, by default: half the default gRPC message limit."""
+MIN_MAX_PACKET_BYTES = 1024 * 1024
+"""The smallest `max_packet_bytes` accepted: room for the framing and a row of the largest dim."""
+
 
 @dataclass(frozen=True, slots=True)
 class ProducerSettings:
@@ -17,8 +24,22 @@ class ProducerSettings:
     127.0.0.1:port (0: off); metrics_addr: the address it binds.
 
     writer_nice: how much nicer than training the packet writer thread runs (Linux nice
-    increment, 0-19; 0: an ordinary thread, which stored the demo's packets soonest at no
-    measurable cost in step time, bench/results/producer.json).
+    increment, 0-19; 0: an ordinary thread, which stored the demo's packets sooner than a
+    SCHED_IDLE writer did, at no measurable cost in step time: bench/results/producer.json).
+
+    max_packet_rows, max_packet_bytes: no packet holds more rows (upserts and deletes) or
+    more bytes than these. Snapshots queued behind a slow or unreachable store merge only up
+    to the bound (a snapshot that would pass it is queued as its own next packet), and a flush
+    larger than the bound goes out as several packets of contiguous sign ranges with
+    consecutive sequences. The defaults, 1,000,000 rows and 128 MiB, keep one packet within
+    half of the embedding servers' default 256 MiB gRPC message limit: an Apply carries a
+    shard's signs and float32 rows, fewer bytes than the packet's bound (which also counts the
+    optimizer state serving never gets), so even with one shard a packet's slice fits one
+    message with room for framing, and a loader decodes at most 128 MiB per packet. At dim 64
+    the bytes bound rules (about 500,000 rows a packet); at dim 16 and below the rows bound.
+    `incremental_buffer_size` is not capped by them: it says when to flush (freshness, and
+    how often the training thread swaps buffers), they say how big a packet may be; a flush
+    over the bound is split on the writer thread, off the training step.
     """
 
     flush_interval_s: float = 30.0
@@ -33,3 +54,5 @@ class ProducerSettings:
     close_timeout_s: float = 30.0
     metrics_addr: str = "127.0.0.1"
     writer_nice: int = 0
+    max_packet_rows: int = DEFAULT_MAX_PACKET_ROWS
+    max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES

@@ -5,8 +5,14 @@ after the `ObjectStore.writer` block of its packet exited cleanly, i.e. the pack
 stored. During a storage outage the writer retries retriable errors with capped, jittered
 backoff and no deadline (`foundation.retry`; back-pressure bounds memory) and the queue keeps
 growing; a newer snapshot of a table still waiting in the queue is merged into the older
-one (latest values win), so memory grows with distinct rows, not with flushes. A snapshot whose
-store was attempted is frozen: its key may already be visible, so its content never changes.
+one (latest values win), so memory grows with distinct rows, not with flushes.
+
+Packets are bounded (`max_packet_rows`, `max_packet_bytes`): a merge that would pass the bound
+is not made (the newer snapshot is queued as its own next packet), and a snapshot over the
+bound (one large flush) is cut, when the writer takes it, into packets of contiguous sign
+ranges with consecutive sequences, stored one after the other before anything later of its
+table. A snapshot whose store was attempted is frozen: its key may already be visible, so its
+content never changes.
 An error storage says is not retriable stops the writer: the packet stays unstored, and the
 training thread gets a `WriterFailedError` naming it at its next call.
 """
@@ -32,11 +38,30 @@ from persia_inc.packet_format import Announcement, FlushReason, PacketHeader, pa
 from persia_inc.producer.announce import Announcer
 from persia_inc.producer.errors import BackpressureError, WriterFailedError
 from persia_inc.producer.generation import next_generation
+from persia_inc.producer.settings import (
+    DEFAULT_MAX_PACKET_BYTES,
+    DEFAULT_MAX_PACKET_ROWS,
+    MIN_MAX_PACKET_BYTES,
+)
 from persia_inc.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
 _JOIN_S = 10.0  # at close, how long the thread may take to leave a store call after its stop
+_FRAMING_BYTES = 64 * 1024  # a packet's bytes besides its rows: schema (twice), header, IPC framing
+
+
+def packet_row_bytes(dim: int, state_dim: int = 0) -> int:
+    """Bytes one row takes in a packet, at most: its sign, float32 values (deleted rows carry
+    zeros; float16 packets take less), optimizer state and op byte."""
+    return 8 + 4 * (dim + state_dim) + 1
+
+
+def packet_row_limit(dim: int, state_dim: int, max_rows: int, max_bytes: int) -> int:
+    """The most rows (upserts and deletes) a packet of width `dim` (+ `state_dim`) may hold
+    under `max_rows` and `max_bytes`; at least 1."""
+    by_bytes = (max_bytes - _FRAMING_BYTES) // packet_row_bytes(dim, state_dim)
+    return max(1, min(max_rows, by_bytes))
 
 
 def writer_retry_policy(max_backoff_s: float = 5.0) -> RetryPolicy:
@@ -52,7 +77,9 @@ class Snapshot:
 
     signs: uint64[n] upserted signs; rows: float32[n, dim] their values at flush time;
     state: float32[n, k] optimizer state or None; deleted: uint64[d] evicted signs;
-    taken_s: monotonic time of the (oldest merged) read; created_ns: wall time of the latest.
+    taken_s: monotonic time of the (oldest merged) read; created_ns: wall time of the latest;
+    oldest_s: when the oldest of its signs was buffered, on the producer's clock (given back
+    with the signs if a deferred read fails).
     block: the pooled buffer `rows` is a view of, handed to `give_back` once no longer needed.
     read: when set, `rows` is not read yet: read() fills it and returns the state (or None);
     the writer calls it through `read_rows` (deferred reads, see `IncrementalProducer`).
@@ -67,6 +94,7 @@ class Snapshot:
     state: np.ndarray | None = None
     taken_s: float = field(default_factory=time.monotonic)
     created_ns: int = field(default_factory=time.time_ns)
+    oldest_s: float | None = None
     sequence: int | None = None  # set at the first put attempt, then frozen
     header: PacketHeader | None = None  # set with `sequence`
     block: np.ndarray | None = None
@@ -91,12 +119,16 @@ class Snapshot:
         return self.signs.nbytes + self.rows.nbytes + self.deleted.nbytes + state
 
     @property
+    def state_dim(self) -> int:
+        """Width of the optimizer state (0: none, or not read yet)."""
+        return 0 if self.state is None else int(self.state.shape[1])
+
+    @property
     def encoded_size_bound(self) -> int:
         """More bytes than its packet takes: every row's sign, float32 values (deleted rows
         carry zeros), state and op byte, plus room for the schema (written twice, with the
         header) and the IPC framing."""
-        state_dim = 0 if self.state is None else int(self.state.shape[1])
-        return self.row_count * (8 + 4 * (self.dim + state_dim) + 1) + 64 * 1024
+        return self.row_count * packet_row_bytes(self.dim, self.state_dim) + _FRAMING_BYTES
 
     @property
     def row_count(self) -> int:
@@ -107,15 +139,20 @@ class Snapshot:
             self.state is None or self.state.shape[1] == newer.state.shape[1])  # type: ignore[union-attr]
         return self.sequence is None and self.dim == newer.dim and same_state
 
-    def merge(self, newer: Snapshot) -> None:
-        """Fold `newer` into this snapshot: its upserts and deletes replace ours (latest wins).
+    def merge(self, newer: Snapshot, max_rows: int) -> bool:
+        """Fold `newer` into this snapshot: its upserts and deletes replace ours (latest wins),
+        unless the result would hold more than `max_rows` rows: then nothing changes (False).
         The rows are copied, so both pooled buffers go back. Runs where `submit` is called,
-        between training steps, so rows still to be read are read here."""
-        self.read_rows()
-        newer.read_rows()
+        between training steps, so rows still to be read are read here (after the bound check:
+        a refused merge reads nothing)."""
         touched = np.concatenate([newer.signs, newer.deleted])
         keep = ~np.isin(self.signs, touched)
         keep_deleted = ~np.isin(self.deleted, touched)
+        merged = int(np.count_nonzero(keep)) + int(np.count_nonzero(keep_deleted)) + newer.row_count
+        if merged > max_rows:
+            return False
+        self.read_rows()
+        newer.read_rows()
         self.signs = np.concatenate([self.signs[keep], newer.signs])
         self.rows = np.concatenate([self.rows[keep], newer.rows])
         if self.state is not None and newer.state is not None:
@@ -123,8 +160,43 @@ class Snapshot:
         self.deleted = np.concatenate([self.deleted[keep_deleted], newer.deleted])
         self.reason = newer.reason
         self.created_ns = newer.created_ns
+        if self.oldest_s is None:
+            self.oldest_s = newer.oldest_s
         self.release_block()
         newer.release_block()
+        return True
+
+    def split(self, max_rows: int) -> list[Snapshot]:
+        """Cut a snapshot in sign order (frozen by the writer, rows read) into packets of at
+        most `max_rows` rows, each a contiguous range of signs with its upserts and deletes:
+        this snapshot keeps the first range, the others are returned in sign order (views of
+        these arrays; the pooled buffer goes with the last). [] when it already fits."""
+        n = self.row_count
+        if n <= max_rows:
+            return []
+        signs, deleted = self.signs, self.deleted
+        if deleted.size:  # piece k starts at the (k * max_rows)-th sign of both, in order
+            starts = np.sort(np.concatenate([signs, deleted]), kind="stable")[max_rows::max_rows]
+            upsert_cuts = np.searchsorted(signs, starts)
+            delete_cuts = np.searchsorted(deleted, starts)
+        else:
+            upsert_cuts = np.arange(max_rows, n, max_rows)
+            delete_cuts = np.zeros(upsert_cuts.size, np.int64)
+        ub = [0, *upsert_cuts.tolist(), signs.size]
+        db = [0, *delete_cuts.tolist(), deleted.size]
+        rows, state = self.rows, self.state
+        pieces = [Snapshot(self.table, signs[ub[k]:ub[k + 1]], rows[ub[k]:ub[k + 1]],
+                           deleted[db[k]:db[k + 1]], self.dim, self.reason,
+                           None if state is None else state[ub[k]:ub[k + 1]],
+                           taken_s=self.taken_s, created_ns=self.created_ns,
+                           oldest_s=self.oldest_s)
+                  for k in range(1, len(ub) - 1)]
+        self.signs, self.rows, self.deleted = signs[:ub[1]], rows[:ub[1]], deleted[:db[1]]
+        if state is not None:
+            self.state = state[:ub[1]]
+        pieces[-1].block, pieces[-1].give_back = self.block, self.give_back  # freed last
+        self.block = None
+        return pieces
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +218,7 @@ class PacketWriter:
     `on_read_failed` takes back the snapshot of a read that failed. `retry`: how failed puts
     are retried (default `writer_retry_policy(max_backoff_s)`). owns_store: close() closes
     the store too; else the store is left as it was (its other users keep it).
+    max_packet_rows, max_packet_bytes: no packet holds more rows or bytes (`ProducerSettings`).
     """
 
     def __init__(
@@ -167,7 +240,16 @@ class PacketWriter:
         on_read_failed: Callable[[Snapshot, Exception], None] | None = None,
         retry: RetryPolicy | None = None,
         owns_store: bool = False,
+        max_packet_rows: int = DEFAULT_MAX_PACKET_ROWS,
+        max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
     ) -> None:
+        if isinstance(max_packet_rows, bool) or max_packet_rows <= 0:
+            raise ValueError(f"max_packet_rows must be a positive integer, got {max_packet_rows!r}")
+        if isinstance(max_packet_bytes, bool) or max_packet_bytes < MIN_MAX_PACKET_BYTES:
+            raise ValueError(f"max_packet_bytes must be at least {MIN_MAX_PACKET_BYTES}, "
+                             f"got {max_packet_bytes!r}")
+        self.max_packet_rows = max_packet_rows
+        self.max_packet_bytes = max_packet_bytes
         self.store = store
         self.model = model
         self.producer = producer
@@ -185,6 +267,7 @@ class PacketWriter:
         self.on_read_failed = on_read_failed
         self.generation = generation
         self.stored: list[StoredPacket] = []  # the last few, for tests and tools
+        self._non_finite_tables: set[str] = set()  # tables whose NaN/Inf rows were logged
         self.failure: WriterFailedError | None = None  # set once, by the writer thread
         self._next_sequence: dict[str, int] = collections.defaultdict(int)
         self._queue: collections.deque[Snapshot] = collections.deque()
@@ -251,15 +334,17 @@ class PacketWriter:
 
     def submit_many(self, snapshots: list[Snapshot]) -> None:
         """Queue snapshots (in order) under one lock and one wake-up of the writer thread.
+        A snapshot merges into the last one queued of its table when that one is not frozen
+        and the merged rows stay within the packet bound; else it is queued as the next packet.
         After a failure they are queued all the same (close() reports them unstored), then
         WriterFailedError is raised: rows are never dropped on the way."""
         with self._cond:
             for snapshot in snapshots:
                 for queued in reversed(self._queue):
                     if queued.table == snapshot.table:
-                        if queued.can_merge(snapshot):
-                            before = queued.nbytes
-                            queued.merge(snapshot)
+                        before = queued.nbytes
+                        if queued.can_merge(snapshot) and queued.merge(
+                                snapshot, self.row_limit(queued)):
                             self._pending_bytes += queued.nbytes - before
                             break
                         self._append(snapshot)
@@ -269,6 +354,12 @@ class PacketWriter:
             self._gauges()
             self._cond.notify_all()
         self.check_failure()
+
+    def row_limit(self, snapshot: Snapshot) -> int:
+        """The most rows a packet of `snapshot`'s width may hold (rows not read yet count
+        no optimizer state: the writer splits what turns out wider)."""
+        return packet_row_limit(snapshot.dim, snapshot.state_dim, self.max_packet_rows,
+                                self.max_packet_bytes)
 
     def _append(self, snapshot: Snapshot) -> None:
         self._queue.append(snapshot)
@@ -374,11 +465,11 @@ class PacketWriter:
         self._generation_ready.set()
 
     def _freeze(self, snapshot: Snapshot) -> PacketHeader:
-        """Freeze the snapshot: take its sequence and put its rows in sign order, once."""
+        """Freeze the snapshot: put its rows in sign order and take its sequence, once. One
+        over the packet bound is cut into packets of consecutive sequences (`Snapshot.split`);
+        it keeps the first, the others go to the head of the queue, to be stored next."""
         if self.generation is None:
             raise RuntimeError("writing before the generation is known")
-        snapshot.sequence = self._next_sequence[snapshot.table]
-        self._next_sequence[snapshot.table] += 1
         signs = snapshot.signs  # packets are sorted by sign; a dense buffer's already are
         if signs.size > 1 and not bool(np.all(signs[1:] > signs[:-1])):
             order = np.argsort(signs)  # here, off the training thread
@@ -388,13 +479,41 @@ class PacketWriter:
             snapshot.release_block()  # the rows were copied in sign order
         if snapshot.deleted.size > 1:
             snapshot.deleted = np.sort(snapshot.deleted)
-        snapshot.header = PacketHeader(
-            model=self.model, table=snapshot.table, producer=self.producer,
-            generation=self.generation, sequence=snapshot.sequence,
-            created_at_ns=snapshot.created_ns, flush_reason=snapshot.reason,
-            dtype=self.dtype, dim=snapshot.dim,  # type: ignore[arg-type]
-        )
-        return snapshot.header
+        rows = snapshot.row_count
+        with self._cond:  # pending_rows reads the snapshot in flight and the queue
+            rest = snapshot.split(self.row_limit(snapshot))
+            headers = []
+            for piece in (snapshot, *rest):
+                piece.sequence = self._next_sequence[piece.table]
+                self._next_sequence[piece.table] += 1
+                piece.header = header = PacketHeader(
+                    model=self.model, table=piece.table, producer=self.producer,
+                    generation=self.generation, sequence=piece.sequence,
+                    created_at_ns=piece.created_ns, flush_reason=piece.reason,
+                    dtype=self.dtype, dim=piece.dim,  # type: ignore[arg-type]
+                )
+                headers.append(header)
+            self._queue.extendleft(reversed(rest))
+        if rest:
+            log.info("snapshot of table %r (%d rows) over the packet bound: stored as %d packets, "
+                     "sequences %d-%d", snapshot.table, rows, 1 + len(rest), snapshot.sequence,
+                     rest[-1].sequence)
+        return headers[0]
+
+    def _warn_non_finite(self, snapshot: Snapshot) -> None:
+        """Log, once per table, the first sign whose row holds NaN or Inf. The packet still
+        ships: training is the truth, the loaders decide (they refuse such rows unless
+        `persia_inc.loader.allow_non_finite`). One vectorized pass when all is finite."""
+        rows = snapshot.rows
+        if rows.size == 0 or bool(np.isfinite(rows).all()):
+            return
+        bad = ~np.isfinite(rows).all(axis=1)
+        self._non_finite_tables.add(snapshot.table)
+        log.warning("table %r of producer %s: %d of %d rows hold NaN or Inf, the first at sign "
+                    "%d; shipped anyway, but loaders refuse such packets unless "
+                    "persia_inc.loader.allow_non_finite (logged once per table)", snapshot.table,
+                    self.producer, int(bad.sum()), len(rows),
+                    int(snapshot.signs[int(np.argmax(bad))]))
 
     def _write(self, snapshot: Snapshot) -> bool:
         """Store one snapshot, retrying retriable errors until it is stored (True) or the writer
@@ -416,6 +535,8 @@ class PacketWriter:
                 self.on_read_failed(snapshot, exc)
                 return True  # done with it: nothing to store
         header = snapshot.header if snapshot.header is not None else self._freeze(snapshot)
+        if snapshot.table not in self._non_finite_tables:
+            self._warn_non_finite(snapshot)
         key = packet_key(self.model, snapshot.table, self.producer, header.generation,
                          header.sequence)
         attempt, started = 0, time.monotonic()

@@ -75,25 +75,67 @@ def test_size_trigger_flushes_a_table_with_its_latest_rows(tmp_path: Path) -> No
     np.testing.assert_array_equal(packets[0].embeddings, expected)
 
 
+class FakeClock:
+    """A monotonic clock the test moves by hand (the producer's `clock`)."""
+
+    def __init__(self, start_s: float = 1000.0) -> None:
+        self.now_s = start_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
 def test_interval_trigger(tmp_path: Path) -> None:
     model = NumpyModel()
-    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000, flush_interval_s=0.2)
-    with producer_from_config(config) as producer:
+    clock = FakeClock()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000, flush_interval_s=30.0)
+    with producer_from_config(config, clock=clock) as producer:
         producer.register_table("a", model.read)
         producer.register_table("b", model.read)
         producer.record("a", np.arange(5))
+        clock.advance(29.9)
         producer.poll()
-        assert producer.buffered("a") == 5  # not yet
-        time.sleep(0.25)
+        assert producer.buffered("a") == 5  # not yet: 29.9 s < 30 s
+        clock.advance(0.1)
         producer.record("b", np.arange(3))  # any call checks every table's interval
         assert producer.buffered("a") == 0 and producer.buffered("b") == 3
-        time.sleep(0.25)
+        clock.advance(29.9)
+        producer.poll()
+        assert producer.buffered("b") == 3  # b's interval started when b's first sign came
+        clock.advance(0.1)
         producer.poll()
         assert producer.buffered("b") == 0
         assert producer.writer.drain(10)
         packets = read_packets(producer.store)
     assert [(p.header.table, p.header.flush_reason, p.header.rows) for p in packets] == [
         ("a", "interval", 5), ("b", "interval", 3)]
+
+
+def test_interval_restarts_after_a_flush_and_a_quiet_table_never_flushes(tmp_path: Path) -> None:
+    model = NumpyModel()
+    clock = FakeClock()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000, flush_interval_s=10.0)
+    with producer_from_config(config, clock=clock) as producer:
+        producer.register_table("a", model.read)
+        clock.advance(100.0)
+        producer.poll()  # nothing buffered: no interval runs, however long it waits
+        producer.record("a", np.arange(4))
+        producer.flush()  # explicit: a's interval ends with its buffer
+        clock.advance(6.0)
+        producer.record("a", np.arange(4, 6))  # a new interval starts here
+        clock.advance(6.0)
+        producer.poll()
+        assert producer.buffered("a") == 2  # 6 s since its oldest sign, 12 s since the flush
+        clock.advance(4.0)
+        producer.poll()
+        assert producer.buffered("a") == 0
+        assert producer.writer.drain(10)
+        packets = read_packets(producer.store)
+    assert [(p.header.flush_reason, p.header.rows) for p in packets] == [
+        ("explicit", 4), ("interval", 2)]
 
 
 def test_flush_and_close_store_everything_and_close_is_idempotent(tmp_path: Path) -> None:

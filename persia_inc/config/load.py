@@ -14,6 +14,7 @@ from persia_inc.config.persia_layouts import PERSIA_SECTIONS, STORAGE_ALIASES, f
 from persia_inc.config.schema import Config
 from persia_inc.config.typed import build_dataclass
 from persia_inc.packet_format.header import check_name
+from persia_inc.producer.settings import MIN_MAX_PACKET_BYTES
 from persia_inc.storage import storage_kind
 
 
@@ -86,6 +87,20 @@ def _check_together(config: Config) -> None:
         raise ConfigError(source, "persia_inc.producer.writer_nice", "must be in [0, 19]")
     if not 0 <= producer.metrics_port < 65536:
         raise ConfigError(source, "persia_inc.producer.metrics_port", "must be in [0, 65535]")
+    if producer.max_packet_rows <= 0:
+        raise ConfigError(source, "persia_inc.producer.max_packet_rows", "must be positive")
+    if producer.max_packet_bytes < MIN_MAX_PACKET_BYTES:
+        raise ConfigError(source, "persia_inc.producer.max_packet_bytes",
+                          f"must be at least {MIN_MAX_PACKET_BYTES} (1 MiB)")
+    limits = config.persia_inc.limits  # what a loader accepts: never produce more
+    if producer.max_packet_rows > limits.max_rows:
+        raise ConfigError(source, "persia_inc.producer.max_packet_rows",
+                          f"is over persia_inc.limits.max_rows ({limits.max_rows}): "
+                          "loaders would refuse such packets")
+    if producer.max_packet_bytes > limits.max_bytes:
+        raise ConfigError(source, "persia_inc.producer.max_packet_bytes",
+                          f"is over persia_inc.limits.max_bytes ({limits.max_bytes}): "
+                          "loaders would refuse such packets")
     if producer.producer_id:
         try:
             check_name("producer", producer.producer_id)
