@@ -255,30 +255,9 @@ class EmbeddingClient:
         A shard's slice over the message limit goes in chunks, committed together by the
         server on the last one (a failure in between leaves that shard as it was).
         """
-        h = packet.header
         num = len(self.servers)
         self.verify()
-        signs = np.ascontiguousarray(packet.signs, dtype=np.uint64)
-        rows = np.ascontiguousarray(packet.embeddings, dtype=np.float32)
-        deleted = np.ascontiguousarray(packet.deleted, dtype=np.uint64)
-        dim = rows.shape[1] if rows.ndim == 2 and rows.shape[1] else h.dim
-        order, bounds = group_by_shard(signs, num)
-        dorder, dbounds = group_by_shard(deleted, num)
-        if num > 1:
-            signs, rows, deleted = signs[order], rows[order], deleted[dorder]
-        apply_id = uuid.uuid4().hex
-        pending: dict[int, list[bytes]] = {}  # shard -> its messages, chunks in order
-        for shard in range(num):
-            lo, hi = bounds[shard], bounds[shard + 1]
-            dlo, dhi = dbounds[shard], dbounds[shard + 1]
-            pieces = apply_chunks(hi - lo, dhi - dlo, dim, self._limits[shard] - _HEADROOM_BYTES)
-            pending[shard] = [
-                encode_apply_request(
-                    h.table, h.producer, h.generation, h.sequence, dim,
-                    signs[lo:hi][r], rows[lo:hi][r], deleted[dlo:dhi][d],
-                    ApplyChunk(shard, num, apply_id if len(pieces) > 1 else "", i,
-                               len(pieces) if len(pieces) > 1 else 0))
-                for i, (r, d) in enumerate(pieces)]
+        pending = self._apply_messages(packet, range(num))
         # one round per chunk index: every shard's next chunk goes out together; a shard's
         # chunks go in order, each after the one before was staged
         replies: dict[int, pb.ApplyResponse] = {}
@@ -296,6 +275,69 @@ class EmbeddingClient:
                            inserted=sum(r.inserted for r in ordered),
                            updated=sum(r.updated for r in ordered),
                            deleted=sum(r.deleted for r in ordered))
+
+    def apply_shards(self, packet: Packet, shards: Iterable[int]) -> dict[int, bool | ShardError]:
+        """Apply `packet`'s slices to the listed `shards` only, each shard on its own: one
+        that is unreachable, or not the shard our list says, does not stop the others.
+
+        Returns shard -> True (applied), False (already held: at or below its watermark), or
+        the ShardError it failed with (a ShardIdentityError before anything was sent to it).
+        Never raises ShardError. For a caller that keeps each shard's progress and lets a
+        shard that was down catch up later (the loader). Chunks as `apply` does.
+        """
+        out: dict[int, bool | ShardError] = {}
+        todo = []
+        for shard in shards:
+            try:
+                self.verify((shard,))
+            except ShardError as exc:
+                out[shard] = exc
+            else:
+                todo.append(shard)
+        pending = self._apply_messages(packet, todo)
+        while pending:
+            calls = {shard: self._apply_raw[shard].future(
+                messages.pop(0), timeout=self.timeout_s, metadata=self._write_metadata)
+                for shard, messages in pending.items()}
+            for shard, call in calls.items():
+                try:
+                    reply = call.result()
+                except grpc.RpcError as exc:
+                    out[shard] = self._error(shard, exc)
+                    pending[shard].clear()
+                    continue
+                out[shard] = reply.applied
+                if not reply.staged:
+                    pending[shard].clear()
+            pending = {s: m for s, m in pending.items() if m}
+        return out
+
+    def _apply_messages(self, packet: Packet, shards: Iterable[int]) -> dict[int, list[bytes]]:
+        """The Apply messages of `packet` for each of `shards`: its slice, in chunks in order."""
+        h = packet.header
+        num = len(self.servers)
+        signs = np.ascontiguousarray(packet.signs, dtype=np.uint64)
+        rows = np.ascontiguousarray(packet.embeddings, dtype=np.float32)
+        deleted = np.ascontiguousarray(packet.deleted, dtype=np.uint64)
+        dim = rows.shape[1] if rows.ndim == 2 and rows.shape[1] else h.dim
+        order, bounds = group_by_shard(signs, num)
+        dorder, dbounds = group_by_shard(deleted, num)
+        if num > 1:
+            signs, rows, deleted = signs[order], rows[order], deleted[dorder]
+        apply_id = uuid.uuid4().hex
+        pending: dict[int, list[bytes]] = {}  # shard -> its messages, chunks in order
+        for shard in shards:
+            lo, hi = bounds[shard], bounds[shard + 1]
+            dlo, dhi = dbounds[shard], dbounds[shard + 1]
+            pieces = apply_chunks(hi - lo, dhi - dlo, dim, self._limits[shard] - _HEADROOM_BYTES)
+            pending[shard] = [
+                encode_apply_request(
+                    h.table, h.producer, h.generation, h.sequence, dim,
+                    signs[lo:hi][r], rows[lo:hi][r], deleted[dlo:dhi][d],
+                    ApplyChunk(shard, num, apply_id if len(pieces) > 1 else "", i,
+                               len(pieces) if len(pieces) > 1 else 0))
+                for i, (r, d) in enumerate(pieces)]
+        return pending
 
     def delete(self, table: str, signs: np.ndarray) -> int:
         """Delete signs outside any producer stream; returns how many rows were freed."""

@@ -4,6 +4,19 @@ every shard, and only then advances the watermark (and lets Kafka commit).
 
 Storage is the source of truth: on start, and whenever a stream has a gap or a server fell
 behind (restarted), the dispatcher lists storage after the stream's watermark.
+
+Progress is kept per shard. A shard that is unreachable (or not the shard our list says) is
+logged with its address at most every `unreachable_log_interval_s`, counted, shown in health
+and status, and left out: the reachable shards still get their slices. The ordering's watermark
+is what the reachable shards hold; what *every* shard holds (the minimum, with the last known
+marks of the shards that are down) is what Kafka may commit and what status reports. A shard
+that comes back holds less than the others, so the stream is rewound and replayed from storage
+(the "server fell behind" path); the others skip what they already hold.
+
+Nothing goes stale in silence: a packet that arrives below its stream's watermark after the
+watermark leapt over it (a passed gap or generation jump) is an ERROR naming it, a metric and a
+flag; a generation jump is held like a gap, logged as an ERROR, and passed (loudly) only after
+`gap_timeout_s`.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from persia_inc.embedding_server.client import EmbeddingClient
@@ -21,7 +35,13 @@ from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
 from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s
 from persia_inc.foundation.threads import ServiceThread, thread_name
-from persia_inc.loader.fetch import Fetched, Quarantine, fetch_packet
+from persia_inc.loader.fetch import (
+    Fetched,
+    NotAnObjectError,
+    NotSettledError,
+    Quarantine,
+    fetch_packet,
+)
 from persia_inc.loader.metrics import LoaderMetrics, MetricsServer
 from persia_inc.loader.ordering import Action, Offer, Ordering, Stream
 from persia_inc.loader.settings import LoaderSettings
@@ -29,6 +49,7 @@ from persia_inc.loader.sources import (
     Candidate,
     DirectoryWatcher,
     KafkaSource,
+    OtherModelsWatch,
     StoragePoller,
     packet_id_of_key,
 )
@@ -62,6 +83,27 @@ def loader_retry_policy(retry_backoff_s: float) -> RetryPolicy:
     never giving up (a daemon), waits doubling from `retry_backoff_s` up to ten times it."""
     return RetryPolicy(max_attempts=None, initial_backoff_s=retry_backoff_s,
                        max_backoff_s=_BACKOFF_CAP * retry_backoff_s, deadline_s=0)
+
+
+class LoaderStartError(RuntimeError):
+    """The loader could not start (a source failed to start); what it had started is closed."""
+
+
+@dataclass
+class ShardState:
+    """What the dispatcher knows of one shard: whether it answered at the last look, its
+    watermarks then (kept while it is down: the last known), and why it is down."""
+
+    index: int
+    address: str
+    up: bool = False
+    marks: dict[Stream, Position] = field(default_factory=dict)
+    seen: bool = False  # answered (ready) at least once
+    error: BaseException | None = None  # why it is down (None while up)
+    failures: int = 0  # consecutive failed looks or applies
+    retry_at: float = float("-inf")  # monotonic time of its next look while down
+    logged_at: float = float("-inf")  # monotonic time of the last log line about it
+    down_since: float | None = None
 
 
 def server_positions(client: EmbeddingClient) -> dict[Stream, list[Position | None]] | None:
@@ -108,6 +150,9 @@ class Loader:
         self.clock = clock
         self.metrics = LoaderMetrics(self.model)
         self.quarantine = Quarantine(self.store, self.settings.quarantine_prefix)
+        self.other_models: list[str] = []  # models with packets under incremental_dir, not ours
+        self._hung: set[tuple[Stream, Position]] = set()  # fetches past fetch_timeout_s
+        self.store.on_not_object = lambda key, kind: self._count_rejected(kind)
         self.ordering = Ordering(self.settings.gap_timeout_s,
                                  min(self.settings.list_interval_s, self.settings.rescan_interval_s))
         self.queue: queue.Queue[Candidate | None] = queue.Queue(self.settings.queue_size)
@@ -126,6 +171,13 @@ class Loader:
         self._must_check = True  # read the servers' watermarks before the next apply
         self._retry_at: dict[Stream, float] = {}
         self._failures: dict[object, int] = {}  # stream or stage -> consecutive failures
+        self._shards = [ShardState(i, address) for i, address in enumerate(client.servers)]
+        # per stream, for status and health: packets skipped below the watermark (count, last
+        # key), the held generation jump already logged, generation jumps passed
+        self._skipped: dict[Stream, tuple[int, str]] = {}
+        self._jump_logged: dict[Stream, Position] = {}
+        self._jumps_passed: dict[Stream, int] = {}
+        self._report: dict[str, Any] = {"model": model, "shards": [], "streams": []}
         self.applied = 0  # packets applied (every shard acked), for tests and logs
         self.last_loop = clock()
         self._thread = ServiceThread("loader-dispatcher", self._run, stop=self.stop)
@@ -147,8 +199,24 @@ class Loader:
         return source
 
     def start(self) -> Loader:
-        """Read the servers' watermarks, start the sources and the dispatcher."""
+        """Read the servers' watermarks, start the sources and the dispatcher.
+
+        Shards that are unreachable are waited for (the others are served); a shard that is
+        not the shard our list says (ShardIdentityError: the configuration is wrong) or a
+        source that fails to start (LoaderStartError) makes it raise, after closing whatever
+        it had started (threads, the fetch pool, the store if it owns it)."""
+        try:
+            return self._start()
+        except BaseException:
+            log.error("loader for model %s failed to start; closing what it started", self.model)
+            self.close()
+            raise
+
+    def _start(self) -> Loader:
         self.refresh_servers(force=True)
+        for shard in self._shards:
+            if isinstance(shard.error, ShardIdentityError):
+                raise shard.error
         s = self.settings
         positions = self.positions_snapshot
         rejected = self._count_rejected
@@ -157,7 +225,8 @@ class Loader:
                                    interval_s=s.rescan_interval_s, discover_every=s.discover_every,
                                    name="rescan", on_error=self._count_error)
             self.sources.append(DirectoryWatcher(str(self.store.root), self.model,  # type: ignore[attr-defined]
-                                                 self.queue, rescan, on_reject=rejected).start())
+                                                 self.queue, rescan, on_reject=rejected,
+                                                 is_object=self.store.exists).start())
         elif self.source_kind == "list":
             self.sources.append(StoragePoller(self.store.list, self.model, self.queue, positions,
                                               interval_s=s.list_interval_s,
@@ -175,9 +244,16 @@ class Loader:
             self.sources.append(KafkaSource(kafka, kafka.topic_for(self.model), self.model,
                                             self.queue, self.store.key_of,
                                             on_reject=rejected).start())
+        self._start_other_models_watch()
+        for source in self.sources:
+            error = getattr(source, "error", None)
+            if error is not None:
+                raise LoaderStartError(f"loader source {_source_name(source)} failed to start: "
+                                       f"{type(error).__name__}: {error}") from error
         self._thread.start()
         if s.metrics_port:
-            self._http = self.metrics.serve(s.metrics_port, s.metrics_addr, self.health)
+            self._http = self.metrics.serve(s.metrics_port, s.metrics_addr, self.health,
+                                            self.streams)
         log.info("loader for model %s on %s: source %s, %d servers", self.model,
                  self.store.root_uri, self.source_kind, len(self.client.servers))
         return self
@@ -207,12 +283,32 @@ class Loader:
         self.close()
 
     def health(self) -> dict[str, Any]:
+        """Healthy when the dispatcher loops, every source's threads run and every shard
+        answers; otherwise `problems` names what is wrong (a dead source by name, an
+        unreachable shard by index and address)."""
         alive = self._thread.is_alive() and self.clock() - self.last_loop < 30
-        report = {"healthy": bool(alive and self._servers_ok), "dispatcher": alive,
-                  "servers": self._servers_ok, "applied": self.applied,
-                  "queue": self.queue.qsize(), "source": self.source_kind}
+        sources = {_source_name(source): _source_alive(source) for source in self.sources}
+        shards = self._report["shards"]
+        problems = [] if alive else ["dispatcher not running"]
+        problems += [f"source {name} is dead" for name, ok in sources.items() if not ok]
+        problems += [f"shard {sh['shard']} ({sh['address']}) unreachable: {sh['error']}"
+                     for sh in shards if not sh["up"]]
+        servers = bool(shards) and all(sh["up"] for sh in shards)
+        report = {"healthy": not problems and servers, "dispatcher": alive,
+                  "servers": servers, "sources": sources, "shards": shards,
+                  "problems": problems, "applied": self.applied,
+                  "queue": self.queue.qsize(), "source": self.source_kind,
+                  "other_models": list(self.other_models)}
         self.metrics.healthy.labels(self.model).set(1 if report["healthy"] else 0)
         return report
+
+    def streams(self) -> dict[str, Any]:
+        """Per stream (as of the dispatcher's last pass): `watermark` (what every shard holds,
+        the last known marks counting for shards that are down), `reachable_watermark` (what
+        the reachable shards hold), `pending`, and the flags `skipped_below_watermark` (count,
+        `last_skipped` key), `generation_jump_held` (key of the held packet or None),
+        `generation_jumps_passed`, `shards_unreachable` (indices). Also `shards`."""
+        return self._report
 
     # ---------------------------------------------------------------------- positions
 
@@ -225,6 +321,22 @@ class Loader:
         self._positions = {**self._positions,
                            stream: None if mark is None else packet_key(self.model, *stream, *mark)}
 
+    def _start_other_models_watch(self) -> None:
+        """Notice packets of other models under incremental_dir (a wrong persia_inc.model)."""
+        def found(models: list[str]) -> None:
+            self.other_models = models
+            self.metrics.other_models.labels(self.model).set(len(models))
+
+        ignore = (self.settings.quarantine_prefix.strip("/").partition("/")[0],)
+        self.sources.append(OtherModelsWatch(
+            self.store, self.model, interval_s=self.settings.other_models_interval_s,
+            ignore=ignore, on_found=found, on_error=self._count_error).start())
+
+    def _fetch_kwargs(self) -> dict[str, Any]:
+        return {"limits": self.limits, "dims": dict(self._dims),
+                "allow_non_finite": self.settings.allow_non_finite,
+                "settle_s": self.settings.settle_s}
+
     def _count_rejected(self, reason: str) -> None:
         self.metrics.rejected.labels(self.model, reason).inc()
 
@@ -234,45 +346,125 @@ class Loader:
     # ----------------------------------------------------------------- servers' state
 
     def refresh_servers(self, *, force: bool = False) -> bool:
-        """Read every shard's watermarks; rewind streams where a shard fell behind (it
-        restarted empty or from an older checkpoint), so they replay from storage.
-        Returns False when some shard is unreachable or not ready."""
+        """Read the watermarks of every shard that is up (and of a shard that is down, when its
+        retry is due); rewind streams where a reachable shard fell behind (it restarted empty
+        or from an older checkpoint, or it was down and came back), so they replay from
+        storage. Returns False when no shard is reachable."""
         now = self.clock()
         if not force and not self._must_check and now - self._last_poll < self.settings.watermark_poll_s:
-            return True
+            return self._servers_ok
         self._last_poll = now
-        try:
-            marks = server_positions(self.client)
-            if marks is not None:
-                self._dims = table_dims(self.client)
-        except ShardError as exc:
-            if self._servers_ok:
-                log.warning("embedding servers unreachable: %s", exc)
-            marks = None
-        self._servers_ok = marks is not None
-        if marks is None:
+        for shard in self._shards:
+            if shard.up or force or now >= shard.retry_at:
+                self._look_at(shard, now)
+        up = [shard for shard in self._shards if shard.up]
+        self._servers_ok = bool(up)
+        if not up:
             self._must_check = True
+            self._publish_report()
             return False
         self._must_check = False
         self._failures.pop(_SERVERS, None)
         streams = set(self.ordering.streams)
         if self.source_kind != "kafka":  # kafka: a loader follows the streams it is told about
-            streams |= set(marks)
+            for shard in up:
+                streams |= set(shard.marks)
         for stream in streams:
-            held = lowest(marks.get(stream, [None]))
+            held = lowest([shard.marks.get(stream) for shard in up])
             ours = self.ordering.watermark(stream)
             fresh = stream not in self.ordering.streams
             if fresh or held != ours:
                 if not fresh and (held is None or (ours is not None and held < ours)):
-                    log.warning("stream %s/%s: the servers hold only up to %s, not %s (a server "
-                                "restarted?): replaying from storage", *stream, held, ours)
+                    behind = [f"{sh.index} ({sh.address})" for sh in up
+                              if sh.marks.get(stream) is None
+                              or (ours is not None and sh.marks[stream] < ours)]
+                    log.warning("stream %s/%s: shard %s holds only up to %s, not %s (restarted, "
+                                "or back after it was unreachable): replaying from storage",
+                                *stream, ", ".join(behind), held, ours)
                     self.metrics.replays.labels(self.model).inc()
                     self._drop_fetches(stream)
                 self.ordering.set_watermark(stream, held, now=now)
                 self._publish_position(stream)
-                if held is not None:
-                    self._settle_upto(stream, held)  # another loader of the group applied them
+            everywhere = self._held_everywhere(stream)
+            if everywhere is not None:
+                self._settle_upto(stream, everywhere)  # every shard holds them
+        self._publish_report()
         return True
+
+    def _look_at(self, shard: ShardState, now: float) -> None:
+        """Read one shard's status: its watermarks and tables, or why it is down."""
+        try:
+            self.client.verify((shard.index,))  # cheap once checked; again after an outage
+            status = self.client.status(shard.index)
+        except ShardError as exc:
+            self._shard_down(shard, exc, now)
+            return
+        if not status.ready:
+            self._shard_down(shard, ConnectionError("not ready (still loading its checkpoint)"), now)
+            return
+        shard.marks = {(w.table, w.producer): (w.generation, w.sequence) for w in status.watermarks}
+        self._dims.update({t.name: t.dim for t in status.tables})
+        if not shard.up and shard.down_since is not None:
+            log.warning("shard %d (%s) answers again after %.1f s: catching up from storage",
+                        shard.index, shard.address, now - shard.down_since)
+        shard.up, shard.seen, shard.error, shard.failures = True, True, None, 0
+        shard.down_since = None
+        self.metrics.shard_up.labels(self.model, str(shard.index)).set(1)
+
+    def _shard_down(self, shard: ShardState, exc: BaseException, now: float) -> None:
+        """Mark `shard` down after `exc` (a failed look or apply): counted every time, logged
+        with its address at most every `unreachable_log_interval_s`, looked at again after a
+        backoff. A ShardIdentityError (the server list is in the wrong order) is an ERROR."""
+        shard.up = False
+        shard.error = exc
+        shard.failures += 1
+        if shard.down_since is None:
+            shard.down_since = now
+        shard.retry_at = now + daemon_delay_s(exc, shard.failures,
+                                              loader_retry_policy(self.settings.retry_backoff_s))
+        self._must_check = True
+        why = "wrong_shard" if isinstance(exc, ShardIdentityError) else "unreachable"
+        self.metrics.shard_unreachable.labels(self.model, str(shard.index), shard.address, why).inc()
+        self.metrics.shard_up.labels(self.model, str(shard.index)).set(0)
+        if now - shard.logged_at >= self.settings.unreachable_log_interval_s:
+            shard.logged_at = now
+            log.error("SHARD %d (%s) %s for %.1f s (%d failures): %s; the other shards still get "
+                      "their slices, this one catches up from storage when it is back (logged at "
+                      "most every %.0f s)", shard.index, shard.address,
+                      "refuses its identity" if why == "wrong_shard" else "unreachable",
+                      now - shard.down_since, shard.failures, exc,
+                      self.settings.unreachable_log_interval_s)
+
+    def _held_everywhere(self, stream: Stream) -> Position | None:
+        """What every shard holds of `stream` (shards that are down count with their last
+        known marks; None if some shard was never seen or holds nothing of it)."""
+        if not all(shard.seen for shard in self._shards):
+            return None
+        return lowest([shard.marks.get(stream) for shard in self._shards])
+
+    def _publish_report(self) -> None:
+        """A fresh snapshot for `streams()`, `health()` and `/streams` (read by other threads)."""
+        down = [shard.index for shard in self._shards if not shard.up]
+        streams = []
+        for stream in sorted(self.ordering.streams):
+            everywhere = self._held_everywhere(stream)
+            reachable = self.ordering.watermark(stream)
+            held = self.ordering.held_jump(stream)
+            skipped, last = self._skipped.get(stream, (0, ""))
+            streams.append({
+                "table": stream[0], "producer": stream[1],
+                "watermark": None if everywhere is None else list(everywhere),
+                "reachable_watermark": None if reachable is None else list(reachable),
+                "pending": len(self.ordering.state(stream).pending),
+                "skipped_below_watermark": skipped, "last_skipped": last,
+                "generation_jump_held": None if held is None else held.key,
+                "generation_jumps_passed": self._jumps_passed.get(stream, 0),
+                "shards_unreachable": down,
+            })
+        shards = [{"shard": sh.index, "address": sh.address, "up": sh.up,
+                   "error": "" if sh.error is None else str(sh.error), "failures": sh.failures}
+                  for sh in self._shards]
+        self._report = {"model": self.model, "shards": shards, "streams": streams}
 
     # ---------------------------------------------------------------------- dispatcher
 
@@ -318,9 +510,17 @@ class Loader:
             self._must_check = True  # a new stream: learn where the servers are first
             self.refresh_servers()
         outcome = self.ordering.offer(packet_id, now=self.clock())
+        if outcome is Offer.SKIPPED:
+            self._skipped_below(stream, packet_id, candidate)
+            return
         if outcome is Offer.STALE:
             self.metrics.skipped.labels(self.model, "watermark").inc()
-            if candidate.settle:
+            everywhere = self._held_everywhere(stream)
+            if candidate.settle and packet_id.position not in self.ordering.state(stream).bad \
+                    and (everywhere is None or packet_id.position > everywhere):
+                # applied where the shards answer, not yet on one that is down: commit later
+                self._settlers.setdefault((stream, packet_id.position), []).append(candidate.settle)
+            elif candidate.settle:
                 candidate.settle()
             return
         if outcome is Offer.DUPLICATE:
@@ -330,6 +530,38 @@ class Loader:
             self._settlers.setdefault(ident, []).append(candidate.settle)
         if candidate.created_at_ns:
             self._created[ident] = candidate.created_at_ns
+
+    def _skipped_below(self, stream: Stream, packet_id: PacketId, candidate: Candidate) -> None:
+        """A packet below the watermark inside a leap of it: it was never applied and never
+        will be (applying it over newer rows would be worse). Loud: an ERROR, a metric, a flag."""
+        if candidate.settle:
+            candidate.settle()
+        count, last = self._skipped.get(stream, (0, ""))
+        if last == packet_id.key:  # the same late packet again (another event, a redelivery)
+            self.metrics.skipped.labels(self.model, "watermark").inc()
+            return
+        self._skipped[stream] = (count + 1, packet_id.key)
+        self.metrics.skipped_below.labels(self.model, stream[0]).inc()
+        log.error("SKIPPED %s: it arrived (from %s) below the watermark %s of %s/%s/%s, which had "
+                  "already leapt past it (a gap or generation jump passed); it was never applied "
+                  "and will not be: its rows on the servers may be stale",
+                  self.store.uri(packet_id.key), candidate.source or "a source",
+                  self.ordering.watermark(stream), self.model, *stream)
+        self._publish_report()
+
+    def _held_jump(self, stream: Stream, head: PacketId, known: int) -> None:
+        """Log (once per held packet) and count a generation jump being held."""
+        if self._jump_logged.get(stream) == head.position:
+            return
+        self._jump_logged[stream] = head.position
+        self.metrics.generation_jumps.labels(self.model, stream[0], "held").inc()
+        log.error("GENERATION JUMP in %s/%s/%s: %s is generation %d, but the highest known "
+                  "generation of producer %s is %d (watermark %s): held, not applied, while "
+                  "storage is listed for generations %d..%d; passed after %.1f s if none shows",
+                  self.model, *stream, self.store.uri(head.key), head.generation, stream[1], known,
+                  self.ordering.watermark(stream), known + 1, head.generation - 1,
+                  self.settings.gap_timeout_s)
+        self._publish_report()
 
     def _step(self) -> bool:
         """One pass over the streams; True if it did work."""
@@ -346,11 +578,24 @@ class Loader:
                 continue
             decision = self.ordering.decide(stream, now=now)
             if decision.action is Action.LIST:
+                if decision.jump_from is not None and decision.head is not None:
+                    self._held_jump(stream, decision.head, decision.jump_from)
                 self._list_stream(stream)
                 did = True
                 decision = self.ordering.decide(stream, now=self.clock())
+            if decision.jump_from is not None and decision.head is not None:
+                self._held_jump(stream, decision.head, decision.jump_from)
             if decision.action in (Action.APPLY, Action.PASS_GAP) and decision.head is not None:
-                if decision.action is Action.PASS_GAP:
+                if decision.action is Action.PASS_GAP and decision.jump_from is not None:
+                    log.error("GENERATION JUMP in %s/%s/%s passed: no generation between %d and "
+                              "%d showed within %.1f s; applying %s over watermark %s",
+                              self.model, *stream, decision.jump_from, decision.head.generation,
+                              self.settings.gap_timeout_s, self.store.uri(decision.head.key),
+                              decision.missing_after)
+                    self.metrics.generation_jumps.labels(self.model, stream[0], "passed").inc()
+                    self.metrics.gaps.labels(self.model, stream[0]).inc()
+                    self._jumps_passed[stream] = self._jumps_passed.get(stream, 0) + 1
+                elif decision.action is Action.PASS_GAP:
                     log.error("GAP in %s/%s/%s: nothing after %s arrived within %.1f s; passing "
                               "it and applying %s", self.model, *stream, decision.missing_after,
                               self.settings.gap_timeout_s, decision.head.position)
@@ -361,6 +606,7 @@ class Loader:
                 if self._must_check:
                     break
             self.metrics.lag.labels(self.model, stream[0]).set(len(self.ordering.state(stream).pending))
+        self._publish_report()
         return did
 
     def _list_stream(self, stream: Stream) -> None:
@@ -383,8 +629,7 @@ class Loader:
             ident = (stream, packet_id.position)
             if ident not in self._fetches:
                 self._fetches[ident] = self._pool.submit(
-                    fetch_packet, self.store, packet_id.key, packet_id, limits=self.limits,
-                    dims=dict(self._dims))
+                    fetch_packet, self.store, packet_id.key, packet_id, **self._fetch_kwargs())
 
     def _drop_fetches(self, stream: Stream) -> None:
         for ident in [i for i in self._fetches if i[0] == stream]:
@@ -405,9 +650,33 @@ class Loader:
         future = self._fetches.pop(ident, None)
         if future is None:
             future = self._pool.submit(fetch_packet, self.store, packet_id.key, packet_id,
-                                       limits=self.limits, dims=dict(self._dims))
+                                       **self._fetch_kwargs())
         try:
-            fetched: Fetched = future.result()
+            # a fetch that hangs (stuck storage) is waited for once, then only looked at
+            fetched: Fetched = future.result(
+                timeout=0 if ident in self._hung else self.settings.fetch_timeout_s)
+            self._hung.discard(ident)
+        except TimeoutError:  # still running: keep it (never two fetches of one packet)
+            self._fetches[ident] = future
+            if ident not in self._hung:
+                self._hung.add(ident)
+                log.error("fetching %s did not finish within %.1f s (storage stuck?); its "
+                          "stream waits, the others go on", packet_id.key,
+                          self.settings.fetch_timeout_s)
+                self._count_error("fetch_timeout")
+            self._retry_at[stream] = self.clock() + self.settings.retry_backoff_s
+            return
+        except NotAnObjectError:  # a symlink, FIFO, ...: the store logged and counted it
+            self._hung.discard(ident)
+            self.ordering.reject(packet_id, now=self.clock())
+            self._settle(ident)
+            return
+        except NotSettledError as exc:  # written in place, still changing: judged later
+            self._hung.discard(ident)
+            log.info("%s", exc)
+            self._count_error("unsettled")
+            self._retry_at[stream] = self.clock() + self._backoff_s(stream, exc)
+            return
         except FileNotFoundError:
             log.warning("%s is announced or listed but not in storage: dropped", packet_id.key)
             self._count_rejected("missing")
@@ -415,7 +684,10 @@ class Loader:
             self._settle(ident)
             return
         except PacketError as exc:
-            self.quarantine.put(packet_id.key, str(exc))
+            record = self.quarantine.put(packet_id.key, str(exc), getattr(exc, "judged", None))
+            if record["changed"]:  # rewritten since it was judged: judge it again
+                self._retry_at[stream] = self.clock() + self.settings.retry_backoff_s
+                return
             self.metrics.quarantined.labels(self.model, type(exc).__name__).inc()
             self.ordering.reject(packet_id, now=self.clock())
             self._settle(ident)
@@ -442,26 +714,36 @@ class Loader:
             self._retry_at[stream] = self.clock() + wait
             return
         started = self.clock()
-        try:
-            result = self.client.apply(packet)
-        except ShardError as exc:
-            if _packet_rejected(exc):
-                self.quarantine.put(packet_id.key, f"rejected by the servers: {exc}")
-                self.metrics.quarantined.labels(self.model, "server_rejected").inc()
-                self.ordering.reject(packet_id, now=self.clock())
-                self._settle(ident)
-                return
-            wait = self._backoff_s(stream, exc)
-            log.warning("applying %s failed (retry in %.2fs): %s", packet_id.key, wait, exc)
+        targets = [shard.index for shard in self._shards if shard.up]
+        outcome = self.client.apply_shards(packet, targets)
+        failed = {i: r for i, r in outcome.items() if isinstance(r, ShardError)}
+        acked = {i: r for i, r in outcome.items() if not isinstance(r, ShardError)}
+        rejected = [exc for exc in failed.values() if _packet_rejected(exc)]
+        if rejected:
+            self.quarantine.put(packet_id.key, f"rejected by the servers: {rejected[0]}")
+            self.metrics.quarantined.labels(self.model, "server_rejected").inc()
+            self.ordering.reject(packet_id, now=self.clock())
+            self._settle(ident)
+            return
+        for index, exc in failed.items():  # down (or the wrong shard): out until it answers
+            self._shard_down(self._shards[index], exc, self.clock())
+        if failed:
             self._count_error("apply")
-            self._must_check = True
+        if not acked:
+            why: BaseException = next(iter(failed.values()), None) or _servers_down()
+            wait = self._backoff_s(stream, why)
+            log.warning("applying %s failed on every shard (retry in %.2fs): %s", packet_id.key,
+                        wait, why)
             self._fetches[ident] = _done_future(fetched)
             self._retry_at[stream] = self.clock() + wait
             return
+        for index in acked:
+            marks = self._shards[index].marks
+            marks[stream] = max(marks.get(stream, packet_id.position), packet_id.position)
         done = self.clock()
         h = packet.header
         m, table = self.metrics, h.table
-        if result.skipped:
+        if not any(acked.values()):
             m.skipped.labels(self.model, "servers_held").inc()
         else:
             m.packets.labels(self.model, table).inc()
@@ -474,10 +756,27 @@ class Loader:
         self.ordering.applied(packet_id, now=done)
         self._failures.pop(stream, None)
         self._publish_position(stream)
-        self._settle(ident)
+        everywhere = self._held_everywhere(stream)
+        if everywhere is not None:  # Kafka commits only what every shard holds
+            self._settle_upto(stream, everywhere)
 
 
 _SERVERS, _DISPATCH = "servers", "dispatch"  # failure counters that are not a stream's
+
+
+def _source_name(source: Any) -> str:
+    """A source's name in health and logs: watch, kafka, or the poller's name."""
+    if isinstance(source, DirectoryWatcher):
+        return "watch"
+    if isinstance(source, KafkaSource):
+        return "kafka"
+    return str(getattr(source, "name", type(source).__name__))
+
+
+def _source_alive(source: Any) -> bool:
+    """Whether a source's threads run (a source without `is_alive` is taken as alive)."""
+    alive = getattr(source, "is_alive", None)
+    return True if alive is None else bool(alive())
 
 
 def _servers_down() -> ConnectionError:

@@ -64,27 +64,52 @@ class LoaderMetrics:
                          t, registry=r)
         self.queue = Gauge("persia_inc_loader_queue", "Candidates waiting for the dispatcher",
                            m, registry=r)
+        self.other_models = Gauge("persia_inc_loader_other_models",
+                                  "Other models whose packets are under incremental_dir (this "
+                                  "loader ignores them: is persia_inc.model right?)", m, registry=r)
         self.healthy = Gauge("persia_inc_loader_healthy", "1 when the dispatcher runs and the "
                              "servers answer", m, registry=r)
+        self.skipped_below = Counter(
+            "persia_inc_loader_skipped_below_watermark",
+            "Packets that arrived below their stream's watermark after it leapt past them (a "
+            "passed gap or generation jump): never applied", t, registry=r)
+        self.generation_jumps = Counter(
+            "persia_inc_loader_generation_jumps",
+            "Generation starts more than one above the producer's highest known generation: "
+            "held (outcome=held), then passed after the gap timeout (outcome=passed)",
+            [*t, "outcome"], registry=r)
+        self.shard_unreachable = Counter(
+            "persia_inc_loader_shard_unreachable",
+            "Failed looks at or applies to one shard (why: unreachable, wrong_shard)",
+            [*m, "shard", "address", "why"], registry=r)
+        self.shard_up = Gauge("persia_inc_loader_shard_up", "1 when the shard answered at the "
+                              "last look", [*m, "shard"], registry=r)
 
-    def serve(self, port: int, addr: str, health: Callable[[], dict[str, Any]]) -> MetricsServer:
-        """Serve /metrics and /healthz on addr:port (port 0 picks a free port)."""
-        return MetricsServer(self.registry, port, addr, health)
+    def serve(self, port: int, addr: str, health: Callable[[], dict[str, Any]],
+              streams: Callable[[], dict[str, Any]] | None = None) -> MetricsServer:
+        """Serve /metrics, /healthz and /streams on addr:port (port 0 picks a free port)."""
+        return MetricsServer(self.registry, port, addr, health, streams)
 
 
 class MetricsServer:
-    """A tiny HTTP server: `/metrics` (Prometheus text) and `/healthz` (JSON; 503 when not
-    healthy). Runs on a `ServiceThread` (`persia-inc-loader-metrics`); `close()` stops it
-    promptly and is safe to call twice."""
+    """A tiny HTTP server: `/metrics` (Prometheus text), `/healthz` (JSON; 503 when not
+    healthy) and `/streams` (JSON: per stream, the loader's watermarks and flags, which
+    `persia-inc status` shows). Runs on a `ServiceThread` (`persia-inc-loader-metrics`);
+    `close()` stops it promptly and is safe to call twice."""
 
     def __init__(self, registry: CollectorRegistry, port: int, addr: str,
-                 health: Callable[[], dict[str, Any]]) -> None:
+                 health: Callable[[], dict[str, Any]],
+                 streams: Callable[[], dict[str, Any]] | None = None) -> None:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path.startswith("/healthz"):
                     report = health()
                     body = json.dumps(report).encode()
                     self.send_response(200 if report.get("healthy") else 503)
+                    self.send_header("Content-Type", "application/json")
+                elif self.path.startswith("/streams") and streams is not None:
+                    body = json.dumps(streams()).encode()
+                    self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                 elif self.path.startswith("/metrics") or self.path == "/":
                     body = generate_latest(registry)

@@ -6,6 +6,15 @@ producer takes a new generation and starts at sequence 0 (producer/writer.py). A
 start is applied only after a storage listing taken while it was the head confirmed nothing
 older is missing. Anything else is a gap: the dispatcher re-lists storage and waits up to
 `gap_timeout_s`, then the gap is passed (logged loudly and counted by the caller).
+
+A *generation jump* is a generation start more than one above the highest generation known for
+its producer (the newest watermark over the producer's streams): a stray file, or generations
+lost from storage. It is held like a gap (listings look for the missing generations; in-order
+packets of the old generation still apply first) and passed only after `gap_timeout_s`.
+
+Every forward leap of the watermark (a generation start, a passed gap or jump) is remembered
+(`StreamState.leaps`, the most recent `MAX_LEAPS`), so a packet that arrives later inside one
+is known never to have been applied: `Offer.SKIPPED`, which the caller must report loudly.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from dataclasses import dataclass, field
 from persia_inc.packet_format import PacketId, Position
 
 Stream = tuple[str, str]  # (table, producer) of one model: the unit of ordering
+MAX_LEAPS = 64  # watermark leaps remembered per stream (to name skipped late packets)
 
 
 class Offer(enum.Enum):
@@ -26,6 +36,7 @@ class Offer(enum.Enum):
     ACCEPTED = "accepted"  # new and above the watermark: pending
     DUPLICATE = "duplicate"  # already pending
     STALE = "stale"  # at or below the watermark (or known bad): nothing to do
+    SKIPPED = "skipped"  # below the watermark, inside a leap of it: never applied, never will be
 
 
 class Action(enum.Enum):
@@ -41,6 +52,8 @@ class Decision:
     action: Action
     head: PacketId | None = None
     missing_after: Position | None = None  # for PASS_GAP: the watermark the gap followed
+    jump_from: int | None = None  # set when the head is a generation jump: the highest known
+    # generation of its producer (the head is held on LIST/WAIT, passed on PASS_GAP)
 
 
 @dataclass(slots=True)
@@ -55,6 +68,9 @@ class StreamState:
     head_since: float | None = None  # when the current head became the head
     gap_since: float | None = None  # when the current gap was first seen
     list_requested: bool = True  # a listing is owed (start, rewind, gap)
+    # (after, to): the watermark moved from `after` straight to `to`, so every position strictly
+    # between them was never applied by this loader; oldest first, at most MAX_LEAPS
+    leaps: list[tuple[Position, Position]] = field(default_factory=list)
 
     def head(self) -> Position | None:
         return self.pending[0] if self.pending else None
@@ -68,6 +84,12 @@ def is_successor(watermark: Position | None, position: Position) -> bool:
 def is_generation_start(watermark: Position | None, position: Position) -> bool:
     """Whether `position` starts a generation newer than the watermark's (sequence 0)."""
     return position[1] == 0 and (watermark is None or position[0] > watermark[0])
+
+
+def is_generation_jump(known: int | None, position: Position) -> bool:
+    """Whether `position` is in a generation more than one above `known` (the highest
+    generation known for its producer; None: nothing known, so no jump)."""
+    return known is not None and position[0] > known + 1
 
 
 class Ordering:
@@ -102,6 +124,8 @@ class Ordering:
             state.watermark = position
             state.list_requested = True
             state.listed_at = float("-inf")
+            # leaps above the new watermark are replayed (and remembered again if taken again)
+            state.leaps = [] if position is None else [lp for lp in state.leaps if lp[1] <= position]
         while state.pending and position is not None and state.pending[0] <= position:
             state.ids.pop(heapq.heappop(state.pending), None)
         self._new_head(state, now)
@@ -109,7 +133,11 @@ class Ordering:
     def offer(self, packet: PacketId, *, now: float) -> Offer:
         state = self.state((packet.table, packet.producer))
         position = packet.position
-        if (state.watermark is not None and position <= state.watermark) or position in state.bad:
+        if position in state.bad:
+            return Offer.STALE
+        if state.watermark is not None and position <= state.watermark:
+            if any(after < position < to for after, to in state.leaps):
+                return Offer.SKIPPED
             return Offer.STALE
         if position in state.ids:
             return Offer.DUPLICATE
@@ -133,6 +161,12 @@ class Ordering:
         state.listed_at = max(state.listed_at, at)
         state.list_requested = False
 
+    def known_generation(self, producer: str) -> int | None:
+        """The highest generation of `producer` any of its streams' watermarks has reached."""
+        marks = [state.watermark[0] for (_, p), state in self.streams.items()
+                 if p == producer and state.watermark is not None]
+        return max(marks, default=None)
+
     def decide(self, stream: Stream, *, now: float) -> Decision:
         """What to do next for `stream`."""
         state = self.state(stream)
@@ -146,21 +180,41 @@ class Ordering:
             return Decision(Action.APPLY, packet)
         if state.head_since is None:
             state.head_since = now
-        if is_generation_start(state.watermark, head) and state.listed_at >= state.head_since:
+        known = self.known_generation(stream[1])
+        jump_from = known if is_generation_jump(known, head) else None
+        start = is_generation_start(state.watermark, head) and jump_from is None
+        if start and state.listed_at >= state.head_since:
             return Decision(Action.APPLY, packet)  # nothing older was in storage
         if state.gap_since is None:
             state.gap_since = state.head_since  # the wait starts when the gap showed
-        if is_generation_start(state.watermark, head) and state.listed_at < state.head_since:
+        if start and state.listed_at < state.head_since:
             return Decision(Action.LIST)
         if now - state.gap_since >= self.gap_timeout_s:
-            return Decision(Action.PASS_GAP, packet, missing_after=state.watermark)
+            return Decision(Action.PASS_GAP, packet, missing_after=state.watermark,
+                            jump_from=jump_from)
         if state.listed_at < state.head_since or now - state.listed_at >= self.list_interval_s:
-            return Decision(Action.LIST)  # the missing packet may be stored, just not announced
-        return Decision(Action.WAIT)
+            # the missing packet (or generation) may be stored, just not announced
+            return Decision(Action.LIST, packet, jump_from=jump_from)
+        return Decision(Action.WAIT, packet, jump_from=jump_from)
+
+    def held_jump(self, stream: Stream) -> PacketId | None:
+        """The head of `stream` if it is a generation jump waiting (not applied yet)."""
+        state = self.streams.get(stream)
+        head = None if state is None else state.head()
+        if state is None or head is None or is_successor(state.watermark, head):
+            return None
+        return state.ids[head] if is_generation_jump(self.known_generation(stream[1]), head) else None
 
     def applied(self, packet: PacketId, *, now: float) -> None:
-        """The head was applied on every shard (or skipped by all): advance the watermark."""
-        self.set_watermark((packet.table, packet.producer), packet.position, now=now)
+        """The head was applied (every reachable shard acked, or all held it): advance the
+        watermark, remembering a leap over positions never applied."""
+        stream = (packet.table, packet.producer)
+        state = self.state(stream)
+        before, position = state.watermark, packet.position
+        if before is not None and before < position and not is_successor(before, position):
+            state.leaps.append((before, position))
+            del state.leaps[:-MAX_LEAPS]
+        self.set_watermark(stream, position, now=now)
 
     def reject(self, packet: PacketId, *, now: float) -> None:
         """Drop a pending packet for good (quarantined, or missing from storage)."""

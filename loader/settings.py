@@ -21,7 +21,17 @@ class LoaderSettings:
     moved to (empty: recorded only); metrics_port / metrics_addr: Prometheus metrics and
     /healthz (0: off); watermark_poll_s: how often the servers' watermarks are read to notice a
     restarted server; retry_backoff_s: wait before retrying a failed fetch or apply;
-    queue_size: bound of the candidate queue between sources and the dispatcher.
+    queue_size: bound of the candidate queue between sources and the dispatcher;
+    settle_s: a packet file that fails verification while it changed less than this long ago
+    (size or mtime; local disk, where a copy may be written in place) is not judged yet but
+    tried again, so a slow in-place copy is never quarantined half written; fetch_timeout_s:
+    longest wait for one fetch (read and verify) before the dispatcher gives up on it for now,
+    logs the packet's name and retries it later; allow_non_finite: apply rows holding NaN or
+    Inf (false: such a packet is quarantined, naming the table and the first bad sign);
+    other_models_interval_s: how often the top level of incremental_dir is listed to notice
+    packets of other models (logged once per model, counted, in health and status);
+    unreachable_log_interval_s: least time between two log lines about the same unreachable
+    shard (every failure is still counted in a metric, and shown in health and status).
     """
 
     rescan_interval_s: float = 5.0
@@ -36,13 +46,19 @@ class LoaderSettings:
     watermark_poll_s: float = 2.0
     retry_backoff_s: float = 0.5
     queue_size: int = 10_000
+    unreachable_log_interval_s: float = 30.0
+    settle_s: float = 2.0
+    fetch_timeout_s: float = 60.0
+    allow_non_finite: bool = False
+    other_models_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("rescan_interval_s", "list_interval_s", "watermark_poll_s", "retry_backoff_s"):
+        for name in ("rescan_interval_s", "list_interval_s", "watermark_poll_s", "retry_backoff_s",
+                     "fetch_timeout_s", "other_models_interval_s", "unreachable_log_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.gap_timeout_s < 0:
-            raise ValueError("gap_timeout_s must be >= 0")
+        if self.gap_timeout_s < 0 or self.settle_s < 0:
+            raise ValueError("gap_timeout_s and settle_s must be >= 0")
         if self.prefetch < 1 or self.discover_every < 1 or self.queue_size < 1:
             raise ValueError("prefetch, discover_every and queue_size must be positive")
         if not 0 <= self.metrics_port < 65536:

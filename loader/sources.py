@@ -3,7 +3,14 @@
 * `StoragePoller`: lists each known stream after its position, and now and then the whole
   model (new streams), with list functions passed in, so it serves local disk, HDFS and S3.
 * `DirectoryWatcher`: watchdog events on a local `incremental_dir`, plus a `StoragePoller`
-  at `rescan_interval_s`, so a missed event costs at most one rescan.
+  at `rescan_interval_s`, so a missed event costs at most one rescan. It listens to files
+  closed after writing and renamed into place, never to creation (a file being written in
+  place is not whole yet), and offers a path only if the store calls it an object, the same
+  test the listing applies: symlinks (never followed), FIFOs, sockets and devices are skipped
+  whichever path sees them first, logged and counted once by the store.
+* `OtherModelsWatch`: now and then lists the top level of `incremental_dir` and says, once per
+  model, that packets of another model are there (a loader whose `persia_inc.model` is wrong
+  would otherwise apply nothing in silence).
 * `KafkaSource`: a consumer group member; each announcement is validated (URI under
   `incremental_dir`, identity consistent with its key) and becomes a candidate whose
   `settle()` lets the offset be committed. Offsets are committed from the consumer thread,
@@ -105,6 +112,7 @@ class StoragePoller:
         discover = self.rounds % self.discover_every == 0
         self.rounds += 1
         positions = self.positions()
+        listings: list[tuple[str, str | None]]
         if discover:
             listings = [(stream_prefix(self.model), None)]
         else:
@@ -135,12 +143,20 @@ class StoragePoller:
         """Stop polling (bounded, safe to call twice)."""
         self._thread.close(timeout_s)
 
+    def is_alive(self) -> bool:
+        """Whether its thread runs (for the loader's health)."""
+        return self._thread.is_alive()
+
 
 class DirectoryWatcher:
-    """watchdog on a local root (recursive), plus a rescan `StoragePoller`."""
+    """watchdog on a local root (recursive), plus a rescan `StoragePoller`.
+
+    is_object(key) -> whether the store holds an object there (the store's `exists`: a regular
+    file reached without a symlink); paths it refuses are not offered."""
 
     def __init__(self, root: str, model: str, out: queue.Queue, rescan: StoragePoller,
-                 on_reject: Callable[[str], None] | None = None) -> None:
+                 on_reject: Callable[[str], None] | None = None,
+                 is_object: Callable[[str], bool] | None = None) -> None:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
@@ -149,11 +165,13 @@ class DirectoryWatcher:
         self.out = out
         self.rescan = rescan
         self.on_reject = on_reject or (lambda reason: None)
+        self.is_object = is_object or (lambda key: True)
         self.stop = threading.Event()
         watcher = self
 
         class Handler(FileSystemEventHandler):
-            def on_created(self, event: FileSystemEvent) -> None:
+            # not on_created: a file created in place is judged once its writer closed it
+            def on_closed(self, event: FileSystemEvent) -> None:
                 watcher._event(event.src_path, event.is_directory)
 
             def on_moved(self, event: FileSystemEvent) -> None:
@@ -175,6 +193,8 @@ class DirectoryWatcher:
             packet_id = packet_id_of_key(key, self.model)
             if packet_id is None:
                 return  # not a packet of this model (quarantine, another model, junk)
+            if not self.is_object(key):
+                return  # gone again, or a symlink, FIFO, ...: the store logged and counted it
             candidate = Candidate(packet_id, key, source="watch")
             try:
                 self.out.put(candidate, timeout=1.0)
@@ -196,6 +216,10 @@ class DirectoryWatcher:
         self.rescan.start()
         return self
 
+    def is_alive(self) -> bool:
+        """Whether the observer and the rescan both run (for the loader's health)."""
+        return self._observer.is_alive() and self.rescan.is_alive()
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the observer and the rescan (bounded, safe to call twice)."""
         self.stop.set()
@@ -205,6 +229,81 @@ class DirectoryWatcher:
             self._observer.join(timeout_s)
             if self._observer.is_alive():
                 log.warning("watch: the watchdog observer did not stop within %.1f s", timeout_s)
+
+
+def find_other_models(store: Any, model: str, ignore: tuple[str, ...] = (),
+                      fanout: int = 3) -> list[str]:
+    """Models other than `model` with packets in `store`, sorted: the top-level folders (one
+    level, `list_folders`) that hold a packet key `{name}/{table}/{producer}/G-S.arrow`, looked
+    for in at most `fanout` tables x `fanout` producers each. `ignore`: top-level names that are
+    not models (the quarantine prefix's first part)."""
+    found = []
+    for name in store.list_folders(""):
+        if name == model or name in ignore:
+            continue
+        if _holds_packets(store, name, fanout):
+            found.append(name)
+    return found
+
+
+def _holds_packets(store: Any, name: str, fanout: int) -> bool:
+    for table in store.list_folders(f"{name}/")[:fanout]:
+        for producer in store.list_folders(f"{name}/{table}/")[:fanout]:
+            if any(packet_id_of_key(info.key, name) is not None
+                   for info in store.list(f"{name}/{table}/{producer}/")):
+                return True
+    return False
+
+
+class OtherModelsWatch:
+    """Every `interval_s`, `find_other_models`; each model not seen before is logged once
+    (WARNING, naming the models and where) and reported: on_found(all models seen so far)."""
+
+    def __init__(self, store: Any, model: str, *, interval_s: float, ignore: tuple[str, ...] = (),
+                 on_found: Callable[[list[str]], None] | None = None,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.model = model
+        self.interval_s = interval_s
+        self.ignore = ignore
+        self.on_found = on_found or (lambda models: None)
+        self.on_error = on_error or (lambda stage: None)
+        self.seen: list[str] = []
+        self.name = "other-models"
+        self._thread = ServiceThread("loader-models", self._run)
+        self.stop = self._thread.stop
+
+    def start(self) -> OtherModelsWatch:
+        self._thread.start()
+        return self
+
+    def is_alive(self) -> bool:
+        """Whether its thread runs (for the loader's health)."""
+        return self._thread.is_alive()
+
+    def check_once(self) -> list[str]:
+        """One look; returns the models newly seen."""
+        new = [m for m in find_other_models(self.store, self.model, self.ignore) if m not in self.seen]
+        if new:
+            self.seen = sorted({*self.seen, *new})
+            log.warning("packets of other model(s) %s are under %s, which this loader ignores: "
+                        "it applies model %r only (is persia_inc.model right?)",
+                        ", ".join(repr(m) for m in new), self.store.location(""), self.model)
+            self.on_found(list(self.seen))
+        return new
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.check_once()
+            except Exception as exc:  # an outage: log, count, look again next round
+                log.warning("listing the models under %s failed: %s", self.store.location(""), exc)
+                self.on_error("other_models")
+            self.stop.wait(self.interval_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop looking (bounded, safe to call twice)."""
+        self._thread.close(timeout_s)
 
 
 class KafkaSource:
@@ -298,7 +397,7 @@ class KafkaSource:
         source = self
         s = self.settings
 
-        class Rebalance(kafka.ConsumerRebalanceListener):
+        class Rebalance(kafka.ConsumerRebalanceListener):  # type: ignore[name-defined]
             def on_partitions_revoked(self, revoked: Any) -> None:
                 try:
                     source._commit(consumer, structs)
@@ -379,3 +478,8 @@ class KafkaSource:
     def close(self, timeout_s: float = 15.0) -> None:
         """Leave the group (final commit) and stop (bounded, safe to call twice)."""
         self._thread.close(timeout_s)
+
+    def is_alive(self) -> bool:
+        """Whether the consumer runs (for the loader's health): its thread is alive and it did
+        not fail to start."""
+        return self._thread.is_alive() and self.error is None

@@ -7,6 +7,7 @@ retries, key checks and logging live here.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, ClassVar, Literal, TypeVar
 
 from persia_inc.foundation.retry import RetryPolicy, call_with_retry
+from persia_inc.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,6 +30,28 @@ class ObjectInfo:
 
     key: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectStat:
+    """What tells one version of an object from the next: size in bytes, modification time
+    (ns since the epoch) and the file's identity (inode; 0 where the backend has none). Two
+    stats of the same key that differ mean its bytes may have changed in between."""
+
+    size: int
+    mtime_ns: int
+    ident: int = 0
+
+
+class NotAnObjectError(StorageError):
+    """The key names something that is not an object: a symlink (never followed), a FIFO, a
+    socket, a device. Never retried: it will not become a regular file by waiting.
+    `kind`: "symlink", "fifo", "socket", "device" or "other"."""
+
+    def __init__(self, uri: str, kind: str) -> None:
+        super().__init__(uri, f"a {kind}, not a regular file: refused (only regular files are "
+                         "objects; symlinks are never followed)", retriable=False)
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +120,9 @@ class ObjectStore(ABC):
         self.retry = retry or RetryPolicy()
         self.stop = threading.Event()  # set by close(): cuts retry waits short
         self.retries = 0  # retried calls so far, for metrics
+        # called once per key found to be a symlink, FIFO, socket or device (backends where
+        # that can happen: local disk): on_not_object(key, kind); the loader counts them
+        self.on_not_object: Callable[[str, str], None] | None = None
 
     # --- primitives --------------------------------------------------------------------
 
@@ -118,6 +145,19 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def _exists(self, key: str) -> bool: ...
+
+    def _stat(self, key: str) -> ObjectStat | None:
+        """The object's `ObjectStat`, or None where objects are only ever published whole
+        (S3 PUT, HDFS rename): nothing there is ever seen half written."""
+        return None
+
+    def _list_folders(self, prefix: str) -> list[str]:
+        """Names of the folders one level below `prefix` ("" or ending in '/'), sorted.
+        This default derives them from a full listing; backends that can list one level
+        (a folder, an S3 delimiter listing) override it."""
+        names = {info.key[len(prefix):].partition("/")[0] for info in self._list(prefix, None)
+                 if "/" in info.key[len(prefix):]}
+        return sorted(n for n in names if not n.startswith("."))
 
     # --- public face -------------------------------------------------------------------
 
@@ -154,7 +194,7 @@ class ObjectStore(ABC):
 
         check_key(key)
         sink = pa.BufferOutputStream()
-        yield sink  # type: ignore[misc]
+        yield sink
         self.put(key, sink.getvalue())
 
     def get(self, key: str) -> bytes:
@@ -187,6 +227,23 @@ class ObjectStore(ABC):
         """Whether an object is at `key`. Outages raise; they never read as 'absent'."""
         check_key(key)
         return self._retrying(f"exists {self.uri(key)}", lambda: self._exists(key))
+
+    def stat(self, key: str) -> ObjectStat | None:
+        """The object's size, modification time and identity, to notice a file still being
+        written or rewritten in place; None where objects are published whole.
+        FileNotFoundError if absent; NotAnObjectError for a symlink, FIFO, socket, device."""
+        check_key(key)
+        return self._retrying(f"stat {self.uri(key)}", lambda: self._stat(key))
+
+    def list_folders(self, prefix: str = "") -> builtins.list[str]:
+        """The folder names one level below `prefix` ("" or ending in '/'): a cheap look at
+        the top of a tree (which models have packets here), not a full listing where the
+        backend can avoid one. Hidden names are skipped."""
+        check_key(prefix, allow_empty=True)
+        if prefix and not prefix.endswith("/"):
+            raise ValueError(f"list_folders: prefix {prefix!r} must be empty or end with '/'")
+        return self._retrying(f"list folders of {self.location(prefix)}",
+                              lambda: self._list_folders(prefix))
 
     def close(self) -> None:
         """Stop pending retries and release connections; safe to call twice."""

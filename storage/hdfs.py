@@ -8,6 +8,7 @@ manifests are ever replaced).
 
 from __future__ import annotations
 
+import functools
 import io
 import posixpath
 import uuid
@@ -110,8 +111,8 @@ class HdfsStore(ObjectStore):
             if exc.exception == "FileNotFoundException":
                 return []
             raise
-        return [TreeEntry(name, status["type"] == "DIRECTORY",
-                          lambda s=status: int(s["length"])) for name, status in entries]
+        return [TreeEntry(name, status["type"] == "DIRECTORY", functools.partial(int, status["length"]))
+                for name, status in entries]
 
     def _delete(self, key: str) -> None:
         with self._mapped(key):

@@ -2,18 +2,20 @@
 
 Writes that come with a size hint (the producer's packets) bypass the page cache: the producer
 never reads its packets back, keeping them would only evict what the training job needs, and
-filling fresh page-cache pages cost its writer thread ~10x the CPU of the write itself on the
-VMs we measured (bench/producer.py). Other writes (checkpoints, tools) stay cached for readers
-on the same host.
+they are stored sooner (bench/results/producer.json: the demo's packets 37 ms after their flush
+at p50 and 76 ms at p99, vs 44 and 151 ms through the page cache). Other writes (checkpoints,
+tools) stay cached for readers on the same host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import mmap
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +26,15 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from persia_inc.foundation.retry import RetryPolicy
-from persia_inc.storage.base import ObjectInfo, ObjectStore, TreeEntry, check_key, walk_tree
+from persia_inc.storage.base import (
+    NotAnObjectError,
+    ObjectInfo,
+    ObjectStat,
+    ObjectStore,
+    TreeEntry,
+    check_key,
+    walk_tree,
+)
 from persia_inc.storage.errors import StorageError, TransientStorageError
 
 log = logging.getLogger(__name__)
@@ -34,6 +44,22 @@ _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, er
                      errno.ENOSPC, errno.EDQUOT}
 _PAGE = 4096
 _HUGE_PAGE = 2 * 1024 * 1024
+_REPORTED_MAX = 100_000  # keys remembered as reported non-objects (then forgotten, re-reported)
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "other"
 
 
 def _aligned_empty(size: int) -> np.ndarray:
@@ -64,6 +90,12 @@ def local_root(uri: str) -> Path:
 
 
 class LocalStore(ObjectStore):
+    """Objects are the regular files below the root. Nothing else is one: a symlink (never
+    followed, below the root: it could lead anywhere), a FIFO, socket or device is skipped by
+    listings, absent to `exists`, and refused by `get`, `open` and `stat` (`NotAnObjectError`)
+    without ever being opened in a way that could block; each is logged once and reported to
+    `on_not_object`."""
+
     kind = "local"
 
     def __init__(self, root_uri: str, retry: RetryPolicy | None = None) -> None:
@@ -71,6 +103,7 @@ class LocalStore(ObjectStore):
         self._direct_io = True  # until the folder refuses O_DIRECT
         self.direct_writes = True  # size-hinted writes by O_DIRECT (bench/producer.py compares)
         self._hint_overflowed = False
+        self._reported: set[str] = set()
         super().__init__(root_uri, retry)
 
     def _path(self, key: str) -> Path:
@@ -84,7 +117,7 @@ class LocalStore(ObjectStore):
         """
         try:
             yield
-        except (FileNotFoundError, PermissionError):
+        except (FileNotFoundError, PermissionError, StorageError):
             raise
         except (IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
             if not reading:
@@ -117,9 +150,8 @@ class LocalStore(ObjectStore):
 
         With a size_hint, encode into page-aligned memory instead and write it with
         O_DIRECT: no page-cache pages to fill and write back, on cores the writer shares with
-        training. The demo's packets were stored sooner for it (bench/results/producer.json:
-        freshness p50 -11 ms, p99 -41 ms). Folders that refuse O_DIRECT (older tmpfs, some FUSE
-        mounts) get a plain write of the same memory."""
+        training (see the module docstring for what it gains). Folders that refuse O_DIRECT
+        (older tmpfs, some FUSE mounts) get a plain write of the same memory."""
         check_key(key)
         if size_hint > 0 and self.direct_writes and not self._hint_overflowed:
             yield from self._write_from_memory(key, _aligned_empty(-(-size_hint // _PAGE) * _PAGE))
@@ -135,7 +167,7 @@ class LocalStore(ObjectStore):
             temp = self._temp_path(path)
             sink = pa.OSFile(str(temp), mode="w")  # Arrow's native file: no Python copies
         try:
-            yield sink  # type: ignore[misc]
+            yield sink
             with self._mapped(key, reading=False):
                 sink.close()
                 fd = os.open(temp, os.O_RDONLY)  # fsync flushes the file, whichever fd asks
@@ -154,7 +186,7 @@ class LocalStore(ObjectStore):
 
         sink = pa.FixedSizeBufferWriter(pa.py_buffer(scratch))
         try:
-            yield sink  # type: ignore[misc]
+            yield sink
         except OSError:  # the block only writes to memory: this is Arrow's "out of bounds"
             self._hint_overflowed = True
             log.warning("an object for %s outgrew its size hint of %d bytes; writing "
@@ -165,7 +197,7 @@ class LocalStore(ObjectStore):
             created = self._make_parents(path.parent)
             temp = self._temp_path(path)
             try:
-                self._write_file(temp, memoryview(scratch), sink.tell())
+                self._write_file(temp, scratch.data, sink.tell())
                 self._publish(temp, path, created)
             except BaseException:
                 temp.unlink(missing_ok=True)
@@ -217,27 +249,104 @@ class LocalStore(ObjectStore):
             path.mkdir(exist_ok=True)
         return [path.parent for path in missing]
 
+    def _not_object(self, key: str, kind: str) -> NotAnObjectError:
+        """Log (once per key) and report a key that is not an object; the error to raise."""
+        if key not in self._reported:
+            if len(self._reported) >= _REPORTED_MAX:
+                self._reported.clear()
+            self._reported.add(key)
+            log.warning("%s is a %s, not a regular file: skipped, never read (symlinks are "
+                        "never followed)", self.location(key), kind)
+            if self.on_not_object is not None:
+                self.on_not_object(key, kind)
+        return NotAnObjectError(self.location(key), kind)
+
+    def _open_regular(self, key: str) -> tuple[int, os.stat_result]:
+        """An fd of the regular file at `key`, reached from the root without following a
+        symlink (every folder opened with O_NOFOLLOW, relative to its parent), and its fstat.
+        Anything else is refused before it is opened (a FIFO's open could block) or right
+        after a non-blocking open (it was swapped in between)."""
+        *folders, name = key.split("/")
+        try:
+            dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise FileNotFoundError(errno.ENOENT, "no such object", self.location(key)) from exc
+        try:
+            for index, folder in enumerate(folders):
+                try:
+                    fd = os.open(folder, _DIR_FLAGS, dir_fd=dir_fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    mode = os.stat(folder, dir_fd=dir_fd, follow_symlinks=False).st_mode
+                    if stat.S_ISLNK(mode):
+                        raise self._not_object("/".join(folders[:index + 1]), "symlink") from exc
+                    raise FileNotFoundError(errno.ENOENT, "no such object", self.location(key)) from exc
+                os.close(dir_fd)
+                dir_fd = fd
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            if not stat.S_ISREG(mode):
+                if stat.S_ISDIR(mode):
+                    raise IsADirectoryError(errno.EISDIR, "a folder", self.location(key))
+                raise self._not_object(key, _kind(mode))
+            fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            if exc.errno == errno.ELOOP:  # a symlink swapped in after the stat
+                raise self._not_object(key, "symlink") from exc
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise FileNotFoundError(errno.ENOENT, "no such object", self.location(key)) from exc
+            raise
+        finally:
+            os.close(dir_fd)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # swapped for a FIFO between the stat and the open
+            os.close(fd)
+            raise self._not_object(key, _kind(info.st_mode))
+        return fd, info
+
+    def _read_regular(self, key: str) -> np.ndarray:
+        """The bytes of the regular file at `key`: uint8[size], read (not memory-mapped: a
+        file truncated in place under a map would kill the reader with SIGBUS)."""
+        fd, info = self._open_regular(key)
+        try:
+            data = np.empty(info.st_size, dtype=np.uint8)
+            done = 0
+            while done < data.size:
+                got = os.readv(fd, [data.data[done:]])
+                if got == 0:
+                    return data[:done]  # shrank while read: what was there
+                done += got
+            return data
+        finally:
+            os.close(fd)
+
     def _get(self, key: str) -> bytes:
         with self._mapped(key):
-            return self._path(key).read_bytes()
+            return self._read_regular(key).tobytes()
 
     def _open(self, key: str) -> BinaryIO:
-        """A read-only memory map: zero-copy for Arrow readers. Safe because objects are
-        replaced by rename, never rewritten in place."""
+        """A reader over the file's bytes, read once into memory the packet's arrays view
+        (one copy, no Python bytes). Only regular files are opened (see the class)."""
         import pyarrow as pa
 
         with self._mapped(key):
-            path = self._path(key)
-            if path.is_dir():
-                raise IsADirectoryError(errno.EISDIR, "a folder", str(path))
-            return pa.memory_map(str(path), "r")  # type: ignore[return-value]
+            return pa.BufferReader(pa.py_buffer(self._read_regular(key)))
+
+    def _stat(self, key: str) -> ObjectStat:
+        with self._mapped(key):
+            fd, info = self._open_regular(key)
+            os.close(fd)
+            return ObjectStat(info.st_size, info.st_mtime_ns, info.st_ino)
 
     def _list(self, prefix: str, start_after: str | None) -> list[ObjectInfo]:
         with self._mapped(prefix):
             return walk_tree(self._list_dir, prefix, start_after)
 
     def _list_dir(self, folder_key: str) -> list[TreeEntry]:
-        """Folders and regular files of one folder (symlinks and the like are not objects)."""
+        """Folders and regular files of one folder. Symlinks, FIFOs, sockets and devices are
+        not objects: skipped (and reported once, see `_not_object`)."""
         try:
             entries = list(os.scandir(self.root / folder_key if folder_key else self.root))
         except (FileNotFoundError, NotADirectoryError):
@@ -247,17 +356,32 @@ class LocalStore(ObjectStore):
             if entry.is_dir(follow_symlinks=False):
                 out.append(TreeEntry(entry.name, True, lambda: 0))
             elif entry.is_file(follow_symlinks=False):
-                out.append(TreeEntry(entry.name, False,
-                                     lambda e=entry: e.stat(follow_symlinks=False).st_size))
+                out.append(TreeEntry(entry.name, False, functools.partial(_file_size, entry)))
+            elif not entry.name.startswith("."):
+                with contextlib.suppress(OSError):  # gone already: nothing to report
+                    key = f"{folder_key}/{entry.name}" if folder_key else entry.name
+                    self._not_object(key, _kind(entry.stat(follow_symlinks=False).st_mode))
         return out
+
+    def _list_folders(self, prefix: str) -> list[str]:
+        with self._mapped(prefix):
+            return sorted(e.name for e in self._list_dir(prefix.rstrip("/"))
+                          if e.is_dir and not e.name.startswith("."))
 
     def _delete(self, key: str) -> None:
         with self._mapped(key):
             self._path(key).unlink()
 
     def _exists(self, key: str) -> bool:
-        with self._mapped(key):
-            return self._path(key).is_file()
+        """A regular file reached without a symlink; a non-object reads as absent (and is
+        reported once)."""
+        try:
+            with self._mapped(key):
+                fd, _ = self._open_regular(key)
+                os.close(fd)
+                return True
+        except (FileNotFoundError, NotAnObjectError):
+            return False
 
 
 def _sync_and_drop_pages(fd: int) -> None:
@@ -272,3 +396,8 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _file_size(entry: os.DirEntry[str]) -> int:
+    """A listed file's size, read only when a listing asks (the entry's own stat, no symlinks)."""
+    return entry.stat(follow_symlinks=False).st_size

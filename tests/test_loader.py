@@ -89,7 +89,70 @@ def test_gap_waits_lists_then_passes_after_timeout() -> None:
     decision = order.decide(S, now=1.2)
     assert decision.action is Action.PASS_GAP and decision.missing_after == (1, 0)
     order.applied(decision.head, now=1.2)
-    assert order.offer(pid(1, 1), now=1.3) is Offer.STALE  # late: never applied after (1, 2)
+    # late: never applied after (1, 2), and the ordering says so (the loader logs it loudly)
+    assert order.offer(pid(1, 1), now=1.3) is Offer.SKIPPED
+    assert order.offer(pid(1, 2), now=1.3) is Offer.STALE  # applied: a plain duplicate
+    assert order.offer(pid(1, 0), now=1.3) is Offer.STALE
+
+
+def test_stray_generation_is_held_so_the_old_generation_applies_first() -> None:
+    """(1,0), (1,1), a stray (9999999999,0), then (1,2): (1,2) applies before the stray is
+    considered; the stray is a generation jump, held like a gap and passed only after the gap
+    timeout; (1,3) arriving after that is SKIPPED (below the watermark, never applied)."""
+    order = Ordering(gap_timeout_s=10.0, list_interval_s=0.5)
+    order.set_watermark(S, (1, 0), now=0)
+    order.listed(S, [pid(1, 1)], at=0, now=0)
+    decision = order.decide(S, now=0)
+    assert decision.action is Action.APPLY
+    order.applied(decision.head, now=0)
+    stray = pid(9999999999, 0)
+    assert order.offer(stray, now=1) is Offer.ACCEPTED
+    decision = order.decide(S, now=1)
+    assert decision.action is Action.LIST and decision.jump_from == 1  # look for generations 2..
+    order.listed(S, [stray], at=1, now=1)  # a listing that finds nothing older does not free it
+    decision = order.decide(S, now=1.1)
+    assert decision.action is Action.WAIT and decision.jump_from == 1
+    assert order.held_jump(S) == stray
+    assert order.offer(pid(1, 2), now=2) is Offer.ACCEPTED
+    decision = order.decide(S, now=2)
+    assert decision.action is Action.APPLY and decision.head == pid(1, 2)
+    order.applied(decision.head, now=2)
+    assert order.decide(S, now=5).action in (Action.LIST, Action.WAIT)  # still held
+    decision = order.decide(S, now=12.1)  # the timeout runs from when the stray became head again
+    assert decision.action is Action.PASS_GAP and decision.head == stray
+    assert decision.jump_from == 1 and decision.missing_after == (1, 2)
+    order.applied(stray, now=12.1)
+    assert order.held_jump(S) is None
+    assert order.offer(pid(1, 3), now=13) is Offer.SKIPPED
+
+
+def test_next_generation_is_no_jump_and_other_tables_of_the_producer_count() -> None:
+    order = Ordering(gap_timeout_s=10.0)
+    other = ("u", "p")
+    order.set_watermark(S, (1, 4), now=0)
+    order.set_watermark(other, (2, 0), now=0)  # the producer's generation 2 wrote only table u
+    order.listed(S, [pid(3, 0)], at=0, now=0)
+    order.listed(S, [], at=1, now=1)
+    decision = order.decide(S, now=1)
+    assert decision.action is Action.APPLY and decision.jump_from is None
+    order.applied(decision.head, now=1)
+    assert order.offer(pid(1, 5), now=2) is Offer.SKIPPED  # generation 1 ended at (1, 4) here
+
+
+def test_a_rewind_forgets_leaps_above_it() -> None:
+    order = Ordering(gap_timeout_s=0.0)
+    order.set_watermark(S, (1, 0), now=0)
+    order.listed(S, [pid(1, 2)], at=0, now=0)
+    decision = order.decide(S, now=1)
+    assert decision.action is Action.PASS_GAP
+    order.applied(decision.head, now=1)
+    order.set_watermark(S, (1, 0), now=2)  # a shard came back holding only (1, 0)
+    order.listed(S, [pid(1, 1), pid(1, 2)], at=2, now=2)
+    for seq in (1, 2):
+        decision = order.decide(S, now=2)
+        assert decision.action is Action.APPLY and decision.head == pid(1, seq)
+        order.applied(decision.head, now=2)
+    assert order.offer(pid(1, 1), now=3) is Offer.STALE  # applied this time
 
 
 def test_gap_filled_by_listing_applies_in_order() -> None:

@@ -128,8 +128,11 @@ def test_directory_source_orders_and_handles_bad_packets(embedding_cluster_facto
             training.check(client)
             late_signs_before = client.lookup("t", training.signs).copy()
             training.write(1, 6, remember=False)
-            time.sleep(0.6)
+            # the loader tells when it has seen and refused it: wait for that, not for a while
+            wait_for(lambda: metric(loader, "persia_inc_loader_skipped_below_watermark_total") == 1,
+                     what="the late packet seen and skipped")
             np.testing.assert_array_equal(client.lookup("t", training.signs), late_signs_before)
+            assert loader.streams()["streams"][0]["skipped_below_watermark"] == 1
             # a new generation (producer restart) starts at sequence 0
             for seq in range(3):
                 training.write(2, seq)
@@ -252,8 +255,9 @@ def test_kill_9_mid_stream_then_restart_ends_equal_and_in_order(embedding_cluste
         try:
             for seq in range(30):
                 training.write(1, seq, n=50)
-                if seq == 15:
-                    time.sleep(0.3)
+                if seq == 15:  # kill it mid-stream: once it has applied some, not all
+                    wait_for(lambda: any(w.sequence >= 5 for w in client.watermarks()), 30,
+                             "the first loader applying")
                     proc.send_signal(signal.SIGKILL)
                     proc.wait(10)
             proc = _loader_process(cluster.config_path, log)

@@ -168,10 +168,10 @@ def test_local_folder_refusing_direct_io_gets_a_plain_write(tmp_path, monkeypatc
     """Filesystems without O_DIRECT (older tmpfs, some FUSE mounts) answer EINVAL at open."""
     real_open = os.open
 
-    def refuse_direct(path: str, flags: int, *args: int) -> int:
+    def refuse_direct(path: str, flags: int, *args: int, **kwargs: int) -> int:
         if flags & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
+        return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr("persia_inc.storage.local.os.open", refuse_direct)
     store = open_store(str(tmp_path))

@@ -14,7 +14,10 @@ Sources (persia_inc.loader.source): a local incremental_dir through watchdog plu
 every rescan_interval_s; HDFS and S3 by listing after each stream's watermark every
 list_interval_s; Kafka announcements through the consumer group (offsets committed only after
 every shard acked). On start, and after an embedding server comes back, it reads the servers'
-watermarks and replays what they miss from storage.
+watermarks and replays what they miss from storage. A shard that does not answer is logged
+(at most every unreachable_log_interval_s), counted and shown in /healthz and `persia-inc
+status`; the other shards still get their slices. /streams on the metrics port reports each
+stream's watermarks and flags (packets skipped below the watermark, a generation jump held).
 
 Exit status: 0 stopped cleanly, 1 failed to start, 2 usage or configuration error.
 """
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     with embedding_client(config) as client:
         try:
             loader = loader_from_config(config, client, source=args.source).start()
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: ShardIdentityError,
+            # LoaderStartError (a source failed to start); what had started is closed
             print(f"persia-inc loader: cannot start: {exc}", file=sys.stderr)
             return 1
         try:

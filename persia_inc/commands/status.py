@@ -5,12 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
-HELP = "per (table, producer): the servers' watermark, the newest stored packet, the lag"
+HELP = "per (table, producer): the servers' watermark, the newest stored packet, the lag, flags"
 DESCRIPTION = """\
 For each (table, producer) of the model: the watermark every shard holds, the newest packet in
-storage, and the lag in packets and seconds (how long the oldest packet the servers miss has
-been stored). --json prints one JSON object.
+storage, the lag in packets and seconds (how long the oldest packet the servers miss has been
+stored), and flags for what must not go unseen:
+
+  skipped-below-watermark=N  N packets arrived after the loader's watermark leapt past them (a
+                             passed gap or generation jump): never applied (from the loader)
+  generation-jump-held       the loader holds a packet whose generation is more than one above
+                             the producer's highest known generation (from the loader)
+  generation-jump=G:S        the next stored packet is such a jump (from storage)
+  shard-unreachable=I,...    shards that do not answer (here, or to the loader)
+
+The loader's flags are read from its /streams endpoint (--loader, default the metrics address
+and port of persia_inc.loader when metrics_port is set); without it those flags are absent.
+A shard that does not answer is a flag, not a failure, as long as one answers.
+--json prints one JSON object.
 
 Exit status: 0 done, 1 failed (the reason is on stderr), 2 usage or configuration error.
 """
@@ -19,37 +32,77 @@ Exit status: 0 done, 1 failed (the reason is on stderr), 2 usage or configuratio
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="CFG", required=True, help="global_config.yaml")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--loader", metavar="URL", default=None,
+                        help="the loader's metrics endpoint, e.g. http://10.0.0.5:9100 (default: "
+                             "persia_inc.loader.metrics_addr:metrics_port when set; 'none': skip)")
 
 
 def _fmt(position: tuple[int, int] | None) -> str:
     return "-" if position is None else f"{position[0]}:{position[1]}"
 
 
+def loader_report(url: str, timeout_s: float = 3.0) -> tuple[dict[str, Any] | None, str]:
+    """The loader's /streams report at `url`, or None and why not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/streams", timeout=timeout_s) as reply:
+            return json.load(reply), ""
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return None, str(getattr(exc, "reason", exc))
+
+
 def run(args: argparse.Namespace) -> int:
     from persia_inc.config import load_config
     from persia_inc.embedding_server.errors import ShardError
     from persia_inc.loader.replay import stream_status
+    from persia_inc.loader.sources import find_other_models
     from persia_inc.packet_format import PacketError
     from persia_inc.storage import StorageError
     from persia_inc.wiring import embedding_client
 
     config = load_config(args.config, need_servers=True)
+    settings = config.persia_inc.loader
+    url = args.loader
+    if url is None and settings.metrics_port:
+        url = f"http://{settings.metrics_addr}:{settings.metrics_port}"
+    report, why = (None, "") if url in (None, "none") else loader_report(url)
+    if url not in (None, "none") and report is None:
+        print(f"persia-inc status: the loader at {url} did not answer ({why}); its flags are "
+              "not shown", file=sys.stderr)
     try:
         with embedding_client(config) as client, config.open_store() as store:
-            rows = stream_status(client, store, config.persia_inc.model)
+            rows = stream_status(client, store, config.persia_inc.model, loader=report)
+            others = find_other_models(store, config.persia_inc.model,
+                                       (settings.quarantine_prefix.strip("/").partition("/")[0],))
+            where = store.location("")
     except (ShardError, StorageError, PacketError, FileNotFoundError, PermissionError,
             RuntimeError) as exc:
         print(f"persia-inc status: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"model": config.persia_inc.model, "streams": [
-            {"table": r.table, "producer": r.producer,
-             "watermark": list(r.watermark) if r.watermark else None,
-             "newest": list(r.newest) if r.newest else None,
-             "lag_packets": r.lag_packets, "lag_s": round(r.lag_s, 3)} for r in rows]}))
+        print(json.dumps({
+            "model": config.persia_inc.model,
+            "other_models": others,
+            "loader": None if url in (None, "none") else {"url": url, "answered": report is not None},
+            "streams": [
+                {"table": r.table, "producer": r.producer,
+                 "watermark": list(r.watermark) if r.watermark else None,
+                 "newest": list(r.newest) if r.newest else None,
+                 "lag_packets": r.lag_packets, "lag_s": round(r.lag_s, 3),
+                 "flags": r.flags,
+                 "skipped_below_watermark": r.skipped_below_watermark,
+                 "generation_jump_held": r.generation_jump_held,
+                 "generation_jump": list(r.generation_jump) if r.generation_jump else None,
+                 "shards_unreachable": list(r.shards_unreachable)} for r in rows]}))
         return 0
-    print(f"{'table':<20} {'producer':<20} {'servers':>16} {'storage':>16} {'lag':>6} {'lag_s':>9}")
+    print(f"{'table':<20} {'producer':<20} {'servers':>16} {'storage':>16} {'lag':>6} {'lag_s':>9}"
+          "  flags")
     for r in rows:
         print(f"{r.table:<20} {r.producer:<20} {_fmt(r.watermark):>16} {_fmt(r.newest):>16} "
-              f"{r.lag_packets:>6} {r.lag_s:>9.1f}")
+              f"{r.lag_packets:>6} {r.lag_s:>9.1f}  {' '.join(r.flags) or '-'}")
+    if others:
+        print(f"other models with packets under {where} (not this config's model "
+              f"{config.persia_inc.model!r}): {', '.join(others)}")
     return 0
