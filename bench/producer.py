@@ -32,7 +32,8 @@ import numpy as np
 
 from persia_inc.config import config_from_mapping
 from persia_inc.demo import ctr
-from persia_inc.producer import IncrementalProducer, SignBuffer
+from persia_inc.producer import IncrementalProducer
+from persia_inc.producer.signset import SignBuffer
 from persia_inc.wiring import producer_from_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "producer.json"

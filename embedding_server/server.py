@@ -90,7 +90,7 @@ class Metrics:
         Gauge("persia_inc_embedding_shard", "This process's shard index", registry=r).set(shard)
 
 
-def _signs(data: bytes, field: str) -> np.ndarray:
+def _signs(data: bytes | memoryview, field: str) -> np.ndarray:
     """Raw little-endian uint64 bytes -> uint64[n] (a view, no copy)."""
     if len(data) % 8:
         raise ValueError(f"{field} must be a multiple of 8 bytes (uint64 LE), got {len(data)}")
@@ -198,7 +198,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     # ------------------------------------------------------------------------- methods
 
     @_rpc("Lookup")
-    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:  # noqa: N802
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> LookupReply:  # noqa: N802
         self._check_identity(request.shard, request.num_shards)
         signs = _signs(request.signs, "signs")
         rows, misses = self.shard.lookup(request.table, signs, check_owner=not request.num_shards)

@@ -120,7 +120,7 @@ def _checksum(columns: list[np.ndarray]) -> str:
     digest = xxhash.xxh3_64()
     for column in columns:
         if column.size:  # an empty column adds no bytes (and a 0-row view cannot be cast)
-            digest.update(memoryview(np.ascontiguousarray(column)).cast("B"))
+            digest.update(np.ascontiguousarray(column).data.cast("B"))
     return digest.hexdigest()
 
 

@@ -14,28 +14,26 @@ thread then only swaps buffers, and the reads overlap its next forward and backw
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from types import FrameType
-from typing import Any
 
 import numpy as np
 
 from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import RetryPolicy
 from persia_inc.producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
+from persia_inc.producer.dense_signs import DenseColumns, DenseSignBuffer
 from persia_inc.producer.errors import ProducerClosedError, UnstoredDataError
 from persia_inc.producer.metrics import ProducerMetrics
 from persia_inc.producer.policy import FlushPolicy, FlushReason
 from persia_inc.producer.settings import ProducerSettings
-from persia_inc.producer.signset import DenseColumns, DenseSignBuffer, SignBuffer
-from persia_inc.producer.writer import PacketWriter, Snapshot
+from persia_inc.producer.shutdown import ShutdownHooks
+from persia_inc.producer.signset import SignBuffer
+from persia_inc.producer.snapshot import Snapshot
+from persia_inc.producer.writer import PacketWriter
 from persia_inc.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -141,15 +139,11 @@ class IncrementalProducer:
         self._step_lock = threading.Lock()  # held by the training thread inside an optimizer step
         self._step_owner: int | None = None  # thread id holding _step_lock
         self._read_error: Exception | None = None  # a deferred read's failure, raised next call
-        self._deferred_signal: tuple[int, FrameType | None] | None = None
-        self._previous_sigterm: Any = None
-        self._sigterm_installed = False
         port = settings.metrics_port if metrics_port is None else metrics_port
         self.metrics_port = self.metrics.serve(port, settings.metrics_addr) if port else 0
-        if settings.close_on_exit:
-            atexit.register(self._close_at_exit)
-        if settings.close_on_sigterm:
-            self._install_sigterm()
+        self._shutdown = ShutdownHooks(self.close, lambda: self._busy > 0,
+                                       at_exit=settings.close_on_exit,
+                                       on_sigterm=settings.close_on_sigterm)
 
     def _make_announcer(self) -> Announcer:
         if self.settings.announce == "kafka" and self.kafka is not None:
@@ -438,10 +432,8 @@ class IncrementalProducer:
 
     def _leave(self) -> None:
         self._busy -= 1
-        if self._busy == 0 and self._deferred_signal is not None:
-            signum, frame = self._deferred_signal
-            self._deferred_signal = None
-            self._terminate(signum, frame)
+        if self._busy == 0:
+            self._shutdown.leave_busy()
 
     # --- flushing -------------------------------------------------------------------------
 
@@ -555,7 +547,7 @@ class IncrementalProducer:
         self.metrics.close()
         if self._owns_store:
             self.store.close()
-        self._uninstall()
+        self._shutdown.uninstall()
         if unannounced:
             log.warning("%d stored packet(s) were not announced before close", unannounced)
         if left:
@@ -574,40 +566,3 @@ class IncrementalProducer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _close_at_exit(self) -> None:
-        try:
-            self.close()
-        except Exception:  # at exit there is no caller left to raise to
-            log.exception("closing the incremental producer at exit failed")
-
-    def _install_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            log.info("not on the main thread: SIGTERM will not close the producer")
-            return
-        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._sigterm_installed = True
-
-    def _uninstall(self) -> None:
-        atexit.unregister(self._close_at_exit)
-        if (self._sigterm_installed and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGTERM) == self._on_sigterm):
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-        self._sigterm_installed = False
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if self._busy:  # inside record/flush or an optimizer step: finish it first
-            self._deferred_signal = (signum, frame)
-            return
-        self._terminate(signum, frame)
-
-    def _terminate(self, signum: int, frame: FrameType | None) -> None:
-        log.info("SIGTERM: closing the incremental producer")
-        previous = self._previous_sigterm
-        self._close_at_exit()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous in (signal.SIG_DFL, None):
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)

@@ -13,7 +13,8 @@ from test_producer_support import NumpyModel, OutageStore, producer_config, read
 
 from persia_inc.config import ConfigError
 from persia_inc.packet_format import Packet
-from persia_inc.producer.writer import PacketWriter, Snapshot, packet_row_limit
+from persia_inc.producer.snapshot import Snapshot, packet_row_limit
+from persia_inc.producer.writer import PacketWriter
 from persia_inc.storage import open_store
 from persia_inc.wiring import producer_from_config
 

@@ -14,13 +14,12 @@ from test_producer_support import NumpyModel, OutageStore, producer_config, read
 
 from persia_inc.producer import (
     BackpressureError,
-    DenseSignBuffer,
     IncrementalProducer,
     ProducerClosedError,
-    SignBuffer,
     UnstoredDataError,
 )
-from persia_inc.producer.signset import DenseColumns
+from persia_inc.producer.dense_signs import DenseColumns, DenseSignBuffer
+from persia_inc.producer.signset import SignBuffer
 from persia_inc.storage import open_store
 from persia_inc.wiring import producer_from_config
 

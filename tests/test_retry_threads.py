@@ -28,7 +28,8 @@ from persia_inc.foundation.retry import (
 from persia_inc.foundation.threads import THREAD_PREFIX, ServiceThread, leaked_threads
 from persia_inc.producer import UnstoredDataError, WriterFailedError
 from persia_inc.producer.announce import DirectoryAnnouncer
-from persia_inc.producer.writer import PacketWriter, Snapshot
+from persia_inc.producer.snapshot import Snapshot
+from persia_inc.producer.writer import PacketWriter
 from persia_inc.storage import StorageError, TransientStorageError
 from persia_inc.storage.local import LocalStore
 from persia_inc.wiring import producer_from_config
