@@ -79,8 +79,8 @@ def test_stray_generation_is_held_and_a_late_packet_is_skipped_loudly(
                                     outcome="held") == 1, what="the stray held")
             logged = records(caplog, "GENERATION JUMP")
             assert len(logged) == 1 and stray_key in logged[0] and "(1, 1)" in logged[0], logged
-            row = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/streams",
-                                                    timeout=5).read())["streams"][0]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/streams", timeout=5) as reply:
+                row = json.load(reply)["streams"][0]
             assert row["generation_jump_held"] == stray_key
             shown = status_json(cluster.config_path)["streams"][0]
             assert shown["generation_jump_held"] == stray_key and "generation-jump-held" in shown["flags"]
@@ -183,8 +183,9 @@ def test_health_names_a_dead_source(embedding_cluster_factory, tmp_path: Path) -
                 assert f"source {kind} is dead" in health["problems"]
                 with pytest.raises(urllib.error.HTTPError) as reply:
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
-                assert reply.value.code == 503
-                assert f"source {kind} is dead" in json.load(reply.value)["problems"]
+                with reply.value:
+                    assert reply.value.code == 503
+                    assert f"source {kind} is dead" in json.load(reply.value)["problems"]
 
 
 def test_health_names_a_dead_kafka_consumer(embedding_cluster_factory, kafka, tmp_path: Path) -> None:

@@ -201,7 +201,8 @@ def test_metrics_are_served_when_asked(tmp_path: Path) -> None:
         producer.register_table("emb", model.read)
         producer.record("emb", np.arange(10))
         producer.flush()
-        body = urllib.request.urlopen(f"http://127.0.0.1:{producer.metrics_port}/metrics").read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{producer.metrics_port}/metrics") as reply:
+            body = reply.read()
     text = body.decode()
     assert 'persia_inc_producer_packets_total{model="ctr",producer="producer-0",reason="explicit"' \
         in text.replace(',table="emb"', "")
