@@ -22,8 +22,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from persia_inc.foundation.retry import RetryPolicy, retry_delay_s, stop_waits_on
-from persia_inc.foundation.threads import ServiceThread
+from persia_inc.foundation.threads import ServiceThread, lower_thread_priority
 from persia_inc.packet_format import Announcement, PacketHeader, packet_key, write_packet
 from persia_inc.producer.announce import Announcer
 from persia_inc.producer.errors import BackpressureError, WriterFailedError
@@ -281,7 +279,7 @@ class PacketWriter:
             self._fail(f"the packet writer failed: {type(exc).__name__}: {exc}", "", exc)
 
     def _loop(self) -> None:
-        _lower_thread_priority(self.nice)
+        lower_thread_priority(self.nice)
         self._discover_generation()
         while not self._stop.is_set() and self.failure is None:
             with self._cond:
@@ -438,18 +436,3 @@ class PacketWriter:
         if self.on_stored is not None:
             self.on_stored(stored)
         return True
-
-
-def _lower_thread_priority(increment: int) -> None:
-    """Run the calling thread `increment` nicer (Linux gives each thread its own priority;
-    elsewhere this would renice the whole process, so it does nothing there). SCHED_IDLE was
-    tried and dropped: it made packets later for no measurable gain in step time
-    (bench/results/producer.json, decisions.idle_writer)."""
-    if sys.platform != "linux" or increment <= 0:
-        return
-    tid = threading.get_native_id()
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
-    except OSError as exc:  # a sandbox may forbid it: run at normal priority
-        log.info("could not lower the packet writer's CPU priority: %s", exc)
