@@ -118,6 +118,11 @@ class PersiaBatch:
         return sink.getvalue().to_pybytes()
 
 
+# PERSIA's name for the request builder (`persia.prelude.PyPersiaBatchData`), so code written
+# against the seed document runs with only its import line changed
+PyPersiaBatchData = PersiaBatch
+
+
 @dataclass(frozen=True, slots=True)
 class DecodedBatch:
     """A validated request, ready for lookup.
@@ -236,4 +241,4 @@ def _decode(data: bytes | bytearray | memoryview, spec: ModelSpec) -> DecodedBat
     return DecodedBatch(rows=rows, dense=dense, signs=signs, bag_offsets=bag_offsets)
 
 
-__all__ = ["FORMAT", "BatchError", "DecodedBatch", "PersiaBatch", "decode_batch"]
+__all__ = ["FORMAT", "BatchError", "DecodedBatch", "PersiaBatch", "PyPersiaBatchData", "decode_batch"]

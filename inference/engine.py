@@ -88,7 +88,8 @@ class PersiaInference:
         lookup_done = time.monotonic()
         timings.lookup_s += lookup_done - start
 
-        weight = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        # writable: a one-shard lookup returns a read-only view of the reply, which torch warns on
+        weight = torch.from_numpy(np.require(rows, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
         indices = torch.from_numpy(inverse.reshape(-1).astype(np.int64, copy=False))
         num_features = len(self.spec.sparse)
         denses, sparses, base = [], [], 0

@@ -9,10 +9,21 @@ Inside a .mar (see `inference.archive`) the handler finds:
   shipped in the .mar as an extra file.
 
 Request input: the Arrow IPC bytes under `data` (gRPC input map key, or HTTP form field),
-`batch` (the seed document's name) or `body` (an HTTP raw body). A bad request gets status 400
-with a message that names the column, and only that request fails: the others of the same
-TorchServe batch are answered and the worker keeps running. Embedding servers that fail give
-503 for the batch. A good request's answer is a JSON list of float scores, one per sample.
+`batch` (the seed document's name) or `body` (an HTTP raw body). A good request's answer is a
+JSON list of float scores, one per sample. Embedding servers that fail give 503 for the batch.
+
+A bad request fails with a message that names the column ("bad request: column 'dense': ..."),
+and the worker keeps running. How the failure reaches the client depends on what else is in
+the TorchServe batch, because TorchServe 0.12's gRPC front end ignores per-request statuses
+(`GRPCJob.response` always answers OK) and maps only a whole-batch error to a gRPC status:
+
+* every request of the batch is bad (always so with `batch_size` 1, our registration
+  default): the handler raises `PredictionException(..., 400)`, which TorchServe sends as
+  gRPC INVALID_ARGUMENT and HTTP 400;
+* good and bad requests share a batch (`batch_size` > 1): the good ones are answered, each bad
+  one gets HTTP 400 through `context.set_response_status`, but over gRPC an OK whose body is
+  `{"error": ..., "column": ...}` (`inference.client.infer` raises on it; a generic gRPC
+  client must look at the body). Failing the whole batch instead would fail the good requests.
 """
 
 from __future__ import annotations
@@ -97,7 +108,9 @@ class PersiaHandler(BaseHandler):
         return self.engine
 
     def preprocess(self, data: list[Any]) -> list[DecodedBatch | BatchError]:
-        """Decode every request; a bad one becomes its BatchError."""
+        """Decode every request; a bad one becomes its BatchError. If all of them are bad,
+        raise PredictionException(400) naming the column(s): TorchServe then answers gRPC
+        INVALID_ARGUMENT and HTTP 400 (see the module docstring)."""
         engine = self._engine()
         out: list[DecodedBatch | BatchError] = []
         for row in data:
@@ -105,6 +118,10 @@ class PersiaHandler(BaseHandler):
                 out.append(engine.decode(request_body(row)))
             except BatchError as exc:
                 out.append(exc)
+        if out and all(isinstance(item, BatchError) for item in out):
+            messages = list(dict.fromkeys(f"bad request: {item}" for item in out))
+            log.info("bad request%s: %s", "s" if len(out) > 1 else "", "; ".join(messages))
+            raise PredictionException("; ".join(messages), 400)
         return out
 
     def inference(self, data: list[DecodedBatch | BatchError], *args: Any, **kwargs: Any) -> list[Any]:
@@ -121,7 +138,8 @@ class PersiaHandler(BaseHandler):
             raise PredictionException(str(exc), 500) from exc
 
     def postprocess(self, data: list[Any]) -> list[Any]:
-        """One entry per request: its scores as a list of floats, or an error (status 400)."""
+        """One entry per request: its scores as a list of floats, or (a bad request beside
+        good ones) an error dict with status 400."""
         out: list[Any] = []
         for index, item in enumerate(data):
             if isinstance(item, BatchError):

@@ -6,16 +6,21 @@ Java frontend directly (the same command line `torchserve` builds), so the proce
 is the server itself; its shutdown hook stops the Python workers. Every address is on
 127.0.0.1 with free ports, token authorization is off and the model API on (the local
 settings of `infra/torchserve/config.properties`), and logs go to `workdir/logs`.
+
+`persia-inc serve` runs one for a deployment (fixed ports, the user's model store); tests and
+benchmarks take free ports and `workdir/model-store`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,22 +52,81 @@ def local_properties(model_store: Path, ports: Mapping[str, int], **extra: str) 
     return props
 
 
+PORT_NAMES = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+# TorchServe's own defaults, which clients assume (gRPC inference 7070, REST 8080 ...)
+DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
+                 "grpc_inference": 7070, "grpc_management": 7071}
+SERVE_INSTALL_HINT = "pip install 'persia-inc[serve]'"
+JAVA_INSTALL_HINT = ("install a Java 17 runtime (Debian: apt-get install openjdk-17-jre-headless) "
+                     "or set JAVA_HOME")
+
+
 class TorchServeError(RuntimeError):
     """TorchServe did not start or stop; carries the tail of its log."""
+
+
+class StartCancelledError(TorchServeError):
+    """`start()` was cancelled; the server is stopped."""
+
+
+class TorchServeMissingError(TorchServeError):
+    """TorchServe or Java is not installed; the message is one line saying what to install."""
+
+
+def torchserve_home() -> Path:
+    """The directory holding TorchServe's `ts` package; TorchServeMissingError if not installed."""
+    try:
+        spec = importlib.util.find_spec("ts")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise TorchServeMissingError(f"TorchServe is not installed: {SERVE_INSTALL_HINT}")
+    home = Path(next(iter(spec.submodule_search_locations))).parent
+    if not (home / "ts" / "frontend" / "model-server.jar").is_file():
+        raise TorchServeMissingError(f"TorchServe's frontend jar is missing under {home}: "
+                                f"reinstall it with {SERVE_INSTALL_HINT}")
+    return home
+
+
+def find_java() -> str:
+    """`$JAVA_HOME/bin/java`, else `java` on PATH; TorchServeMissingError if neither exists."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home:
+        java = Path(java_home) / "bin" / "java"
+        if java.is_file():
+            return str(java)
+        raise TorchServeMissingError(f"JAVA_HOME={java_home} has no bin/java: {JAVA_INSTALL_HINT}")
+    found = shutil.which("java")
+    if not found:
+        raise TorchServeMissingError(f"Java not found (TorchServe's frontend needs Java 17): "
+                                     f"{JAVA_INSTALL_HINT}")
+    return found
+
+
+def check_installed() -> None:
+    """Raise TorchServeMissingError (one line: what to install) unless TorchServe and Java are there."""
+    torchserve_home()
+    find_java()
 
 
 class LocalTorchServe:
     """One TorchServe frontend (Java) under `workdir`; `start()`, `stop()`, or `with`.
 
-    env: extra environment for the server and its workers (e.g. PERSIA_INC_CONFIG).
+    env: extra environment for the server and its workers (e.g. PERSIA_INC_CONFIG);
+    model_store: default `workdir/model-store`; ports: any of PORT_NAMES -> port (a missing
+    one, or 0, takes a free port); properties: extra or overriding config.properties entries.
     """
 
     def __init__(self, workdir: str | Path, *, env: Mapping[str, str] | None = None,
+                 model_store: str | Path | None = None, ports: Mapping[str, int] | None = None,
                  **properties: str) -> None:
         self.workdir = Path(workdir)
-        self.model_store = self.workdir / "model-store"
-        self.ports = {name: free_port() for name in
-                      ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+        self.model_store = Path(model_store) if model_store is not None else self.workdir / "model-store"
+        unknown = set(ports or {}) - set(PORT_NAMES)
+        if unknown:
+            raise ValueError(f"unknown TorchServe ports {sorted(unknown)}; known: {PORT_NAMES}")
+        given = dict(ports or {})
+        self.ports = {name: given.get(name) or free_port() for name in PORT_NAMES}
         self.env = dict(env or {})
         self.properties = local_properties(self.model_store, self.ports, **properties)
         self._proc: subprocess.Popen | None = None
@@ -88,6 +152,11 @@ class LocalTorchServe:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def exit_code(self) -> int | None:
+        """TorchServe's exit status if it exited by itself, None while it runs (or before
+        start, or after stop)."""
+        return self._proc.poll() if self._proc is not None else None
+
     def log_tail(self, lines: int = 40) -> str:
         out = []
         for path in (self.workdir / "frontend.out", self.workdir / "logs" / "model_log.log"):
@@ -95,20 +164,43 @@ class LocalTorchServe:
                 out += [f"--- {path.name}", *path.read_text(errors="replace").splitlines()[-lines:]]
         return "\n".join(out)
 
+    @property
+    def metrics_url(self) -> str:
+        return self.properties["metrics_address"]
+
+    @property
+    def token_authorization(self) -> bool:
+        """Whether TorchServe asks for keys (then in `key_file`, written at start)."""
+        return self.properties.get("disable_token_authorization", "false").lower() != "true"
+
+    @property
+    def key_file(self) -> Path:
+        """Where TorchServe 0.12 writes its keys when token authorization is on: key_file.json
+        in its working directory (management, inference and API keys)."""
+        return self.workdir / "key_file.json"
+
+    def key(self, api: str) -> str:
+        """TorchServe's key for `api` ("inference", "management" or "API") from `key_file`;
+        '' with token authorization off or before TorchServe wrote the file."""
+        if not self.token_authorization:
+            return ""
+        try:
+            return str(json.loads(self.key_file.read_text())[api]["key"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+
     def _command(self, config: Path) -> list[str]:
-        spec = importlib.util.find_spec("ts")
-        if spec is None or not spec.submodule_search_locations:
-            raise TorchServeError("TorchServe is not installed: pip install -e '.[serve]'")
-        ts_home = Path(next(iter(spec.submodule_search_locations))).parent
-        java_home = os.environ.get("JAVA_HOME")
-        java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
-        if not java:
-            raise TorchServeError("java not found: install OpenJDK 17 or set JAVA_HOME")
+        ts_home = torchserve_home()
+        java = find_java()
         return [java, f"-Dmodel_server_home={ts_home}", *self.properties["vmargs"].split(),
                 "-cp", f".:{ts_home / 'ts' / 'frontend' / '*'}", "org.pytorch.serve.ModelServer",
                 "--python", sys.executable, "-f", str(config), "-s", str(self.model_store), "-ncs"]
 
-    def start(self, timeout_s: float = 60.0) -> LocalTorchServe:
+    def start(self, timeout_s: float = 60.0, *, cancel: threading.Event | None = None
+              ) -> LocalTorchServe:
+        """Start and wait until /ping answers; TorchServeError (with the log tail) if it
+        exits or is not answering within `timeout_s`. Setting `cancel` (e.g. from a signal
+        handler) stops it and raises StartCancelledError."""
         if self._proc is not None:
             raise TorchServeError("already started")
         self.model_store.mkdir(parents=True, exist_ok=True)
@@ -125,14 +217,22 @@ class LocalTorchServe:
                                           start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                self.stop()
+                raise StartCancelledError("stopped while starting")
             if self._proc.poll() is not None:
                 raise TorchServeError(f"TorchServe exited with {self._proc.returncode}:\n{self.log_tail()}")
+            key = self.key("inference")  # with token authorization, /ping wants it too
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
             try:
-                if requests.get(f"{self.inference_url}/ping", timeout=1).status_code == 200:
+                if requests.get(f"{self.inference_url}/ping", headers=headers, timeout=1).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
-            time.sleep(0.1)
+            if cancel is not None:
+                cancel.wait(0.1)
+            else:
+                time.sleep(0.1)
         self.stop()
         raise TorchServeError(f"TorchServe not answering after {timeout_s} s:\n{self.log_tail()}")
 
@@ -156,4 +256,6 @@ class LocalTorchServe:
         self.stop()
 
 
-__all__ = ["LocalTorchServe", "TorchServeError", "free_port", "local_properties"]
+__all__ = ["DEFAULT_PORTS", "PORT_NAMES", "LocalTorchServe", "StartCancelledError", "TorchServeError",
+           "TorchServeMissingError", "check_installed", "find_java", "free_port", "local_properties",
+           "torchserve_home"]

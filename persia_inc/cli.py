@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "loader": "persia_inc.commands.loader",
     "replay": "persia_inc.commands.replay",
     "status": "persia_inc.commands.status",
+    "serve": "persia_inc.commands.serve",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

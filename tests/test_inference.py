@@ -189,6 +189,23 @@ def test_engine_sum_pools_like_numpy_and_dedups_lookups() -> None:
     assert t.decode_s > 0 and t.lookup_s > 0 and t.forward_s > 0
 
 
+def test_engine_takes_read_only_rows_as_one_shard_returns_them() -> None:
+    """A one-shard client returns a read-only view of the gRPC reply; torch must not warn
+    (warnings are errors here, and a TorchServe worker would log one per request)."""
+    rng = np.random.default_rng(5)
+
+    def lookup(name: str, signs: np.ndarray) -> np.ndarray:
+        rows = np.frombuffer(rng.standard_normal((signs.size, 16)).astype(np.float32).tobytes(),
+                             np.float32).reshape(signs.size, 16)
+        assert not rows.flags.writeable
+        return rows
+
+    engine = PersiaInference(script(build_model(SPEC)), SPEC, lookup)
+    batch, dense, _ = seed_style_batch(rng, batch_size=4)
+    [scores] = engine.predict_many([batch.to_bytes()])
+    assert isinstance(scores, np.ndarray) and scores.shape == (dense.shape[0],)
+
+
 def test_torchserve_stubs_are_generated_from_the_jar(tmp_path: Path) -> None:
     from persia_inc.inference.protos import generate, stubs
 

@@ -3,11 +3,13 @@ stopped by PID), two embedding-server shards per test, and the loader.
 
 The last test is the issue's "done when": a packet written to storage changes rows a request
 uses, the loader applies it, and TorchServe's prediction becomes exactly what the in-process
-handler computes with the new rows.
+handler computes with the new rows. `test_seed_request_example` runs the seed document's
+request code (section 4) as written, with only its import lines ours.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -23,12 +26,21 @@ from persia_inc.config import load_config
 from persia_inc.embedding_server.errors import ShardError
 from persia_inc.handler import ConfiguredHandler
 from persia_inc.inference.archive import archive_model
-from persia_inc.inference.batch import PersiaBatch
-from persia_inc.inference.client import InferenceError, get_inference_stub, infer, infer_http
+from persia_inc.inference.batch import PersiaBatch, decode_batch
+from persia_inc.inference.client import (
+    ADDRESS_ENV,
+    INPUT_KEY,
+    InferenceError,
+    ModelNotRegisteredError,
+    get_inference_stub,
+    infer,
+    infer_http,
+)
 from persia_inc.inference.engine import PersiaInference
 from persia_inc.inference.local import LocalTorchServe
 from persia_inc.inference.management import GrpcManagement, HttpManagement, ManagementError
 from persia_inc.inference.model import build_model, load_torchscript, save_torchscript
+from persia_inc.inference.protos import stubs
 from persia_inc.inference.spec import CONFIG_ENV, SPEC_FILE, ModelSpec
 from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV, EmbeddingCluster, stop_pid
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet, packet_key
@@ -91,7 +103,78 @@ def make_cluster(factory: Callable[..., EmbeddingCluster], name: str) -> Embeddi
                    persia_inc={"loader": {"rescan_interval_s": 0.5, "watermark_poll_s": 0.5}})
 
 
+# The seed document's request example (PERSIA inference document, section 4), verbatim; only
+# the imports are ours (PERSIA's were `from persia.prelude import PyPersiaBatchData` and its
+# gRPC client helpers).
+SEED_IMPORTS = """\
+import numpy as np
+
+from persia_inc.inference.batch import PyPersiaBatchData
+from persia_inc.inference.client import get_inference_stub, infer
+"""
+SEED_EXAMPLE = """\
+batch_size = 128
+feature_dim = 16
+denses = [np.random.rand(batch_size, 13).astype(np.float32)]
+sparse = []
+for sparse_idx in range(26):
+    sparse.append((
+        f'feature{sparse_idx + 1}',
+        [np.random.randint(1000000, size=feature_dim).astype(np.uint64) for _ in range(batch_size)]
+    ))
+
+batch_data = PyPersiaBatchData()
+batch_data.add_dense(denses)
+batch_data.add_sparse(sparse)
+
+model_input = batch_data.to_bytes()
+infer(get_inference_stub(), 'you_model_name', model_input)
+"""
+
+
 # --------------------------------------------------------------------------------- tests
+
+
+def test_seed_request_example(torchserve: LocalTorchServe, dense_pt: Path,
+                              monkeypatch: pytest.MonkeyPatch,
+                              embedding_cluster_factory: Callable[..., EmbeddingCluster]) -> None:
+    """The seed's code runs unchanged against TorchServe serving 'you_model_name';
+    get_inference_stub() finds TorchServe through PERSIA_INC_INFERENCE_ADDRESS."""
+    cluster = make_cluster(embedding_cluster_factory, "seed")
+    archive_model("you_model_name", dense_pt, SPEC, torchserve.model_store,
+                  config_file=cluster.config_path, check_config=load_config)
+    monkeypatch.setenv(ADDRESS_ENV, torchserve.grpc_inference_target)
+    program = ast.parse(SEED_IMPORTS + SEED_EXAMPLE, "<seed example>")
+    *build, call = program.body  # run it all, in order; keep the value of the last line
+    assert isinstance(call, ast.Expr) and ast.unparse(call).startswith("infer(get_inference_stub()")
+    namespace: dict[str, object] = {}
+    exec(compile(ast.Module(body=build, type_ignores=[]), "<seed example>", "exec"), namespace)
+    model_input = namespace["model_input"]
+    assert isinstance(model_input, bytes)
+
+    # give half of the request's signs rows, so the answer depends on the embedding servers
+    signs = np.unique(decode_batch(model_input, SPEC).signs)[::2]
+    rows = np.random.default_rng(21).standard_normal((signs.size, SPEC.dim)).astype(np.float32)
+    with cluster.client() as client:
+        client.apply(decode_packet(encode_packet(
+            PacketHeader(model=MODEL, table=SPEC.table, producer="p", generation=0, sequence=0),
+            signs, rows)))
+    engine, close = in_process(cluster, dense_pt)
+    try:
+        with HttpManagement(torchserve.management_url) as mgmt:
+            mgmt.register("you_model_name.mar")
+            try:
+                scores = eval(compile(ast.Expression(call.value), "<seed example>", "eval"), namespace)
+            finally:
+                mgmt.unregister("you_model_name")
+        want = engine.predict(model_input)
+        assert want.shape == (128,) and np.isfinite(want).all()
+        assert isinstance(scores, np.ndarray) and np.array_equal(scores, want)
+        no_rows = PersiaInference(engine.model, SPEC,
+                                  lambda table, s: np.zeros((s.size, SPEC.dim), np.float32))
+        assert not np.array_equal(want, no_rows.predict(model_input))  # the rows mattered
+    finally:
+        close()
 
 
 def test_register_infer_and_bad_requests(torchserve: LocalTorchServe, dense_pt: Path,
@@ -126,16 +209,30 @@ def test_register_infer_and_bad_requests(torchserve: LocalTorchServe, dense_pt: 
             cases = [(b"\x01not arrow at all", "not an Arrow IPC stream"),
                      (narrow, "column 'dense'"), (fewer, "column 'feature26': missing")]
             for bad, message in cases:
-                for send in (lambda b: infer(stub, "served", b),
-                             lambda b: infer_http(torchserve.inference_url, "served", b)):
+                # a generic gRPC client sees an error status, not an OK with an error inside
+                with pytest.raises(grpc.RpcError) as raw:
+                    stub.Predictions(stubs().inference_pb2.PredictionsRequest(
+                        model_name="served", input={INPUT_KEY: bad}), timeout=30)
+                assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raw.value
+                assert message in raw.value.details()
+                for send, status in ((lambda b: infer(stub, "served", b), "INVALID_ARGUMENT"),
+                                     (lambda b: infer_http(torchserve.inference_url, "served", b), 400)):
                     with pytest.raises(InferenceError) as info:
                         send(bad)
-                    assert info.value.status == 400 and message in info.value.message
-            with pytest.raises(InferenceError, match="Model not found") as info:
-                infer(stub, "no-such-model", body)
-            with pytest.raises(InferenceError) as info:
-                infer_http(torchserve.inference_url, "no-such-model", body)
-            assert info.value.status == 404
+                    assert info.value.status == status and message in info.value.message
+                    assert info.value.message.startswith("bad request: ")
+            # TorchServe 0.12 answers an unknown model with gRPC INTERNAL (naming its
+            # ModelNotFoundException) and HTTP 404: both become the one clear error
+            for send, status in ((lambda: infer(stub, "no-such-model", body), "INTERNAL"),
+                                 (lambda: infer_http(torchserve.inference_url, "no-such-model", body), 404)):
+                with pytest.raises(ModelNotRegisteredError,
+                                   match="model 'no-such-model' is not registered") as info:
+                    send()
+                assert info.value.status == status and info.value.model_name == "no-such-model"
+                assert "\n" not in str(info.value)
+            with pytest.raises(ModelNotRegisteredError,
+                               match="version 'v9' of model 'served' is not registered"):
+                infer(stub, "served", body, model_version="v9")
             # the worker survived all of it
             assert np.array_equal(infer(stub, "served", body), want)
 
@@ -174,6 +271,7 @@ def test_handler_in_process_with_config_from_environment(
     import json
 
     from ts.context import Context, RequestProcessor  # inference.handler imported ts quietly
+    from ts.utils.util import PredictionException
 
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     context = Context("envmodel", str(model_dir), manifest, 3, None, "0.12.0", model_yaml_config={})
@@ -187,6 +285,14 @@ def test_handler_in_process_with_config_from_environment(
         assert len(out) == 3 and len(out[0]) == 5 and len(out[2]) == 7
         assert context.get_response_status(1)[0] == 400 and "bad request" in out[1]["error"]
         assert context.get_response_status(0)[0] == 200
+        # a batch of bad requests only: one PredictionException(400), which TorchServe sends
+        # as gRPC INVALID_ARGUMENT and HTTP 400 (the test against TorchServe checks that)
+        context.request_processor = [RequestProcessor({}) for _ in range(2)]
+        with pytest.raises(PredictionException) as refused:
+            handler.preprocess([{"data": bytearray(b"junk")}, {"data": bytearray(b"junk")}])
+        assert refused.value.error_code == 400
+        assert refused.value.message.startswith("bad request: not an Arrow IPC stream")
+        assert ";" not in refused.value.message  # the same error once
         engine, close = in_process(cluster, dense_pt)
         try:
             assert out[0] == engine.predict(good1).tolist()
