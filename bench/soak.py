@@ -35,14 +35,16 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    # this process only watches; the faults' retries are the children's to log (logs/ in workdir)
+    logging.getLogger("persia_inc.foundation.retry").setLevel(logging.ERROR)
     options = SoakOptions(seconds=args.minutes * 60, storage="local" if args.local else "ceph",
                           announce="dir" if args.local else "kafka", fault_every_s=args.fault_every_s,
                           seed=args.seed, workdir=args.workdir, faults=FAULT_KINDS)
     started = time.monotonic()
     report = run_soak(options, on_fault=lambda kind, at: print(f"  {at:6.1f} s  {kind}", flush=True))
-    print(f"soak: {report.seconds:.0f} s on {report.storage} storage with {report.announce} "
-          f"announcements (wall {time.monotonic() - started:.0f} s)")
+    print(f"soak: {report.training_s:.0f} s of training on {report.storage} storage with "
+          f"{report.announce} announcements (wall {time.monotonic() - started:.0f} s)")
     print("faults injected:   " + ", ".join(f"{k} {v}" for k, v in report.faults.items()))
     print(f"training steps:    {report.steps:,}; packets: {report.packets:,}")
     print(f"rows checked:      {report.rows_checked:,}")

@@ -170,7 +170,8 @@ def run_trainer(config_path: Path, state: Path, shape: ModelShape, steps_per_s: 
 class SoakReport:
     """What a soak saw. rows_lost and out_of_order must be 0."""
 
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run: services, training, catch-up, check
+    training_s: float = 0.0
     storage: str = "local"
     announce: str = "dir"
     faults: dict[str, int] = field(default_factory=dict)
@@ -402,7 +403,8 @@ def run_soak(options: SoakOptions, on_fault: Callable[[str, float], None] | None
         schedule = [k for k in schedule if k != "restart_broker" or broker is not None]
         kinds = tuple(schedule)
         rng.shuffle(schedule)
-        deadline = started + options.seconds
+        training_started = time.monotonic()  # services are up: the soak's time starts here
+        deadline = training_started + options.seconds
         next_fault = time.monotonic() + min(options.fault_every_s, options.seconds / (len(schedule) + 2))
         quiet_from = deadline - max(10.0, 0.15 * options.seconds)  # the last fault heals in time
         while time.monotonic() < deadline:
@@ -414,7 +416,7 @@ def run_soak(options: SoakOptions, on_fault: Callable[[str, float], None] | None
                 kind = schedule.pop(0) if schedule else rng.choice(kinds)
                 report.faults[kind] += 1
                 if on_fault is not None:
-                    on_fault(kind, time.monotonic() - started)
+                    on_fault(kind, time.monotonic() - training_started)
                 log.info("soak: injecting %s", kind)
                 if kind == "kill_trainer":
                     trainer.kill()
@@ -441,6 +443,7 @@ def run_soak(options: SoakOptions, on_fault: Callable[[str, float], None] | None
                 next_fault = time.monotonic() + rng.uniform(0.5 * gap, 1.5 * gap)
             time.sleep(0.1)
 
+        report.training_s = round(time.monotonic() - training_started, 1)
         code = trainer.stop(timeout_s=120)
         if code != 0:
             report.problems.append(f"trainer stopped with {code}; see {trainer.log_path}")
@@ -477,7 +480,7 @@ def run_soak(options: SoakOptions, on_fault: Callable[[str, float], None] | None
             broker.stop()
         if ceph is not None:
             ceph.stop()
-        report.seconds = round(time.monotonic() - started, 1)
+        report.seconds = round(time.monotonic() - started, 1)  # set up, training and catch-up
         (workdir / "soak.json").write_text(report.to_json())
     return report
 
