@@ -192,8 +192,9 @@ def test_health_names_a_dead_kafka_consumer(embedding_cluster_factory, kafka, tm
     cluster = embedding_cluster_factory(1, incremental_dir=str(tmp_path / "inc"))
     with cluster.client() as client, open_store(str(tmp_path / "inc")) as store:
         settings = LoaderSettings(**{**FAST, "source": "kafka"})
-        kafka_settings = KafkaSettings(bootstrap_servers=(kafka.bootstrap,),
-                                       topic=f"persia-inc-dead-{free_port()}")
+        name = f"persia-inc-dead-{free_port()}"  # its own topic and group on the shared broker
+        kafka_settings = KafkaSettings(bootstrap_servers=(kafka.bootstrap,), topic=name, group_id=name,
+                                       session_timeout_ms=2000, heartbeat_interval_ms=500)
         with Loader(client, store, model="m", settings=settings, kafka=kafka_settings) as loader:
             wait_for(lambda: loader.health()["healthy"], what="healthy")
             sources = loader.health()["sources"]
