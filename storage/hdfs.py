@@ -103,6 +103,12 @@ class HdfsStore(ObjectStore):
         with self._mapped(prefix):
             return walk_tree(self._list_dir, prefix, start_after)
 
+    def _list_folders(self, prefix: str) -> list[str]:
+        """One LISTSTATUS of `prefix`: its sub-folders (not a walk of the whole tree)."""
+        with self._mapped(prefix):
+            return sorted(e.name for e in self._list_dir(prefix.rstrip("/"))
+                          if e.is_dir and not e.name.startswith("."))
+
     def _list_dir(self, folder_key: str) -> list[TreeEntry]:
         """One LISTSTATUS: the folder's entries with their sizes (none if it is absent)."""
         try:

@@ -176,6 +176,20 @@ class S3Store(ObjectStore):
                     found.append(ObjectInfo(item["Key"][len(base):], int(item["Size"])))
         return found
 
+    def _list_folders(self, prefix: str) -> list[str]:
+        """One delimiter listing of `prefix`: its common prefixes (not every key below)."""
+        base = self._object("") if self.base else ""
+        if base and not base.endswith("/"):
+            base += "/"
+        names = []
+        with self._mapped(prefix):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base + prefix, Delimiter="/")
+            for page in pages:
+                for common in page.get("CommonPrefixes", []):
+                    names.append(common["Prefix"][len(base + prefix):].rstrip("/"))
+        return sorted(n for n in names if n and not n.startswith("."))
+
     def _delete(self, key: str) -> None:
         with self._mapped(key):
             self._client.head_object(Bucket=self.bucket, Key=self._object(key))

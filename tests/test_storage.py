@@ -50,6 +50,16 @@ def test_missing_object_is_file_not_found(object_store: ObjectStore) -> None:
         assert "no/such/key" in str(info.value)
 
 
+def test_list_folders_is_one_level_on_every_backend(object_store: ObjectStore) -> None:
+    """The other-models check looks one level down; S3 and HDFS answer it with one request."""
+    for key in ("a/x/1", "b/y/z/2", "c", ".hidden/3"):
+        object_store.put(key, b"1")
+    assert object_store.list_folders() == ["a", "b"]
+    assert object_store.list_folders("b/") == ["y"]
+    assert object_store.list_folders("b/y/") == ["z"]
+    assert object_store.list_folders("nothing/") == []
+
+
 def test_list_is_in_key_order_and_resumes_after_a_key(object_store: ObjectStore) -> None:
     keys = [packet_key("m", "t", "p0", g, s) for g in (1, 2) for s in (0, 1, 2, 10)]
     keys += ["m/t/p1/0000000001-000000000000.arrow", "m/u/p0/0000000001-000000000000.arrow"]
