@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import pytest
+from test_loader_services import wait_for
 from test_producer_support import NumpyModel, OutageStore, producer_config
 
 from persia_inc.embedding_server.errors import ShardError
@@ -33,14 +34,6 @@ from persia_inc.producer.writer import PacketWriter
 from persia_inc.storage import StorageError, TransientStorageError
 from persia_inc.storage.local import LocalStore
 from persia_inc.wiring import producer_from_config
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
-
 
 # ------------------------------------------------------------------------ the retry rule
 
@@ -138,7 +131,7 @@ def test_service_thread_starts_closes_twice_and_refuses_to_restart() -> None:
     thread = ServiceThread("test-loop", loop)
     assert thread.name == THREAD_PREFIX + "test-loop"
     assert thread.start() is thread and thread.start() is thread  # start is once
-    wait_until(lambda: len(ticks) > 2)
+    wait_for(lambda: len(ticks) > 2)
     assert thread.close(5) and not thread.is_alive()
     assert thread.close(5)  # twice is fine
     with pytest.raises(RuntimeError, match="closed"):
@@ -233,7 +226,7 @@ def test_a_refused_packet_stops_the_writer_and_reaches_the_training_thread(tmp_p
     producer = producer_from_config(config, generation=1, store=store)
     producer.register_table("emb", model.read)
     producer.record("emb", np.arange(100))  # full: flushed
-    wait_until(lambda: producer.writer.failure is not None)
+    wait_for(lambda: producer.writer.failure is not None)
     assert producer.writer._thread.join(5)  # stopped, not spinning
     assert store.attempts == 1
     uri = store.location("ctr/emb/producer-0/0000000001-000000000000.arrow")
@@ -263,7 +256,7 @@ def test_writer_close_leaves_a_borrowed_store_running_and_cuts_its_retries(
     writer = PacketWriter(store, "ctr", "p", DirectoryAnnouncer(), generation=1,
                           max_backoff_s=30.0)
     writer.submit(_snapshot())
-    wait_until(lambda: store.attempts >= 3)  # retrying the outage, waits growing
+    wait_for(lambda: store.attempts >= 3)  # retrying the outage, waits growing
     started = time.monotonic()
     left, tables = writer.close(0.1)
     assert time.monotonic() - started < 5  # its own stop ended the wait
