@@ -1,4 +1,5 @@
-"""The contract between training and serving: packet v1, naming, announcements, manifests.
+"""The contract between training and serving: packets v1 and v2 (cuts), naming, announcements,
+manifests.
 
 Imports nothing of ours, so both sides (and third parties) can depend on it alone.
 """
@@ -14,6 +15,23 @@ from persia_inc.packet_format.codec import (
     encode_packet,
     read_packet_header,
     write_packet,
+)
+from persia_inc.packet_format.codec_v2 import (
+    decode_cut,
+    encode_cut,
+    read_cut_header,
+    write_cut,
+)
+from persia_inc.packet_format.cut import (
+    CUT_DTYPES,
+    CUT_FORMAT_VERSION,
+    CUT_LANE,
+    Cut,
+    CutDtype,
+    CutHeader,
+    CutTable,
+    TableRows,
+    check_lane,
 )
 from persia_inc.packet_format.errors import (
     AnnouncementError,
@@ -35,6 +53,7 @@ from persia_inc.packet_format.header import (
 )
 from persia_inc.packet_format.manifest import (
     MANIFEST_NAME,
+    MANIFEST_VERSION,
     CheckpointManifest,
     ManifestPart,
     ManifestTable,
@@ -43,6 +62,7 @@ from persia_inc.packet_format.manifest import (
 from persia_inc.packet_format.naming import (
     PACKET_SUFFIX,
     PacketId,
+    cut_key,
     packet_key,
     packet_path,
     parse_packet_path,
@@ -53,9 +73,13 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "ANNOUNCEMENT_VERSION",
+    "CUT_DTYPES",
+    "CUT_FORMAT_VERSION",
+    "CUT_LANE",
     "DEFAULT_LIMITS",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "MANIFEST_VERSION",
     "MAX_GENERATION",
     "MAX_SEQUENCE",
     "OP_DELETE",
@@ -65,6 +89,10 @@ __all__ = [
     "AnnouncementError",
     "CheckpointManifest",
     "CorruptPacketError",
+    "Cut",
+    "CutDtype",
+    "CutHeader",
+    "CutTable",
     "FlushReason",
     "ManifestError",
     "ManifestPart",
@@ -76,14 +104,21 @@ __all__ = [
     "PacketLimits",
     "PacketTooLargeError",
     "Position",
+    "TableRows",
     "UnsupportedPacketError",
     "Watermark",
+    "check_lane",
+    "cut_key",
+    "decode_cut",
     "decode_packet",
+    "encode_cut",
     "encode_packet",
     "packet_key",
     "packet_path",
     "parse_packet_path",
+    "read_cut_header",
     "read_packet_header",
     "stream_prefix",
+    "write_cut",
     "write_packet",
 ]

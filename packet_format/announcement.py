@@ -2,6 +2,9 @@
 
 Storage is the source of truth; an announcement only rings the doorbell. It repeats the
 packet's identity so a loader can order and verify before fetching.
+
+A v2 cut is announced with the same record (version 1): `table` is the cut lane `"_cuts"`,
+`rows` and `deleted_rows` its totals over all tables, `checksum` the cut's.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import builtins
 import json
 from dataclasses import asdict, dataclass
 
+from persia_inc.packet_format.cut import CutHeader, check_lane
 from persia_inc.packet_format.errors import AnnouncementError
 from persia_inc.packet_format.header import PacketHeader, check_name, check_position
 from persia_inc.packet_format.naming import packet_path
@@ -23,7 +27,8 @@ _INT_FIELDS = ("format_version", "generation", "sequence", "rows", "deleted_rows
 
 @dataclass(frozen=True, slots=True)
 class Announcement:
-    """One stored packet, announced. `bytes` is the packet's size in storage."""
+    """One stored packet or cut, announced. `bytes` is its size in storage; `table` is the
+    stream lane (a table name, or `CUT_LANE` for a cut)."""
 
     uri: str
     model: str
@@ -43,6 +48,16 @@ class Announcement:
         """The announcement of a packet written under `root` with `header` (as written)."""
         return cls(
             uri=packet_path(root, header), model=header.model, table=header.table,
+            producer=header.producer, generation=header.generation, sequence=header.sequence,
+            rows=header.rows, deleted_rows=header.deleted_rows, bytes=size,
+            checksum=header.checksum, created_at_ns=header.created_at_ns,
+        )
+
+    @classmethod
+    def for_cut(cls, root: str, header: CutHeader, size: int) -> Announcement:
+        """The announcement of a cut written under `root` with `header` (as written)."""
+        return cls(
+            uri=packet_path(root, header), model=header.model, table=header.lane,
             producer=header.producer, generation=header.generation, sequence=header.sequence,
             rows=header.rows, deleted_rows=header.deleted_rows, bytes=size,
             checksum=header.checksum, created_at_ns=header.created_at_ns,
@@ -81,8 +96,9 @@ class Announcement:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise AnnouncementError(where, f"field {name!r} must be a non-negative integer")
         try:
-            for name in ("model", "table", "producer"):
+            for name in ("model", "producer"):
                 check_name(name, record[name])
+            check_lane(record["table"])
             check_position(record["generation"], record["sequence"])
         except ValueError as exc:
             raise AnnouncementError(where, str(exc)) from exc

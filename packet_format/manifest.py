@@ -1,8 +1,14 @@
 """The checkpoint manifest: `manifest.json` beside a checkpoint's packet-format part files.
 
-It lists each table's dim, rows and parts, and for each (table, producer) the watermark
+It lists each table's dim, rows and parts, and for each stream the watermark
 (generation, sequence) the checkpoint already contains, so a replica bootstraps with
 "load checkpoint, then apply every packet after its watermark".
+
+Version 1 keys watermarks by (table, producer): `{"table", "producer", "generation", "sequence"}`.
+Version 2 adds per-producer watermarks of the cut lane (packet v2): written as
+`{"producer", "generation", "sequence"}` without "table", read back as
+`Watermark(table=CUT_LANE, ...)`. Manifests are written as `format_version` (default 2; pass 1
+for readers that predate cuts, which refuses cut-lane watermarks); this reader reads both.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from persia_inc.packet_format.cut import CUT_LANE, check_lane
 from persia_inc.packet_format.errors import ManifestError
 from persia_inc.packet_format.header import check_name, check_position
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+MANIFEST_VERSIONS = (1, 2)  # what this reader reads
 MANIFEST_KIND = "persia-inc-checkpoint"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -39,12 +47,18 @@ class ManifestTable:
 
 @dataclass(frozen=True, slots=True)
 class Watermark:
-    """The newest packet of one (table, producer) stream already contained."""
+    """The newest packet of one (lane, producer) stream already contained; `table` is a table
+    name (packet v1) or `CUT_LANE` (the producer's cuts, packet v2)."""
 
     table: str
     producer: str
     generation: int
     sequence: int
+
+    def __post_init__(self) -> None:
+        check_lane(self.table)
+        check_name("producer", self.producer)
+        check_position(self.generation, self.sequence)
 
     @property
     def position(self) -> tuple[int, int]:
@@ -60,6 +74,13 @@ class CheckpointManifest:
     format_version: int = MANIFEST_VERSION
 
     def to_json(self) -> bytes:
+        """The manifest as JSON of `format_version`; ValueError if version 1 would have to carry
+        a cut-lane watermark, which it cannot express."""
+        if self.format_version not in MANIFEST_VERSIONS:
+            raise ValueError(f"format_version {self.format_version!r}, expected one of "
+                             f"{MANIFEST_VERSIONS}")
+        if self.format_version == 1 and any(w.table == CUT_LANE for w in self.watermarks):
+            raise ValueError("a version 1 manifest cannot hold cut-lane watermarks: write version 2")
         record = {
             "kind": MANIFEST_KIND,
             "format_version": self.format_version,
@@ -76,11 +97,7 @@ class CheckpointManifest:
                 }
                 for name, table in sorted(self.tables.items())
             },
-            "watermarks": [
-                {"table": w.table, "producer": w.producer, "generation": w.generation,
-                 "sequence": w.sequence}
-                for w in self.watermarks
-            ],
+            "watermarks": [_watermark_json(w) for w in self.watermarks],
         }
         return json.dumps(record, indent=2).encode()
 
@@ -98,8 +115,9 @@ class CheckpointManifest:
         if root.get("kind") != MANIFEST_KIND:
             raise ManifestError(where, f"'kind' must be {MANIFEST_KIND!r}")
         version = root.get("format_version")
-        if version != MANIFEST_VERSION:
-            raise ManifestError(where, f"format_version {version!r}, expected {MANIFEST_VERSION}")
+        if isinstance(version, bool) or version not in MANIFEST_VERSIONS:
+            raise ManifestError(where, f"format_version {version!r}, expected one of "
+                                f"{MANIFEST_VERSIONS}")
         tables = {}
         for name, raw in reader.obj(root.get("tables"), "tables").items():
             reader.name("table", name, f"tables.{name}")
@@ -127,23 +145,33 @@ class CheckpointManifest:
         for i, raw in enumerate(reader.list(root.get("watermarks", []), "watermarks")):
             at = f"watermarks[{i}]"
             mark = reader.obj(raw, at)
-            watermark = Watermark(
-                table=reader.name("table", mark.get("table"), f"{at}.table"),
-                producer=reader.name("producer", mark.get("producer"), f"{at}.producer"),
-                generation=reader.count(mark.get("generation"), f"{at}.generation"),
-                sequence=reader.count(mark.get("sequence"), f"{at}.sequence"),
-            )
+            if "table" in mark or version == 1:
+                lane = reader.name("table", mark.get("table"), f"{at}.table")
+            else:
+                lane = CUT_LANE
+            producer = reader.name("producer", mark.get("producer"), f"{at}.producer")
+            generation = reader.count(mark.get("generation"), f"{at}.generation")
+            sequence = reader.count(mark.get("sequence"), f"{at}.sequence")
             try:
-                check_position(watermark.generation, watermark.sequence)
+                check_position(generation, sequence)
             except ValueError as exc:
                 raise ManifestError(where, f"{at}: {exc}") from exc
-            watermarks.append(watermark)
+            watermarks.append(Watermark(table=lane, producer=producer, generation=generation,
+                                        sequence=sequence))
         return cls(
             model=reader.name("model", root.get("model"), "model"),
             tables=tables,
             watermarks=tuple(watermarks),
             created_at_ns=reader.count(root.get("created_at_ns"), "created_at_ns"),
+            format_version=version,
         )
+
+
+def _watermark_json(mark: Watermark) -> dict[str, object]:
+    """A watermark's JSON record: a cut-lane one has no "table" (see the module docstring)."""
+    record: dict[str, object] = {} if mark.table == CUT_LANE else {"table": mark.table}
+    record.update(producer=mark.producer, generation=mark.generation, sequence=mark.sequence)
+    return record
 
 
 class _Fields:
