@@ -15,13 +15,21 @@ bench/results/embedding_server.json.
    separate process from the inference clients): that is the shape being measured, not a
    trick. `same_process_writer` repeats the measurement with the writer as a thread of the
    lookup client's process (sharing its GIL), for comparison.
+5. Cuts (key `cuts`), two shard processes: apply throughput (rows/s) of 26-table cuts (dims
+   8..64), one Apply per shard (chunks over 24 MiB), against 26 per-table applies of the same
+   rows, same run, interleaved, at 1k, 5k and 20k rows per table (goal >= 1.5x), and the cut
+   without the 24 MiB message cap; and LookupTables of a 26-table request (128 signs per table)
+   against 26 Lookup calls in turn: p50/p99 and their ratio.
 
 Run: flock /tmp/persia-heavy.lock .venv/bin/python bench/embedding_server.py [--quick]
+     [--only cuts]   (--only: run one figure and update its key in the results file)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -32,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +51,7 @@ from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.embedding_server.table import EmbeddingTable, warm_up
 from persia_inc.foundation.net import free_port
 from persia_inc.packet_format import Packet, PacketHeader
+from persia_inc.packet_format.cut import Cut, CutHeader, TableRows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,43 +223,19 @@ def during_apply(client: EmbeddingClient, servers: list[str], signs: np.ndarray,
     }
 
 
-def over_grpc(table_rows: int, lookups: int) -> dict:
+@contextlib.contextmanager
+def shard_processes(count: int = 2) -> Iterator[list[str]]:
+    """`count` embedding-server processes on loopback (512 MiB messages); their addresses."""
     workdir = Path(tempfile.mkdtemp(prefix="persia-bench-"))
-    servers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    servers = [f"127.0.0.1:{free_port()}" for _ in range(count)]
     config = {"PersiaInferConfig": {"servers": servers}, "incremental_dir": str(workdir / "inc"),
               "persia_inc": {"embedding_server": {"max_message_bytes": 512 * 1024 * 1024}}}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     procs = [subprocess.Popen([sys.executable, "-m", "persia_inc.cli", "--log-level", "WARNING",
                                "embedding-server", "--config", str(workdir / "config.yaml"),
-                               "--shard", str(i)], cwd=ROOT) for i in range(2)]
+                               "--shard", str(i)], cwd=ROOT) for i in range(count)]
     try:
-        with EmbeddingClient(servers, max_message_bytes=512 * 1024 * 1024) as client:
-            client.wait_ready(120)
-            rng = np.random.default_rng(1)
-            signs = rng.integers(0, 2**64, table_rows, dtype=np.uint64, endpoint=False)
-            batch = 1_000_000
-            packets = [make_packet(i, signs[lo:lo + batch],
-                                   rng.random((min(batch, table_rows - lo), DIM), dtype=np.float32))
-                       for i, lo in enumerate(range(0, table_rows, batch))]
-            started = time.perf_counter()
-            for p in packets:
-                client.apply(p)
-            insert_s = time.perf_counter() - started
-            # steady-state apply: updates of existing rows, 1M-row packets
-            started = time.perf_counter()
-            for i, p in enumerate(packets):
-                client.apply(make_packet(len(packets) + i, p.signs, p.embeddings))
-            update_s = time.perf_counter() - started
-            deployed = during_apply(client, servers, signs, packets, lookups, writer_process=True)
-            same = during_apply(client, servers, signs, packets, lookups, writer_process=False)
-        return {
-            "servers": 2, "table_rows": table_rows, "dim": DIM,
-            "apply_insert_rows_per_s": table_rows / insert_s,
-            "apply_update_rows_per_s": table_rows / update_s,
-            "lookup_signs": REQUEST_SIGNS,
-            **deployed,
-            "same_process_writer": same,
-        }
+        yield servers
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -261,22 +247,154 @@ def over_grpc(table_rows: int, lookups: int) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def over_grpc(table_rows: int, lookups: int) -> dict:
+    with shard_processes(2) as servers, \
+            EmbeddingClient(servers, max_message_bytes=512 * 1024 * 1024) as client:
+        client.wait_ready(120)
+        rng = np.random.default_rng(1)
+        signs = rng.integers(0, 2**64, table_rows, dtype=np.uint64, endpoint=False)
+        batch = 1_000_000
+        packets = [make_packet(i, signs[lo:lo + batch],
+                               rng.random((min(batch, table_rows - lo), DIM), dtype=np.float32))
+                   for i, lo in enumerate(range(0, table_rows, batch))]
+        started = time.perf_counter()
+        for p in packets:
+            client.apply(p)
+        insert_s = time.perf_counter() - started
+        # steady-state apply: updates of existing rows, 1M-row packets
+        started = time.perf_counter()
+        for i, p in enumerate(packets):
+            client.apply(make_packet(len(packets) + i, p.signs, p.embeddings))
+        update_s = time.perf_counter() - started
+        deployed = during_apply(client, servers, signs, packets, lookups, writer_process=True)
+        same = during_apply(client, servers, signs, packets, lookups, writer_process=False)
+    return {
+        "servers": 2, "table_rows": table_rows, "dim": DIM,
+        "apply_insert_rows_per_s": table_rows / insert_s,
+        "apply_update_rows_per_s": table_rows / update_s,
+        "lookup_signs": REQUEST_SIGNS,
+        **deployed,
+        "same_process_writer": same,
+    }
+
+
+CUT_TABLES = 26
+CUT_DIMS = (8, 16, 24, 32, 40, 48, 56, 64)
+SERVING_BATCH = 128  # signs per feature table in one serving request
+
+
+def cuts_over_grpc(sizes: tuple[int, ...], repeats: int, lookups: int) -> dict:
+    """Figure 5: 26-table cuts against 26 per-table applies (at each of `sizes` rows per
+    table), LookupTables against 26 Lookups."""
+    from persia_inc.embedding_server import client as client_module
+
+    rng = np.random.default_rng(5)
+    names = [f"f{i:02d}" for i in range(CUT_TABLES)]
+    dims = {name: CUT_DIMS[i % len(CUT_DIMS)] for i, name in enumerate(names)}
+    none = np.empty(0, np.uint64)
+    sequence = iter(range(1, 1 << 40))
+    capped = client_module._CUT_MESSAGE_BYTES
+    applies = []
+    with shard_processes(2) as servers, \
+            EmbeddingClient(servers, max_message_bytes=512 * 1024 * 1024) as client:
+        client.wait_ready(120)
+        for rows_per_table in sizes:
+            signs = {n: rng.integers(0, 2**64, rows_per_table, dtype=np.uint64, endpoint=False)
+                     for n in names}
+            rows = {n: rng.random((rows_per_table, dims[n]), dtype=np.float32) for n in names}
+            total = rows_per_table * CUT_TABLES
+
+            def cut(signs: dict = signs, rows: dict = rows, cap: int = capped) -> None:
+                client_module._CUT_MESSAGE_BYTES = cap  # type: ignore[attr-defined]
+                header = CutHeader(model="bench", producer="cuts", generation=0,
+                                   sequence=next(sequence))
+                client.apply_cut(Cut(header, tuple(TableRows(n, signs[n], rows[n], none)
+                                                   for n in names)))
+                client_module._CUT_MESSAGE_BYTES = capped  # type: ignore[attr-defined]
+
+            def per_table(signs: dict = signs, rows: dict = rows) -> None:
+                seq = next(sequence)
+                for n in names:
+                    header = PacketHeader(model="bench", table=n, producer="tables", generation=0,
+                                          sequence=seq, dim=dims[n], rows=signs[n].size)
+                    client.apply(Packet(header=header, signs=signs[n], embeddings=rows[n],
+                                        deleted=none))
+
+            t = medians({"cut": cut, "per_table": per_table,
+                         "cut_one_message": functools.partial(cut, cap=1 << 40)}, repeats)
+            applies.append({
+                "rows_per_table": rows_per_table, "rows_per_cut": total,
+                "cut_bytes": sum(s.nbytes + r.nbytes for s, r in zip(signs.values(), rows.values(),
+                                                                    strict=True)),
+                "cut_apply_rows_per_s": total / t["cut"],
+                "per_table_apply_rows_per_s": total / t["per_table"],
+                # the goal: >= 1.5 (one Apply per shard for the cut, 26 per shard without)
+                "cut_vs_per_table_ratio": t["per_table"] / t["cut"],
+                # without the 24 MiB message cap: one message per shard however big
+                "cut_one_message_rows_per_s": total / t["cut_one_message"],
+            })
+
+        def query() -> dict[str, np.ndarray]:
+            return {n: signs[n][rng.integers(0, rows_per_table, SERVING_BATCH)] for n in names}
+
+        def one_call() -> None:
+            client.lookup_tables(query())
+
+        def many_calls() -> None:
+            for name, q in query().items():
+                client.lookup(name, q)
+
+        one_call(), many_calls()  # warm up
+        times: dict[str, list[float]] = {"lookup_tables": [], "lookups": []}
+        for _ in range(lookups):  # alternate, so drift hits both alike
+            for name, fn in (("lookup_tables", one_call), ("lookups", many_calls)):
+                started = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - started) * 1000)
+    p = {name: (float(np.percentile(v, 50)), float(np.percentile(v, 99)))
+         for name, v in times.items()}
+    return {
+        "servers": 2, "tables": CUT_TABLES, "dims": sorted(set(dims.values())),
+        "repeats": repeats, "cut_message_cap_bytes": capped,
+        "apply": applies,
+        "lookup_signs_per_table": SERVING_BATCH,
+        "lookups": lookups,
+        "lookup_tables_p50_ms": p["lookup_tables"][0],
+        "lookup_tables_p99_ms": p["lookup_tables"][1],
+        "lookup_26_calls_p50_ms": p["lookups"][0],
+        "lookup_26_calls_p99_ms": p["lookups"][1],
+        "lookup_p50_ratio": p["lookups"][0] / p["lookup_tables"][0],
+        "lookup_p99_ratio": p["lookups"][1] / p["lookup_tables"][1],
+        "lookup_baseline": "26 EmbeddingClient.lookup calls in turn (each reaches both shards)",
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1M-row table, fewer repeats")
+    parser.add_argument("--only", choices=("in_process", "grpc", "cuts"),
+                        help="run one figure; without --quick, update its key in the results")
     args = parser.parse_args()
     rows = 1_000_000 if args.quick else 10_000_000
-    results = {
-        "machine": {"cpus": os.cpu_count()},
-        "in_process": in_process(rows, 1_000_000, 3 if args.quick else 7),
-        "grpc": over_grpc(1_000_000 if args.quick else 4_000_000, 200 if args.quick else 1000),
+    figures = {
+        "in_process": lambda: in_process(rows, 1_000_000, 3 if args.quick else 7),
+        "grpc": lambda: over_grpc(1_000_000 if args.quick else 4_000_000,
+                                  200 if args.quick else 1000),
+        "cuts": lambda: cuts_over_grpc((2_000, 5_000) if args.quick else (1_000, 5_000, 20_000),
+                                       3 if args.quick else 9, 100 if args.quick else 1000),
     }
-    text = json.dumps(results, indent=2)
+    out = ROOT / "bench" / "results" / "embedding_server.json"
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
+    if args.only and out.exists():
+        results = {**json.loads(out.read_text()), **results}
+    for name, run in figures.items():
+        if args.only in (None, name):
+            results[name] = run()
+    text = json.dumps(results if not args.only else {args.only: results[args.only]}, indent=2)
     print(text)
     if not args.quick:
-        out = ROOT / "bench" / "results" / "embedding_server.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(text + "\n")
+        out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Protobuf wire encoding for the two messages that carry large arrays.
+"""Protobuf wire encoding for the messages that carry large arrays.
 
-`ApplyRequest` (client to server) and `LookupResponse` (server to client) are written and read
-here directly from and into numpy arrays (the server reads `ApplyRequest` as views on the
+`ApplyRequest` (client to server, with its multi-table `TableSlice`s), `LookupResponse` and
+`LookupTablesResponse` (server to client) are written and read here directly from and into
+numpy arrays (the server reads `ApplyRequest` as views on the
 received bytes, so a big Apply costs no copy under the GIL before its rows are used):
 protobuf's own path costs two or three full copies of every row buffer at about 1 GB/s,
 which is most of a 1M-row Apply and a real share of a 53k-sign lookup. The bytes are
@@ -13,6 +14,7 @@ every other message uses the generated classes.
 from __future__ import annotations
 
 import typing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,19 +35,29 @@ def _varint(value: int) -> bytes:
 
 
 def _fields(parts: list, fields: tuple) -> None:
-    """Append (field number, str | int | ndarray) pairs, given in ascending field order;
-    proto3 defaults (empty, zero) are omitted as protobuf does."""
+    """Append (field number, str | int | ndarray | bytes) pairs, given in ascending field
+    order; proto3 defaults (empty, zero) are omitted as protobuf does."""
     for number, value in fields:
         if isinstance(value, np.ndarray):
             if value.size:
                 view = np.ascontiguousarray(value).data.cast("B")
                 parts += [bytes([number << 3 | _LEN]), _varint(view.nbytes), view]
-        elif isinstance(value, str):
+        elif isinstance(value, str | bytes):
             if value:
-                data = value.encode()
+                data = value.encode() if isinstance(value, str) else value
                 parts += [bytes([number << 3 | _LEN]), _varint(len(data)), data]
         elif value:
             parts += [bytes([number << 3 | _VARINT]), _varint(value)]
+
+
+def _submessage(parts: list, number: int, fields: tuple) -> None:
+    """Append field `number` holding an embedded message of `fields` (as `_fields` takes
+    them), always present (a repeated entry is written even when empty). The arrays stay
+    views: they are copied once, when the caller joins the parts."""
+    inner: list[bytes | memoryview] = []
+    _fields(inner, fields)
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in inner)
+    parts += [bytes([number << 3 | _LEN]), _varint(size), *inner]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,17 +73,46 @@ class ApplyChunk:
     chunks: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SliceArrays:
+    """One table's share of a multi-table Apply message: signs uint64[n], rows float32[n, dim],
+    deleted uint64[d] (little-endian, as on every platform we run on)."""
+
+    table: str
+    dim: int
+    signs: np.ndarray
+    rows: np.ndarray
+    deleted: np.ndarray
+
+
 def encode_apply_request(table: str, producer: str, generation: int, sequence: int, dim: int,
                          signs: np.ndarray, rows: np.ndarray, deleted: np.ndarray,
-                         place: ApplyChunk = ApplyChunk()) -> bytes:
+                         place: ApplyChunk = ApplyChunk(),
+                         tables: Sequence[SliceArrays] = ()) -> bytes:
     """`ApplyRequest` wire bytes in one copy. signs: uint64[n]; rows: float32[n, dim];
-    deleted: uint64[d]; all little-endian (as on every platform we run on)."""
+    deleted: uint64[d]; all little-endian (as on every platform we run on). `tables`: the
+    slices of a multi-table apply (then `table` is the stream lane, and dim and the three
+    arrays are empty)."""
     parts: list[bytes | memoryview] = []
     _fields(parts, ((1, table), (2, producer), (3, generation), (4, sequence), (5, dim),
                     (6, signs), (7, rows), (8, deleted), (9, place.shard),
                     (10, place.num_shards), (11, place.apply_id), (12, place.chunk),
                     (13, place.chunks)))
+    for piece in tables:
+        _submessage(parts, 14, ((1, piece.table), (2, piece.dim), (3, piece.signs),
+                                (4, piece.rows), (5, piece.deleted)))
     return b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class TableSliceView:
+    """A received `TableSlice`: the arrays are raw byte views on the message (no copy)."""
+
+    table: str = ""
+    dim: int = 0
+    signs: bytes | memoryview = b""
+    rows: bytes | memoryview = b""
+    deleted_signs: bytes | memoryview = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +129,7 @@ class ApplyRequestView:
     rows: bytes | memoryview = b""
     deleted_signs: bytes | memoryview = b""
     place: ApplyChunk = ApplyChunk()
+    tables: tuple[TableSliceView, ...] = ()
     error: str = ""
 
 
@@ -102,35 +144,58 @@ def decode_apply_request(message: bytes) -> ApplyRequestView:
     """Parse `ApplyRequest` wire bytes without copying the arrays. Never raises (a gRPC
     deserializer that raises turns into an opaque INTERNAL): malformed bytes come back as a
     view whose `error` says why, for the handler to refuse with INVALID_ARGUMENT."""
-    data = memoryview(message)
     values: dict[str, object] = {}
-    pos = 0
+    tables = []
     try:
-        while pos < len(data):
-            key, pos = _read_varint(data, pos)
-            number, kind = key >> 3, key & 7
-            if kind == _VARINT:
-                value, pos = _read_varint(data, pos)
-                if number in _APPLY_INTS:
-                    values[_APPLY_INTS[number]] = value
-            elif kind == _LEN:
-                size, pos = _read_varint(data, pos)
-                if pos + size > len(data):
-                    raise ValueError("truncated length-delimited field")
-                if number in _APPLY_BYTES:
-                    values[_APPLY_BYTES[number]] = data[pos:pos + size]
-                pos += size
-            elif kind in (_I64, _I32):
-                pos += 8 if kind == _I64 else 4
-            else:
-                raise ValueError(f"unsupported wire type {kind}")
+        for number, value in _parse(memoryview(message)):
+            if number in _APPLY_INTS and isinstance(value, int):
+                values[_APPLY_INTS[number]] = value
+            elif number in _APPLY_BYTES and isinstance(value, memoryview):
+                values[_APPLY_BYTES[number]] = value
+            elif number == 14 and isinstance(value, memoryview):
+                tables.append(_decode_slice(value))
         for name in ("table", "producer", "apply_id"):
             if name in values:
                 values[name] = bytes(typing.cast(memoryview, values[name])).decode()
     except (ValueError, UnicodeDecodeError) as exc:
         return ApplyRequestView(error=f"malformed ApplyRequest: {exc}")
     place = ApplyChunk(**{k: values.pop(k) for k in list(values) if k in _PLACE})  # type: ignore[arg-type]
-    return ApplyRequestView(**values, place=place)  # type: ignore[arg-type]
+    return ApplyRequestView(**values, place=place, tables=tuple(tables))  # type: ignore[arg-type]
+
+
+def _decode_slice(data: memoryview) -> TableSliceView:
+    table, dim = "", 0
+    arrays: dict[int, memoryview] = {}
+    for number, value in _parse(data):
+        if number == 1 and isinstance(value, memoryview):
+            table = bytes(value).decode()
+        elif number == 2 and isinstance(value, int):
+            dim = value
+        elif number in (3, 4, 5) and isinstance(value, memoryview):
+            arrays[number] = value
+    return TableSliceView(table, dim, arrays.get(3, b""), arrays.get(4, b""), arrays.get(5, b""))
+
+
+def _parse(data: memoryview) -> Iterator[tuple[int, int | memoryview]]:
+    """(field number, value) of every varint and length-delimited field of a message (values
+    are ints or views on `data`); fixed-width fields are skipped. ValueError if malformed."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, kind = key >> 3, key & 7
+        if kind == _VARINT:
+            value, pos = _read_varint(data, pos)
+            yield number, value
+        elif kind == _LEN:
+            size, pos = _read_varint(data, pos)
+            if pos + size > len(data):
+                raise ValueError("truncated length-delimited field")
+            yield number, data[pos:pos + size]
+            pos += size
+        elif kind in (_I64, _I32):
+            pos += 8 if kind == _I64 else 4
+        else:
+            raise ValueError(f"unsupported wire type {kind}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,29 +231,45 @@ def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
 def decode_lookup_reply(message: bytes) -> LookupReply:
     """Parse `LookupResponse` wire bytes; rows is a view on `message`. Unknown fields are
     skipped, as protobuf does; malformed bytes raise ValueError."""
-    data = memoryview(message)
-    pos, dim, misses, rows = 0, 0, 0, data[0:0]
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        number, kind = key >> 3, key & 7
-        if kind == _VARINT:
-            value, pos = _read_varint(data, pos)
-            if number == 1:
+    return _decode_rows(memoryview(message), 1, 2, 3)[1]
+
+
+def _decode_rows(data: memoryview, dim_field: int, rows_field: int, misses_field: int,
+                 table_field: int = 0) -> tuple[str, LookupReply]:
+    table, dim, misses, rows = "", 0, 0, data[0:0]
+    for number, value in _parse(data):
+        if isinstance(value, int):
+            if number == dim_field:
                 dim = value
-            elif number == 3:
+            elif number == misses_field:
                 misses = value
-        elif kind == _LEN:
-            size, pos = _read_varint(data, pos)
-            if pos + size > len(data):
-                raise ValueError("truncated length-delimited field")
-            if number == 2:
-                rows = data[pos:pos + size]
-            pos += size
-        elif kind in (_I64, _I32):
-            pos += 8 if kind == _I64 else 4
-        else:
-            raise ValueError(f"unsupported wire type {kind}")
+        elif number == rows_field:
+            rows = value
+        elif number == table_field:
+            table = bytes(value).decode()
     if len(rows) and (dim == 0 or len(rows) % (4 * dim)):
         raise ValueError(f"{len(rows)} row bytes do not fit dim {dim}")
     array = np.frombuffer(rows, "<f4")
-    return LookupReply(dim, array.reshape(-1, dim) if dim else array.reshape(0, 0), misses)
+    return table, LookupReply(dim, array.reshape(-1, dim) if dim else array.reshape(0, 0), misses)
+
+
+@dataclass(frozen=True, slots=True)
+class LookupTablesReply:
+    """A LookupTables answer: per table, in request order, (name, LookupReply)."""
+
+    tables: tuple[tuple[str, LookupReply], ...]
+
+    def encode(self) -> bytes:
+        """`LookupTablesResponse` wire bytes, the rows copied once (from the arrays)."""
+        parts: list[bytes | memoryview] = []
+        for name, reply in self.tables:
+            _submessage(parts, 1, ((1, name), (2, reply.dim), (3, reply.rows), (4, reply.misses)))
+        return b"".join(parts)
+
+
+def decode_lookup_tables_reply(message: bytes) -> LookupTablesReply:
+    """Parse `LookupTablesResponse` wire bytes; each table's rows are a view on `message`.
+    Malformed bytes raise ValueError."""
+    return LookupTablesReply(tuple(_decode_rows(value, 2, 3, 4, 1)
+                                   for number, value in _parse(memoryview(message))
+                                   if number == 1 and isinstance(value, memoryview)))

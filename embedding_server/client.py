@@ -11,6 +11,10 @@ the server refuses misrouted work even between two checks.
 
 An Apply whose slice for one shard exceeds the message limit (the smaller of the client's and
 the server's) is sent in chunks under one apply id; the server commits them together.
+
+A producer's cut (every table it flushed at one moment) is one Apply per shard for all its
+tables (`apply_cut`), and a model's features are read in one LookupTables call per shard
+(`lookup_tables`).
 """
 
 from __future__ import annotations
@@ -20,14 +24,20 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from persia_inc.embedding_server._wire import ApplyChunk, decode_lookup_reply, encode_apply_request
+from persia_inc.embedding_server._wire import (
+    ApplyChunk,
+    SliceArrays,
+    decode_lookup_reply,
+    decode_lookup_tables_reply,
+    encode_apply_request,
+)
 from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
@@ -35,12 +45,22 @@ from persia_inc.embedding_server.settings import EmbeddingServerSettings
 from persia_inc.embedding_server.sharding import group_by_shard
 from persia_inc.packet_format import Packet, Watermark
 
+if TYPE_CHECKING:
+    from persia_inc.packet_format.cut import Cut
+
 log = logging.getLogger(__name__)
 
 _METHOD = "/persia_inc.embedding.v1.EmbeddingService/"
 _IDENTITY_KEYS = ("persia-shard", "persia-num-shards")  # server.IDENTITY_KEYS (no grpc server import)
 _HEADROOM_BYTES = 64 * 1024  # a message's bytes besides its arrays (names, numbers), at most
 _MAX_DIM = 4096  # the widest row a server accepts (PacketLimits.max_dim's default)
+_NO_SIGNS = np.empty(0, np.uint64)
+_NO_ROWS = np.empty((0, 0), np.float32)
+# a cut's message for one shard is at most this big (more goes in chunks): messages over
+# glibc's largest mmap threshold (32 MiB) are fresh mappings, page-faulted in at every copy
+# (client join, gRPC, server); bench/embedding_server.py `cuts` measures with and without
+_CUT_MESSAGE_BYTES = 24 * 1024 * 1024
+_SLICE_BYTES = 256  # a TableSlice's bytes besides its arrays (name <= 128, dim, tags), at most
 # codes after which a shard may come back as another process: check its identity again
 _RECHECK_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "FAILED_PRECONDITION"})
 
@@ -61,6 +81,36 @@ def apply_chunks(rows: int, deletes: int, dim: int, budget_bytes: int
         i, j = i + take, j + drop
         if i >= rows and j >= deletes:
             return out
+
+
+def cut_chunks(sizes: Sequence[tuple[int, int, int]], budget_bytes: int
+               ) -> list[list[tuple[int, slice, slice]]]:
+    """Split one shard's share of a multi-table apply into messages whose slices fit in
+    `budget_bytes` each. sizes[t] = (rows, deletes, dim) of table t. Returns, per message,
+    (table index, rows slice, deletes slice) pieces; a table may span messages, and every
+    table appears at least once (an empty slice still creates the table and is counted)."""
+    out: list[list[tuple[int, slice, slice]]] = [[]]
+    room = budget_bytes
+    for index, (rows, deletes, dim) in enumerate(sizes):
+        row_bytes = 8 + 4 * dim
+        if budget_bytes < _SLICE_BYTES + row_bytes:
+            raise ValueError(f"a {budget_bytes}-byte message cannot carry one row of dim {dim}")
+        i = j = 0
+        while True:
+            need = row_bytes if i < rows else 8 if j < deletes else 0
+            if room < _SLICE_BYTES + need:
+                out.append([])
+                room = budget_bytes
+            room -= _SLICE_BYTES
+            take = min(rows - i, room // row_bytes)
+            room -= take * row_bytes
+            drop = min(deletes - j, room // 8)
+            room -= drop * 8
+            out[-1].append((index, slice(i, i + take), slice(j, j + drop)))
+            i, j = i + take, j + drop
+            if i >= rows and j >= deletes:
+                break
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +166,11 @@ class EmbeddingClient:
                                           request_serializer=pb.LookupRequest.SerializeToString,
                                           response_deserializer=decode_lookup_reply)
                             for c in self._channels]
+        self._lookup_tables_raw = [
+            c.unary_unary(_METHOD + "LookupTables",
+                          request_serializer=pb.LookupTablesRequest.SerializeToString,
+                          response_deserializer=decode_lookup_tables_reply)
+            for c in self._channels]
         self._closed = False
 
     @classmethod
@@ -245,6 +300,52 @@ class EmbeddingClient:
                 out[order[start:stop]] = reply.rows.reshape(stop - start, dim)
         return out
 
+    def lookup_tables(self, signs_by_table: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of several tables' signs, each table's in request order; unknown signs read as
+        zeros. signs_by_table: table -> uint64[n_t]; returns table -> float32[n_t, dim_t].
+
+        Each table's signs are deduplicated, and every shard holding any of them is called
+        once for all the tables (LookupTables, concurrently), so it reads them at one
+        consistent point. Raises ShardError (NOT_FOUND naming an unknown table), or
+        ShardIdentityError. A shard's answer must fit in one message (for bulk reads of one
+        table use `lookup`, which splits).
+        """
+        num = len(self.servers)
+        plans = []
+        for table, signs in signs_by_table.items():
+            unique, inverse = np.unique(np.ascontiguousarray(signs, dtype=np.uint64).ravel(),
+                                        return_inverse=True)
+            order, bounds = group_by_shard(unique, num)
+            plans.append((table, unique[order], inverse, order, bounds))
+        if not plans:
+            return {}
+        used = [s for s in range(num) if any(b[s + 1] > b[s] for *_, b in plans)] or [0]
+        self.verify(used)
+        calls = {}
+        for shard in used:
+            request = pb.LookupTablesRequest(
+                tables=[pb.TableSigns(table=table, signs=grouped[b[shard]:b[shard + 1]].tobytes())
+                        for table, grouped, _, _, b in plans],
+                shard=shard, num_shards=num)
+            calls[shard] = self._lookup_tables_raw[shard].future(request, timeout=self.timeout_s)
+        replies = {shard: dict(reply.tables) for shard, reply in self._gather(calls).items()}
+        out: dict[str, np.ndarray] = {}
+        for table, grouped, inverse, order, bounds in plans:
+            dims = {replies[s][table].dim for s in used if table in replies[s]}
+            if len(dims) != 1:
+                shard = used[0]
+                raise ShardError(shard, self.servers[shard], "FAILED_PRECONDITION",
+                                 f"table {table!r}: the shards answered dims {sorted(dims)}")
+            dim = dims.pop()
+            self._dims[table] = dim
+            rows = np.empty((grouped.shape[0], dim), np.float32)
+            for shard in used:
+                lo, hi = int(bounds[shard]), int(bounds[shard + 1])
+                if hi > lo:
+                    rows[order[lo:hi]] = replies[shard][table].rows.reshape(hi - lo, dim)
+            out[table] = rows[inverse]
+        return out
+
     def apply(self, packet: Packet) -> ApplyResult:
         """Apply a decoded packet: its rows and deletes split by shard, every shard called
         (so every shard's watermark advances) and acknowledged before this returns.
@@ -255,9 +356,26 @@ class EmbeddingClient:
         A shard's slice over the message limit goes in chunks, committed together by the
         server on the last one (a failure in between leaves that shard as it was).
         """
+        return self._apply_all(lambda shards: self._apply_messages(packet, shards))
+
+    def apply_cut(self, cut: Cut) -> ApplyResult:
+        """Apply a producer's cut: every table's rows and deletes split by shard, one Apply
+        per shard for all the tables (its chunks, when over the message limit), under the
+        (lane, producer) watermark. Semantics as `apply`: each shard applies all of the cut
+        or none of it; idempotent; ShardError if any shard failed (retry)."""
+        return self._apply_all(lambda shards: self._cut_messages(cut, shards))
+
+    def apply_cut_shards(self, cut: Cut, shards: Iterable[int]) -> dict[int, bool | ShardError]:
+        """`apply_shards` for a cut: apply it to the listed shards only, each on its own;
+        shard -> True (applied), False (already held) or the ShardError it failed with."""
+        return self._apply_each(lambda todo: self._cut_messages(cut, todo), shards)
+
+    def _apply_all(self, build: Callable[[Iterable[int]], dict[int, list[bytes]]]
+                   ) -> ApplyResult:
+        """Send every shard its Apply messages (`build(shards)`); raise the first failure."""
         num = len(self.servers)
         self.verify()
-        pending = self._apply_messages(packet, range(num))
+        pending = build(range(num))
         # one round per chunk index: every shard's next chunk goes out together; a shard's
         # chunks go in order, each after the one before was staged
         replies: dict[int, pb.ApplyResponse] = {}
@@ -285,6 +403,11 @@ class EmbeddingClient:
         Never raises ShardError. For a caller that keeps each shard's progress and lets a
         shard that was down catch up later (the loader). Chunks as `apply` does.
         """
+        return self._apply_each(lambda todo: self._apply_messages(packet, todo), shards)
+
+    def _apply_each(self, build: Callable[[Iterable[int]], dict[int, list[bytes]]],
+                    shards: Iterable[int]) -> dict[int, bool | ShardError]:
+        """Send each of `shards` its Apply messages (`build(shards)`), each on its own."""
         out: dict[int, bool | ShardError] = {}
         todo = []
         for shard in shards:
@@ -294,7 +417,7 @@ class EmbeddingClient:
                 out[shard] = exc
             else:
                 todo.append(shard)
-        pending = self._apply_messages(packet, todo)
+        pending = build(todo)
         while pending:
             calls = {shard: self._apply_raw[shard].future(
                 messages.pop(0), timeout=self.timeout_s, metadata=self._write_metadata)
@@ -337,6 +460,40 @@ class EmbeddingClient:
                     ApplyChunk(shard, num, apply_id if len(pieces) > 1 else "", i,
                                len(pieces) if len(pieces) > 1 else 0))
                 for i, (r, d) in enumerate(pieces)]
+        return pending
+
+    def _cut_messages(self, cut: Cut, shards: Iterable[int]) -> dict[int, list[bytes]]:
+        """The Apply messages of `cut` for each of `shards`: every table's slice for the shard
+        in one message, or in chunks in order when over the shard's message limit."""
+        h = cut.header
+        num = len(self.servers)
+        grouped = []  # per table: name, dim, signs, rows, deleted (grouped by shard), bounds
+        for part in cut.tables:
+            signs = np.ascontiguousarray(part.signs, dtype=np.uint64)
+            rows = np.ascontiguousarray(part.embeddings, dtype=np.float32)
+            deleted = np.ascontiguousarray(part.deleted, dtype=np.uint64)
+            order, bounds = group_by_shard(signs, num)
+            dorder, dbounds = group_by_shard(deleted, num)
+            if num > 1:
+                signs, rows, deleted = signs[order], rows[order], deleted[dorder]
+            grouped.append((part.name, part.dim, signs, rows, deleted, bounds, dbounds))
+        apply_id = uuid.uuid4().hex
+        pending: dict[int, list[bytes]] = {}
+        for shard in shards:
+            shares = [(name, dim, signs[b[shard]:b[shard + 1]], rows[b[shard]:b[shard + 1]],
+                       deleted[d[shard]:d[shard + 1]])
+                      for name, dim, signs, rows, deleted, b, d in grouped]
+            pieces = cut_chunks([(s.shape[0], x.shape[0], dim) for _, dim, s, _, x in shares],
+                                min(self._limits[shard], _CUT_MESSAGE_BYTES) - _HEADROOM_BYTES)
+            many = len(pieces) > 1
+            pending[shard] = [
+                encode_apply_request(
+                    h.lane, h.producer, h.generation, h.sequence, 0, _NO_SIGNS, _NO_ROWS,
+                    _NO_SIGNS, ApplyChunk(shard, num, apply_id if many else "", i,
+                                          len(pieces) if many else 0),
+                    tables=[SliceArrays(shares[t][0], shares[t][1], shares[t][2][r],
+                                        shares[t][3][r], shares[t][4][d]) for t, r, d in chunk])
+                for i, chunk in enumerate(pieces)]
         return pending
 
     def delete(self, table: str, signs: np.ndarray) -> int:

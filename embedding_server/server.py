@@ -27,7 +27,12 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from persia_inc.embedding_server._wire import ApplyRequestView, LookupReply, decode_apply_request
+from persia_inc.embedding_server._wire import (
+    ApplyRequestView,
+    LookupReply,
+    LookupTablesReply,
+    decode_apply_request,
+)
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
 from persia_inc.embedding_server.settings import EmbeddingServerSettings
@@ -36,9 +41,11 @@ from persia_inc.embedding_server.shard import (
     ForeignSignsError,
     Shard,
     TableNotFoundError,
+    TableSlice,
 )
 from persia_inc.foundation.threads import ServiceThread
 from persia_inc.packet_format import PacketError, PacketLimits
+from persia_inc.packet_format.cut import CUT_LANE
 from persia_inc.storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -95,6 +102,24 @@ def _signs(data: bytes | memoryview, field: str) -> np.ndarray:
     if len(data) % 8:
         raise ValueError(f"{field} must be a multiple of 8 bytes (uint64 LE), got {len(data)}")
     return np.frombuffer(data, dtype="<u8")
+
+
+def _slice(table: str, dim: int, signs: bytes | memoryview, rows: bytes | memoryview,
+           deleted: bytes | memoryview) -> TableSlice:
+    """A received table slice as arrays (views on the message, no copy); ValueError if the
+    byte counts do not fit."""
+    where = f"table {table!r}: " if table else ""
+    sign_array = _signs(signs, f"{where}signs")
+    deleted_array = _signs(deleted, f"{where}deleted_signs")
+    n = sign_array.shape[0]
+    if dim == 0:
+        raise ValueError(f"{where}dim must be set (the table's embedding width)")
+    if len(rows) != n * dim * 4:
+        raise ValueError(
+            f"{where}rows has {len(rows)} bytes; {n} signs of dim {dim} need {n * dim * 4} "
+            "(float32 LE, n x dim)")
+    return TableSlice(table, dim, sign_array, np.frombuffer(rows, dtype="<f4").reshape(n, dim),
+                      deleted_array)
 
 
 class WrongShardError(Exception):
@@ -175,7 +200,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             scheme, _, secret = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(secret.encode(), self._token):
                 return grpc.StatusCode.PERMISSION_DENIED, f"{method}: wrong token"
-        if method in ("Lookup", "Apply", "Delete", "Dump") and not self.ready.is_set():
+        if (method in ("Lookup", "LookupTables", "Apply", "Delete", "Dump")
+                and not self.ready.is_set()):
             return grpc.StatusCode.UNAVAILABLE, "loading the initial checkpoint; not ready yet"
         return None, ""
 
@@ -209,6 +235,23 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             m.misses.labels(request.table).inc(misses)
         return LookupReply(dim=rows.shape[1], rows=rows, misses=misses)  # encoded by _register
 
+    @_rpc("LookupTables")
+    def LookupTables(self, request: pb.LookupTablesRequest, context: grpc.ServicerContext  # noqa: N802
+                     ) -> LookupTablesReply:
+        self._check_identity(request.shard, request.num_shards)
+        asked = [(entry.table, _signs(entry.signs, f"signs of table {entry.table!r}"))
+                 for entry in request.tables]
+        answers = self.shard.lookup_tables(asked, check_owner=not request.num_shards)
+        m = self.metrics
+        for (table, signs), (_, misses) in zip(asked, answers, strict=True):
+            m.lookups.labels(table).inc()
+            m.lookup_rows.labels(table).inc(signs.shape[0])
+            if misses:
+                m.misses.labels(table).inc(misses)
+        return LookupTablesReply(tuple(  # encoded by _register
+            (table, LookupReply(dim=rows.shape[1], rows=rows, misses=misses))
+            for (table, _), (rows, misses) in zip(asked, answers, strict=True)))
+
     @_rpc("Apply")
     def Apply(self, request: ApplyRequestView, context: grpc.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
         # the arrays are views on the received message (decode_apply_request): no copy
@@ -216,26 +259,26 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             raise ValueError(request.error)
         place = request.place
         self._check_identity(place.shard, place.num_shards)
-        signs = _signs(request.signs, "signs")
-        deleted = _signs(request.deleted_signs, "deleted_signs")
-        data = request.rows
-        dim, n = request.dim, signs.shape[0]
-        if dim == 0:
-            raise ValueError("dim must be set (the table's embedding width)")
-        if len(data) != n * dim * 4:
-            raise ValueError(
-                f"rows has {len(data)} bytes; {n} signs of dim {dim} need {n * dim * 4} "
-                "(float32 LE, n x dim)")
-        rows = np.frombuffer(data, dtype="<f4").reshape(n, dim)
-        outcome = self.shard.apply_chunk(
-            request.table, request.producer, request.generation, request.sequence, dim, signs,
-            rows, deleted, apply_id=place.apply_id, chunk=place.chunk, chunks=place.chunks)
+        if request.tables or request.table == CUT_LANE:
+            slices = [_slice(piece.table, piece.dim, piece.signs, piece.rows, piece.deleted_signs)
+                      for piece in request.tables]
+            outcome = self.shard.apply_tables_chunk(
+                request.table, request.producer, request.generation, request.sequence, slices,
+                apply_id=place.apply_id, chunk=place.chunk, chunks=place.chunks)
+        else:
+            piece = _slice(request.table, request.dim, request.signs, request.rows,
+                           request.deleted_signs)
+            outcome = self.shard.apply_chunk(
+                request.table, request.producer, request.generation, request.sequence,
+                piece.dim, piece.signs, piece.rows, piece.deleted, apply_id=place.apply_id,
+                chunk=place.chunk, chunks=place.chunks)
         m = self.metrics
         m.applies.labels(request.table, "staged" if outcome.staged else
                          "applied" if outcome.applied else "skipped").inc()
         if outcome.applied:
-            m.apply_rows.labels(request.table).inc(n)
-            m.apply_deletes.labels(request.table).inc(outcome.deleted)
+            for table, rows, deletes in outcome.per_table:
+                m.apply_rows.labels(table).inc(rows)
+                m.apply_deletes.labels(table).inc(deletes)
             m.watermark_generation.labels(request.table, request.producer).set(request.generation)
             m.watermark_sequence.labels(request.table, request.producer).set(request.sequence)
         log.debug("apply %s/%s %d-%d: %s", request.table, request.producer, request.generation,
@@ -307,13 +350,17 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
 def _register(servicer: EmbeddingServicer, server: grpc.Server) -> None:
     """Add the service like the generated `add_EmbeddingServiceServicer_to_server`, except
-    that Lookup's answer is written straight from the row array (`LookupReply.encode`)."""
+    that Lookup's and LookupTables' answers are written straight from the row arrays
+    (`LookupReply.encode`) and Apply is read as views (`decode_apply_request`)."""
     unary = grpc.unary_unary_rpc_method_handler
     handlers = {
         "Apply": unary(servicer.Apply, request_deserializer=decode_apply_request,
                        response_serializer=pb.ApplyResponse.SerializeToString),
         "Lookup": unary(servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
                         response_serializer=LookupReply.encode),
+        "LookupTables": unary(servicer.LookupTables,
+                              request_deserializer=pb.LookupTablesRequest.FromString,
+                              response_serializer=LookupTablesReply.encode),
         "Dump": grpc.unary_stream_rpc_method_handler(
             servicer.Dump, request_deserializer=pb.DumpRequest.FromString,
             response_serializer=pb.DumpChunk.SerializeToString),

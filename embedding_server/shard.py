@@ -6,10 +6,18 @@ apply carrying signs another shard owns), `ChunkLostError` (a chunk whose earlie
 longer staged) and `ValueError` (a request that does not fit: wrong dim, mismatched lengths,
 bad names); all leave the shard unchanged.
 
+Multi-table applies (a producer's cut): `apply_tables` writes several tables' slices under one
+watermark, keyed (lane, producer) where the lane is `CUT_LANE` (or, for a v1 packet read as a
+cut, its one table). Every slice is checked (names, dims, shapes, ownership) before any is
+written; the tables' write locks are then taken in sorted name order (after the stream's
+own lock), so readers of the tables (`lookup_tables` holds their read locks together) see
+all of the apply or none of it. A single-table apply is the one-slice case of the same path.
+
 Chunked applies: a slice too big for one message arrives as chunks 0..k-1 under one apply id.
-Chunks are checked and staged in memory (one staged apply per (table, producer) stream; a
+Chunks are checked and staged in memory (one staged apply per (lane, producer) stream; a
 newer apply id for the stream or `stage_timeout_s` without a chunk drops it) and the last one
-commits them all as one apply: watermark and rows change together or not at all.
+commits them all as one apply: watermark and rows change together or not at all. A table may
+span chunks; its pieces are concatenated at the commit.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +34,7 @@ import numpy as np
 from persia_inc.embedding_server.sharding import shard_of
 from persia_inc.embedding_server.table import EmbeddingTable
 from persia_inc.packet_format import Watermark
+from persia_inc.packet_format.cut import CUT_LANE, check_lane
 from persia_inc.packet_format.header import check_name, check_position
 
 log = logging.getLogger(__name__)
@@ -58,18 +68,42 @@ class ChunkLostError(RuntimeError):
     timed out or a newer one replaced it, or chunks came out of order): restart the apply."""
 
 
+@dataclass(frozen=True, slots=True)
+class TableSlice:
+    """One table's share of an apply on this shard: signs uint64[n], rows float32[n, dim],
+    deleted uint64[d]."""
+
+    table: str
+    dim: int
+    signs: np.ndarray
+    rows: np.ndarray
+    deleted: np.ndarray
+
+
+@dataclass(slots=True)
+class _StagedTable:
+    """One table's pieces of a chunked apply (views on the received messages)."""
+
+    dim: int
+    signs: list[np.ndarray] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)
+    deleted: list[np.ndarray] = field(default_factory=list)
+
+    def pieces(self, name: str) -> list[TableSlice]:
+        return [TableSlice(name, self.dim, signs, rows, deleted)
+                for signs, rows, deleted in zip(self.signs, self.rows, self.deleted, strict=True)]
+
+
 @dataclass(slots=True)
 class _Staged:
     """The chunks of one chunked apply received so far."""
 
     apply_id: str
     position: tuple[int, int]
-    dim: int
     chunks: int
     touched: float
-    signs: list[np.ndarray] = field(default_factory=list)
-    rows: list[np.ndarray] = field(default_factory=list)
-    deleted: list[np.ndarray] = field(default_factory=list)
+    received: int = 0
+    tables: dict[str, _StagedTable] = field(default_factory=dict)
     nbytes: int = 0
 
 
@@ -84,6 +118,7 @@ class ApplyOutcome:
     evicted: int
     watermark: tuple[int, int]
     staged: bool = False  # a chunk was staged; nothing is visible until the last one
+    per_table: tuple[tuple[str, int, int], ...] = ()  # applied: (table, rows upserted, deletes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +154,7 @@ class Shard:
         self.foreign_lookup_signs = 0  # signs looked up here that another shard owns
         self._tables: dict[str, EmbeddingTable] = {}
         self._watermarks: dict[tuple[str, str], tuple[int, int]] = {}
+        self._stream_locks: dict[tuple[str, str], threading.Lock] = {}  # check-and-set of a mark
         self._counters: dict[str, list[int]] = {}  # table -> [lookups, rows, misses]
         self._lock = threading.Lock()  # guards the dicts, never held during a kernel
         self.started = time.monotonic()
@@ -167,13 +203,45 @@ class Shard:
         counters[1] += signs.shape[0]
         counters[2] += misses
         if check_owner and misses and self.num_shards > 1:
-            foreign = int(np.count_nonzero(shard_of(signs, self.num_shards) != self.shard_index))
-            if foreign:
-                self.foreign_lookup_signs += foreign
-                log.warning("lookup of table %r sent %d sign(s) that other shards own to shard "
-                            "%d of %d (a client routing by another server list?)", name, foreign,
-                            self.shard_index, self.num_shards)
+            self._count_foreign(name, signs)
         return rows, misses
+
+    def lookup_tables(self, requests: Sequence[tuple[str, np.ndarray]], *,
+                      check_owner: bool = False) -> list[tuple[np.ndarray, int]]:
+        """Several tables' rows at one consistent point: (table, signs: uint64[n]) pairs ->
+        (rows: float32[n, dim], misses) each, in request order; zeros for unknown signs.
+
+        The tables' read locks are held together (taken in sorted name order, as writers take
+        theirs), so a multi-table apply is seen whole or not at all. TableNotFoundError names
+        the first unknown table; a table named twice is a ValueError. check_owner as `lookup`.
+        """
+        names = [name for name, _ in requests]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a LookupTables request names each table once, got {names}")
+        tables = {name: self.table(name) for name in names}
+        out: dict[str, tuple[np.ndarray, int]] = {}
+        with ExitStack() as stack:
+            for name in sorted(tables):
+                stack.enter_context(tables[name].lock.read())
+            for name, signs in requests:
+                out[name] = tables[name]._lookup_locked(signs)
+        for name, signs in requests:
+            misses = out[name][1]
+            counters = self._counters[name]
+            counters[0] += 1
+            counters[1] += signs.shape[0]
+            counters[2] += misses
+            if check_owner and misses and self.num_shards > 1:
+                self._count_foreign(name, signs)
+        return [out[name] for name in names]
+
+    def _count_foreign(self, name: str, signs: np.ndarray) -> None:
+        foreign = int(np.count_nonzero(shard_of(signs, self.num_shards) != self.shard_index))
+        if foreign:
+            self.foreign_lookup_signs += foreign
+            log.warning("lookup of table %r sent %d sign(s) that other shards own to shard "
+                        "%d of %d (a client routing by another server list?)", name, foreign,
+                        self.shard_index, self.num_shards)
 
     def check_owned(self, *arrays: np.ndarray) -> None:
         """Raise ForeignSignsError naming the first sign (of uint64[k] arrays) this shard does
@@ -212,7 +280,7 @@ class Shard:
                 stage = self._staged.pop(key)
                 log.warning("dropping chunked apply %s of %s/%s at %s: no chunk for %.0f s "
                             "(%d of %d staged)", stage.apply_id, key[0], key[1], stage.position,
-                            self.stage_timeout_s, len(stage.signs), stage.chunks)
+                            self.stage_timeout_s, stage.received, stage.chunks)
 
     def stats(self) -> list[TableStats]:
         with self._lock:
@@ -235,44 +303,55 @@ class Shard:
         write lock, so readers see the whole apply or none of it, and two deliveries of one
         packet apply it once.
         """
-        check_name("producer", producer)
-        check_position(generation, sequence)
-        if rows.shape != (signs.shape[0], dim):
-            raise ValueError(f"rows must be float32[{signs.shape[0]}, {dim}], got {rows.shape}")
-        self.check_owned(signs, deleted)
-        return self._commit(name, producer, (generation, sequence), dim, signs, rows, deleted)
+        check_name("table", name)
+        return self.apply_tables(name, producer, generation, sequence,
+                                 [TableSlice(name, dim, signs, rows, deleted)])
+
+    def apply_tables(self, lane: str, producer: str, generation: int, sequence: int,
+                     slices: Sequence[TableSlice]) -> ApplyOutcome:
+        """Apply several tables' slices for this shard, once, under the (lane, producer)
+        watermark; all or nothing.
+
+        lane: `CUT_LANE`, or a table name whose own stream this is (then every slice is of that
+        table). Every slice is checked before any is written (ValueError, ForeignSignsError:
+        nothing changes); the writes and the watermark update happen under all the tables'
+        write locks. An empty `slices` still advances the watermark.
+        """
+        self._check_slices(lane, producer, generation, sequence, slices)
+        return self._commit(lane, producer, (generation, sequence), slices)
 
     def apply_chunk(
         self, name: str, producer: str, generation: int, sequence: int, dim: int,
         signs: np.ndarray, rows: np.ndarray, deleted: np.ndarray, *, apply_id: str,
         chunk: int, chunks: int,
     ) -> ApplyOutcome:
+        """Stage chunk `chunk` of `chunks` of one single-table apply (`apply_tables_chunk`
+        with one slice). Arrays as in `apply` (this chunk's share)."""
+        check_name("table", name)
+        return self.apply_tables_chunk(name, producer, generation, sequence,
+                                       [TableSlice(name, dim, signs, rows, deleted)],
+                                       apply_id=apply_id, chunk=chunk, chunks=chunks)
+
+    def apply_tables_chunk(self, lane: str, producer: str, generation: int, sequence: int,
+                           slices: Sequence[TableSlice], *, apply_id: str, chunk: int,
+                           chunks: int) -> ApplyOutcome:
         """Stage chunk `chunk` of `chunks` of one apply; the last one commits them all.
 
-        Arrays as in `apply` (this chunk's share). Chunk 0 starts the apply (dropping any
-        other staged apply of the stream); a later chunk must follow the one before under
-        the same apply_id and position, or ChunkLostError. A position at or below the
-        watermark is acknowledged unapplied at any chunk, and its staged chunks dropped.
+        `slices`: this chunk's share, a table at most once (a table may continue in later
+        chunks). Chunk 0 starts the apply (dropping any other staged apply of the stream); a
+        later chunk must follow the one before under the same apply_id and position, or
+        ChunkLostError. A position at or below the watermark is acknowledged unapplied at any
+        chunk, and its staged chunks dropped. chunks <= 1: `apply_tables`.
         """
         if chunks <= 1:
-            return self.apply(name, producer, generation, sequence, dim, signs, rows, deleted)
-        check_name("table", name)
-        check_name("producer", producer)
-        check_position(generation, sequence)
+            return self.apply_tables(lane, producer, generation, sequence, slices)
         if not apply_id:
             raise ValueError("a chunked apply needs an apply_id")
         if not 0 <= chunk < chunks:
             raise ValueError(f"chunk {chunk} is outside [0, {chunks})")
-        if not 0 < dim <= self.max_dim:
-            raise ValueError(f"dim must be in [1, {self.max_dim}], got {dim}")
-        if rows.shape != (signs.shape[0], dim):
-            raise ValueError(f"rows must be float32[{signs.shape[0]}, {dim}], got {rows.shape}")
-        self.check_owned(signs, deleted)
-        existing = self._tables.get(name)
-        if existing is not None and existing.dim != dim:
-            raise ValueError(f"table {name!r} has dim {existing.dim}, the request has dim {dim}")
+        self._check_slices(lane, producer, generation, sequence, slices)
         self.expire_staged()
-        key, position = (name, producer), (generation, sequence)
+        key, position = (lane, producer), (generation, sequence)
         with self._stage_lock:
             current = self._watermarks.get(key)
             if current is not None and position <= current:
@@ -282,43 +361,107 @@ class Shard:
             if chunk == 0:
                 if stage is not None:
                     log.info("chunked apply %s of %s/%s at %s replaces unfinished %s at %s",
-                             apply_id, name, producer, position, stage.apply_id, stage.position)
-                stage = _Staged(apply_id, position, dim, chunks, self._clock())
+                             apply_id, lane, producer, position, stage.apply_id, stage.position)
+                stage = _Staged(apply_id, position, chunks, self._clock())
                 self._staged[key] = stage
             elif (stage is None or stage.apply_id != apply_id or stage.position != position
-                  or stage.chunks != chunks or stage.dim != dim or len(stage.signs) != chunk):
+                  or stage.chunks != chunks or stage.received != chunk):
                 raise ChunkLostError(
-                    f"chunk {chunk} of {chunks} of apply {apply_id} ({name}/{producer} at "
+                    f"chunk {chunk} of {chunks} of apply {apply_id} ({lane}/{producer} at "
                     f"{position}): its earlier chunks are not staged here (server restarted, "
                     "timed out, replaced by a newer apply, or out of order); restart the apply")
+            for piece in slices:
+                held = stage.tables.get(piece.table)
+                if held is not None and held.dim != piece.dim:
+                    raise ValueError(f"table {piece.table!r} has dim {held.dim} in an earlier "
+                                     f"chunk of apply {apply_id} and {piece.dim} in chunk {chunk}")
             # the request's bytes are kept (views on them, no copy) until the commit
-            stage.signs.append(signs)
-            stage.rows.append(rows)
-            stage.deleted.append(deleted)
-            stage.nbytes += signs.nbytes + rows.nbytes + deleted.nbytes
+            for piece in slices:
+                held = stage.tables.setdefault(piece.table, _StagedTable(piece.dim))
+                held.signs.append(piece.signs)
+                held.rows.append(piece.rows)
+                held.deleted.append(piece.deleted)
+                stage.nbytes += piece.signs.nbytes + piece.rows.nbytes + piece.deleted.nbytes
+            stage.received += 1
             stage.touched = self._clock()
-            if len(stage.signs) < chunks:
+            if stage.received < chunks:
                 return ApplyOutcome(False, 0, 0, 0, 0, current or (0, 0), staged=True)
             del self._staged[key]
-        return self._commit(name, producer, position, dim, np.concatenate(stage.signs),
-                            np.concatenate(stage.rows), np.concatenate(stage.deleted))
+        return self._commit(lane, producer, position,
+                            [p for name, held in stage.tables.items() for p in held.pieces(name)])
 
-    def _commit(self, name: str, producer: str, position: tuple[int, int], dim: int,
-                signs: np.ndarray, rows: np.ndarray, deleted: np.ndarray) -> ApplyOutcome:
-        table = self._table_for_write(name, dim)
-        key = (name, producer)
-        with table.lock.write():
+    def _check_slices(self, lane: str, producer: str, generation: int, sequence: int,
+                      slices: Sequence[TableSlice]) -> None:
+        """Raise ValueError / ForeignSignsError unless every slice fits; writes nothing."""
+        check_lane(lane)
+        check_name("producer", producer)
+        check_position(generation, sequence)
+        names = [piece.table for piece in slices]
+        if len(set(names)) != len(names):
+            raise ValueError(f"an apply message lists each table once, got {names}")
+        if lane != CUT_LANE and any(name != lane for name in names):
+            raise ValueError(f"stream {lane!r} is that table's own: it cannot carry {names}")
+        for piece in slices:
+            check_name("table", piece.table)
+            self._check_dim(piece.table, piece.dim)
+            if piece.rows.shape != (piece.signs.shape[0], piece.dim):
+                raise ValueError(f"table {piece.table!r}: rows must be float32"
+                                 f"[{piece.signs.shape[0]}, {piece.dim}], got {piece.rows.shape}")
+        self.check_owned(*[a for piece in slices for a in (piece.signs, piece.deleted)])
+
+    def _check_dim(self, name: str, dim: int) -> None:
+        if not 0 < dim <= self.max_dim:
+            raise ValueError(f"table {name!r}: dim must be in [1, {self.max_dim}], got {dim}")
+        existing = self._tables.get(name)
+        if existing is not None and existing.dim != dim:
+            raise ValueError(f"table {name!r} has dim {existing.dim}, the request has dim {dim}")
+
+    def _commit(self, lane: str, producer: str, position: tuple[int, int],
+                slices: Sequence[TableSlice]) -> ApplyOutcome:
+        """Write checked slices and advance the (lane, producer) watermark, once. A table may
+        come in several pieces (a chunked apply's, in order): they are written in order, each
+        table's upserts before its deletes, as one concatenated slice would be (no copy)."""
+        pieces = sorted(slices, key=lambda piece: piece.table)  # stable: chunk order kept
+        for piece in pieces:  # again: a concurrent apply may have created a table since
+            self._check_dim(piece.table, piece.dim)
+        tables: dict[str, EmbeddingTable] = {}
+        for piece in pieces:
+            if piece.table not in tables:
+                tables[piece.table] = self._table_for_write(piece.table, piece.dim)
+        key = (lane, producer)
+        with self._lock:
+            stream_lock = self._stream_locks.setdefault(key, threading.Lock())
+        inserted = updated = removed = evicted = 0
+        per_table = []
+        with stream_lock, ExitStack() as stack:
+            for table in tables.values():  # sorted by name, as every writer and multi-table reader
+                stack.enter_context(table.lock.write())
             current = self._watermarks.get(key)
             if current is not None and position <= current:
                 return ApplyOutcome(False, 0, 0, 0, 0, current)
-            result = table._upsert_locked(signs, rows) if signs.size else None
-            removed = table._delete_locked(deleted) if deleted.size else 0
+            for name, table in tables.items():
+                mine = [piece for piece in pieces if piece.table == name]
+                upserts = gone = 0
+                for piece in mine:
+                    if piece.signs.size:
+                        result = table._upsert_locked(piece.signs, piece.rows)
+                        inserted += result.inserted
+                        updated += result.updated
+                        evicted += result.evicted
+                        upserts += piece.signs.shape[0]
+                for piece in mine:
+                    gone += table._delete_locked(piece.deleted) if piece.deleted.size else 0
+                removed += gone
+                per_table.append((name, upserts, gone))
             with self._lock:
                 self._watermarks[key] = position
-        inserted = result.inserted if result else 0
-        updated = result.updated if result else 0
-        evicted = result.evicted if result else 0
-        return ApplyOutcome(True, inserted, updated, removed, evicted, position)
+        if self._staged:  # a chunked apply of the stream now at or below the mark never commits
+            with self._stage_lock:
+                stage = self._staged.get(key)
+                if stage is not None and stage.position <= position:
+                    del self._staged[key]
+        return ApplyOutcome(True, inserted, updated, removed, evicted, position,
+                            per_table=tuple(per_table))
 
     def delete(self, name: str, signs: np.ndarray) -> int:
         """Delete signs from a table (no watermark); returns the rows freed."""

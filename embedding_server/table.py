@@ -140,15 +140,20 @@ class EmbeddingTable:
         signs: uint64[n] -> (rows: float32[n, dim], misses). `out`, if given, must be
         float32[n, dim] C-contiguous and is filled and returned.
         """
+        with self.lock.read():
+            return self._lookup_locked(signs, out)
+
+    def _lookup_locked(self, signs: np.ndarray, out: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, int]:
+        """`lookup` for a caller holding the read (or write) lock, e.g. across several tables."""
         signs = _as_signs(signs)
         if out is None:
             out = np.empty((signs.shape[0], self.dim), np.float32)
         elif out.shape != (signs.shape[0], self.dim) or out.dtype != np.float32:
             raise ValueError(f"out must be float32[{signs.shape[0]}, {self.dim}]")
-        with self.lock.read():
-            self._tick += 1  # a racy stamp is fine: LRU order is approximate across threads
-            misses = kern.gather(self._slots, self._shift, self._values, signs, out, self._ticks,
-                              self._tick)
+        self._tick += 1  # a racy stamp is fine: LRU order is approximate across threads
+        misses = kern.gather(self._slots, self._shift, self._values, signs, out, self._ticks,
+                             self._tick)
         return out, int(misses)
 
     def contains(self, signs: np.ndarray) -> np.ndarray:

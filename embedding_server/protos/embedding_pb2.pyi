@@ -29,7 +29,7 @@ class LookupResponse(_message.Message):
     def __init__(self, dim: _Optional[int] = ..., rows: _Optional[bytes] = ..., misses: _Optional[int] = ...) -> None: ...
 
 class ApplyRequest(_message.Message):
-    __slots__ = ("table", "producer", "generation", "sequence", "dim", "signs", "rows", "deleted_signs", "shard", "num_shards", "apply_id", "chunk", "chunks")
+    __slots__ = ("table", "producer", "generation", "sequence", "dim", "signs", "rows", "deleted_signs", "shard", "num_shards", "apply_id", "chunk", "chunks", "tables")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class ApplyRequest(_message.Message):
     APPLY_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     table: str
     producer: str
     generation: int
@@ -56,7 +57,58 @@ class ApplyRequest(_message.Message):
     apply_id: str
     chunk: int
     chunks: int
-    def __init__(self, table: _Optional[str] = ..., producer: _Optional[str] = ..., generation: _Optional[int] = ..., sequence: _Optional[int] = ..., dim: _Optional[int] = ..., signs: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., deleted_signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., apply_id: _Optional[str] = ..., chunk: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[TableSlice]
+    def __init__(self, table: _Optional[str] = ..., producer: _Optional[str] = ..., generation: _Optional[int] = ..., sequence: _Optional[int] = ..., dim: _Optional[int] = ..., signs: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., deleted_signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., apply_id: _Optional[str] = ..., chunk: _Optional[int] = ..., chunks: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSlice, _Mapping]]] = ...) -> None: ...
+
+class TableSlice(_message.Message):
+    __slots__ = ("table", "dim", "signs", "rows", "deleted_signs")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    SIGNS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_SIGNS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    dim: int
+    signs: bytes
+    rows: bytes
+    deleted_signs: bytes
+    def __init__(self, table: _Optional[str] = ..., dim: _Optional[int] = ..., signs: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., deleted_signs: _Optional[bytes] = ...) -> None: ...
+
+class TableSigns(_message.Message):
+    __slots__ = ("table", "signs")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    SIGNS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    signs: bytes
+    def __init__(self, table: _Optional[str] = ..., signs: _Optional[bytes] = ...) -> None: ...
+
+class LookupTablesRequest(_message.Message):
+    __slots__ = ("tables", "shard", "num_shards")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[TableSigns]
+    shard: int
+    num_shards: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableSigns, _Mapping]]] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+
+class TableLookup(_message.Message):
+    __slots__ = ("table", "dim", "rows", "misses")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    dim: int
+    rows: bytes
+    misses: int
+    def __init__(self, table: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[bytes] = ..., misses: _Optional[int] = ...) -> None: ...
+
+class LookupTablesResponse(_message.Message):
+    __slots__ = ("tables",)
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[TableLookup]
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableLookup, _Mapping]]] = ...) -> None: ...
 
 class Watermark(_message.Message):
     __slots__ = ("table", "producer", "generation", "sequence")

@@ -43,6 +43,11 @@ class EmbeddingServiceStub:
                 request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupRequest.SerializeToString,
                 response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupTables = channel.unary_unary(
+                '/persia_inc.embedding.v1.EmbeddingService/LookupTables',
+                request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesRequest.SerializeToString,
+                response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesResponse.FromString,
+                _registered_method=True)
         self.Apply = channel.unary_unary(
                 '/persia_inc.embedding.v1.EmbeddingService/Apply',
                 request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.ApplyRequest.SerializeToString,
@@ -89,12 +94,25 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupTables(self, request, context):
+        """Rows of several tables in one call (a model's features, one round trip per shard). Each
+        table's signs as in Lookup; the answer lists the tables in request order. A table named
+        twice is INVALID_ARGUMENT; NOT_FOUND names the first unknown table. The tables are read
+        together (their read locks held at once), so an Apply of several tables is seen whole.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Apply(self, request, context):
         """Upsert rows and delete signs of one packet, once: a (generation, sequence) at or below
         the (table, producer) watermark is acknowledged with applied=false. Needs the token.
         A sign this shard does not own is refused (INVALID_ARGUMENT, nothing written). A slice
         over the message limit travels in chunks under one apply_id: chunks are staged in memory
         and committed together on the last one (ABORTED: the staged chunks are gone; restart).
+        Several tables at once (`tables` non-empty, or `table` the cut lane "_cuts"): `table` is
+        the stream lane, the watermark is (lane, producer), and every table slice is checked
+        before any is written, then all are written under one watermark check (all or nothing).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +158,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupRequest.FromString,
                     response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupResponse.SerializeToString,
+            ),
+            'LookupTables': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupTables,
+                    request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesRequest.FromString,
+                    response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesResponse.SerializeToString,
             ),
             'Apply': grpc.unary_unary_rpc_method_handler(
                     servicer.Apply,
@@ -203,6 +226,33 @@ class EmbeddingService:
             '/persia_inc.embedding.v1.EmbeddingService/Lookup',
             persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupRequest.SerializeToString,
             persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupTables(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/persia_inc.embedding.v1.EmbeddingService/LookupTables',
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesRequest.SerializeToString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesResponse.FromString,
             options,
             channel_credentials,
             insecure,
