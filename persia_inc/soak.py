@@ -260,11 +260,10 @@ class _StallWatch:
 
     def sample(self) -> bool:
         """One round; True when every stored packet is visible."""
-        from persia_inc.packet_format import parse_packet_path, stream_prefix
+        from persia_inc.packet_format import CUT_LANE, parse_packet_path, stream_prefix
 
         now = time.monotonic()
-        for table in range(self.shape.tables):
-            name = self.shape.table_name(table)
+        for name in (CUT_LANE,):  # the producer's one stream: its cuts of every table
             prefix = f"{stream_prefix(MODEL, name, PRODUCER)}"
             try:
                 found = self.store.list(prefix, start_after=self._last_key.get(name))  # type: ignore[attr-defined]

@@ -160,7 +160,12 @@ class KafkaAnnouncer:
             failures = 0
             self._delivered(batch)
             if self.metrics is not None:
-                self.metrics.of(self.metrics.announced).inc(len(batch))
+                m = self.metrics
+                m.of(m.announced).inc(len(batch))
+                now_ns = time.time_ns()
+                for announcement in batch:
+                    m.of(m.stage_latency, stage="announced").observe(
+                        max(0.0, (now_ns - announcement.created_at_ns) / 1e9))
 
     def _delivered(self, batch: list[Announcement]) -> None:
         with self._cond:

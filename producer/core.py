@@ -1,8 +1,11 @@
 """`IncrementalProducer`: what a training job imports to ship its sparse updates.
 
 The training thread only inserts signs into per-table hash buffers (vectorized) and, when a
-flush starts, swaps a buffer and reads the flushed rows through the table's reader. Encoding,
-storing and announcing run on the writer's background thread (producer/writer.py).
+flush starts, swaps the buffers and reads the flushed rows through the tables' readers. As in
+PERSIA, the triggers are the producer's: `incremental_buffer_size` counts distinct signs over
+all tables, and the interval runs from the oldest unflushed sign of any table; a flush takes
+every table at once, one cut (one packet, one announcement). Encoding, storing and announcing
+run on the writer's background threads (producer/writer.py).
 
 Rows are read on the thread that calls `record`, `evict`, `poll`, `flush` or `close`: call
 them between optimizer steps so a packet never holds a row the optimizer is half-way through
@@ -60,7 +63,7 @@ def _checked_state(state: object, n: int, table: str) -> np.ndarray | None:
 
 
 class _Table:
-    __slots__ = ("buffer", "dim", "name", "oldest_s", "reader", "reads_into")
+    __slots__ = ("buffer", "dim", "name", "reader", "reads_into")
 
     def __init__(self, name: str, reader: Reader, dim: int, rows: int | None,
                  reads_into: bool) -> None:
@@ -70,14 +73,13 @@ class _Table:
         self.dim = dim
         self.buffer: SignBuffer | DenseSignBuffer = (
             SignBuffer() if rows is None else DenseSignBuffer(rows))
-        self.oldest_s: float | None = None  # when the oldest unflushed sign came (policy clock)
 
 
 class IncrementalProducer:
     """Buffers touched signs per table and ships their latest rows as packets to `store`.
 
-    settings: `persia_inc.producer`; buffer_size: distinct signs per table that trigger a flush
-    (`incremental_buffer_size`); producer_id overrides `settings.producer_id`; kafka: the
+    settings: `persia_inc.producer`; buffer_size: distinct signs over all tables that trigger
+    a flush (`incremental_buffer_size`); producer_id overrides `settings.producer_id`; kafka: the
     broker announcements go to when `settings.announce` is "kafka"; retry: its `max_backoff_s`
     caps the waits between attempts; owns_store: `close()` also closes the store; generation
     forces a generation (default: 1 + the latest in storage); clock: the monotonic clock
@@ -131,9 +133,11 @@ class IncrementalProducer:
             generation=generation, metrics=self.metrics, nice=settings.writer_nice,
             read_guard=self._no_step_running, on_read_failed=self._take_back,
             max_packet_rows=settings.max_packet_rows, max_packet_bytes=settings.max_packet_bytes,
+            max_inflight=settings.max_inflight or store.parallel_writes,
         )
         self._lock = threading.RLock()  # one flush at a time; close vs. flush
-        self._interval_due_s = float("inf")  # earliest time some table's interval expires
+        self._oldest_s: float | None = None  # when the oldest unflushed sign came (policy clock)
+        self._interval_due_s = float("inf")  # when the interval trigger fires
         self._busy = 0  # >0 inside record/flush or a guarded training step
         self._deferred_reads = False
         self._step_lock = threading.Lock()  # held by the training thread inside an optimizer step
@@ -229,8 +233,8 @@ class IncrementalProducer:
     def record(self, table: str, signs: np.ndarray) -> None:
         """Buffer signs: uint64[n] (int64 row ids are reinterpreted) that this step updated.
 
-        Starts a flush of `table` when it holds `incremental_buffer_size` distinct signs, and
-        of any table whose oldest unflushed sign is `flush_interval_s` old.
+        Starts a flush of every table when they hold `incremental_buffer_size` distinct signs
+        together, or when the oldest unflushed sign is `flush_interval_s` old.
         """
         if not self.enabled:
             return
@@ -238,7 +242,7 @@ class IncrementalProducer:
 
     def record_many(self, signs_by_table: Mapping[str, np.ndarray]) -> None:
         """`record` for several tables at once ({table: uint64[n]}): one call per training step
-        (the torch hook's), the triggers checked once and the full tables flushed together."""
+        (the torch hook's), the triggers checked once."""
         if not self.enabled:
             return
         self._insert(signs_by_table, SignBuffer.UPSERT)
@@ -255,6 +259,7 @@ class IncrementalProducer:
 
         Tables registered with `rows` are marked in one pass over the matrix, row by row, which
         reads it far better than a pass per column; any other table is recorded as by `record`.
+        The triggers are checked once.
         """
         if not self.enabled:
             return
@@ -308,50 +313,41 @@ class IncrementalProducer:
             self._leave()
 
     def _record_sizes(self, sizes: Mapping[str, int]) -> None:
-        """After an insert: start the interval clock of tables that were empty, and flush the
-        tables now full and those whose interval has passed. A writer that stopped on an error
-        it cannot retry is reported here, at the next record (the signs stay buffered)."""
+        """After an insert: start the interval clock if nothing was buffered, and flush every
+        table when the buffers hold `incremental_buffer_size` distinct signs together or the
+        interval has passed. A writer that stopped on an error it cannot retry is reported
+        here, at the next record (the signs stay buffered)."""
         self.writer.check_failure()
-        limit = self.policy.buffer_size
         now = self.policy.now()
-        full = []
-        for table, size in sizes.items():
-            entry = self._tables[table]
-            if entry.oldest_s is None and size:
-                entry.oldest_s = now
-                self._interval_due_s = min(self._interval_due_s, now + self.policy.flush_interval_s)
-            if size >= limit:
-                full.append(table)
-        if full:
-            self._flush(full, "size")
-        if now >= self._interval_due_s:
-            self._flush_due(self.policy.now())
+        if self._oldest_s is None and any(sizes.values()):
+            self._start_interval(now)
+        reason = self.policy.due(self.buffered_total, self._oldest_s, now)
+        if reason is not None:
+            self._flush(reason)
         self._raise_read_error()
 
+    @property
+    def buffered_total(self) -> int:
+        """Distinct signs waiting for the next flush, over all tables."""
+        return sum(len(t.buffer) for t in self._tables.values()) if self.enabled else 0
+
+    def _start_interval(self, since: float) -> None:
+        self._oldest_s = since
+        self._interval_due_s = since + self.policy.flush_interval_s
+
     def poll(self) -> None:
-        """Start the flushes whose interval has passed (call it between steps when idle)."""
+        """Start the flush whose interval has passed (call it between steps when idle)."""
         if not self.enabled or self.closed:
             return
         now = self.policy.now()
         if now >= self._interval_due_s:
             self._busy += 1
             try:
-                self._flush_due(now)
+                if self.policy.due(self.buffered_total, self._oldest_s, now) is not None:
+                    self._flush("interval")
             finally:
                 self._leave()
         self._raise_read_error()
-
-    def _flush_due(self, now: float) -> None:
-        due = [t.name for t in self._tables.values()
-               if self.policy.due(len(t.buffer), t.oldest_s, now) is not None]
-        if due:
-            self._flush(due, "interval")
-        else:
-            self._reset_interval()
-
-    def _reset_interval(self) -> None:
-        times = [t.oldest_s for t in self._tables.values() if t.oldest_s is not None]
-        self._interval_due_s = (min(times) + self.policy.flush_interval_s) if times else float("inf")
 
     def flush(self, *, wait: bool = True, timeout_s: float | None = None) -> bool:
         """Flush every table now; with `wait`, return once their packets are stored (True)
@@ -362,7 +358,7 @@ class IncrementalProducer:
             raise ProducerClosedError("the producer is closed")
         self._busy += 1
         try:
-            self._flush(list(self._tables), "explicit")
+            self._flush("explicit")
         finally:
             self._leave()
         stored = self.writer.drain(timeout_s) if wait else True
@@ -419,10 +415,9 @@ class IncrementalProducer:
         entry = self._tables[snapshot.table]
         entry.buffer.insert(snapshot.signs, SignBuffer.UPSERT)
         entry.buffer.insert(snapshot.deleted, SignBuffer.DELETE)
-        if entry.oldest_s is None:  # the signs keep their age: their interval runs on
-            entry.oldest_s = snapshot.oldest_s if snapshot.oldest_s is not None else self.policy.now()
-            self._interval_due_s = min(self._interval_due_s,
-                                       entry.oldest_s + self.policy.flush_interval_s)
+        oldest = snapshot.oldest_s if snapshot.oldest_s is not None else self.policy.now()
+        if self._oldest_s is None or oldest < self._oldest_s:  # the signs keep their age
+            self._start_interval(oldest)
         self._read_error = error
 
     def _raise_read_error(self) -> None:
@@ -468,8 +463,8 @@ class IncrementalProducer:
             rows = rows.astype(np.float32)
         return rows, _checked_state(state, signs.size, table)
 
-    def _flush(self, tables: list[str], reason: FlushReason, *, admit: bool = True) -> None:
-        """Swap the buffers of `tables`, read their rows, hand the snapshots to the writer.
+    def _flush(self, reason: FlushReason, *, admit: bool = True) -> None:
+        """Swap every table's buffer, read their rows, hand them to the writer as one cut.
 
         Every table is read before the writer hears of any: a writer woken by the first table
         would compete with the reads of the others for the GIL and the cores.
@@ -482,11 +477,11 @@ class IncrementalProducer:
                 self.writer.admit()  # back-pressure: block or raise before taking more
             started = time.perf_counter()
             snapshots: list[Snapshot] = []
+            oldest, self._oldest_s = self._oldest_s, None
+            self._interval_due_s = float("inf")
             try:
-                for name in tables:
-                    entry = self._tables[name]
+                for entry in self._tables.values():
                     signs, ops = entry.buffer.swap()
-                    oldest, entry.oldest_s = entry.oldest_s, None
                     if not signs.size:
                         continue
                     if ops.any():
@@ -502,18 +497,27 @@ class IncrementalProducer:
                     except BaseException:
                         entry.buffer.insert(upserts, SignBuffer.UPSERT)  # nothing leaves unstored
                         entry.buffer.insert(deleted, SignBuffer.DELETE)
-                        entry.oldest_s = oldest if oldest is not None else self.policy.now()
+                        self._keep_unflushed(oldest)
                         raise
-                    snapshots.append(Snapshot(name, upserts, rows, deleted, entry.dim, reason, state,
-                                              read=read, oldest_s=oldest))
+                    snapshots.append(Snapshot(entry.name, upserts, rows, deleted, entry.dim,
+                                              reason, state, read=read, oldest_s=oldest))
+            except BaseException:
+                # the tables not reached keep their signs (they were not swapped)
+                if self.buffered_total:
+                    self._keep_unflushed(oldest)
+                raise
             finally:
                 if snapshots:  # the tables read before a failing reader are shipped all the same
                     self.writer.submit_many(snapshots)
-            self._reset_interval()
             if snapshots:
                 m = self.metrics
                 m.of(m.flushes, reason=reason).inc()
                 m.of(m.snapshot_latency).observe(time.perf_counter() - started)
+
+    def _keep_unflushed(self, oldest: float | None) -> None:
+        """Signs stay buffered after a failed flush: their interval runs on from `oldest`."""
+        if self._oldest_s is None:
+            self._start_interval(oldest if oldest is not None else self.policy.now())
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -536,7 +540,7 @@ class IncrementalProducer:
         self._end_update()  # a step that raised never reached its post-hook
         self._deferred_reads = False  # close runs between steps: read here
         try:
-            self._flush(list(self._tables), "close", admit=False)
+            self._flush("close", admit=False)
         except Exception as exc:  # still stop the threads; report below
             read_error = exc
             log.exception("reading rows at close failed")

@@ -27,18 +27,26 @@ class ProducerMetrics:
         labels = {"model": model, "producer": producer}
         self._labels = labels
         r = self.registry
-        self.packets = Counter("persia_inc_producer_packets", "Packets durably stored",
-                               [*labels, "table", "reason"], registry=r)
+        self.packets = Counter("persia_inc_producer_packets", "Packets (cuts) durably stored",
+                               [*labels, "reason"], registry=r)
         self.rows = Counter("persia_inc_producer_rows", "Rows (upserts and deletes) stored",
                             [*labels, "table"], registry=r)
         self.bytes = Counter("persia_inc_producer_bytes", "Packet bytes stored",
-                             [*labels, "table"], registry=r)
+                             list(labels), registry=r)
         self.flushes = Counter("persia_inc_producer_flushes", "Flushes started, by reason",
                                [*labels, "reason"], registry=r)
         self.dump_latency = Histogram(
             "persia_inc_producer_dump_seconds", "From snapshot to packet stored",
             list(labels), registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.stage_latency = Histogram(
+            "persia_inc_producer_stage_seconds",
+            "From flush (the packet's created_at) to the end of a stage: stored, announced "
+            "(Kafka acknowledged it; with directory announcements, when stored)",
+            [*labels, "stage"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1, 2.5, 5,
+                     10, 30),
         )
         self.snapshot_latency = Histogram(
             "persia_inc_producer_snapshot_seconds", "Training-thread time to swap and read rows",

@@ -1,4 +1,5 @@
-"""When a table's buffer is flushed: by size, by age of its oldest unflushed sign, or on demand."""
+"""When a producer flushes: by the size of its buffers, by the age of its oldest unflushed
+sign, or on demand."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from persia_inc.packet_format import FlushReason
 
 @dataclass(frozen=True, slots=True)
 class FlushPolicy:
-    """buffer_size: distinct buffered signs of one table that start a flush (PERSIA's
+    """buffer_size: distinct buffered signs over all tables that start a flush (PERSIA's
     `incremental_buffer_size`); flush_interval_s: start a flush once the oldest unflushed sign
     of a table has waited this long (seconds of `clock`); clock: the monotonic clock ages are
     measured on (`time.monotonic`; tests inject their own to drive the interval trigger)."""

@@ -40,13 +40,18 @@ class ProducerSettings:
     `incremental_buffer_size` is not capped by them: it says when to flush (freshness, and
     how often the training thread swaps buffers), they say how big a packet may be; a flush
     over the bound is split on the writer thread, off the training step.
+
+    dtype: how rows travel: float32 (exact), float16, or int8 (row-wise, with a float16 scale
+    and offset per row; loaders dequantize). max_inflight: packets being stored at once
+    (0: the store's own default, `ObjectStore.parallel_writes`, measured per backend in
+    bench/results/producer.json); announcements still go out in sequence order.
     """
 
     flush_interval_s: float = 30.0
     announce: Literal["dir", "kafka"] = "dir"
     max_pending_bytes: int = 1024 * 1024 * 1024
     backpressure: Literal["block", "raise"] = "block"
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "int8"] = "float32"
     close_on_exit: bool = True
     close_on_sigterm: bool = True
     metrics_port: int = 0
@@ -56,3 +61,4 @@ class ProducerSettings:
     writer_nice: int = 0
     max_packet_rows: int = DEFAULT_MAX_PACKET_ROWS
     max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES
+    max_inflight: int = 0

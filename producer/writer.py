@@ -1,18 +1,22 @@
-"""The background writer: encode snapshots as packets, store them, then announce them.
+"""The background writer: encode flush cuts as packets, store them, then announce them.
 
-One thread, fed by one queue of snapshots (bounded in bytes). A snapshot leaves memory only
-after the `ObjectStore.writer` block of its packet exited cleanly, i.e. the packet is durably
-stored. During a storage outage the writer retries retriable errors with capped, jittered
-backoff and no deadline (`foundation.retry`; back-pressure bounds memory) and the queue keeps
-growing; a newer snapshot of a table still waiting in the queue is merged into the older
-one (latest values win), so memory grows with distinct rows, not with flushes.
+One queue of cuts (bounded in bytes), one writer thread that takes them in flush order,
+reads rows still unread, and freezes each (sign order, sequence), and `max_inflight` store
+threads that encode and store frozen cuts concurrently. Sequences follow flush order and
+announcements go out in sequence order as the stores complete, so a loader never hears of
+packet n+1 before packet n (listing loaders may see it first: they wait for the gap).
+
+A cut leaves memory only after the `ObjectStore.writer` block of its packet exited cleanly,
+i.e. the packet is durably stored. During a storage outage the store threads retry retriable
+errors with capped, jittered backoff and no deadline (`foundation.retry`; back-pressure bounds
+memory) and the queue keeps growing; a newer cut is merged into the last one still waiting
+in the queue (latest values win, table by table), so memory grows with distinct rows, not
+with flushes.
 
 Packets are bounded (`max_packet_rows`, `max_packet_bytes`): a merge that would pass the bound
-is not made (the newer snapshot is queued as its own next packet), and a snapshot over the
-bound (one large flush) is cut, when the writer takes it, into packets of contiguous sign
-ranges with consecutive sequences, stored one after the other before anything later of its
-table. A snapshot whose store was attempted is frozen: its key may already be visible, so its
-content never changes.
+is not made (the newer cut is queued as its own next packet), and a cut over the bound (one
+large flush) is cut, when the writer takes it, into consecutive packets (`FlushCut.split`).
+A frozen cut's content never changes: its key may already be visible.
 An error storage says is not retriable stops the writer: the packet stays unstored, and the
 training thread gets a `WriterFailedError` naming it at its next call.
 """
@@ -32,8 +36,8 @@ import numpy as np
 
 from persia_inc.foundation.retry import RetryPolicy, retry_delay_s, stop_waits_on
 from persia_inc.foundation.threads import ServiceThread, lower_thread_priority
-from persia_inc.packet_format import Announcement, PacketHeader, packet_key, write_packet
-from persia_inc.producer.announce import Announcer
+from persia_inc.packet_format import Announcement, CutHeader, cut_key, write_cut
+from persia_inc.producer.announce import Announcer, DirectoryAnnouncer
 from persia_inc.producer.errors import BackpressureError, WriterFailedError
 from persia_inc.producer.generation import next_generation
 from persia_inc.producer.settings import (
@@ -41,7 +45,7 @@ from persia_inc.producer.settings import (
     DEFAULT_MAX_PACKET_ROWS,
     MIN_MAX_PACKET_BYTES,
 )
-from persia_inc.producer.snapshot import Snapshot, packet_row_limit
+from persia_inc.producer.snapshot import FlushCut, Snapshot
 from persia_inc.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -61,21 +65,22 @@ class StoredPacket:
     """What the writer stored: the key, the header as written and the size in bytes."""
 
     key: str
-    header: PacketHeader
+    header: CutHeader
     size: int
 
 
 class PacketWriter:
-    """Stores snapshots as packets `{model}/{table}/{producer}/{generation}-{sequence}.arrow`.
+    """Stores flush cuts as packets `{model}/_cuts/{producer}/{generation}-{sequence}.arrow`.
 
-    Sequences are contiguous per table within the generation, in store order, so a loader can
-    tell a gap from a quiet table. `generation` None asks storage for the next one (in the
-    writer thread, retried through outages). `nice`: run the writer thread this much nicer
-    than the caller (Linux). `read_guard` is held while rows still unread are read, and
+    Sequences are contiguous within the generation, in flush order, so a loader can tell a gap
+    from a quiet producer. `generation` None asks storage for the next one (in the writer
+    thread, retried through outages). `nice`: run the writer threads this much nicer than the
+    caller (Linux). `read_guard` is held while rows still unread are read, and
     `on_read_failed` takes back the snapshot of a read that failed. `retry`: how failed puts
     are retried (default `writer_retry_policy(max_backoff_s)`). owns_store: close() closes
     the store too; else the store is left as it was (its other users keep it).
     max_packet_rows, max_packet_bytes: no packet holds more rows or bytes (`ProducerSettings`).
+    max_inflight: packets being stored at once (`ProducerSettings.max_inflight`).
     """
 
     def __init__(
@@ -99,14 +104,18 @@ class PacketWriter:
         owns_store: bool = False,
         max_packet_rows: int = DEFAULT_MAX_PACKET_ROWS,
         max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
+        max_inflight: int = 1,
     ) -> None:
         if isinstance(max_packet_rows, bool) or max_packet_rows <= 0:
             raise ValueError(f"max_packet_rows must be a positive integer, got {max_packet_rows!r}")
         if isinstance(max_packet_bytes, bool) or max_packet_bytes < MIN_MAX_PACKET_BYTES:
             raise ValueError(f"max_packet_bytes must be at least {MIN_MAX_PACKET_BYTES}, "
                              f"got {max_packet_bytes!r}")
+        if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
+            raise ValueError(f"max_inflight must be a positive integer, got {max_inflight!r}")
         self.max_packet_rows = max_packet_rows
         self.max_packet_bytes = max_packet_bytes
+        self.max_inflight = max_inflight
         self.store = store
         self.model = model
         self.producer = producer
@@ -124,20 +133,31 @@ class PacketWriter:
         self.on_read_failed = on_read_failed
         self.generation = generation
         self.stored: list[StoredPacket] = []  # the last few, for tests and tools
+        self.objects_stored = 0  # packets stored since start
         self._non_finite_tables: set[str] = set()  # tables whose NaN/Inf rows were logged
-        self.failure: WriterFailedError | None = None  # set once, by the writer thread
-        self._next_sequence: dict[str, int] = collections.defaultdict(int)
-        self._queue: collections.deque[Snapshot] = collections.deque()
-        self._inflight: Snapshot | None = None
+        self.failure: WriterFailedError | None = None  # set once, by a writer thread
+        self._next_sequence = 0
+        self._queue: collections.deque[FlushCut] = collections.deque()  # not frozen yet
+        self._preparing: FlushCut | None = None  # taken by the writer thread, not frozen yet
+        self._frozen: collections.deque[FlushCut] = collections.deque()  # waiting for a store thread
+        self._storing: dict[int, FlushCut] = {}  # sequence -> cut a store thread holds
+        self._done: dict[int, StoredPacket] = {}  # stored, waiting for their turn to announce
+        self._announce_next: int | None = None  # the sequence to announce next
         self._pending_bytes = 0
         self._cond = threading.Condition()
+        self._announce_lock = threading.Lock()
         self._closing = False
         self._generation_ready = threading.Event()
         if generation is not None:
             self._generation_ready.set()
         self._thread = ServiceThread("writer", self._run, wake=self._wake)
         self._stop = self._thread.stop  # cuts the writer's waits, and its store calls' waits
+        self._store_threads = [
+            ServiceThread(f"store-{i}", self._store_run, wake=self._wake, stop=self._stop)
+            for i in range(max_inflight)]
         self._thread.start()
+        for thread in self._store_threads:
+            thread.start()
 
     # --- training-thread side -------------------------------------------------------------
 
@@ -151,9 +171,13 @@ class PacketWriter:
         with self._cond:
             return self._pending_rows_locked()
 
+    def _unstored(self) -> list[FlushCut]:
+        """Every cut not stored yet (under `_cond`)."""
+        preparing = [self._preparing] if self._preparing is not None else []
+        return [*self._storing.values(), *self._frozen, *preparing, *self._queue]
+
     def _pending_rows_locked(self) -> int:
-        inflight = self._inflight.row_count if self._inflight is not None else 0
-        return inflight + sum(s.row_count for s in self._queue)
+        return sum(cut.row_count for cut in self._unstored())
 
     def check_failure(self) -> None:
         """Raise WriterFailedError (naming the packet and the cause) if the writer stopped on an
@@ -186,47 +210,37 @@ class PacketWriter:
         self.check_failure()
 
     def submit(self, snapshot: Snapshot) -> None:
-        """Queue a snapshot; merged into a queued snapshot of the same table when possible."""
-        self.submit_many([snapshot])
+        """Queue one table's snapshot as a cut of its own (see `submit_cut`)."""
+        self.submit_cut(FlushCut([snapshot], snapshot.reason))
 
     def submit_many(self, snapshots: list[Snapshot]) -> None:
-        """Queue snapshots (in order) under one lock and one wake-up of the writer thread.
-        A snapshot merges into the last one queued of its table when that one is not frozen
-        and the merged rows stay within the packet bound; else it is queued as the next packet.
-        After a failure they are queued all the same (close() reports them unstored), then
-        WriterFailedError is raised: rows are never dropped on the way."""
+        """Queue the snapshots of one flush as one cut (see `submit_cut`)."""
+        if snapshots:
+            self.submit_cut(FlushCut(list(snapshots), snapshots[-1].reason))
+
+    def submit_cut(self, cut: FlushCut) -> None:
+        """Queue a flush's cut: merged into the last cut still queued when the merged one
+        stays within the packet bound, else queued as the next packet. After a failure it is
+        queued all the same (close() reports it unstored), then WriterFailedError is raised:
+        rows are never dropped on the way."""
         with self._cond:
-            for snapshot in snapshots:
-                for queued in reversed(self._queue):
-                    if queued.table == snapshot.table:
-                        before = queued.nbytes
-                        if queued.can_merge(snapshot) and queued.merge(
-                                snapshot, self.row_limit(queued)):
-                            self._pending_bytes += queued.nbytes - before
-                            break
-                        self._append(snapshot)
-                        break
-                else:
-                    self._append(snapshot)
+            last = self._queue[-1] if self._queue else None
+            before = last.nbytes if last is not None else 0
+            if last is not None and last.merge(cut, self.max_packet_rows, self.max_packet_bytes):
+                self._pending_bytes += last.nbytes - before
+            else:
+                self._queue.append(cut)
+                self._pending_bytes += cut.nbytes
             self._gauges()
             self._cond.notify_all()
         self.check_failure()
 
-    def row_limit(self, snapshot: Snapshot) -> int:
-        """The most rows a packet of `snapshot`'s width may hold (rows not read yet count
-        no optimizer state: the writer splits what turns out wider)."""
-        return packet_row_limit(snapshot.dim, snapshot.state_dim, self.max_packet_rows,
-                                self.max_packet_bytes)
-
-    def _append(self, snapshot: Snapshot) -> None:
-        self._queue.append(snapshot)
-        self._pending_bytes += snapshot.nbytes
-
     def drain(self, timeout_s: float | None = None) -> bool:
-        """Wait until every submitted snapshot is stored; False on timeout or abort."""
+        """Wait until every submitted cut is stored and announced to the announcer; False on
+        timeout or abort."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            while self._queue or self._inflight is not None:
+            while self._unstored() or self._done:
                 if self.failure is not None or self._stop.is_set():
                     return False
                 left = None if deadline is None else deadline - time.monotonic()
@@ -236,9 +250,9 @@ class PacketWriter:
         return True
 
     def close(self, timeout_s: float) -> tuple[int, list[str]]:
-        """Store what is queued within `timeout_s`, then stop the thread (its retries and the
-        waits of its store calls end at once); safe to call twice. Closes the store only when
-        `owns_store`.
+        """Store what is queued within `timeout_s`, then stop the threads (their retries and
+        the waits of their store calls end at once); safe to call twice. Closes the store only
+        when `owns_store`.
 
         Returns (rows left unstored, their tables); (0, []) when everything is stored.
         """
@@ -246,13 +260,16 @@ class PacketWriter:
         with self._cond:
             self._closing = True
         self._thread.close(_JOIN_S)  # the queue is empty or time is up: stop retrying
+        for thread in self._store_threads:
+            thread.close(_JOIN_S)
         if self.owns_store:
             self.store.close()
         with self._cond:
-            left = list(self._queue) + ([self._inflight] if self._inflight is not None else [])
-        return sum(s.row_count for s in left), sorted({s.table for s in left})
+            left = self._unstored()
+        return (sum(cut.row_count for cut in left),
+                sorted({table for cut in left for table in cut.tables}))
 
-    # --- the writer thread ----------------------------------------------------------------
+    # --- the writer thread: take cuts in flush order, read, freeze ----------------------------
 
     def _gauges(self) -> None:
         if self.metrics is not None:
@@ -267,7 +284,8 @@ class PacketWriter:
         """Stop for good: the training thread raises WriterFailedError at its next call."""
         log.error("%s", message)
         with self._cond:
-            self.failure = WriterFailedError(message, uri=uri, cause=cause)
+            if self.failure is None:
+                self.failure = WriterFailedError(message, uri=uri, cause=cause)
             self._cond.notify_all()
 
     def _run(self) -> None:
@@ -283,19 +301,49 @@ class PacketWriter:
         self._discover_generation()
         while not self._stop.is_set() and self.failure is None:
             with self._cond:
-                while not self._queue and not self._closing and not self._stop.is_set():
+                # freeze ahead only as far as the store threads can take
+                while (not self._stop.is_set() and self.failure is None
+                       and (not self._queue or len(self._frozen) >= self.max_inflight)
+                       and not (self._closing and not self._queue)):
                     self._cond.wait()
-                if not self._queue or self._stop.is_set():
+                if not self._queue or self._stop.is_set() or self.failure is not None:
                     return
-                snapshot = self._queue.popleft()
-                self._inflight = snapshot
-            stored = self._write(snapshot)
-            with self._cond:
-                if stored:
-                    self._inflight = None
-                    self._pending_bytes -= snapshot.nbytes
-                self._gauges()
-                self._cond.notify_all()
+                cut = self._queue.popleft()
+                self._preparing = cut
+            if not self._read(cut):
+                with self._cond:
+                    self._preparing = None
+                    self._pending_bytes -= cut.nbytes
+                    self._gauges()
+                    self._cond.notify_all()
+                continue
+            self._freeze(cut)
+
+    def _read(self, cut: FlushCut) -> bool:
+        """Read the rows of `cut` still to be read, under `read_guard`. A part whose read fails
+        goes back to the producer (`on_read_failed`) and leaves the cut; False when no part
+        is left to store."""
+        if not cut.pending_read:
+            return True
+        kept = []
+        for part in cut.parts:
+            try:
+                if part.read is not None:
+                    with self.read_guard():  # no optimizer step runs while the rows are read
+                        part.read_rows()
+            except Exception as exc:  # the reader's failure: the producer keeps the signs
+                if self.on_read_failed is None:
+                    raise
+                with self._cond:
+                    self._pending_bytes -= part.nbytes
+                self.on_read_failed(part, exc)
+                continue
+            kept.append(part)
+        with self._cond:
+            before = cut.nbytes
+            cut.parts = kept
+            self._pending_bytes += cut.nbytes - before
+        return bool(kept)
 
     def _discover_generation(self) -> None:
         attempt, started = 0, time.monotonic()
@@ -320,40 +368,36 @@ class PacketWriter:
                 self._stop.wait(wait)
         self._generation_ready.set()
 
-    def _freeze(self, snapshot: Snapshot) -> PacketHeader:
-        """Freeze the snapshot: put its rows in sign order and take its sequence, once. One
-        over the packet bound is cut into packets of consecutive sequences (`Snapshot.split`);
-        it keeps the first, the others go to the head of the queue, to be stored next."""
+    def _freeze(self, cut: FlushCut) -> None:
+        """Freeze the cut: put each table's rows in sign order and take sequences, once. A cut
+        over the packet bound goes out as consecutive packets (`FlushCut.split`). The frozen
+        packets go to the store threads, in sequence order."""
         if self.generation is None:
             raise RuntimeError("writing before the generation is known")
-        signs = snapshot.signs  # packets are sorted by sign; a dense buffer's already are
-        if signs.size > 1 and not bool(np.all(signs[1:] > signs[:-1])):
-            order = np.argsort(signs)  # here, off the training thread
-            snapshot.signs, snapshot.rows = signs[order], snapshot.rows[order]
-            if snapshot.state is not None:
-                snapshot.state = snapshot.state[order]
-        if snapshot.deleted.size > 1:
-            snapshot.deleted = np.sort(snapshot.deleted)
-        rows = snapshot.row_count
-        with self._cond:  # pending_rows reads the snapshot in flight and the queue
-            rest = snapshot.split(self.row_limit(snapshot))
-            headers = []
-            for piece in (snapshot, *rest):
-                piece.sequence = self._next_sequence[piece.table]
-                self._next_sequence[piece.table] += 1
-                piece.header = header = PacketHeader(
-                    model=self.model, table=piece.table, producer=self.producer,
-                    generation=self.generation, sequence=piece.sequence,
-                    created_at_ns=piece.created_ns, flush_reason=piece.reason,
-                    dtype=self.dtype, dim=piece.dim,  # type: ignore[arg-type]
+        for part in cut.parts:
+            _sort_by_sign(part)
+            if part.table not in self._non_finite_tables:
+                self._warn_non_finite(part)
+        rows = cut.row_count
+        with self._cond:  # pending_rows reads the cuts in flight and the queue
+            pieces = [cut, *cut.split(self.max_packet_rows, self.max_packet_bytes)]
+            for piece in pieces:
+                piece.sequence = self._next_sequence
+                if self._announce_next is None:
+                    self._announce_next = piece.sequence
+                self._next_sequence += 1
+                piece.header = CutHeader(
+                    model=self.model, producer=self.producer, generation=self.generation,
+                    sequence=piece.sequence, created_at_ns=piece.created_ns,
+                    flush_reason=piece.reason, dtype=self.dtype,  # type: ignore[arg-type]
                 )
-                headers.append(header)
-            self._queue.extendleft(reversed(rest))
-        if rest:
-            log.info("snapshot of table %r (%d rows) over the packet bound: stored as %d packets, "
-                     "sequences %d-%d", snapshot.table, rows, 1 + len(rest), snapshot.sequence,
-                     rest[-1].sequence)
-        return headers[0]
+            self._preparing = None
+            self._frozen.extend(pieces)
+            self._cond.notify_all()
+        if len(pieces) > 1:
+            log.info("cut of %d tables (%d rows) over the packet bound: stored as %d packets, "
+                     "sequences %d-%d", len({t for p in pieces for t in p.tables}), rows,
+                     len(pieces), pieces[0].sequence, pieces[-1].sequence)
 
     def _warn_non_finite(self, snapshot: Snapshot) -> None:
         """Log, once per table, the first sign whose row holds NaN or Inf. The packet still
@@ -370,69 +414,119 @@ class PacketWriter:
                     self.producer, int(bad.sum()), len(rows),
                     int(snapshot.signs[int(np.argmax(bad))]))
 
-    def _write(self, snapshot: Snapshot) -> bool:
-        """Store one snapshot, retrying retriable errors until it is stored (True) or the writer
-        stops (False). An error that cannot be retried fails the writer (False): the snapshot
-        stays in flight, unstored, and is reported by close().
-        Rows still to be read are read first, under `read_guard`; if that fails the producer
-        takes the snapshot's signs back (`on_read_failed`) and this returns True.
+    # --- the store threads: encode, store, announce in sequence order ----------------------
 
-        The packet is encoded straight into the store's sink (on local disk: reused memory,
-        written by direct I/O). A retry encodes the frozen snapshot again, to the same bytes.
-        """
-        if snapshot.read is not None:
-            try:
-                with self.read_guard():  # no optimizer step runs while the rows are read
-                    snapshot.read_rows()
-            except Exception as exc:  # the reader's failure: the producer keeps the signs
-                if self.on_read_failed is None:
-                    raise
-                self.on_read_failed(snapshot, exc)
-                return True  # done with it: nothing to store
-        header = snapshot.header if snapshot.header is not None else self._freeze(snapshot)
-        if snapshot.table not in self._non_finite_tables:
-            self._warn_non_finite(snapshot)
-        key = packet_key(self.model, snapshot.table, self.producer, header.generation,
-                         header.sequence)
+    def _store_run(self) -> None:
+        try:
+            with stop_waits_on(self._stop):
+                self._store_loop()
+        except BaseException as exc:  # a bug: make it loud on the training thread
+            log.exception("a packet store thread failed")
+            self._fail(f"the packet writer failed: {type(exc).__name__}: {exc}", "", exc)
+
+    def _store_loop(self) -> None:
+        lower_thread_priority(self.nice)
+        while True:
+            with self._cond:
+                while (not self._frozen and not self._stop.is_set() and self.failure is None
+                       and not (self._closing and not self._queue and self._preparing is None)):
+                    self._cond.wait()
+                if not self._frozen or self._stop.is_set() or self.failure is not None:
+                    return
+                cut = self._frozen.popleft()
+                assert cut.sequence is not None
+                self._storing[cut.sequence] = cut
+                self._cond.notify_all()  # the writer thread may freeze the next one
+            stored = self._store(cut)
+            with self._cond:
+                if stored is None:
+                    return  # stopped or failed: the cut stays in `_storing`, reported unstored
+                del self._storing[cut.sequence]
+                self._pending_bytes -= cut.nbytes
+                self._done[cut.sequence] = stored
+                self._gauges()
+            self._announce_ready()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _store(self, cut: FlushCut) -> StoredPacket | None:
+        """Store one frozen cut, retrying retriable errors until it is stored, or None when the
+        writer stops or fails (an error that cannot be retried fails it: the cut stays in
+        flight, unstored, and is reported by close()). The packet is encoded straight into the
+        store's sink; a retry encodes the frozen cut again, to the same bytes."""
+        header = cut.header
+        assert header is not None
+        key = cut_key(self.model, self.producer, header.generation, header.sequence)
+        parts = [part.table_rows() for part in cut.parts]
         attempt, started = 0, time.monotonic()
         while True:
             try:
-                with self.store.writer(key, size_hint=snapshot.encoded_size_bound) as sink:
-                    written = write_packet(sink, header, snapshot.signs, snapshot.rows,
-                                           deleted=snapshot.deleted, state=snapshot.state)
+                with self.store.writer(key, size_hint=cut.encoded_size_bound) as sink:
+                    written = write_cut(sink, header, parts)
                     size = sink.tell()
                 break
             except Exception as exc:  # an outage is retried, a refusal stops: never dropped
                 uri = self.store.location(key)
                 if self._stop.is_set():
                     log.error("gave up storing %s at close: %s", uri, exc)
-                    return False
+                    return None
                 attempt += 1
                 wait = retry_delay_s(exc, attempt, time.monotonic() - started, self.retry)
                 if wait is None:
-                    self._fail(f"storing packet {uri} ({snapshot.row_count} rows of table "
-                               f"{snapshot.table!r}) failed with an error that retrying cannot "
-                               f"fix: {type(exc).__name__}: {exc}; the writer stopped, the rows "
-                               "are kept unstored", uri, exc)
-                    return False
+                    self._fail(f"storing packet {uri} ({cut.row_count} rows of tables "
+                               f"{', '.join(cut.tables)}) failed with an error that retrying "
+                               f"cannot fix: {type(exc).__name__}: {exc}; the writer stopped, "
+                               "the rows are kept unstored", uri, exc)
+                    return None
                 log.warning("storing %s failed (attempt %d): %s: %s; retrying in %.2fs",
                             uri, attempt, type(exc).__name__, exc, wait)
                 if self.metrics is not None:
                     self.metrics.of(self.metrics.retries, what="store").inc()
                 if self._stop.wait(wait):
-                    return False
-        stored = StoredPacket(key, written, size)
-        self.stored.append(stored)
-        del self.stored[:-1000]
+                    return None
         if self.metrics is not None:
             m = self.metrics
-            m.of(m.packets, table=snapshot.table, reason=snapshot.reason).inc()
-            m.of(m.rows, table=snapshot.table).inc(snapshot.row_count)
-            m.of(m.bytes, table=snapshot.table).inc(size)
-            m.of(m.dump_latency).observe(time.monotonic() - snapshot.taken_s)
+            for part in cut.parts:
+                m.of(m.rows, table=part.table).inc(part.row_count)
+            m.of(m.packets, reason=cut.reason).inc()
+            m.of(m.bytes).inc(size)
+            m.of(m.dump_latency).observe(time.monotonic() - cut.taken_s)
+            m.of(m.stage_latency, stage="stored").observe(
+                max(0.0, (time.time_ns() - header.created_at_ns) / 1e9))
         log.debug("stored %s (%d rows, %d deletes, %d bytes)", key, written.rows,
                   written.deleted_rows, size)
-        self.announcer.announce(Announcement.for_packet(self.store.root_uri, written, size))
-        if self.on_stored is not None:
-            self.on_stored(stored)
-        return True
+        return StoredPacket(key, written, size)
+
+    def _announce_ready(self) -> None:
+        """Announce the stored packets whose turn has come, in sequence order. One thread at a
+        time, so two store threads never announce out of order."""
+        with self._announce_lock:
+            while True:
+                with self._cond:
+                    stored = self._done.pop(self._announce_next, None)  # type: ignore[arg-type]
+                    if stored is None:
+                        return
+                    self._announce_next = stored.header.sequence + 1
+                self.stored.append(stored)
+                del self.stored[:-1000]
+                self.objects_stored += 1
+                self.announcer.announce(
+                    Announcement.for_cut(self.store.root_uri, stored.header, stored.size))
+                if self.metrics is not None and isinstance(self.announcer, DirectoryAnnouncer):
+                    self.metrics.of(self.metrics.stage_latency, stage="announced").observe(
+                        max(0.0, (time.time_ns() - stored.header.created_at_ns) / 1e9))
+                if self.on_stored is not None:
+                    self.on_stored(stored)
+
+
+def _sort_by_sign(part: Snapshot) -> None:
+    """Put a snapshot's rows in sign order (packets are sorted by sign; a dense buffer's
+    already are), here, off the training thread."""
+    signs = part.signs
+    if signs.size > 1 and not bool(np.all(signs[1:] > signs[:-1])):
+        order = np.argsort(signs)
+        part.signs, part.rows = signs[order], part.rows[order]
+        if part.state is not None:
+            part.state = part.state[order]
+    if part.deleted.size > 1:
+        part.deleted = np.sort(part.deleted)

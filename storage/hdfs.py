@@ -42,6 +42,7 @@ def split_hdfs_uri(uri: str, scheme: str = "http") -> tuple[str, str]:
 
 class HdfsStore(ObjectStore):
     kind = "hdfs"
+    parallel_writes = 4  # creates overlap their two round trips (namenode, datanode)
 
     def __init__(
         self, root_uri: str, retry: RetryPolicy | None = None, settings: HdfsSettings | None = None

@@ -97,6 +97,7 @@ class LocalStore(ObjectStore):
     `on_not_object`."""
 
     kind = "local"
+    parallel_writes = 1  # one O_DIRECT write at a time already keeps up (bench/results/producer.json)
 
     def __init__(self, root_uri: str, retry: RetryPolicy | None = None) -> None:
         self.root = local_root(root_uri).absolute()

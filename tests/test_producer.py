@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_producer_support import NumpyModel, OutageStore, producer_config, read_packets, replay
+from test_producer_support import (
+    NumpyModel,
+    OutageStore,
+    producer_config,
+    read_cuts,
+    read_packets,
+    replay,
+)
 
 from persia_inc.producer import (
     BackpressureError,
@@ -68,7 +75,8 @@ def test_size_trigger_flushes_a_table_with_its_latest_rows(tmp_path: Path) -> No
         packets = read_packets(producer.store)
     assert len(packets) == 1
     header = packets[0].header
-    assert (header.model, header.table, header.producer) == ("ctr", "emb", "p1")
+    assert (header.model, header.table, header.producer, header.lane) == (
+        "ctr", "emb", "p1", "_cuts")
     assert (header.generation, header.sequence, header.flush_reason) == (1, 0, "size")
     np.testing.assert_array_equal(packets[0].signs, np.arange(600, dtype=np.uint64))
     np.testing.assert_array_equal(packets[0].embeddings, expected)
@@ -87,7 +95,27 @@ class FakeClock:
         self.now_s += seconds
 
 
-def test_interval_trigger(tmp_path: Path) -> None:
+def test_buffer_size_counts_signs_over_all_tables_and_flushes_them_as_one_cut(
+        tmp_path: Path) -> None:
+    model = NumpyModel()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=500)
+    with producer_from_config(config) as producer:
+        for name in ("a", "b", "c"):
+            producer.register_table(name, model.read)
+        producer.record_many({"a": np.arange(200), "b": np.arange(200)})
+        assert producer.buffered_total == 400
+        producer.record("c", np.arange(99))
+        assert producer.buffered_total == 499  # one short: no table alone decides
+        producer.record("c", np.arange(99, 100))
+        assert producer.buffered_total == 0
+        assert producer.writer.drain(10)
+        cuts = read_cuts(producer.store)
+    assert len(cuts) == 1 and len(producer.store.list()) == 1  # one object for three tables
+    assert [(t.name, t.rows) for t in cuts[0].header.tables] == [("a", 200), ("b", 200), ("c", 100)]
+    assert cuts[0].header.flush_reason == "size"
+
+
+def test_interval_trigger_is_the_producers_and_flushes_every_table(tmp_path: Path) -> None:
     model = NumpyModel()
     clock = FakeClock()
     config = producer_config(str(tmp_path / "inc"), buffer_size=10_000, flush_interval_s=30.0)
@@ -98,19 +126,23 @@ def test_interval_trigger(tmp_path: Path) -> None:
         clock.advance(29.9)
         producer.poll()
         assert producer.buffered("a") == 5  # not yet: 29.9 s < 30 s
+        producer.record("b", np.arange(3))  # b's signs are younger, but ride with a's
         clock.advance(0.1)
-        producer.record("b", np.arange(3))  # any call checks every table's interval
-        assert producer.buffered("a") == 0 and producer.buffered("b") == 3
+        producer.poll()
+        assert producer.buffered("a") == 0 and producer.buffered("b") == 0
+        clock.advance(29.9)
+        producer.record("b", np.arange(3, 4))
         clock.advance(29.9)
         producer.poll()
-        assert producer.buffered("b") == 3  # b's interval started when b's first sign came
+        assert producer.buffered("b") == 1  # the interval restarted with the first new sign
         clock.advance(0.1)
         producer.poll()
         assert producer.buffered("b") == 0
         assert producer.writer.drain(10)
         packets = read_packets(producer.store)
-    assert [(p.header.table, p.header.flush_reason, p.header.rows) for p in packets] == [
-        ("a", "interval", 5), ("b", "interval", 3)]
+    assert [(p.header.sequence, p.header.table, p.header.flush_reason, p.header.rows)
+            for p in packets] == [(0, "a", "interval", 5), (0, "b", "interval", 3),
+                                  (1, "b", "interval", 1)]
 
 
 def test_interval_restarts_after_a_flush_and_a_quiet_table_never_flushes(tmp_path: Path) -> None:
@@ -216,8 +248,9 @@ def test_restart_takes_a_new_generation_across_tables(tmp_path: Path) -> None:
     with producer_from_config(config, producer_id="other") as producer:
         assert producer.wait_generation(10) == 1  # generations are per producer
     keys = [i.key for i in open_store(str(tmp_path / "inc")).list()]
-    assert keys == ["ctr/a/p/0000000001-000000000000.arrow", "ctr/a/p/0000000003-000000000000.arrow",
-                    "ctr/b/p/0000000002-000000000000.arrow"]
+    assert keys == ["ctr/_cuts/p/0000000001-000000000000.arrow",
+                    "ctr/_cuts/p/0000000002-000000000000.arrow",
+                    "ctr/_cuts/p/0000000003-000000000000.arrow"]
 
 
 @pytest.mark.parametrize("reads", ["returned", "pooled", "deferred"])
@@ -301,15 +334,17 @@ def _flush_and_check_first_packets(producer: IncrementalProducer, a_rows: np.nda
     np.testing.assert_array_equal(by_table["b", 0].signs, np.arange(b_signs, dtype=np.uint64))
 
 
-def test_record_many_with_dense_tables_flushes_the_full_ones(tmp_path: Path) -> None:
+def test_record_many_with_dense_tables_flushes_them_together(tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"), buffer_size=500)
     with producer_from_config(config) as producer:
         producer.register_table("a", model.read, rows=1000)
         producer.register_table("b", model.read)
         producer.record_many({"a": np.arange(400), "b": np.arange(10)})
-        producer.record_many({"a": np.arange(300, 600), "b": np.arange(5, 20)})  # a: 600 >= 500
-        assert (producer.buffered("a"), producer.buffered("b")) == (0, 20)
+        assert producer.buffered_total == 410
+        producer.record_many({"a": np.arange(300, 600), "b": np.arange(5, 20)})  # 620 >= 500
+        assert (producer.buffered("a"), producer.buffered("b")) == (0, 0)
+        producer.record("b", np.arange(20))
         with pytest.raises(KeyError):
             producer.record_many({"b": np.arange(3), "nope": np.arange(3)})
         assert producer.buffered("b") == 20  # nothing inserted when a table is unknown
@@ -427,7 +462,7 @@ def test_dense_columns_keep_last_op_wins_after_an_evict() -> None:
     assert dict(zip(signs.tolist(), ops.tolist(), strict=True)) == {4: 0, 5: 1, 6: 0}
 
 
-def test_record_columns_marks_each_table_from_its_column_and_flushes_full_ones(
+def test_record_columns_marks_each_table_from_its_column_and_flushes_them_together(
         tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"), buffer_size=500)
@@ -438,8 +473,8 @@ def test_record_columns_marks_each_table_from_its_column_and_flushes_full_ones(
         ids = np.stack([np.arange(600), np.arange(600) % 7, np.arange(600) % 3], axis=1)
         producer.record_columns(ids[:300], {"a": 0, "b": 1})
         assert (producer.buffered("a"), producer.buffered("b")) == (300, 7)
-        producer.record_columns(ids[300:], {"a": 0, "b": 1})  # a: 600 >= 500, flushed
-        assert (producer.buffered("a"), producer.buffered("b")) == (0, 7)
+        producer.record_columns(ids[300:], {"a": 0, "b": 1})  # 600 + 7 >= 500: both flushed
+        assert (producer.buffered("a"), producer.buffered("b")) == (0, 0)
         producer.record_columns(ids, {"b": 1, "h": 2})
         assert (producer.buffered("b"), producer.buffered("h")) == (7, 3)
         with pytest.raises(KeyError, match="nope"):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from persia_inc.config import Config, config_from_mapping
-from persia_inc.packet_format import Packet, decode_packet, parse_packet_path
+from persia_inc.packet_format import Cut, CutHeader, TableRows, decode_cut, parse_packet_path
 from persia_inc.storage import ObjectStore, TransientStorageError
 from persia_inc.storage.local import LocalStore
 
@@ -83,17 +84,68 @@ class NumpyModel:
         return ids
 
 
-def read_packets(store: ObjectStore, prefix: str = "") -> list[Packet]:
+def read_cuts(store: ObjectStore, prefix: str = "") -> list[Cut]:
     """Every packet under `prefix`, decoded (so verified), in key (= apply) order."""
-    packets = []
+    cuts = []
     for info in store.list(prefix):
-        packet = decode_packet(store.get(info.key), where=info.key)
-        assert parse_packet_path(info.key).position == packet.header.position
-        packets.append(packet)
-    return packets
+        cut = decode_cut(store.get(info.key), where=info.key)
+        assert parse_packet_path(info.key).position == cut.header.position
+        cuts.append(cut)
+    return cuts
 
 
-def replay(packets: list[Packet], dim: int) -> dict[int, np.ndarray | None]:
+@dataclass(frozen=True)
+class TableHeader:
+    """One table's view of a cut's header (what a v1 packet's header said)."""
+
+    cut: CutHeader
+    table: str
+    rows: int
+    deleted_rows: int
+    dim: int
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cut, name)
+
+
+@dataclass(frozen=True)
+class TablePacket:
+    """One table's share of a cut, read like a v1 packet: header, signs, embeddings, deleted."""
+
+    header: TableHeader
+    rows: TableRows
+
+    @property
+    def signs(self) -> np.ndarray:
+        return self.rows.signs
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self.rows.embeddings
+
+    @property
+    def deleted(self) -> np.ndarray:
+        return self.rows.deleted
+
+    @property
+    def state(self) -> np.ndarray | None:
+        return self.rows.state
+
+
+def read_packets(store: ObjectStore, prefix: str = "") -> list[TablePacket]:
+    """Every table of every packet under `prefix`, in apply order (cut by cut, tables in
+    packet order)."""
+    out = []
+    for cut in read_cuts(store, prefix):
+        entries = {t.name: t for t in cut.header.tables}
+        for rows in cut.tables:
+            entry = entries[rows.name]
+            out.append(TablePacket(TableHeader(cut.header, rows.name, entry.rows,
+                                               entry.deleted_rows, entry.dim), rows))
+    return out
+
+
+def replay(packets: list[TablePacket], dim: int) -> dict[int, np.ndarray | None]:
     """Apply packets in order: sign -> latest row (None when deleted)."""
     state: dict[int, np.ndarray | None] = {}
     for packet in packets:

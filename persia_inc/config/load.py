@@ -89,6 +89,9 @@ def _check_together(config: Config) -> None:
         raise ConfigError(source, "persia_inc.producer.metrics_port", "must be in [0, 65535]")
     if producer.max_packet_rows <= 0:
         raise ConfigError(source, "persia_inc.producer.max_packet_rows", "must be positive")
+    if not 0 <= producer.max_inflight <= 64:
+        raise ConfigError(source, "persia_inc.producer.max_inflight",
+                          "must be in [0, 64] (0: the storage backend's default)")
     if producer.max_packet_bytes < MIN_MAX_PACKET_BYTES:
         raise ConfigError(source, "persia_inc.producer.max_packet_bytes",
                           f"must be at least {MIN_MAX_PACKET_BYTES} (1 MiB)")
