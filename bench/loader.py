@@ -1,13 +1,17 @@
 """Loader benchmarks (the issue's bars), printed and written to bench/results/loader.json.
 
-1. Apply throughput from local storage into two shards, 100k-row dim-16 packets, as a ratio to
+1. Apply throughput from local storage into two shards, 100k-row dim-16 cuts, as a ratio to
    the embedding client applying the same arrays directly (no storage, no decoding) in the
    same run (bar >= 0.8x).
-2. Freshness, from the packet's durable put returning (what the producer's flush() waits for)
-   to its rows being visible through Lookup, p50/p99 over 200 packets of 10k rows: directory
-   watch (bar p99 < 300 ms); Kafka announcements with Ceph storage (bar p99 < 1 s); and, side
-   by side, PERSIA's way (no watching, a directory rescan every 10 s).
-3. Replay of 1,000 packets of 10k rows from local storage into two fresh shards: rows/s.
+2. Freshness through the whole pipeline: a real producer flushes (10k rows a flush, every
+   50 ms), stores and announces; the loader sees, fetches and applies; a checker looks the
+   flush's marker row up until it is served. p50/p99 of flush -> visible, and the latency
+   budget per stage (flush -> stored -> announced -> seen -> fetched -> applied, from the
+   producer's and the loader's stage histograms). Directory watch (bar p99 < 20 ms); Kafka
+   announcements with Ceph storage (bar p99 < 200 ms), next to the same with one store at a
+   time (`max_inflight: 1`); PERSIA's way (a directory rescan every 10 s) for scale.
+   A 26-table model's run counts objects and announcements per flush (bar: 1).
+3. Replay of 1,000 cuts of 10k rows from local storage into two fresh shards: rows/s.
 
 Run: flock /tmp/persia-heavy.lock .venv/bin/python bench/loader.py [--quick] [--no-kafka]
 """
@@ -20,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,12 +32,13 @@ from persia_inc.config import load_config
 from persia_inc.embedding_server.errors import ShardError
 from persia_inc.loader.replay import replay
 from persia_inc.local_services import EmbeddingCluster, free_port, write_test_config
-from persia_inc.packet_format import Announcement, Packet, PacketHeader, encode_packet, packet_key
-from persia_inc.wiring import loader_from_config
+from persia_inc.packet_format import Cut, CutHeader, TableRows, cut_key, encode_cut
+from persia_inc.wiring import loader_from_config, producer_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 DIM = 16
+MARKER = 10**12  # marker signs: one per flush, in no other flush
 
 
 def cluster(folder: Path, inc: str, **options: object) -> EmbeddingCluster:
@@ -53,6 +59,12 @@ def make(rng: np.random.Generator, n: int, universe: int) -> tuple[np.ndarray, n
     return signs, rng.standard_normal((n, DIM)).astype(np.float32)
 
 
+def cut_of(producer: str, seq: int, signs: np.ndarray, emb: np.ndarray) -> tuple[CutHeader, Cut]:
+    header = CutHeader(model="m", producer=producer, generation=1, sequence=seq)
+    rows = TableRows("t", signs, emb, np.empty(0, np.uint64))
+    return header, Cut(header, (rows,))
+
+
 def throughput(tmp: Path, packets: int, rows: int) -> dict:
     inc = tmp / "tp-inc"
     c = cluster(tmp / "tp", str(inc), persia_inc={"loader": {"rescan_interval_s": 0.5, "prefetch": 4}})
@@ -64,14 +76,12 @@ def throughput(tmp: Path, packets: int, rows: int) -> dict:
             # direct: the same arrays, no storage, no decoding (its own producer id)
             started = time.perf_counter()
             for seq, (signs, emb) in enumerate(data):
-                header = PacketHeader(model="m", table="t", producer="direct", generation=1,
-                                      sequence=seq, rows=rows, dim=DIM)
-                client.apply(Packet(header, signs, emb, np.empty(0, np.uint64)))
+                client.apply_cut(cut_of("direct", seq, signs, emb)[1])
             direct_s = time.perf_counter() - started
             with config.open_store() as store:
                 for seq, (signs, emb) in enumerate(data):
-                    header = PacketHeader(model="m", table="t", producer="p", generation=1, sequence=seq)
-                    store.put(packet_key("m", "t", "p", 1, seq), encode_packet(header, signs, emb))
+                    header, cut = cut_of("p", seq, signs, emb)
+                    store.put(cut_key("m", "p", 1, seq), encode_cut(header, cut.tables))
             started = time.perf_counter()
             with loader_from_config(config, client) as loader:
                 while loader.applied < packets:
@@ -84,63 +94,123 @@ def throughput(tmp: Path, packets: int, rows: int) -> dict:
         c.stop_all()
 
 
-def freshness(tmp: Path, name: str, packets: int, rows: int, *, loader_settings: dict,
-              extra: dict | None = None, inc: str | None = None, announce=None,
-              interval_s: float = 0.05) -> dict:
+def histogram_quantiles(registry: Any, name: str, stage: str, qs: tuple[float, ...] = (0.5, 0.99)
+                        ) -> list[float | None]:
+    """Quantiles (ms) of one stage of a stage histogram, interpolated within its buckets the
+    way Prometheus' histogram_quantile does."""
+    buckets: list[tuple[float, float]] = []
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name == f"{name}_bucket" and sample.labels.get("stage") == stage:
+                buckets.append((float(sample.labels["le"]), sample.value))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return [None for _ in qs]
+    total = buckets[-1][1]
+    out: list[float | None] = []
+    for q in qs:
+        rank, lower, below = q * total, 0.0, 0.0
+        for upper, count in buckets:
+            if count >= rank:
+                if upper == float("inf"):
+                    out.append(lower * 1e3)
+                else:
+                    share = (rank - below) / (count - below) if count > below else 1.0
+                    out.append((lower + (upper - lower) * share) * 1e3)
+                break
+            lower, below = upper, count
+    return out
+
+
+def freshness(tmp: Path, name: str, flushes: int, rows: int, *, loader_settings: dict,
+              extra: dict | None = None, inc: str | None = None, tables: int = 1,
+              interval_s: float = 0.05, producer_settings: dict | None = None) -> dict:
+    """flush -> visible through Lookup, end to end through a real producer and loader."""
     inc = inc or str(tmp / f"{name}-inc")
-    settings = {"persia_inc": {"loader": loader_settings, **(extra or {})}}
+    settings: dict = {"persia_inc": {"loader": loader_settings, **(extra or {})}}
+    producer_section = {"close_on_exit": False, "close_on_sigterm": False,
+                        **settings["persia_inc"].get("producer", {}), **(producer_settings or {})}
+    settings["persia_inc"]["producer"] = producer_section
     if extra and "s3" in extra:
         settings["storage"] = "ceph"
     c = cluster(tmp / name, inc, **settings)
     try:
         config = load_config(c.config_path)
         rng = np.random.default_rng(2)
+        names = [f"t{i}" for i in range(tables)]
+        epoch = {"value": 0.0}
+
+        def reader(signs: np.ndarray) -> np.ndarray:
+            return np.full((signs.size, DIM), epoch["value"], np.float32)
+
         latencies: list[float] = []
-        outstanding: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
+        outstanding: dict[int, tuple[float, np.ndarray, float]] = {}
         lock = threading.Lock()
-        with c.client() as client, config.open_store() as store, loader_from_config(config, client) as loader:
+        with c.client() as client, loader_from_config(config, client) as loader, \
+                producer_from_config(config, producer_id="p", buffer_size=10**9) as producer:
+            for table in names:
+                producer.register_table(table, reader, dim=DIM)
             done = threading.Event()
+            deadline = float("inf")
 
             def check() -> None:
                 while not done.is_set() or outstanding:
                     with lock:
                         items = list(outstanding.items())
-                    for seq, (put_at, signs, row) in items:
+                    if items:
+                        signs = np.concatenate([marker for _, (_, marker, _) in items])
                         try:
-                            got = client.lookup("t", signs)
+                            got = client.lookup(names[0], signs)
                         except ShardError:  # the table does not exist before the first apply
-                            break
-                        if np.array_equal(got[0], row):
-                            latencies.append(time.perf_counter() - put_at)
-                            with lock:
-                                del outstanding[seq]
+                            got = None
+                        now = time.perf_counter()
+                        for (seq, (flushed_at, _, value)), row in zip(
+                                items, got if got is not None else [], strict=False):
+                            if row[0] == value:
+                                latencies.append(now - flushed_at)
+                                with lock:
+                                    del outstanding[seq]
                     time.sleep(0.001)
                     if done.is_set() and time.perf_counter() > deadline:
                         break
 
-            deadline = float("inf")
             checker = threading.Thread(target=check)
             checker.start()
-            for seq in range(packets):
-                signs, emb = make(rng, rows, 20 * rows)
-                signs[0] = 10**12 + seq  # a sign no other packet touches: visible means applied
-                header = PacketHeader(model="m", table="t", producer="p", generation=1, sequence=seq)
-                key = packet_key("m", "t", "p", 1, seq)
-                data = encode_packet(header, signs, emb)
-                store.put(key, data)
-                put_at = time.perf_counter()
-                if announce is not None:
-                    announce(Announcement.for_packet(store.root_uri, header, len(data)))
+            per_table = max(1, rows // tables)
+            for seq in range(flushes):
+                signs = rng.choice(20 * rows, size=per_table, replace=False).astype(np.uint64) + 1
+                marker = np.array([MARKER + seq], np.uint64)
+                producer.record_many({t: signs for t in names})
+                producer.record(names[0], marker)
+                epoch["value"] = float(seq + 1)
+                flushed_at = time.perf_counter()
+                producer.flush(wait=False)
                 with lock:
-                    outstanding[seq] = (put_at, signs[:1], emb[0])
+                    outstanding[seq] = (flushed_at, marker, float(seq + 1))
                 time.sleep(interval_s)
+            assert producer.flush(timeout_s=60)
             deadline = time.perf_counter() + 30
             done.set()
             checker.join()
             applied = loader.applied
+            objects = producer.writer.objects_stored
+            flush_count = sum(s.value for m in producer.metrics.registry.collect()
+                              for s in m.samples if s.name == "persia_inc_producer_flushes_total")
+            stages = {}
+            for stage in ("stored", "announced"):
+                stages[stage] = histogram_quantiles(producer.metrics.registry,
+                                                    "persia_inc_producer_stage_seconds", stage)
+            for stage in ("seen", "fetched", "applied"):
+                stages[stage] = histogram_quantiles(loader.metrics.registry,
+                                                    "persia_inc_loader_stage_seconds", stage)
         lat = np.array(latencies) * 1e3
-        return {"packets": packets, "rows_per_packet": rows, "seen": len(lat), "applied": applied,
-                "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+        return {"flushes": flushes, "tables": tables, "rows_per_flush": per_table * tables,
+                "visible": len(lat), "applied": applied,
+                "objects_stored": objects, "objects_per_flush": objects / max(flush_count, 1),
+                "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                "stages_p50_p99_ms": {k: [None if v is None else round(v, 1) for v in pair]
+                                      for k, pair in stages.items()},
+                "producer": producer_section}
     finally:
         c.stop_all()
 
@@ -154,8 +224,8 @@ def replay_bench(tmp: Path, packets: int, rows: int) -> dict:
         with config.open_store() as store:
             for seq in range(packets):
                 signs, emb = make(rng, rows, 1_000_000)
-                header = PacketHeader(model="m", table="t", producer="p", generation=1, sequence=seq)
-                store.put(packet_key("m", "t", "p", 1, seq), encode_packet(header, signs, emb))
+                header, cut = cut_of("p", seq, signs, emb)
+                store.put(cut_key("m", "p", 1, seq), encode_cut(header, cut.tables))
             with c.client() as client:
                 result = replay(client, store, "m", prefetch=4)
         return {"packets": result.packets, "rows": result.rows, "seconds": result.seconds,
@@ -164,38 +234,23 @@ def replay_bench(tmp: Path, packets: int, rows: int) -> dict:
         c.stop_all()
 
 
-def kafka_ceph(tmp: Path, packets: int, rows: int) -> dict:
-    from persia_inc.foundation.kafka import import_kafka
+def kafka_ceph(tmp: Path, flushes: int, rows: int, *, max_inflight: int = 0) -> dict:
     from persia_inc.local_services import CephCluster, TansuBroker
 
-    kafka = import_kafka()
-    ceph = CephCluster(tmp / "ceph")
+    ceph = CephCluster(tmp / f"ceph-{max_inflight}")
     broker = None
     try:
         ceph.start()
-        broker = TansuBroker(tmp / "tansu").start()
+        broker = TansuBroker(tmp / f"tansu-{max_inflight}").start()
         uri = ceph.new_bucket("bench")
         s3 = ceph.s3_settings()
-        topic = "persia-inc-bench"
-        admin = kafka.admin.KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        admin.create_topics([kafka.admin.NewTopic(topic, 1, 1)])
-        admin.close()
-        producer = kafka.KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0)
-
-        def announce(a: Announcement) -> None:
-            producer.send(topic, key=a.key, value=a.to_json())
-            producer.flush()
-
-        extra = {"producer": {"announce": "kafka"},
-                 "kafka": {"bootstrap_servers": [broker.bootstrap], "topic": topic,
+        extra = {"producer": {"announce": "kafka", "max_inflight": max_inflight},
+                 "kafka": {"bootstrap_servers": [broker.bootstrap], "topic": "persia-inc-bench",
                            "session_timeout_ms": 2000, "heartbeat_interval_ms": 500},
                  "s3": {"endpoint_url": s3.endpoint_url, "region": s3.region,
                         "access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key}}
-        try:
-            return freshness(tmp, "kafka", packets, rows, inc=uri, announce=announce, extra=extra,
-                             loader_settings={"rescan_interval_s": 30.0, "list_interval_s": 30.0})
-        finally:
-            producer.close()
+        return freshness(tmp, f"kafka-{max_inflight}", flushes, rows, inc=uri, extra=extra,
+                         loader_settings={"rescan_interval_s": 30.0, "list_interval_s": 30.0})
     finally:
         if broker is not None:
             broker.stop()
@@ -203,35 +258,46 @@ def kafka_ceph(tmp: Path, packets: int, rows: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-kafka", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer packets (a smoke run)")
+    parser.add_argument("--no-kafka", action="store_true", help="skip the Ceph + Kafka runs")
+    parser.add_argument("--only", choices=["throughput", "watch", "tables", "persia", "kafka",
+                                           "replay"], action="append",
+                        help="run only these parts (repeatable); results merge into the file")
     args = parser.parse_args()
     q = args.quick
-    results: dict = {}
+    only = set(args.only or ["throughput", "watch", "tables", "persia", "kafka", "replay"])
+    out = ROOT / "bench" / "results" / "loader.json"
+    results: dict = json.loads(out.read_text()) if out.exists() and args.only else {}
+    n = 40 if q else 200
+
+    def record(key: str, value: dict) -> None:
+        results[key] = value
+        print(key, json.dumps(value), flush=True)
+
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        results["throughput"] = throughput(tmp, 5 if q else 30, 100_000)
-        print("throughput", json.dumps(results["throughput"]), flush=True)
-        results["freshness_watch"] = freshness(tmp, "watch", 40 if q else 200, 10_000,
-                                               loader_settings={"rescan_interval_s": 1.0})
-        print("freshness watch", json.dumps(results["freshness_watch"]), flush=True)
-        results["freshness_persia_rescan_10s"] = _persia(tmp, 40 if q else 200)
-        print("freshness persia", json.dumps(results["freshness_persia_rescan_10s"]), flush=True)
-        if not args.no_kafka:
-            results["freshness_kafka_ceph"] = kafka_ceph(tmp, 40 if q else 200, 10_000)
-            print("freshness kafka+ceph", json.dumps(results["freshness_kafka_ceph"]), flush=True)
-        results["replay"] = replay_bench(tmp, 100 if q else 1000, 10_000)
-        print("replay", json.dumps(results["replay"]), flush=True)
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "loader.json").write_text(json.dumps(results, indent=2) + "\n")
-
-
-def _persia(tmp: Path, packets: int) -> dict:
-    """PERSIA's inference servers: no watching, a directory rescan every 10 s."""
-    return freshness(tmp, "persia", packets, 10_000, loader_settings={
-        "source": "list", "list_interval_s": 10.0, "discover_every": 1})
+        if "throughput" in only:
+            record("throughput", throughput(tmp, 5 if q else 30, 100_000))
+        if "watch" in only:
+            record("freshness_watch", freshness(tmp, "watch", n, 10_000,
+                                                loader_settings={"rescan_interval_s": 1.0}))
+        if "tables" in only:
+            record("freshness_watch_26_tables", freshness(
+                tmp, "tables", n, 26 * 2_000, tables=26,
+                loader_settings={"rescan_interval_s": 1.0}))
+        if "persia" in only:
+            record("freshness_persia_rescan_10s", freshness(
+                tmp, "persia", n, 10_000,
+                loader_settings={"source": "list", "list_interval_s": 10.0, "discover_every": 1}))
+        if "kafka" in only and not args.no_kafka:
+            record("freshness_kafka_ceph_one_store_at_a_time",
+                   kafka_ceph(tmp, n, 10_000, max_inflight=1))
+            record("freshness_kafka_ceph", kafka_ceph(tmp, n, 10_000))
+        if "replay" in only:
+            record("replay", replay_bench(tmp, 100 if q else 1000, 10_000))
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ class Loader:
         self.source_kind = self._pick_source(source or self.settings.source)
         self.sources: list[Any] = []
         self._settlers: dict[tuple[Stream, Position], list[Callable[[], None]]] = {}
-        self._created: dict[tuple[Stream, Position], int] = {}
+        self._seen: dict[tuple[Stream, Position], int] = {}  # wall ns a source first saw it
         self._fetches: dict[tuple[Stream, Position], Future] = {}
         self._pool = ThreadPoolExecutor(self.settings.prefetch,
                                         thread_name_prefix=thread_name("loader-fetch"))
@@ -528,8 +528,7 @@ class Loader:
         ident = (stream, packet_id.position)
         if candidate.settle:
             self._settlers.setdefault(ident, []).append(candidate.settle)
-        if candidate.created_at_ns:
-            self._created[ident] = candidate.created_at_ns
+        self._seen[ident] = min(self._seen.get(ident, candidate.seen_at_ns), candidate.seen_at_ns)
 
     def _skipped_below(self, stream: Stream, packet_id: PacketId, candidate: Candidate) -> None:
         """A packet below the watermark inside a leap of it: it was never applied and never
@@ -642,7 +641,7 @@ class Loader:
     def _settle(self, ident: tuple[Stream, Position]) -> None:
         for settle in self._settlers.pop(ident, []):
             settle()
-        self._created.pop(ident, None)
+        self._seen.pop(ident, None)
 
     def _process(self, stream: Stream, packet_id: PacketId) -> None:
         """Fetch (or take the prefetched), verify and apply the head of `stream`."""
@@ -715,7 +714,7 @@ class Loader:
             return
         started = self.clock()
         targets = [shard.index for shard in self._shards if shard.up]
-        outcome = self.client.apply_shards(packet, targets)
+        outcome = self.client.apply_cut_shards(packet, targets)
         failed = {i: r for i, r in outcome.items() if isinstance(r, ShardError)}
         acked = {i: r for i, r in outcome.items() if not isinstance(r, ShardError)}
         rejected = [exc for exc in failed.values() if _packet_rejected(exc)]
@@ -742,23 +741,37 @@ class Loader:
             marks[stream] = max(marks.get(stream, packet_id.position), packet_id.position)
         done = self.clock()
         h = packet.header
-        m, table = self.metrics, h.table
+        m = self.metrics
+        seen_ns = self._seen.pop(ident, 0)
         if not any(acked.values()):
             m.skipped.labels(self.model, "servers_held").inc()
         else:
-            m.packets.labels(self.model, table).inc()
-            m.rows.labels(self.model, table).inc(h.rows + h.deleted_rows)
-            m.bytes.labels(self.model, table).inc(fetched.nbytes)
+            m.packets.labels(self.model, h.lane).inc()
+            for table in packet.tables:
+                m.rows.labels(self.model, table.name).inc(table.row_count)
+            m.bytes.labels(self.model, h.lane).inc(fetched.nbytes)
             m.apply_latency.labels(self.model).observe(done - started)
-            m.freshness.labels(self.model).observe(max(0.0, (time.time_ns() - h.created_at_ns) / 1e9))
+            self._observe_stages(h.created_at_ns, seen_ns, fetched.fetched_at_ns)
         self.applied += 1
-        self._dims.setdefault(table, h.dim)
+        for table in packet.tables:
+            self._dims.setdefault(table.name, table.dim)
         self.ordering.applied(packet_id, now=done)
         self._failures.pop(stream, None)
         self._publish_position(stream)
         everywhere = self._held_everywhere(stream)
         if everywhere is not None:  # Kafka commits only what every shard holds
             self._settle_upto(stream, everywhere)
+
+
+    def _observe_stages(self, created_ns: int, seen_ns: int, fetched_ns: int) -> None:
+        """The latency budget of one applied packet: flush -> seen -> fetched -> applied."""
+        applied_ns = time.time_ns()
+        stages = self.metrics.stages
+        for stage, at_ns in (("seen", seen_ns), ("fetched", fetched_ns),
+                             ("applied", applied_ns)):
+            if at_ns:
+                stages.labels(self.model, stage).observe(max(0.0, (at_ns - created_ns) / 1e9))
+        self.metrics.freshness.labels(self.model).observe(max(0.0, (applied_ns - created_ns) / 1e9))
 
 
 _SERVERS, _DISPATCH = "servers", "dispatch"  # failure counters that are not a stream's

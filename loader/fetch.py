@@ -21,11 +21,11 @@ import xxhash
 
 from persia_inc.packet_format import (
     DEFAULT_LIMITS,
-    Packet,
+    Cut,
     PacketError,
     PacketId,
     PacketLimits,
-    decode_packet,
+    decode_cut,
 )
 from persia_inc.storage import ObjectStore, TransientStorageError
 from persia_inc.storage.base import NotAnObjectError, ObjectStat
@@ -59,12 +59,14 @@ class Judged:
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """A verified packet and where it came from. `nbytes`: its size in storage."""
+    """A verified packet (a cut: a v1 packet reads as a cut of one table) and where it came
+    from. `nbytes`: its size in storage; `fetched_at_ns`: wall time its checks passed."""
 
     packet_id: PacketId
     key: str
-    packet: Packet
+    packet: Cut
     nbytes: int
+    fetched_at_ns: int = 0
 
 
 def first_non_finite(rows: np.ndarray) -> tuple[int, int] | None:
@@ -80,10 +82,10 @@ def fetch_packet(store: ObjectStore, key: str, expected: PacketId, *,
                  limits: PacketLimits = DEFAULT_LIMITS, dims: dict[str, int] | None = None,
                  allow_non_finite: bool = False, settle_s: float = 0.0,
                  wall_clock: Callable[[], float] = time.time) -> Fetched:
-    """Read `key` and check it: checksum and schema (decode_packet), then that it is the packet
-    its name says (model, table, producer, generation, sequence), that its dim matches the
-    table's dim on the servers (`dims`: table -> dim; tables absent there are not checked), and
-    that every row is finite (unless `allow_non_finite`).
+    """Read `key` and check it: checksum and schema (decode_cut: packet v2 or v1), then that it
+    is the packet its name says (model, lane, producer, generation, sequence), that each
+    table's dim matches the table's dim on the servers (`dims`: table -> dim; tables absent
+    there are not checked), and that every row is finite (unless `allow_non_finite`).
 
     A failed check on a file that changed while it was read or was modified less than
     `settle_s` ago (where the store can tell: local disk) raises NotSettledError instead.
@@ -97,7 +99,7 @@ def fetch_packet(store: ObjectStore, key: str, expected: PacketId, *,
     source = store.open(key)
     try:
         try:
-            packet = decode_packet(source, where=where, limits=limits)
+            packet = decode_cut(source, where=where, limits=limits)
             nbytes = _size(source)
             _verify(packet, where, expected, dims, allow_non_finite)
         except PacketError as exc:
@@ -113,25 +115,26 @@ def fetch_packet(store: ObjectStore, key: str, expected: PacketId, *,
             raise
     finally:
         source.close()  # a local reader's bytes stay alive while the packet's arrays view them
-    return Fetched(expected, key, packet, nbytes)
+    return Fetched(expected, key, packet, nbytes, time.time_ns())
 
 
-def _verify(packet: Packet, where: str, expected: PacketId, dims: dict[str, int] | None,
+def _verify(packet: Cut, where: str, expected: PacketId, dims: dict[str, int] | None,
             allow_non_finite: bool) -> None:
-    header = packet.header
-    found = PacketId.of(header)
+    found = PacketId.of(packet.header)
     if found != expected:
         raise VerificationError(where, f"holds packet {found} but its name says {expected}")
-    if dims is not None and header.table in dims and dims[header.table] != header.dim:
-        raise VerificationError(where, f"dim {header.dim} but table {header.table!r} has dim "
-                                f"{dims[header.table]} on the embedding servers")
-    if not allow_non_finite:
-        bad = first_non_finite(packet.embeddings)
-        if bad is not None:
-            index, count = bad
-            raise NonFiniteError(where, f"table {header.table!r}: {count} of {header.rows} rows "
-                                 f"hold NaN or Inf, the first at sign {int(packet.signs[index])} "
-                                 "(set persia_inc.loader.allow_non_finite to apply them)")
+    for table in packet.tables:
+        if dims is not None and table.name in dims and dims[table.name] != table.dim:
+            raise VerificationError(where, f"dim {table.dim} but table {table.name!r} has dim "
+                                    f"{dims[table.name]} on the embedding servers")
+        if not allow_non_finite:
+            bad = first_non_finite(table.embeddings)
+            if bad is not None:
+                index, count = bad
+                raise NonFiniteError(
+                    where, f"table {table.name!r}: {count} of {table.signs.size} rows hold NaN "
+                    f"or Inf, the first at sign {int(table.signs[index])} (set "
+                    "persia_inc.loader.allow_non_finite to apply them)")
 
 
 def _digest(source: object) -> str:

@@ -48,6 +48,11 @@ class LoaderMetrics:
         self.freshness = Histogram("persia_inc_loader_freshness_seconds",
                                    "Apply time minus the packet's created-at", m, registry=r,
                                    buckets=_FRESHNESS_BUCKETS)
+        self.stages = Histogram(
+            "persia_inc_loader_stage_seconds",
+            "From the packet's created-at (its flush) to the end of a stage: seen (a source "
+            "announced or listed it), fetched (read and verified), applied (every reachable "
+            "shard acked)", [*m, "stage"], registry=r, buckets=_FRESHNESS_BUCKETS)
         self.quarantined = Counter("persia_inc_loader_quarantined", "Packets failing verification",
                                    [*m, "reason"], registry=r)
         self.rejected = Counter("persia_inc_loader_rejected",

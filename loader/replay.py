@@ -155,7 +155,7 @@ def replay(client: EmbeddingClient, store: ObjectStore, model: str, *, checkpoin
             if stream in stopped or (until_time_ns is not None and h.created_at_ns > until_time_ns):
                 stopped.add(stream)
                 continue
-            applied = client.apply(fetched.packet)
+            applied = client.apply_cut(fetched.packet)
             result.packets += 1
             result.skipped += int(applied.skipped)
             result.rows += h.rows + h.deleted_rows

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from persia_inc.foundation.kafka import import_kafka
@@ -46,7 +46,8 @@ KAFKA_RETRY = RetryPolicy(max_attempts=None, initial_backoff_s=0.1, max_backoff_
 @dataclass(slots=True)
 class Candidate:
     """A packet some source says is stored. `settle` is called once the dispatcher is done with
-    it (applied, skipped or rejected); Kafka commits its offset then."""
+    it (applied, skipped or rejected); Kafka commits its offset then. `seen_at_ns`: wall time
+    the source saw it (the "seen" stage of the latency budget)."""
 
     packet_id: PacketId
     key: str
@@ -54,6 +55,7 @@ class Candidate:
     settle: Callable[[], None] | None = None
     source: str = ""
     created_at_ns: int = 0
+    seen_at_ns: int = field(default_factory=time.time_ns)
 
 
 def packet_id_of_key(key: str, model: str) -> PacketId | None:

@@ -11,10 +11,14 @@ import numpy as np
 
 from persia_inc.packet_format import (
     CheckpointManifest,
+    CutHeader,
     ManifestPart,
     ManifestTable,
     PacketHeader,
+    TableRows,
     Watermark,
+    cut_key,
+    encode_cut,
     encode_packet,
     packet_path,
 )
@@ -49,8 +53,26 @@ def test_inspect_valid_packet_as_json(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["valid"] is True and report["error"] is None and report["kind"] == "packet"
-    assert (report["model"], report["table"], report["producer"]) == ("ctr", "emb", "p0")
-    assert (report["generation"], report["sequence"], report["rows"], report["dim"]) == (2, 5, 10, 4)
+    assert (report["model"], report["lane"], report["producer"]) == ("ctr", "emb", "p0")
+    assert (report["generation"], report["sequence"], report["rows"]) == (2, 5, 10)
+    assert report["tables"] == {"emb": {"dim": 4, "rows": 10, "deleted_rows": 0, "state_dim": 0}}
+    assert report["format_version"] == 1  # a v1 packet reads as a cut of its one table
+
+
+def test_inspect_a_cut_lists_its_tables(tmp_path: Path) -> None:
+    header = CutHeader(model="ctr", producer="p0", generation=1, sequence=0)
+    rng = np.random.default_rng(0)
+    tables = [TableRows(name, np.arange(n, dtype=np.uint64),
+                        rng.standard_normal((n, dim), dtype=np.float32), np.empty(0, np.uint64))
+              for name, n, dim in (("a", 3, 4), ("b", 5, 16))]
+    path = tmp_path / cut_key("ctr", "p0", 1, 0)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encode_cut(header, tables))
+    result = persia_inc("inspect", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["lane"], report["rows"], report["format_version"]) == ("_cuts", 8, 2)
+    assert {name: t["dim"] for name, t in report["tables"].items()} == {"a": 4, "b": 16}
 
 
 def test_inspect_corrupt_packet_exits_1_with_the_reason(tmp_path: Path) -> None:

@@ -288,8 +288,9 @@ def test_fetch_verifies_identity_and_dim(tmp_path: Path) -> None:
     store = open_store(str(tmp_path))
     signs, rows = put_packet(store, 1, 0, dim=4)
     fetched = fetch_packet(store, pid(1, 0).key, pid(1, 0))
-    np.testing.assert_array_equal(fetched.packet.signs, signs)
-    np.testing.assert_array_equal(fetched.packet.embeddings, rows)
+    (table,) = fetched.packet.tables  # a v1 packet reads as a cut of its one table
+    np.testing.assert_array_equal(table.signs, signs)
+    np.testing.assert_array_equal(table.embeddings, rows)
     with pytest.raises(VerificationError, match="dim"):
         fetch_packet(store, pid(1, 0).key, pid(1, 0), dims={"t": 8})
     # a packet stored under another packet's name

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def inspect_uri(uri: str, config_path: str | None = None) -> dict:
     """Inspect `uri`; returns the report (always with `valid`, `error`, `kind`, `uri`)."""
     from persia_inc.config import Config, load_config
-    from persia_inc.packet_format import MANIFEST_NAME, CheckpointManifest, PacketError, decode_packet
+    from persia_inc.packet_format import MANIFEST_NAME, CheckpointManifest, PacketError, decode_cut
     from persia_inc.storage import StorageError, open_store
 
     config = load_config(config_path) if config_path else Config()
@@ -53,14 +53,15 @@ def inspect_uri(uri: str, config_path: str | None = None) -> dict:
                             for w in manifest.watermarks],
             )
         else:
-            header = decode_packet(data, where=uri, limits=settings.limits).header
+            header = decode_cut(data, where=uri, limits=settings.limits).header
             report.update(
-                model=header.model, table=header.table, producer=header.producer,
+                model=header.model, lane=header.lane, producer=header.producer,
                 generation=header.generation, sequence=header.sequence, rows=header.rows,
-                deleted_rows=header.deleted_rows, dim=header.dim, dtype=header.dtype,
-                state_dim=header.state_dim, flush_reason=header.flush_reason,
-                created_at_ns=header.created_at_ns, checksum=header.checksum,
-                format_version=header.format_version,
+                deleted_rows=header.deleted_rows, dtype=header.dtype,
+                tables={t.name: {"dim": t.dim, "rows": t.rows, "deleted_rows": t.deleted_rows,
+                                 "state_dim": t.state_dim} for t in header.tables},
+                flush_reason=header.flush_reason, created_at_ns=header.created_at_ns,
+                checksum=header.checksum, format_version=header.format_version,
             )
         report["valid"] = True
     except (PacketError, StorageError, FileNotFoundError, PermissionError, ValueError) as exc:

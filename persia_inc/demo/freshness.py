@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from persia_inc.demo.report import Progress
 from persia_inc.foundation.threads import ServiceThread
-from persia_inc.packet_format import PacketError, Position, parse_packet_path, read_packet_header
+from persia_inc.packet_format import PacketError, Position, parse_packet_path, read_cut_header
 
 if TYPE_CHECKING:
     from persia_inc.embedding_server.client import EmbeddingClient
@@ -76,7 +76,7 @@ class FreshnessWatcher:
             if key in self.created:
                 continue
             with self.store.open(info.key) as source:
-                header = read_packet_header(source, where=self.store.uri(info.key))
+                header = read_cut_header(source, where=self.store.uri(info.key))
             self.created[key] = (header.created_at_ns, header.rows + header.deleted_rows)
         self.progress.packets_stored = len(self.created)
 
