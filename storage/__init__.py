@@ -10,12 +10,13 @@ from persia_inc.foundation.retry import NO_RETRY, RetryPolicy, call_with_retry, 
 from persia_inc.storage.base import ObjectInfo, ObjectStore, StorageKind, check_key
 from persia_inc.storage.errors import BackendUnavailableError, StorageError, TransientStorageError
 from persia_inc.storage.registry import open_store, storage_kind
-from persia_inc.storage.settings import HdfsSettings, S3Settings
+from persia_inc.storage.settings import S3_ENDPOINT_ENV, HdfsSettings, S3Settings, resolve_s3_endpoint
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "NO_RETRY",
+    "S3_ENDPOINT_ENV",
     "BackendUnavailableError",
     "HdfsSettings",
     "ObjectInfo",
@@ -29,5 +30,6 @@ __all__ = [
     "check_key",
     "is_retriable",
     "open_store",
+    "resolve_s3_endpoint",
     "storage_kind",
 ]

@@ -3,14 +3,21 @@ backends so that reading a configuration does not import boto3 or hdfs."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+# Where an empty `S3Settings.endpoint_url` is looked up, first match wins: ours, then the
+# standard AWS variables in botocore's own order (service-specific before global).
+S3_ENDPOINT_ENV = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 @dataclass(frozen=True, slots=True)
 class S3Settings:
     """Where the S3 gateway is and how to talk to it. Empty fields fall back to boto3's chain.
 
-    endpoint_url: e.g. http://127.0.0.1:7480 (env S3_ENDPOINT_URL or AWS_ENDPOINT_URL if empty).
+    endpoint_url: e.g. http://127.0.0.1:7480; if empty, `resolve_s3_endpoint` reads the
+    environment (S3_ENDPOINT_URL, then AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL).
     """
 
     endpoint_url: str = ""
@@ -22,6 +29,25 @@ class S3Settings:
     multipart_chunk_bytes: int = 16 * 1024 * 1024
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 30.0
+
+
+def resolve_s3_endpoint(configured: str = "", environ: Mapping[str, str] | None = None) -> str:
+    """The S3 endpoint to use: `configured` (config file or flag) if set, else the first set
+    of S3_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL; "" means boto3's default (AWS).
+
+    Like botocore, AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true turns the two AWS_* variables off.
+    """
+    if configured:
+        return configured
+    env = os.environ if environ is None else environ
+    ignore_aws = env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true"
+    for name in S3_ENDPOINT_ENV:
+        if ignore_aws and name.startswith("AWS_"):
+            continue
+        value = env.get(name, "").strip()
+        if value:
+            return value
+    return ""
 
 
 @dataclass(frozen=True, slots=True)

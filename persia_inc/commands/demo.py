@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger(__name__)
 
 HELP = "train with the hook, load into two embedding servers, verify every row (make demo)"
 DESCRIPTION = """\
@@ -16,11 +23,20 @@ equals the training table byte for byte and that evicted rows are gone, prints a
 and writes report.json and freshness.png (with matplotlib: the `plot` extra) into the workdir.
 
 The default is the embedded set-up: local directory storage and the watchdog loader, no
-external services. --storage ceph|hdfs and --announce kafka use real services when they run
-(ceph: S3_ENDPOINT_URL and AWS_* credentials, or --incremental-dir s3://bucket/prefix;
-hdfs: --incremental-dir hdfs://namenode:9870/path; kafka: --kafka-bootstrap host:port).
+external services. --storage ceph|hdfs and --announce kafka use real services:
 
-Exit status: 0 verified, 1 the check failed, 2 usage error.
+  ceph   the S3 endpoint from --s3-endpoint-url, else S3_ENDPOINT_URL, AWS_ENDPOINT_URL_S3,
+         AWS_ENDPOINT_URL (keys: the AWS_* variables), or --incremental-dir s3://bucket/prefix;
+         with none of these the demo starts a throwaway single-node Ceph with its S3 gateway
+  kafka  --kafka-bootstrap host:port, else KAFKA_BOOTSTRAP_SERVERS; with neither the demo
+         starts a Tansu Kafka-protocol broker
+  hdfs   --incremental-dir hdfs://namenode:9870/path (none can be started here)
+
+What the demo starts binds to 127.0.0.1, lives under WORKDIR/services and is stopped by PID
+when the demo ends, also on an error, Ctrl-C or SIGTERM.
+
+Exit status: 0 verified, 1 the check failed or a service did not start, 2 usage error or a
+missing package (the line says how to install it), 130 Ctrl-C, 143 SIGTERM.
 """
 
 
@@ -30,7 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", choices=["local", "ceph", "hdfs"], default="local")
     parser.add_argument("--announce", choices=["dir", "kafka"], default="dir")
     parser.add_argument("--incremental-dir", default="", help="packet root URI (ceph, hdfs)")
-    parser.add_argument("--kafka-bootstrap", default="", help="host:port of a Kafka broker")
+    parser.add_argument("--s3-endpoint-url", default="",
+                        help="S3 endpoint for ceph (default: S3_ENDPOINT_URL, AWS_ENDPOINT_URL; "
+                             "none: start a throwaway Ceph)")
+    parser.add_argument("--kafka-bootstrap", default="",
+                        help="host:port of a Kafka broker (default: KAFKA_BOOTSTRAP_SERVERS; "
+                             "none: start a Tansu broker)")
     parser.add_argument("--shards", type=int, default=2, help="embedding servers (default 2)")
     parser.add_argument("--vocab", type=int, default=20_000, help="rows per table (default 20000)")
 
@@ -41,8 +62,16 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from persia_inc.demo.pipeline import DemoOptions, default_workdir, run_demo
-    from persia_inc.demo.report import Progress
+    from persia_inc.demo.report import DemoReport, Progress
+    from persia_inc.demo.services import (
+        DemoUsageError,
+        StartedServices,
+        install_command,
+        plan_services,
+    )
     from persia_inc.extras import have, install_hint
+    from persia_inc.local_services import ServiceError
+    from persia_inc.storage import S3Settings
 
     if not have("torch"):
         print(f"persia-inc demo: the demo trains with PyTorch, which is not installed: "
@@ -51,13 +80,23 @@ def run(args: argparse.Namespace) -> int:
     if args.shards < 1 or args.vocab < 100 or args.seconds <= 0:
         print("persia-inc demo: --shards >= 1, --vocab >= 100 and --seconds > 0 please")
         return 2
+    try:
+        plan = plan_services(args.storage, args.announce, incremental_dir=args.incremental_dir,
+                             s3_endpoint_url=args.s3_endpoint_url,
+                             kafka_bootstrap=args.kafka_bootstrap)
+    except DemoUsageError as exc:
+        print(f"persia-inc demo: {exc}", file=sys.stderr)
+        return 2
+    to_start = [name for needed, name in ((plan.start_ceph, "Ceph with its S3 gateway"),
+                                          (plan.start_kafka, "a Tansu Kafka broker")) if needed]
+    missing = install_command(plan)
+    if missing:
+        print(f"persia-inc demo: no service configured and {' and '.join(to_start)} not "
+              f"installed; install with: {missing}", file=sys.stderr)
+        return 2
     workdir = args.workdir or default_workdir()
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     _log_to_file(workdir / "logs" / "demo.log")  # keep the live display readable
-    options = DemoOptions(workdir=workdir, seconds=args.seconds, storage=args.storage,
-                          announce=args.announce, shards=args.shards, vocab=args.vocab,
-                          incremental_dir=args.incremental_dir,
-                          kafka_bootstrap=args.kafka_bootstrap)
     console = Console()
     console.print(f"[bold]persia-inc demo[/] in {workdir} ({args.storage} storage, "
                   f"{args.announce} announcements, {args.shards} embedding servers)")
@@ -79,8 +118,46 @@ def run(args: argparse.Namespace) -> int:
             table.add_row(f"[cyan]{name}[/]", value)
         return table
 
-    with Live(render(Progress()), console=console, refresh_per_second=4) as live:
-        report = run_demo(options, on_progress=lambda p: live.update(render(p)))
+    services = StartedServices(workdir / "services", plan)
+    report: DemoReport | None = None
+    left: list[int] = []
+    with _signals_stop_the_run():  # a signal while stopping only says "a moment please"
+        try:
+            try:
+                if to_start:
+                    with console.status(f"starting {' and '.join(to_start)} on 127.0.0.1 ..."):
+                        services.start()
+                    console.print(services.describe(), markup=False, highlight=False, soft_wrap=True)
+                s3 = services.s3 or (S3Settings(endpoint_url=plan.s3_endpoint) if plan.s3_endpoint
+                                     else None)
+                options = DemoOptions(workdir=workdir, seconds=args.seconds, storage=args.storage,
+                                      announce=args.announce, shards=args.shards, vocab=args.vocab,
+                                      incremental_dir=args.incremental_dir, s3=s3,
+                                      kafka_bootstrap=services.kafka_bootstrap or plan.kafka_bootstrap)
+                with Live(render(Progress()), console=console, refresh_per_second=4) as live:
+                    report = run_demo(options, on_progress=lambda p: live.update(render(p)))
+            finally:
+                left = services.close()
+        except ServiceError as exc:
+            log.error("a service did not start: %s", exc)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"persia-inc demo: {first} (details: {workdir / 'logs' / 'demo.log'}, "
+                  f"{workdir / 'services'})", file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, _Terminated) as exc:
+            left = services.close()  # again, in case the signal came while stopping
+            why = "stopped by SIGTERM" if isinstance(exc, _Terminated) else "interrupted (Ctrl-C)"
+            print(f"persia-inc demo: {why}; {_stopped(services.pids, left)}", file=sys.stderr)
+            return 143 if isinstance(exc, _Terminated) else 130
+    if report is None:  # run_demo returns a report or raises
+        return 1
+    if services.pids:
+        report.services = services.as_report()
+        report.services_left_running = left
+        if left:
+            report.problems.append(f"processes it started still run after stopping: {left}")
+            report.verified = False
+        (workdir / "report.json").write_text(report.to_json())
 
     summary = Table(title="persia-inc demo: summary")
     summary.add_column("check")
@@ -89,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (
         ("verified", "[green]yes[/]" if report.verified else "[red]NO[/]"),
         ("training steps", f"{report.steps:,} in {report.train_seconds:.0f} s"),
+        ("objects stored / flushes", f"{report.objects_stored:,} / {report.flushes:,}"),
         ("packets applied", f"{report.packets:,}"),
         ("rows applied", f"{report.rows_applied:,}"),
         ("rows checked byte for byte", f"{report.checked_rows:,}"),
@@ -103,7 +181,48 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]problem:[/] {problem}")
     pictures = "".join(f"   picture: {workdir / name}" for name in report.pictures)
     console.print(f"report: {workdir / 'report.json'}{pictures}   logs: {workdir / 'logs'}")
+    if services.pids:
+        console.print(_stopped(services.pids, left), markup=False, highlight=False, soft_wrap=True)
     return 0 if report.verified else 1
+
+
+def _stopped(pids: dict[str, int], left: list[int]) -> str:
+    """One line on the services the demo started: stopped, or which PIDs still run."""
+    if not pids:
+        return "it had started no services"
+    named = ", ".join(f"{name} {pid}" for name, pid in pids.items())
+    if left:
+        return f"STILL RUNNING after stopping: pids {left} (of the services it started: {named})"
+    return f"stopped the services it started ({named})"
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally` runs and stops what we started."""
+
+
+@contextmanager
+def _signals_stop_the_run() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM `_Terminated` in the main thread; a second
+    signal while stopping only says to wait (stopping is bounded)."""
+
+    def stopping(_signum: int, _frame: FrameType | None) -> None:
+        print("persia-inc demo: stopping what it started; a moment please", file=sys.stderr)
+
+    def first(signum: int, _frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, stopping)
+        signal.signal(signal.SIGTERM, stopping)
+        log.warning("got %s: stopping the run and every process it started",
+                    signal.Signals(signum).name)
+        if signum == signal.SIGTERM:
+            raise _Terminated
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, first) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _log_to_file(path: Path) -> None:

@@ -7,6 +7,7 @@ picture).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
@@ -24,7 +26,11 @@ from persia_inc.demo.processes import ChildProcess
 from persia_inc.demo.report import DemoReport, Progress, plot_freshness
 from persia_inc.demo.verify import verify_rows
 from persia_inc.foundation.net import free_port
+from persia_inc.storage import S3Settings, resolve_s3_endpoint
 from persia_inc.wiring import embedding_client, producer_from_config
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +39,9 @@ log = logging.getLogger(__name__)
 class DemoOptions:
     """seconds: training time; vocab: rows per table; shards: embedding-server processes;
     incremental_dir: override for ceph/hdfs (default: a folder in the workdir, or a fresh
-    bucket from S3_ENDPOINT_URL for ceph); kafka_bootstrap: host:port for announce=kafka."""
+    bucket for ceph); s3: the S3 endpoint and keys for ceph (None: the endpoint from the
+    environment, see `resolve_s3_endpoint`, and boto3's credential chain); kafka_bootstrap:
+    host:port for announce=kafka."""
 
     workdir: Path
     seconds: float = 60.0
@@ -49,6 +57,7 @@ class DemoOptions:
     evict_rows: int = 64
     incremental_dir: str = ""
     kafka_bootstrap: str = ""
+    s3: S3Settings | None = None
     seed: int = 0
 
 
@@ -61,13 +70,19 @@ def _storage_root(options: DemoOptions) -> str:
     if options.storage == "local":
         return str(options.workdir / "incremental")
     if options.storage == "ceph":
-        endpoint = os.environ.get("S3_ENDPOINT_URL")
-        if not endpoint:
-            raise RuntimeError("--storage ceph needs S3_ENDPOINT_URL (and AWS_ACCESS_KEY_ID / "
-                               "AWS_SECRET_ACCESS_KEY) or --incremental-dir s3://bucket/prefix")
+        if not _s3_settings(options).endpoint_url:
+            raise RuntimeError("--storage ceph needs an S3 endpoint (S3_ENDPOINT_URL or "
+                               "AWS_ENDPOINT_URL) or --incremental-dir s3://bucket/prefix")
         return f"s3://persia-demo-{os.getpid()}-{int(time.time())}/inc"
     raise RuntimeError(f"--storage {options.storage} needs --incremental-dir (e.g. "
                        "hdfs://namenode:9870/persia/inc)")
+
+
+def _s3_settings(options: DemoOptions) -> S3Settings:
+    """The given settings, or the endpoint from the environment (flag > S3_ENDPOINT_URL >
+    AWS_ENDPOINT_URL_S3 > AWS_ENDPOINT_URL)."""
+    s3 = options.s3 or S3Settings()
+    return dataclasses.replace(s3, endpoint_url=resolve_s3_endpoint(s3.endpoint_url))
 
 
 def write_config(options: DemoOptions, servers: list[str], checkpoint: str) -> Path:
@@ -78,8 +93,10 @@ def write_config(options: DemoOptions, servers: list[str], checkpoint: str) -> P
         "loader": {"rescan_interval_s": 1.0, "gap_timeout_s": 10.0, "watermark_poll_s": 1.0},
         "embedding_server": {"grace_s": 1.0, "workers": 4},
     }
-    if options.storage == "ceph" and os.environ.get("S3_ENDPOINT_URL"):
-        ours["s3"] = {"endpoint_url": os.environ["S3_ENDPOINT_URL"]}
+    if options.storage == "ceph":
+        s3 = _s3_settings(options)  # the children get the same endpoint and keys
+        ours["s3"] = {key: value for key in ("endpoint_url", "region", "access_key_id",
+                                             "secret_access_key") if (value := getattr(s3, key))}
     if options.announce == "kafka":
         if not options.kafka_bootstrap:
             raise RuntimeError("--announce kafka needs --kafka-bootstrap host:port")
@@ -185,6 +202,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         progress.phase = "draining"
         notify(progress)
         producer.close()
+        report.objects_stored = _counter_total(producer.metrics.packets)
+        report.flushes = _counter_total(producer.metrics.flushes)
         if not watcher.wait_all_visible(timeout_s=90):
             report.problems.append(
                 f"only {len(watcher.visible)} of {len(watcher.created)} packets became visible")
@@ -225,6 +244,12 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         report.pictures.append("freshness.png")
     (workdir / "report.json").write_text(report.to_json())
     return report
+
+
+def _counter_total(counter: Counter) -> int:
+    """A Prometheus counter summed over all its labels (table, reason)."""
+    return int(sum(sample.value for metric in counter.collect() for sample in metric.samples
+                   if sample.name.endswith("_total")))
 
 
 def default_workdir() -> Path:

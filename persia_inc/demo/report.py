@@ -13,8 +13,15 @@ from persia_inc.extras import have
 
 @dataclass
 class DemoReport:
+    """What report.json holds. packets: packets seen becoming visible; objects_stored:
+    packets the producer stored; flushes: flushes the producer started; services: what the
+    demo started itself (endpoint, PIDs) and `services_left_running` PIDs still alive after
+    stopping them (empty)."""
+
     verified: bool = False
     packets: int = 0
+    objects_stored: int = 0
+    flushes: int = 0
     rows_applied: int = 0
     freshness_ms: dict[str, float] = field(default_factory=dict)
     mismatched_rows: int = 0
@@ -26,6 +33,8 @@ class DemoReport:
     storage: str = "local"
     announce: str = "dir"
     shards: int = 2
+    services: dict[str, dict[str, object]] = field(default_factory=dict)
+    services_left_running: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     pictures: list[str] = field(default_factory=list)  # written into the workdir
 
