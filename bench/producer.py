@@ -188,7 +188,8 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
     warm_up = 20        # so the measured steps see steady training (buffers in place)
     for name, producer in producers.items():
         steps = 0
-        while len({s.header.table for s in producer.writer.stored}) < len(tables) and steps < 1000:
+        while len({t.name for s in producer.writer.stored for t in s.header.tables}) < len(tables) \
+                and steps < 1000:
             run(50, name)
             steps += 50
         warm_up = max(warm_up, steps)

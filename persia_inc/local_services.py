@@ -140,7 +140,8 @@ class CephCluster:
     def new_bucket(self, prefix: str = "t") -> str:
         """A fresh bucket; returns `s3://bucket/prefix`."""
         bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=bucket)
+        with self.client() as client:  # closed: an unclosed pool's socket warns at a random gc
+            client.create_bucket(Bucket=bucket)
         return f"s3://{bucket}/root"
 
     def _gateway_pid(self) -> int | None:
@@ -169,7 +170,8 @@ class CephCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                self.client().list_buckets()
+                with self.client() as client:
+                    client.list_buckets()
                 return
             except Exception:
                 if self._gateway.poll() is not None:
