@@ -8,6 +8,7 @@ needed it fails and says why (tests are never skipped). `ceph_install_command` a
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import os
 import shutil
@@ -140,7 +141,7 @@ class CephCluster:
     def new_bucket(self, prefix: str = "t") -> str:
         """A fresh bucket; returns `s3://bucket/prefix`."""
         bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
-        with self.client() as client:  # closed: an unclosed pool's socket warns at a random gc
+        with contextlib.closing(self.client()) as client:  # an unclosed pool warns at a random gc
             client.create_bucket(Bucket=bucket)
         return f"s3://{bucket}/root"
 
@@ -170,7 +171,7 @@ class CephCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                with self.client() as client:
+                with contextlib.closing(self.client()) as client:
                     client.list_buckets()
                 return
             except Exception:
