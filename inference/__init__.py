@@ -9,8 +9,16 @@ the modules that need them (`inference.engine`, `inference.handler`, `inference.
 import logging
 
 from persia_inc.inference.batch import BatchError, DecodedBatch, PersiaBatch, decode_batch
-from persia_inc.inference.spec import ModelSpec, RequestLimits
+from persia_inc.inference.spec import (
+    FeatureSpec,
+    ModelSpec,
+    RequestLimits,
+    SpecError,
+    TableSpec,
+    spec_from_module,
+)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["BatchError", "DecodedBatch", "ModelSpec", "PersiaBatch", "RequestLimits", "decode_batch"]
+__all__ = ["BatchError", "DecodedBatch", "FeatureSpec", "ModelSpec", "PersiaBatch", "RequestLimits",
+           "SpecError", "TableSpec", "decode_batch", "spec_from_module"]

@@ -127,10 +127,10 @@ PyPersiaBatchData = PersiaBatch
 class DecodedBatch:
     """A validated request, ready for lookup.
 
-    rows: samples B; dense: float32[B, dense_dim]; signs: uint64[n] the table's signs
-    (feature-prefixed) of every feature, feature-major (feature 0's samples in order, then
-    feature 1's ...); bag_offsets: int64[F * B + 1], bag j = f * B + i holds
-    signs[bag_offsets[j]:bag_offsets[j + 1]] for sample i of feature f.
+    rows: samples B; dense: float32[B, dense_dim]; signs: uint64[n] the table signs
+    (`ModelSpec.table_signs`) of every feature, feature-major (feature 0's samples in order,
+    then feature 1's ...), each in its feature's table; bag_offsets: int64[F * B + 1], bag
+    j = f * B + i holds signs[bag_offsets[j]:bag_offsets[j + 1]] for sample i of feature f.
     """
 
     rows: int
@@ -235,7 +235,9 @@ def _decode(data: bytes | bytearray | memoryview, spec: ModelSpec) -> DecodedBat
     for f, column in enumerate(columns):
         offsets = column.offsets.to_numpy().astype(np.int64)
         values = column.flatten().to_numpy()
-        signs[start:start + values.size] = spec.table_signs(f, values)
+        # ids are a per-feature table's signs as they are; a shared table's get the prefix
+        signs[start:start + values.size] = (spec.table_signs(f, values)
+                                            if spec.feature_table(f).prefix_bits else values)
         bag_offsets[f * rows + 1:(f + 1) * rows + 1] = offsets[1:] - offsets[0] + start
         start += values.size
     return DecodedBatch(rows=rows, dense=dense, signs=signs, bag_offsets=bag_offsets)

@@ -7,8 +7,9 @@ The request body is the Arrow IPC bytes of `inference.batch.PersiaBatch`, sent a
 `data`; the answer is float32[B], one score per sample. A refused request raises
 `InferenceError` with TorchServe's status (gRPC status name or HTTP code) and message:
 INVALID_ARGUMENT (gRPC) or 400 (HTTP) with "bad request: column 'feature3': ..." for a
-malformed batch; `ModelNotRegisteredError` ("model 'x' is not registered ...") for an
-unknown model.
+malformed batch (also when TorchServe batched it with good requests and its gRPC front end
+answered OK with an error body: TorchServe 0.12 cannot send per-request gRPC statuses);
+`ModelNotRegisteredError` ("model 'x' is not registered ...") for an unknown model.
 """
 
 from __future__ import annotations
@@ -64,14 +65,16 @@ def _not_registered(model_name: str, model_version: str, status: int | str, deta
                                                        f"(register its .mar first): {details}")
 
 
-def _scores(model_name: str, body: bytes | str) -> np.ndarray:
-    """float32[B] from TorchServe's JSON answer (a list of floats)."""
+def _scores(model_name: str, body: bytes | str, error_status: int | str) -> np.ndarray:
+    """float32[B] from TorchServe's JSON answer (a list of floats). An error body (a bad
+    request answered OK because it shared a TorchServe batch with good ones: TorchServe 0.12's
+    gRPC front end drops per-request statuses) raises InferenceError(error_status)."""
     try:
         values = json.loads(body)
     except ValueError as exc:
         raise InferenceError(model_name, "BAD_RESPONSE", f"not JSON: {body[:200]!r}") from exc
     if isinstance(values, dict) and "error" in values:
-        raise InferenceError(model_name, 400, str(values["error"]))
+        raise InferenceError(model_name, error_status, str(values["error"]))
     if not isinstance(values, list):
         raise InferenceError(model_name, "BAD_RESPONSE", f"expected a list of scores: {body[:200]!r}")
     return np.asarray(values, dtype=np.float32)
@@ -113,7 +116,7 @@ def infer(stub: Any, model_name: str, batch_bytes: bytes, *, timeout_s: float = 
         if code == "NOT_FOUND" or java_type in _NOT_REGISTERED_TYPES:
             raise _not_registered(model_name, model_version, code, message) from exc
         raise InferenceError(model_name, code, message) from exc
-    return _scores(model_name, reply.prediction)
+    return _scores(model_name, reply.prediction, "INVALID_ARGUMENT")
 
 
 def infer_http(base_url: str, model_name: str, batch_bytes: bytes, *, timeout_s: float = 30.0,
@@ -139,7 +142,7 @@ def infer_http(base_url: str, model_name: str, batch_bytes: bytes, *, timeout_s:
         if reply.status_code == 404:
             raise _not_registered(model_name, "", 404, str(message).strip())
         raise InferenceError(model_name, reply.status_code, str(message).strip())
-    return _scores(model_name, reply.content)
+    return _scores(model_name, reply.content, 400)
 
 
 __all__ = ["ADDRESS_ENV", "DEFAULT_ADDRESS", "INPUT_KEY", "InferenceError", "ModelNotRegisteredError",

@@ -3,31 +3,44 @@
 This is the whole serving logic, with no TorchServe in it, so tests, benchmarks and other
 model servers call it directly; `inference.handler.PersiaHandler` is one front end of it.
 
-Per batch of requests: decode each (a bad one becomes a `BatchError` for that request only),
-deduplicate the table signs of all good requests together, look the unique rows up once (one
-Lookup per shard), sum-pool them per sample and feature as PERSIA does
-(`torch.nn.functional.embedding_bag(mode="sum")`), run the TorchScript model once over all
-rows under `torch.no_grad()`, and split the scores back per request.
+Per batch of requests: decode each (a bad one becomes a `BatchError` for that request only);
+gather every table's signs over all good requests; look them all up in one call
+(`EmbeddingClient.lookup_tables`: each table's signs deduplicated, every shard reached once
+for all tables, shards concurrently); sum-pool them per sample and feature as PERSIA does
+(`torch.nn.functional.embedding_bag(mode="sum")`, one call per table); run the TorchScript
+model once over all rows under `torch.no_grad()`; split the scores back per request.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.nn.functional import embedding_bag
 
-from persia_inc.inference.batch import BatchError, DecodedBatch, decode_batch
+from persia_inc.inference.batch import BatchError, DecodedBatch, PersiaBatch, SparseInput, decode_batch
 from persia_inc.inference.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from persia_inc.embedding_server.client import EmbeddingClient
 
 log = logging.getLogger(__name__)
 
 # lookup(table, signs: uint64[n]) -> float32[n, dim]; EmbeddingClient.lookup is one.
 LookupFn = Callable[[str, np.ndarray], np.ndarray]
+# lookup_tables({table: uint64[n_t]}) -> {table: float32[n_t, dim_t]}, rows in request order;
+# EmbeddingClient.lookup_tables is one (it deduplicates and calls each shard once).
+LookupTablesFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+def per_table(lookup: LookupFn) -> LookupTablesFn:
+    """A `LookupTablesFn` calling a one-table `lookup` per table (for fakes in tests)."""
+    return lambda signs_by_table: {t: lookup(t, s) for t, s in signs_by_table.items()}
 
 
 @dataclass(slots=True)
@@ -49,15 +62,33 @@ class EmbeddingShapeError(RuntimeError):
 
 
 class PersiaInference:
-    """Serve `model` (forward(dense: float32[B, D], sparse: float32[B, F, dim]) -> float32[B])
-    with rows from `lookup`. Thread-compatible: one instance per worker."""
+    """Serve `model` (forward(dense: float32[B, dense_dim], sparse) -> float32[B], sparse as
+    `ModelSpec.sparse_shape(B)` says) with rows from `lookup_tables`. Thread-compatible: one
+    instance per worker."""
 
     def __init__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], spec: ModelSpec,
-                 lookup: LookupFn) -> None:
+                 lookup_tables: LookupTablesFn) -> None:
         self.model = model
         self.spec = spec
-        self.lookup = lookup
+        self.lookup_tables = lookup_tables
         self.last_timings = Timings()
+        # per table: its features (model order) and where their pooled rows go
+        self._groups: list[tuple[str, list[int], int, torch.Tensor]] = []
+        columns = np.concatenate([[0], np.cumsum(spec.dims)])
+        for table in spec.tables:
+            features = spec.features_of(table.name)
+            if spec.uniform_dim is not None:
+                where = torch.tensor(features, dtype=torch.int64)
+            else:  # the columns of its features in [B, sum(dims)]
+                where = torch.from_numpy(np.concatenate(
+                    [np.arange(columns[f], columns[f + 1]) for f in features]).astype(np.int64))
+            self._groups.append((table.name, features, table.dim, where))
+
+    @classmethod
+    def from_client(cls, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], spec: ModelSpec,
+                    client: EmbeddingClient) -> PersiaInference:
+        """An engine reading rows through `client.lookup_tables`."""
+        return cls(model, spec, client.lookup_tables)
 
     # ------------------------------------------------------------------------ stages
 
@@ -65,47 +96,60 @@ class PersiaInference:
         """Validate one request body; raises `BatchError` naming the column."""
         return decode_batch(data, self.spec)
 
+    def _table_bags(self, batches: Sequence[DecodedBatch], features: list[int]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(signs: uint64[n], offsets: int64[k * B + 1]) of one table's k features over all
+        `batches`, bag j = position * B + global sample (B: samples of all batches)."""
+        parts, offsets, base = [], [np.zeros(1, np.int64)], 0
+        for f in features:
+            for batch in batches:
+                bags = batch.bag_offsets[f * batch.rows:(f + 1) * batch.rows + 1]
+                parts.append(batch.signs[bags[0]:bags[-1]])
+                offsets.append(bags[1:] - bags[0] + base)
+                base += int(bags[-1] - bags[0])
+        signs = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return signs, np.concatenate(offsets)
+
     def features(self, batches: Sequence[DecodedBatch], timings: Timings | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The model inputs of `batches`, rows concatenated in order.
 
-        Returns (dense: float32[B, dense_dim], sparse: float32[B, F, dim]) with B the total
-        samples; sparse[i, f] is the sum of the rows of sample i's signs of feature f (zeros
-        for an empty list, and for signs no server holds).
+        Returns (dense: float32[B, dense_dim], sparse: `spec.sparse_shape(B)`) with B the
+        total samples; a feature's entry for a sample is the sum of the rows of the sample's
+        signs of that feature (zeros for an empty list, and for signs no server holds).
         """
         timings = timings or Timings()
         start = time.monotonic()
-        all_signs = np.concatenate([b.signs for b in batches]) if len(batches) > 1 else batches[0].signs
-        unique, inverse = np.unique(all_signs, return_inverse=True)
-        if unique.size:
-            rows = np.asarray(self.lookup(self.spec.table, unique))
-            if rows.shape != (unique.size, self.spec.dim):
-                raise EmbeddingShapeError(
-                    f"table {self.spec.table!r} returned rows of shape {rows.shape}, the model "
-                    f"needs [{unique.size}, {self.spec.dim}]")
-        else:
-            rows = np.zeros((1, self.spec.dim), np.float32)
+        total = sum(b.rows for b in batches)
+        bags = {table: self._table_bags(batches, features) for table, features, _, _ in self._groups}
+        rows_by_table = self.lookup_tables({table: signs for table, (signs, _) in bags.items()})
         lookup_done = time.monotonic()
         timings.lookup_s += lookup_done - start
 
-        # writable: a one-shard lookup returns a read-only view of the reply, which torch warns on
-        weight = torch.from_numpy(np.require(rows, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
-        indices = torch.from_numpy(inverse.reshape(-1).astype(np.int64, copy=False))
-        num_features = len(self.spec.sparse)
-        denses, sparses, base = [], [], 0
-        for batch in batches:
-            offsets = torch.from_numpy(batch.bag_offsets)
-            count = batch.signs.size
-            pooled = embedding_bag(indices[base:base + count], weight, offsets - offsets[0],
-                                     mode="sum", include_last_offset=True)
-            base += count
-            # bags are feature-major: [F * B, dim] -> [B, F, dim]
-            sparses.append(pooled.view(num_features, batch.rows, self.spec.dim).transpose(0, 1))
-            denses.append(torch.from_numpy(batch.dense))
-        dense = torch.cat(denses) if len(denses) > 1 else denses[0]
-        sparse = torch.cat(sparses) if len(sparses) > 1 else sparses[0].contiguous()
+        sparse = torch.empty(self.spec.sparse_shape(total), dtype=torch.float32)
+        for table, features, dim, where in self._groups:
+            signs, offsets = bags[table]
+            rows = np.asarray(rows_by_table[table])
+            if rows.shape != (signs.size, dim):
+                raise EmbeddingShapeError(
+                    f"table {table!r} returned rows of shape {rows.shape}, the model needs "
+                    f"[{signs.size}, {dim}]")
+            # writable: a one-shard lookup returns a read-only view of the reply, which torch warns on
+            weight = torch.from_numpy(np.require(rows, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+            if not signs.size:
+                weight = torch.zeros((1, dim), dtype=torch.float32)
+            pooled = embedding_bag(torch.arange(signs.size, dtype=torch.int64), weight,
+                                   torch.from_numpy(offsets), mode="sum", include_last_offset=True)
+            # bags are feature-major: [k * B, dim] -> [B, k, dim]
+            per_sample = pooled.view(len(features), total, dim).transpose(0, 1)
+            if sparse.dim() == 3:
+                sparse[:, where] = per_sample
+            else:
+                sparse[:, where] = per_sample.reshape(total, len(features) * dim)
+        dense = (torch.cat([torch.from_numpy(b.dense) for b in batches]) if len(batches) > 1
+                 else torch.from_numpy(batches[0].dense))
         timings.pool_s += time.monotonic() - lookup_done
-        return dense, sparse.contiguous()
+        return dense, sparse
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """float32[B] scores of the dense model, without autograd."""
@@ -152,5 +196,12 @@ class PersiaInference:
             raise result
         return result
 
+    def score(self, dense: np.ndarray, sparse: Sequence[tuple[str, SparseInput]]) -> np.ndarray:
+        """float32[B] scores of arrays, through the same path as a served request.
 
-__all__ = ["EmbeddingShapeError", "LookupFn", "PersiaInference", "Timings"]
+        dense: float32[B, dense_dim]; sparse: (feature, ids) pairs as `PersiaBatch.add_sparse`
+        takes them (per sample uint64 arrays, or uint64[B, k])."""
+        return self.predict(PersiaBatch().add_dense([dense]).add_sparse(sparse).to_bytes())
+
+
+__all__ = ["EmbeddingShapeError", "LookupFn", "LookupTablesFn", "PersiaInference", "Timings", "per_table"]

@@ -22,8 +22,14 @@ the TorchServe batch, because TorchServe 0.12's gRPC front end ignores per-reque
   gRPC INVALID_ARGUMENT and HTTP 400;
 * good and bad requests share a batch (`batch_size` > 1): the good ones are answered, each bad
   one gets HTTP 400 through `context.set_response_status`, but over gRPC an OK whose body is
-  `{"error": ..., "column": ...}` (`inference.client.infer` raises on it; a generic gRPC
-  client must look at the body). Failing the whole batch instead would fail the good requests.
+  `{"error": ..., "column": ...}` (`inference.client.infer` raises InferenceError
+  INVALID_ARGUMENT on it; a generic gRPC client must look at the body). Failing the whole
+  batch instead would fail the good requests. Checked in TorchServe 0.12.0's jar:
+  `GRPCJob.response` never reads its statusCode argument, and `BatchAggregator.sendResponse`
+  calls `sendError` only when the whole batch failed (upstream issue pytorch/serve#1329).
+
+Any table layout of `inference.spec` is served: the engine looks every table up in one
+`EmbeddingClient.lookup_tables` call per batch.
 """
 
 from __future__ import annotations
@@ -83,9 +89,9 @@ class PersiaHandler(BaseHandler):
             self.client.wait_ready(READY_TIMEOUT_S)
         except TimeoutError as exc:  # serve anyway: lookups answer 503 until the shards are up
             log.warning("embedding servers not ready yet: %s", exc)
-        self.engine = PersiaInference(self.model, spec, self.client.lookup)
-        log.info("PersiaHandler ready: %d sparse features in table %r on %s (%s)",
-                 len(spec.sparse), spec.table, ", ".join(self.client.servers), where)
+        self.engine = PersiaInference.from_client(self.model, spec, self.client)
+        log.info("PersiaHandler ready: %d sparse features in %d table(s) on %s (%s)",
+                 len(spec.sparse), len(spec.tables), ", ".join(self.client.servers), where)
         self.initialized = True
 
     def open_client(self, model_dir: Path) -> tuple[EmbeddingClient, str]:

@@ -1,7 +1,7 @@
 """The dense part of a small CTR model, and saving it with TorchScript.
 
 `CtrDense` takes the dense features and the sum-pooled embeddings of every sparse feature
-(see `inference.spec` for how the features map to the embedding table) and returns a
+(see `inference.spec` for how the features map to embedding tables) and returns a
 click probability per sample. TorchServe's stock `BaseHandler` loads TorchScript only from a
 file ending in `.pt`, so `save_torchscript` insists on that suffix.
 """
@@ -22,14 +22,15 @@ from persia_inc.inference.spec import ModelSpec
 class CtrDense(nn.Module):
     """MLP over [dense, flattened pooled embeddings] -> sigmoid.
 
-    forward(dense: float32[B, dense_dim], sparse: float32[B, F, dim]) -> float32[B].
+    forward(dense: float32[B, dense_dim], sparse: float32[B, F, dim] or float32[B, sum(dims)])
+    -> float32[B]; sparse_width: F * dim, or sum(dims).
     """
 
-    def __init__(self, dense_dim: int = 13, num_sparse: int = 26, dim: int = 16,
+    def __init__(self, dense_dim: int = 13, sparse_width: int = 26 * 16,
                  hidden: tuple[int, ...] = (128, 64)) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        width = dense_dim + num_sparse * dim
+        width = dense_dim + sparse_width
         for size in hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
             width = size
@@ -41,12 +42,29 @@ class CtrDense(nn.Module):
         return torch.sigmoid(self.mlp(x)).squeeze(-1)
 
 
+class DenseHead(nn.Module):
+    """The dense part of a trained model, for serving: `mlp` over [dense, flattened pooled
+    embeddings] (the order a model like the demo's CTRModel concatenates them in), then
+    sigmoid if `sigmoid` (a model trained on logits) -> float32[B].
+
+    forward(dense: float32[B, dense_dim], sparse: float32[B, F, dim] or [B, sum(dims)])."""
+
+    def __init__(self, mlp: nn.Module, sigmoid: bool = True) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.sigmoid = sigmoid
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(torch.cat([dense, sparse.flatten(1)], dim=1)).reshape(-1)
+        return torch.sigmoid(out) if self.sigmoid else out
+
+
 def build_model(spec: ModelSpec, seed: int = 0) -> CtrDense:
     """A `CtrDense` shaped for `spec`, with weights from `seed` (deterministic)."""
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = CtrDense(spec.dense_dim, len(spec.sparse), spec.dim)
+        model = CtrDense(spec.dense_dim, sum(spec.dims))
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval()
@@ -92,4 +110,4 @@ def load_torchscript(path: str | Path, map_location: str | torch.device | None =
     return module
 
 
-__all__ = ["CtrDense", "build_model", "load_torchscript", "save_torchscript", "script"]
+__all__ = ["CtrDense", "DenseHead", "build_model", "load_torchscript", "save_torchscript", "script"]

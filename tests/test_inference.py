@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from persia_inc.inference.batch import BatchError, PersiaBatch, decode_batch
-from persia_inc.inference.engine import PersiaInference
+from persia_inc.inference.engine import PersiaInference, per_table
 from persia_inc.inference.model import build_model, load_torchscript, save_torchscript, script
 from persia_inc.inference.spec import ModelSpec, RequestLimits
 
@@ -45,7 +45,7 @@ def test_round_trip_keeps_every_sign_in_its_bag() -> None:
 
 
 def test_fixed_width_sparse_and_several_dense_arrays() -> None:
-    spec = ModelSpec(dense_dim=5, sparse=("a", "b"), prefix_bits=0)
+    spec = ModelSpec.shared_table(("a", "b"), dense_dim=5, prefix_bits=0)
     signs = np.arange(12, dtype=np.uint64).reshape(4, 3)
     body = (PersiaBatch().add_dense([np.ones((4, 2), np.float32), np.zeros((4, 3), np.float32)])
             .add_sparse([("a", signs), ("b", np.zeros((4, 0), np.uint64))]).to_bytes())
@@ -60,7 +60,7 @@ def test_feature_prefix_separates_features() -> None:
     a, b = SPEC.table_signs(0, same), SPEC.table_signs(1, same)
     assert not set(a) & set(b)
     assert (a >> np.uint64(56) == 1).all() and (b >> np.uint64(56) == 2).all()
-    assert np.array_equal(ModelSpec(prefix_bits=0).table_signs(3, same), same)
+    assert np.array_equal(ModelSpec.shared_table(prefix_bits=0).table_signs(3, same), same)
     assert ModelSpec.from_json(SPEC.to_json()) == SPEC
 
 
@@ -155,25 +155,26 @@ def test_save_torchscript_requires_pt(tmp_path: Path) -> None:
     assert loaded(dense, sparse).shape == (3,)
 
 
-def test_engine_sum_pools_like_numpy_and_dedups_lookups() -> None:
-    """The engine against an in-memory table: PERSIA's sum pooling, one lookup of unique signs."""
+def test_engine_sum_pools_like_numpy_in_one_lookup_per_table() -> None:
+    """The engine against an in-memory table: PERSIA's sum pooling, one lookup per table for
+    the whole TorchServe batch (the client deduplicates)."""
     rng = np.random.default_rng(4)
     table: dict[int, np.ndarray] = {}
     calls: list[np.ndarray] = []
 
     def lookup(name: str, signs: np.ndarray) -> np.ndarray:
-        assert name == SPEC.table
+        assert name == "embedding"
         calls.append(signs)
         return np.stack([table.setdefault(int(s), rng.standard_normal(16).astype(np.float32))
                          for s in signs])
 
     model = build_model(SPEC)
-    engine = PersiaInference(script(model), SPEC, lookup)
+    engine = PersiaInference(script(model), SPEC, per_table(lookup))
     batches = [seed_style_batch(rng, batch_size=n) for n in (5, 3)]
     bad = b"not arrow"
     results = engine.predict_many([batches[0][0].to_bytes(), bad, batches[1][0].to_bytes()])
     assert isinstance(results[1], BatchError)
-    assert len(calls) == 1 and np.unique(calls[0]).size == calls[0].size  # one deduplicated call
+    assert len(calls) == 1  # both good requests' signs in one call for the table
 
     for (_, dense, sparse), got in zip(batches, (results[0], results[2]), strict=True):
         pooled = np.zeros((dense.shape[0], 26, 16), np.float32)
@@ -200,7 +201,7 @@ def test_engine_takes_read_only_rows_as_one_shard_returns_them() -> None:
         assert not rows.flags.writeable
         return rows
 
-    engine = PersiaInference(script(build_model(SPEC)), SPEC, lookup)
+    engine = PersiaInference(script(build_model(SPEC)), SPEC, per_table(lookup))
     batch, dense, _ = seed_style_batch(rng, batch_size=4)
     [scores] = engine.predict_many([batch.to_bytes()])
     assert isinstance(scores, np.ndarray) and scores.shape == (dense.shape[0],)

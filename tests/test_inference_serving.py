@@ -4,7 +4,8 @@ stopped by PID), two embedding-server shards per test, and the loader.
 The last test is the issue's "done when": a packet written to storage changes rows a request
 uses, the loader applies it, and TorchServe's prediction becomes exactly what the in-process
 handler computes with the new rows. `test_seed_request_example` runs the seed document's
-request code (section 4) as written, with only its import lines ours.
+request code (section 4) as written, with only its import lines ours, against the seed's
+shared-table model and against a model of 26 tables of mixed dims.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ast
 import os
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -21,8 +23,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from persia_inc.config import load_config
+from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.embedding_server.errors import ShardError
 from persia_inc.handler import ConfiguredHandler
 from persia_inc.inference.archive import archive_model
@@ -38,16 +42,32 @@ from persia_inc.inference.client import (
 )
 from persia_inc.inference.engine import PersiaInference
 from persia_inc.inference.local import LocalTorchServe
-from persia_inc.inference.management import GrpcManagement, HttpManagement, ManagementError
+from persia_inc.inference.management import GrpcManagement, HttpManagement, ManagementError, RegisterOptions
 from persia_inc.inference.model import build_model, load_torchscript, save_torchscript
 from persia_inc.inference.protos import stubs
-from persia_inc.inference.spec import CONFIG_ENV, SPEC_FILE, ModelSpec
+from persia_inc.inference.spec import CONFIG_ENV, SPEC_FILE, ModelSpec, spec_from_module
 from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV, EmbeddingCluster, stop_pid
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet, packet_key
 
 SPEC = ModelSpec()
+TABLE, DIM = "embedding", 16
 MODEL = "ctr"
 ROWS = 128
+
+
+class TwentySixTables(torch.nn.Module):
+    """A model with one nn.Embedding per seed feature, a few of other widths than 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables = torch.nn.ModuleDict({
+            f"feature{i + 1}": torch.nn.Embedding(10, {2: 8, 7: 32, 19: 4}.get(i, 16))
+            for i in range(26)})
+
+
+# derived from the module, as the training side does: 26 tables, ids are their signs
+MULTI = spec_from_module(TwentySixTables(), dense_dim=13,
+                         tables={n: m for n, m in TwentySixTables().tables.items()})
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +84,30 @@ def dense_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_torchscript(build_model(SPEC, seed=7), tmp_path_factory.mktemp("model") / f"{MODEL}.pt")
 
 
-def request(seed: int, rows: int = ROWS) -> tuple[bytes, list[np.ndarray]]:
+@pytest.fixture(scope="module")
+def multi_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_torchscript(build_model(MULTI, seed=8), tmp_path_factory.mktemp("multi") / "multi.pt")
+
+
+def give_rows(cluster: EmbeddingCluster, spec: ModelSpec, signs_by_table: dict[str, np.ndarray],
+              seed: int) -> None:
+    """Random rows for the unique signs of every table, one packet per table."""
+    rng = np.random.default_rng(seed)
+    with cluster.client() as client:
+        for seq, (table, signs) in enumerate(signs_by_table.items()):
+            unique = np.unique(signs)
+            client.apply(decode_packet(encode_packet(
+                PacketHeader(model=MODEL, table=table, producer="p", generation=0, sequence=seq),
+                unique, rng.standard_normal((unique.size, spec.table(table).dim)).astype(np.float32))))
+
+
+def request(seed: int, rows: int = ROWS, spec: ModelSpec = SPEC) -> tuple[bytes, list[np.ndarray]]:
     """A seed-document-style request; returns (body, the raw signs of each feature:
     uint64[rows, 16])."""
     rng = np.random.default_rng(seed)
-    sparse = [rng.integers(0, 5000, (rows, 16), dtype=np.uint64) for _ in SPEC.sparse]
-    body = (PersiaBatch().add_dense([rng.random((rows, SPEC.dense_dim), dtype=np.float32)])
-            .add_sparse(list(zip(SPEC.sparse, sparse, strict=True))).to_bytes())
+    sparse = [rng.integers(0, 5000, (rows, 16), dtype=np.uint64) for _ in spec.sparse]
+    body = (PersiaBatch().add_dense([rng.random((rows, spec.dense_dim), dtype=np.float32)])
+            .add_sparse(list(zip(spec.sparse, sparse, strict=True))).to_bytes())
     return body, sparse
 
 
@@ -82,7 +119,7 @@ def table_signs(sparse: list[np.ndarray]) -> np.ndarray:
 def publish(config_path: Path, sequence: int, signs: np.ndarray, rows: np.ndarray) -> str:
     """Store a packet as the training side does (atomic put under incremental_dir)."""
     config = load_config(config_path)
-    header = PacketHeader(model=config.persia_inc.model, table=SPEC.table, producer="trainer-0",
+    header = PacketHeader(model=config.persia_inc.model, table=TABLE, producer="trainer-0",
                           generation=0, sequence=sequence)
     key = packet_key(header.model, header.table, header.producer, 0, sequence)
     store = config.open_store()
@@ -93,9 +130,11 @@ def publish(config_path: Path, sequence: int, signs: np.ndarray, rows: np.ndarra
     return key
 
 
-def in_process(cluster: EmbeddingCluster, dense_pt: Path) -> tuple[PersiaInference, Callable[[], None]]:
+def in_process(cluster: EmbeddingCluster, dense_pt: Path, spec: ModelSpec = SPEC
+               ) -> tuple[PersiaInference, EmbeddingClient]:
+    """The in-process engine on the cluster, and its client (close it)."""
     client = cluster.client()
-    return PersiaInference(load_torchscript(dense_pt), SPEC, client.lookup), client.close
+    return PersiaInference.from_client(load_torchscript(dense_pt), spec, client), client
 
 
 def make_cluster(factory: Callable[..., EmbeddingCluster], name: str) -> EmbeddingCluster:
@@ -135,13 +174,27 @@ infer(get_inference_stub(), 'you_model_name', model_input)
 # --------------------------------------------------------------------------------- tests
 
 
-def test_seed_request_example(torchserve: LocalTorchServe, dense_pt: Path,
+def request_signs(spec: ModelSpec, body: bytes) -> dict[str, np.ndarray]:
+    """table -> uint64[n] the table signs a request body uses."""
+    decoded = decode_batch(body, spec)
+    b, bags = decoded.rows, decoded.bag_offsets
+    per_feature = {name: decoded.signs[bags[f * b]:bags[(f + 1) * b]] for f, name in enumerate(spec.sparse)}
+    out: dict[str, list[np.ndarray]] = {}
+    for name, signs in per_feature.items():
+        out.setdefault(spec.feature_table(name).name, []).append(signs)
+    return {table: np.concatenate(parts) for table, parts in out.items()}
+
+
+@pytest.mark.parametrize("layout", ["shared table", "26 tables"])
+def test_seed_request_example(layout: str, torchserve: LocalTorchServe, dense_pt: Path, multi_pt: Path,
                               monkeypatch: pytest.MonkeyPatch,
                               embedding_cluster_factory: Callable[..., EmbeddingCluster]) -> None:
-    """The seed's code runs unchanged against TorchServe serving 'you_model_name';
-    get_inference_stub() finds TorchServe through PERSIA_INC_INFERENCE_ADDRESS."""
+    """The seed's code runs unchanged against TorchServe serving 'you_model_name' (the seed's
+    shared-table model, or one of 26 tables of mixed dims); get_inference_stub() finds
+    TorchServe through PERSIA_INC_INFERENCE_ADDRESS."""
+    spec, pt = (SPEC, dense_pt) if layout == "shared table" else (MULTI, multi_pt)
     cluster = make_cluster(embedding_cluster_factory, "seed")
-    archive_model("you_model_name", dense_pt, SPEC, torchserve.model_store,
+    archive_model("you_model_name", pt, spec, torchserve.model_store,
                   config_file=cluster.config_path, check_config=load_config)
     monkeypatch.setenv(ADDRESS_ENV, torchserve.grpc_inference_target)
     program = ast.parse(SEED_IMPORTS + SEED_EXAMPLE, "<seed example>")
@@ -152,14 +205,9 @@ def test_seed_request_example(torchserve: LocalTorchServe, dense_pt: Path,
     model_input = namespace["model_input"]
     assert isinstance(model_input, bytes)
 
-    # give half of the request's signs rows, so the answer depends on the embedding servers
-    signs = np.unique(decode_batch(model_input, SPEC).signs)[::2]
-    rows = np.random.default_rng(21).standard_normal((signs.size, SPEC.dim)).astype(np.float32)
-    with cluster.client() as client:
-        client.apply(decode_packet(encode_packet(
-            PacketHeader(model=MODEL, table=SPEC.table, producer="p", generation=0, sequence=0),
-            signs, rows)))
-    engine, close = in_process(cluster, dense_pt)
+    # give half of the request's signs of every table rows, so the answer depends on them
+    give_rows(cluster, spec, {t: np.unique(s)[::2] for t, s in request_signs(spec, model_input).items()}, 21)
+    engine, client = in_process(cluster, pt, spec)
     try:
         with HttpManagement(torchserve.management_url) as mgmt:
             mgmt.register("you_model_name.mar")
@@ -170,11 +218,71 @@ def test_seed_request_example(torchserve: LocalTorchServe, dense_pt: Path,
         want = engine.predict(model_input)
         assert want.shape == (128,) and np.isfinite(want).all()
         assert isinstance(scores, np.ndarray) and np.array_equal(scores, want)
-        no_rows = PersiaInference(engine.model, SPEC,
-                                  lambda table, s: np.zeros((s.size, SPEC.dim), np.float32))
+        no_rows = PersiaInference(engine.model, spec, lambda by_table: {
+            t: np.zeros((s.size, spec.table(t).dim), np.float32) for t, s in by_table.items()})
         assert not np.array_equal(want, no_rows.predict(model_input))  # the rows mattered
     finally:
-        close()
+        client.close()
+
+
+def test_multi_table_model_over_grpc_and_http(
+        torchserve: LocalTorchServe, multi_pt: Path,
+        embedding_cluster_factory: Callable[..., EmbeddingCluster]) -> None:
+    """26 tables of dims 4, 8, 16 and 32: TorchServe (gRPC and HTTP) answers exactly what the
+    in-process engine computes (up to float rounding when TorchServe batched requests into one
+    forward); a bad request is an error naming the column for `infer` (INVALID_ARGUMENT) and
+    HTTP (400), also when TorchServe batches it with good ones."""
+    assert len(MULTI.tables) == 26 and sorted(set(MULTI.dims)) == [4, 8, 16, 32]
+    assert MULTI.sparse_shape(3) == (3, sum(MULTI.dims))
+    cluster = make_cluster(embedding_cluster_factory, "multi")
+    bodies = [request(30 + i, rows, MULTI)[0] for i, rows in enumerate((ROWS, 1, 33))]
+    give_rows(cluster, MULTI, request_signs(MULTI, bodies[0]), 31)
+    archive_model("multi", multi_pt, MULTI, torchserve.model_store, config_file=cluster.config_path,
+                  check_config=load_config)
+    engine, client = in_process(cluster, multi_pt, MULTI)
+    stub = get_inference_stub(torchserve.grpc_inference_target)
+    missing = (PersiaBatch().add_dense([np.zeros((4, 13), np.float32)])
+               .add_sparse([(n, np.zeros((4, 1), np.uint64)) for n in MULTI.sparse if n != "feature8"])
+               .to_bytes())
+    try:
+        with HttpManagement(torchserve.management_url) as mgmt:
+            # batches of up to 4 requests, filled for up to 300 ms
+            mgmt.register("multi.mar", options=RegisterOptions(batch_size=4, max_batch_delay_ms=300))
+            try:
+                wants = [engine.predict(body) for body in bodies]
+                assert not np.array_equal(wants[0], engine.predict(request(99, ROWS, MULTI)[0]))
+                for body, want in zip(bodies, wants, strict=True):
+                    assert np.array_equal(infer(stub, "multi", body), want)
+                    assert np.array_equal(infer_http(torchserve.inference_url, "multi", body), want)
+                # all together, with a bad one: TorchServe batches them
+                answers: dict[int, object] = {}
+
+                def send(i: int, body: bytes) -> None:
+                    try:
+                        answers[i] = (infer(stub, "multi", body) if i % 2
+                                      else infer_http(torchserve.inference_url, "multi", body))
+                    except InferenceError as exc:
+                        answers[i] = exc
+
+                threads = [threading.Thread(target=send, args=(i, b))
+                           for i, b in enumerate([*bodies, missing, missing])]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(60)
+                for i, want in enumerate(wants):
+                    # one forward over the batch: the MLP's float sums may round differently
+                    assert isinstance(answers[i], np.ndarray), answers[i]
+                    np.testing.assert_allclose(answers[i], want, rtol=1e-5, atol=1e-7)
+                for i, status in ((3, "INVALID_ARGUMENT"), (4, 400)):
+                    error = answers[i]
+                    assert isinstance(error, InferenceError) and error.status == status, error
+                    assert "column 'feature8': missing" in error.message
+            finally:
+                mgmt.unregister("multi")
+    finally:
+        stub.channel.close()
+        client.close()
 
 
 def test_register_infer_and_bad_requests(torchserve: LocalTorchServe, dense_pt: Path,
@@ -183,14 +291,14 @@ def test_register_infer_and_bad_requests(torchserve: LocalTorchServe, dense_pt: 
     cluster = make_cluster(embedding_cluster_factory, "serve")
     body, sparse = request(1)
     signs = table_signs(sparse)
-    rows = np.random.default_rng(2).standard_normal((signs.size, SPEC.dim)).astype(np.float32)
+    rows = np.random.default_rng(2).standard_normal((signs.size, DIM)).astype(np.float32)
     with cluster.client() as client:
         client.apply(decode_packet(
-            encode_packet(PacketHeader(model=MODEL, table=SPEC.table, producer="p", generation=0,
+            encode_packet(PacketHeader(model=MODEL, table=TABLE, producer="p", generation=0,
                                        sequence=0), signs, rows)))
     archive_model("served", dense_pt, SPEC, torchserve.model_store, config_file=cluster.config_path,
                   check_config=load_config)
-    engine, close = in_process(cluster, dense_pt)
+    engine, client = in_process(cluster, dense_pt)
     stub = get_inference_stub(torchserve.grpc_inference_target)
     try:
         with GrpcManagement(torchserve.grpc_management_target) as grpc_mgmt, \
@@ -246,7 +354,7 @@ def test_register_infer_and_bad_requests(torchserve: LocalTorchServe, dense_pt: 
             assert refused.value.status == "NOT_FOUND" or "not found" in refused.value.message.lower()
     finally:
         stub.channel.close()
-        close()
+        client.close()
 
 
 def test_handler_in_process_with_config_from_environment(
@@ -260,8 +368,8 @@ def test_handler_in_process_with_config_from_environment(
     some = table_signs(sparse1)[::2]  # half of request 1's signs have rows; the rest read as zeros
     with cluster.client() as client:
         client.apply(decode_packet(encode_packet(
-            PacketHeader(model=MODEL, table=SPEC.table, producer="p", generation=0, sequence=0),
-            some, np.full((some.size, SPEC.dim), 0.25, np.float32))))
+            PacketHeader(model=MODEL, table=TABLE, producer="p", generation=0, sequence=0),
+            some, np.full((some.size, DIM), 0.25, np.float32))))
     mar = archive_model("envmodel", dense_pt, SPEC, tmp_path / "store")
     model_dir = tmp_path / "model_dir"
     with zipfile.ZipFile(mar) as archive:
@@ -293,11 +401,11 @@ def test_handler_in_process_with_config_from_environment(
         assert refused.value.error_code == 400
         assert refused.value.message.startswith("bad request: not an Arrow IPC stream")
         assert ";" not in refused.value.message  # the same error once
-        engine, close = in_process(cluster, dense_pt)
+        engine, client = in_process(cluster, dense_pt)
         try:
             assert out[0] == engine.predict(good1).tolist()
         finally:
-            close()
+            client.close()
     finally:
         handler.client.close()
 
@@ -316,15 +424,15 @@ def test_incremental_update_reaches_inference(
     body, sparse = request(11)
     signs = table_signs(sparse)
     rng = np.random.default_rng(12)
-    old_rows = rng.standard_normal((signs.size, SPEC.dim)).astype(np.float32)
-    engine, close = in_process(cluster, dense_pt)
+    old_rows = rng.standard_normal((signs.size, DIM)).astype(np.float32)
+    engine, client = in_process(cluster, dense_pt)
     stub = get_inference_stub(torchserve.grpc_inference_target)
 
     def wait_for_rows(expected: np.ndarray, what: str) -> None:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if np.array_equal(engine.lookup(SPEC.table, signs), expected):
+                if np.array_equal(client.lookup(TABLE, signs), expected):
                     return
             except ShardError as exc:  # NOT_FOUND until the first packet creates the table
                 assert exc.code == "NOT_FOUND", exc
@@ -346,7 +454,7 @@ def test_incremental_update_reaches_inference(
             # the training side changes the rows of sample 0's signs of every feature, and more
             touched = np.unique(np.concatenate(
                 [SPEC.table_signs(f, s[0]) for f, s in enumerate(sparse)] + [signs[::3]]))
-            new_rows = np.random.default_rng(13).standard_normal((touched.size, SPEC.dim)).astype(np.float32)
+            new_rows = np.random.default_rng(13).standard_normal((touched.size, DIM)).astype(np.float32)
             new_rows[:, :] *= 3.0
             publish(cluster.config_path, 1, touched, new_rows)
             expected_table = old_rows.copy()
@@ -362,6 +470,6 @@ def test_incremental_update_reaches_inference(
             mgmt.unregister("e2e")
     finally:
         stub.channel.close()
-        close()
+        client.close()
         stop_pid(loader)
     assert loader.returncode == 0, (tmp_path / "loader.log").read_text()[-3000:]

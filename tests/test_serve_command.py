@@ -28,18 +28,32 @@ from persia_inc.inference.spec import ModelSpec
 from persia_inc.local_services import EmbeddingCluster, stop_pid, write_test_config
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
 
-SPEC = ModelSpec()
+# the demo's layout (one table per feature), a few tables wider or narrower than the rest
+SPEC = ModelSpec.per_feature({f"C{i + 1}": {2: 8, 9: 32}.get(i, 16) for i in range(26)})
 CLI = [sys.executable, "-m", "persia_inc.cli"]
 
 
-def request(seed: int, rows: int = 32) -> tuple[bytes, np.ndarray]:
-    """A seed-style request and the unique table signs it uses."""
+def request(seed: int, rows: int = 32) -> tuple[bytes, dict[str, np.ndarray]]:
+    """A seed-style request and the table signs it uses (table -> uint64[n])."""
     rng = np.random.default_rng(seed)
     sparse = [rng.integers(0, 5000, (rows, 16), dtype=np.uint64) for _ in SPEC.sparse]
     body = (PersiaBatch().add_dense([rng.random((rows, SPEC.dense_dim), dtype=np.float32)])
             .add_sparse(list(zip(SPEC.sparse, sparse, strict=True))).to_bytes())
-    signs = np.unique(np.concatenate([SPEC.table_signs(f, s.reshape(-1)) for f, s in enumerate(sparse)]))
-    return body, signs
+    return body, SPEC.signs_by_table(dict(zip(SPEC.sparse, sparse, strict=True)))
+
+
+def give_rows(cluster: EmbeddingCluster, signs: dict[str, np.ndarray], seed: int | None) -> None:
+    """Store a row for every sign (random from `seed`; ones for None), one packet per table."""
+    rng = np.random.default_rng(seed)
+    with cluster.client() as client:
+        for seq, (table, table_signs) in enumerate(signs.items()):
+            unique = np.unique(table_signs)
+            dim = SPEC.table(table).dim
+            rows = (rng.standard_normal((unique.size, dim)).astype(np.float32) if seed is not None
+                    else np.ones((unique.size, dim), np.float32))
+            client.apply(decode_packet(encode_packet(
+                PacketHeader(model="ctr", table=table, producer="p", generation=0, sequence=seq),
+                unique, rows)))
 
 
 def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -57,11 +71,7 @@ def test_serve_starts_serves_and_stops_on_sigterm(
         tmp_path: Path, embedding_cluster_factory: Callable[..., EmbeddingCluster]) -> None:
     cluster = embedding_cluster_factory(2, name="serve", model="ctr")
     body, signs = request(5)
-    rows = np.random.default_rng(6).standard_normal((signs.size, SPEC.dim)).astype(np.float32)
-    with cluster.client() as client:
-        client.apply(decode_packet(encode_packet(
-            PacketHeader(model="ctr", table=SPEC.table, producer="p", generation=0, sequence=0),
-            signs, rows)))
+    give_rows(cluster, signs, 6)
     dense_pt = save_torchscript(build_model(SPEC, seed=3), tmp_path / "ctr.pt")
     store = tmp_path / "store"
     archive_model("ctr", dense_pt, SPEC, store)  # no config inside: --config names the servers
@@ -76,7 +86,7 @@ def test_serve_starts_serves_and_stops_on_sigterm(
              *[arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]],
             stdout=out, stderr=err)
     client = cluster.client()
-    engine = PersiaInference(load_torchscript(dense_pt), SPEC, client.lookup)
+    engine = PersiaInference.from_client(load_torchscript(dense_pt), SPEC, client)
     try:
         deadline = time.monotonic() + 120
         while "stop with SIGTERM" not in out_path.read_text():
@@ -124,10 +134,7 @@ def test_serve_with_token_authorization(
     a request without the inference key is refused and one with it is answered."""
     cluster = embedding_cluster_factory(2, name="tok", model="ctr")
     body, signs = request(8)
-    with cluster.client() as client:  # creates the table
-        client.apply(decode_packet(encode_packet(
-            PacketHeader(model="ctr", table=SPEC.table, producer="p", generation=0, sequence=0),
-            signs, np.ones((signs.size, SPEC.dim), np.float32))))
+    give_rows(cluster, signs, None)  # creates the tables
     archive_model("ctr", save_torchscript(build_model(SPEC, seed=3), tmp_path / "ctr.pt"), SPEC,
                   tmp_path / "store")
     http_port = free_port()

@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="workers of the model (default: 1)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N",
                         help="TorchServe batch size (default: 1; above 1, a bad request that shares "
-                             "a batch with good ones is an OK with an error body over gRPC)")
+                             "a batch with good ones is answered HTTP 400, but over gRPC an OK with an "
+                             "error body: TorchServe 0.12's gRPC front end drops per-request statuses)")
     parser.add_argument("--max-batch-delay-ms", type=int, default=5, metavar="MS",
                         help="how long TorchServe waits to fill a batch (default: 5)")
     parser.add_argument("--start-timeout-s", type=float, default=120.0, metavar="S",
@@ -86,6 +87,23 @@ def _model_name(mar: Path) -> str:
         return str(manifest["model"]["modelName"])
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{mar} is not a model archive (.mar): {exc}") from exc
+
+
+def _layout(mar: Path) -> str:
+    """What the .mar's model spec serves, in a few words; ValueError (naming the spec's key)
+    if the spec is missing or malformed, so that fails here and not in a worker."""
+    from persia_inc.inference.spec import SPEC_FILE, ModelSpec
+
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            text = archive.read(SPEC_FILE).decode("utf-8")
+    except (OSError, KeyError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{mar} has no readable {SPEC_FILE} (build it with "
+                         f"persia_inc.inference.archive): {exc}") from exc
+    spec = ModelSpec.from_json(text, f"{mar.name}:{SPEC_FILE}")
+    dims = sorted(set(spec.dims))
+    return (f"{len(spec.sparse)} sparse features in {len(spec.tables)} table(s), dim "
+            f"{'/'.join(map(str, dims))}, {spec.dense_dim} dense")
 
 
 def _management_key(server: LocalTorchServe) -> str:
@@ -133,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"no {args.model} in {store}", 2)
     try:
         model_name = _model_name(mar)
+        layout = _layout(mar)
     except ValueError as exc:
         return _fail(str(exc), 2)
     for name in ("workers", "batch_size"):
@@ -163,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         grpc_target = server.grpc_inference_target
         token = (f"on, keys in {server.key_file}" if args.token_auth
                  else "off (--token-auth turns it on)")
-        print(f"serving model {model_name!r} ({mar}) with {args.workers} worker(s); "
+        print(f"serving model {model_name!r} ({mar}: {layout}) with {args.workers} worker(s); "
               f"TorchServe pid {server.pid}, logs in {workdir / 'logs'}\n"
               f"  inference   gRPC {grpc_target}  HTTP {server.inference_url}\n"
               f"  management  gRPC {server.grpc_management_target}  HTTP {server.management_url}\n"
