@@ -28,7 +28,7 @@ def test_demo_runs_the_whole_pipeline_and_verifies(tmp_path: Path) -> None:
     assert report["checked_rows"] > 26 * 1000
     assert 0 < report["freshness_ms"]["p50"] <= report["freshness_ms"]["p99"]
     assert (tmp_path / "freshness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert report["pictures"] == ["freshness.png"]
+    assert report["pictures"] == ["freshness.png", "serving.png"]
     assert "verified" in result.stdout
 
 
@@ -97,8 +97,9 @@ def test_demo_without_torch_says_which_extra_in_one_line(tmp_path: Path) -> None
 def test_demo_import_path_and_picture_without_matplotlib(tmp_path: Path) -> None:
     """The demo's modules import without the extras, and the picture is skipped, not a crash."""
     code = ("import sys; from pathlib import Path; import persia_inc.cli, persia_inc.commands.demo; "
-            "import persia_inc.demo.pipeline; from persia_inc.demo.report import plot_freshness; "
-            "assert 'matplotlib' not in sys.modules; "
+            "import persia_inc.demo.pipeline, persia_inc.demo.serving; "
+            "from persia_inc.demo.report import plot_freshness; "
+            "assert 'matplotlib' not in sys.modules and 'torch' not in sys.modules; "
             f"print(plot_freshness([1.0, 2.0], Path({str(tmp_path / 'f.png')!r})))")
     result = subprocess.run([sys.executable, "-c", code], env=_without(tmp_path, "matplotlib", "torch"),
                             capture_output=True, text=True, timeout=60, check=False)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,14 +14,20 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
-HELP = "train with the hook, load into two embedding servers, verify every row (make demo)"
+HELP = "train with the hook, load into two embedding servers, serve, verify every row (make demo)"
 DESCRIPTION = """\
-Builds an initial sparse checkpoint of a CTR model (26 embedding tables, dim 16), starts the
-embedding servers from it, trains the model on synthetic Criteo-shaped data with the producer
-hook (evicting rows now and then), runs the loader, and shows live progress: steps, packets,
-rows applied, freshness p50/p99 and lag. At the end it checks that every row on the servers
-equals the training table byte for byte and that evicted rows are gone, prints a summary,
-and writes report.json and freshness.png (with matplotlib: the `plot` extra) into the workdir.
+Warms a CTR model (26 embedding tables, dim 16) up on a synthetic Criteo-shaped click stream,
+saves the sparse checkpoint the embedding servers start from and the dense part (TorchScript),
+then trains on with the producer hook while the stream drifts (what users like moves, new ids
+arrive; evicting rows now and then), and runs the loader. Meanwhile a steady stream of
+requests (128 rows each) is scored twice with the checkpoint's dense part: with embeddings
+from the live servers, which the loader keeps updating, and from a frozen copy that loaded
+the same checkpoint and never gets a packet; their AUC and log-loss show what freshness is
+worth. Live progress: steps, packets, rows applied, freshness p50/p99, lag, requests/s,
+serving p50/p99 and AUC of both arms. At the end it checks that every row on the live servers
+equals the training table byte for byte, that evicted rows are gone and that the frozen arm
+still holds the checkpoint, prints a summary, and writes report.json, freshness.png and
+serving.png (with matplotlib: the `plot` extra) into the workdir.
 
 The default is the embedded set-up: local directory storage and the watchdog loader, no
 external services. --storage ceph|hdfs and --announce kafka use real services:
@@ -41,7 +48,10 @@ missing package (the line says how to install it), 130 Ctrl-C, 143 SIGTERM.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seconds", type=float, default=60.0, help="training time (default 60)")
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="training and serving time after the checkpoint (default 60)")
+    parser.add_argument("--warmup-seconds", type=float, default=8.0,
+                        help="training time before the checkpoint (default 8)")
     parser.add_argument("--workdir", type=Path, help="where everything goes (default: a temp dir)")
     parser.add_argument("--storage", choices=["local", "ceph", "hdfs"], default="local")
     parser.add_argument("--announce", choices=["dir", "kafka"], default="dir")
@@ -77,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"persia-inc demo: the demo trains with PyTorch, which is not installed: "
               f"{install_hint('torch')}", file=sys.stderr)
         return 2
-    if args.shards < 1 or args.vocab < 100 or args.seconds <= 0:
-        print("persia-inc demo: --shards >= 1, --vocab >= 100 and --seconds > 0 please")
+    if args.shards < 1 or args.vocab < 100 or args.seconds <= 0 or args.warmup_seconds < 0:
+        print("persia-inc demo: --shards >= 1, --vocab >= 100, --seconds > 0 and "
+              "--warmup-seconds >= 0 please")
         return 2
     try:
         plan = plan_services(args.storage, args.announce, incremental_dir=args.incremental_dir,
@@ -101,12 +112,13 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"[bold]persia-inc demo[/] in {workdir} ({args.storage} storage, "
                   f"{args.announce} announcements, {args.shards} embedding servers)")
     if not have("matplotlib"):
-        console.print("no freshness.png this time: matplotlib is not installed "
+        console.print("no freshness.png nor serving.png this time: matplotlib is not installed "
                       f"({install_hint('matplotlib')})")
 
     def render(progress: Progress) -> Table:
         table = Table(show_header=False, box=None)
         lag = progress.packets_stored - progress.packets_visible
+        now = time.monotonic()
         for name, value in (
             ("phase", progress.phase),
             ("training steps", f"{progress.steps:,}"),
@@ -114,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
             ("rows applied", f"{progress.rows_applied:,}"),
             ("freshness p50 / p99", f"{progress.percentile(50):.0f} ms / {progress.percentile(99):.0f} ms"),
             ("lag", f"{lag:,} packets"),
+            ("requests/s (errors)", f"{progress.requests_per_s(now):.1f} ({progress.serving_errors})"),
+            ("serving p50 / p99", f"{progress.serving_percentile(50):.1f} ms / "
+                                  f"{progress.serving_percentile(99):.1f} ms"),
+            ("AUC live / frozen", f"{progress.auc_live:.3f} / {progress.auc_frozen:.3f}"),
         ):
             table.add_row(f"[cyan]{name}[/]", value)
         return table
@@ -130,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
                     console.print(services.describe(), markup=False, highlight=False, soft_wrap=True)
                 s3 = services.s3 or (S3Settings(endpoint_url=plan.s3_endpoint) if plan.s3_endpoint
                                      else None)
-                options = DemoOptions(workdir=workdir, seconds=args.seconds, storage=args.storage,
+                options = DemoOptions(workdir=workdir, seconds=args.seconds,
+                                      warmup_s=args.warmup_seconds, storage=args.storage,
                                       announce=args.announce, shards=args.shards, vocab=args.vocab,
                                       incremental_dir=args.incremental_dir, s3=s3,
                                       kafka_bootstrap=services.kafka_bootstrap or plan.kafka_bootstrap)
@@ -163,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     summary.add_column("check")
     summary.add_column("result", justify="right")
     fresh = report.freshness_ms
+    serving = report.serving
     for name, value in (
         ("verified", "[green]yes[/]" if report.verified else "[red]NO[/]"),
         ("training steps", f"{report.steps:,} in {report.train_seconds:.0f} s"),
@@ -174,6 +192,13 @@ def run(args: argparse.Namespace) -> int:
         ("evicted rows / still served", f"{report.evicted_rows:,} / {report.evicted_still_served:,}"),
         ("freshness p50 / p99 / max", f"{fresh.get('p50', 0):.0f} / {fresh.get('p99', 0):.0f} / "
                                       f"{fresh.get('max', 0):.0f} ms"),
+        (f"serving ({serving.get('frontend', '-')}): requests / errors",
+         f"{serving.get('requests', 0):,} / {serving.get('errors', 0):,}"),
+        ("serving p50 / p99", f"{serving.get('p50_ms', 0):.1f} / {serving.get('p99_ms', 0):.1f} ms"),
+        ("AUC live / frozen", f"{_figure(serving.get('auc_live'))} / "
+                              f"{_figure(serving.get('auc_frozen'))}"),
+        ("log-loss live / frozen", f"{_figure(serving.get('logloss_live'))} / "
+                                   f"{_figure(serving.get('logloss_frozen'))}"),
     ):
         summary.add_row(name, value)
     console.print(summary)
@@ -184,6 +209,11 @@ def run(args: argparse.Namespace) -> int:
     if services.pids:
         console.print(_stopped(services.pids, left), markup=False, highlight=False, soft_wrap=True)
     return 0 if report.verified else 1
+
+
+def _figure(value: object) -> str:
+    """A 4-decimal figure of the report, or "-" when absent (None)."""
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
 
 def _stopped(pids: dict[str, int], left: list[int]) -> str:

@@ -14,14 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from persia_inc.demo.clicks import DENSE_FEATURES, SPARSE_FEATURES, table_names
+
 if TYPE_CHECKING:
     from persia_inc.producer import IncrementalProducer
-
-DENSE_FEATURES, SPARSE_FEATURES = 13, 26
-
-
-def table_names() -> list[str]:
-    return [f"C{i + 1}" for i in range(SPARSE_FEATURES)]
 
 
 class CTRModel(nn.Module):
@@ -50,6 +46,26 @@ class CTRModel(nn.Module):
     def named_tables(self) -> dict[str, nn.Embedding]:
         return {name: typing.cast(nn.Embedding, table)
                 for name, table in zip(table_names(), self.tables, strict=True)}
+
+
+class DenseHead(nn.Module):
+    """The dense part alone, as served: forward(dense: float32[b, 13], sparse: float32[b, 26,
+    dim] looked-up embeddings) -> click probability float32[b] (the signature of
+    `persia_inc.inference.model.CtrDense`, so TorchServe can serve it)."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.mlp(torch.cat([dense, sparse.flatten(1)], dim=1))).squeeze(1)
+
+
+def dense_part(model: CTRModel) -> DenseHead:
+    """A copy of `model`'s dense part as it is now (later training does not change it)."""
+    import copy
+
+    return DenseHead(copy.deepcopy(model.mlp)).eval()
 
 
 def synthetic_batch(rng: np.random.Generator, batch: int, vocab: int, zipf: float = 1.2

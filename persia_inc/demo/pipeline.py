@@ -1,8 +1,9 @@
-"""The demo pipeline: checkpoint, servers, loader, training with the hook, then verification.
+"""The demo pipeline: warm-up, checkpoint, servers, loader, training with the hook on a
+drifting click stream while two arms serve it, then verification.
 
-The parts it runs live beside it: `processes` (the child processes), `freshness` (how fresh
-each packet became visible), `verify` (rows bit for bit) and `report` (progress, report,
-picture).
+The parts it runs live beside it: `clicks` (the drifting stream), `processes` (the child
+processes), `freshness` (how fresh each packet became visible), `serving` (live vs frozen
+predictions), `verify` (rows bit for bit) and `report` (progress, report, pictures).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,9 +22,11 @@ import numpy as np
 import yaml
 
 from persia_inc.config import Config, load_config
+from persia_inc.demo.clicks import ClickStream, ClickStreamConfig
 from persia_inc.demo.freshness import FreshnessWatcher
 from persia_inc.demo.processes import ChildProcess
-from persia_inc.demo.report import DemoReport, Progress, plot_freshness
+from persia_inc.demo.report import DemoReport, Progress, plot_freshness, plot_serving
+from persia_inc.demo.serving import ServingOptions, ServingProbe, in_process_scorer, live_scorer
 from persia_inc.demo.verify import verify_rows
 from persia_inc.foundation.net import free_port
 from persia_inc.storage import S3Settings, resolve_s3_endpoint
@@ -32,12 +35,18 @@ from persia_inc.wiring import embedding_client, producer_from_config
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
+    from persia_inc.embedding_server.client import EmbeddingClient
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """seconds: training time; vocab: rows per table; shards: embedding-server processes;
+    """seconds: training time after the checkpoint (the stream drifts meanwhile); warmup_s:
+    training time before it (the stream stands still); vocab: rows per table; shards:
+    embedding-server processes of the live arm; frozen_shards: of the frozen arm;
+    embedding_lr / dense_lr: SGD learning rates of the tables / the MLP; drift: the click
+    stream (default: `ClickStreamConfig` with this vocab and seed); serving: the requests;
     incremental_dir: override for ceph/hdfs (default: a folder in the workdir, or a fresh
     bucket for ceph); s3: the S3 endpoint and keys for ceph (None: the endpoint from the
     environment, see `resolve_s3_endpoint`, and boto3's credential chain); kafka_bootstrap:
@@ -45,9 +54,11 @@ class DemoOptions:
 
     workdir: Path
     seconds: float = 60.0
+    warmup_s: float = 8.0
     storage: str = "local"
     announce: str = "dir"
     shards: int = 2
+    frozen_shards: int = 1
     vocab: int = 20_000
     dim: int = 16
     batch: int = 1024
@@ -55,6 +66,10 @@ class DemoOptions:
     flush_interval_s: float = 0.5
     evict_every_steps: int = 40
     evict_rows: int = 64
+    embedding_lr: float = 60.0
+    dense_lr: float = 0.1
+    drift: ClickStreamConfig | None = None
+    serving: ServingOptions = field(default_factory=ServingOptions)
     incremental_dir: str = ""
     kafka_bootstrap: str = ""
     s3: S3Settings | None = None
@@ -85,7 +100,8 @@ def _s3_settings(options: DemoOptions) -> S3Settings:
     return dataclasses.replace(s3, endpoint_url=resolve_s3_endpoint(s3.endpoint_url))
 
 
-def write_config(options: DemoOptions, servers: list[str], checkpoint: str) -> Path:
+def write_config(options: DemoOptions, servers: list[str], checkpoint: str,
+                 name: str = "global_config.yaml") -> Path:
     ours: dict = {
         "model": "demo",
         "producer": {"flush_interval_s": options.flush_interval_s, "announce": options.announce,
@@ -110,18 +126,19 @@ def write_config(options: DemoOptions, servers: list[str], checkpoint: str) -> P
         "storage": options.storage,
         "persia_inc": ours,
     }
-    path = options.workdir / "global_config.yaml"
+    path = options.workdir / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
 def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | None = None
              ) -> DemoReport:
-    """Run the pipeline; writes report.json and freshness.png into the workdir."""
+    """Run the pipeline; writes report.json, freshness.png and serving.png into the workdir."""
     import torch
 
-    from persia_inc.demo.ctr import CTRModel, synthetic_batch
+    from persia_inc.demo.ctr import CTRModel, dense_part
     from persia_inc.embedding_server.checkpoint import write_checkpoint
+    from persia_inc.inference.model import load_torchscript, save_torchscript
     from persia_inc.producer.torch_hook import IncrementalUpdateHook
     from persia_inc.storage import open_store
 
@@ -133,14 +150,40 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     notify = on_progress or (lambda _p: None)
 
     model = CTRModel(options.vocab, options.dim, seed=options.seed)
+    stream = ClickStream(options.drift or ClickStreamConfig(
+        vocab=options.vocab, popular=min(200, options.vocab // 2), seed=options.seed))
+    tables = model.named_tables()
+    optimizer = torch.optim.SGD([{"params": model.tables.parameters(), "lr": options.embedding_lr},
+                                 {"params": model.mlp.parameters(), "lr": options.dense_lr}])
+    rng = np.random.default_rng(options.seed)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def train_step() -> np.ndarray:
+        """One SGD step on a batch of the stream as it is now; returns its ids int64[b, 26]."""
+        clicks = stream.sample(rng, options.batch)
+        sparse = torch.from_numpy(clicks.ids)
+        optimizer.zero_grad()
+        loss_fn(model(torch.from_numpy(clicks.dense), sparse), torch.from_numpy(clicks.label)).backward()
+        optimizer.step()
+        return clicks.ids
+
+    progress.phase = "warming up (no drift)"
+    notify(progress)
+    started = time.monotonic()
+    while time.monotonic() - started < options.warmup_s:
+        train_step()
+        report.warmup_steps += 1
     checkpoint = str(workdir / "checkpoint")
-    with open_store(checkpoint) as ckpt_store:
+    with open_store(checkpoint) as ckpt_store:  # the servers start here; the frozen arm stays
         signs = np.arange(options.vocab, dtype=np.uint64)
-        write_checkpoint(ckpt_store, model="demo", tables={
-            name: (signs, table.weight.detach().numpy().copy())
-            for name, table in model.named_tables().items()})
+        at_checkpoint = {name: table.weight.detach().numpy().copy() for name, table in tables.items()}
+        manifest = write_checkpoint(ckpt_store, model="demo", tables={
+            name: (signs, rows) for name, rows in at_checkpoint.items()})
+    dense = load_torchscript(save_torchscript(dense_part(model), workdir / "dense.pt"))
     servers = [f"127.0.0.1:{free_port()}" for _ in range(options.shards)]
     config_path = write_config(options, servers, checkpoint)
+    frozen_servers = [f"127.0.0.1:{free_port()}" for _ in range(options.frozen_shards)]
+    frozen_path = write_config(options, frozen_servers, checkpoint, "global_config.frozen.yaml")
     config: Config = load_config(config_path)
     store = config.open_store()
     if options.storage == "ceph":
@@ -148,17 +191,23 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
 
     children: list[ChildProcess] = []
     watcher = None
+    probe = None
+    clients: list[EmbeddingClient] = []
     try:
         progress.phase = "starting embedding servers"
         notify(progress)
-        for shard in range(options.shards):
-            children.append(ChildProcess(
-                f"embedding-server {shard}",
-                ["embedding-server", "--config", str(config_path), "--shard", str(shard)],
-                workdir / "logs" / f"embedding-server-{shard}.log"))
+        for arm, path, count in (("embedding-server", config_path, options.shards),
+                                 ("frozen-embedding-server", frozen_path, options.frozen_shards)):
+            for shard in range(count):
+                children.append(ChildProcess(
+                    f"{arm} {shard}", ["embedding-server", "--config", str(path), "--shard", str(shard)],
+                    workdir / "logs" / f"{arm}-{shard}.log"))
         client = embedding_client(config)
+        frozen_client = embedding_client(frozen_path)
+        clients += [client, frozen_client]
         try:
             client.wait_ready(90)
+            frozen_client.wait_ready(90)
         except TimeoutError:
             for child in children:
                 child.check_alive()
@@ -167,22 +216,22 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
                                      workdir / "logs" / "loader.log"))
         watcher = FreshnessWatcher(client, store, "demo", progress).start()
 
-        progress.phase = "training"
+        progress.phase = "training on a drifting stream, serving live and frozen"
         producer = producer_from_config(config, producer_id="trainer-0")
-        tables = model.named_tables()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         IncrementalUpdateHook(producer, tables, optimizer)
         evicted = {name: np.zeros(options.vocab, bool) for name in tables}
-        rng = np.random.default_rng(options.seed)
-        loss_fn = torch.nn.BCEWithLogitsLoss()
         started = time.monotonic()
+
+        def stream_clock() -> float:
+            return time.monotonic() - started
+
+        probe = ServingProbe(stream, live_scorer(options.serving.frontend, client, dense),
+                             in_process_scorer(frozen_client, dense), options.serving, progress,
+                             stream_clock, until_s=options.seconds).start()
         last_notify = 0.0
-        while time.monotonic() - started < options.seconds:
-            dense, sparse, label = synthetic_batch(rng, options.batch, options.vocab)
-            optimizer.zero_grad()
-            loss_fn(model(dense, sparse), label).backward()
-            optimizer.step()
-            ids = sparse.numpy()
+        while stream_clock() < options.seconds:
+            stream.advance_to(stream_clock())
+            ids = train_step()
             for i, name in enumerate(tables):
                 evicted[name][ids[:, i]] = False  # touched again: the row lives again
             progress.steps += 1
@@ -198,6 +247,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
                 last_notify = time.monotonic()
         report.train_seconds = time.monotonic() - started
         report.steps = progress.steps
+        probe.close()
+        report.serving = probe.report()
 
         progress.phase = "draining"
         notify(progress)
@@ -212,6 +263,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         progress.phase = "verifying"
         notify(progress)
         verify_rows(client, model, evicted, report)
+        marks = [(w.table, w.producer, w.generation, w.sequence) for w in manifest.watermarks]
+        _check_frozen(frozen_client, at_checkpoint, marks, report)
         report.packets = len(watcher.created)
         report.rows_applied = progress.rows_applied
         latencies = progress.freshness_ms
@@ -228,10 +281,13 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             child.check_alive()
         report.verified = (not report.problems and report.mismatched_rows == 0
                            and report.evicted_still_served == 0 and report.packets > 0)
-        client.close()
     finally:
+        if probe is not None:
+            probe.close()
         if watcher is not None:
             watcher.stop()
+        for opened in clients:
+            opened.close()
         for child in reversed(children):
             code = child.stop()
             if code not in (0, None):
@@ -242,8 +298,33 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     notify(progress)
     if plot_freshness(progress.freshness_ms, workdir / "freshness.png"):
         report.pictures.append("freshness.png")
+    timeline = report.serving.get("timeline")
+    if plot_serving(timeline if isinstance(timeline, list) else [], workdir / "serving.png"):
+        report.pictures.append("serving.png")
     (workdir / "report.json").write_text(report.to_json())
     return report
+
+
+def _check_frozen(client: EmbeddingClient, at_checkpoint: dict[str, np.ndarray],
+                  marks: list[tuple[str, str, int, int]], report: DemoReport) -> None:
+    """The frozen arm must still hold the checkpoint: its watermarks the checkpoint's, every
+    row bit for bit; the serving checks and problems go into `report`."""
+    served = [(w.table, w.producer, w.generation, w.sequence) for w in client.watermarks()]
+    changed = 0
+    for name, rows in at_checkpoint.items():
+        now = client.lookup(name, np.arange(rows.shape[0], dtype=np.uint64))
+        changed += int(np.any(now.view(np.uint32) != rows.view(np.uint32), axis=1).sum())
+    serving = report.serving
+    serving["frozen_watermarks"] = [list(mark) for mark in served]
+    serving["frozen_rows_changed"] = changed
+    if served != marks or changed:
+        report.problems.append(f"the frozen arm changed: watermarks {served} (checkpoint: "
+                               f"{marks}), {changed} rows differ from the checkpoint")
+    if not serving.get("requests"):
+        report.problems.append("serving: no request was sent")
+    elif serving.get("errors"):
+        report.problems.append(f"serving: {serving['errors']} of {serving['requests']} requests "
+                               "failed (see logs/demo.log)")
 
 
 def _counter_total(counter: Counter) -> int:

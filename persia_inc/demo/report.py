@@ -16,7 +16,8 @@ class DemoReport:
     """What report.json holds. packets: packets seen becoming visible; objects_stored:
     packets the producer stored; flushes: flushes the producer started; services: what the
     demo started itself (endpoint, PIDs) and `services_left_running` PIDs still alive after
-    stopping them (empty)."""
+    stopping them (empty); serving: the two arms' predictions (`serving.serving_report`);
+    warmup_steps: training steps before the checkpoint."""
 
     verified: bool = False
     packets: int = 0
@@ -29,12 +30,14 @@ class DemoReport:
     evicted_rows: int = 0
     evicted_still_served: int = 0
     steps: int = 0
+    warmup_steps: int = 0
     train_seconds: float = 0.0
     storage: str = "local"
     announce: str = "dir"
     shards: int = 2
     services: dict[str, dict[str, object]] = field(default_factory=dict)
     services_left_running: list[int] = field(default_factory=list)
+    serving: dict[str, object] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     pictures: list[str] = field(default_factory=list)  # written into the workdir
 
@@ -52,9 +55,23 @@ class Progress:
     rows_applied: int = 0
     freshness_ms: list[float] = field(default_factory=list)
     phase: str = "starting"
+    requests: int = 0
+    serving_errors: int = 0
+    serving_ms: list[float] = field(default_factory=list)  # live arm, per request
+    serving_started: float = 0.0  # monotonic; 0 before serving starts
+    auc_live: float = float("nan")  # cumulative, refreshed about every second
+    auc_frozen: float = float("nan")
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.freshness_ms, q)) if self.freshness_ms else float("nan")
+
+    def serving_percentile(self, q: float) -> float:
+        return float(np.percentile(self.serving_ms, q)) if self.serving_ms else float("nan")
+
+    def requests_per_s(self, now: float) -> float:
+        """Requests per second since serving started (`now`: monotonic)."""
+        elapsed = now - self.serving_started
+        return self.requests / elapsed if self.serving_started and elapsed > 0 else 0.0
 
 
 def plot_freshness(latencies_ms: list[float], path: Path) -> bool:
@@ -77,6 +94,33 @@ def plot_freshness(latencies_ms: list[float], path: Path) -> bool:
     axes.set_xlabel("freshness: packet created → visible on every shard (ms)")
     axes.set_ylabel("packets")
     axes.set_title("persia-inc demo: update freshness")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True
+
+
+def plot_serving(timeline: list[dict[str, float]], path: Path) -> bool:
+    """AUC over stream time for the live and the frozen arm (per window, and cumulative) at
+    `path`; False (and no file) without matplotlib or without a point to draw."""
+    if not have("matplotlib") or not timeline:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [point["t_s"] for point in timeline]
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    for arm, color in (("live", "#3b7dd8"), ("frozen", "#d8573b")):
+        axes.plot(t, [point[f"auc_{arm}"] for point in timeline], "o-", color=color,
+                  label=f"{arm} (window)")
+        axes.plot(t, [point[f"cum_auc_{arm}"] for point in timeline], "--", color=color,
+                  label=f"{arm} (cumulative)")
+    axes.set_xlabel("stream seconds since the checkpoint (window end)")
+    axes.set_ylabel("AUC")
+    axes.set_title("persia-inc demo: live embeddings vs frozen at the checkpoint")
+    axes.legend()
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -1,0 +1,280 @@
+"""Serving the model the demo trains: does freshness pay, in predictions?
+
+Two arms answer every request with the same dense part (the TorchScript one exported at the
+checkpoint); only where the embeddings come from differs:
+
+* live: the embedding servers the loader keeps applying packets to;
+* frozen: servers that loaded the same checkpoint and never receive a packet.
+
+`ServingProbe` sends a steady stream of seed-shaped requests (128 rows, 13 dense and 26
+sparse features) drawn from the click stream at request time, scores each on both arms,
+then learns the labels (prequential evaluation) and keeps AUC and log-loss over time.
+
+The live arm's scoring is one function, `live_scorer`: "in-process" looks rows up with
+`EmbeddingClient.lookup_tables` (one RPC per shard for all 26 tables) and runs the dense part
+here; "torchserve" is where the TorchServe gRPC front end plugs in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from persia_inc.demo.clicks import table_names
+from persia_inc.foundation.threads import ServiceThread
+
+if TYPE_CHECKING:
+    import torch
+
+    from persia_inc.demo.clicks import ClickStream
+    from persia_inc.demo.report import Progress
+    from persia_inc.embedding_server.client import EmbeddingClient
+
+log = logging.getLogger(__name__)
+
+FRONTENDS = ("in-process", "torchserve")
+
+# score(dense: float32[b, 13], ids: int64[b, 26]) -> click probability float32[b]
+ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """frontend: how the live arm is served ("in-process"; "torchserve" to come);
+    request_rows: samples per request (128, as the seed document's); request_interval_s:
+    time between request starts (default 0.05 s: 20 requests/s); window_s: stream seconds
+    per point of the AUC timeline; seed: the requests' sample generator."""
+
+    frontend: str = "in-process"
+    request_rows: int = 128
+    request_interval_s: float = 0.05
+    window_s: float = 5.0
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {FRONTENDS}, got {self.frontend!r}")
+        if self.request_rows < 1 or self.request_interval_s < 0 or self.window_s <= 0:
+            raise ValueError("need request_rows >= 1, request_interval_s >= 0, window_s > 0")
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by ranks (ties count one half): scores float[n], labels {0, 1}[n]; NaN when
+    one class is absent."""
+    scores = np.asarray(scores, np.float64).ravel()
+    positive = np.asarray(labels).ravel() > 0.5
+    n, n_pos = scores.shape[0], int(positive.sum())
+    n_neg = n - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(n, np.float64)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based mean rank of ties
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy: probs float[n] in [0, 1], labels {0, 1}[n]; NaN if n = 0."""
+    p = np.clip(np.asarray(probs, np.float64).ravel(), eps, 1.0 - eps)
+    y = np.asarray(labels, np.float64).ravel()
+    if y.size == 0:
+        return float("nan")
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def lookup_embeddings(client: EmbeddingClient, ids: np.ndarray) -> np.ndarray:
+    """ids: int64[b, 26] (row of table C{i+1} in column i, whose sign is the row) ->
+    float32[b, 26, dim], in one LookupTables RPC per shard."""
+    names = table_names()
+    rows = client.lookup_tables({name: ids[:, i].astype(np.uint64) for i, name in enumerate(names)})
+    return np.stack([rows[name] for name in names], axis=1)
+
+
+def in_process_scorer(client: EmbeddingClient, dense: torch.nn.Module) -> ScoreFn:
+    """Score here: embeddings from `client`'s servers, then `dense` (a `DenseHead`, e.g.
+    TorchScript) under no_grad."""
+    import torch
+
+    def score(dense_features: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        sparse = torch.from_numpy(lookup_embeddings(client, ids))
+        with torch.no_grad():
+            return dense(torch.from_numpy(dense_features), sparse).numpy()
+    return score
+
+
+def live_scorer(frontend: str, client: EmbeddingClient, dense: torch.nn.Module) -> ScoreFn:
+    """The seam: how the live arm scores a request.
+
+    "in-process": `in_process_scorer`. "torchserve" (to come): send the request to TorchServe
+    over gRPC (its handler looks up the same servers and runs the same TorchScript file);
+    `ServingProbe` then also scores in process and fills `checked` / `mismatched`.
+    """
+    if frontend == "in-process":
+        return in_process_scorer(client, dense)
+    if frontend == "torchserve":
+        raise NotImplementedError("the TorchServe front end is not wired into the demo yet")
+    raise ValueError(f"unknown frontend {frontend!r}; one of {FRONTENDS}")
+
+
+# ------------------------------------------------------------------------------ the probe
+
+
+@dataclass
+class ServingRecord:
+    """Everything scored, request by request (stream seconds, probabilities, labels)."""
+
+    t_s: list[float] = field(default_factory=list)  # per request
+    latency_ms: list[float] = field(default_factory=list)  # live arm, per request
+    live: list[np.ndarray] = field(default_factory=list)  # float32[rows] per request
+    frozen: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    requests: int = 0
+    errors: int = 0
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(t_s float64[n], live float64[n], frozen float64[n], labels float64[n]) per sample."""
+        if not self.labels:
+            empty = np.zeros(0)
+            return empty, empty, empty, empty
+        sizes = [x.shape[0] for x in self.labels]
+        t = np.repeat(np.asarray(self.t_s[:len(sizes)]), sizes)
+        return (t, np.concatenate(self.live).astype(np.float64),
+                np.concatenate(self.frozen).astype(np.float64),
+                np.concatenate(self.labels).astype(np.float64))
+
+
+class ServingProbe:
+    """Requests on a steady beat, each scored on both arms, then labelled (prequential).
+
+    stream_clock() is the stream time in seconds (0 at the checkpoint); no request starts at
+    or after `until_s` of it. start / close / with.
+    """
+
+    def __init__(self, stream: ClickStream, live: ScoreFn, frozen: ScoreFn,
+                 options: ServingOptions, progress: Progress,
+                 stream_clock: Callable[[], float], until_s: float = float("inf")) -> None:
+        self.stream, self.live, self.frozen = stream, live, frozen
+        self.options, self.progress, self.clock = options, progress, stream_clock
+        self.until_s = until_s
+        self.record = ServingRecord()
+        self._rng = np.random.default_rng(options.seed)
+        self._thread = ServiceThread("demo-serving", self._run)
+
+    def start(self) -> ServingProbe:
+        self.progress.serving_started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop sending (bounded, safe to call twice)."""
+        self._thread.close(timeout_s=10)
+
+    def __enter__(self) -> ServingProbe:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        stop = self._thread.stop
+        last_auc = time.monotonic()
+        while not stop.is_set() and self.clock() < self.until_s:
+            began = time.monotonic()
+            self.one_request()
+            if began - last_auc > 1.0:
+                self._update_progress()
+                last_auc = began
+            stop.wait(max(0.0, self.options.request_interval_s - (time.monotonic() - began)))
+
+    def one_request(self) -> None:
+        """Draw a request at the current stream time, score it on both arms, keep the labels.
+        A failed request is counted and logged, never fatal."""
+        t_s = self.clock()
+        self.stream.advance_to(t_s)
+        clicks = self.stream.sample(self._rng, self.options.request_rows)
+        record = self.record
+        record.requests += 1
+        self.progress.requests += 1
+        try:
+            began = time.perf_counter()
+            live = self.live(clicks.dense, clicks.ids)
+            latency_ms = (time.perf_counter() - began) * 1e3
+            frozen = self.frozen(clicks.dense, clicks.ids)
+        except Exception as exc:  # one bad request never stops the probe
+            record.errors += 1
+            self.progress.serving_errors += 1
+            log.warning("serving request %d at stream %.2f s failed: %s", record.requests, t_s, exc)
+            return
+        record.t_s.append(t_s)
+        record.latency_ms.append(latency_ms)
+        record.live.append(live)
+        record.frozen.append(frozen)
+        record.labels.append(clicks.label)
+        self.progress.serving_ms.append(latency_ms)
+
+    def _update_progress(self) -> None:
+        _, live, frozen, labels = self.record.arrays()
+        self.progress.auc_live, self.progress.auc_frozen = auc(live, labels), auc(frozen, labels)
+
+    def report(self) -> dict[str, Any]:
+        """The report's `serving` object (see `serving_report`)."""
+        return serving_report(self.record, self.options)
+
+
+def serving_report(record: ServingRecord, options: ServingOptions) -> dict[str, Any]:
+    """frontend, requests, errors, p50_ms / p99_ms (live arm), checked / mismatched (TorchServe
+    against in-process; 0 in process), cumulative AUC and log-loss of both arms, and a
+    `timeline` of windows of `window_s` stream seconds (each window's figures and the
+    cumulative ones at its end; t_s: the window's end, or its last request if sooner)."""
+    t, live, frozen, labels = record.arrays()
+    lat = np.asarray(record.latency_ms)
+    out: dict[str, Any] = {
+        "frontend": options.frontend, "requests": record.requests, "errors": record.errors,
+        "p50_ms": _round(float(np.percentile(lat, 50))) if lat.size else 0.0,
+        "p99_ms": _round(float(np.percentile(lat, 99))) if lat.size else 0.0,
+        "checked": 0, "mismatched": 0, "samples": int(labels.size),
+        "auc_live": _round(auc(live, labels), 4), "auc_frozen": _round(auc(frozen, labels), 4),
+        "logloss_live": _round(log_loss(live, labels), 4),
+        "logloss_frozen": _round(log_loss(frozen, labels), 4),
+        "window_s": options.window_s, "timeline": [],
+    }
+    if not labels.size:
+        return out
+    window = np.floor(t / options.window_s).astype(np.int64)
+    ends = np.searchsorted(window, np.arange(window.max() + 1), side="right")  # t is sorted
+    starts = np.concatenate([[0], ends[:-1]])
+    for w, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        if hi == lo:
+            continue
+        part = slice(lo, hi)
+        out["timeline"].append({
+            "t_s": round(min((w + 1) * options.window_s, float(t[hi - 1])), 1), "samples": hi - lo,
+            "auc_live": _round(auc(live[part], labels[part]), 4),
+            "auc_frozen": _round(auc(frozen[part], labels[part]), 4),
+            "logloss_live": _round(log_loss(live[part], labels[part]), 4),
+            "logloss_frozen": _round(log_loss(frozen[part], labels[part]), 4),
+            "cum_auc_live": _round(auc(live[:hi], labels[:hi]), 4),
+            "cum_auc_frozen": _round(auc(frozen[:hi], labels[:hi]), 4),
+        })
+    return out
+
+
+def _round(value: float, digits: int = 2) -> float | None:
+    """Rounded; None for NaN (JSON has no NaN)."""
+    return None if np.isnan(value) else round(float(value), digits)
+
+
+__all__ = ["FRONTENDS", "ScoreFn", "ServingOptions", "ServingProbe", "ServingRecord", "auc",
+           "in_process_scorer", "live_scorer", "log_loss", "lookup_embeddings", "serving_report"]

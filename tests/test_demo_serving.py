@@ -1,0 +1,187 @@
+"""The demo's serving half: a drifting click stream, the AUC it is judged by, the two arms
+(live and frozen), and one real run in which freshness pays."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from persia_inc.demo.clicks import ClickStream, ClickStreamConfig
+from persia_inc.demo.ctr import CTRModel, dense_part
+from persia_inc.demo.pipeline import _check_frozen
+from persia_inc.demo.report import DemoReport
+from persia_inc.demo.serving import (
+    ServingOptions,
+    auc,
+    in_process_scorer,
+    live_scorer,
+    log_loss,
+    lookup_embeddings,
+)
+from persia_inc.embedding_server.checkpoint import write_checkpoint
+from persia_inc.inference.model import load_torchscript, save_torchscript
+from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
+from persia_inc.storage import open_store
+
+SMALL = ClickStreamConfig(vocab=2_000, popular=100, seed=3)
+
+
+def _draws(config: ClickStreamConfig, times: list[float]) -> list[np.ndarray]:
+    stream = ClickStream(config)
+    rng = np.random.default_rng(7)
+    out = []
+    for t in times:
+        stream.advance_to(t)
+        clicks = stream.sample(rng, 256)
+        out += [clicks.dense, clicks.ids, clicks.label, clicks.prob]
+    return out
+
+
+def test_the_stream_is_deterministic_and_a_function_of_stream_time() -> None:
+    times = [0.0, 0.5, 3.2, 3.9, 10.0]
+    first, again = _draws(SMALL, times), _draws(SMALL, times)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    other = _draws(ClickStreamConfig(vocab=2_000, popular=100, seed=4), times)
+    assert not np.array_equal(first[-1], other[-1])
+
+    stepped, jumped = ClickStream(SMALL), ClickStream(SMALL)
+    for t in np.arange(0, 12.5, 0.25):
+        stepped.advance_to(float(t))
+    assert jumped.advance_to(12.4) == stepped.epoch == 12
+    assert jumped.advance_to(3.0) == 12  # never backwards
+    dense = np.zeros((5, 13), np.float32)
+    ids = np.arange(5 * 26).reshape(5, 26) % SMALL.vocab
+    assert np.array_equal(stepped.logit(dense, ids), jumped.logit(dense, ids))
+
+
+def test_the_stream_drifts_a_model_of_early_data_does_worse_later() -> None:
+    """The best model of epoch 0 (its true logits) ranks late clicks much worse than early
+    ones, while the current truth ranks them as well as ever; new ids keep arriving."""
+    stream, early = ClickStream(SMALL), ClickStream(SMALL)  # `early` stays at epoch 0
+    rng = np.random.default_rng(0)
+    before = stream.sample(rng, 20_000)
+    stream.advance_to(30.0)
+    after = stream.sample(rng, 20_000)
+    fit_early = auc(early.logit(before.dense, before.ids), before.label)
+    fit_early_later = auc(early.logit(after.dense, after.ids), after.label)
+    current_later = auc(after.prob, after.label)
+    assert fit_early > 0.85 and current_later > 0.85
+    assert fit_early_later < fit_early - 0.1
+    again = ClickStream(SMALL).sample(np.random.default_rng(1), 20_000)  # epoch 0, other draws
+    new_late = np.mean([~np.isin(after.ids[:, f], before.ids[:, f]) for f in range(26)])
+    new_early = np.mean([~np.isin(again.ids[:, f], before.ids[:, f]) for f in range(26)])
+    assert new_late > new_early + 0.01
+
+
+def _pairwise_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    pos, neg = scores[labels > 0.5], scores[labels <= 0.5]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (pos.size * neg.size))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auc_equals_the_pairwise_count_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 400))
+    labels = (rng.random(n) < rng.uniform(0.1, 0.9)).astype(np.float32)
+    labels[:2] = [0, 1]
+    scores = rng.normal(size=n) + labels * rng.uniform(0, 2)
+    if seed % 2:  # many ties, also across the classes
+        scores = np.round(scores, 0)
+    assert auc(scores, labels) == pytest.approx(_pairwise_auc(scores, labels), abs=1e-12)
+
+
+def test_auc_and_log_loss_edges() -> None:
+    assert np.isnan(auc(np.array([0.1, 0.2]), np.array([1.0, 1.0])))
+    assert auc(np.array([0.5, 0.5, 0.5]), np.array([0, 1, 0])) == 0.5
+    assert auc(np.array([0.1, 0.9]), np.array([0, 1])) == 1.0
+    y, p = np.array([1.0, 0.0, 1.0]), np.array([0.9, 0.2, 0.6])
+    assert log_loss(p, y) == pytest.approx(-np.mean(np.log([0.9, 0.8, 0.6])))
+    assert np.isfinite(log_loss(np.array([0.0, 1.0]), np.array([1.0, 0.0])))  # clipped
+
+
+def test_the_frontend_seam() -> None:
+    with pytest.raises(ValueError, match="frontend"):
+        ServingOptions(frontend="carrier-pigeon")
+    with pytest.raises(NotImplementedError, match="TorchServe"):
+        live_scorer("torchserve", None, torch.nn.Identity())  # type: ignore[arg-type]
+
+
+def _apply_tables(client, tables: dict[str, np.ndarray], producer: str = "p") -> None:
+    for sequence, (name, weights) in enumerate(tables.items()):
+        header = PacketHeader(model="m", table=name, producer=producer, generation=1,
+                              sequence=sequence)
+        signs = np.arange(weights.shape[0], dtype=np.uint64)
+        client.apply(decode_packet(encode_packet(header, signs, weights)))
+
+
+def test_in_process_scoring_equals_the_training_model(embedding_cluster_factory,
+                                                     tmp_path: Path) -> None:
+    """Embeddings from the servers (one LookupTables per shard) + the TorchScript-able dense
+    part give the training model's own probabilities."""
+    model = CTRModel(vocab=300, dim=4, seed=2)
+    cluster = embedding_cluster_factory(2)
+    weights = {name: t.weight.detach().numpy() for name, t in model.named_tables().items()}
+    clicks = ClickStream(ClickStreamConfig(vocab=300, popular=50)).sample(np.random.default_rng(0), 128)
+    with cluster.client() as client:
+        _apply_tables(client, weights)
+        rows = lookup_embeddings(client, clicks.ids)
+        assert rows.shape == (128, 26, 4) and rows.dtype == np.float32
+        scripted = load_torchscript(save_torchscript(dense_part(model), tmp_path / "dense.pt"))
+        got = in_process_scorer(client, scripted)(clicks.dense, clicks.ids)
+    with torch.no_grad():
+        want = torch.sigmoid(model(torch.from_numpy(clicks.dense), torch.from_numpy(clicks.ids)))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_frozen_check_passes_on_the_checkpoint_and_catches_one_packet(
+        embedding_cluster_factory, tmp_path: Path) -> None:
+    model = CTRModel(vocab=200, dim=4)
+    at_checkpoint = {name: t.weight.detach().numpy().copy() for name, t in model.named_tables().items()}
+    signs = np.arange(200, dtype=np.uint64)
+    with open_store(str(tmp_path / "ckpt")) as store:
+        manifest = write_checkpoint(store, model="m", tables={
+            name: (signs, rows) for name, rows in at_checkpoint.items()})
+    assert manifest.watermarks == ()
+    cluster = embedding_cluster_factory(1, checkpoint=str(tmp_path / "ckpt"))
+    with cluster.client() as client:
+        clean = DemoReport(serving={"requests": 3, "errors": 0})
+        _check_frozen(client, at_checkpoint, [], clean)
+        assert clean.problems == [] and clean.serving["frozen_rows_changed"] == 0
+        assert clean.serving["frozen_watermarks"] == []
+
+        moved = {"C5": at_checkpoint["C5"] + np.float32(1.0)}
+        _apply_tables(client, moved)  # one packet reached the frozen arm
+        dirty = DemoReport(serving={"requests": 3, "errors": 0})
+        _check_frozen(client, at_checkpoint, [], dirty)
+    assert dirty.serving["frozen_rows_changed"] == 200
+    assert dirty.serving["frozen_watermarks"] == [["C5", "p", 1, 0]]
+    assert len(dirty.problems) == 1 and "frozen arm changed" in dirty.problems[0]
+
+
+def test_a_real_demo_run_shows_freshness_pays(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "persia_inc.cli", "demo", "--seconds", "15", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["verified"] is True and report["warmup_steps"] > 0
+    serving = report["serving"]
+    assert serving["frontend"] == "in-process"
+    assert serving["requests"] > 100 and serving["errors"] == 0
+    assert 0 < serving["p50_ms"] <= serving["p99_ms"]
+    assert serving["checked"] == 0 and serving["mismatched"] == 0
+    assert serving["frozen_watermarks"] == [] and serving["frozen_rows_changed"] == 0
+    assert serving["auc_live"] > serving["auc_frozen"]
+    assert serving["logloss_live"] < serving["logloss_frozen"]
+    assert len(serving["timeline"]) >= 3
+    assert report["pictures"] == ["freshness.png", "serving.png"]
+    assert (tmp_path / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "dense.pt").exists()
+    assert "AUC live / frozen" in result.stdout
