@@ -525,6 +525,8 @@ class Loader:
             return
         if outcome is Offer.DUPLICATE:
             self.metrics.skipped.labels(self.model, "duplicate").inc()
+        elif self._servers_ok:
+            self._prefetch(stream)  # fetch while earlier packets apply, not after
         ident = (stream, packet_id.position)
         if candidate.settle:
             self._settlers.setdefault(ident, []).append(candidate.settle)

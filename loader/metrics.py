@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600)
+# fine enough below a second to read a p99 off (the latency budget per stage)
+_STAGE_BUCKETS = (0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.125, 0.15,
+                  0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2, 5, 10, 30, 60, 300, 3600)
 
 
 class LoaderMetrics:
@@ -52,7 +55,7 @@ class LoaderMetrics:
             "persia_inc_loader_stage_seconds",
             "From the packet's created-at (its flush) to the end of a stage: seen (a source "
             "announced or listed it), fetched (read and verified), applied (every reachable "
-            "shard acked)", [*m, "stage"], registry=r, buckets=_FRESHNESS_BUCKETS)
+            "shard acked)", [*m, "stage"], registry=r, buckets=_STAGE_BUCKETS)
         self.quarantined = Counter("persia_inc_loader_quarantined", "Packets failing verification",
                                    [*m, "reason"], registry=r)
         self.rejected = Counter("persia_inc_loader_rejected",

@@ -45,8 +45,8 @@ class ProducerMetrics:
             "From flush (the packet's created_at) to the end of a stage: stored, announced "
             "(Kafka acknowledged it; with directory announcements, when stored)",
             [*labels, "stage"], registry=r,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1, 2.5, 5,
-                     10, 30),
+            buckets=(0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.125,
+                     0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2, 5, 10, 30),
         )
         self.snapshot_latency = Histogram(
             "persia_inc_producer_snapshot_seconds", "Training-thread time to swap and read rows",
