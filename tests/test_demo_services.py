@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_checks import alive, processes_under
 
 from persia_inc.demo.services import KAFKA_BOOTSTRAP_ENV, ServicePlan, install_command, plan_services
 from persia_inc.storage import S3_ENDPOINT_ENV, S3Settings, resolve_s3_endpoint
@@ -110,26 +111,6 @@ def test_missing_ceph_and_broker_give_the_one_install_command(tmp_path: Path) ->
     assert not (tmp_path / "work").exists()  # nothing started, nothing written
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if text in cmdline and _alive(int(proc.name)):
-            found.append(f"{proc.name}: {cmdline}")
-    return found
-
-
 @pytest.mark.timeout(150)
 def test_demo_on_ceph_and_kafka_starts_and_stops_its_own_services(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
@@ -155,7 +136,7 @@ def test_demo_on_ceph_and_kafka_starts_and_stops_its_own_services(tmp_path: Path
     assert set(pids) == {"mon.a", "osd.0", "rgw.a", "tansu"}
     assert report["services"]["ceph"]["endpoint"].startswith("http://127.0.0.1:")
     assert report["services_left_running"] == []
-    assert [pid for pid in pids.values() if _alive(pid)] == []
-    assert _processes_mentioning(str(workdir)) == []  # servers, loader, daemons: all gone
+    assert [pid for pid in pids.values() if alive(pid)] == []
+    assert processes_under(str(workdir)) == []  # servers, loader, daemons: all gone
     assert "objects stored / flushes" in result.stdout
     assert elapsed < 120, f"took {elapsed:.0f}s"

@@ -4,27 +4,34 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from process_checks import alive, processes_under
 
 from persia_inc.demo.clicks import ClickStream, ClickStreamConfig
-from persia_inc.demo.ctr import CTRModel, dense_part
+from persia_inc.demo.ctr import CTRModel, dense_part, serving_spec
 from persia_inc.demo.pipeline import _check_frozen
 from persia_inc.demo.report import DemoReport
 from persia_inc.demo.serving import (
     ServingOptions,
     auc,
+    compare_frontends,
     in_process_scorer,
     live_scorer,
     log_loss,
     lookup_embeddings,
 )
 from persia_inc.embedding_server.checkpoint import write_checkpoint
+from persia_inc.inference.engine import PersiaInference
 from persia_inc.inference.model import load_torchscript, save_torchscript
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
 from persia_inc.storage import open_store
@@ -107,10 +114,34 @@ def test_auc_and_log_loss_edges() -> None:
 
 
 def test_the_frontend_seam() -> None:
+    assert ServingOptions().frontend == "torchserve"
     with pytest.raises(ValueError, match="frontend"):
         ServingOptions(frontend="carrier-pigeon")
-    with pytest.raises(NotImplementedError, match="TorchServe"):
-        live_scorer("torchserve", None, torch.nn.Identity())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stub"):
+        live_scorer("torchserve", None)  # type: ignore[arg-type]
+
+
+def test_the_frontend_check_counts_requests_that_differ_in_one_bit() -> None:
+    stream = ClickStream(SMALL)
+
+    def reference(dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return (dense[:, 0] + ids[:, 0]).astype(np.float32)
+
+    calls = 0
+
+    def flaky(dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        out = reference(dense, ids)
+        if calls == 3:
+            out.view(np.uint32)[5] ^= 1  # one bit of one score
+        if calls == 7:
+            raise ConnectionError("TorchServe went away")
+        return out
+
+    assert compare_frontends(stream, reference, reference, 10, rows=16).mismatched == 0
+    check = compare_frontends(stream, flaky, reference, 10, rows=16)
+    assert (check.checked, check.mismatched) == (10, 2)
 
 
 def _apply_tables(client, tables: dict[str, np.ndarray], producer: str = "p") -> None:
@@ -134,7 +165,8 @@ def test_in_process_scoring_equals_the_training_model(embedding_cluster_factory,
         rows = lookup_embeddings(client, clicks.ids)
         assert rows.shape == (128, 26, 4) and rows.dtype == np.float32
         scripted = load_torchscript(save_torchscript(dense_part(model), tmp_path / "dense.pt"))
-        got = in_process_scorer(client, scripted)(clicks.dense, clicks.ids)
+        engine = PersiaInference.from_client(scripted, serving_spec(model), client)
+        got = in_process_scorer(engine)(clicks.dense, clicks.ids)
     with torch.no_grad():
         want = torch.sigmoid(model(torch.from_numpy(clicks.dense), torch.from_numpy(clicks.ids)))
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
@@ -165,7 +197,9 @@ def test_the_frozen_check_passes_on_the_checkpoint_and_catches_one_packet(
     assert len(dirty.problems) == 1 and "frozen arm changed" in dirty.problems[0]
 
 
-def test_a_real_demo_run_shows_freshness_pays(tmp_path: Path) -> None:
+def test_a_real_demo_run_served_by_torchserve_shows_freshness_pays(tmp_path: Path) -> None:
+    """The live arm over TorchServe's gRPC API; afterwards TorchServe and the in-process
+    engine score 100 requests bit for bit alike; TorchServe is stopped at the end."""
     result = subprocess.run(
         [sys.executable, "-m", "persia_inc.cli", "demo", "--seconds", "15", "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
@@ -173,15 +207,67 @@ def test_a_real_demo_run_shows_freshness_pays(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["verified"] is True and report["warmup_steps"] > 0
     serving = report["serving"]
-    assert serving["frontend"] == "in-process"
+    assert serving["frontend"] == "torchserve"
     assert serving["requests"] > 100 and serving["errors"] == 0
     assert 0 < serving["p50_ms"] <= serving["p99_ms"]
-    assert serving["checked"] == 0 and serving["mismatched"] == 0
+    assert serving["checked"] >= 100 and serving["mismatched"] == 0
     assert serving["frozen_watermarks"] == [] and serving["frozen_rows_changed"] == 0
     assert serving["auc_live"] > serving["auc_frozen"]
     assert serving["logloss_live"] < serving["logloss_frozen"]
     assert len(serving["timeline"]) >= 3
     assert report["pictures"] == ["freshness.png", "serving.png"]
     assert (tmp_path / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "dense.pt").exists()
-    assert "AUC live / frozen" in result.stdout
+    assert (tmp_path / "dense.pt").exists() and (tmp_path / "model-store" / "demo.mar").exists()
+    torchserve = serving["torchserve"]
+    assert torchserve["grpc"].startswith("127.0.0.1:") and not alive(torchserve["pid"])
+    properties = (tmp_path / "torchserve" / "config.properties").read_text()
+    assert "0.0.0.0" not in properties
+    assert (tmp_path / "torchserve" / "logs" / "model_log.log").exists()
+    assert "AUC live / frozen" in result.stdout and "checked / mismatched" in result.stdout
+    assert "not through TorchServe" not in result.stdout
+
+
+def test_without_java_the_demo_serves_in_process_and_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "JAVA_HOME"}
+    env["PATH"] = str(tmp_path / "empty-bin")  # no java on it
+    result = subprocess.run(
+        [sys.executable, "-m", "persia_inc.cli", "demo", "--seconds", "4", "--warmup-seconds", "2",
+         "--vocab", "2000", "--workdir", str(tmp_path / "work")],
+        env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "not through TorchServe" in line]
+    assert len(lines) == 1, result.stdout
+    assert "Java not found" in lines[0] and "openjdk-17" in lines[0], lines
+    serving = json.loads((tmp_path / "work" / "report.json").read_text())["serving"]
+    assert serving["frontend"] == "in-process" and serving["checked"] == 0
+    assert serving["requests"] > 0 and serving["errors"] == 0
+    assert not (tmp_path / "work" / "torchserve").exists()
+
+
+def test_sigterm_stops_torchserve_and_every_child(tmp_path: Path) -> None:
+    err_path = tmp_path / "demo.err"
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "persia_inc.cli", "demo", "--seconds", "60", "--warmup-seconds", "1",
+             "--vocab", "2000", "--workdir", str(tmp_path / "work")],
+            stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 180
+        log_path = tmp_path / "work" / "logs" / "demo.log"
+        while not (log_path.exists() and (found := re.search(r"TorchServe \(pid (\d+)\) serves",
+                                                              log_path.read_text()))):
+            assert proc.poll() is None, err_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "TorchServe did not come up"
+            time.sleep(0.2)
+        torchserve_pid = int(found.group(1))
+        time.sleep(2)  # requests are flowing
+        assert alive(torchserve_pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 143, err_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not alive(torchserve_pid)
+    assert processes_under(tmp_path / "work") == []
+    assert "stopped by SIGTERM" in err_path.read_text()

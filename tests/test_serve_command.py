@@ -203,3 +203,19 @@ def test_serve_refuses_a_missing_archive_and_a_bad_config(tmp_path: Path) -> Non
                    "--model", "nothing.mar"])
     assert refused.returncode == 2 and "bad configuration" in refused.stderr, refused.stderr
     assert "Traceback" not in missing.stderr + refused.stderr
+
+
+def test_served_model_settings_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    """`ServedModel` (what the command and the demo run) refuses bad settings and a file that
+    is not a .mar before it starts TorchServe."""
+    from persia_inc.commands.serve import ServedModel, ServeSettings
+
+    for bad in ({"workers": 0}, {"batch_size": 0}, {"start_timeout_s": 0}):
+        with pytest.raises(ValueError, match="must be"):
+            ServeSettings(**bad)  # type: ignore[arg-type]
+    fake = tmp_path / "store" / "x.mar"
+    fake.parent.mkdir()
+    fake.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a model archive"):
+        ServedModel(tmp_path / "c.yaml", fake, tmp_path / "work")
+    assert not (tmp_path / "work").exists()

@@ -23,7 +23,13 @@ arrive; evicting rows now and then), and runs the loader. Meanwhile a steady str
 requests (128 rows each) is scored twice with the checkpoint's dense part: with embeddings
 from the live servers, which the loader keeps updating, and from a frozen copy that loaded
 the same checkpoint and never gets a packet; their AUC and log-loss show what freshness is
-worth. Live progress: steps, packets, rows applied, freshness p50/p99, lag, requests/s,
+worth. The live arm is served by TorchServe (the dense part archived as a .mar whose handler
+reaches the live servers, started as `persia-inc serve` starts it, one worker, on 127.0.0.1,
+logs in WORKDIR/torchserve) over its gRPC inference API; the frozen arm by the same engine
+code in process. Without Java or TorchServe (the `serve` extra) the live arm is served in
+process too, and one line says what to install. After training, once the loader has applied
+every packet, 100 requests are scored by TorchServe and in process: they must agree bit for
+bit. Live progress: steps, packets, rows applied, freshness p50/p99, lag, requests/s,
 serving p50/p99 and AUC of both arms. At the end it checks that every row on the live servers
 equals the training table byte for byte, that evicted rows are gone and that the frozen arm
 still holds the checkpoint, prints a summary, and writes report.json, freshness.png and
@@ -64,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "none: start a Tansu broker)")
     parser.add_argument("--shards", type=int, default=2, help="embedding servers (default 2)")
     parser.add_argument("--vocab", type=int, default=20_000, help="rows per table (default 20000)")
+    parser.add_argument("--frontend", choices=["torchserve", "in-process"], default="torchserve",
+                        help="how the live arm is served (default torchserve; in process when "
+                             "Java or TorchServe is missing)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         install_command,
         plan_services,
     )
+    from persia_inc.demo.serving import ServingOptions, torchserve_missing
     from persia_inc.extras import have, install_hint
     from persia_inc.local_services import ServiceError
     from persia_inc.storage import S3Settings
@@ -111,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"[bold]persia-inc demo[/] in {workdir} ({args.storage} storage, "
                   f"{args.announce} announcements, {args.shards} embedding servers)")
+    frontend = args.frontend
+    if frontend == "torchserve" and (why := torchserve_missing()):
+        frontend = "in-process"
+        console.print(f"serving the live arm in process, not through TorchServe: {why}",
+                      markup=False, highlight=False, soft_wrap=True)
     if not have("matplotlib"):
         console.print("no freshness.png nor serving.png this time: matplotlib is not installed "
                       f"({install_hint('matplotlib')})")
@@ -150,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
                                       warmup_s=args.warmup_seconds, storage=args.storage,
                                       announce=args.announce, shards=args.shards, vocab=args.vocab,
                                       incremental_dir=args.incremental_dir, s3=s3,
+                                      serving=ServingOptions(frontend=frontend),
                                       kafka_bootstrap=services.kafka_bootstrap or plan.kafka_bootstrap)
                 with Live(render(Progress()), console=console, refresh_per_second=4) as live:
                     report = run_demo(options, on_progress=lambda p: live.update(render(p)))
@@ -195,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
         (f"serving ({serving.get('frontend', '-')}): requests / errors",
          f"{serving.get('requests', 0):,} / {serving.get('errors', 0):,}"),
         ("serving p50 / p99", f"{serving.get('p50_ms', 0):.1f} / {serving.get('p99_ms', 0):.1f} ms"),
+        ("TorchServe vs in process: checked / mismatched",
+         f"{serving.get('checked', 0):,} / {serving.get('mismatched', 0):,}"),
         ("AUC live / frozen", f"{_figure(serving.get('auc_live'))} / "
                               f"{_figure(serving.get('auc_frozen'))}"),
         ("log-loss live / frozen", f"{_figure(serving.get('logloss_live'))} / "

@@ -6,7 +6,10 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +53,84 @@ PORT_OPTIONS = {"grpc_inference": "gRPC inference", "grpc_management": "gRPC man
 
 class ServeError(RuntimeError):
     """The model could not be registered or did not come up."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How `ServedModel` runs TorchServe. workers / batch_size / max_batch_delay_ms: the
+    model's registration (batch_size 1: answers bit for bit as `PersiaInference`);
+    start_timeout_s: how long TorchServe and a worker get to come up; token_auth: TorchServe's
+    token authorization; ports: `inference.local.PORT_NAMES` -> port (missing or 0: a free
+    port); env: extra environment for TorchServe and its workers (e.g. OMP_NUM_THREADS)."""
+
+    workers: int = 1
+    batch_size: int = 1
+    max_batch_delay_ms: int = 5
+    start_timeout_s: float = 120.0
+    token_auth: bool = False
+    ports: Mapping[str, int] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_batch_delay_ms < 0 or self.start_timeout_s <= 0:
+            raise ValueError("--max-batch-delay-ms must be >= 0 and --start-timeout-s > 0")
+
+
+class ServedModel:
+    """TorchServe (`LocalTorchServe`, every address on 127.0.0.1) serving one .mar whose
+    handler reaches the embedding servers of `config_path` (given as PERSIA_INC_CONFIG);
+    start / close / with. What `persia-inc serve` and `persia-inc demo` run.
+
+    `mar` sits in the model store (its folder); TorchServe's config and logs go to `workdir`.
+    Raises ValueError if `mar` is not a model archive."""
+
+    def __init__(self, config_path: Path, mar: Path, workdir: Path,
+                 settings: ServeSettings | None = None) -> None:
+        from persia_inc.inference.local import LocalTorchServe
+        from persia_inc.inference.spec import CONFIG_ENV
+
+        self.settings = settings or ServeSettings()
+        self.mar = mar
+        self.model_name = _model_name(mar)
+        self.server = LocalTorchServe(
+            workdir, env={CONFIG_ENV: str(config_path), **self.settings.env},
+            model_store=mar.parent, ports=self.settings.ports,
+            disable_token_authorization="false" if self.settings.token_auth else "true")
+        self._closed = False
+
+    @property
+    def grpc_target(self) -> str:
+        """host:port of TorchServe's gRPC inference API."""
+        return self.server.grpc_inference_target
+
+    def start(self, cancel: threading.Event | None = None) -> ServedModel:
+        """Start TorchServe, register the .mar and wait until a worker is READY. On any
+        failure (TorchServeError, ServeError, StartCancelledError when `cancel` is set, or
+        an interrupt) TorchServe is stopped before the error goes on."""
+        if self._closed:
+            raise RuntimeError("this TorchServe was stopped; start a new one")
+        try:
+            self.server.workdir.mkdir(parents=True, exist_ok=True)
+            self.server.start(self.settings.start_timeout_s, cancel=cancel)
+            _register(self.server, self.mar.name, self.model_name, self.settings)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Stop TorchServe and its workers, by PID (bounded; safe to call twice)."""
+        self._closed = True
+        self.server.stop()
+
+    def __enter__(self) -> ServedModel:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,20 +203,17 @@ def _fail(message: str, code: int = 1) -> int:
 def run(args: argparse.Namespace) -> int:
     import signal
     import tempfile
-    import threading
     import time
 
     from persia_inc.config import load_config
     from persia_inc.inference.client import ADDRESS_ENV, DEFAULT_ADDRESS
     from persia_inc.inference.local import (
         DEFAULT_PORTS,
-        LocalTorchServe,
         StartCancelledError,
         TorchServeError,
         TorchServeMissingError,
         check_installed,
     )
-    from persia_inc.inference.spec import CONFIG_ENV
 
     try:
         check_installed()
@@ -150,28 +228,29 @@ def run(args: argparse.Namespace) -> int:
     if not mar.is_file():
         return _fail(f"no {args.model} in {store}", 2)
     try:
-        model_name = _model_name(mar)
         layout = _layout(mar)
+        settings = ServeSettings(
+            workers=args.workers, batch_size=args.batch_size,
+            max_batch_delay_ms=args.max_batch_delay_ms, start_timeout_s=args.start_timeout_s,
+            token_auth=args.token_auth,
+            ports={name: DEFAULT_PORTS[name] if getattr(args, f"{name}_port") is None
+                   else getattr(args, f"{name}_port") for name in PORT_OPTIONS})
     except ValueError as exc:
         return _fail(str(exc), 2)
-    for name in ("workers", "batch_size"):
-        if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be at least 1", 2)
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="persia-inc-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    server = LocalTorchServe(
-        workdir, env={CONFIG_ENV: str(config_path)}, model_store=store,
-        ports={name: DEFAULT_PORTS[name] if getattr(args, f"{name}_port") is None
-               else getattr(args, f"{name}_port") for name in PORT_OPTIONS},
-        disable_token_authorization="false" if args.token_auth else "true")
+    try:
+        served = ServedModel(config_path, mar, workdir, settings)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    server = served.server
     try:
         try:
-            server.start(args.start_timeout_s, cancel=stop)
-            _register(server, args, model_name)
+            served.start(cancel=stop)
         except StartCancelledError:
             return 0
         except (TorchServeError, ServeError) as exc:
@@ -179,10 +258,10 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"cannot serve {args.model}: {exc}\n{server.log_tail()}")
         if stop.is_set():
             return 0
-        grpc_target = server.grpc_inference_target
+        grpc_target = served.grpc_target
         token = (f"on, keys in {server.key_file}" if args.token_auth
                  else "off (--token-auth turns it on)")
-        print(f"serving model {model_name!r} ({mar}: {layout}) with {args.workers} worker(s); "
+        print(f"serving model {served.model_name!r} ({mar}: {layout}) with {args.workers} worker(s); "
               f"TorchServe pid {server.pid}, logs in {workdir / 'logs'}\n"
               f"  inference   gRPC {grpc_target}  HTTP {server.inference_url}\n"
               f"  management  gRPC {server.grpc_management_target}  HTTP {server.management_url}\n"
@@ -197,27 +276,27 @@ def run(args: argparse.Namespace) -> int:
                 return _fail(f"TorchServe exited with {code}:\n{server.log_tail()}")
         log.info("stopping TorchServe (pid %s)", server.pid)
         started = time.monotonic()
-        server.stop()
+        served.close()
         log.info("TorchServe stopped in %.1f s", time.monotonic() - started)
         return 0
     finally:
-        server.stop()
+        served.close()
 
 
-def _register(server: LocalTorchServe, args: argparse.Namespace, model_name: str) -> None:
+def _register(server: LocalTorchServe, mar_name: str, model_name: str, settings: ServeSettings) -> None:
     """Register the .mar and wait until a worker is READY; ServeError if it does not come up."""
     import time
 
     from persia_inc.inference.management import HttpManagement, ManagementError, RegisterOptions
 
-    options = RegisterOptions(initial_workers=args.workers, batch_size=args.batch_size,
-                              max_batch_delay_ms=args.max_batch_delay_ms,
-                              startup_timeout_s=max(1, int(args.start_timeout_s)))
-    deadline = time.monotonic() + args.start_timeout_s
-    with HttpManagement(server.management_url, timeout_s=args.start_timeout_s + 10,
+    options = RegisterOptions(initial_workers=settings.workers, batch_size=settings.batch_size,
+                              max_batch_delay_ms=settings.max_batch_delay_ms,
+                              startup_timeout_s=max(1, int(settings.start_timeout_s)))
+    deadline = time.monotonic() + settings.start_timeout_s
+    with HttpManagement(server.management_url, timeout_s=settings.start_timeout_s + 10,
                         token=_management_key(server)) as management:
         try:
-            management.register(args.model, options=options)
+            management.register(mar_name, options=options)
             while True:
                 workers = [w for version in management.describe(model_name)
                            for w in version.get("workers", [])]
@@ -225,7 +304,10 @@ def _register(server: LocalTorchServe, args: argparse.Namespace, model_name: str
                     return
                 if time.monotonic() > deadline:
                     raise ServeError(f"no worker of {model_name!r} ready after "
-                                       f"{args.start_timeout_s} s: {workers}")
+                                     f"{settings.start_timeout_s} s: {workers}")
                 time.sleep(0.2)
         except ManagementError as exc:
             raise ServeError(str(exc)) from exc
+
+
+__all__ = ["ServeError", "ServeSettings", "ServedModel"]

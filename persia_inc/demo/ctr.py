@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from persia_inc.demo.clicks import DENSE_FEATURES, SPARSE_FEATURES, table_names
+from persia_inc.inference.model import DenseHead
+from persia_inc.inference.spec import ModelSpec, spec_from_module
 
 if TYPE_CHECKING:
     from persia_inc.producer import IncrementalProducer
@@ -48,24 +50,19 @@ class CTRModel(nn.Module):
                 for name, table in zip(table_names(), self.tables, strict=True)}
 
 
-class DenseHead(nn.Module):
-    """The dense part alone, as served: forward(dense: float32[b, 13], sparse: float32[b, 26,
-    dim] looked-up embeddings) -> click probability float32[b] (the signature of
-    `persia_inc.inference.model.CtrDense`, so TorchServe can serve it)."""
-
-    def __init__(self, mlp: nn.Module) -> None:
-        super().__init__()
-        self.mlp = mlp
-
-    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.mlp(torch.cat([dense, sparse.flatten(1)], dim=1))).squeeze(1)
-
-
 def dense_part(model: CTRModel) -> DenseHead:
-    """A copy of `model`'s dense part as it is now (later training does not change it)."""
+    """A copy of `model`'s dense part as it is now (later training does not change it): the
+    served signature forward(dense: float32[b, 13], sparse: float32[b, 26, dim]) -> click
+    probability float32[b]."""
     import copy
 
     return DenseHead(copy.deepcopy(model.mlp)).eval()
+
+
+def serving_spec(model: CTRModel) -> ModelSpec:
+    """What serving `model` takes: 13 dense features and sparse features C1..C26, each read
+    from its own table (ids are signs)."""
+    return spec_from_module(model, dense_dim=DENSE_FEATURES, tables=model.named_tables())
 
 
 def synthetic_batch(rng: np.random.Generator, batch: int, vocab: int, zipf: float = 1.2

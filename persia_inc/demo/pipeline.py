@@ -26,7 +26,13 @@ from persia_inc.demo.clicks import ClickStream, ClickStreamConfig
 from persia_inc.demo.freshness import FreshnessWatcher
 from persia_inc.demo.processes import ChildProcess
 from persia_inc.demo.report import DemoReport, Progress, plot_freshness, plot_serving
-from persia_inc.demo.serving import ServingOptions, ServingProbe, in_process_scorer, live_scorer
+from persia_inc.demo.serving import (
+    ServingOptions,
+    ServingProbe,
+    compare_frontends,
+    in_process_scorer,
+    live_scorer,
+)
 from persia_inc.demo.verify import verify_rows
 from persia_inc.foundation.net import free_port
 from persia_inc.storage import S3Settings, resolve_s3_endpoint
@@ -35,7 +41,9 @@ from persia_inc.wiring import embedding_client, producer_from_config
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
+    from persia_inc.commands.serve import ServedModel
     from persia_inc.embedding_server.client import EmbeddingClient
+    from persia_inc.inference.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +144,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     """Run the pipeline; writes report.json, freshness.png and serving.png into the workdir."""
     import torch
 
-    from persia_inc.demo.ctr import CTRModel, dense_part
+    from persia_inc.demo.ctr import CTRModel, dense_part, serving_spec
     from persia_inc.embedding_server.checkpoint import write_checkpoint
+    from persia_inc.inference.client import get_inference_stub
+    from persia_inc.inference.engine import PersiaInference
     from persia_inc.inference.model import load_torchscript, save_torchscript
     from persia_inc.producer.torch_hook import IncrementalUpdateHook
     from persia_inc.storage import open_store
@@ -179,7 +189,9 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         at_checkpoint = {name: table.weight.detach().numpy().copy() for name, table in tables.items()}
         manifest = write_checkpoint(ckpt_store, model="demo", tables={
             name: (signs, rows) for name, rows in at_checkpoint.items()})
-    dense = load_torchscript(save_torchscript(dense_part(model), workdir / "dense.pt"))
+    dense_pt = save_torchscript(dense_part(model), workdir / "dense.pt")
+    dense = load_torchscript(dense_pt)
+    spec = serving_spec(model)
     servers = [f"127.0.0.1:{free_port()}" for _ in range(options.shards)]
     config_path = write_config(options, servers, checkpoint)
     frozen_servers = [f"127.0.0.1:{free_port()}" for _ in range(options.frozen_shards)]
@@ -192,6 +204,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     children: list[ChildProcess] = []
     watcher = None
     probe = None
+    served: ServedModel | None = None
+    stub = None
     clients: list[EmbeddingClient] = []
     try:
         progress.phase = "starting embedding servers"
@@ -202,6 +216,14 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
                 children.append(ChildProcess(
                     f"{arm} {shard}", ["embedding-server", "--config", str(path), "--shard", str(shard)],
                     workdir / "logs" / f"{arm}-{shard}.log"))
+        if options.serving.frontend == "torchserve":  # while the servers load the checkpoint
+            progress.phase = "starting embedding servers and TorchServe"
+            notify(progress)
+            served = _torchserve(workdir, config_path, dense_pt, spec)
+            served.start()
+            stub = get_inference_stub(served.grpc_target)
+            log.info("TorchServe (pid %s) serves %r at %s; logs in %s", served.server.pid,
+                     served.model_name, served.grpc_target, served.server.workdir / "logs")
         client = embedding_client(config)
         frozen_client = embedding_client(frozen_path)
         clients += [client, frozen_client]
@@ -225,9 +247,12 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         def stream_clock() -> float:
             return time.monotonic() - started
 
-        probe = ServingProbe(stream, live_scorer(options.serving.frontend, client, dense),
-                             in_process_scorer(frozen_client, dense), options.serving, progress,
-                             stream_clock, until_s=options.seconds).start()
+        engine = PersiaInference.from_client(dense, spec, client)  # the handler's code, here
+        live = live_scorer(options.serving.frontend, engine, stub,
+                           served.model_name if served is not None else "")
+        frozen = in_process_scorer(PersiaInference.from_client(dense, spec, frozen_client))
+        probe = ServingProbe(stream, live, frozen, options.serving, progress, stream_clock,
+                             until_s=options.seconds).start()
         last_notify = 0.0
         while stream_clock() < options.seconds:
             stream.advance_to(stream_clock())
@@ -260,6 +285,20 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
                 f"only {len(watcher.visible)} of {len(watcher.created)} packets became visible")
         watcher.stop()
 
+        if served is not None:  # the rows stand still now: TorchServe must answer as the engine
+            progress.phase = "checking TorchServe against the in-process engine"
+            notify(progress)
+            check = compare_frontends(stream, live, in_process_scorer(engine),
+                                      options.serving.check_requests, options.serving.request_rows)
+            report.serving.update(checked=check.checked, mismatched=check.mismatched)
+            report.serving["torchserve"] = {
+                "pid": served.server.pid, "grpc": served.grpc_target, "model": served.model_name,
+                "workdir": str(served.server.workdir)}
+            if check.mismatched:
+                report.problems.append(
+                    f"serving: {check.mismatched} of {check.checked} requests scored by TorchServe "
+                    "differ from the in-process engine (see logs/demo.log)")
+
         progress.phase = "verifying"
         notify(progress)
         verify_rows(client, model, evicted, report)
@@ -279,6 +318,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             report.problems.append("no packet was observed becoming visible")
         for child in children:
             child.check_alive()
+        if served is not None and (code := served.server.exit_code()) is not None:
+            report.problems.append(f"TorchServe exited with {code} (see {served.server.workdir})")
         report.verified = (not report.problems and report.mismatched_rows == 0
                            and report.evicted_still_served == 0 and report.packets > 0)
     finally:
@@ -286,6 +327,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             probe.close()
         if watcher is not None:
             watcher.stop()
+        if stub is not None:
+            stub.channel.close()
+        if served is not None:
+            served.close()
         for opened in clients:
             opened.close()
         for child in reversed(children):
@@ -303,6 +348,19 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         report.pictures.append("serving.png")
     (workdir / "report.json").write_text(report.to_json())
     return report
+
+
+def _torchserve(workdir: Path, config_path: Path, dense_pt: Path, spec: ModelSpec) -> ServedModel:
+    """The dense part and its spec archived as `demo.mar` (the live servers' config inside),
+    served as `persia-inc serve` serves it: 127.0.0.1, free ports, one worker, batch size 1
+    (bit for bit as the engine), one thread per worker (2 cores: leave training its own)."""
+    from persia_inc.commands.serve import ServedModel, ServeSettings
+    from persia_inc.inference.archive import archive_model
+
+    mar = archive_model("demo", dense_pt, spec, workdir / "model-store", config_file=config_path,
+                        check_config=lambda path: load_config(path, need_servers=True))
+    return ServedModel(config_path, mar, workdir / "torchserve", ServeSettings(
+        workers=1, batch_size=1, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
 
 
 def _check_frozen(client: EmbeddingClient, at_checkpoint: dict[str, np.ndarray],

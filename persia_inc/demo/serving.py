@@ -10,9 +10,13 @@ checkpoint); only where the embeddings come from differs:
 sparse features) drawn from the click stream at request time, scores each on both arms,
 then learns the labels (prequential evaluation) and keeps AUC and log-loss over time.
 
-The live arm's scoring is one function, `live_scorer`: "in-process" looks rows up with
-`EmbeddingClient.lookup_tables` (one RPC per shard for all 26 tables) and runs the dense part
-here; "torchserve" is where the TorchServe gRPC front end plugs in.
+Both arms send the same request bytes (`request_bytes`, the seed document's format) to the
+same engine code, `inference.engine.PersiaInference`, with the same TorchScript file. The live
+arm's scoring is one function, `live_scorer`: "torchserve" sends the request over TorchServe's
+gRPC inference API to the .mar's handler (that engine inside a TorchServe worker);
+"in-process" calls the engine here. The frozen arm always scores in process.
+`compare_frontends` checks, once the rows stand still, that TorchServe answers bit for bit as
+the in-process engine does.
 """
 
 from __future__ import annotations
@@ -29,11 +33,10 @@ from persia_inc.demo.clicks import table_names
 from persia_inc.foundation.threads import ServiceThread
 
 if TYPE_CHECKING:
-    import torch
-
     from persia_inc.demo.clicks import ClickStream
     from persia_inc.demo.report import Progress
     from persia_inc.embedding_server.client import EmbeddingClient
+    from persia_inc.inference.engine import PersiaInference
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +48,26 @@ ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class ServingOptions:
-    """frontend: how the live arm is served ("in-process"; "torchserve" to come);
+    """frontend: how the live arm is served ("torchserve" or "in-process");
     request_rows: samples per request (128, as the seed document's); request_interval_s:
     time between request starts (default 0.05 s: 20 requests/s); window_s: stream seconds
-    per point of the AUC timeline; seed: the requests' sample generator."""
+    per point of the AUC timeline; seed: the requests' sample generator; check_requests:
+    requests scored by TorchServe and in process after training (torchserve frontend)."""
 
-    frontend: str = "in-process"
+    frontend: str = "torchserve"
     request_rows: int = 128
     request_interval_s: float = 0.05
     window_s: float = 5.0
     seed: int = 1
+    check_requests: int = 100
 
     def __post_init__(self) -> None:
         if self.frontend not in FRONTENDS:
             raise ValueError(f"frontend must be one of {FRONTENDS}, got {self.frontend!r}")
-        if self.request_rows < 1 or self.request_interval_s < 0 or self.window_s <= 0:
-            raise ValueError("need request_rows >= 1, request_interval_s >= 0, window_s > 0")
+        if (self.request_rows < 1 or self.request_interval_s < 0 or self.window_s <= 0
+                or self.check_requests < 0):
+            raise ValueError("need request_rows >= 1, request_interval_s >= 0, window_s > 0, "
+                             "check_requests >= 0")
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -102,30 +109,94 @@ def lookup_embeddings(client: EmbeddingClient, ids: np.ndarray) -> np.ndarray:
     return np.stack([rows[name] for name in names], axis=1)
 
 
-def in_process_scorer(client: EmbeddingClient, dense: torch.nn.Module) -> ScoreFn:
-    """Score here: embeddings from `client`'s servers, then `dense` (a `DenseHead`, e.g.
-    TorchScript) under no_grad."""
-    import torch
+def request_bytes(dense_features: np.ndarray, ids: np.ndarray) -> bytes:
+    """The seed-shaped request (`inference.batch.PersiaBatch`, Arrow IPC) of dense_features:
+    float32[b, 13] and ids: int64[b, 26] (feature C{i+1}: one id per sample, column i)."""
+    from persia_inc.inference.batch import PersiaBatch
 
-    def score(dense_features: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        sparse = torch.from_numpy(lookup_embeddings(client, ids))
-        with torch.no_grad():
-            return dense(torch.from_numpy(dense_features), sparse).numpy()
-    return score
+    signs = np.ascontiguousarray(ids, dtype=np.uint64)
+    return (PersiaBatch().add_dense([dense_features])
+            .add_sparse([(name, signs[:, i:i + 1]) for i, name in enumerate(table_names())])
+            .to_bytes())
 
 
-def live_scorer(frontend: str, client: EmbeddingClient, dense: torch.nn.Module) -> ScoreFn:
+def in_process_scorer(engine: PersiaInference) -> ScoreFn:
+    """Score here, exactly as the TorchServe handler does: the request's bytes through
+    `engine` (`PersiaInference`: decode, one lookup per shard, pool, TorchScript forward)."""
+    return lambda dense_features, ids: engine.predict(request_bytes(dense_features, ids))
+
+
+def torchserve_scorer(stub: Any, model_name: str, timeout_s: float = 10.0) -> ScoreFn:
+    """Score over TorchServe's gRPC inference API (`inference.client.infer`); `stub` from
+    `get_inference_stub`. Raises InferenceError for a refused request."""
+    from persia_inc.inference.client import infer
+
+    return lambda dense_features, ids: infer(stub, model_name, request_bytes(dense_features, ids),
+                                             timeout_s=timeout_s)
+
+
+def live_scorer(frontend: str, engine: PersiaInference, stub: Any = None,
+                model_name: str = "") -> ScoreFn:
     """The seam: how the live arm scores a request.
 
-    "in-process": `in_process_scorer`. "torchserve" (to come): send the request to TorchServe
-    over gRPC (its handler looks up the same servers and runs the same TorchScript file);
-    `ServingProbe` then also scores in process and fills `checked` / `mismatched`.
-    """
+    "in-process": `in_process_scorer(engine)`. "torchserve": `torchserve_scorer(stub,
+    model_name)`, TorchServe's handler looking up the same servers and running the same
+    TorchScript file (`compare_frontends` checks that it answers as `engine` does)."""
     if frontend == "in-process":
-        return in_process_scorer(client, dense)
+        return in_process_scorer(engine)
     if frontend == "torchserve":
-        raise NotImplementedError("the TorchServe front end is not wired into the demo yet")
+        if stub is None or not model_name:
+            raise ValueError("the torchserve frontend needs a gRPC stub and the model's name")
+        return torchserve_scorer(stub, model_name)
     raise ValueError(f"unknown frontend {frontend!r}; one of {FRONTENDS}")
+
+
+def torchserve_missing() -> str | None:
+    """Why the live arm cannot be served by TorchServe here, in one line naming what to
+    install (TorchServe, torch-model-archiver, Java); None when all is there."""
+    from persia_inc.extras import have, install_hint
+    from persia_inc.inference.local import TorchServeMissingError, check_installed
+
+    try:
+        check_installed()
+    except TorchServeMissingError as exc:
+        return str(exc)
+    for module, what in (("model_archiver", "torch-model-archiver"),
+                         ("google.rpc", "googleapis-common-protos")):
+        if not have(module):
+            return f"{what} is not installed: {install_hint('ts')}"
+    return None
+
+
+@dataclass(frozen=True)
+class FrontendCheck:
+    """TorchServe against the in-process engine: `checked` requests scored by both,
+    `mismatched` of them whose scores differ in any bit (or that failed on either side)."""
+
+    checked: int = 0
+    mismatched: int = 0
+
+
+def compare_frontends(stream: ClickStream, served: ScoreFn, reference: ScoreFn, requests: int,
+                      rows: int = 128, seed: int = 2) -> FrontendCheck:
+    """Score `requests` requests of `rows` samples, drawn from `stream` as it stands, on both
+    scorers; call it when the rows no longer move (training stopped, the loader drained)."""
+    rng = np.random.default_rng(seed)
+    mismatched = 0
+    for index in range(requests):
+        clicks = stream.sample(rng, rows)
+        try:
+            got = np.asarray(served(clicks.dense, clicks.ids), np.float32)
+            want = np.asarray(reference(clicks.dense, clicks.ids), np.float32)
+        except Exception as exc:  # counted and logged: the check goes on
+            log.warning("frontend check: request %d failed: %s", index, exc)
+            mismatched += 1
+            continue
+        if got.shape != want.shape or not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
+            log.warning("frontend check: request %d differs: served %s, in process %s", index,
+                        got[:4], want[:4])
+            mismatched += 1
+    return FrontendCheck(checked=requests, mismatched=mismatched)
 
 
 # ------------------------------------------------------------------------------ the probe
@@ -276,5 +347,7 @@ def _round(value: float, digits: int = 2) -> float | None:
     return None if np.isnan(value) else round(float(value), digits)
 
 
-__all__ = ["FRONTENDS", "ScoreFn", "ServingOptions", "ServingProbe", "ServingRecord", "auc",
-           "in_process_scorer", "live_scorer", "log_loss", "lookup_embeddings", "serving_report"]
+__all__ = ["FRONTENDS", "FrontendCheck", "ScoreFn", "ServingOptions", "ServingProbe", "ServingRecord",
+           "auc", "compare_frontends", "in_process_scorer", "live_scorer", "log_loss",
+           "lookup_embeddings", "request_bytes", "serving_report", "torchserve_missing",
+           "torchserve_scorer"]
