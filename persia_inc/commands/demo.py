@@ -70,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "none: start a Tansu broker)")
     parser.add_argument("--shards", type=int, default=2, help="embedding servers (default 2)")
     parser.add_argument("--vocab", type=int, default=20_000, help="rows per table (default 20000)")
+    parser.add_argument("--buffer-size", type=int, default=20_000,
+                        help="incremental_buffer_size: distinct signs over all 26 tables that "
+                             "start a flush (default 20,000)")
+    parser.add_argument("--flush-interval-s", type=float, default=0.5,
+                        help="flush when the oldest unflushed sign is this old (default 0.5)")
     parser.add_argument("--frontend", choices=["torchserve", "in-process"], default="torchserve",
                         help="how the live arm is served (default torchserve; in process when "
                              "Java or TorchServe is missing)")
@@ -164,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
                 options = DemoOptions(workdir=workdir, seconds=args.seconds,
                                       warmup_s=args.warmup_seconds, storage=args.storage,
                                       announce=args.announce, shards=args.shards, vocab=args.vocab,
+                                      buffer_size=args.buffer_size,
+                                      flush_interval_s=args.flush_interval_s,
                                       incremental_dir=args.incremental_dir, s3=s3,
                                       serving=ServingOptions(frontend=frontend),
                                       kafka_bootstrap=services.kafka_bootstrap or plan.kafka_bootstrap)
