@@ -130,6 +130,7 @@ def test_interval_trigger_is_the_producers_and_flushes_every_table(tmp_path: Pat
         clock.advance(0.1)
         producer.poll()
         assert producer.buffered("a") == 0 and producer.buffered("b") == 0
+        assert producer.writer.drain(10)  # stored: a cut still queued would merge the next
         clock.advance(29.9)
         producer.record("b", np.arange(3, 4))
         clock.advance(29.9)
