@@ -104,14 +104,7 @@ class CheckpointManifest:
     @classmethod
     def from_json(cls, data: bytes | str, *, where: str = MANIFEST_NAME) -> CheckpointManifest:
         """Parse and validate; raises ManifestError naming `where` and the offending key."""
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise ManifestError(where, f"over {MAX_MANIFEST_BYTES} bytes")
-        try:
-            record = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ManifestError(where, f"not JSON: {exc}") from exc
-        reader = _Fields(where)
-        root = reader.obj(record, "manifest")
+        reader, root = read_manifest_json(data, where, MAX_MANIFEST_BYTES)
         if root.get("kind") != MANIFEST_KIND:
             raise ManifestError(where, f"'kind' must be {MANIFEST_KIND!r}")
         version = root.get("format_version")
@@ -149,15 +142,7 @@ class CheckpointManifest:
                 lane = reader.name("table", mark.get("table"), f"{at}.table")
             else:
                 lane = CUT_LANE
-            producer = reader.name("producer", mark.get("producer"), f"{at}.producer")
-            generation = reader.count(mark.get("generation"), f"{at}.generation")
-            sequence = reader.count(mark.get("sequence"), f"{at}.sequence")
-            try:
-                check_position(generation, sequence)
-            except ValueError as exc:
-                raise ManifestError(where, f"{at}: {exc}") from exc
-            watermarks.append(Watermark(table=lane, producer=producer, generation=generation,
-                                        sequence=sequence))
+            watermarks.append(reader.watermark(lane, mark, at))
         return cls(
             model=reader.name("model", root.get("model"), "model"),
             tables=tables,
@@ -165,6 +150,18 @@ class CheckpointManifest:
             created_at_ns=reader.count(root.get("created_at_ns"), "created_at_ns"),
             format_version=version,
         )
+
+
+def read_manifest_json(data: bytes | str, where: str, max_bytes: int) -> tuple[_Fields, dict]:
+    """A manifest's JSON object (size-bounded) and a field reader naming `where` in errors."""
+    if len(data) > max_bytes:
+        raise ManifestError(where, f"over {max_bytes} bytes")
+    try:
+        record = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(where, f"not JSON: {exc}") from exc
+    reader = _Fields(where)
+    return reader, reader.obj(record, "manifest")
 
 
 def _watermark_json(mark: Watermark) -> dict[str, object]:
@@ -202,6 +199,17 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.fail(key, "a non-negative integer", value)
         return value
+
+    def watermark(self, lane: str, mark: dict, at: str) -> Watermark:
+        """The position of stream (`lane`, mark's producer) recorded at key `at`, checked."""
+        producer = self.name("producer", mark.get("producer"), f"{at}.producer")
+        generation = self.count(mark.get("generation"), f"{at}.generation")
+        sequence = self.count(mark.get("sequence"), f"{at}.sequence")
+        try:
+            check_position(generation, sequence)
+        except ValueError as exc:
+            raise ManifestError(self.where, f"{at}: {exc}") from exc
+        return Watermark(table=lane, producer=producer, generation=generation, sequence=sequence)
 
     def name(self, kind: str, value: object, key: str) -> str:
         try:

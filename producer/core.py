@@ -22,12 +22,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import RetryPolicy
 from persia_inc.producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
+from persia_inc.producer.dense import DenseExporter, DenseVersion, publish_dense
 from persia_inc.producer.dense_signs import DenseColumns, DenseSignBuffer
 from persia_inc.producer.errors import ProducerClosedError, UnstoredDataError
 from persia_inc.producer.metrics import ProducerMetrics
@@ -364,6 +366,14 @@ class IncrementalProducer:
         stored = self.writer.drain(timeout_s) if wait else True
         self._raise_read_error()
         return stored
+
+    def publish_dense(self, dense_module: Any, exporter: DenseExporter, *, version: int | None = None,
+                      timeout_s: float | None = None) -> DenseVersion:
+        """Publish the dense part as one version cut exactly against the sparse stream: flush
+        and wait for the packets, export (TorchScript + `.mar`, by `exporter`), store the
+        `.mar` and then its manifest (`producer.dense.publish_dense`; the app's
+        `persia_inc.dense.publish_dense` builds the exporter from a model spec)."""
+        return publish_dense(self, dense_module, exporter, version=version, timeout_s=timeout_s)
 
     @contextlib.contextmanager
     def training_step(self) -> Iterator[None]:
