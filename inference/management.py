@@ -29,6 +29,16 @@ class ManagementError(RuntimeError):
         self.action, self.status, self.message = action, status, message
         super().__init__(f"{action}: {status}: {message}")
 
+    @property
+    def retriable(self) -> bool:
+        """TorchServe could not be reached or was busy (try again later), as opposed to a
+        refusal of the request itself (a bad archive, an unknown model)."""
+        return self.status in _RETRIABLE_STATUSES
+
+
+_RETRIABLE_STATUSES = frozenset({"UNREACHABLE", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
+                                 502, 503, 504})
+
 
 @dataclass(frozen=True, slots=True)
 class RegisterOptions:
@@ -104,8 +114,15 @@ class HttpManagement:
         body = self._call("list", "GET", "/models", {"limit": limit})
         return [m["modelName"] for m in body.get("models", [])]
 
-    def unregister(self, model_name: str) -> str:
-        return _message(json.dumps(self._call("unregister", "DELETE", f"/models/{quote(model_name)}")))
+    def set_default(self, model_name: str, version: str) -> str:
+        """Make `version` of the model the one its requests without a version reach."""
+        path = f"/models/{quote(model_name)}/{quote(version)}/set-default"
+        return _message(json.dumps(self._call("set_default", "PUT", path)))
+
+    def unregister(self, model_name: str, version: str = "") -> str:
+        """Unregister one version of the model (all versions' default when `version` is empty)."""
+        path = f"/models/{quote(model_name)}" + (f"/{quote(version)}" if version else "")
+        return _message(json.dumps(self._call("unregister", "DELETE", path)))
 
     def close(self) -> None:
         self._session.close()
@@ -162,9 +179,15 @@ class GrpcManagement:
         body = json.loads(self._call("list", "ListModels", self._pb.ListModelsRequest(limit=limit)))
         return [m["modelName"] for m in body.get("models", [])]
 
-    def unregister(self, model_name: str) -> str:
-        return _message(self._call("unregister", "UnregisterModel",
-                                   self._pb.UnregisterModelRequest(model_name=model_name)))
+    def set_default(self, model_name: str, version: str) -> str:
+        """Make `version` of the model the one its requests without a version reach."""
+        return _message(self._call("set_default", "SetDefault", self._pb.SetDefaultRequest(
+            model_name=model_name, model_version=version)))
+
+    def unregister(self, model_name: str, version: str = "") -> str:
+        """Unregister one version of the model (the default one when `version` is empty)."""
+        return _message(self._call("unregister", "UnregisterModel", self._pb.UnregisterModelRequest(
+            model_name=model_name, model_version=version)))
 
     def close(self) -> None:
         self._channel.close()

@@ -35,6 +35,7 @@ from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
 from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s
 from persia_inc.foundation.threads import ServiceThread, thread_name
+from persia_inc.loader.dense_sync import DenseManagement, DenseSync
 from persia_inc.loader.fetch import (
     Fetched,
     NotAnObjectError,
@@ -139,7 +140,8 @@ class Loader:
     def __init__(self, client: EmbeddingClient, store: ObjectStore, *, model: str,
                  settings: LoaderSettings | None = None, limits: PacketLimits = DEFAULT_LIMITS,
                  kafka: KafkaSettings | None = None, owns_store: bool = False,
-                 source: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 source: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 dense_management: DenseManagement | None = None) -> None:
         self.settings = settings if settings is not None else LoaderSettings()
         self.model = model
         self.kafka = kafka
@@ -184,6 +186,13 @@ class Loader:
         self._http: MetricsServer | None = None
         self._closed = False
         self.error: BaseException | None = None
+        self.dense_sync: DenseSync | None = None
+        if self.settings.dense_sync.enabled:
+            if dense_management is None:
+                raise ValueError("loader.dense_sync is enabled but no TorchServe management client "
+                                 "was given (persia_inc.loader_from_config builds one)")
+            self.dense_sync = DenseSync(self.store, model, self.settings.dense_sync, dense_management,
+                                        client, quarantine=self.quarantine, metrics=self.metrics)
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -251,6 +260,8 @@ class Loader:
                 raise LoaderStartError(f"loader source {_source_name(source)} failed to start: "
                                        f"{type(error).__name__}: {error}") from error
         self._thread.start()
+        if self.dense_sync is not None:
+            self.dense_sync.start()
         if s.metrics_port:
             self._http = self.metrics.serve(s.metrics_port, s.metrics_addr, self.health,
                                             self.streams)
@@ -268,6 +279,8 @@ class Loader:
         for source in self.sources:
             source.stop.set()
         self._thread.close(timeout_s)  # bounded: logs if the dispatcher did not stop
+        if self.dense_sync is not None:
+            self.dense_sync.close(timeout_s)
         for source in self.sources:
             source.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -299,6 +312,11 @@ class Loader:
                   "problems": problems, "applied": self.applied,
                   "queue": self.queue.qsize(), "source": self.source_kind,
                   "other_models": list(self.other_models)}
+        if self.dense_sync is not None:
+            report["dense"] = self.dense_sync.status()
+            if not self.dense_sync.is_alive() and self.dense_sync.started:
+                report["problems"].append("dense sync is not running")
+                report["healthy"] = False
         self.metrics.healthy.labels(self.model).set(1 if report["healthy"] else 0)
         return report
 
@@ -307,7 +325,10 @@ class Loader:
         the last known marks counting for shards that are down), `reachable_watermark` (what
         the reachable shards hold), `pending`, and the flags `skipped_below_watermark` (count,
         `last_skipped` key), `generation_jump_held` (key of the held packet or None),
-        `generation_jumps_passed`, `shards_unreachable` (indices). Also `shards`."""
+        `generation_jumps_passed`, `shards_unreachable` (indices). Also `shards`, and `dense`
+        (`DenseSync.status()`: the active and pending dense versions) when the dense sync runs."""
+        if self.dense_sync is not None:
+            return {**self._report, "dense": self.dense_sync.status()}
         return self._report
 
     # ---------------------------------------------------------------------- positions

@@ -92,6 +92,24 @@ class LoaderMetrics:
             [*m, "shard", "address", "why"], registry=r)
         self.shard_up = Gauge("persia_inc_loader_shard_up", "1 when the shard answered at the "
                               "last look", [*m, "shard"], registry=r)
+        self.dense_active = Gauge("persia_inc_loader_dense_active_version",
+                                  "The dense version TorchServe serves by default (0: none yet)",
+                                  m, registry=r)
+        self.dense_age = Gauge("persia_inc_loader_dense_active_age_seconds",
+                               "Now minus the active dense version's export time", m, registry=r)
+        self.dense_pending = Gauge("persia_inc_loader_dense_pending_versions",
+                                   "Dense versions found, not active yet (waiting for the sparse "
+                                   "stream or for registration)", m, registry=r)
+        self.dense_skew = Gauge(
+            "persia_inc_loader_dense_sparse_skew_packets",
+            "Packets every shard holds beyond the active dense version's sparse position, per "
+            "stream (same generation; NaN when the generations differ or a shard is unknown)",
+            [*m, "lane", "producer"], registry=r)
+        self.dense_refused = Counter("persia_inc_loader_dense_refused",
+                                     "Dense versions refused (bad manifest, checksum, failed to "
+                                     "register) and quarantined", [*m, "reason"], registry=r)
+        self.dense_errors = Counter("persia_inc_loader_dense_errors",
+                                    "Failed dense-sync steps (retried)", [*m, "stage"], registry=r)
 
     def serve(self, port: int, addr: str, health: Callable[[], dict[str, Any]],
               streams: Callable[[], dict[str, Any]] | None = None) -> MetricsServer:

@@ -2,8 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class DenseSyncSettings:
+    """The loader's dense sync (`persia_inc.loader.dense_sync`): activates published dense
+    versions in TorchServe once every shard holds their sparse positions.
+
+    enabled: default false; management_address: TorchServe's gRPC management API (host:port,
+    default 127.0.0.1:7071); model_name: the TorchServe model name (default "": the
+    persia_inc.model); model_store: TorchServe's model_store folder, where each version's
+    `.mar` is copied before it is registered (required when enabled; TorchServe registers local
+    archives only from there); keep_versions: registered versions kept (default 2, the active
+    one included; older ones are unregistered); interval_s: listing and checking period
+    (default 1.0 s); register_timeout_s: longest wait for one management call (default 180 s);
+    retire_grace_s: a version that stopped being the default is unregistered no sooner than this
+    (default 30 s), so the requests TorchServe already routed to it finish.
+    """
+
+    enabled: bool = False
+    management_address: str = "127.0.0.1:7071"
+    model_name: str = ""
+    model_store: str = ""
+    keep_versions: int = 2
+    interval_s: float = 1.0
+    register_timeout_s: float = 180.0
+    retire_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.keep_versions < 1:
+            raise ValueError("dense_sync.keep_versions must be at least 1")
+        if self.interval_s <= 0 or self.register_timeout_s <= 0:
+            raise ValueError("dense_sync.interval_s and register_timeout_s must be positive")
+        if self.retire_grace_s < 0:
+            raise ValueError("dense_sync.retire_grace_s must be >= 0")
+        if self.enabled and not self.model_store:
+            raise ValueError("dense_sync.model_store (TorchServe's model_store folder) is required "
+                             "when dense_sync is enabled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +88,7 @@ class LoaderSettings:
     fetch_timeout_s: float = 60.0
     allow_non_finite: bool = False
     other_models_interval_s: float = 30.0
+    dense_sync: DenseSyncSettings = field(default_factory=DenseSyncSettings)
 
     def __post_init__(self) -> None:
         for name in ("rescan_interval_s", "list_interval_s", "watermark_poll_s", "retry_backoff_s",

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "replay": "persia_inc.commands.replay",
     "status": "persia_inc.commands.status",
     "serve": "persia_inc.commands.serve",
+    "rollback": "persia_inc.commands.rollback",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

@@ -69,6 +69,12 @@ def loader_from_config(config: Config | str | os.PathLike[str], client: Embeddin
         "kafka": s.kafka if kafka_wanted else None,
     }
     kwargs.update(overrides)
+    dense = (kwargs.get("settings") or s.loader).dense_sync
+    if dense.enabled and kwargs.get("dense_management") is None:
+        from persia_inc.dense import grpc_management
+
+        kwargs["dense_management"] = grpc_management(dense.management_address,
+                                                     timeout_s=dense.register_timeout_s)
     if kwargs.get("store") is None:
         kwargs["store"] = config.open_store()
         kwargs["owns_store"] = True

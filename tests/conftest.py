@@ -3,6 +3,7 @@
 * `ceph`: one throwaway Ceph cluster with its S3 gateway for the whole session (about 6 s).
 * `kafka`: a Tansu Kafka-protocol broker (memory storage) for the whole session;
   `kafka_factory` starts extra brokers a test may stop and restart.
+* `torchserve`: a real TorchServe per test module.
 * `webhdfs`: the WebHDFS protocol emulator (tests/webhdfs_emulator.py) per test.
 * `object_store`: the same storage cases against local disk, Ceph and the emulator.
 * `embedding_cluster_factory`: N real embedding-server processes on loopback, one config file.
@@ -20,6 +21,7 @@ import pytest
 
 from persia_inc.foundation.net import free_port
 from persia_inc.foundation.threads import leaked_threads
+from persia_inc.inference.local import LocalTorchServe
 from persia_inc.local_services import CephCluster, EmbeddingCluster, TansuBroker, write_test_config
 from persia_inc.storage import ObjectStore, RetryPolicy, open_store
 
@@ -45,6 +47,16 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTorchServe]:
+    """A real TorchServe (127.0.0.1, free ports) shared by one test module."""
+    server = LocalTorchServe(tmp_path_factory.mktemp("torchserve")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

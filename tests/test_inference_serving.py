@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -68,15 +68,6 @@ class TwentySixTables(torch.nn.Module):
 # derived from the module, as the training side does: 26 tables, ids are their signs
 MULTI = spec_from_module(TwentySixTables(), dense_dim=13,
                          tables={n: m for n, m in TwentySixTables().tables.items()})
-
-
-@pytest.fixture(scope="module")
-def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTorchServe]:
-    server = LocalTorchServe(tmp_path_factory.mktemp("torchserve")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,10 @@ stored), and flags for what must not go unseen:
   generation-jump=G:S        the next stored packet is such a jump (from storage)
   shard-unreachable=I,...    shards that do not answer (here, or to the loader)
 
+Dense versions (when the loader's dense sync runs, from its /streams endpoint): the version
+TorchServe serves by default, when it was exported and activated, and every pending version
+with what it waits for (the shards' watermarks below its sparse positions), and refused ones.
+
 The loader's flags are read from its /streams endpoint (--loader, default the metrics address
 and port of persia_inc.loader when metrics_port is set); without it those flags are absent.
 A shard that does not answer is a flag, not a failure, as long as one answers.
@@ -51,6 +55,20 @@ def loader_report(url: str, timeout_s: float = 3.0) -> tuple[dict[str, Any] | No
             return json.load(reply), ""
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return None, str(getattr(exc, "reason", exc))
+
+
+def dense_lines(dense: dict[str, Any]) -> list[str]:
+    """The dense-version lines of the text report, from the loader's `dense` status."""
+    active = dense.get("active")
+    lines = [f"dense model {dense.get('model_name')}: active version "
+             + ("none" if not active else f"{active['version']} (exported_at_ns "
+                f"{active['exported_at_ns']}, activated_at_ns {active['activated_at_ns']})")]
+    for pending in dense.get("pending", []):
+        waiting = "; ".join(pending.get("waiting_for", [])) or "-"
+        lines.append(f"  pending version {pending['version']} ({pending['state']}): waiting for {waiting}")
+    for refused in dense.get("refused", []):
+        lines.append(f"  refused version {refused['version']}: {refused['reason']}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,13 +113,18 @@ def run(args: argparse.Namespace) -> int:
                  "skipped_below_watermark": r.skipped_below_watermark,
                  "generation_jump_held": r.generation_jump_held,
                  "generation_jump": list(r.generation_jump) if r.generation_jump else None,
-                 "shards_unreachable": list(r.shards_unreachable)} for r in rows]}))
+                 "shards_unreachable": list(r.shards_unreachable)} for r in rows],
+            "dense": None if report is None else report.get("dense")}))
         return 0
     print(f"{'table':<20} {'producer':<20} {'servers':>16} {'storage':>16} {'lag':>6} {'lag_s':>9}"
           "  flags")
     for r in rows:
         print(f"{r.table:<20} {r.producer:<20} {_fmt(r.watermark):>16} {_fmt(r.newest):>16} "
               f"{r.lag_packets:>6} {r.lag_s:>9.1f}  {' '.join(r.flags) or '-'}")
+    dense = None if report is None else report.get("dense")
+    if dense is not None:
+        for line in dense_lines(dense):
+            print(line)
     if others:
         print(f"other models with packets under {where} (not this config's model "
               f"{config.persia_inc.model!r}): {', '.join(others)}")
