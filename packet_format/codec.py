@@ -281,19 +281,27 @@ def _header_from_metadata(metadata: dict[bytes, bytes] | None, where: str) -> Pa
     missing = [name for name in _HEADER_FIELDS if name not in raw]
     if missing:
         raise CorruptPacketError(where, f"metadata lacks {', '.join(missing)}")
+    values = metadata_values(raw, _HEADER_FIELDS, _INT_FIELDS, where)
+    try:
+        return PacketHeader(**values)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise CorruptPacketError(where, f"bad header: {exc}") from exc
+
+
+def metadata_values(raw: dict[str, str], names: tuple[str, ...], int_names: frozenset[str],
+                    where: str) -> dict[str, object]:
+    """The header fields `names` from a packet's metadata text, `int_names` as integers
+    (decimal, at most 20 digits); CorruptPacketError naming the field otherwise."""
     values: dict[str, object] = {}
-    for name in _HEADER_FIELDS:
+    for name in names:
         text = raw[name]
-        if name in _INT_FIELDS:
+        if name in int_names:
             if not text.isascii() or not text.isdigit() or len(text) > 20:
                 raise CorruptPacketError(where, f"metadata {name}={text!r} is not an integer")
             values[name] = int(text)
         else:
             values[name] = text
-    try:
-        return PacketHeader(**values)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise CorruptPacketError(where, f"bad header: {exc}") from exc
+    return values
 
 
 def _list_column(batch: pa.RecordBatch, name: str, item: pa.DataType, where: str) -> pa.Array:

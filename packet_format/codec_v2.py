@@ -56,6 +56,7 @@ from persia_inc.packet_format.codec import (
     _to_buffer,
     decode_packet,
     first_repeat,
+    metadata_values,
     read_packet_header,
 )
 from persia_inc.packet_format.cut import (
@@ -376,15 +377,7 @@ def _cut_header_from(raw: dict[str, str], where: str) -> CutHeader:
     if raw["dtype"] not in CUT_DTYPES:
         raise UnsupportedPacketError(where, f"dtype {raw['dtype']!r}; this reader understands "
                                      f"{', '.join(CUT_DTYPES)}")
-    values: dict[str, object] = {}
-    for name in _SCALAR_FIELDS:
-        text = raw[name]
-        if name in _INT_FIELDS:
-            if not text.isascii() or not text.isdigit() or len(text) > 20:
-                raise CorruptPacketError(where, f"metadata {name}={text!r} is not an integer")
-            values[name] = int(text)
-        else:
-            values[name] = text
+    values = metadata_values(raw, _SCALAR_FIELDS, _INT_FIELDS, where)
     values["tables"] = _parse_tables(raw["tables"], where)
     try:
         return CutHeader(**values)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
+from test_packet_format import rewrite
 
 from persia_inc.packet_format import (
     CUT_LANE,
@@ -69,24 +70,6 @@ def mixed_tables() -> list[TableRows]:
     ]
 
 
-def rewrite(data: bytes, *, metadata: dict[str, str] | None = None,
-            columns: dict[str, pa.Array] | None = None, batches: int = 1,
-            compression: str | None = None) -> bytes:
-    """Re-encode a valid cut with some part changed, as a hostile writer would."""
-    table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
-    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-    meta.update({META_PREFIX + k: v for k, v in (metadata or {}).items()})
-    arrays = {name: table.column(name).combine_chunks() for name in table.schema.names}
-    arrays.update(columns or {})
-    schema = pa.schema([pa.field(n, a.type) for n, a in arrays.items()],
-                       metadata={k.encode(): v.encode() for k, v in meta.items()})
-    batch = pa.record_batch(list(arrays.values()), schema=schema)
-    sink = io.BytesIO()
-    options = pa.ipc.IpcWriteOptions(compression=compression)
-    with pa.ipc.new_file(sink, schema, options=options) as writer:
-        for _ in range(batches):
-            writer.write_batch(batch)
-    return sink.getvalue()
 
 
 def column(data: bytes, name: str) -> pa.Array:
