@@ -19,7 +19,13 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from persia_inc.packet_format._flatbuf import HEADER_RECORD_BATCH, FlatbufferError, record_batch_facts
+from persia_inc.packet_format._flatbuf import (
+    HEADER_DICTIONARY_BATCH,
+    HEADER_RECORD_BATCH,
+    FlatbufferError,
+    dictionary_batch_is_delta,
+    record_batch_facts,
+)
 from persia_inc.packet_format.errors import (
     CorruptPacketError,
     PacketTooLargeError,
@@ -205,14 +211,21 @@ def write_packet(
         header, rows=n, deleted_rows=d, dim=dim, state_dim=state_dim,
         checksum=_checksum(hashed), format_version=FORMAT_VERSION,
     )
+    write_single_batch(sink, columns, _metadata(written))
+    return written
+
+
+def write_single_batch(sink: BinaryIO | pa.NativeFile, columns: dict[str, pa.Array],
+                       metadata: dict[bytes, bytes]) -> None:
+    """Write `columns` (non-nullable, in order) as an Arrow IPC file of one record batch whose
+    schema carries `metadata`: the shape of every packet."""
     schema = pa.schema(
         [pa.field(name, column.type, nullable=False) for name, column in columns.items()],
-        metadata=_metadata(written),
+        metadata=metadata,
     )
     batch = pa.record_batch(list(columns.values()), schema=schema)
     with pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(batch)
-    return written
 
 
 # --------------------------------------------------------------------------------- decoding
@@ -237,10 +250,12 @@ def _to_buffer(source: object, where: str, limits: PacketLimits) -> pa.Buffer:
     return buf
 
 
-def _check_messages(buf: pa.Buffer, where: str, limits: PacketLimits) -> None:
-    """Refuse compressed or multi-batch bodies before Arrow allocates anything for them."""
+def check_messages(buf: pa.Buffer, where: str, limits: PacketLimits, *, max_dictionaries: int = 0
+                   ) -> None:
+    """Refuse compressed, delta-dictionary or multi-batch bodies (and more than
+    `max_dictionaries` dictionary batches) before Arrow allocates anything for them."""
     reader = pa.ipc.MessageReader.open_stream(pa.BufferReader(buf.slice(8)))
-    batches = 0
+    batches = dictionaries = 0
     while True:
         try:
             message = reader.read_next_message()
@@ -249,18 +264,30 @@ def _check_messages(buf: pa.Buffer, where: str, limits: PacketLimits) -> None:
         if message.type == "schema":
             continue
         try:
-            header_type, compressed = record_batch_facts(message.metadata.to_pybytes())
+            metadata = message.metadata.to_pybytes()
+            header_type, compressed = record_batch_facts(metadata)
+            delta = header_type == HEADER_DICTIONARY_BATCH and dictionary_batch_is_delta(metadata)
         except FlatbufferError as exc:
             raise CorruptPacketError(where, f"malformed message header: {exc}") from exc
-        if header_type != HEADER_RECORD_BATCH:
+        allowed = (HEADER_RECORD_BATCH, HEADER_DICTIONARY_BATCH) if max_dictionaries else (
+            HEADER_RECORD_BATCH,)
+        if header_type not in allowed:
             raise CorruptPacketError(where, f"unexpected IPC message type {message.type!r}")
         if compressed:
-            raise UnsupportedPacketError(where, "compressed record batches are not part of v1")
-        batches += 1
+            raise UnsupportedPacketError(where, "compressed record batches are not part of the format")
+        if delta:
+            raise CorruptPacketError(where, "delta dictionaries are not part of the format")
         if message.body.size > limits.max_bytes:
             raise PacketTooLargeError(where, "record batch body over the byte limit")
+        if header_type == HEADER_RECORD_BATCH:
+            batches += 1
+        else:
+            dictionaries += 1
     if batches != 1:
         raise CorruptPacketError(where, f"expected exactly one record batch, found {batches}")
+    if dictionaries > max_dictionaries:
+        raise CorruptPacketError(where, f"expected at most {max_dictionaries} dictionary batch, "
+                                 f"found {dictionaries}")
 
 
 def _header_from_metadata(metadata: dict[bytes, bytes] | None, where: str) -> PacketHeader:
@@ -338,7 +365,7 @@ def decode_packet(
     if buf.slice(buf.size - 6).to_pybytes() != ARROW_MAGIC:
         raise CorruptPacketError(where, "torn or truncated: Arrow footer magic missing")
     try:
-        _check_messages(buf, where, limits)
+        check_messages(buf, where, limits)
         reader = pa.ipc.open_file(pa.BufferReader(buf), memory_pool=memory_pool)
         header = _header_from_metadata(reader.schema.metadata, where)
         return _decode_batch(reader, header, where, limits, verify_checksum)

@@ -36,13 +36,6 @@ from typing import BinaryIO, TypeAlias
 import numpy as np
 import pyarrow as pa
 
-from persia_inc.packet_format._flatbuf import (
-    HEADER_DICTIONARY_BATCH,
-    HEADER_RECORD_BATCH,
-    FlatbufferError,
-    dictionary_batch_is_delta,
-    record_batch_facts,
-)
 from persia_inc.packet_format.codec import (
     _DECODE_FAILURES,
     ARROW_MAGIC,
@@ -54,10 +47,12 @@ from persia_inc.packet_format.codec import (
     _as_signs,
     _checksum,
     _to_buffer,
+    check_messages,
     decode_packet,
     first_repeat,
     metadata_values,
     read_packet_header,
+    write_single_batch,
 )
 from persia_inc.packet_format.cut import (
     CUT_DTYPES,
@@ -279,13 +274,7 @@ def write_cut(sink: BinaryIO | pa.NativeFile, header: CutHeader, tables: Sequenc
 
     written = replace(header, tables=tuple(entries), checksum=_checksum(hashed),
                       format_version=CUT_FORMAT_VERSION)
-    schema = pa.schema(
-        [pa.field(name, column.type, nullable=False) for name, column in columns.items()],
-        metadata=_metadata(written),
-    )
-    batch = pa.record_batch(list(columns.values()), schema=schema)
-    with pa.ipc.new_file(sink, schema) as writer:
-        writer.write_batch(batch)
+    write_single_batch(sink, columns, _metadata(written))
     return written
 
 
@@ -297,41 +286,6 @@ def encode_cut(header: CutHeader, tables: Sequence[TableRows]) -> bytes:
 
 
 # ------------------------------------------------------------------------------- decoding
-
-
-def _check_messages(buf: pa.Buffer, where: str, limits: PacketLimits) -> None:
-    """Refuse compressed, delta-dictionary or multi-batch bodies before Arrow allocates them."""
-    reader = pa.ipc.MessageReader.open_stream(pa.BufferReader(buf.slice(8)))
-    batches = dictionaries = 0
-    while True:
-        try:
-            message = reader.read_next_message()
-        except StopIteration:
-            break
-        if message.type == "schema":
-            continue
-        try:
-            metadata = message.metadata.to_pybytes()
-            header_type, compressed = record_batch_facts(metadata)
-            delta = header_type == HEADER_DICTIONARY_BATCH and dictionary_batch_is_delta(metadata)
-        except FlatbufferError as exc:
-            raise CorruptPacketError(where, f"malformed message header: {exc}") from exc
-        if header_type not in (HEADER_RECORD_BATCH, HEADER_DICTIONARY_BATCH):
-            raise CorruptPacketError(where, f"unexpected IPC message type {message.type!r}")
-        if compressed:
-            raise UnsupportedPacketError(where, "compressed record batches are not part of the format")
-        if delta:
-            raise CorruptPacketError(where, "delta dictionaries are not part of the format")
-        if message.body.size > limits.max_bytes:
-            raise PacketTooLargeError(where, "record batch body over the byte limit")
-        if header_type == HEADER_RECORD_BATCH:
-            batches += 1
-        else:
-            dictionaries += 1
-    if batches != 1:
-        raise CorruptPacketError(where, f"expected exactly one record batch, found {batches}")
-    if dictionaries > 1:
-        raise CorruptPacketError(where, f"expected at most one dictionary batch, found {dictionaries}")
 
 
 def _raw_metadata(metadata: dict[bytes, bytes] | None, where: str) -> dict[str, str]:
@@ -435,7 +389,7 @@ def decode_cut(
     buf = _to_buffer(source, where, limits)
     try:
         _check_magic(buf, where)
-        _check_messages(buf, where, limits)
+        check_messages(buf, where, limits, max_dictionaries=1)
         reader, raw = _open(buf, where, memory_pool)
         if raw["format_version"] == str(FORMAT_VERSION):
             return _cut_of_packet(decode_packet(buf, where=where, limits=limits,

@@ -150,10 +150,11 @@ class PacketWriter:
         self._generation_ready = threading.Event()
         if generation is not None:
             self._generation_ready.set()
-        self._thread = ServiceThread("writer", self._run, wake=self._wake)
+        self._thread = ServiceThread("writer", lambda: self._guarded(self._loop), wake=self._wake)
         self._stop = self._thread.stop  # cuts the writer's waits, and its store calls' waits
         self._store_threads = [
-            ServiceThread(f"store-{i}", self._store_run, wake=self._wake, stop=self._stop)
+            ServiceThread(f"store-{i}", lambda: self._guarded(self._store_loop), wake=self._wake,
+                          stop=self._stop)
             for i in range(max_inflight)]
         self._thread.start()
         for thread in self._store_threads:
@@ -288,11 +289,13 @@ class PacketWriter:
                 self.failure = WriterFailedError(message, uri=uri, cause=cause)
             self._cond.notify_all()
 
-    def _run(self) -> None:
+    def _guarded(self, loop: Callable[[], None]) -> None:
+        """Run a writer thread's loop; a bug escaping it fails the writer, loudly, on the
+        training thread."""
         try:
             with stop_waits_on(self._stop):
-                self._loop()
-        except BaseException as exc:  # a bug: make it loud on the training thread
+                loop()
+        except BaseException as exc:
             log.exception("the packet writer failed")
             self._fail(f"the packet writer failed: {type(exc).__name__}: {exc}", "", exc)
 
@@ -415,14 +418,6 @@ class PacketWriter:
                     int(snapshot.signs[int(np.argmax(bad))]))
 
     # --- the store threads: encode, store, announce in sequence order ----------------------
-
-    def _store_run(self) -> None:
-        try:
-            with stop_waits_on(self._stop):
-                self._store_loop()
-        except BaseException as exc:  # a bug: make it loud on the training thread
-            log.exception("a packet store thread failed")
-            self._fail(f"the packet writer failed: {type(exc).__name__}: {exc}", "", exc)
 
     def _store_loop(self) -> None:
         lower_thread_priority(self.nice)

@@ -260,7 +260,11 @@ def test_sigterm_stops_torchserve_and_every_child(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "TorchServe did not come up"
             time.sleep(0.2)
         torchserve_pid = int(found.group(1))
-        time.sleep(2)  # requests are flowing
+        access_log = tmp_path / "work" / "torchserve" / "logs" / "access_log.log"
+        while not (access_log.exists() and access_log.read_text().count("/Predictions") >= 3):
+            assert proc.poll() is None, err_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no requests reached TorchServe"
+            time.sleep(0.2)
         assert alive(torchserve_pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 143, err_path.read_text()[-3000:]

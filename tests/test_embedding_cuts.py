@@ -38,7 +38,7 @@ from persia_inc.embedding_server.sharding import shard_of
 from persia_inc.foundation.net import free_port
 from persia_inc.local_services import EMBEDDING_TOKEN
 from persia_inc.local_services import EmbeddingCluster as Cluster
-from persia_inc.packet_format import CheckpointManifest, ManifestError, Watermark
+from persia_inc.packet_format import Watermark
 from persia_inc.packet_format.cut import CUT_LANE, Cut, CutHeader, CutTable, TableRows
 from persia_inc.storage import open_store
 
@@ -289,19 +289,6 @@ def test_a_lost_chunk_is_aborted_and_nothing_is_written(
         assert client.status(0).staged_applies == 0
 
 
-def _manifest_takes_cut_lane() -> bool:
-    manifest = CheckpointManifest(model="m", tables={},
-                                  watermarks=(Watermark(CUT_LANE, "p0", 0, 1),))
-    try:
-        CheckpointManifest.from_json(manifest.to_json())
-    except ManifestError:
-        return False
-    return True
-
-
-@pytest.mark.xfail(not _manifest_takes_cut_lane(), strict=True,
-                   reason="packet_format.manifest does not accept the cut lane as a watermark "
-                          "table yet (being changed in packet_format/)")
 def test_a_checkpoint_keeps_the_cut_watermark(
         embedding_cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
     signs = {name: random_signs(50 + i, 800) for i, name in enumerate(DIMS)}
