@@ -243,6 +243,7 @@ class DenseSync(ServiceThread):
                 self._refuse(state, "register", f"TorchServe refused it: {exc}",
                              [mar_key, dense_manifest_key(self.model, version)])
                 return True
+        self._ready(state)  # status names what it waits for from the moment it shows pending
         state.state, state.registered_at_ns = "registered", time.time_ns()
         log.info("dense sync: registered version %d of %s in TorchServe (%s)", version, self.model_name, name)
         return True
