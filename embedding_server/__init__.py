@@ -8,9 +8,10 @@ where they are used.
 
 import logging
 
-from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
+from persia_inc.embedding_server.errors import ShardError, ShardIdentityError, WatermarkMovedError
 from persia_inc.embedding_server.sharding import group_by_shard, shard_of, splitmix64
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["ShardError", "ShardIdentityError", "group_by_shard", "shard_of", "splitmix64"]
+__all__ = ["ShardError", "ShardIdentityError", "WatermarkMovedError", "group_by_shard", "shard_of",
+           "splitmix64"]

@@ -41,13 +41,13 @@ def _fields(parts: list, fields: tuple) -> None:
         if isinstance(value, np.ndarray):
             if value.size:
                 view = np.ascontiguousarray(value).data.cast("B")
-                parts += [bytes([number << 3 | _LEN]), _varint(view.nbytes), view]
+                parts += [_varint(number << 3 | _LEN), _varint(view.nbytes), view]
         elif isinstance(value, str | bytes):
             if value:
                 data = value.encode() if isinstance(value, str) else value
-                parts += [bytes([number << 3 | _LEN]), _varint(len(data)), data]
+                parts += [_varint(number << 3 | _LEN), _varint(len(data)), data]
         elif value:
-            parts += [bytes([number << 3 | _VARINT]), _varint(value)]
+            parts += [_varint(number << 3 | _VARINT), _varint(value)]
 
 
 def _submessage(parts: list, number: int, fields: tuple) -> None:
@@ -57,7 +57,7 @@ def _submessage(parts: list, number: int, fields: tuple) -> None:
     inner: list[bytes | memoryview] = []
     _fields(inner, fields)
     size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in inner)
-    parts += [bytes([number << 3 | _LEN]), _varint(size), *inner]
+    parts += [_varint(number << 3 | _LEN), _varint(size), *inner]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +85,22 @@ class SliceArrays:
     deleted: np.ndarray
 
 
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """A conditional apply's condition: the shard must hold exactly `position` of the stream
+    (None: nothing of it), or it refuses the apply."""
+
+    position: tuple[int, int] | None
+
+
 def encode_apply_request(table: str, producer: str, generation: int, sequence: int, dim: int,
                          signs: np.ndarray, rows: np.ndarray, deleted: np.ndarray,
                          place: ApplyChunk = ApplyChunk(),
-                         tables: Sequence[SliceArrays] = ()) -> bytes:
+                         tables: Sequence[SliceArrays] = (), expect: Expect | None = None) -> bytes:
     """`ApplyRequest` wire bytes in one copy. signs: uint64[n]; rows: float32[n, dim];
     deleted: uint64[d]; all little-endian (as on every platform we run on). `tables`: the
     slices of a multi-table apply (then `table` is the stream lane, and dim and the three
-    arrays are empty)."""
+    arrays are empty). `expect`: apply only on this condition (None: unconditionally)."""
     parts: list[bytes | memoryview] = []
     _fields(parts, ((1, table), (2, producer), (3, generation), (4, sequence), (5, dim),
                     (6, signs), (7, rows), (8, deleted), (9, place.shard),
@@ -101,6 +109,10 @@ def encode_apply_request(table: str, producer: str, generation: int, sequence: i
     for piece in tables:
         _submessage(parts, 14, ((1, piece.table), (2, piece.dim), (3, piece.signs),
                                 (4, piece.rows), (5, piece.deleted)))
+    if expect is not None:
+        held = expect.position
+        _fields(parts, ((15, 1), (16, int(held is not None)), (17, held[0] if held else 0),
+                        (18, held[1] if held else 0)))
     return b"".join(parts)
 
 
@@ -130,11 +142,14 @@ class ApplyRequestView:
     deleted_signs: bytes | memoryview = b""
     place: ApplyChunk = ApplyChunk()
     tables: tuple[TableSliceView, ...] = ()
+    expect: Expect | None = None
     error: str = ""
 
 
 _APPLY_INTS = {3: "generation", 4: "sequence", 5: "dim", 9: "shard", 10: "num_shards",
-               12: "chunk", 13: "chunks"}
+               12: "chunk", 13: "chunks", 15: "conditional", 16: "expect_held",
+               17: "expect_generation", 18: "expect_sequence"}
+_EXPECT = ("conditional", "expect_held", "expect_generation", "expect_sequence")
 _APPLY_BYTES = {1: "table", 2: "producer", 6: "signs", 7: "rows", 8: "deleted_signs",
                 11: "apply_id"}
 _PLACE = frozenset({"shard", "num_shards", "apply_id", "chunk", "chunks"})
@@ -160,7 +175,11 @@ def decode_apply_request(message: bytes) -> ApplyRequestView:
     except (ValueError, UnicodeDecodeError) as exc:
         return ApplyRequestView(error=f"malformed ApplyRequest: {exc}")
     place = ApplyChunk(**{k: values.pop(k) for k in list(values) if k in _PLACE})  # type: ignore[arg-type]
-    return ApplyRequestView(**values, place=place, tables=tuple(tables))  # type: ignore[arg-type]
+    conditional, held, generation, sequence = (values.pop(k, 0) for k in _EXPECT)
+    expect = (Expect((generation, sequence) if held else None)  # type: ignore[arg-type]
+              if conditional else None)
+    return ApplyRequestView(**values, place=place, tables=tuple(tables),  # type: ignore[arg-type]
+                            expect=expect)
 
 
 def _decode_slice(data: memoryview) -> TableSliceView:

@@ -33,12 +33,13 @@ import numpy as np
 
 from persia_inc.embedding_server._wire import (
     ApplyChunk,
+    Expect,
     SliceArrays,
     decode_lookup_reply,
     decode_lookup_tables_reply,
     encode_apply_request,
 )
-from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
+from persia_inc.embedding_server.errors import ShardError, ShardIdentityError, WatermarkMovedError
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
 from persia_inc.embedding_server.settings import EmbeddingServerSettings
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 _METHOD = "/persia_inc.embedding.v1.EmbeddingService/"
 _IDENTITY_KEYS = ("persia-shard", "persia-num-shards")  # server.IDENTITY_KEYS (no grpc server import)
+_MOVED_KEY = "persia-watermark-moved"  # server.MOVED_KEY
 _HEADROOM_BYTES = 64 * 1024  # a message's bytes besides its arrays (names, numbers), at most
 _MAX_DIM = 4096  # the widest row a server accepts (PacketLimits.max_dim's default)
 _NO_SIGNS = np.empty(0, np.uint64)
@@ -198,6 +200,10 @@ class EmbeddingClient:
             reported = (int(trailing[_IDENTITY_KEYS[0]]), int(trailing.get(_IDENTITY_KEYS[1], 0)))
             return ShardIdentityError(shard, self.servers[shard], (shard, len(self.servers)),
                                       reported, details)
+        if _MOVED_KEY in trailing:  # a conditional apply found another watermark
+            generation, _, sequence = str(trailing[_MOVED_KEY]).partition("-")
+            held = (int(generation), int(sequence)) if sequence else None
+            return WatermarkMovedError(shard, self.servers[shard], held, details)
         return ShardError(shard, self.servers[shard], code.name, details)
 
     def verify(self, shards: Iterable[int] | None = None, *, force: bool = False) -> None:
@@ -365,10 +371,18 @@ class EmbeddingClient:
         or none of it; idempotent; ShardError if any shard failed (retry)."""
         return self._apply_all(lambda shards: self._cut_messages(cut, shards))
 
-    def apply_cut_shards(self, cut: Cut, shards: Iterable[int]) -> dict[int, bool | ShardError]:
+    def apply_cut_shards(self, cut: Cut, shards: Iterable[int],
+                         expect: Mapping[int, tuple[int, int] | None] | None = None
+                         ) -> dict[int, bool | ShardError]:
         """`apply_shards` for a cut: apply it to the listed shards only, each on its own;
-        shard -> True (applied), False (already held) or the ShardError it failed with."""
-        return self._apply_each(lambda todo: self._cut_messages(cut, todo), shards)
+        shard -> True (applied), False (already held) or the ShardError it failed with.
+
+        expect: per shard, the position of the cut's stream the caller believes it holds
+        (None, or a shard left out: nothing); a shard holding another refuses with
+        WatermarkMovedError and writes nothing. One round trip instead of reading the
+        watermarks before every apply, and no window between the read and the write (the
+        loader's guard against a shard that restarted from an older checkpoint)."""
+        return self._apply_each(lambda todo: self._cut_messages(cut, todo, expect), shards)
 
     def _apply_all(self, build: Callable[[Iterable[int]], dict[int, list[bytes]]]
                    ) -> ApplyResult:
@@ -462,9 +476,12 @@ class EmbeddingClient:
                 for i, (r, d) in enumerate(pieces)]
         return pending
 
-    def _cut_messages(self, cut: Cut, shards: Iterable[int]) -> dict[int, list[bytes]]:
+    def _cut_messages(self, cut: Cut, shards: Iterable[int],
+                      expect: Mapping[int, tuple[int, int] | None] | None = None
+                      ) -> dict[int, list[bytes]]:
         """The Apply messages of `cut` for each of `shards`: every table's slice for the shard
-        in one message, or in chunks in order when over the shard's message limit."""
+        in one message, or in chunks in order when over the shard's message limit; each
+        conditional on `expect[shard]` when given."""
         h = cut.header
         num = len(self.servers)
         grouped = []  # per table: name, dim, signs, rows, deleted (grouped by shard), bounds
@@ -492,7 +509,8 @@ class EmbeddingClient:
                     _NO_SIGNS, ApplyChunk(shard, num, apply_id if many else "", i,
                                           len(pieces) if many else 0),
                     tables=[SliceArrays(shares[t][0], shares[t][1], shares[t][2][r],
-                                        shares[t][3][r], shares[t][4][d]) for t, r, d in chunk])
+                                        shares[t][3][r], shares[t][4][d]) for t, r, d in chunk],
+                    expect=None if expect is None else Expect(expect.get(shard)))
                 for i, chunk in enumerate(pieces)]
         return pending
 

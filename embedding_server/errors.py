@@ -37,3 +37,17 @@ class ShardIdentityError(ShardError):
         super().__init__(shard, address, "FAILED_PRECONDITION",
                          f"{text}: {details}" if details else text)
         self.retriable = False
+
+
+class WatermarkMovedError(ShardError):
+    """A conditional apply was refused: the shard holds another position of the stream than
+    the caller expected (it restarted from a checkpoint, or another writer moved it). Nothing
+    was written; the caller reads the shard's watermarks again and applies what it lacks.
+
+    held: the (generation, sequence) the shard holds, None for nothing.
+    """
+
+    def __init__(self, shard: int, address: str, held: tuple[int, int] | None,
+                 details: str = "") -> None:
+        self.held = held
+        super().__init__(shard, address, "ABORTED", details)

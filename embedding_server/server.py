@@ -42,6 +42,7 @@ from persia_inc.embedding_server.shard import (
     Shard,
     TableNotFoundError,
     TableSlice,
+    WatermarkMovedError,
 )
 from persia_inc.foundation.threads import ServiceThread
 from persia_inc.packet_format import PacketError, PacketLimits
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "persia_inc.embedding.v1.EmbeddingService"
 WRITE_METHODS = frozenset({"Apply", "Delete", "LoadCheckpoint", "Dump"})
 IDENTITY_KEYS = ("persia-shard", "persia-num-shards")  # trailing metadata of identity refusals
+MOVED_KEY = "persia-watermark-moved"  # trailing metadata of a refused conditional apply
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
 
@@ -134,6 +136,7 @@ def _rpc(method: str) -> Callable:
         def wrapper(self: EmbeddingServicer, request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             code, message = self._check_call(method, context)
+            level = logging.WARNING
             self.shard.expire_staged()  # abandoned chunked applies go even when no Apply comes
             if code is None:
                 try:
@@ -149,6 +152,11 @@ def _rpc(method: str) -> Callable:
                         IDENTITY_KEYS, (str(self.shard_index), str(self.num_shards)), strict=True)))
                 except ChunkLostError as exc:
                     code, message = grpc.StatusCode.ABORTED, str(exc)
+                except WatermarkMovedError as exc:  # the caller looks again and catches up
+                    code, message, level = grpc.StatusCode.ABORTED, str(exc), logging.INFO
+                    held = exc.held
+                    context.set_trailing_metadata(
+                        ((MOVED_KEY, "" if held is None else f"{held[0]}-{held[1]}"),))
                 except (ValueError, PacketError) as exc:
                     code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
                 except FileNotFoundError as exc:
@@ -162,7 +170,7 @@ def _rpc(method: str) -> Callable:
                     self.metrics.latency.labels(method).observe(time.perf_counter() - started)
             self.metrics.errors.labels(method, code.name).inc()
             if code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
-                log.warning("%s from %s: %s: %s", method, context.peer(), code.name, message)
+                log.log(level, "%s from %s: %s: %s", method, context.peer(), code.name, message)
             context.abort(code, message)
 
         return wrapper
@@ -264,7 +272,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                       for piece in request.tables]
             outcome = self.shard.apply_tables_chunk(
                 request.table, request.producer, request.generation, request.sequence, slices,
-                apply_id=place.apply_id, chunk=place.chunk, chunks=place.chunks)
+                apply_id=place.apply_id, chunk=place.chunk, chunks=place.chunks,
+                expect=request.expect)
         else:
             piece = _slice(request.table, request.dim, request.signs, request.rows,
                            request.deleted_signs)

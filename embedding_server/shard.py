@@ -18,6 +18,11 @@ Chunks are checked and staged in memory (one staged apply per (lane, producer) s
 newer apply id for the stream or `stage_timeout_s` without a chunk drops it) and the last one
 commits them all as one apply: watermark and rows change together or not at all. A table may
 span chunks; its pieces are concatenated at the commit.
+
+Conditional applies: an apply may carry `expect`, the position of its stream the caller
+believes the shard holds; a shard holding another refuses (`WatermarkMovedError`), checked
+under the same locks as the write. The loader relies on it to never write a packet over a gap
+on a shard that restarted behind it, without reading the watermarks before every apply.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from persia_inc.embedding_server._wire import Expect
 from persia_inc.embedding_server.sharding import shard_of
 from persia_inc.embedding_server.table import EmbeddingTable
 from persia_inc.packet_format import Watermark
@@ -61,6 +67,23 @@ class ForeignSignsError(ValueError):
             f"sign {sign} belongs to shard {owner} of {num_shards}, not to this shard {shard} "
             f"({count} foreign sign(s) in the request; nothing was written)")
         self.sign, self.owner, self.count = sign, owner, count
+
+
+class WatermarkMovedError(RuntimeError):
+    """A conditional apply found the shard holding another position of the stream than its
+    caller expected (the shard restarted from a checkpoint, or another writer moved it):
+    nothing was written; `held` is what it holds (None: nothing)."""
+
+    def __init__(self, lane: str, producer: str, expected: tuple[int, int] | None,
+                 held: tuple[int, int] | None) -> None:
+        self.held = held
+
+        def name(position: tuple[int, int] | None) -> str:
+            return "nothing" if position is None else f"{position[0]}-{position[1]}"
+
+        super().__init__(f"stream {lane}/{producer}: the caller expected this shard to hold "
+                         f"{name(expected)}, it holds {name(held)}; nothing applied (look at the "
+                         "shard's watermarks, then apply what it lacks)")
 
 
 class ChunkLostError(RuntimeError):
@@ -308,17 +331,20 @@ class Shard:
                                  [TableSlice(name, dim, signs, rows, deleted)])
 
     def apply_tables(self, lane: str, producer: str, generation: int, sequence: int,
-                     slices: Sequence[TableSlice]) -> ApplyOutcome:
+                     slices: Sequence[TableSlice], *, expect: Expect | None = None
+                     ) -> ApplyOutcome:
         """Apply several tables' slices for this shard, once, under the (lane, producer)
         watermark; all or nothing.
 
         lane: `CUT_LANE`, or a table name whose own stream this is (then every slice is of that
         table). Every slice is checked before any is written (ValueError, ForeignSignsError:
         nothing changes); the writes and the watermark update happen under all the tables'
-        write locks. An empty `slices` still advances the watermark.
+        write locks. An empty `slices` still advances the watermark. `expect`: a position
+        not yet held is written only if the shard holds exactly `expect.position` of the
+        stream, else WatermarkMovedError (checked under the same locks as the write).
         """
         self._check_slices(lane, producer, generation, sequence, slices)
-        return self._commit(lane, producer, (generation, sequence), slices)
+        return self._commit(lane, producer, (generation, sequence), slices, expect)
 
     def apply_chunk(
         self, name: str, producer: str, generation: int, sequence: int, dim: int,
@@ -334,17 +360,18 @@ class Shard:
 
     def apply_tables_chunk(self, lane: str, producer: str, generation: int, sequence: int,
                            slices: Sequence[TableSlice], *, apply_id: str, chunk: int,
-                           chunks: int) -> ApplyOutcome:
+                           chunks: int, expect: Expect | None = None) -> ApplyOutcome:
         """Stage chunk `chunk` of `chunks` of one apply; the last one commits them all.
 
         `slices`: this chunk's share, a table at most once (a table may continue in later
         chunks). Chunk 0 starts the apply (dropping any other staged apply of the stream); a
         later chunk must follow the one before under the same apply_id and position, or
         ChunkLostError. A position at or below the watermark is acknowledged unapplied at any
-        chunk, and its staged chunks dropped. chunks <= 1: `apply_tables`.
+        chunk, and its staged chunks dropped. chunks <= 1: `apply_tables`. `expect` (as in
+        `apply_tables`) is judged at the commit, with the last chunk's.
         """
         if chunks <= 1:
-            return self.apply_tables(lane, producer, generation, sequence, slices)
+            return self.apply_tables(lane, producer, generation, sequence, slices, expect=expect)
         if not apply_id:
             raise ValueError("a chunked apply needs an apply_id")
         if not 0 <= chunk < chunks:
@@ -388,7 +415,8 @@ class Shard:
                 return ApplyOutcome(False, 0, 0, 0, 0, current or (0, 0), staged=True)
             del self._staged[key]
         return self._commit(lane, producer, position,
-                            [p for name, held in stage.tables.items() for p in held.pieces(name)])
+                            [p for name, held in stage.tables.items() for p in held.pieces(name)],
+                            expect)
 
     def _check_slices(self, lane: str, producer: str, generation: int, sequence: int,
                       slices: Sequence[TableSlice]) -> None:
@@ -417,7 +445,7 @@ class Shard:
             raise ValueError(f"table {name!r} has dim {existing.dim}, the request has dim {dim}")
 
     def _commit(self, lane: str, producer: str, position: tuple[int, int],
-                slices: Sequence[TableSlice]) -> ApplyOutcome:
+                slices: Sequence[TableSlice], expect: Expect | None = None) -> ApplyOutcome:
         """Write checked slices and advance the (lane, producer) watermark, once. A table may
         come in several pieces (a chunked apply's, in order): they are written in order, each
         table's upserts before its deletes, as one concatenated slice would be (no copy)."""
@@ -439,6 +467,8 @@ class Shard:
             current = self._watermarks.get(key)
             if current is not None and position <= current:
                 return ApplyOutcome(False, 0, 0, 0, 0, current)
+            if expect is not None and current != expect.position:
+                raise WatermarkMovedError(lane, producer, expect.position, current)
             for name, table in tables.items():
                 mine = [piece for piece in pieces if piece.table == name]
                 upserts = gone = 0

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from persia_inc.embedding_server.client import EmbeddingClient
-from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
+from persia_inc.embedding_server.errors import ShardError, ShardIdentityError, WatermarkMovedError
 from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s
 from persia_inc.foundation.threads import ServiceThread, thread_name
@@ -222,6 +222,7 @@ class Loader:
             raise
 
     def _start(self) -> Loader:
+        self._pool.submit(self.store.warm_up)  # the first fetch then costs what the others do
         self.refresh_servers(force=True)
         for shard in self._shards:
             if isinstance(shard.error, ShardIdentityError):
@@ -725,19 +726,20 @@ class Loader:
     def _apply(self, stream: Stream, fetched: Fetched) -> None:
         packet_id, packet = fetched.packet_id, fetched.packet
         ident = (stream, packet_id.position)
-        # a shard that restarted since our last look would take this packet on top of nothing:
-        # confirm every shard still holds the watermark first (cheap next to the apply)
-        before = self.ordering.watermark(stream)
-        self._must_check = True
-        if not self.refresh_servers() or self.ordering.watermark(stream) != before:
-            if self.ordering.pending(stream)[:1] == [packet_id]:
-                self._fetches[ident] = _done_future(fetched)  # keep it for the next pass
-            wait = 0.0 if self._servers_ok else self._backoff_s(_SERVERS, _servers_down())
-            self._retry_at[stream] = self.clock() + wait
-            return
         started = self.clock()
         targets = [shard.index for shard in self._shards if shard.up]
-        outcome = self.client.apply_cut_shards(packet, targets)
+        # each shard applies only on top of what we last saw it hold: one that restarted since
+        # (empty, or from an older checkpoint) refuses instead of taking this packet over a gap
+        expect = {i: self._shards[i].marks.get(stream) for i in targets}
+        outcome = self.client.apply_cut_shards(packet, targets, expect)
+        moved = {i: r for i, r in outcome.items() if isinstance(r, WatermarkMovedError)}
+        if moved:
+            for index, refusal in moved.items():
+                log.info("shard %d holds %s/%s at %s, not %s as last seen: looking again before "
+                         "%s goes there", index, *stream, refusal.held, expect[index],
+                         packet_id.key)
+            self._must_check = True  # the next pass reads the watermarks (and rewinds)
+            outcome = {i: r for i, r in outcome.items() if i not in moved}
         failed = {i: r for i, r in outcome.items() if isinstance(r, ShardError)}
         acked = {i: r for i, r in outcome.items() if not isinstance(r, ShardError)}
         rejected = [exc for exc in failed.values() if _packet_rejected(exc)]
@@ -752,11 +754,14 @@ class Loader:
         if failed:
             self._count_error("apply")
         if not acked:
+            self._fetches[ident] = _done_future(fetched)  # kept for the next pass
+            if moved and not failed:  # look again, then go on at once
+                self._retry_at[stream] = self.clock()
+                return
             why: BaseException = next(iter(failed.values()), None) or _servers_down()
             wait = self._backoff_s(stream, why)
             log.warning("applying %s failed on every shard (retry in %.2fs): %s", packet_id.key,
                         wait, why)
-            self._fetches[ident] = _done_future(fetched)
             self._retry_at[stream] = self.clock() + wait
             return
         for index in acked:

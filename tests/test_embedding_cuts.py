@@ -21,6 +21,7 @@ import pytest
 
 from persia_inc.embedding_server._wire import (
     ApplyChunk,
+    Expect,
     LookupReply,
     LookupTablesReply,
     SliceArrays,
@@ -30,7 +31,7 @@ from persia_inc.embedding_server._wire import (
 )
 from persia_inc.embedding_server.checkpoint import save_checkpoint
 from persia_inc.embedding_server.client import EmbeddingClient, cut_chunks
-from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
+from persia_inc.embedding_server.errors import ShardError, ShardIdentityError, WatermarkMovedError
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
 from persia_inc.embedding_server.shard import ForeignSignsError, Shard, TableSlice
@@ -289,6 +290,44 @@ def test_a_lost_chunk_is_aborted_and_nothing_is_written(
         assert client.status(0).staged_applies == 0
 
 
+def test_a_conditional_apply_writes_only_on_top_of_the_expected_watermark(
+        embedding_cluster_factory: Callable[..., Cluster]) -> None:
+    """The loader's guard against a shard that restarted behind it: an apply that expects
+    another position than the shard holds is refused whole (ABORTED, what it holds in the
+    error), nothing written, whether it fits one message or comes in chunks."""
+    cluster = embedding_cluster_factory(2, max_message_bytes=MIB)
+    signs = {"a": random_signs(50, 500), "c": random_signs(51, 500)}
+    big = {"c": random_signs(52, 12_000)}  # about 3 MiB: chunks, judged at the commit
+    with cluster.client() as client:
+        # nothing held yet: expecting nothing applies; expecting a position is refused
+        refused = client.apply_cut_shards(make_cut(1, signs), [0, 1], {0: (0, 0), 1: (0, 0)})
+        assert all(isinstance(r, WatermarkMovedError) and r.held is None and r.code == "ABORTED"
+                   and "expected this shard to hold 0-0, it holds nothing" in r.details
+                   for r in refused.values()), refused
+        assert client.watermarks() == [] and not client.lookup("a", signs["a"]).any()
+        assert client.apply_cut_shards(make_cut(1, signs), [0, 1], {0: None, 1: None}) \
+            == {0: True, 1: True}
+        # shard 1 is taken for one that lost its last apply: it is refused, shard 0 applies
+        outcome = client.apply_cut_shards(make_cut(2, signs, version=1), [0, 1],
+                                          {0: (0, 1), 1: (0, 0)})
+        assert outcome[0] is True and isinstance(outcome[1], WatermarkMovedError)
+        assert outcome[1].held == (0, 1) and outcome[1].shard == 1
+        assert client.shard_watermarks(0) == [Watermark(CUT_LANE, "p0", 0, 2)]
+        assert client.shard_watermarks(1) == [Watermark(CUT_LANE, "p0", 0, 1)]
+        on_1 = signs["a"][shard_of(signs["a"], 2) == 1]
+        assert np.array_equal(client.lookup("a", on_1), rows_for(on_1, 4))  # unchanged
+        # a chunked apply expecting the wrong position: staged, then refused at the commit
+        outcome = client.apply_cut_shards(make_cut(2, big, version=2), [1], {1: (0, 5)})
+        assert isinstance(outcome[1], WatermarkMovedError) and outcome[1].held == (0, 1)
+        assert client.status(1).staged_applies == 0
+        assert not client.lookup("c", big["c"][shard_of(big["c"], 2) == 1]).any()
+        # a redelivery below the watermark is acknowledged unapplied whatever it expects
+        assert client.apply_cut_shards(make_cut(1, signs), [0], {0: (0, 7)}) == {0: False}
+        # the right expectation applies, chunks and all
+        assert client.apply_cut_shards(make_cut(2, big, version=2), [1], {1: (0, 1)}) == {1: True}
+        assert client.watermarks() == [Watermark(CUT_LANE, "p0", 0, 2)]
+
+
 def test_a_checkpoint_keeps_the_cut_watermark(
         embedding_cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
     signs = {name: random_signs(50 + i, 800) for i, name in enumerate(DIMS)}
@@ -426,6 +465,19 @@ def test_hand_encoded_multi_table_messages_match_protobuf() -> None:
     assert ours == theirs.SerializeToString()
     back = decode_apply_request(ours)
     assert not back.error and back.place == place and back.table == CUT_LANE
+    assert back.expect is None
+    # conditional: field numbers past 15 take two-byte tags
+    for expect, fields in ((Expect((3, 0)), {"expect_held": True, "expect_generation": 3}),
+                           (Expect((0, 9)), {"expect_held": True, "expect_sequence": 9}),
+                           (Expect(None), {})):
+        theirs.conditional = True
+        theirs.expect_held = theirs.expect_generation = theirs.expect_sequence = 0
+        for name, value in fields.items():
+            setattr(theirs, name, value)
+        ours = encode_apply_request(CUT_LANE, "p", 1, 2, 0, NONE, np.empty((0, 0), np.float32),
+                                    NONE, place, tables=slices, expect=expect)
+        assert ours == theirs.SerializeToString()
+        assert decode_apply_request(ours).expect == expect
     assert [(t.table, t.dim, bytes(t.signs), bytes(t.rows), bytes(t.deleted_signs))
             for t in back.tables] == [(s.table, s.dim, s.signs.tobytes(), s.rows.tobytes(),
                                        s.deleted.tobytes()) for s in slices]

@@ -5,6 +5,7 @@ kill -9 of the loader, a restarted embedding server, and replay / status from th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -297,6 +298,34 @@ def test_restarted_embedding_server_is_rebuilt(embedding_cluster_factory, tmp_pa
             training.write(1, 6)
             training.check(client, timeout_s=20)
             assert metric(loader, "persia_inc_loader_replays_total") >= 1
+
+
+def test_a_shard_restarted_between_two_applies_is_caught_up_not_skipped(
+        embedding_cluster_factory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A shard restarts (empty) while the loader is idle, faster than any look at the
+    servers: no call failed, and the loader's last view says it holds (1, 4). The next apply
+    expects (1, 4) there, is refused, and the loader rebuilds the shard from storage rather
+    than writing (1, 5) over nothing."""
+    cluster = embedding_cluster_factory(2, incremental_dir=str(tmp_path / "inc"),
+                                        persia_inc={"loader": {**FAST, "watermark_poll_s": 600}})
+    config = load_config(cluster.config_path)
+    caplog.set_level(logging.INFO, logger="persia_inc.loader")
+    with cluster.client() as client, config.open_store() as store:
+        training = Training(store)
+        with loader_from_config(config, client) as loader:
+            for seq in range(5):
+                training.write(1, seq)
+            training.check(client)
+            cluster.stop(1)
+            cluster.start(1)
+            cluster.wait_ready()
+            assert client.status(1).watermarks == []
+            training.write(1, 5)
+            training.check(client, timeout_s=20)
+            assert [(w.generation, w.sequence) for w in client.shard_watermarks(1)] == [(1, 5)]
+            assert metric(loader, "persia_inc_loader_replays_total") >= 1
+            assert any("shard 1 holds t/p at None, not (1, 4)" in r.getMessage()
+                       for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_replay_and_status_commands(embedding_cluster_factory, tmp_path: Path) -> None:

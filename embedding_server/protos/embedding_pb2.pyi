@@ -29,7 +29,7 @@ class LookupResponse(_message.Message):
     def __init__(self, dim: _Optional[int] = ..., rows: _Optional[bytes] = ..., misses: _Optional[int] = ...) -> None: ...
 
 class ApplyRequest(_message.Message):
-    __slots__ = ("table", "producer", "generation", "sequence", "dim", "signs", "rows", "deleted_signs", "shard", "num_shards", "apply_id", "chunk", "chunks", "tables")
+    __slots__ = ("table", "producer", "generation", "sequence", "dim", "signs", "rows", "deleted_signs", "shard", "num_shards", "apply_id", "chunk", "chunks", "tables", "conditional", "expect_held", "expect_generation", "expect_sequence")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,10 @@ class ApplyRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONAL_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_HELD_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     table: str
     producer: str
     generation: int
@@ -58,7 +62,11 @@ class ApplyRequest(_message.Message):
     chunk: int
     chunks: int
     tables: _containers.RepeatedCompositeFieldContainer[TableSlice]
-    def __init__(self, table: _Optional[str] = ..., producer: _Optional[str] = ..., generation: _Optional[int] = ..., sequence: _Optional[int] = ..., dim: _Optional[int] = ..., signs: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., deleted_signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., apply_id: _Optional[str] = ..., chunk: _Optional[int] = ..., chunks: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSlice, _Mapping]]] = ...) -> None: ...
+    conditional: bool
+    expect_held: bool
+    expect_generation: int
+    expect_sequence: int
+    def __init__(self, table: _Optional[str] = ..., producer: _Optional[str] = ..., generation: _Optional[int] = ..., sequence: _Optional[int] = ..., dim: _Optional[int] = ..., signs: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., deleted_signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., apply_id: _Optional[str] = ..., chunk: _Optional[int] = ..., chunks: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSlice, _Mapping]]] = ..., conditional: _Optional[bool] = ..., expect_held: _Optional[bool] = ..., expect_generation: _Optional[int] = ..., expect_sequence: _Optional[int] = ...) -> None: ...
 
 class TableSlice(_message.Message):
     __slots__ = ("table", "dim", "signs", "rows", "deleted_signs")
