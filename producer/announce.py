@@ -137,6 +137,12 @@ class KafkaAnnouncer:
 
     def _run(self) -> None:
         failures = 0
+        try:  # connect now: the first announcement then costs what the others do
+            self._client = self._connect()
+        except Exception as exc:  # the first send connects again, under the retry rule
+            log.info("connecting to Kafka %s ahead of the first announcement: %s: %s",
+                     ",".join(self.settings.bootstrap_servers), type(exc).__name__, exc)
+            self._drop_client()
         while not self._abort.is_set():
             with self._cond:
                 while not self._queue and not self._closing and not self._abort.is_set():

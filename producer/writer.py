@@ -421,6 +421,7 @@ class PacketWriter:
 
     def _store_loop(self) -> None:
         lower_thread_priority(self.nice)
+        self.store.warm_up()  # the first packet then costs what the others do
         while True:
             with self._cond:
                 while (not self._frozen and not self._stop.is_set() and self.failure is None

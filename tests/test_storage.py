@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from persia_inc.foundation.net import free_port
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet, packet_key, write_packet
 from persia_inc.storage import (
     NO_RETRY,
@@ -242,6 +243,22 @@ def test_ceph_outage_shorter_than_the_retry_budget_is_invisible(ceph) -> None:
         restarter.join()
     assert store.get("during/outage") == b"kept"
     assert store.retries > 0
+
+
+def test_warm_up_writes_nothing_and_never_raises_or_retries(object_store: ObjectStore,
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            ceph) -> None:
+    object_store.put("k", b"v")
+    object_store.warm_up()
+    assert [i.key for i in object_store.list("")] == ["k"] and object_store.retries == 0
+    # storage down: logged (at INFO: the next call retries), not raised, not retried
+    down = open_store("s3://bucket/x", retry=FAST_RETRY,
+                      s3=ceph.s3_settings(endpoint_url=f"http://127.0.0.1:{free_port()}"))
+    with caplog.at_level("INFO", logger="persia_inc.storage"):
+        down.warm_up()
+    assert down.retries == 0
+    assert any("warming up s3://bucket/x: TransientStorageError" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_ceph_wrong_credentials_are_permission_errors(ceph) -> None:
