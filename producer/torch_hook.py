@@ -6,12 +6,19 @@ post-hook records the ids. The hook turns on the producer's deferred reads: flus
 read on the writer thread under a lock the optimizer's step holds from its pre-hook to its
 post-hook, so they are never torn, and the training thread does not wait for them.
 The sign of row i is i (uint64).
+
+With `dense_every_s`, the hook also publishes the dense part as one version
+(`IncrementalProducer.publish_dense`) after the first step that ends that long after the last
+publish: between optimizer steps, so the sparse cut and the dense snapshot are the same step's.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +26,19 @@ import torch
 from torch import nn
 
 from persia_inc.producer.core import IncrementalProducer
+from persia_inc.producer.dense import DenseExporter, DenseVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DensePublish:
+    """One dense publish by the hook: the version (None if it failed), how long the training
+    thread waited for it (flush, export, store) and, on failure, why."""
+
+    version: DenseVersion | None
+    seconds: float
+    error: str = ""
 
 
 class IncrementalUpdateHook:
@@ -29,12 +49,31 @@ class IncrementalUpdateHook:
     conversion); the step post-hook records every table in one call, whose buffers are bitsets
     over the rows (`DenseSignBuffer`): `record_columns` when the ids are columns of one matrix,
     else `record_many` of numpy views.
+
+    dense_every_s: publish a dense version (`producer.publish_dense(dense_module(),
+    dense_exporter)`) after the first step ending at least this long (seconds, `clock`) after
+    the hook was made or last published; 0 (default): never. dense_module: returns the module
+    to export (e.g. a copy of the dense part as it is now). A publish that fails is logged and
+    kept in `dense_published` with its error, never raised out of `optimizer.step()`.
     """
 
     def __init__(self, producer: IncrementalProducer, tables: Mapping[str, nn.Module],
-                 optimizer: torch.optim.Optimizer) -> None:
+                 optimizer: torch.optim.Optimizer, *, dense_every_s: float = 0.0,
+                 dense_module: Callable[[], Any] | None = None,
+                 dense_exporter: DenseExporter | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if dense_every_s < 0:
+            raise ValueError(f"dense_every_s must be >= 0, got {dense_every_s}")
+        if dense_every_s and (dense_module is None or dense_exporter is None):
+            raise ValueError("dense_every_s needs dense_module and dense_exporter")
         self.producer = producer
         self.tables = dict(tables)
+        self.dense_every_s = dense_every_s
+        self._dense_module = dense_module
+        self._dense_exporter = dense_exporter
+        self._clock = clock
+        self._last_dense = clock()
+        self.dense_published: list[DensePublish] = []  # in publish order, failures included
         self._seen: dict[str, list[torch.Tensor]] = {name: [] for name in self.tables}
         self._handles: list[Any] = []
         for name, module in self.tables.items():
@@ -81,25 +120,47 @@ class IncrementalUpdateHook:
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.producer._end_update()  # the rows are updated: deferred reads may go on
         try:
-            matrix = _columns_of_one_matrix(self._seen)
-            if matrix is not None:
-                self.producer.record_columns(*matrix)  # also checks the interval trigger
-                for seen in self._seen.values():
-                    seen.clear()
-                return
-            batch: dict[str, np.ndarray] = {}
-            for name, seen in self._seen.items():
-                if not seen:
-                    continue
-                ids = seen[0] if len(seen) == 1 else torch.cat([t.reshape(-1) for t in seen])
-                seen.clear()
-                batch[name] = ids.cpu().numpy().reshape(-1)  # a view of the ids, any stride
-            if batch:
-                self.producer.record_many(batch)
-            else:
-                self.producer.poll()
+            self._record_step()
         finally:
             self.producer._leave()
+        if self.dense_every_s and self._clock() - self._last_dense >= self.dense_every_s:
+            self.publish_dense()
+
+    def _record_step(self) -> None:
+        """Record the ids every table saw this step, in one producer call."""
+        matrix = _columns_of_one_matrix(self._seen)
+        if matrix is not None:
+            self.producer.record_columns(*matrix)  # also checks the interval trigger
+            for seen in self._seen.values():
+                seen.clear()
+            return
+        batch: dict[str, np.ndarray] = {}
+        for name, seen in self._seen.items():
+            if not seen:
+                continue
+            ids = seen[0] if len(seen) == 1 else torch.cat([t.reshape(-1) for t in seen])
+            seen.clear()
+            batch[name] = ids.cpu().numpy().reshape(-1)  # a view of the ids, any stride
+        if batch:
+            self.producer.record_many(batch)
+        else:
+            self.producer.poll()
+
+    def publish_dense(self) -> DensePublish:
+        """Publish the dense part now (between steps: after one, before the next); the result
+        is appended to `dense_published`. A failure is logged and returned, not raised."""
+        if self._dense_module is None or self._dense_exporter is None:
+            raise ValueError("publish_dense needs the hook's dense_module and dense_exporter")
+        began = time.perf_counter()
+        try:
+            version = self.producer.publish_dense(self._dense_module(), self._dense_exporter)
+            done = DensePublish(version, time.perf_counter() - began)
+        except Exception as exc:  # training goes on; the caller reports dense_published
+            log.exception("publishing a dense version failed")
+            done = DensePublish(None, time.perf_counter() - began, f"{type(exc).__name__}: {exc}")
+        self._last_dense = self._clock()
+        self.dense_published.append(done)
+        return done
 
     def remove(self) -> None:
         """Detach every hook (the producer stays open, reading rows at flush time again)."""

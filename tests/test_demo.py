@@ -19,7 +19,8 @@ from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
 def test_demo_runs_the_whole_pipeline_and_verifies(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "persia_inc.cli", "demo", "--seconds", "6", "--vocab", "2000",
-         "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=240, check=False)
+         "--dense-every-seconds", "0", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["verified"] is True
@@ -30,6 +31,10 @@ def test_demo_runs_the_whole_pipeline_and_verifies(tmp_path: Path) -> None:
     assert (tmp_path / "freshness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["pictures"] == ["freshness.png", "serving.png"]
     assert "verified" in result.stdout
+    # --dense-every-seconds 0: no dense version, TorchServe keeps the checkpoint's dense part
+    assert report["dense_versions"] == [] and report["dense"] == {}
+    assert report["serving"]["auc_checkpoint_dense"] is None
+    assert not (tmp_path / "global_config.loader.yaml").exists()
 
 
 def _load(cluster, model: CTRModel, deleted: dict[str, np.ndarray]) -> None:

@@ -198,10 +198,13 @@ def test_the_frozen_check_passes_on_the_checkpoint_and_catches_one_packet(
 
 
 def test_a_real_demo_run_served_by_torchserve_shows_freshness_pays(tmp_path: Path) -> None:
-    """The live arm over TorchServe's gRPC API; afterwards TorchServe and the in-process
-    engine score 100 requests bit for bit alike; TorchServe is stopped at the end."""
+    """The live arm over TorchServe's gRPC API, through the dense versions the training
+    publishes every 4 s and the loader activates; afterwards TorchServe and the in-process
+    engine running the last activated version score 100 requests bit for bit alike; no
+    request failed; TorchServe is stopped at the end."""
     result = subprocess.run(
-        [sys.executable, "-m", "persia_inc.cli", "demo", "--seconds", "15", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "persia_inc.cli", "demo", "--seconds", "15", "--dense-every-seconds",
+         "4", "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -215,6 +218,26 @@ def test_a_real_demo_run_served_by_torchserve_shows_freshness_pays(tmp_path: Pat
     assert serving["auc_live"] > serving["auc_frozen"]
     assert serving["logloss_live"] < serving["logloss_frozen"]
     assert len(serving["timeline"]) >= 3
+
+    # dense versions: published in order, each activated after its export, the last checked
+    versions = report["dense_versions"]
+    activated = [v for v in versions if v["activated_at_ns"] is not None]
+    assert len(activated) >= 2 and activated == versions, versions
+    assert [v["version"] for v in versions] == list(range(1, len(versions) + 1))
+    assert all(v["activated_at_ns"] >= v["exported_at_ns"] for v in versions)
+    times = [v["activated_at_ns"] for v in versions]
+    assert times == sorted(times)
+    positions = [v["sparse_positions"][0]["sequence"] for v in versions]
+    assert positions == sorted(positions) and versions[0]["sparse_positions"][0]["producer"] == "trainer-0"
+    assert serving["dense_version_checked"] == versions[-1]["version"]
+    dense = report["dense"]
+    assert (dense["published"], dense["activated"], dense["failed"]) == (len(versions),) * 2 + (0,)
+    assert 0 < dense["publish_ms"]["p50"] <= dense["publish_ms"]["max"]
+    assert "loader dense sync" in dense["activation_source"]
+    # the live rows with the checkpoint's dense part: its own arm, beside live and frozen
+    assert serving["auc_checkpoint_dense"] is not None and serving["logloss_checkpoint_dense"] is not None
+    assert all("auc_checkpoint_dense" in point for point in serving["timeline"])
+    assert serving["error_arms"] == {}
     assert report["pictures"] == ["freshness.png", "serving.png"]
     assert (tmp_path / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "dense.pt").exists() and (tmp_path / "model-store" / "demo.mar").exists()
@@ -223,7 +246,8 @@ def test_a_real_demo_run_served_by_torchserve_shows_freshness_pays(tmp_path: Pat
     properties = (tmp_path / "torchserve" / "config.properties").read_text()
     assert "0.0.0.0" not in properties
     assert (tmp_path / "torchserve" / "logs" / "model_log.log").exists()
-    assert "AUC live / frozen" in result.stdout and "checked / mismatched" in result.stdout
+    assert "live rows + ckpt dense / frozen" in result.stdout and "checked / mismatched" in result.stdout
+    assert f"{len(versions)} / {len(versions)}" in result.stdout  # dense versions activated / published
     assert "not through TorchServe" not in result.stdout
 
 

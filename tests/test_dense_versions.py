@@ -41,6 +41,7 @@ from persia_inc.packet_format.dense_manifest import (
     DenseManifest,
     dense_manifest_key,
     dense_mar_key,
+    dense_version_of_key,
 )
 from persia_inc.storage import ObjectStore, open_store
 from persia_inc.wiring import loader_from_config, producer_from_config
@@ -285,3 +286,74 @@ def test_publish_dense_numbers_versions_and_writes_the_manifest_last(tmp_path: P
     loaded = DenseManifest.from_json(store.get(dense_manifest_key(MODEL, 2)))
     assert loaded.mar.checksum == xxhash.xxh3_64_hexdigest(b"mar 2") and loaded.mar.bytes == 5
     store.close()
+
+
+def test_the_hook_publishes_every_dense_every_s_and_a_failure_is_kept_not_raised(
+        tmp_path: Path) -> None:
+    """`IncrementalUpdateHook(dense_every_s=...)` publishes after the first step ending that
+    long after the last publish (a stand-in clock and exporter); each version's position is
+    the last cut stored before it; a failing exporter is recorded, training goes on; the
+    demo's report lists the versions and turns the failure into a problem."""
+    from persia_inc.demo.pipeline import _settle_dense
+    from persia_inc.demo.report import DemoReport, Progress
+    from persia_inc.demo.versions import DenseWatcher, dense_summary, dense_versions_report
+    from persia_inc.foundation.net import free_port
+    from persia_inc.producer import IncrementalProducer
+    from persia_inc.producer.torch_hook import IncrementalUpdateHook
+
+    now = [0.0]
+    broken = [False]
+
+    def exporter(module: object, version: int, export_dir: Path) -> Path:
+        if broken[0]:
+            raise OSError("disk full")
+        path = export_dir / "x.mar"
+        path.write_bytes(f"mar {version}".encode())
+        return path
+
+    emb = torch.nn.Embedding(100, 4, sparse=True)
+    optimizer = torch.optim.SGD(emb.parameters(), lr=0.1)
+    store = open_store(str(tmp_path / "inc"))
+    with IncrementalProducer(store, model=MODEL, producer_id="x") as producer, \
+            pytest.raises(ValueError, match="dense_module"):
+        IncrementalUpdateHook(producer, {}, optimizer, dense_every_s=1.0)
+    with IncrementalProducer(store, model=MODEL, producer_id="p0") as producer:
+        hook = IncrementalUpdateHook(producer, {"emb": emb}, optimizer, dense_every_s=10.0,
+                                     dense_module=torch.nn.Identity, dense_exporter=exporter,
+                                     clock=lambda: now[0])
+
+        def step(at: float) -> None:
+            now[0] = at
+            optimizer.zero_grad()
+            emb(torch.tensor([int(at) % 100, 7])).sum().backward()
+            optimizer.step()
+
+        for at in (1.0, 9.9, 10.0, 15.0, 20.5, 30.0):  # publishes after the steps at 10, 20.5
+            step(at)
+        assert [d.version.version for d in hook.dense_published if d.version] == [1, 2]
+        last = producer.writer.stored[-1].header
+        assert hook.dense_published[-1].version.manifest.sparse_positions[0].position == (
+            last.generation, last.sequence)
+        broken[0] = True
+        step(41.0)  # the exporter fails: recorded and logged, optimizer.step() does not raise
+        step(42.0)
+        assert [d.version is None for d in hook.dense_published] == [False, False, True]
+        assert hook.dense_published[-1].error == "OSError: disk full"
+    assert [v for v in (dense_version_of_key(MODEL, i.key) for i in store.list(f"{MODEL}/_dense/"))
+            if v is not None] == [1, 2]
+    store.close()
+
+    published = hook.dense_published
+    activations = [{"version": 1, "activated_at_ns": published[0].version.manifest.exported_at_ns + 5}]
+    versions = dense_versions_report(published, activations)
+    assert [(v["version"], v["activated_at_ns"] is not None) for v in versions] == [(1, True), (2, False)]
+    summary = dense_summary(published, versions, 10.0)
+    assert (summary["published"], summary["activated"], summary["failed"]) == (2, 1, 1)
+
+    # the demo's settling: the last version never activates (no loader answers here)
+    report = DemoReport()
+    watch = DenseWatcher(f"http://127.0.0.1:{free_port()}", Progress())
+    assert _settle_dense(published, watch, 10.0, 0.5, report) is None
+    assert report.dense["failures"] == ["OSError: disk full"]
+    assert any("publish(es) failed, first: OSError: disk full" in p for p in report.problems)
+    assert any("version 2 was not activated" in p for p in report.problems), report.problems

@@ -20,20 +20,33 @@ Warms a CTR model (26 embedding tables, dim 16) up on a synthetic Criteo-shaped 
 saves the sparse checkpoint the embedding servers start from and the dense part (TorchScript),
 then trains on with the producer hook while the stream drifts (what users like moves, new ids
 arrive; evicting rows now and then), and runs the loader. Meanwhile a steady stream of
-requests (128 rows each) is scored twice with the checkpoint's dense part: with embeddings
-from the live servers, which the loader keeps updating, and from a frozen copy that loaded
-the same checkpoint and never gets a packet; their AUC and log-loss show what freshness is
-worth. The live arm is served by TorchServe (the dense part archived as a .mar whose handler
-reaches the live servers, started as `persia-inc serve` starts it, one worker, on 127.0.0.1,
-logs in WORKDIR/torchserve) over its gRPC inference API; the frozen arm by the same engine
-code in process. Without Java or TorchServe (the `serve` extra) the live arm is served in
+requests (128 rows each) is scored on arms: live, with embeddings from the live servers,
+which the loader keeps updating, and the dense version TorchServe serves (see below); and
+frozen, with a copy that loaded the same checkpoint and never gets a packet, and the
+checkpoint's dense part; their AUC and log-loss show what freshness is worth. The live arm
+is served by TorchServe (the dense part archived as a .mar whose handler reaches the live
+servers, started as `persia-inc serve` starts it, one worker, on 127.0.0.1, logs in
+WORKDIR/torchserve) over its gRPC inference API; the frozen arm by the same engine code in
+process. Without Java or TorchServe (the `serve` extra) the live arm is served in
 process too, and one line says what to install. After training, once the loader has applied
 every packet, 100 requests are scored by TorchServe and in process: they must agree bit for
-bit. Live progress: steps, packets, rows applied, freshness p50/p99, lag, requests/s,
-serving p50/p99 and AUC of both arms. At the end it checks that every row on the live servers
-equals the training table byte for byte, that evicted rows are gone and that the frozen arm
-still holds the checkpoint, prints a summary, and writes report.json, freshness.png and
-serving.png (with matplotlib: the `plot` extra) into the workdir.
+bit.
+
+While training, the dense part is published as a dense version every --dense-every-seconds
+(default 10; 0: never): the sparse buffer flushed so the cut is exact, the dense part saved
+with TorchScript and archived as a .mar, stored with its manifest in incremental_dir. The
+loader's dense sync registers each version with TorchServe and makes it the default once
+both embedding servers hold its sparse positions, so the live arm serves through them; a
+third arm scores the live rows with the checkpoint's dense part, in process, to show what the
+dense updates add. After training the last version must activate, and the bit-for-bit check
+runs against it; report.json lists dense_versions (version, exported_at_ns, sparse_positions,
+activated_at_ns from the loader's dense sync). No request may fail while versions switch.
+
+Live progress: steps, packets, rows applied, freshness p50/p99, lag, requests/s,
+serving p50/p99, dense versions and the AUC of the arms. At the end it checks that every
+row on the live servers equals the training table byte for byte, that evicted rows are gone
+and that the frozen arm still holds the checkpoint, prints a summary, and writes report.json,
+freshness.png and serving.png (with matplotlib: the `plot` extra) into the workdir.
 
 The default is the embedded set-up: local directory storage and the watchdog loader, no
 external services. --storage ceph|hdfs and --announce kafka use real services:
@@ -75,6 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "start a flush (default 20,000)")
     parser.add_argument("--flush-interval-s", type=float, default=0.5,
                         help="flush when the oldest unflushed sign is this old (default 0.5)")
+    parser.add_argument("--dense-every-seconds", type=float, default=10.0, metavar="S",
+                        help="publish the dense part as a dense version this often while "
+                             "training; the loader activates each in TorchServe (default 10; "
+                             "0: never; needs the torchserve frontend)")
     parser.add_argument("--frontend", choices=["torchserve", "in-process"], default="torchserve",
                         help="how the live arm is served (default torchserve; in process when "
                              "Java or TorchServe is missing)")
@@ -102,9 +119,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"persia-inc demo: the demo trains with PyTorch, which is not installed: "
               f"{install_hint('torch')}", file=sys.stderr)
         return 2
-    if args.shards < 1 or args.vocab < 100 or args.seconds <= 0 or args.warmup_seconds < 0:
-        print("persia-inc demo: --shards >= 1, --vocab >= 100, --seconds > 0 and "
-              "--warmup-seconds >= 0 please")
+    if (args.shards < 1 or args.vocab < 100 or args.seconds <= 0 or args.warmup_seconds < 0
+            or args.dense_every_seconds < 0):
+        print("persia-inc demo: --shards >= 1, --vocab >= 100, --seconds > 0, "
+              "--warmup-seconds >= 0 and --dense-every-seconds >= 0 please", file=sys.stderr)
         return 2
     try:
         plan = plan_services(args.storage, args.announce, incremental_dir=args.incremental_dir,
@@ -149,7 +167,11 @@ def run(args: argparse.Namespace) -> int:
             ("requests/s (errors)", f"{progress.requests_per_s(now):.1f} ({progress.serving_errors})"),
             ("serving p50 / p99", f"{progress.serving_percentile(50):.1f} ms / "
                                   f"{progress.serving_percentile(99):.1f} ms"),
-            ("AUC live / frozen", f"{progress.auc_live:.3f} / {progress.auc_frozen:.3f}"),
+            ("dense versions published / activated (active)",
+             f"{progress.dense_published} / {progress.dense_activated} ({progress.dense_active})"),
+            ("AUC live / ckpt dense / frozen", f"{progress.auc_live:.3f} / "
+                                               f"{progress.auc_checkpoint_dense:.3f} / "
+                                               f"{progress.auc_frozen:.3f}"),
         ):
             table.add_row(f"[cyan]{name}[/]", value)
         return table
@@ -173,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
                                       flush_interval_s=args.flush_interval_s,
                                       incremental_dir=args.incremental_dir, s3=s3,
                                       serving=ServingOptions(frontend=frontend),
+                                      dense_every_s=args.dense_every_seconds,
                                       kafka_bootstrap=services.kafka_bootstrap or plan.kafka_bootstrap)
                 with Live(render(Progress()), console=console, refresh_per_second=4) as live:
                     report = run_demo(options, on_progress=lambda p: live.update(render(p)))
@@ -204,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
     summary.add_column("result", justify="right")
     fresh = report.freshness_ms
     serving = report.serving
+    dense = report.dense
+    publish = dense.get("publish_ms") or {}
     for name, value in (
         ("verified", "[green]yes[/]" if report.verified else "[red]NO[/]"),
         ("training steps", f"{report.steps:,} in {report.train_seconds:.0f} s"),
@@ -220,10 +245,17 @@ def run(args: argparse.Namespace) -> int:
         ("serving p50 / p99", f"{serving.get('p50_ms', 0):.1f} / {serving.get('p99_ms', 0):.1f} ms"),
         ("TorchServe vs in process: checked / mismatched",
          f"{serving.get('checked', 0):,} / {serving.get('mismatched', 0):,}"),
-        ("AUC live / frozen", f"{_figure(serving.get('auc_live'))} / "
-                              f"{_figure(serving.get('auc_frozen'))}"),
-        ("log-loss live / frozen", f"{_figure(serving.get('logloss_live'))} / "
-                                   f"{_figure(serving.get('logloss_frozen'))}"),
+        ("dense versions activated / published",
+         f"{dense.get('activated', 0):,} / {dense.get('published', 0):,}" if dense else "off"),
+        ("dense publish p50 / max (training waits)",
+         f"{publish.get('p50', 0):.0f} / {publish.get('max', 0):.0f} ms" if publish else "-"),
+        ("AUC live / live rows + ckpt dense / frozen",
+         f"{_figure(serving.get('auc_live'))} / {_figure(serving.get('auc_checkpoint_dense'))} / "
+         f"{_figure(serving.get('auc_frozen'))}"),
+        ("log-loss live / live rows + ckpt dense / frozen",
+         f"{_figure(serving.get('logloss_live'))} / "
+         f"{_figure(serving.get('logloss_checkpoint_dense'))} / "
+         f"{_figure(serving.get('logloss_frozen'))}"),
     ):
         summary.add_row(name, value)
     console.print(summary)

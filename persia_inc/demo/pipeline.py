@@ -34,6 +34,12 @@ from persia_inc.demo.serving import (
     live_scorer,
 )
 from persia_inc.demo.verify import verify_rows
+from persia_inc.demo.versions import (
+    DenseWatcher,
+    dense_summary,
+    dense_versions_report,
+    load_dense_version,
+)
 from persia_inc.foundation.net import free_port
 from persia_inc.storage import S3Settings, resolve_s3_endpoint
 from persia_inc.wiring import embedding_client, producer_from_config
@@ -44,8 +50,11 @@ if TYPE_CHECKING:
     from persia_inc.commands.serve import ServedModel
     from persia_inc.embedding_server.client import EmbeddingClient
     from persia_inc.inference.spec import ModelSpec
+    from persia_inc.producer.torch_hook import DensePublish
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_DENSE_VERSION = "0"  # demo.mar's TorchServe version; dense versions count from 1
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,10 @@ class DemoOptions:
     incremental_dir: override for ceph/hdfs (default: a folder in the workdir, or a fresh
     bucket for ceph); s3: the S3 endpoint and keys for ceph (None: the endpoint from the
     environment, see `resolve_s3_endpoint`, and boto3's credential chain); kafka_bootstrap:
-    host:port for announce=kafka."""
+    host:port for announce=kafka; dense_every_s: publish the dense part as a dense version
+    this often while training (seconds; the loader's dense sync activates each in TorchServe
+    once the servers hold its sparse positions; 0: never; only with the torchserve frontend);
+    dense_activate_timeout_s: how long, after training, the last one gets to activate."""
 
     workdir: Path
     seconds: float = 60.0
@@ -82,6 +94,12 @@ class DemoOptions:
     kafka_bootstrap: str = ""
     s3: S3Settings | None = None
     seed: int = 0
+    dense_every_s: float = 10.0
+    dense_activate_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.dense_every_s < 0 or self.dense_activate_timeout_s <= 0:
+            raise ValueError("need dense_every_s >= 0 and dense_activate_timeout_s > 0")
 
 
 # ------------------------------------------------------------------------------ the run
@@ -139,12 +157,28 @@ def write_config(options: DemoOptions, servers: list[str], checkpoint: str,
     return path
 
 
+def with_dense_sync(config_path: Path, served: ServedModel, metrics_port: int) -> Path:
+    """`config_path` plus the loader's dense sync against `served` (its gRPC management API,
+    model name and model store) and its metrics port (/streams: the dense sync's status), as
+    global_config.loader.yaml beside it: the loader child's config."""
+    config = yaml.safe_load(config_path.read_text())
+    config["persia_inc"]["loader"].update({
+        "metrics_port": metrics_port, "metrics_addr": "127.0.0.1",
+        "dense_sync": {"enabled": True, "management_address": served.server.grpc_management_target,
+                       "model_name": served.model_name, "model_store": str(served.server.model_store),
+                       "keep_versions": 2, "interval_s": 0.5, "retire_grace_s": 5.0}})
+    path = config_path.with_name("global_config.loader.yaml")
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | None = None
              ) -> DemoReport:
     """Run the pipeline; writes report.json, freshness.png and serving.png into the workdir."""
     import torch
 
     from persia_inc.demo.ctr import CTRModel, dense_part, serving_spec
+    from persia_inc.dense import mar_exporter
     from persia_inc.embedding_server.checkpoint import write_checkpoint
     from persia_inc.inference.client import get_inference_stub
     from persia_inc.inference.engine import PersiaInference
@@ -205,6 +239,7 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     watcher = None
     probe = None
     served: ServedModel | None = None
+    dense_watch: DenseWatcher | None = None
     stub = None
     clients: list[EmbeddingClient] = []
     try:
@@ -234,15 +269,28 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             for child in children:
                 child.check_alive()
             raise
-        children.append(ChildProcess("loader", ["loader", "--config", str(config_path)],
+        dense_every = options.dense_every_s if served is not None else 0.0
+        if options.dense_every_s and served is None:
+            log.info("no dense versions this time: they are activated in TorchServe, and the "
+                     "live arm is served in process")
+        loader_path = config_path
+        if dense_every and served is not None:
+            metrics_port = free_port()
+            loader_path = with_dense_sync(config_path, served, metrics_port)
+            dense_watch = DenseWatcher(f"http://127.0.0.1:{metrics_port}", progress).start()
+        children.append(ChildProcess("loader", ["loader", "--config", str(loader_path)],
                                      workdir / "logs" / "loader.log"))
         watcher = FreshnessWatcher(client, store, "demo", progress).start()
 
         progress.phase = "training on a drifting stream, serving live and frozen"
         producer = producer_from_config(config, producer_id="trainer-0")
-        IncrementalUpdateHook(producer, tables, optimizer)
+        hook = IncrementalUpdateHook(
+            producer, tables, optimizer, dense_every_s=dense_every,
+            dense_module=lambda: dense_part(model),
+            dense_exporter=mar_exporter(spec, config_file=config_path) if dense_every else None)
         evicted = {name: np.zeros(options.vocab, bool) for name in tables}
         started = time.monotonic()
+        started_ns = time.time_ns()
 
         def stream_clock() -> float:
             return time.monotonic() - started
@@ -251,8 +299,12 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         live = live_scorer(options.serving.frontend, engine, stub,
                            served.model_name if served is not None else "")
         frozen = in_process_scorer(PersiaInference.from_client(dense, spec, frozen_client))
+        # with dense versions the live arm's dense part moves on: score the live rows with the
+        # checkpoint's dense part too, to show what the dense updates add
         probe = ServingProbe(stream, live, frozen, options.serving, progress, stream_clock,
-                             until_s=options.seconds).start()
+                             until_s=options.seconds,
+                             checkpoint_dense=in_process_scorer(engine) if dense_every else None
+                             ).start()
         last_notify = 0.0
         while stream_clock() < options.seconds:
             stream.advance_to(stream_clock())
@@ -260,6 +312,7 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             for i, name in enumerate(tables):
                 evicted[name][ids[:, i]] = False  # touched again: the row lives again
             progress.steps += 1
+            progress.dense_published = sum(d.version is not None for d in hook.dense_published)
             if progress.steps % options.evict_every_steps == 0:
                 name = list(tables)[int(rng.integers(len(tables)))]
                 gone = rng.choice(options.vocab, options.evict_rows, replace=False).astype(np.uint64)
@@ -285,10 +338,23 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
                 f"only {len(watcher.visible)} of {len(watcher.created)} packets became visible")
         watcher.stop()
 
+        reference = engine  # what TorchServe serves by default: the checkpoint's dense part ...
+        if dense_watch is not None:  # ... or the last dense version activated
+            progress.phase = "waiting for the last dense version to activate"
+            notify(progress)
+            active = _settle_dense(hook.dense_published, dense_watch, dense_every,
+                                   options.dense_activate_timeout_s, report)
+            if active is not None:
+                folder = workdir / "dense-versions"
+                folder.mkdir(exist_ok=True)
+                reference = PersiaInference.from_client(
+                    load_dense_version(store, "demo", active, folder), spec, client)
+            report.serving["dense_version_checked"] = active or 0
+
         if served is not None:  # the rows stand still now: TorchServe must answer as the engine
             progress.phase = "checking TorchServe against the in-process engine"
             notify(progress)
-            check = compare_frontends(stream, live, in_process_scorer(engine),
+            check = compare_frontends(stream, live, in_process_scorer(reference),
                                       options.serving.check_requests, options.serving.request_rows)
             report.serving.update(checked=check.checked, mismatched=check.mismatched)
             report.serving["torchserve"] = {
@@ -327,6 +393,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             probe.close()
         if watcher is not None:
             watcher.stop()
+        if dense_watch is not None:
+            dense_watch.stop()
         if stub is not None:
             stub.channel.close()
         if served is not None:
@@ -344,7 +412,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     if plot_freshness(progress.freshness_ms, workdir / "freshness.png"):
         report.pictures.append("freshness.png")
     timeline = report.serving.get("timeline")
-    if plot_serving(timeline if isinstance(timeline, list) else [], workdir / "serving.png"):
+    switches = [(v["activated_at_ns"] - started_ns) / 1e9 for v in report.dense_versions
+                if isinstance(v.get("activated_at_ns"), int)] if report.dense_versions else []
+    if plot_serving(timeline if isinstance(timeline, list) else [], workdir / "serving.png",
+                    switches_s=switches):
         report.pictures.append("serving.png")
     (workdir / "report.json").write_text(report.to_json())
     return report
@@ -358,9 +429,34 @@ def _torchserve(workdir: Path, config_path: Path, dense_pt: Path, spec: ModelSpe
     from persia_inc.inference.archive import archive_model
 
     mar = archive_model("demo", dense_pt, spec, workdir / "model-store", config_file=config_path,
-                        check_config=lambda path: load_config(path, need_servers=True))
+                        check_config=lambda path: load_config(path, need_servers=True),
+                        version=CHECKPOINT_DENSE_VERSION)
     return ServedModel(config_path, mar, workdir / "torchserve", ServeSettings(
         workers=1, batch_size=1, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
+
+
+def _settle_dense(published: list[DensePublish], watch: DenseWatcher, every_s: float,
+                  timeout_s: float, report: DemoReport) -> int | None:
+    """After training: wait (at most `timeout_s`) until the last published dense version is
+    active, fill the report's `dense_versions` and `dense`, and add a problem for a failed
+    publish, a version refused or never activated. Returns the version TorchServe serves by
+    default now (None: still the checkpoint's dense part)."""
+    stored = [d.version.version for d in published if d.version is not None]
+    if stored and not watch.wait_activated(stored[-1], timeout_s):
+        report.problems.append(f"dense: version {stored[-1]} was not activated {timeout_s:.0f} s "
+                               "after training (see logs/loader.log)")
+    report.dense_versions = dense_versions_report(published, watch.activations())
+    report.dense = dense_summary(published, report.dense_versions, every_s)
+    failures = [d.error for d in published if d.version is None]
+    if failures:
+        report.problems.append(f"dense: {len(failures)} publish(es) failed, first: {failures[0]}")
+    missing = [v["version"] for v in report.dense_versions if v["activated_at_ns"] is None]
+    if missing:
+        report.problems.append(f"dense: versions {missing} were published but never activated")
+    refused = (watch.status or {}).get("refused") or []
+    if refused:
+        report.problems.append(f"dense: the loader refused {refused}")
+    return watch.active_version()
 
 
 def _check_frozen(client: EmbeddingClient, at_checkpoint: dict[str, np.ndarray],

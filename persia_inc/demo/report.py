@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,8 +18,11 @@ class DemoReport:
     """What report.json holds. packets: packets seen becoming visible; objects_stored:
     packets the producer stored; flushes: flushes the producer started; services: what the
     demo started itself (endpoint, PIDs) and `services_left_running` PIDs still alive after
-    stopping them (empty); serving: the two arms' predictions (`serving.serving_report`);
-    warmup_steps: training steps before the checkpoint."""
+    stopping them (empty); serving: the arms' predictions (`serving.serving_report`);
+    warmup_steps: training steps before the checkpoint; dense_versions: the dense versions
+    published while training, each {version, exported_at_ns, sparse_positions,
+    activated_at_ns (None: never activated), publish_ms} (`versions.dense_versions_report`);
+    dense: their summary (`versions.dense_summary`)."""
 
     verified: bool = False
     packets: int = 0
@@ -38,6 +43,8 @@ class DemoReport:
     services: dict[str, dict[str, object]] = field(default_factory=dict)
     services_left_running: list[int] = field(default_factory=list)
     serving: dict[str, object] = field(default_factory=dict)
+    dense_versions: list[dict[str, Any]] = field(default_factory=list)
+    dense: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     pictures: list[str] = field(default_factory=list)  # written into the workdir
 
@@ -61,6 +68,10 @@ class Progress:
     serving_started: float = 0.0  # monotonic; 0 before serving starts
     auc_live: float = float("nan")  # cumulative, refreshed about every second
     auc_frozen: float = float("nan")
+    auc_checkpoint_dense: float = float("nan")
+    dense_published: int = 0  # dense versions the training hook published
+    dense_activated: int = 0  # of them, activated by the loader's dense sync
+    dense_active: int = 0  # the version TorchServe serves by default (0: the checkpoint's)
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.freshness_ms, q)) if self.freshness_ms else float("nan")
@@ -100,9 +111,12 @@ def plot_freshness(latencies_ms: list[float], path: Path) -> bool:
     return True
 
 
-def plot_serving(timeline: list[dict[str, float]], path: Path) -> bool:
-    """AUC over stream time for the live and the frozen arm (per window, and cumulative) at
-    `path`; False (and no file) without matplotlib or without a point to draw."""
+def plot_serving(timeline: list[dict[str, float]], path: Path,
+                 switches_s: Sequence[float] = ()) -> bool:
+    """AUC over stream time of each arm in the timeline (live; live rows with the checkpoint's
+    dense part; frozen), per window and cumulative, and a dotted line where a dense version
+    became the default (`switches_s`, stream seconds), at `path`; False (and no file) without
+    matplotlib or without a point to draw."""
     if not have("matplotlib") or not timeline:
         return False
     import matplotlib
@@ -112,14 +126,21 @@ def plot_serving(timeline: list[dict[str, float]], path: Path) -> bool:
 
     t = [point["t_s"] for point in timeline]
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    for arm, color in (("live", "#3b7dd8"), ("frozen", "#d8573b")):
+    for arm, color, name in (("live", "#3b7dd8", "live"),
+                             ("checkpoint_dense", "#3bb273", "live rows, checkpoint dense"),
+                             ("frozen", "#d8573b", "frozen")):
+        if f"auc_{arm}" not in timeline[0]:
+            continue
         axes.plot(t, [point[f"auc_{arm}"] for point in timeline], "o-", color=color,
-                  label=f"{arm} (window)")
+                  label=f"{name} (window)")
         axes.plot(t, [point[f"cum_auc_{arm}"] for point in timeline], "--", color=color,
-                  label=f"{arm} (cumulative)")
+                  label=f"{name} (cumulative)")
+    for i, at in enumerate(switches_s):
+        axes.axvline(at, color="grey", linestyle=":", linewidth=1,
+                     label="dense version activated" if i == 0 else None)
     axes.set_xlabel("stream seconds since the checkpoint (window end)")
     axes.set_ylabel("AUC")
-    axes.set_title("persia-inc demo: live embeddings vs frozen at the checkpoint")
+    axes.set_title("persia-inc demo: live embeddings and dense versions vs frozen")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path)

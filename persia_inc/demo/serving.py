@@ -202,41 +202,52 @@ def compare_frontends(stream: ClickStream, served: ScoreFn, reference: ScoreFn, 
 # ------------------------------------------------------------------------------ the probe
 
 
+ARMS = ("live", "checkpoint_dense", "frozen")
+"""live: the live rows and the served dense part (TorchServe: the active dense version);
+checkpoint_dense: the live rows and the checkpoint's dense part, in process; frozen: the
+checkpoint's rows and dense part, in process."""
+
+
 @dataclass
 class ServingRecord:
-    """Everything scored, request by request (stream seconds, probabilities, labels)."""
+    """Everything scored, request by request (stream seconds, probabilities per arm, labels).
+    errors: requests that failed on any arm; error_arms: per arm (the first that failed)."""
 
     t_s: list[float] = field(default_factory=list)  # per request
     latency_ms: list[float] = field(default_factory=list)  # live arm, per request
-    live: list[np.ndarray] = field(default_factory=list)  # float32[rows] per request
-    frozen: list[np.ndarray] = field(default_factory=list)
+    scores: dict[str, list[np.ndarray]] = field(
+        default_factory=lambda: {arm: [] for arm in ARMS})  # float32[rows] per request
     labels: list[np.ndarray] = field(default_factory=list)
     requests: int = 0
     errors: int = 0
+    error_arms: dict[str, int] = field(default_factory=dict)
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(t_s float64[n], live float64[n], frozen float64[n], labels float64[n]) per sample."""
+    def arrays(self) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """(t_s float64[n], {arm: probabilities float64[n]}, labels float64[n]) per sample;
+        an arm that scored nothing (no scorer) is absent."""
         if not self.labels:
-            empty = np.zeros(0)
-            return empty, empty, empty, empty
+            return np.zeros(0), {}, np.zeros(0)
         sizes = [x.shape[0] for x in self.labels]
         t = np.repeat(np.asarray(self.t_s[:len(sizes)]), sizes)
-        return (t, np.concatenate(self.live).astype(np.float64),
-                np.concatenate(self.frozen).astype(np.float64),
-                np.concatenate(self.labels).astype(np.float64))
+        arms = {arm: np.concatenate(parts).astype(np.float64)
+                for arm, parts in self.scores.items() if parts}
+        return t, arms, np.concatenate(self.labels).astype(np.float64)
 
 
 class ServingProbe:
-    """Requests on a steady beat, each scored on both arms, then labelled (prequential).
+    """Requests on a steady beat, each scored on every arm, then labelled (prequential).
 
     stream_clock() is the stream time in seconds (0 at the checkpoint); no request starts at
-    or after `until_s` of it. start / close / with.
+    or after `until_s` of it. checkpoint_dense: the live rows with the checkpoint's dense part
+    (None: that arm is not scored). start / close / with.
     """
 
     def __init__(self, stream: ClickStream, live: ScoreFn, frozen: ScoreFn,
                  options: ServingOptions, progress: Progress,
-                 stream_clock: Callable[[], float], until_s: float = float("inf")) -> None:
+                 stream_clock: Callable[[], float], until_s: float = float("inf"),
+                 checkpoint_dense: ScoreFn | None = None) -> None:
         self.stream, self.live, self.frozen = stream, live, frozen
+        self.checkpoint_dense = checkpoint_dense
         self.options, self.progress, self.clock = options, progress, stream_clock
         self.until_s = until_s
         self.record = ServingRecord()
@@ -270,34 +281,45 @@ class ServingProbe:
             stop.wait(max(0.0, self.options.request_interval_s - (time.monotonic() - began)))
 
     def one_request(self) -> None:
-        """Draw a request at the current stream time, score it on both arms, keep the labels.
-        A failed request is counted and logged, never fatal."""
+        """Draw a request at the current stream time, score it on every arm, keep the labels.
+        A failed request (on any arm) is counted, with the arm, and logged, never fatal."""
         t_s = self.clock()
         self.stream.advance_to(t_s)
         clicks = self.stream.sample(self._rng, self.options.request_rows)
         record = self.record
         record.requests += 1
         self.progress.requests += 1
+        arm = "live"
+        scores: dict[str, np.ndarray] = {}
         try:
             began = time.perf_counter()
-            live = self.live(clicks.dense, clicks.ids)
+            scores["live"] = self.live(clicks.dense, clicks.ids)
             latency_ms = (time.perf_counter() - began) * 1e3
-            frozen = self.frozen(clicks.dense, clicks.ids)
+            arm = "frozen"
+            scores["frozen"] = self.frozen(clicks.dense, clicks.ids)
+            if self.checkpoint_dense is not None:
+                arm = "checkpoint_dense"
+                scores["checkpoint_dense"] = self.checkpoint_dense(clicks.dense, clicks.ids)
         except Exception as exc:  # one bad request never stops the probe
             record.errors += 1
+            record.error_arms[arm] = record.error_arms.get(arm, 0) + 1
             self.progress.serving_errors += 1
-            log.warning("serving request %d at stream %.2f s failed: %s", record.requests, t_s, exc)
+            log.warning("serving request %d at stream %.2f s failed on the %s arm: %s",
+                        record.requests, t_s, arm, exc)
             return
         record.t_s.append(t_s)
         record.latency_ms.append(latency_ms)
-        record.live.append(live)
-        record.frozen.append(frozen)
+        for name, probs in scores.items():
+            record.scores[name].append(probs)
         record.labels.append(clicks.label)
         self.progress.serving_ms.append(latency_ms)
 
     def _update_progress(self) -> None:
-        _, live, frozen, labels = self.record.arrays()
-        self.progress.auc_live, self.progress.auc_frozen = auc(live, labels), auc(frozen, labels)
+        _, arms, labels = self.record.arrays()
+        nan = np.full(labels.shape, np.nan)
+        self.progress.auc_live = auc(arms.get("live", nan), labels)
+        self.progress.auc_frozen = auc(arms.get("frozen", nan), labels)
+        self.progress.auc_checkpoint_dense = auc(arms.get("checkpoint_dense", nan), labels)
 
     def report(self) -> dict[str, Any]:
         """The report's `serving` object (see `serving_report`)."""
@@ -305,22 +327,26 @@ class ServingProbe:
 
 
 def serving_report(record: ServingRecord, options: ServingOptions) -> dict[str, Any]:
-    """frontend, requests, errors, p50_ms / p99_ms (live arm), checked / mismatched (TorchServe
-    against in-process; 0 in process), cumulative AUC and log-loss of both arms, and a
-    `timeline` of windows of `window_s` stream seconds (each window's figures and the
-    cumulative ones at its end; t_s: the window's end, or its last request if sooner)."""
-    t, live, frozen, labels = record.arrays()
+    """frontend, requests, errors (requests that failed on any arm) and error_arms (per arm),
+    p50_ms / p99_ms (live arm), checked / mismatched (TorchServe against in-process; 0 in
+    process), cumulative AUC and log-loss of each arm of `ARMS` (`auc_live`,
+    `auc_checkpoint_dense`, `auc_frozen`, ...; None for an arm not scored), and a `timeline` of
+    windows of `window_s` stream seconds (each window's figures and the cumulative ones at its
+    end; t_s: the window's end, or its last request if sooner)."""
+    t, arms, labels = record.arrays()
     lat = np.asarray(record.latency_ms)
     out: dict[str, Any] = {
         "frontend": options.frontend, "requests": record.requests, "errors": record.errors,
+        "error_arms": dict(record.error_arms),
         "p50_ms": _round(float(np.percentile(lat, 50))) if lat.size else 0.0,
         "p99_ms": _round(float(np.percentile(lat, 99))) if lat.size else 0.0,
         "checked": 0, "mismatched": 0, "samples": int(labels.size),
-        "auc_live": _round(auc(live, labels), 4), "auc_frozen": _round(auc(frozen, labels), 4),
-        "logloss_live": _round(log_loss(live, labels), 4),
-        "logloss_frozen": _round(log_loss(frozen, labels), 4),
-        "window_s": options.window_s, "timeline": [],
     }
+    for arm in ARMS:
+        probs = arms.get(arm)
+        out[f"auc_{arm}"] = None if probs is None else _round(auc(probs, labels), 4)
+        out[f"logloss_{arm}"] = None if probs is None else _round(log_loss(probs, labels), 4)
+    out.update(window_s=options.window_s, timeline=[])
     if not labels.size:
         return out
     window = np.floor(t / options.window_s).astype(np.int64)
@@ -330,15 +356,13 @@ def serving_report(record: ServingRecord, options: ServingOptions) -> dict[str, 
         if hi == lo:
             continue
         part = slice(lo, hi)
-        out["timeline"].append({
-            "t_s": round(min((w + 1) * options.window_s, float(t[hi - 1])), 1), "samples": hi - lo,
-            "auc_live": _round(auc(live[part], labels[part]), 4),
-            "auc_frozen": _round(auc(frozen[part], labels[part]), 4),
-            "logloss_live": _round(log_loss(live[part], labels[part]), 4),
-            "logloss_frozen": _round(log_loss(frozen[part], labels[part]), 4),
-            "cum_auc_live": _round(auc(live[:hi], labels[:hi]), 4),
-            "cum_auc_frozen": _round(auc(frozen[:hi], labels[:hi]), 4),
-        })
+        point: dict[str, Any] = {
+            "t_s": round(min((w + 1) * options.window_s, float(t[hi - 1])), 1), "samples": hi - lo}
+        for arm, probs in arms.items():
+            point[f"auc_{arm}"] = _round(auc(probs[part], labels[part]), 4)
+            point[f"logloss_{arm}"] = _round(log_loss(probs[part], labels[part]), 4)
+            point[f"cum_auc_{arm}"] = _round(auc(probs[:hi], labels[:hi]), 4)
+        out["timeline"].append(point)
     return out
 
 
@@ -347,7 +371,7 @@ def _round(value: float, digits: int = 2) -> float | None:
     return None if np.isnan(value) else round(float(value), digits)
 
 
-__all__ = ["FRONTENDS", "FrontendCheck", "ScoreFn", "ServingOptions", "ServingProbe", "ServingRecord",
+__all__ = ["ARMS", "FRONTENDS", "FrontendCheck", "ScoreFn", "ServingOptions", "ServingProbe", "ServingRecord",
            "auc", "compare_frontends", "in_process_scorer", "live_scorer", "log_loss",
            "lookup_embeddings", "request_bytes", "serving_report", "torchserve_missing",
            "torchserve_scorer"]
