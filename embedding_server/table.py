@@ -4,6 +4,8 @@
 * Memory: the row matrix (float32[capacity, dim]) and `row_signs` (uint64[capacity]) grow by
   1.25x; the index is 12 bytes a slot, a power of two of slots kept at most 70% full. At 10M
   rows of dim 16 that is 64 + 8 + 20 = 92 bytes a row against the raw 72 (1.28x).
+  `grow_ahead` grows them before `AHEAD` more writes like the last would have to (the shard
+  calls it between applies), so a write rarely pays a rehash and a row copy under its lock.
 * Deleted rows go on a free list and are reused by later inserts.
 * Optional `capacity` (rows): when an upsert would exceed it, the least recently used rows
   (by a per-call stamp written on lookup and upsert) are evicted in one batch, like PERSIA's
@@ -26,6 +28,7 @@ from persia_inc.embedding_server import _kernels as kern
 
 MAX_LOAD = 0.7
 GROWTH = 1.25
+AHEAD = 4  # a table grows ahead of need when this many more writes like its last would not fit
 MAX_ROWS = 2**31 - 1  # row ids are int32
 CACHE_LINE = 64  # bytes
 _TICK_FREE = np.iinfo(np.int64).max
@@ -89,6 +92,11 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray
     return raw[skip:skip + nbytes].view(dtype).reshape(shape)
 
 
+def _shift_of(slots: int) -> np.uint64:
+    """The hash shift of an index of `slots` (a power of two) slots."""
+    return np.uint64(64 - (slots.bit_length() - 1))
+
+
 def _empty_slots(n: int) -> np.ndarray:
     slots = _aligned_empty((n,), kern.SLOT_DTYPE)
     slots["key"] = 0
@@ -120,6 +128,7 @@ class EmbeddingTable:
         self._n_free = 0
         self._high = 0  # rows ever handed out; live rows = high - n_free
         self._ticks = np.full(cap, _TICK_FREE, np.int64) if capacity else np.empty(0, np.int64)
+        self._last_new = 0  # new rows the last upsert could add (what the next may add too)
 
     # ------------------------------------------------------------------------------ facts
 
@@ -247,6 +256,7 @@ class EmbeddingTable:
         if live + new_bound > MAX_ROWS:
             raise ValueError(f"a table holds at most {MAX_ROWS} rows per shard")
         self._reserve_locked(len(self) + new_bound, new_bound)
+        self._last_new = new_bound
         self._n_free, self._high, inserted = kern.upsert(
             self._slots, self._shift, self._values, self._row_signs, self._free, self._n_free,
             self._high, signs, rows, found, self._ticks, self._tick)
@@ -257,26 +267,53 @@ class EmbeddingTable:
 
     def _reserve_locked(self, live_after: int, new_rows: int) -> None:
         """Grow the index and the row arrays so `new_rows` more rows fit."""
+        self._install(self._grown(live_after, new_rows))
+
+    def _grown(self, live_after: int, new_rows: int) -> dict[str, np.ndarray]:
+        """Copies of the arrays that must grow so `new_rows` more rows fit (`live_after` live
+        rows in all); empty when they fit. Reads the table: the caller holds a lock."""
+        grown: dict[str, np.ndarray] = {}
         size = self._slots.shape[0]
         if live_after > size * MAX_LOAD:
             while live_after > size * MAX_LOAD:
                 size *= 2
-            new = _empty_slots(size)
-            shift = np.uint64(64 - (size.bit_length() - 1))
-            kern.rehash(self._slots, new, shift)
-            self._slots, self._shift = new, shift
+            grown["_slots"] = _empty_slots(size)
+            kern.rehash(self._slots, grown["_slots"], _shift_of(size))
         short = new_rows - self._spare_rows()
         if short > 0:
-            cap = max(self._values.shape[0] + short, int(self._values.shape[0] * GROWTH))
-            values = _aligned_empty((cap, self.dim), np.float32)
-            values[: self._high] = self._values[: self._high]
-            row_signs = np.empty(cap, np.uint64)
-            row_signs[: self._high] = self._row_signs[: self._high]
-            self._values, self._row_signs = values, row_signs
+            cap, high = max(self._values.shape[0] + short, int(self._values.shape[0] * GROWTH)), self._high
+            grown["_values"] = _aligned_empty((cap, self.dim), np.float32)
+            grown["_values"][:high] = self._values[:high]
+            grown["_row_signs"] = np.empty(cap, np.uint64)
+            grown["_row_signs"][:high] = self._row_signs[:high]
             if self.capacity:
-                ticks = np.full(cap, _TICK_FREE, np.int64)
-                ticks[: self._high] = self._ticks[: self._high]
-                self._ticks = ticks
+                grown["_ticks"] = np.full(cap, _TICK_FREE, np.int64)
+                grown["_ticks"][:high] = self._ticks[:high]
+        return grown
+
+    def _install(self, grown: dict[str, np.ndarray]) -> None:
+        """Put arrays from `_grown` in place (the caller holds the write lock)."""
+        for name, array in grown.items():
+            setattr(self, name, array)
+        if "_slots" in grown:
+            self._shift = _shift_of(grown["_slots"].shape[0])
+
+    def needs_room(self) -> bool:
+        """Whether `AHEAD` more upserts like the last one would have to grow the table (each
+        growth costs its write a rehash and a row copy)."""
+        ahead = AHEAD * self._last_new
+        return bool(ahead) and (len(self) + ahead > self._slots.shape[0] * MAX_LOAD
+                                or ahead > self._spare_rows())
+
+    def grow_ahead(self) -> bool:
+        """Make room for `AHEAD` more upserts like the last one before they come, under the
+        write lock (lookups of this table wait for it, as they would for the write that had
+        to grow). True if the table grew."""
+        with self.lock.write():
+            ahead = AHEAD * self._last_new
+            grown = self._grown(len(self) + ahead, ahead)
+            self._install(grown)
+        return bool(grown)
 
     def _delete_locked(self, signs: np.ndarray) -> int:
         if self._n_free + signs.shape[0] > self._free.shape[0]:

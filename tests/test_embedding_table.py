@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_loader_services import wait_for
 
 from persia_inc.embedding_server.checkpoint import load_shard, part_key
 from persia_inc.embedding_server.shard import ChunkLostError, ForeignSignsError, Shard, TableNotFoundError
@@ -99,6 +100,43 @@ def test_matches_a_dict_model_through_growth_and_deletes() -> None:
               for s, r in zip(signs.tolist(), rows, strict=True)}
     assert dumped.keys() == model.keys()
     assert all(np.array_equal(dumped[s], model[s]) for s in model)
+
+
+def test_a_table_grows_ahead_so_the_next_writes_do_not_grow_inside_their_lock() -> None:
+    table = EmbeddingTable(4, capacity=100_000)  # with LRU stamps: their array grows too
+    written = np.empty(0, np.uint64)
+    while not table.needs_room():
+        batch = np.arange(written.size, written.size + 500, dtype=np.uint64) * 7 + 1
+        table.upsert(batch, rows_for(batch, 4))
+        written = np.concatenate([written, batch])
+    assert table.grow_ahead() and not table.needs_room()
+    arrays = [table._slots, table._values, table._row_signs, table._ticks]
+    for _ in range(3):  # AHEAD - 1 more writes like the last fit without growing
+        batch = np.arange(written.size, written.size + 500, dtype=np.uint64) * 7 + 1
+        table.upsert(batch, rows_for(batch, 4))
+        written = np.concatenate([written, batch])
+    assert all(a is b for a, b in zip(arrays, [table._slots, table._values, table._row_signs,
+                                                table._ticks], strict=True))
+    assert len(table) == written.size
+    assert np.array_equal(table.lookup(written)[0], rows_for(written, 4))
+    assert not table.grow_ahead() or not table.needs_room()
+
+
+def test_a_shard_grows_its_tables_ahead_between_applies() -> None:
+    shard = Shard()
+    signs = np.empty(0, np.uint64)
+    sequence = 0
+    while True:  # applies until one leaves a table that two more would outgrow
+        batch = np.arange(signs.size, signs.size + 2000, dtype=np.uint64) * 3 + 1
+        signs = np.concatenate([signs, batch])
+        shard.apply("t", "p", 1, sequence, 8, batch, rows_for(batch, 8), np.empty(0, np.uint64))
+        sequence += 1
+        if shard.table("t").needs_room() or sequence > 200:
+            break
+    assert sequence <= 200
+    table = shard.table("t")
+    wait_for(lambda: not table.needs_room(), what="the table grown in the background")
+    assert np.array_equal(shard.lookup("t", signs)[0], rows_for(signs, 8))
 
 
 def test_shape_errors_change_nothing() -> None:
