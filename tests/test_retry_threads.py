@@ -284,3 +284,44 @@ def test_free_port_is_a_free_loopback_port() -> None:
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+
+_HEAP = """
+import ctypes
+import numpy as np
+from persia_inc.foundation.memory import keep_freed_memory
+kept = keep_freed_memory()
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+buffer = np.ones(8 << 20)  # 64 MiB
+mapped = mallinfo2().hblkhd  # bytes in blocks mapped on their own (returned on free)
+del buffer
+print(kept, mapped >> 20, mallinfo2().arena >> 20)  # heap kept after the free, in MiB
+"""
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_kept_freed_memory_serves_big_buffers_from_the_heap_and_keeps_them(
+        opt_out: bool) -> None:
+    """A 64 MiB buffer: from malloc's heap and kept there after its free (reused without
+    faulting fresh pages in) with kept memory; a mapping of its own, returned on free, with
+    glibc's defaults (PERSIA_INC_KEEP_FREED_MEMORY=0)."""
+    import os
+    import subprocess
+    import sys
+
+    from persia_inc.foundation.memory import OPT_OUT
+
+    env = {**os.environ, OPT_OUT: "0" if opt_out else "1"}
+    out = subprocess.run([sys.executable, "-c", _HEAP], capture_output=True, text=True,
+                         env=env, timeout=60, check=True).stdout.split()
+    kept, mapped_mib, heap_mib = out[0] == "True", int(out[1]), int(out[2])
+    assert kept is not opt_out
+    if opt_out:
+        assert mapped_mib >= 64 and heap_mib < 64, out
+    else:
+        assert mapped_mib < 64 and heap_mib >= 64, out

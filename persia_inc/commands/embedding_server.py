@@ -27,8 +27,10 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from persia_inc.config import load_config
+    from persia_inc.foundation.memory import keep_freed_memory
     from persia_inc.wiring import serve_shard
 
+    keep_freed_memory()  # apply messages of megabytes: reuse their buffers, no page faults
     config = load_config(args.config)
     try:
         return serve_shard(config, args.shard)

@@ -34,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from persia_inc.config import load_config
+    from persia_inc.foundation.memory import keep_freed_memory
     from persia_inc.wiring import embedding_client, loader_from_config
 
+    keep_freed_memory()  # apply messages of megabytes: reuse their buffers, no page faults
     config = load_config(args.config, need_servers=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
