@@ -299,9 +299,14 @@ class Loader:
     def health(self) -> dict[str, Any]:
         """Healthy when the dispatcher loops, every source's threads run and every shard
         answers; otherwise `problems` names what is wrong (a dead source by name, an
-        unreachable shard by index and address)."""
+        unreachable shard by index and address). Ready when healthy and every source can
+        see packets: `waiting` names those that cannot yet (a Kafka consumer with no
+        partition assigned: joining its group, or a spare one in a group with more loaders
+        than partitions)."""
         alive = self._thread.is_alive() and self.clock() - self.last_loop < 30
         sources = {_source_name(source): _source_alive(source) for source in self.sources}
+        waiting = [f"{_source_name(source)}: no partition assigned" for source in self.sources
+                   if isinstance(source, KafkaSource) and not source.assigned]
         shards = self._report["shards"]
         problems = [] if alive else ["dispatcher not running"]
         problems += [f"source {name} is dead" for name, ok in sources.items() if not ok]
@@ -309,7 +314,7 @@ class Loader:
                      for sh in shards if not sh["up"]]
         servers = bool(shards) and all(sh["up"] for sh in shards)
         report = {"healthy": not problems and servers, "dispatcher": alive,
-                  "servers": servers, "sources": sources, "shards": shards,
+                  "servers": servers, "sources": sources, "waiting": waiting, "shards": shards,
                   "problems": problems, "applied": self.applied,
                   "queue": self.queue.qsize(), "source": self.source_kind,
                   "other_models": list(self.other_models)}
@@ -318,6 +323,7 @@ class Loader:
             if not self.dense_sync.is_alive() and self.dense_sync.started:
                 report["problems"].append("dense sync is not running")
                 report["healthy"] = False
+        report["ready"] = report["healthy"] and not waiting
         self.metrics.healthy.labels(self.model).set(1 if report["healthy"] else 0)
         return report
 

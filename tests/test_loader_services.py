@@ -199,6 +199,20 @@ def test_kafka_group_of_two_loaders_with_ceph(embedding_cluster_factory, ceph, k
         sent = []
         try:
             wait_for(lambda: all(lo.sources[1].assigned for lo in loaders), 30, "both assigned")
+            wait_for(lambda: all(lo.health()["ready"] for lo in loaders), what="both ready")
+            # a third loader of the group: two partitions, three consumers; whichever has none
+            # is healthy, not ready, and says what it waits for
+            loaders.append(loader_from_config(config, client).start())
+
+            def spare() -> list[dict]:
+                healths = [lo.health() for lo in loaders]
+                return ([h for h in healths if not h["ready"]]
+                        if sum(len(lo.sources[1].assigned) for lo in loaders) == 2
+                        and sum(h["ready"] for h in healths) == 2 else [])
+
+            wait_for(lambda: len(spare()) == 1, 30, "a spare loader")
+            left_out = spare()[0]
+            assert left_out["healthy"] and left_out["waiting"] == ["kafka: no partition assigned"]
             for seq in range(5):
                 for training in streams:
                     key = training.write(1, seq)
