@@ -1,7 +1,12 @@
 """Freshness measured end to end without trusting any component's own clock reading: a
 watcher lists storage (each packet's created-at is in its header) and polls the servers'
 watermarks every few milliseconds; a packet is visible once every shard's watermark for its
-(table, producer) reached it. Freshness = first time seen visible - created-at."""
+(table, producer) reached it. Freshness = first time seen visible - created-at.
+
+The watcher runs in the training process, beside the producer: it lists each stream's folder
+from the last key it saw, not the whole model every time (on Ceph a full listing of 500
+packets cost 47 ms of CPU, a listing after the last key 2.4 ms; five times a second, the full
+one took a quarter of a core from training and the producer's threads)."""
 
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ class FreshnessWatcher:
         self.created: dict[tuple[str, str, int, int], tuple[int, int]] = {}  # -> (created_ns, rows)
         self.visible: dict[tuple[str, str, int, int], float] = {}
         self.events: dict[tuple[str, str], tuple[list[float], list[Position]]] = {}
+        self._streams: list[str] = []  # stream folders ("model/lane/producer/"), found anew
+        self._streams_at = -float("inf")  # every 2 s
+        self._after: dict[str, str] = {}  # stream folder -> the last key listed there
         self._thread = ServiceThread("demo-freshness", self._run)
         self._stop = self._thread.stop
         self.errors = 0
@@ -66,19 +74,33 @@ class FreshnessWatcher:
                 times.append(now_ns / 1e9)
                 positions.append(mark.position)
 
+    def _stream_folders(self) -> list[str]:
+        if time.monotonic() - self._streams_at > 2.0:
+            top = f"{self.model}/"
+            self._streams = [f"{top}{lane}/{producer}/"
+                             for lane in self.store.list_folders(top) if lane != "_dense"
+                             for producer in self.store.list_folders(f"{top}{lane}/")]
+            self._streams_at = time.monotonic()
+        return self._streams
+
     def _list_storage(self) -> None:
-        for info in self.store.list(f"{self.model}/"):
-            try:
-                ident = parse_packet_path(info.key)
-            except PacketError:
-                continue
-            key = (ident.table, ident.producer, ident.generation, ident.sequence)
-            if key in self.created:
-                continue
-            with self.store.open(info.key) as source:
-                header = read_cut_header(source, where=self.store.uri(info.key))
-            self.created[key] = (header.created_at_ns, header.rows + header.deleted_rows)
+        for folder in self._stream_folders():
+            for info in self.store.list(folder, self._after.get(folder)):
+                self._record_packet(info.key)
+                self._after[folder] = info.key  # past it only once its header was read
         self.progress.packets_stored = len(self.created)
+
+    def _record_packet(self, key: str) -> None:
+        try:
+            ident = parse_packet_path(key)
+        except PacketError:
+            return
+        packet = (ident.table, ident.producer, ident.generation, ident.sequence)
+        if packet in self.created:
+            return
+        with self.store.open(key) as source:
+            header = read_cut_header(source, where=self.store.uri(key))
+        self.created[packet] = (header.created_at_ns, header.rows + header.deleted_rows)
 
     def _resolve(self) -> None:
         for key, (created_ns, rows) in self.created.items():

@@ -157,19 +157,48 @@ def write_config(options: DemoOptions, servers: list[str], checkpoint: str,
     return path
 
 
-def with_dense_sync(config_path: Path, served: ServedModel, metrics_port: int) -> Path:
-    """`config_path` plus the loader's dense sync against `served` (its gRPC management API,
-    model name and model store) and its metrics port (/streams: the dense sync's status), as
+def loader_config(config_path: Path, metrics_port: int, served: ServedModel | None = None
+                  ) -> Path:
+    """`config_path` plus the loader's metrics port on 127.0.0.1 (/healthz: the demo trains
+    once the loader is ready; /streams: the dense sync's status) and, with `served`, its dense
+    sync against that TorchServe (gRPC management API, model name and model store), as
     global_config.loader.yaml beside it: the loader child's config."""
     config = yaml.safe_load(config_path.read_text())
-    config["persia_inc"]["loader"].update({
-        "metrics_port": metrics_port, "metrics_addr": "127.0.0.1",
-        "dense_sync": {"enabled": True, "management_address": served.server.grpc_management_target,
-                       "model_name": served.model_name, "model_store": str(served.server.model_store),
-                       "keep_versions": 2, "interval_s": 0.5, "retire_grace_s": 5.0}})
+    loader = config["persia_inc"]["loader"]
+    loader.update({"metrics_port": metrics_port, "metrics_addr": "127.0.0.1"})
+    if served is not None:
+        loader["dense_sync"] = {
+            "enabled": True, "management_address": served.server.grpc_management_target,
+            "model_name": served.model_name, "model_store": str(served.server.model_store),
+            "keep_versions": 2, "interval_s": 0.5, "retire_grace_s": 5.0}
     path = config_path.with_name("global_config.loader.yaml")
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def wait_loader_ready(url: str, loader: ChildProcess, timeout_s: float = 60.0) -> dict | None:
+    """Poll the loader's /healthz until it says ready (its sources see packets: a Kafka
+    consumer has its partitions), as a loader long up in production is; its last answer, or
+    None if it never answered. Raises if the loader process died."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    health = None
+    while time.monotonic() < deadline:
+        loader.check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                health = json.loads(reply.read())
+        except urllib.error.HTTPError as exc:  # 503: not healthy yet, with the report
+            health = json.loads(exc.read() or b"null")
+        except (OSError, ValueError):
+            pass  # not listening yet
+        if health and health.get("ready"):
+            return health
+        time.sleep(0.1)
+    return health
 
 
 def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | None = None
@@ -273,13 +302,19 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         if options.dense_every_s and served is None:
             log.info("no dense versions this time: they are activated in TorchServe, and the "
                      "live arm is served in process")
-        loader_path = config_path
+        metrics_port = free_port()
+        loader_path = loader_config(config_path, metrics_port,
+                                    served if dense_every and served is not None else None)
         if dense_every and served is not None:
-            metrics_port = free_port()
-            loader_path = with_dense_sync(config_path, served, metrics_port)
             dense_watch = DenseWatcher(f"http://127.0.0.1:{metrics_port}", progress).start()
-        children.append(ChildProcess("loader", ["loader", "--config", str(loader_path)],
-                                     workdir / "logs" / "loader.log"))
+        loader = ChildProcess("loader", ["loader", "--config", str(loader_path)],
+                              workdir / "logs" / "loader.log")
+        children.append(loader)
+        progress.phase = "waiting for the loader to be ready"
+        notify(progress)
+        health = wait_loader_ready(f"http://127.0.0.1:{metrics_port}/healthz", loader)
+        if not (health and health.get("ready")):
+            report.problems.append(f"the loader was not ready after 60 s: {health}")
         watcher = FreshnessWatcher(client, store, "demo", progress).start()
 
         progress.phase = "training on a drifting stream, serving live and frozen"
