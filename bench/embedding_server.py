@@ -21,8 +21,12 @@ bench/results/embedding_server.json.
    without the 24 MiB message cap; and LookupTables of a 26-table request (128 signs per table)
    against 26 Lookup calls in turn: p50/p99 and their ratio.
 
+This process and the servers keep freed memory for reuse, as the loader and the servers do
+(foundation/memory.py); `--default-malloc` measures with glibc's defaults instead, under
+`<figure>_default_malloc`.
+
 Run: flock /tmp/persia-heavy.lock .venv/bin/python bench/embedding_server.py [--quick]
-     [--only cuts]   (--only: run one figure and update its key in the results file)
+     [--only cuts] [--default-malloc]   (--only: one figure, its key updated in the results)
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import yaml
 
 from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.embedding_server.table import EmbeddingTable, warm_up
+from persia_inc.foundation.memory import OPT_OUT, keep_freed_memory
 from persia_inc.foundation.net import free_port
 from persia_inc.packet_format import Packet, PacketHeader
 from persia_inc.packet_format.cut import Cut, CutHeader, TableRows
@@ -374,7 +379,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1M-row table, fewer repeats")
     parser.add_argument("--only", choices=("in_process", "grpc", "cuts"),
                         help="run one figure; without --quick, update its key in the results")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave malloc as it is in this process and the servers (the loader "
+                             "and servers keep freed memory: foundation/memory.py); results go "
+                             "under <figure>_default_malloc")
     args = parser.parse_args()
+    if args.default_malloc:
+        os.environ[OPT_OUT] = "0"  # the servers, started by the CLI, inherit it
+    keep_freed_memory()  # as the loader and the servers do (the client here stands for the loader)
     rows = 1_000_000 if args.quick else 10_000_000
     figures = {
         "in_process": lambda: in_process(rows, 1_000_000, 3 if args.quick else 7),
@@ -387,10 +399,12 @@ def main() -> int:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
     if args.only and out.exists():
         results = {**json.loads(out.read_text()), **results}
+    suffix = "_default_malloc" if args.default_malloc else ""
     for name, run in figures.items():
         if args.only in (None, name):
-            results[name] = run()
-    text = json.dumps(results if not args.only else {args.only: results[args.only]}, indent=2)
+            results[name + suffix] = run()
+    text = json.dumps(results if not args.only else {args.only: results[args.only + suffix]},
+                      indent=2)
     print(text)
     if not args.quick:
         out.parent.mkdir(exist_ok=True)

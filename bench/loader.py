@@ -5,7 +5,8 @@
    same run (bar >= 0.8x).
 2. Freshness through the whole pipeline: a real producer flushes (10k rows a flush, every
    50 ms), stores and announces; the loader sees, fetches and applies; a checker looks the
-   flush's marker row up until it is served. p50/p99 of flush -> visible, and the latency
+   flush's marker row up until it is served. The producer runs in a process of its own, as
+   the training job does (`freshness_watch_same_process`: beside the loader, for comparison). p50/p99 of flush -> visible, and the latency
    budget per stage (flush -> stored -> announced -> seen -> fetched -> applied, from the
    producer's and the loader's stage histograms). Directory watch (bar p99 < 20 ms); Kafka
    announcements with Ceph storage (bar p99 < 200 ms), next to the same with one store at a
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,6 +33,7 @@ import numpy as np
 
 from persia_inc.config import load_config
 from persia_inc.embedding_server.errors import ShardError
+from persia_inc.foundation.memory import keep_freed_memory
 from persia_inc.loader.replay import replay
 from persia_inc.local_services import EmbeddingCluster, free_port, write_test_config
 from persia_inc.packet_format import Cut, CutHeader, TableRows, cut_key, encode_cut
@@ -124,8 +128,12 @@ def histogram_quantiles(registry: Any, name: str, stage: str | None,
 
 def freshness(tmp: Path, name: str, flushes: int, rows: int, *, loader_settings: dict,
               extra: dict | None = None, inc: str | None = None, tables: int = 1,
-              interval_s: float = 0.05, producer_settings: dict | None = None) -> dict:
-    """flush -> visible through Lookup, end to end through a real producer and loader."""
+              interval_s: float = 0.05, producer_settings: dict | None = None,
+              same_process: bool = False) -> dict:
+    """flush -> visible through Lookup, end to end through a real producer and loader. The
+    producer runs in its own process, as in production (the training job is not the loader's
+    process), and says when it flushed what over a pipe; `same_process` runs it beside the
+    loader instead (the comparison: the two then share one interpreter lock)."""
     inc = inc or str(tmp / f"{name}-inc")
     settings: dict = {"persia_inc": {"loader": loader_settings, **(extra or {})}}
     producer_section = {"close_on_exit": False, "close_on_sigterm": False,
@@ -134,25 +142,19 @@ def freshness(tmp: Path, name: str, flushes: int, rows: int, *, loader_settings:
     if extra and "s3" in extra:
         settings["storage"] = "ceph"
     c = cluster(tmp / name, inc, **settings)
+    names = [f"t{i}" for i in range(tables)]
+    per_table = max(1, rows // tables)
+    plan = {"config": str(c.config_path), "flushes": flushes, "per_table": per_table,
+            "tables": tables, "interval_s": interval_s}
     try:
         config = load_config(c.config_path)
-        rng = np.random.default_rng(2)
-        names = [f"t{i}" for i in range(tables)]
-        epoch = {"value": 0.0}
-
-        def reader(signs: np.ndarray) -> np.ndarray:
-            return np.full((signs.size, DIM), epoch["value"], np.float32)
-
         latencies: list[float] = []
         outstanding: dict[int, tuple[float, np.ndarray, float]] = {}
         lock = threading.Lock()
-        with c.client() as client, loader_from_config(config, client) as loader, \
-                producer_from_config(config, producer_id="p", buffer_size=10**9) as producer:
-            for table in names:
-                producer.register_table(table, reader, dim=DIM)
+        with c.client() as client, loader_from_config(config, client) as loader:
             _wait_for_kafka_assignment(loader)
             done = threading.Event()
-            deadline = float("inf")
+            deadline = {"at": float("inf")}
 
             def check() -> None:
                 while not done.is_set() or outstanding:
@@ -172,50 +174,103 @@ def freshness(tmp: Path, name: str, flushes: int, rows: int, *, loader_settings:
                                 with lock:
                                     del outstanding[seq]
                     time.sleep(0.002)  # the checker's own load on 2 cores stays small
-                    if done.is_set() and time.perf_counter() > deadline:
+                    if done.is_set() and time.perf_counter() > deadline["at"]:
                         break
+
+            def flushed(seq: int, at: float) -> None:  # perf_counter: one clock per machine
+                with lock:
+                    outstanding[seq] = (at, np.array([MARKER + seq], np.uint64), float(seq + 1))
 
             checker = threading.Thread(target=check)
             checker.start()
-            per_table = max(1, rows // tables)
-            for seq in range(flushes):
-                signs = rng.choice(20 * rows, size=per_table, replace=False).astype(np.uint64) + 1
-                marker = np.array([MARKER + seq], np.uint64)
-                producer.record_many({t: signs for t in names})
-                producer.record(names[0], marker)
-                epoch["value"] = float(seq + 1)
-                flushed_at = time.perf_counter()
-                producer.flush(wait=False)
-                with lock:
-                    outstanding[seq] = (flushed_at, marker, float(seq + 1))
-                time.sleep(interval_s)
-            assert producer.flush(timeout_s=60)
-            deadline = time.perf_counter() + 30
-            done.set()
-            checker.join()
+            try:
+                produced = (produce(plan, flushed) if same_process
+                            else _produce_in_a_child(plan, flushed))
+            finally:
+                deadline["at"] = time.perf_counter() + 30
+                done.set()
+                checker.join()
             applied = loader.applied
-            objects = producer.writer.objects_stored
-            flush_count = sum(s.value for m in producer.metrics.registry.collect()
-                              for s in m.samples if s.name == "persia_inc_producer_flushes_total")
-            stages = {}
-            for stage in ("stored", "announced"):
-                stages[stage] = histogram_quantiles(producer.metrics.registry,
-                                                    "persia_inc_producer_stage_seconds", stage)
+            stages = produced["stages"]
             for stage in ("seen", "fetched", "applied"):
                 stages[stage] = histogram_quantiles(loader.metrics.registry,
                                                     "persia_inc_loader_stage_seconds", stage)
             stages["apply_call"] = histogram_quantiles(  # the Apply RPCs alone, not from flush
                 loader.metrics.registry, "persia_inc_loader_apply_seconds", None)
         lat = np.array(latencies) * 1e3
+        objects = produced["objects_stored"]
         return {"flushes": flushes, "tables": tables, "rows_per_flush": per_table * tables,
+                "producer_process": "the loader's" if same_process else "its own",
                 "visible": len(lat), "applied": applied,
-                "objects_stored": objects, "objects_per_flush": objects / max(flush_count, 1),
+                "objects_stored": objects,
+                "objects_per_flush": objects / max(produced["flush_count"], 1),
                 "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                 "stages_p50_p99_ms": {k: [None if v is None else round(v, 1) for v in pair]
                                       for k, pair in stages.items()},
                 "producer": producer_section}
     finally:
         c.stop_all()
+
+
+def produce(plan: dict, flushed: Any) -> dict:
+    """The training side of a freshness run: `flushes` flushes of `per_table` rows of each
+    table every `interval_s`, a marker row (sign MARKER + seq, value seq + 1) in the first
+    table; `flushed(seq, perf_counter)` at each flush. Returns what the producer counted."""
+    config = load_config(plan["config"])
+    rng = np.random.default_rng(2)
+    names = [f"t{i}" for i in range(plan["tables"])]
+    epoch = {"value": 0.0}
+
+    def reader(signs: np.ndarray) -> np.ndarray:
+        return np.full((signs.size, DIM), epoch["value"], np.float32)
+
+    per_table = plan["per_table"]
+    with producer_from_config(config, producer_id="p", buffer_size=10**9) as producer:
+        for table in names:
+            producer.register_table(table, reader, dim=DIM)
+        for seq in range(plan["flushes"]):
+            signs = rng.choice(20 * per_table * plan["tables"], size=per_table,
+                               replace=False).astype(np.uint64) + 1
+            producer.record_many({t: signs for t in names})
+            producer.record(names[0], np.array([MARKER + seq], np.uint64))
+            epoch["value"] = float(seq + 1)
+            at = time.perf_counter()
+            producer.flush(wait=False)
+            flushed(seq, at)
+            time.sleep(plan["interval_s"])
+        assert producer.flush(timeout_s=60)
+        stages = {stage: histogram_quantiles(producer.metrics.registry,
+                                             "persia_inc_producer_stage_seconds", stage)
+                  for stage in ("stored", "announced")}
+        return {"objects_stored": producer.writer.objects_stored, "stages": stages,
+                "flush_count": sum(s.value for m in producer.metrics.registry.collect()
+                                   for s in m.samples
+                                   if s.name == "persia_inc_producer_flushes_total")}
+
+
+def _produce_in_a_child(plan: dict, flushed: Any) -> dict:
+    """`produce` in a child process: the plan goes in as JSON, each flush and the final
+    counts come back as JSON lines on its stdout."""
+    child = subprocess.Popen([sys.executable, __file__, "--producer", json.dumps(plan)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    result = None
+    for line in child.stdout:
+        message = json.loads(line)
+        if "seq" in message:
+            flushed(message["seq"], message["at"])
+        else:
+            result = message
+    if child.wait(timeout=120) != 0 or result is None:
+        raise RuntimeError(f"the producer process failed (exit {child.returncode})")
+    return result
+
+
+def _producer_main(plan_json: str) -> None:
+    def flushed(seq: int, at: float) -> None:
+        print(json.dumps({"seq": seq, "at": at}), flush=True)
+
+    print(json.dumps(produce(json.loads(plan_json), flushed)), flush=True)
 
 
 def _wait_for_kafka_assignment(loader: Any, timeout_s: float = 30.0) -> None:
@@ -277,6 +332,10 @@ def kafka_ceph(tmp: Path, flushes: int, rows: int, *, max_inflight: int = 0) -> 
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--producer":  # a freshness run's training side
+        _producer_main(sys.argv[2])
+        return
+    keep_freed_memory()  # as the loader process does (persia-inc loader)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer packets (a smoke run)")
     parser.add_argument("--no-kafka", action="store_true", help="skip the Ceph + Kafka runs")
@@ -301,6 +360,9 @@ def main() -> None:
         if "watch" in only:
             record("freshness_watch", freshness(tmp, "watch", n, 10_000,
                                                 loader_settings={"rescan_interval_s": 1.0}))
+            record("freshness_watch_same_process", freshness(
+                tmp, "watch-same", n, 10_000, loader_settings={"rescan_interval_s": 1.0},
+                same_process=True))
         if "tables" in only:
             record("freshness_watch_26_tables", freshness(
                 tmp, "tables", n, 26 * 2_000, tables=26,
