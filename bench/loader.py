@@ -5,8 +5,9 @@
    same run (bar >= 0.8x).
 2. Freshness through the whole pipeline: a real producer flushes (10k rows a flush, every
    50 ms), stores and announces; the loader sees, fetches and applies; a checker looks the
-   flush's marker row up until it is served. The producer runs in a process of its own, as
-   the training job does (`freshness_watch_same_process`: beside the loader, for comparison). p50/p99 of flush -> visible, and the latency
+   flush's marker row up until it is served. Producer and loader run in processes of their
+   own, as the training job and `persia-inc loader` do (`freshness_watch_same_process`:
+   both in the benchmark's process, for comparison). p50/p99 of flush -> visible, and the latency
    budget per stage (flush -> stored -> announced -> seen -> fetched -> applied, from the
    producer's and the loader's stage histograms). Directory watch (bar p99 < 20 ms); Kafka
    announcements with Ceph storage (bar p99 < 200 ms), next to the same with one store at a
@@ -20,12 +21,15 @@ Run: flock /tmp/persia-heavy.lock .venv/bin/python bench/loader.py [--quick] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,13 @@ from persia_inc.config import load_config
 from persia_inc.embedding_server.errors import ShardError
 from persia_inc.foundation.memory import keep_freed_memory
 from persia_inc.loader.replay import replay
-from persia_inc.local_services import EmbeddingCluster, free_port, write_test_config
+from persia_inc.local_services import (
+    EMBEDDING_TOKEN,
+    EMBEDDING_TOKEN_ENV,
+    EmbeddingCluster,
+    free_port,
+    write_test_config,
+)
 from persia_inc.packet_format import Cut, CutHeader, TableRows, cut_key, encode_cut
 from persia_inc.wiring import loader_from_config, producer_from_config
 
@@ -130,12 +140,16 @@ def freshness(tmp: Path, name: str, flushes: int, rows: int, *, loader_settings:
               extra: dict | None = None, inc: str | None = None, tables: int = 1,
               interval_s: float = 0.05, producer_settings: dict | None = None,
               same_process: bool = False) -> dict:
-    """flush -> visible through Lookup, end to end through a real producer and loader. The
-    producer runs in its own process, as in production (the training job is not the loader's
-    process), and says when it flushed what over a pipe; `same_process` runs it beside the
-    loader instead (the comparison: the two then share one interpreter lock)."""
+    """flush -> visible through Lookup, end to end through a real producer and loader. As in
+    production, the producer runs in a process of its own (it says when it flushed what over
+    a pipe) and so does the loader (`persia-inc loader`; its stage histograms are read from
+    its /metrics), beside the servers and this process, which only checks; `same_process`
+    runs producer and loader in this process instead (the comparison: one interpreter lock)."""
     inc = inc or str(tmp / f"{name}-inc")
-    settings: dict = {"persia_inc": {"loader": loader_settings, **(extra or {})}}
+    metrics_port = free_port()
+    loader_section = {**loader_settings, "metrics_port": 0 if same_process else metrics_port,
+                      "metrics_addr": "127.0.0.1"}
+    settings: dict = {"persia_inc": {"loader": loader_section, **(extra or {})}}
     producer_section = {"close_on_exit": False, "close_on_sigterm": False,
                         **settings["persia_inc"].get("producer", {}), **(producer_settings or {})}
     settings["persia_inc"]["producer"] = producer_section
@@ -151,8 +165,14 @@ def freshness(tmp: Path, name: str, flushes: int, rows: int, *, loader_settings:
         latencies: list[float] = []
         outstanding: dict[int, tuple[float, np.ndarray, float]] = {}
         lock = threading.Lock()
-        with c.client() as client, loader_from_config(config, client) as loader:
-            _wait_for_kafka_assignment(loader)
+        with c.client() as client, contextlib.ExitStack() as running:
+            if same_process:
+                loader = running.enter_context(loader_from_config(config, client))
+                _wait_for_kafka_assignment(loader)
+                registry = loader.metrics.registry
+            else:
+                scrape = running.enter_context(_loader_process(c.config_path, tmp / f"{name}-loader.log",
+                                                               metrics_port))
             done = threading.Event()
             deadline = {"at": float("inf")}
 
@@ -190,17 +210,21 @@ def freshness(tmp: Path, name: str, flushes: int, rows: int, *, loader_settings:
                 deadline["at"] = time.perf_counter() + 30
                 done.set()
                 checker.join()
-            applied = loader.applied
+            if not same_process:
+                registry = scrape()
+            applied = int(sum(s.value for m in registry.collect() for s in m.samples
+                              if s.name == "persia_inc_loader_packets_applied_total"))
             stages = produced["stages"]
             for stage in ("seen", "fetched", "applied"):
-                stages[stage] = histogram_quantiles(loader.metrics.registry,
-                                                    "persia_inc_loader_stage_seconds", stage)
+                stages[stage] = histogram_quantiles(registry, "persia_inc_loader_stage_seconds",
+                                                    stage)
             stages["apply_call"] = histogram_quantiles(  # the Apply RPCs alone, not from flush
-                loader.metrics.registry, "persia_inc_loader_apply_seconds", None)
+                registry, "persia_inc_loader_apply_seconds", None)
         lat = np.array(latencies) * 1e3
         objects = produced["objects_stored"]
         return {"flushes": flushes, "tables": tables, "rows_per_flush": per_table * tables,
-                "producer_process": "the loader's" if same_process else "its own",
+                "processes": ("producer and loader in one" if same_process
+                              else "producer, loader, checker: one each"),
                 "visible": len(lat), "applied": applied,
                 "objects_stored": objects,
                 "objects_per_flush": objects / max(produced["flush_count"], 1),
@@ -210,6 +234,52 @@ def freshness(tmp: Path, name: str, flushes: int, rows: int, *, loader_settings:
                 "producer": producer_section}
     finally:
         c.stop_all()
+
+
+class _Scraped:
+    """Metric families read from a /metrics page, shaped like a registry (`collect`)."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.families = list(text_string_to_metric_families(text))
+
+    def collect(self) -> list[Any]:
+        return self.families
+
+
+@contextlib.contextmanager
+def _loader_process(config_path: Path, log: Path, port: int) -> Any:
+    """`persia-inc loader` on `config_path`, ready (its sources see packets: a Kafka consumer
+    has its partition); yields a function returning its metrics now. SIGTERM at the end."""
+    env = {**os.environ, EMBEDDING_TOKEN_ENV: EMBEDDING_TOKEN}
+    with log.open("ab") as out:
+        child = subprocess.Popen([sys.executable, "-m", "persia_inc.cli", "loader", "--config",
+                                  str(config_path)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if child.poll() is not None:
+                raise RuntimeError(f"the loader exited with {child.returncode} (see {log})")
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as reply:
+                    if json.loads(reply.read()).get("ready"):
+                        break
+            except (OSError, ValueError):
+                pass  # not listening yet, or 503: not healthy yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the loader was not ready in 60 s (see {log})")
+            time.sleep(0.05)
+
+        def scrape() -> _Scraped:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
+                return _Scraped(reply.read().decode())
+
+        yield scrape
+    finally:
+        child.terminate()
+        child.wait(timeout=60)
 
 
 def produce(plan: dict, flushed: Any) -> dict:
