@@ -298,19 +298,24 @@ class EmbeddingTable:
         if "_slots" in grown:
             self._shift = _shift_of(grown["_slots"].shape[0])
 
+    def _ahead(self) -> int:
+        """Rows to keep room for: `AHEAD` upserts like the last, at most as many rows as the
+        table holds (a bulk load's batches would otherwise reserve several times the table)."""
+        return min(AHEAD * self._last_new, max(len(self), 1))
+
     def needs_room(self) -> bool:
         """Whether `AHEAD` more upserts like the last one would have to grow the table (each
         growth costs its write a rehash and a row copy)."""
-        ahead = AHEAD * self._last_new
-        return bool(ahead) and (len(self) + ahead > self._slots.shape[0] * MAX_LOAD
-                                or ahead > self._spare_rows())
+        ahead = self._ahead()
+        return bool(self._last_new) and (len(self) + ahead > self._slots.shape[0] * MAX_LOAD
+                                         or ahead > self._spare_rows())
 
     def grow_ahead(self) -> bool:
         """Make room for `AHEAD` more upserts like the last one before they come, under the
         write lock (lookups of this table wait for it, as they would for the write that had
         to grow). True if the table grew."""
         with self.lock.write():
-            ahead = AHEAD * self._last_new
+            ahead = self._ahead()
             grown = self._grown(len(self) + ahead, ahead)
             self._install(grown)
         return bool(grown)

@@ -104,7 +104,10 @@ def test_matches_a_dict_model_through_growth_and_deletes() -> None:
 
 def test_a_table_grows_ahead_so_the_next_writes_do_not_grow_inside_their_lock() -> None:
     table = EmbeddingTable(4, capacity=100_000)  # with LRU stamps: their array grows too
-    written = np.empty(0, np.uint64)
+    written = np.arange(20_000, dtype=np.uint64) * 7 + 1  # a bulk load first
+    table.upsert(written, rows_for(written, 4))
+    table.grow_ahead()  # room for at most as many rows again as the table holds
+    assert len(table) + 20_000 <= table._slots.shape[0] * 0.7
     while not table.needs_room():
         batch = np.arange(written.size, written.size + 500, dtype=np.uint64) * 7 + 1
         table.upsert(batch, rows_for(batch, 4))
