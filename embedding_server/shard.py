@@ -501,10 +501,10 @@ class Shard:
                             per_table=tuple(per_table))
 
     def _grow_ahead(self, tables: Iterable[EmbeddingTable]) -> None:
-        """Grow, on a background thread, the tables that two more applies like this one would
-        have to grow: their rehash and row copy then happen between applies instead of inside
-        one (up to 200 ms for 26 tables growing together, the freshness tail in
-        bench/results/loader.json), and lookups go on meanwhile."""
+        """Grow, on a background thread, the tables that `AHEAD` more applies like this one
+        would have to grow: their rehash and row copy then happen between applies instead of
+        inside one (up to 200 ms for 26 tables growing together, the freshness tail in
+        bench/results/loader.json)."""
         if not self.grow_ahead:
             return
         for table in tables:

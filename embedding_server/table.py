@@ -92,11 +92,6 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray
     return raw[skip:skip + nbytes].view(dtype).reshape(shape)
 
 
-def _shift_of(slots: int) -> np.uint64:
-    """The hash shift of an index of `slots` (a power of two) slots."""
-    return np.uint64(64 - (slots.bit_length() - 1))
-
-
 def _empty_slots(n: int) -> np.ndarray:
     slots = _aligned_empty((n,), kern.SLOT_DTYPE)
     slots["key"] = 0
@@ -267,36 +262,26 @@ class EmbeddingTable:
 
     def _reserve_locked(self, live_after: int, new_rows: int) -> None:
         """Grow the index and the row arrays so `new_rows` more rows fit."""
-        self._install(self._grown(live_after, new_rows))
-
-    def _grown(self, live_after: int, new_rows: int) -> dict[str, np.ndarray]:
-        """Copies of the arrays that must grow so `new_rows` more rows fit (`live_after` live
-        rows in all); empty when they fit. Reads the table: the caller holds a lock."""
-        grown: dict[str, np.ndarray] = {}
         size = self._slots.shape[0]
         if live_after > size * MAX_LOAD:
             while live_after > size * MAX_LOAD:
                 size *= 2
-            grown["_slots"] = _empty_slots(size)
-            kern.rehash(self._slots, grown["_slots"], _shift_of(size))
+            new = _empty_slots(size)
+            shift = np.uint64(64 - (size.bit_length() - 1))
+            kern.rehash(self._slots, new, shift)
+            self._slots, self._shift = new, shift
         short = new_rows - self._spare_rows()
         if short > 0:
-            cap, high = max(self._values.shape[0] + short, int(self._values.shape[0] * GROWTH)), self._high
-            grown["_values"] = _aligned_empty((cap, self.dim), np.float32)
-            grown["_values"][:high] = self._values[:high]
-            grown["_row_signs"] = np.empty(cap, np.uint64)
-            grown["_row_signs"][:high] = self._row_signs[:high]
+            cap = max(self._values.shape[0] + short, int(self._values.shape[0] * GROWTH))
+            values = _aligned_empty((cap, self.dim), np.float32)
+            values[: self._high] = self._values[: self._high]
+            row_signs = np.empty(cap, np.uint64)
+            row_signs[: self._high] = self._row_signs[: self._high]
+            self._values, self._row_signs = values, row_signs
             if self.capacity:
-                grown["_ticks"] = np.full(cap, _TICK_FREE, np.int64)
-                grown["_ticks"][:high] = self._ticks[:high]
-        return grown
-
-    def _install(self, grown: dict[str, np.ndarray]) -> None:
-        """Put arrays from `_grown` in place (the caller holds the write lock)."""
-        for name, array in grown.items():
-            setattr(self, name, array)
-        if "_slots" in grown:
-            self._shift = _shift_of(grown["_slots"].shape[0])
+                ticks = np.full(cap, _TICK_FREE, np.int64)
+                ticks[: self._high] = self._ticks[: self._high]
+                self._ticks = ticks
 
     def _ahead(self) -> int:
         """Rows to keep room for: `AHEAD` upserts like the last, at most as many rows as the
@@ -315,10 +300,9 @@ class EmbeddingTable:
         write lock (lookups of this table wait for it, as they would for the write that had
         to grow). True if the table grew."""
         with self.lock.write():
-            ahead = self._ahead()
-            grown = self._grown(len(self) + ahead, ahead)
-            self._install(grown)
-        return bool(grown)
+            slots, values = self._slots, self._values
+            self._reserve_locked(len(self) + self._ahead(), self._ahead())
+            return self._slots is not slots or self._values is not values
 
     def _delete_locked(self, signs: np.ndarray) -> int:
         if self._n_free + signs.shape[0] > self._free.shape[0]:
