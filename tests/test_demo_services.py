@@ -140,3 +140,21 @@ def test_demo_on_ceph_and_kafka_starts_and_stops_its_own_services(tmp_path: Path
     assert processes_under(str(workdir)) == []  # servers, loader, daemons: all gone
     assert "objects stored / flushes" in result.stdout
     assert elapsed < 120, f"took {elapsed:.0f}s"
+
+
+def test_a_signal_wrapped_by_a_c_extension_still_stops_the_demo() -> None:
+    """SIGTERM's exception raised while numba runs arrives as a SystemError caused by it (CI
+    saw the demo end in a traceback instead of exit 143): it is still the signal."""
+    from persia_inc.commands.demo import _signal_behind, _Terminated
+
+    terminated = _Terminated()
+    try:
+        try:
+            raise terminated
+        except _Terminated as inner:
+            raise SystemError("CPUDispatcher returned a result with an exception set") from inner
+    except SystemError as wrapped:
+        assert _signal_behind(wrapped) is terminated
+    assert _signal_behind(SystemError("a real one")) is None
+    interrupt = KeyboardInterrupt()
+    assert _signal_behind(interrupt) is interrupt

@@ -207,11 +207,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"persia-inc demo: {first} (details: {workdir / 'logs' / 'demo.log'}, "
                   f"{workdir / 'services'})", file=sys.stderr)
             return 1
-        except (KeyboardInterrupt, _Terminated) as exc:
+        except (KeyboardInterrupt, _Terminated, SystemError) as caught:
+            # raised inside a C extension (numba), the signal's exception arrives wrapped in a
+            # SystemError: it is still the signal
+            signalled = _signal_behind(caught)
+            if signalled is None:
+                raise
             left = services.close()  # again, in case the signal came while stopping
-            why = "stopped by SIGTERM" if isinstance(exc, _Terminated) else "interrupted (Ctrl-C)"
+            terminated = isinstance(signalled, _Terminated)
+            why = "stopped by SIGTERM" if terminated else "interrupted (Ctrl-C)"
             print(f"persia-inc demo: {why}; {_stopped(services.pids, left)}", file=sys.stderr)
-            return 143 if isinstance(exc, _Terminated) else 130
+            return 143 if terminated else 130
     if report is None:  # run_demo returns a report or raises
         return 1
     if services.pids:
@@ -285,6 +291,16 @@ def _stopped(pids: dict[str, int], left: list[int]) -> str:
 
 class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that every `finally` runs and stops what we started."""
+
+
+def _signal_behind(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or `_Terminated` that `exc` is or was caused by, or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt | _Terminated):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @contextmanager
