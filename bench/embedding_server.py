@@ -18,7 +18,8 @@ bench/results/embedding_server.json.
 5. Cuts (key `cuts`), two shard processes: apply throughput (rows/s) of 26-table cuts (dims
    8..64), one Apply per shard (chunks over 24 MiB), against 26 per-table applies of the same
    rows, same run, interleaved, at 1k, 5k and 20k rows per table (goal >= 1.5x), and the cut
-   without the 24 MiB message cap; and LookupTables of a 26-table request (128 signs per table)
+   without the 24 MiB message cap; the CPU each costs (client and servers together: a cut
+   saves per-call work, and per-row work is the same for both); and LookupTables of a 26-table request (128 signs per table)
    against 26 Lookup calls in turn: p50/p99 and their ratio.
 
 This process and the servers keep freed memory for reuse, as the loader and the servers do
@@ -229,8 +230,9 @@ def during_apply(client: EmbeddingClient, servers: list[str], signs: np.ndarray,
 
 
 @contextlib.contextmanager
-def shard_processes(count: int = 2) -> Iterator[list[str]]:
-    """`count` embedding-server processes on loopback (512 MiB messages); their addresses."""
+def shard_processes(count: int = 2, pids: list[int] | None = None) -> Iterator[list[str]]:
+    """`count` embedding-server processes on loopback (512 MiB messages); their addresses
+    (and their process ids appended to `pids`, when given)."""
     workdir = Path(tempfile.mkdtemp(prefix="persia-bench-"))
     servers = [f"127.0.0.1:{free_port()}" for _ in range(count)]
     config = {"PersiaInferConfig": {"servers": servers}, "incremental_dir": str(workdir / "inc"),
@@ -239,6 +241,8 @@ def shard_processes(count: int = 2) -> Iterator[list[str]]:
     procs = [subprocess.Popen([sys.executable, "-m", "persia_inc.cli", "--log-level", "WARNING",
                                "embedding-server", "--config", str(workdir / "config.yaml"),
                                "--shard", str(i)], cwd=ROOT) for i in range(count)]
+    if pids is not None:
+        pids.extend(proc.pid for proc in procs)
     try:
         yield servers
     finally:
@@ -288,6 +292,28 @@ CUT_DIMS = (8, 16, 24, 32, 40, 48, 56, 64)
 SERVING_BATCH = 128  # signs per feature table in one serving request
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by this process and the processes `pids`."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def cpu_per_call(fns: dict, repeats: int, pids: list[int]) -> dict[str, float]:
+    """CPU seconds per call of each function, this process's and the `pids`' together, over
+    `repeats` calls in a row."""
+    out = {}
+    for name, fn in fns.items():
+        before = cpu_seconds(pids)
+        for _ in range(repeats):
+            fn()
+        out[name] = (cpu_seconds(pids) - before) / repeats
+    return out
+
+
 def cuts_over_grpc(sizes: tuple[int, ...], repeats: int, lookups: int) -> dict:
     """Figure 5: 26-table cuts against 26 per-table applies (at each of `sizes` rows per
     table), LookupTables against 26 Lookups."""
@@ -300,7 +326,8 @@ def cuts_over_grpc(sizes: tuple[int, ...], repeats: int, lookups: int) -> dict:
     sequence = iter(range(1, 1 << 40))
     capped = client_module._CUT_MESSAGE_BYTES
     applies = []
-    with shard_processes(2) as servers, \
+    pids: list[int] = []
+    with shard_processes(2, pids) as servers, \
             EmbeddingClient(servers, max_message_bytes=512 * 1024 * 1024) as client:
         client.wait_ready(120)
         for rows_per_table in sizes:
@@ -327,6 +354,7 @@ def cuts_over_grpc(sizes: tuple[int, ...], repeats: int, lookups: int) -> dict:
 
             t = medians({"cut": cut, "per_table": per_table,
                          "cut_one_message": functools.partial(cut, cap=1 << 40)}, repeats)
+            cpu = cpu_per_call({"cut": cut, "per_table": per_table}, repeats, pids)
             applies.append({
                 "rows_per_table": rows_per_table, "rows_per_cut": total,
                 "cut_bytes": sum(s.nbytes + r.nbytes for s, r in zip(signs.values(), rows.values(),
@@ -337,6 +365,10 @@ def cuts_over_grpc(sizes: tuple[int, ...], repeats: int, lookups: int) -> dict:
                 "cut_vs_per_table_ratio": t["per_table"] / t["cut"],
                 # without the 24 MiB message cap: one message per shard however big
                 "cut_one_message_rows_per_s": total / t["cut_one_message"],
+                # CPU ms per apply, the client's and both servers' together (2 cores here):
+                # what a cut saves is per-call work; per-row work is the same for both
+                "cut_cpu_ms": cpu["cut"] * 1000, "per_table_cpu_ms": cpu["per_table"] * 1000,
+                "cpu_ratio": cpu["per_table"] / cpu["cut"],
             })
 
         def query() -> dict[str, np.ndarray]:
