@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from process_checks import alive, processes_under
 
 from persia_inc.demo.services import KAFKA_BOOTSTRAP_ENV, ServicePlan, install_command, plan_services
@@ -132,6 +133,9 @@ def test_demo_on_ceph_and_kafka_starts_and_stops_its_own_services(tmp_path: Path
     assert report["mismatched_rows"] == 0 and report["evicted_still_served"] == 0
     assert report["objects_stored"] > 0 and report["flushes"] > 0
     assert report["packets"] > 0 and report["freshness_ms"]["p50"] > 0
+    roots = {yaml.safe_load((workdir / name).read_text())["incremental_dir"]
+             for name in ("global_config.yaml", "global_config.frozen.yaml")}
+    assert len(roots) == 1 and roots.pop().startswith("s3://"), roots  # one bucket per run
     pids = {**report["services"]["ceph"]["pids"], **report["services"]["kafka"]["pids"]}
     assert set(pids) == {"mon.a", "osd.0", "rgw.a", "tansu"}
     assert report["services"]["ceph"]["endpoint"].startswith("http://127.0.0.1:")

@@ -256,6 +256,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     dense = load_torchscript(dense_pt)
     spec = serving_spec(model)
     servers = [f"127.0.0.1:{free_port()}" for _ in range(options.shards)]
+    # one storage root for both configs (a ceph run's is a new bucket name on every call)
+    options = dataclasses.replace(options, incremental_dir=_storage_root(options))
     config_path = write_config(options, servers, checkpoint)
     frozen_servers = [f"127.0.0.1:{free_port()}" for _ in range(options.frozen_shards)]
     frozen_path = write_config(options, frozen_servers, checkpoint, "global_config.frozen.yaml")
