@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -277,18 +279,21 @@ def test_sigterm_stops_torchserve_and_every_child(tmp_path: Path) -> None:
             stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 180
-        log_path = tmp_path / "work" / "logs" / "demo.log"
-        while not (log_path.exists() and (found := re.search(r"TorchServe \(pid (\d+)\) serves",
-                                                              log_path.read_text()))):
-            assert proc.poll() is None, err_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "TorchServe did not come up"
-            time.sleep(0.2)
-        torchserve_pid = int(found.group(1))
-        access_log = tmp_path / "work" / "torchserve" / "logs" / "access_log.log"
-        while not (access_log.exists() and access_log.read_text().count("/Predictions") >= 3):
-            assert proc.poll() is None, err_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no requests reached TorchServe"
-            time.sleep(0.2)
+
+        def when(path: Path, ready: Callable[[str], Any], what: str) -> Any:
+            """`ready(path's text)` once truthy; fails if the demo exits or time is up."""
+            while not (path.exists() and (found := ready(path.read_text()))):
+                assert proc.poll() is None, err_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, what
+                time.sleep(0.2)  # a poll interval: the loop waits on the condition
+            return found
+
+        serving = when(tmp_path / "work" / "logs" / "demo.log",
+                       lambda text: re.search(r"TorchServe \(pid (\d+)\) serves", text),
+                       "TorchServe did not come up")
+        torchserve_pid = int(serving.group(1))
+        when(tmp_path / "work" / "torchserve" / "logs" / "access_log.log",
+             lambda text: text.count("/Predictions") >= 3, "no requests reached TorchServe")
         assert alive(torchserve_pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 143, err_path.read_text()[-3000:]
