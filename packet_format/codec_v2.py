@@ -18,7 +18,9 @@ Columns, always in this order, so every packet of a stream has one schema:
 * `op` uint8, 0 upsert, 1 delete, always written: within a table, upserts then deletes.
 
 Schema metadata: `persia.{model, producer, generation, sequence, created_at_ns, flush_reason,
-dtype, checksum, format_version}` (format_version "2") and `persia.tables`, a compact JSON list
+dtype, checksum, format_version}` (format_version "2"), under a prioritized update policy
+`persia.{pending_rows, max_staleness_ms}` (absent: 0; readers before them ignore them), and
+`persia.tables`, a compact JSON list
 of `{"name", "dim", "rows", "deleted_rows", "state_dim"}`. The checksum is xxh3-64 over, in
 column order: the table indices, signs, embedding offsets and values, scale, offset, state
 offsets and values, ops.
@@ -78,7 +80,9 @@ _VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.uin
 _STORE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.uint8}
 _SCALAR_FIELDS = ("model", "producer", "generation", "sequence", "created_at_ns", "flush_reason",
                   "dtype", "checksum", "format_version")
-_INT_FIELDS = frozenset({"generation", "sequence", "created_at_ns", "format_version"})
+_PENDING_FIELDS = ("pending_rows", "max_staleness_ms")  # only under a prioritized update policy
+_INT_FIELDS = frozenset({"generation", "sequence", "created_at_ns", "format_version",
+                         *_PENDING_FIELDS})
 _TABLE_KEYS = ("name", "dim", "rows", "deleted_rows", "state_dim")
 _Source: TypeAlias = bytes | bytearray | memoryview | pa.Buffer | BinaryIO
 
@@ -147,8 +151,9 @@ def _tables_json(tables: Sequence[CutTable]) -> str:
 
 
 def _metadata(header: CutHeader) -> dict[bytes, bytes]:
+    names = _SCALAR_FIELDS + (_PENDING_FIELDS if header.max_staleness_ms else ())
     meta = {(META_PREFIX + name).encode(): str(getattr(header, name)).encode()
-            for name in _SCALAR_FIELDS}
+            for name in names}
     meta[(META_PREFIX + "tables").encode()] = _tables_json(header.tables).encode()
     return meta
 
@@ -332,6 +337,8 @@ def _cut_header_from(raw: dict[str, str], where: str) -> CutHeader:
         raise UnsupportedPacketError(where, f"dtype {raw['dtype']!r}; this reader understands "
                                      f"{', '.join(CUT_DTYPES)}")
     values = metadata_values(raw, _SCALAR_FIELDS, _INT_FIELDS, where)
+    values.update(metadata_values(raw, tuple(f for f in _PENDING_FIELDS if f in raw),
+                                  _INT_FIELDS, where))
     values["tables"] = _parse_tables(raw["tables"], where)
     try:
         return CutHeader(**values)  # type: ignore[arg-type]

@@ -70,6 +70,12 @@ class CutHeader:
     `tables` (in packet order), `checksum` and the row counts are filled in by `write_cut`;
     a writer passes the tables' names and dims. `lane` is `CUT_LANE` for a v2 packet and the
     table name for a v1 packet read as a cut.
+
+    max_staleness_ms, pending_rows: under a prioritized update policy (producer/
+    update_policy.py) the producer's staleness bound and the touched rows it still held back
+    after this cut: serving, after this cut, differs from training in at most those rows
+    (besides rows touched since the flush), each shipped within the bound. 0 and 0 (not
+    written) under the default policy, which holds nothing back; older readers ignore them.
     """
 
     model: str
@@ -83,8 +89,14 @@ class CutHeader:
     checksum: str = ""
     lane: str = CUT_LANE
     format_version: int = CUT_FORMAT_VERSION
+    pending_rows: int = 0
+    max_staleness_ms: int = 0
 
     def __post_init__(self) -> None:
+        for what in ("pending_rows", "max_staleness_ms"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
         check_name("model", self.model)
         check_name("producer", self.producer)
         check_lane(self.lane)

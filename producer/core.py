@@ -38,6 +38,7 @@ from persia_inc.producer.settings import ProducerSettings
 from persia_inc.producer.shutdown import ShutdownHooks
 from persia_inc.producer.signset import SignBuffer
 from persia_inc.producer.snapshot import Snapshot
+from persia_inc.producer.update_policy import PrioritizedUpdates
 from persia_inc.producer.writer import PacketWriter
 from persia_inc.storage import ObjectStore
 
@@ -145,6 +146,8 @@ class IncrementalProducer:
         self._step_lock = threading.Lock()  # held by the training thread inside an optimizer step
         self._step_owner: int | None = None  # thread id holding _step_lock
         self._read_error: Exception | None = None  # a deferred read's failure, raised next call
+        self._updates = (PrioritizedUpdates(settings) if settings.update_policy == "prioritized"
+                         else None)  # None: ship every touched row (policy "all")
         port = settings.metrics_port if metrics_port is None else metrics_port
         self.metrics_port = self.metrics.serve(port, settings.metrics_addr) if port else 0
         self._shutdown = ShutdownHooks(self.close, lambda: self._busy > 0,
@@ -187,6 +190,8 @@ class IncrementalProducer:
         if rows is not None and rows <= 0:
             raise ValueError(f"table {table!r}: rows must be positive, got {rows}")
         with self._lock:
+            if self._updates is not None:
+                self._updates.register(table, dim, rows)
             entry = self._tables.get(table)
             if entry is None:
                 self._tables[table] = _Table(table, reader, dim, rows, reads_into)
@@ -211,6 +216,19 @@ class IncrementalProducer:
     @property
     def tables(self) -> list[str]:
         return list(self._tables)
+
+    def mark_served(self, table: str, signs: np.ndarray, rows: np.ndarray) -> None:
+        """Tell the prioritized update policy what serving holds of `table` (signs: uint64[n],
+        rows: float32[n, dim], e.g. the checkpoint the servers loaded), so it ranks later
+        changes against them; a no-op under the default policy."""
+        if self.enabled and self._updates is not None:
+            self._updates.mark_served(table, np.asarray(signs, np.uint64), rows)
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows the update policy holds back (touched, changed, not shipped yet); 0 under the
+        default policy, which ships every touched row at its flush."""
+        return self._updates.pending if self.enabled and self._updates is not None else 0
 
     def buffered(self, table: str) -> int:
         """Distinct signs of `table` waiting for the next flush."""
@@ -323,10 +341,19 @@ class IncrementalProducer:
         now = self.policy.now()
         if self._oldest_s is None and any(sizes.values()):
             self._start_interval(now)
-        reason = self.policy.due(self.buffered_total, self._oldest_s, now)
+        reason = self._due(now)
         if reason is not None:
             self._flush(reason)
         self._raise_read_error()
+
+    def _due(self, now: float) -> FlushReason | None:
+        """Why every table must flush at `now` (policy clock), or None: the buffers' size and
+        age, and rows the update policy holds back, which flush on the interval too."""
+        reason = self.policy.due(self.buffered_total, self._oldest_s, now)
+        held = self._updates is not None and self._updates.pending > 0
+        if reason is None and held and self._oldest_s is not None:
+            return "interval" if now - self._oldest_s >= self.policy.flush_interval_s else None
+        return reason
 
     @property
     def buffered_total(self) -> int:
@@ -345,7 +372,7 @@ class IncrementalProducer:
         if now >= self._interval_due_s:
             self._busy += 1
             try:
-                if self.policy.due(self.buffered_total, self._oldest_s, now) is not None:
+                if self._due(now) is not None:
                     self._flush("interval")
             finally:
                 self._leave()
@@ -456,9 +483,11 @@ class IncrementalProducer:
         state) for a `reads_into` table."""
         rows = np.empty((signs.size, entry.dim), np.float32)
         reader, table = entry.reader, entry.name
+        keep_state = self.settings.ship_optimizer_state
 
         def read() -> np.ndarray | None:
-            return _checked_state(reader(signs, rows), signs.size, table)  # type: ignore[call-arg]
+            state = _checked_state(reader(signs, rows), signs.size, table)  # type: ignore[call-arg]
+            return state if keep_state else None
         return rows, None, read
 
     def _call_reader(self, reader: Reader, signs: np.ndarray,
@@ -471,7 +500,8 @@ class IncrementalProducer:
                              f"{signs.size} signs; want ({signs.size}, dim)")
         if rows.dtype != np.float32:
             rows = rows.astype(np.float32)
-        return rows, _checked_state(state, signs.size, table)
+        state = _checked_state(state, signs.size, table)
+        return rows, state if self.settings.ship_optimizer_state else None
 
     def _flush(self, reason: FlushReason, *, admit: bool = True) -> None:
         """Swap every table's buffer, read their rows, hand them to the writer as one cut.
@@ -489,28 +519,39 @@ class IncrementalProducer:
             snapshots: list[Snapshot] = []
             oldest, self._oldest_s = self._oldest_s, None
             self._interval_due_s = float("inf")
+            updates, now = self._updates, self.policy.now()
             try:
                 for entry in self._tables.values():
                     signs, ops = entry.buffer.swap()
-                    if not signs.size:
+                    if not signs.size and not (updates and updates.has_pending(entry.name)):
                         continue
                     if ops.any():
                         upserts, deleted = signs[ops == 0], signs[ops != 0]
                     else:
                         upserts, deleted = signs, np.empty(0, np.uint64)
-                    read = None
+                    read = select = None
+                    wanted = upserts  # the rows to read: the policy adds pending ones
                     try:
-                        if self._deferred_reads and entry.reads_into and upserts.size:
-                            rows, state, read = self._read_later(entry, upserts)
+                        if updates is not None:
+                            plan = updates.plan(entry.name, upserts,
+                                                now if oldest is None else oldest, now,
+                                                final=reason == "close")
+                            wanted, select = plan.signs, plan.select
+                        if self._deferred_reads and entry.reads_into and wanted.size:
+                            rows, state, read = self._read_later(entry, wanted)
                         else:
-                            rows, state = self._read_rows(entry, upserts)
+                            rows, state = self._read_rows(entry, wanted)
                     except BaseException:
                         entry.buffer.insert(upserts, SignBuffer.UPSERT)  # nothing leaves unstored
                         entry.buffer.insert(deleted, SignBuffer.DELETE)
                         self._keep_unflushed(oldest)
                         raise
-                    snapshots.append(Snapshot(entry.name, upserts, rows, deleted, entry.dim,
-                                              reason, state, read=read, oldest_s=oldest))
+                    snapshot = Snapshot(entry.name, wanted, rows, deleted, entry.dim, reason,
+                                        state, read=read, oldest_s=oldest, select=select)
+                    if read is None and select is not None:
+                        snapshot.read_rows()  # the rows are read: select what ships now
+                    if snapshot.row_count or snapshot.read is not None:
+                        snapshots.append(snapshot)
             except BaseException:
                 # the tables not reached keep their signs (they were not swapped)
                 if self.buffered_total:
@@ -519,6 +560,8 @@ class IncrementalProducer:
             finally:
                 if snapshots:  # the tables read before a failing reader are shipped all the same
                     self.writer.submit_many(snapshots)
+                if updates is not None and self._oldest_s is None and (snapshots or updates.pending):
+                    self._start_interval(now)  # held-back rows flush on the interval too
             if snapshots:
                 m = self.metrics
                 m.of(m.flushes, reason=reason).inc()

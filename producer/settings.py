@@ -45,6 +45,21 @@ class ProducerSettings:
     and offset per row; loaders dequantize). max_inflight: packets being stored at once
     (0: the store's own default, `ObjectStore.parallel_writes`, measured per backend in
     bench/results/producer.json); announcements still go out in sequence order.
+
+    update_policy: which touched rows a flush ships (producer/update_policy.py). "all"
+    (default): every touched row, at every flush, exactly as before the setting existed.
+    "prioritized": at each flush the touched rows whose change since they were last shipped
+    is largest (`update_rank`), within a budget: `update_budget_fraction` of the rows "all"
+    would ship (0 < f <= 1) and, when set, at most `update_budget_rows` rows per flush
+    (0: no row bound). Every other touched row stays pending and ships no later than
+    `max_staleness_s` (seconds) after it was touched; deletes are never deferred, and
+    `close()` ships every pending row. update_rank: "delta" (the size of the row's change
+    against an int8 copy of what was shipped; dim + 9 bytes a row) or "touches" (flushes
+    that touched it since it was shipped; 7 bytes a row): `bench/traffic.py` measures both.
+
+    ship_optimizer_state: ship the optimizer state a reader returns. True (default) ships it,
+    as before the setting existed (the default ships exactly what it shipped); serving never
+    uses it, so set false for a stream that only feeds serving (rows only).
     """
 
     flush_interval_s: float = 30.0
@@ -62,3 +77,33 @@ class ProducerSettings:
     max_packet_rows: int = DEFAULT_MAX_PACKET_ROWS
     max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES
     max_inflight: int = 0
+    update_policy: Literal["all", "prioritized"] = "all"
+    update_budget_fraction: float = 0.25
+    update_budget_rows: int = 0
+    max_staleness_s: float = 60.0
+    update_rank: Literal["delta", "touches"] = "delta"
+    ship_optimizer_state: bool = True
+
+    def __post_init__(self) -> None:
+        check_update_policy(self)
+
+
+def check_update_policy(settings: ProducerSettings) -> None:
+    """ValueError naming the update-policy field that is out of range (or inconsistent with
+    `flush_interval_s`: the bound needs a flush between a row's deferral and its deadline)."""
+    if settings.update_policy not in ("all", "prioritized"):
+        raise ValueError(f"update_policy must be 'all' or 'prioritized', got "
+                         f"{settings.update_policy!r}")
+    if settings.update_rank not in ("delta", "touches"):
+        raise ValueError(f"update_rank must be 'delta' or 'touches', got {settings.update_rank!r}")
+    if not 0.0 < settings.update_budget_fraction <= 1.0:
+        raise ValueError(f"update_budget_fraction must be in (0, 1], got "
+                         f"{settings.update_budget_fraction!r}")
+    if isinstance(settings.update_budget_rows, bool) or settings.update_budget_rows < 0:
+        raise ValueError(f"update_budget_rows must be >= 0 (0: no bound), got "
+                         f"{settings.update_budget_rows!r}")
+    if (settings.update_policy == "prioritized"
+            and not settings.max_staleness_s > settings.flush_interval_s):
+        raise ValueError(f"max_staleness_s ({settings.max_staleness_s!r}) must be above "
+                         f"flush_interval_s ({settings.flush_interval_s!r}) with the "
+                         "prioritized update policy")

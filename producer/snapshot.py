@@ -47,6 +47,10 @@ class Snapshot:
     with the signs if a deferred read fails).
     read: when set, `rows` is not read yet: read() fills it and returns the state (or None);
     the writer calls it through `read_rows` (deferred reads, see `IncrementalProducer`).
+    select: when set (the prioritized update policy, producer/update_policy.py), `read_rows`
+    calls select(self) once the rows are read: it cuts the snapshot down to the rows to ship.
+    pending: (rows held back over all tables, the staleness bound in ms) after the select,
+    for the cut's header; None under the default policy.
     """
 
     table: str
@@ -60,12 +64,18 @@ class Snapshot:
     created_ns: int = field(default_factory=time.time_ns)
     oldest_s: float | None = None
     read: Callable[[], np.ndarray | None] | None = None
+    select: Callable[[Snapshot], None] | None = None
+    pending: tuple[int, int] | None = None
 
     def read_rows(self) -> None:
-        """Fill `rows` (and `state`) if they are still to be read; at most once."""
+        """Fill `rows` (and `state`) if they are still to be read, then run the select; at
+        most once."""
         read, self.read = self.read, None
         if read is not None:
             self.state = read()
+        select, self.select = self.select, None
+        if select is not None:
+            select(self)
 
     @property
     def nbytes(self) -> int:
@@ -207,7 +217,7 @@ class FlushCut:
 
     @property
     def pending_read(self) -> bool:
-        return any(part.read is not None for part in self.parts)
+        return any(part.read is not None or part.select is not None for part in self.parts)
 
     def read_rows(self) -> None:
         """Read every part's rows still to be read (deferred reads)."""
@@ -220,6 +230,8 @@ class FlushCut:
         nothing changes (False)."""
         if self.sequence is not None:
             return False
+        if any(part.select is not None for part in (*self.parts, *newer.parts)):
+            return False  # selects run in flush order, on the writer thread (update_policy.py)
         mine = {part.table: part for part in self.parts}
         widths: list[tuple[int, int, int]] = []
         for part in newer.parts:

@@ -329,21 +329,21 @@ class PacketWriter:
         if not cut.pending_read:
             return True
         kept = []
+        with self._cond:
+            before = cut.nbytes
         for part in cut.parts:
             try:
-                if part.read is not None:
+                if part.read is not None or part.select is not None:
                     with self.read_guard():  # no optimizer step runs while the rows are read
                         part.read_rows()
             except Exception as exc:  # the reader's failure: the producer keeps the signs
                 if self.on_read_failed is None:
                     raise
-                with self._cond:
-                    self._pending_bytes -= part.nbytes
                 self.on_read_failed(part, exc)
                 continue
-            kept.append(part)
+            if part.row_count:  # an update policy may have held every row of it back
+                kept.append(part)
         with self._cond:
-            before = cut.nbytes
             cut.parts = kept
             self._pending_bytes += cut.nbytes - before
         return bool(kept)
@@ -384,6 +384,7 @@ class PacketWriter:
         rows = cut.row_count
         with self._cond:  # pending_rows reads the cuts in flight and the queue
             pieces = [cut, *cut.split(self.max_packet_rows, self.max_packet_bytes)]
+            pending = _pending_fields(pieces)
             for piece in pieces:
                 piece.sequence = self._next_sequence
                 if self._announce_next is None:
@@ -393,6 +394,7 @@ class PacketWriter:
                     model=self.model, producer=self.producer, generation=self.generation,
                     sequence=piece.sequence, created_at_ns=piece.created_ns,
                     flush_reason=piece.reason, dtype=self.dtype,  # type: ignore[arg-type]
+                    pending_rows=pending[0], max_staleness_ms=pending[1],
                 )
             self._preparing = None
             self._frozen.extend(pieces)
@@ -513,6 +515,13 @@ class PacketWriter:
                         max(0.0, (time.time_ns() - stored.header.created_at_ns) / 1e9))
                 if self.on_stored is not None:
                     self.on_stored(stored)
+
+
+def _pending_fields(pieces: list[FlushCut]) -> tuple[int, int]:
+    """(rows held back after a cut, the staleness bound in ms) under the prioritized update
+    policy, for its header; (0, 0), not written, under the default policy."""
+    marks = [part.pending for piece in pieces for part in piece.parts if part.pending]
+    return marks[-1] if marks else (0, 0)
 
 
 def _sort_by_sign(part: Snapshot) -> None:
