@@ -61,7 +61,7 @@ from persia_inc.packet_format import (
     PacketLimits,
     Position,
     packet_key,
-    stream_prefix,
+    stream_listings,
 )
 from persia_inc.storage import ObjectStore, StorageError
 
@@ -642,7 +642,8 @@ class Loader:
         started = self.clock()
         after = self._positions.get(stream)
         try:
-            infos = self.store.list(stream_prefix(self.model, *stream), after)
+            infos = [info for prefix, start in stream_listings(self.model, *stream, after)
+                     for info in self.store.list(prefix, start)]
         except (StorageError, OSError) as exc:
             wait = self._backoff_s(stream, exc)
             log.warning("listing %s/%s failed (retry in %.2fs): %s", *stream, wait, exc)

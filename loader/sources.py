@@ -34,7 +34,14 @@ from persia_inc.foundation.kafka import import_kafka
 from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s
 from persia_inc.foundation.threads import ServiceThread, thread_name
 from persia_inc.loader.ordering import Stream
-from persia_inc.packet_format import Announcement, PacketError, PacketId, parse_packet_path, stream_prefix
+from persia_inc.packet_format import (
+    Announcement,
+    PacketError,
+    PacketId,
+    parse_packet_path,
+    stream_listings,
+    stream_prefix,
+)
 from persia_inc.storage import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -118,14 +125,17 @@ class StoragePoller:
         if discover:
             listings = [(stream_prefix(self.model), None)]
         else:
-            listings = [(stream_prefix(self.model, t, p), after) for (t, p), after in positions.items()]
+            listings = [listing for (t, p), after in positions.items()
+                        for listing in stream_listings(self.model, t, p, after)]
+        known = {stream: parse_packet_path(key).position
+                 for stream, key in positions.items() if key is not None}
         for prefix, after in listings:
             for info in self.list_fn(prefix, after):
                 packet_id = packet_id_of_key(info.key, self.model)
                 if packet_id is None:
                     continue
-                position = positions.get((packet_id.table, packet_id.producer))
-                if position is not None and info.key <= position:
+                position = known.get((packet_id.table, packet_id.producer))
+                if position is not None and packet_id.position <= position:
                     continue
                 if not offer(self.out, Candidate(packet_id, info.key, source=self.name), self.stop):
                     return found

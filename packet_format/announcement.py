@@ -3,7 +3,7 @@
 Storage is the source of truth; an announcement only rings the doorbell. It repeats the
 packet's identity so a loader can order and verify before fetching.
 
-A v2 cut is announced with the same record (version 1): `table` is the cut lane `"_cuts"`,
+A v2 cut is announced with the same record (version 1): `table` is the cut lane `"~cuts"`,
 `rows` and `deleted_rows` its totals over all tables, `checksum` the cut's.
 """
 
@@ -98,7 +98,7 @@ class Announcement:
         try:
             for name in ("model", "producer"):
                 check_name(name, record[name])
-            check_lane(record["table"])
+            record["table"] = check_lane(record["table"])
             check_position(record["generation"], record["sequence"])
         except ValueError as exc:
             raise AnnouncementError(where, str(exc)) from exc

@@ -2,7 +2,7 @@
 
 A cut is one object, one announcement and one Apply per shard, whatever the number of tables,
 and serving sees the producer's tables at one consistent point. Its stream is the producer's
-cut lane (`CUT_LANE`): the key is `{model}/_cuts/{producer}/{generation}-{sequence}.arrow`, and
+cut lane (`CUT_LANE`): the key is `{model}/~cuts/{producer}/{generation}-{sequence}.arrow`, and
 (generation, sequence) count the producer's cuts. A v1 packet reads as a cut of one table
 whose lane is that table (its stream stays (table, producer)).
 
@@ -27,19 +27,33 @@ from persia_inc.packet_format.header import (
 )
 
 CUT_FORMAT_VERSION = 2
-CUT_LANE = "_cuts"
-"""The stream lane of v2 packets. It cannot be a table name (names start with a letter or a
-digit), so a (lane, producer) stream key never clashes with a v1 (table, producer) one."""
+CUT_LANE = "~cuts"
+"""The stream lane of v2 packets, and its folder. It cannot be a table name (names start with a
+letter or a digit), so a (lane, producer) stream key never clashes with a v1 (table, producer)
+one; and it starts with neither '_' nor '.', which dataset readers (pyarrow, Spark, Hadoop) skip
+as hidden, so `pyarrow.dataset.dataset(incremental_dir, format="ipc")` reads every cut."""
+LEGACY_CUT_LANE = "_cuts"
+"""The cut lane's earlier folder. Cuts stored there still read, as the same lane: listings cover
+both folders (`lane_folders`), and the name in a path, watermark or announcement reads as
+`CUT_LANE`. A producer's cuts there all precede its cuts in `CUT_LANE` (a restarted producer
+takes a new generation), and the folder sorts first ('_' < '~')."""
 
 CutDtype = Literal["float32", "float16", "int8"]
 CUT_DTYPES: tuple[str, ...] = ("float32", "float16", "int8")
 
 
 def check_lane(value: object) -> str:
-    """`value` if it is the cut lane or a valid table name, else ValueError."""
-    if value == CUT_LANE:
+    """The lane `value` names: `CUT_LANE` for the cut lane (under either of its names), else
+    `value` if it is a valid table name, else ValueError."""
+    if value in (CUT_LANE, LEGACY_CUT_LANE):
         return CUT_LANE
     return check_name("table", value)
+
+
+def lane_folders(lane: str) -> tuple[str, ...]:
+    """The folders a lane's packets are stored under, in key order: the cut lane's legacy
+    folder and its own; a table's own name."""
+    return (LEGACY_CUT_LANE, CUT_LANE) if check_lane(lane) == CUT_LANE else (lane,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +113,7 @@ class CutHeader:
                 raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
         check_name("model", self.model)
         check_name("producer", self.producer)
-        check_lane(self.lane)
+        object.__setattr__(self, "lane", check_lane(self.lane))
         check_position(self.generation, self.sequence)
         if self.flush_reason not in FLUSH_REASONS:
             raise ValueError(f"flush_reason must be one of {FLUSH_REASONS}, got {self.flush_reason!r}")

@@ -56,7 +56,7 @@ class Watermark:
     sequence: int
 
     def __post_init__(self) -> None:
-        check_lane(self.table)
+        object.__setattr__(self, "table", check_lane(self.table))
         check_name("producer", self.producer)
         check_position(self.generation, self.sequence)
 

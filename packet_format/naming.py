@@ -1,7 +1,9 @@
 """Where a packet lives: `{root}/{model}/{table}/{producer}/{generation:010d}-{sequence:012d}.arrow`.
 
-A v2 cut lives in its producer's cut lane: `{root}/{model}/_cuts/{producer}/{gen}-{seq}.arrow`
-(`CUT_LANE` in place of the table; no table name can start with '_', so the two never clash).
+A v2 cut lives in its producer's cut lane: `{root}/{model}/~cuts/{producer}/{gen}-{seq}.arrow`
+(`CUT_LANE` in place of the table; no table name can start with '~', so the two never clash).
+Cuts stored under the lane's earlier folder `_cuts` (`LEGACY_CUT_LANE`) parse as the same lane
+and keep their key; `stream_listings` lists both folders.
 
 Zero-padded numbers make a plain sorted listing the apply order, and let a lister resume with
 "list after this key" (S3 StartAfter).
@@ -10,9 +12,9 @@ Zero-padded numbers make a plain sorted listing the apply order, and let a liste
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from persia_inc.packet_format.cut import CUT_LANE, CutHeader, check_lane
+from persia_inc.packet_format.cut import CUT_LANE, CutHeader, check_lane, lane_folders
 from persia_inc.packet_format.errors import PacketError
 from persia_inc.packet_format.header import PacketHeader, Position, check_name, check_position
 
@@ -25,6 +27,8 @@ class PacketId:
     """A packet's identity; ordering is (model, table, producer, generation, sequence).
 
     `table` is the stream lane: a table name for a v1 packet, `CUT_LANE` for a v2 cut.
+    `folder` is the lane's folder in the key when it is not the lane's own name (a cut stored
+    under `LEGACY_CUT_LANE`); it is not part of the identity.
     """
 
     model: str
@@ -32,10 +36,16 @@ class PacketId:
     producer: str
     generation: int
     sequence: int
+    folder: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_name("model", self.model)
-        check_lane(self.table)
+        lane = check_lane(self.table)
+        if lane != self.table:
+            object.__setattr__(self, "folder", self.folder or self.table)
+            object.__setattr__(self, "table", lane)
+        if self.folder and self.folder not in lane_folders(lane):
+            raise ValueError(f"folder {self.folder!r} does not hold lane {lane!r}")
         check_name("producer", self.producer)
         check_position(self.generation, self.sequence)
 
@@ -55,8 +65,9 @@ class PacketId:
 
     @property
     def key(self) -> str:
-        """The packet's key relative to `incremental_dir`."""
-        return packet_key(self.model, self.table, self.producer, self.generation, self.sequence)
+        """The packet's key relative to `incremental_dir` (in its `folder`, if it has one)."""
+        return packet_key(self.model, self.folder or self.table, self.producer, self.generation,
+                          self.sequence)
 
 
 def _join(root: str, key: str) -> str:
@@ -64,13 +75,24 @@ def _join(root: str, key: str) -> str:
 
 
 def stream_prefix(model: str, table: str | None = None, producer: str | None = None) -> str:
-    """Key prefix (ending in '/') of a model, a table or the cut lane, or one producer's stream."""
+    """Key prefix (ending in '/') of a model, a table or the cut lane, or one producer's stream.
+    `table` is a folder: `LEGACY_CUT_LANE` gives the cut lane's earlier folder."""
     parts = [check_name("model", model)]
     if table is not None:
-        parts.append(check_lane(table))
+        check_lane(table)
+        parts.append(table)
         if producer is not None:
             parts.append(check_name("producer", producer))
     return "/".join(parts) + "/"
+
+
+def stream_listings(model: str, lane: str, producer: str,
+                    after: str | None = None) -> list[tuple[str, str | None]]:
+    """(prefix, start_after) pairs that together list stream (`lane`, `producer`) after the key
+    `after` (a key of this stream in any of its folders): one per folder (`lane_folders`)."""
+    name = None if after is None else after.rpartition("/")[2]
+    prefixes = [stream_prefix(model, folder, producer) for folder in lane_folders(lane)]
+    return [(prefix, None if name is None else prefix + name) for prefix in prefixes]
 
 
 def packet_key(model: str, table: str, producer: str, generation: int, sequence: int) -> str:
@@ -80,7 +102,7 @@ def packet_key(model: str, table: str, producer: str, generation: int, sequence:
 
 
 def cut_key(model: str, producer: str, generation: int, sequence: int) -> str:
-    """Key of a v2 cut relative to `incremental_dir`: `{model}/_cuts/{producer}/{gen}-{seq}.arrow`."""
+    """Key of a v2 cut relative to `incremental_dir`: `{model}/~cuts/{producer}/{gen}-{seq}.arrow`."""
     return packet_key(model, CUT_LANE, producer, generation, sequence)
 
 
@@ -91,7 +113,7 @@ def packet_path(root: str, header: PacketHeader | CutHeader) -> str:
 
 def parse_packet_path(path: str) -> PacketId:
     """Inverse of `packet_path`: the identity from the last four components of a path or URI
-    (a cut's `table` is `CUT_LANE`)."""
+    (a cut's `table` is `CUT_LANE`, also when it is stored under `LEGACY_CUT_LANE`)."""
     parts = path.rstrip("/").split("/")
     if len(parts) < 4:
         raise PacketError(path, "not a packet path: want .../model/table/producer/GEN-SEQ.arrow")

@@ -70,7 +70,7 @@ class StoredPacket:
 
 
 class PacketWriter:
-    """Stores flush cuts as packets `{model}/_cuts/{producer}/{generation}-{sequence}.arrow`.
+    """Stores flush cuts as packets `{model}/~cuts/{producer}/{generation}-{sequence}.arrow`.
 
     Sequences are contiguous within the generation, in flush order, so a loader can tell a gap
     from a quiet producer. `generation` None asks storage for the next one (in the writer

@@ -71,7 +71,7 @@ def test_inspect_a_cut_lists_its_tables(tmp_path: Path) -> None:
     result = persia_inc("inspect", str(path), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert (report["lane"], report["rows"], report["format_version"]) == ("_cuts", 8, 2)
+    assert (report["lane"], report["rows"], report["format_version"]) == ("~cuts", 8, 2)
     assert {name: t["dim"] for name, t in report["tables"].items()} == {"a": 4, "b": 16}
 
 

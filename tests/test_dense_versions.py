@@ -135,7 +135,7 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
         producer.record(TABLE, signs)
         v1 = publish_dense(producer, modules[1], SPEC, config_file=cluster.config_path)
         assert v1.version == 1 and v1.manifest.sparse_positions[0].producer == "trainer-0"
-        ship(staging, store, f"{MODEL}/_cuts/")
+        ship(staging, store, f"{MODEL}/~cuts/")
         ship(staging, store, f"{MODEL}/_dense/")
         wait_for(lambda: sync.active == 1, 120.0, "version 1 to activate")
         events.append(f"v1 active at {time.monotonic() - started:.1f}s")
@@ -162,7 +162,7 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
         assert sync.active == 1 and serves(1)  # the servers still lack version 2's packets
 
         # the packets arrive: version 2 activates, version 1 is unregistered (keep_versions 1)
-        ship(staging, store, f"{MODEL}/_cuts/")
+        ship(staging, store, f"{MODEL}/~cuts/")
         wait_for(lambda: sync.active == 2, 120.0, "version 2 to activate once the servers hold its packets")
         events.append(f"v2 active at {time.monotonic() - started:.1f}s")
         wait_for(lambda: serves(2), 120.0, "TorchServe to serve version 2")
@@ -175,7 +175,7 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
         # version 3: a corrupt .mar (its manifest checksum fixed, so it reaches TorchServe)
         producer.record(TABLE, signs[::3])
         v3 = publish_dense(producer, modules[3], SPEC, config_file=cluster.config_path)
-        ship(staging, store, f"{MODEL}/_cuts/")
+        ship(staging, store, f"{MODEL}/~cuts/")
         bad = bytearray(staging.get(v3.mar_key))
         bad[: len(bad) // 2] = bytes(len(bad) // 2)  # the zip's local headers zeroed
         staging.put(v3.mar_key, bytes(bad))

@@ -79,7 +79,7 @@ def apply_calls(metrics_port: int) -> dict[str, float]:
     out["calls"] = float(match[1]) if match else 0.0
     for outcome in ("applied", "skipped", "staged"):
         match = re.search(
-            rf'persia_inc_embedding_applies_total\{{outcome="{outcome}",table="_cuts"\}} (\S+)', text)
+            rf'persia_inc_embedding_applies_total\{{outcome="{outcome}",table="~cuts"\}} (\S+)', text)
         out[outcome] = float(match[1]) if match else 0.0
     return out
 

@@ -17,10 +17,16 @@ from persia_inc.loader.ordering import Action, Offer, Ordering
 from persia_inc.loader.replay import plan_replay, trim_plan_until_time
 from persia_inc.loader.sources import Candidate, KafkaSource, StoragePoller, packet_id_of_key
 from persia_inc.packet_format import (
+    CUT_LANE,
+    LEGACY_CUT_LANE,
     Announcement,
     CorruptPacketError,
+    CutHeader,
     PacketHeader,
     PacketId,
+    TableRows,
+    Watermark,
+    encode_cut,
     encode_packet,
     packet_key,
 )
@@ -279,6 +285,33 @@ def test_storage_poller_lists_after_positions_and_discovers_new_streams(tmp_path
     assert keys == ["m/t/p/0000000001-000000000002.arrow", "m/t/q/0000000001-000000000000.arrow"]
     poller.poll_once()  # a known-streams round
     assert [out.get_nowait().packet_id.sequence for _ in range(out.qsize())] == [2]
+
+
+def test_cuts_in_the_legacy_folder_read_as_the_cut_lane_before_the_new_folder(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path))
+    for generation, folder, count in ((1, LEGACY_CUT_LANE, 3), (2, CUT_LANE, 2)):
+        for seq in range(count):
+            header = CutHeader(model="m", producer="p", generation=generation, sequence=seq)
+            rows = TableRows("t", np.array([seq], np.uint64), np.ones((1, 4), np.float32),
+                             np.empty(0, np.uint64))
+            store.put(packet_key("m", folder, "p", generation, seq), encode_cut(header, [rows]))
+    legacy = packet_key("m", LEGACY_CUT_LANE, "p", 1, 2)
+    found = packet_id_of_key(legacy, "m")
+    assert found == PacketId("m", CUT_LANE, "p", 1, 2) and found.key == legacy
+    assert fetch_packet(store, found.key, found).packet.header.lane == CUT_LANE
+    plan = plan_replay(store, "m", {})
+    assert list(plan.packets) == [(CUT_LANE, "p")] and not plan.gaps
+    assert [(p.packet_id.position, p.key.split("/")[1]) for p in plan.ordered()] == [
+        ((1, 0), "_cuts"), ((1, 1), "_cuts"), ((1, 2), "_cuts"), ((2, 0), "~cuts"), ((2, 1), "~cuts")]
+    # a known stream is listed in both folders after its position (a key in the new folder)
+    out: queue.Queue[Candidate] = queue.Queue()
+    positions = {(CUT_LANE, "p"): packet_key("m", CUT_LANE, "p", 1, 0)}
+    poller = StoragePoller(store.list, "m", out, lambda: positions, interval_s=1, discover_every=2)
+    poller.rounds = 1  # not a discovery round
+    poller.poll_once()
+    assert [out.get_nowait().packet_id.position for _ in range(out.qsize())] == [
+        (1, 1), (1, 2), (2, 0), (2, 1)]
+    assert Watermark(LEGACY_CUT_LANE, "p", 1, 2) == Watermark(CUT_LANE, "p", 1, 2)
 
 
 # ----------------------------------------------------------------------- fetch, quarantine

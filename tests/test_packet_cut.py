@@ -456,15 +456,15 @@ def test_polars_reads_cuts(tmp_path: Path) -> None:
 
 def test_cut_keys_and_identities() -> None:
     key = cut_key("ctr", "trainer-0", 7, 42)
-    assert key == "ctr/_cuts/trainer-0/0000000007-000000000042.arrow"
+    assert key == "ctr/~cuts/trainer-0/0000000007-000000000042.arrow"
     written = decode_cut(valid()).header
     pid = PacketId.of(written)
     assert pid == PacketId("ctr", CUT_LANE, "trainer-0", 7, 42) and pid.key == key
     assert pid.stream == ("ctr", CUT_LANE, "trainer-0")
     assert packet_path("s3://b/inc/", written) == f"s3://b/inc/{key}"
     assert parse_packet_path(f"s3://b/inc/{key}") == pid
-    assert stream_prefix("ctr", CUT_LANE, "trainer-0") == "ctr/_cuts/trainer-0/"
-    assert stream_prefix("ctr", CUT_LANE) == "ctr/_cuts/"
+    assert stream_prefix("ctr", CUT_LANE, "trainer-0") == "ctr/~cuts/trainer-0/"
+    assert stream_prefix("ctr", CUT_LANE) == "ctr/~cuts/"
     for lane in ("_other", "_cuts/x", ""):
         with pytest.raises(ValueError):
             PacketId("ctr", lane, "p", 0, 0)

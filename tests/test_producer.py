@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
+import pyarrow.dataset as ds
 import pytest
 from test_producer_support import (
     NumpyModel,
@@ -76,7 +78,7 @@ def test_size_trigger_flushes_a_table_with_its_latest_rows(tmp_path: Path) -> No
     assert len(packets) == 1
     header = packets[0].header
     assert (header.model, header.table, header.producer, header.lane) == (
-        "ctr", "emb", "p1", "_cuts")
+        "ctr", "emb", "p1", "~cuts")
     assert (header.generation, header.sequence, header.flush_reason) == (1, 0, "size")
     np.testing.assert_array_equal(packets[0].signs, np.arange(600, dtype=np.uint64))
     np.testing.assert_array_equal(packets[0].embeddings, expected)
@@ -249,9 +251,30 @@ def test_restart_takes_a_new_generation_across_tables(tmp_path: Path) -> None:
     with producer_from_config(config, producer_id="other") as producer:
         assert producer.wait_generation(10) == 1  # generations are per producer
     keys = [i.key for i in open_store(str(tmp_path / "inc")).list()]
-    assert keys == ["ctr/_cuts/p/0000000001-000000000000.arrow",
-                    "ctr/_cuts/p/0000000002-000000000000.arrow",
-                    "ctr/_cuts/p/0000000003-000000000000.arrow"]
+    assert keys == ["ctr/~cuts/p/0000000001-000000000000.arrow",
+                    "ctr/~cuts/p/0000000002-000000000000.arrow",
+                    "ctr/~cuts/p/0000000003-000000000000.arrow"]
+
+
+def test_datasets_over_incremental_dir_read_every_row_the_producer_wrote(tmp_path: Path) -> None:
+    model = NumpyModel()
+    config = producer_config(str(tmp_path / "inc"))
+    for producer_id in ("p", "q"):
+        with producer_from_config(config, producer_id=producer_id) as producer:
+            producer.register_table("a", model.read)
+            producer.register_table("b", model.read)
+            producer.record("a", np.arange(50))
+            producer.record("b", np.arange(20, 90))
+            producer.flush()
+            producer.record("a", np.arange(40, 70))
+            producer.evict("b", np.array([1, 2, 3]))
+    cuts = read_cuts(open_store(str(tmp_path / "inc")))
+    written = sum(c.header.rows + c.header.deleted_rows for c in cuts)
+    assert len(cuts) == 4 and written == 2 * (50 + 70 + 30 + 3)
+    # the plain calls, over the whole incremental_dir: no folder of a cut is hidden from them
+    assert ds.dataset(str(tmp_path / "inc"), format="ipc").count_rows() == written
+    frame = pl.scan_ipc(str(tmp_path / "inc" / "**" / "*.arrow")).collect()
+    assert frame.height == written and frame["op"].sum() == 2 * 3
 
 
 @pytest.mark.parametrize("reads", ["returned", "pooled", "deferred"])

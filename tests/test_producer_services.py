@@ -164,7 +164,7 @@ def test_kill_9_mid_flush_leaves_no_partial_packet_and_restart_takes_new_generat
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"1"
-        folder = tmp_path / "inc" / "ctr" / "_cuts" / "killed"
+        folder = tmp_path / "inc" / "ctr" / "~cuts" / "killed"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # kill while a temporary file is being written
             names = os.listdir(folder) if folder.exists() else []

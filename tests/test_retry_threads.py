@@ -229,7 +229,7 @@ def test_a_refused_packet_stops_the_writer_and_reaches_the_training_thread(tmp_p
     wait_for(lambda: producer.writer.failure is not None)
     assert producer.writer._thread.join(5)  # stopped, not spinning
     assert store.attempts == 1
-    uri = store.location("ctr/_cuts/producer-0/0000000001-000000000000.arrow")
+    uri = store.location("ctr/~cuts/producer-0/0000000001-000000000000.arrow")
     with pytest.raises(WriterFailedError) as info:
         producer.record("emb", np.arange(100, 110))
     assert uri in str(info.value) and "access denied by policy" in str(info.value)
@@ -275,7 +275,7 @@ def test_writer_close_stops_a_store_it_owns(tmp_path: Path) -> None:
     writer.submit(_snapshot())
     assert writer.close(10) == (0, [])
     assert store.stop.is_set()
-    assert [i.key for i in store.list()] == ["ctr/_cuts/p/0000000001-000000000000.arrow"]
+    assert [i.key for i in store.list()] == ["ctr/~cuts/p/0000000001-000000000000.arrow"]
 
 
 def test_free_port_is_a_free_loopback_port() -> None:

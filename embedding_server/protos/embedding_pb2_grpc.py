@@ -110,7 +110,7 @@ class EmbeddingServiceServicer:
         A sign this shard does not own is refused (INVALID_ARGUMENT, nothing written). A slice
         over the message limit travels in chunks under one apply_id: chunks are staged in memory
         and committed together on the last one (ABORTED: the staged chunks are gone; restart).
-        Several tables at once (`tables` non-empty, or `table` the cut lane "_cuts"): `table` is
+        Several tables at once (`tables` non-empty, or `table` the cut lane "~cuts"): `table` is
         the stream lane, the watermark is (lane, producer), and every table slice is checked
         before any is written, then all are written under one watermark check (all or nothing).
         """
