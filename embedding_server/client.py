@@ -45,6 +45,8 @@ from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
 from persia_inc.embedding_server.settings import EmbeddingServerSettings
 from persia_inc.embedding_server.sharding import group_by_shard
+from persia_inc.foundation.threads import thread_name
+from persia_inc.foundation.wait import wait_until
 from persia_inc.packet_format import Packet, Watermark
 
 if TYPE_CHECKING:
@@ -177,7 +179,7 @@ class EmbeddingClient:
         self._closed = False
         # the calls to several shards at once run on these threads: a gRPC future starts a
         # thread of its own per call (about 0.3 ms of a two-shard call, bench/embedding_server.py)
-        self._pool = ThreadPoolExecutor(4 * num, thread_name_prefix="embedding-client")
+        self._pool = ThreadPoolExecutor(4 * num, thread_name_prefix=thread_name("embedding-client"))
 
     @classmethod
     def from_settings(cls, servers: Sequence[str], settings: EmbeddingServerSettings) -> EmbeddingClient:
@@ -591,24 +593,27 @@ class EmbeddingClient:
             raise self._error(shard, exc) from exc
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Block until every shard's health check says SERVING; TimeoutError otherwise. The
-        shards' identities are checked again before the next call (they may have restarted)."""
+        """Block until every shard's health service says SERVING; TimeoutError otherwise. The
+        shards' identities are checked again before the next call (they may have restarted).
+
+        gRPC's own readiness, no polling: the Watch call waits for its channel to connect
+        (`wait_for_ready`) and the server pushes each status change down the stream."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout_s
         for shard, channel in enumerate(self._channels):
             stub = health_pb2_grpc.HealthStub(channel)
-            while True:
+
+            def serving(stub: health_pb2_grpc.HealthStub = stub) -> bool:
+                replies = stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True,
+                                     timeout=max(0.01, deadline - time.monotonic()))
                 try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"shard {shard} ({self.servers[shard]}) not SERVING "
-                                       f"after {timeout_s} s")
-                time.sleep(0.05)
+                    return any(r.status == health_pb2.HealthCheckResponse.SERVING for r in replies)
+                finally:
+                    replies.cancel()
+
+            wait_until(serving, f"shard {shard} ({self.servers[shard]}) to report SERVING",
+                       timeout_s=max(0.0, deadline - time.monotonic()), ignore=(grpc.RpcError,))
         self._verified = [False] * len(self.servers)
 
     # ---------------------------------------------------------------------------- lifecycle

@@ -44,7 +44,7 @@ from persia_inc.embedding_server.shard import (
     TableSlice,
     WatermarkMovedError,
 )
-from persia_inc.foundation.threads import ServiceThread
+from persia_inc.foundation.threads import ServiceThread, thread_name
 from persia_inc.packet_format import PacketError, PacketLimits
 from persia_inc.packet_format.cut import CUT_LANE
 from persia_inc.storage import ObjectStore, StorageError
@@ -436,7 +436,7 @@ def serve(servers: Sequence[str], shard_index: int, *, settings: EmbeddingServer
         ("grpc.so_reuseport", 0),  # two processes must never share one shard's port
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers,
-                                                    thread_name_prefix=f"shard{shard_index}"),
+                                                    thread_name_prefix=thread_name(f"shard{shard_index}")),
                          options=options)
     _register(servicer, server)
     health_servicer = health.HealthServicer()

@@ -40,6 +40,7 @@ import numpy as np
 from persia_inc.embedding_server._wire import Expect
 from persia_inc.embedding_server.sharding import shard_of
 from persia_inc.embedding_server.table import EmbeddingTable
+from persia_inc.foundation.threads import thread_name
 from persia_inc.packet_format import Watermark
 from persia_inc.packet_format.cut import CUT_LANE, check_lane
 from persia_inc.packet_format.header import check_name, check_position
@@ -186,7 +187,7 @@ class Shard:
         self._growing: set[int] = set()  # id() of tables a grow-ahead is queued for
         self._writing = 0  # commits under way; growing ahead waits for none
         self._no_writes = threading.Condition(self._lock)
-        self._grower = ThreadPoolExecutor(1, thread_name_prefix="grow-ahead")
+        self._grower = ThreadPoolExecutor(1, thread_name_prefix=thread_name("grow-ahead"))
 
     # ---------------------------------------------------------------------------- tables
 

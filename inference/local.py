@@ -21,13 +21,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import requests
 
 from persia_inc.foundation.net import free_port
+from persia_inc.foundation.wait import WaitStoppedError, WaitTimeoutError, wait_until
 
 
 def local_properties(model_store: Path, ports: Mapping[str, int], **extra: str) -> dict[str, str]:
@@ -215,26 +215,26 @@ class LocalTorchServe:
             self._proc = subprocess.Popen(self._command(config), cwd=self.workdir, env=env,
                                           stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if cancel is not None and cancel.is_set():
-                self.stop()
-                raise StartCancelledError("stopped while starting")
-            if self._proc.poll() is not None:
-                raise TorchServeError(f"TorchServe exited with {self._proc.returncode}:\n{self.log_tail()}")
+        proc = self._proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise TorchServeError(f"TorchServe exited with {proc.returncode}:\n{self.log_tail()}")
             key = self.key("inference")  # with token authorization, /ping wants it too
             headers = {"Authorization": f"Bearer {key}"} if key else {}
-            try:
-                if requests.get(f"{self.inference_url}/ping", headers=headers, timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            if cancel is not None:
-                cancel.wait(0.1)
-            else:
-                time.sleep(0.1)
-        self.stop()
-        raise TorchServeError(f"TorchServe not answering after {timeout_s} s:\n{self.log_tail()}")
+            return requests.get(f"{self.inference_url}/ping", headers=headers, timeout=1).status_code == 200
+
+        try:
+            wait_until(answers, f"TorchServe to answer /ping at {self.inference_url}",
+                       timeout_s=timeout_s, interval_s=0.1, stop=cancel,
+                       ignore=(requests.RequestException,))
+        except WaitStoppedError:
+            self.stop()
+            raise StartCancelledError("stopped while starting") from None
+        except WaitTimeoutError as exc:
+            self.stop()
+            raise TorchServeError(f"{exc}:\n{self.log_tail()}") from None
+        return self
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM our Java process (its shutdown hook stops the workers), then wait; SIGKILL

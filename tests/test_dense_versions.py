@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 import xxhash
-from test_loader_services import wait_for
 
 from persia_inc.cli import main as cli_main
 from persia_inc.config import load_config
 from persia_inc.dense import publish_dense
+from persia_inc.foundation.wait import wait_until
 from persia_inc.inference.batch import PersiaBatch
 from persia_inc.inference.client import get_inference_stub, infer
 from persia_inc.inference.engine import PersiaInference
@@ -137,11 +137,11 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
         assert v1.version == 1 and v1.manifest.sparse_positions[0].producer == "trainer-0"
         ship(staging, store, f"{MODEL}/~cuts/")
         ship(staging, store, f"{MODEL}/_dense/")
-        wait_for(lambda: sync.active == 1, 120.0, "version 1 to activate")
+        wait_until(lambda: sync.active == 1, "version 1 to activate", timeout_s=120.0)
         events.append(f"v1 active at {time.monotonic() - started:.1f}s")
-        wait_for(lambda: serves(1), 120.0, "TorchServe to serve version 1 with the shipped rows")
+        wait_until(lambda: serves(1), "TorchServe to serve version 1 with the shipped rows", timeout_s=120.0)
         asker.start()
-        wait_for(lambda: len(answers) >= 5, 120.0, "the asking thread to get answers")
+        wait_until(lambda: len(answers) >= 5, "the asking thread to get answers", timeout_s=120.0)
 
         # version 2: its dense part arrives before its packets: registered, pending, not default
         rows.scale = 3.0
@@ -150,23 +150,25 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
         assert v2.version == 2 and v2.manifest.sparse_positions[0].position > \
             v1.manifest.sparse_positions[0].position
         ship(staging, store, f"{MODEL}/_dense/")
-        wait_for(lambda: sync.versions.get(2) is not None and sync.versions[2].state == "registered",
-                 120.0, "version 2 to be registered")
+        wait_until(lambda: sync.versions.get(2) is not None and sync.versions[2].state == "registered",
+                   "version 2 to be registered", timeout_s=120.0)
         events.append(f"v2 registered at {time.monotonic() - started:.1f}s")
         status = loader.streams()["dense"]
         assert status["active"]["version"] == 1
         assert [p["version"] for p in status["pending"]] == [2]
         assert status["pending"][0]["waiting_for"], status
         rounds = sync.rounds
-        wait_for(lambda: sync.rounds >= rounds + 3, 120.0, "three more dense-sync rounds")
+        wait_until(lambda: sync.rounds >= rounds + 3, "three more dense-sync rounds", timeout_s=120.0)
         assert sync.active == 1 and serves(1)  # the servers still lack version 2's packets
 
         # the packets arrive: version 2 activates, version 1 is unregistered (keep_versions 1)
         ship(staging, store, f"{MODEL}/~cuts/")
-        wait_for(lambda: sync.active == 2, 120.0, "version 2 to activate once the servers hold its packets")
+        wait_until(lambda: sync.active == 2,
+                   "version 2 to activate once the servers hold its packets", timeout_s=120.0)
         events.append(f"v2 active at {time.monotonic() - started:.1f}s")
-        wait_for(lambda: serves(2), 120.0, "TorchServe to serve version 2")
-        wait_for(lambda: sync.versions[1].state == "retired", 120.0, "version 1 to be unregistered")
+        wait_until(lambda: serves(2), "TorchServe to serve version 2", timeout_s=120.0)
+        wait_until(lambda: sync.versions[1].state == "retired",
+                   "version 1 to be unregistered", timeout_s=120.0)
         events.append(f"v1 retired at {time.monotonic() - started:.1f}s")
         with HttpManagement(torchserve.management_url) as http:
             described = {d["modelVersion"] for d in http.describe(f"{SERVED}/all")}
@@ -183,8 +185,8 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
             v3.manifest.mar.path, len(bad), xxhash.xxh3_64_hexdigest(bytes(bad))))
         staging.put(v3.manifest_key, fixed.to_json())
         ship(staging, store, f"{MODEL}/_dense/")
-        wait_for(lambda: sync.versions.get(3) is not None and sync.versions[3].state == "refused",
-                 120.0, "the corrupt version 3 to be refused")
+        wait_until(lambda: sync.versions.get(3) is not None and sync.versions[3].state == "refused",
+                   "the corrupt version 3 to be refused", timeout_s=120.0)
         events.append(f"v3 refused at {time.monotonic() - started:.1f}s")
         assert sync.active == 2 and serves(2)
         assert "TorchServe refused it" in sync.versions[3].reason
@@ -198,7 +200,7 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
         assert loader.streams()["dense"]["refused"][0]["version"] == 3
 
         n = len(answers)
-        wait_for(lambda: len(answers) >= n + 5, 120.0, "answers after the refusal")
+        wait_until(lambda: len(answers) >= n + 5, "answers after the refusal", timeout_s=120.0)
         assert [a["version"] for a in sync.activations] == [1, 2]
         assert loader.metrics.dense_active.labels(MODEL)._value.get() == 2
 
@@ -207,9 +209,10 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
                          "--management", torchserve.grpc_management_target, "--model-name", SERVED,
                          "--model-store", str(torchserve.model_store)]) == 0
         events.append(f"rolled back to v1 at {time.monotonic() - started:.1f}s")
-        wait_for(lambda: serves(1), 120.0, "TorchServe to serve version 1 again after the rollback")
+        wait_until(lambda: serves(1),
+                   "TorchServe to serve version 1 again after the rollback", timeout_s=120.0)
         n = len(answers)
-        wait_for(lambda: len(answers) >= n + 5, 120.0, "answers after the rollback")
+        wait_until(lambda: len(answers) >= n + 5, "answers after the rollback", timeout_s=120.0)
     finally:
         stop.set()
         if asker.is_alive():

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_loader_services import wait_for
 
 from persia_inc.embedding_server.checkpoint import load_shard, part_key
 from persia_inc.embedding_server.shard import ChunkLostError, ForeignSignsError, Shard, TableNotFoundError
 from persia_inc.embedding_server.sharding import group_by_shard, shard_of, splitmix64
 from persia_inc.embedding_server.table import EmbeddingTable
+from persia_inc.foundation.wait import wait_until
 from persia_inc.packet_format import MANIFEST_NAME, CheckpointManifest, ManifestPart, ManifestTable, Watermark
 from persia_inc.storage import open_store
 
@@ -138,7 +138,7 @@ def test_a_shard_grows_its_tables_ahead_between_applies() -> None:
             break
     assert sequence <= 200
     table = shard.table("t")
-    wait_for(lambda: not table.needs_room(), what="the table grown in the background")
+    wait_until(lambda: not table.needs_room(), "the table grown in the background", timeout_s=15)
     assert np.array_equal(shard.lookup("t", signs)[0], rows_for(signs, 8))
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_loader_services import FAST, Training, metric, wait_for
+from test_loader_services import FAST, Training, metric
 from test_producer_support import NumpyModel, producer_config
 
 from persia_inc.config import load_config
+from persia_inc.foundation.wait import wait_until
 from persia_inc.loader.daemon import Loader
 from persia_inc.loader.fetch import NotSettledError, Quarantine, fetch_packet
 from persia_inc.loader.sources import find_other_models
@@ -215,9 +216,9 @@ def test_loader_skips_fifos_and_symlinks_whichever_source_sees_them(
             # (1, 3): a FIFO, which would block any reader opening it
             os.mkfifo(inc / packet_key("m", "t", "p", 1, 3))
             training.write(1, 4)  # after the gap of three: applied once it is passed
-            wait_for(lambda: labelled(loader, "persia_inc_loader_rejected_total", reason="symlink") == 2
-                     and labelled(loader, "persia_inc_loader_rejected_total", reason="fifo") == 1,
-                     what="two symlinks and a FIFO counted")
+            wait_until(lambda: labelled(loader, "persia_inc_loader_rejected_total", reason="symlink") == 2
+                       and labelled(loader, "persia_inc_loader_rejected_total", reason="fifo") == 1,
+                       "two symlinks and a FIFO counted", timeout_s=15)
             training.check(client)
             assert loader.health()["dispatcher"]
             assert (outside / "p1.arrow").read_bytes() == data
@@ -246,9 +247,9 @@ def test_slow_in_place_copy_is_applied_not_quarantined(embedding_cluster_factory
             with open(inc / key, "wb") as handle:  # in place, like cp onto the folder
                 handle.write(data[: len(data) // 2])
                 handle.flush()
-                wait_for(lambda: labelled(loader, "persia_inc_loader_errors_total",
+                wait_until(lambda: labelled(loader, "persia_inc_loader_errors_total",
                                           stage="unsettled") >= 1,
-                         what="the half-written file was seen and not judged")
+                           "the half-written file was seen and not judged", timeout_s=15)
                 handle.write(data[len(data) // 2:])
             training.check(client)
             assert (inc / key).read_bytes() == data
@@ -272,8 +273,8 @@ def test_non_finite_rows_are_refused_by_default_and_applied_when_allowed(
         store.put(key, encode_packet(header, signs, rows))
         training.write(1, 2)
         with loader_from_config(config, client) as loader:
-            wait_for(lambda: labelled(loader, "persia_inc_loader_quarantined_total",
-                                      reason="NonFiniteError") == 1, what="NaN packet quarantined")
+            wait_until(lambda: labelled(loader, "persia_inc_loader_quarantined_total",
+                                      reason="NonFiniteError") == 1, "NaN packet quarantined", timeout_s=15)
             training.check(client)  # (1, 0) and (1, 2): the gap is passed
             record = json.loads(store.get(f"_quarantine/{key}.reason.json"))
             first = int(signs[3])
@@ -287,7 +288,7 @@ def test_non_finite_rows_are_refused_by_default_and_applied_when_allowed(
         store.put(key3, encode_packet(PacketHeader(model="m", table="t", producer="p",
                                                    generation=1, sequence=3), signs3, rows3))
         with loader_from_config(config, client, settings=allowed) as loader:
-            wait_for(lambda: loader.applied >= 1, what="the NaN packet applied when allowed")
+            wait_until(lambda: loader.applied >= 1, "the NaN packet applied when allowed", timeout_s=15)
             got = client.lookup("t", signs3)
             assert np.isnan(got[0, 2]) and np.array_equal(got[1:], rows3[1:])
             assert metric(loader, "persia_inc_loader_quarantined_total") == 0
@@ -330,12 +331,12 @@ def test_loader_names_other_models_once_and_status_lists_them(
         store.put("_quarantine/m/t/p/0000000001-000000000000.arrow", b"old")  # ours, quarantined
         store.put("notes/readme.txt", b"not a model")
         with loader_from_config(config, client) as loader:
-            wait_for(lambda: loader.other_models == ["ctr"], what="model ctr noticed")
+            wait_until(lambda: loader.other_models == ["ctr"], "model ctr noticed", timeout_s=15)
             assert loader.health()["other_models"] == ["ctr"]
             assert metric(loader, "persia_inc_loader_other_models") == 1
             ads, _, _ = packet_bytes(1, 0, model="ads")
             store.put(packet_key("ads", "t", "p", 1, 0), ads)
-            wait_for(lambda: loader.other_models == ["ads", "ctr"], what="model ads noticed")
+            wait_until(lambda: loader.other_models == ["ads", "ctr"], "model ads noticed", timeout_s=15)
             assert metric(loader, "persia_inc_loader_other_models") == 2
             assert loader.applied == 0
         lines = [r.getMessage() for r in caplog.records if "other model" in r.getMessage()]
@@ -391,8 +392,8 @@ def test_a_hung_fetch_is_timed_out_and_other_streams_go_on(embedding_cluster_fac
             two.write(1, 1)
             two.write(1, 2)
             two.check(client)  # the other stream is not held up
-            wait_for(lambda: labelled(loader, "persia_inc_loader_errors_total",
-                                      stage="fetch_timeout") == 1, what="fetch timeout counted")
+            wait_until(lambda: labelled(loader, "persia_inc_loader_errors_total",
+                                      stage="fetch_timeout") == 1, "fetch timeout counted", timeout_s=15)
             assert loader.health()["dispatcher"]
             stuck.release.set()  # the mount recovers: the same fetch completes and applies
             one.write(1, 2)

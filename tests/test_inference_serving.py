@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from persia_inc.config import load_config
 from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.embedding_server.errors import ShardError
+from persia_inc.foundation.wait import WaitTimeoutError, wait_until
 from persia_inc.handler import ConfiguredHandler
 from persia_inc.inference.archive import archive_model
 from persia_inc.inference.batch import PersiaBatch, decode_batch
@@ -420,17 +420,19 @@ def test_incremental_update_reaches_inference(
     stub = get_inference_stub(torchserve.grpc_inference_target)
 
     def wait_for_rows(expected: np.ndarray, what: str) -> None:
-        deadline = time.monotonic() + 30
-        while True:
+        def applied() -> bool:
+            assert loader.poll() is None, (f"loader exited {loader.poll()}:\n"
+                                           + (tmp_path / "loader.log").read_text()[-3000:])
             try:
-                if np.array_equal(client.lookup(TABLE, signs), expected):
-                    return
+                return np.array_equal(client.lookup(TABLE, signs), expected)
             except ShardError as exc:  # NOT_FOUND until the first packet creates the table
                 assert exc.code == "NOT_FOUND", exc
-            if loader.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"loader did not apply {what} (exit {loader.poll()}):\n"
-                                     + (tmp_path / "loader.log").read_text()[-3000:])
-            time.sleep(0.1)
+                return False
+
+        try:
+            wait_until(applied, f"the loader to apply {what}", timeout_s=30, interval_s=0.1)
+        except WaitTimeoutError as exc:
+            raise AssertionError(f"{exc}:\n" + (tmp_path / "loader.log").read_text()[-3000:]) from None
 
     try:
         publish(cluster.config_path, 0, signs, old_rows)

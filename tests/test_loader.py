@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from persia_inc.foundation.kafka import KafkaSettings
+from persia_inc.foundation.wait import wait_until
 from persia_inc.loader.fetch import Quarantine, VerificationError, fetch_packet
 from persia_inc.loader.ordering import Action, Offer, Ordering
 from persia_inc.loader.replay import plan_replay, trim_plan_until_time
@@ -370,7 +371,7 @@ def test_replay_plan_trimmed_at_a_time_stops_each_stream_at_its_first_later_pack
         put_packet(store, 1, seq)
     put_packet(store, 1, 0, producer="q")
     cut = time.time_ns()
-    time.sleep(0.01)
+    wait_until(lambda: time.time_ns() > cut, "the clock to pass the cut", timeout_s=1)
     put_packet(store, 1, 4)
     put_packet(store, 1, 1, producer="q")
     plan = trim_plan_until_time(store, plan_replay(store, "m", {}), cut)

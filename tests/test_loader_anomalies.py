@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_loader_services import FAST, Training, wait_for
+from test_loader_services import FAST, Training
 
 from persia_inc.config import load_config
 from persia_inc.embedding_server.client import EmbeddingClient
@@ -27,6 +27,7 @@ from persia_inc.embedding_server.errors import ShardIdentityError
 from persia_inc.embedding_server.sharding import shard_of
 from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.net import free_port
+from persia_inc.foundation.wait import wait_until
 from persia_inc.loader.daemon import Loader
 from persia_inc.loader.settings import LoaderSettings
 from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV
@@ -75,8 +76,8 @@ def test_stray_generation_is_held_and_a_late_packet_is_skipped_loudly(
             training.check(client)
             stray_key, stray, stray_signs, stray_rows = training.packet(STRAY, 0)
             store.put(stray_key, stray)
-            wait_for(lambda: metric(loader, "persia_inc_loader_generation_jumps_total",
-                                    outcome="held") == 1, what="the stray held")
+            wait_until(lambda: metric(loader, "persia_inc_loader_generation_jumps_total",
+                                    outcome="held") == 1, "the stray held", timeout_s=15)
             logged = records(caplog, "GENERATION JUMP")
             assert len(logged) == 1 and stray_key in logged[0] and "(1, 1)" in logged[0], logged
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/streams", timeout=5) as reply:
@@ -88,21 +89,21 @@ def test_stray_generation_is_held_and_a_late_packet_is_skipped_loudly(
 
             training.write(1, 2)  # the old generation goes on: applied before the stray
             training.check(client)
-            wait_for(lambda: [(w.generation, w.sequence) for w in client.watermarks()] == [(1, 2)],
-                     what="(1, 2) applied")
+            wait_until(lambda: [(w.generation, w.sequence) for w in client.watermarks()] == [(1, 2)],
+                       "(1, 2) applied", timeout_s=15)
             assert loader.streams()["streams"][0]["generation_jump_held"] == stray_key
 
             skew[0] += 61.0  # the gap timeout runs out: the stray passes, loudly and counted
             training.remember(stray_signs, stray_rows)
-            wait_for(lambda: metric(loader, "persia_inc_loader_generation_jumps_total",
-                                    outcome="passed") == 1, what="the stray passed")
+            wait_until(lambda: metric(loader, "persia_inc_loader_generation_jumps_total",
+                                    outcome="passed") == 1, "the stray passed", timeout_s=15)
             training.check(client)
             assert [(w.generation, w.sequence) for w in client.watermarks()] == [(STRAY, 0)]
             assert any(stray_key in m for m in records(caplog, "passed"))
 
             late = training.write(1, 3, remember=False)  # below the watermark, never applied
-            wait_for(lambda: metric(loader, "persia_inc_loader_skipped_below_watermark_total",
-                                    table="t") == 1, what="the late packet reported")
+            wait_until(lambda: metric(loader, "persia_inc_loader_skipped_below_watermark_total",
+                                    table="t") == 1, "the late packet reported", timeout_s=15)
             logged = records(caplog, "SKIPPED")
             assert len(logged) == 1 and late in logged[0] and "below the watermark" in logged[0]
             training.check(client)  # its rows were not applied over the newer ones
@@ -133,13 +134,13 @@ def test_unreachable_shard_is_reported_and_the_others_still_get_their_slices(
             for seq in range(5):
                 training.write(1, seq)
             # shard 0 gets its slices while shard 1 is down
-            wait_for(lambda: [(w.generation, w.sequence) for w in client.status(0).watermarks]
-                     == [(1, 4)], what="shard 0 applied everything")
+            wait_until(lambda: [(w.generation, w.sequence) for w in client.status(0).watermarks]
+                       == [(1, 4)], "shard 0 applied everything", timeout_s=15)
             mine = _owned(training, 0, 2)
             np.testing.assert_array_equal(client.lookup("t", mine),
                                           np.stack([training.expected[s] for s in mine.tolist()]))
-            wait_for(lambda: metric(loader, "persia_inc_loader_shard_unreachable_total",
-                                    shard="1", address=address) >= 3, what="failures counted")
+            wait_until(lambda: metric(loader, "persia_inc_loader_shard_unreachable_total",
+                                    shard="1", address=address) >= 3, "failures counted", timeout_s=15)
             logged = records(caplog, f"SHARD 1 ({address})")
             assert len(logged) == 1, logged  # bounded: at most one line per 30 s per shard
             assert metric(loader, "persia_inc_loader_shard_up", shard="1") == 0
@@ -157,7 +158,7 @@ def test_unreachable_shard_is_reported_and_the_others_still_get_their_slices(
             cluster.wait_ready()
             training.write(1, 5)
             training.check(client, timeout_s=30)
-            wait_for(lambda: loader.health()["healthy"], what="healthy again")
+            wait_until(lambda: loader.health()["healthy"], "healthy again", timeout_s=15)
             assert [(w.generation, w.sequence) for w in client.watermarks()] == [(1, 5)]
             assert loader.streams()["streams"][0]["watermark"] == [1, 5]
             assert metric(loader, "persia_inc_loader_replays_total") >= 1
@@ -175,7 +176,7 @@ def test_health_names_a_dead_source(embedding_cluster_factory, tmp_path: Path) -
             with Loader(client, store, model="m", settings=settings) as loader:
                 training.write(1, len(training.expected) // 20)
                 training.check(client)
-                wait_for(lambda: loader.health()["healthy"], what="healthy")
+                wait_until(lambda: loader.health()["healthy"], "healthy", timeout_s=15)
                 loader.sources[0].close()  # the watcher / poller thread is gone
                 health = loader.health()
                 assert not health["healthy"] and health["sources"][kind] is False
@@ -196,7 +197,7 @@ def test_health_names_a_dead_kafka_consumer(embedding_cluster_factory, kafka, tm
         kafka_settings = KafkaSettings(bootstrap_servers=(kafka.bootstrap,), topic=name, group_id=name,
                                        session_timeout_ms=2000, heartbeat_interval_ms=500)
         with Loader(client, store, model="m", settings=settings, kafka=kafka_settings) as loader:
-            wait_for(lambda: loader.health()["healthy"], what="healthy")
+            wait_until(lambda: loader.health()["healthy"], "healthy", timeout_s=15)
             sources = loader.health()["sources"]
             assert sources["kafka-list"] and sources["kafka"]
             loader.sources[1].close()

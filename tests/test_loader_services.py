@@ -10,15 +10,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from persia_inc.config import load_config
+from persia_inc.foundation.wait import WaitTimeoutError, wait_until
 from persia_inc.loader.daemon import Loader
 from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV
 from persia_inc.packet_format import Announcement, PacketHeader, encode_packet, packet_key, read_packet_header
@@ -67,26 +66,18 @@ class Training:
         """Wait until the servers hold exactly the expected rows."""
         signs = np.array(sorted(self.expected), dtype=np.uint64)
         want = np.stack([self.expected[s] for s in signs.tolist()])
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                got = client.lookup(self.table, signs)
-                if np.array_equal(got, want):
-                    return
-            except Exception:
-                got = None
-            if time.monotonic() > deadline:
-                mismatched = None if got is None else int((got != want).any(axis=1).sum())
-                raise AssertionError(f"servers differ from training in {mismatched} rows")
-            time.sleep(0.05)
+        got: list[np.ndarray] = []
 
+        def held() -> bool:
+            got[:] = [client.lookup(self.table, signs)]
+            return np.array_equal(got[0], want)
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        try:
+            wait_until(held, "the servers to hold the expected rows", timeout_s=timeout_s,
+                       ignore=(Exception,))
+        except WaitTimeoutError:
+            mismatched = int((got[0] != want).any(axis=1).sum()) if got else None
+            raise AssertionError(f"servers differ from training in {mismatched} rows") from None
 
 
 def metric(loader: Loader, name: str) -> float:
@@ -118,20 +109,22 @@ def test_directory_source_orders_and_handles_bad_packets(embedding_cluster_facto
             corrupt_key, data, _, _ = training.packet(1, 4)
             store.put(corrupt_key, data[:-20])
             training.write(1, 5)
-            wait_for(lambda: metric(loader, "persia_inc_loader_gaps_total") == 1, what="gap passed")
+            wait_until(lambda: metric(loader, "persia_inc_loader_gaps_total") == 1,
+                       "gap passed", timeout_s=15)
             training.check(client)
             assert metric(loader, "persia_inc_loader_quarantined_total") == 1
             assert store.exists("_quarantine/" + corrupt_key) and not store.exists(corrupt_key)
             # a missing packet: (1, 7) arrives, (1, 6) never does -> gap passed, then (1, 6)
             # arriving late must not be applied over newer rows
             training.write(1, 7)
-            wait_for(lambda: metric(loader, "persia_inc_loader_gaps_total") == 2, what="second gap")
+            wait_until(lambda: metric(loader, "persia_inc_loader_gaps_total") == 2,
+                       "second gap", timeout_s=15)
             training.check(client)
             late_signs_before = client.lookup("t", training.signs).copy()
             training.write(1, 6, remember=False)
             # the loader tells when it has seen and refused it: wait for that, not for a while
-            wait_for(lambda: metric(loader, "persia_inc_loader_skipped_below_watermark_total") == 1,
-                     what="the late packet seen and skipped")
+            wait_until(lambda: metric(loader, "persia_inc_loader_skipped_below_watermark_total") == 1,
+                       "the late packet seen and skipped", timeout_s=15)
             np.testing.assert_array_equal(client.lookup("t", training.signs), late_signs_before)
             assert loader.streams()["streams"][0]["skipped_below_watermark"] == 1
             # a new generation (producer restart) starts at sequence 0
@@ -198,8 +191,8 @@ def test_kafka_group_of_two_loaders_with_ceph(embedding_cluster_factory, ceph, k
         loaders = [loader_from_config(config, client).start() for _ in range(2)]
         sent = []
         try:
-            wait_for(lambda: all(lo.sources[1].assigned for lo in loaders), 30, "both assigned")
-            wait_for(lambda: all(lo.health()["ready"] for lo in loaders), what="both ready")
+            wait_until(lambda: all(lo.sources[1].assigned for lo in loaders), "both assigned", timeout_s=30)
+            wait_until(lambda: all(lo.health()["ready"] for lo in loaders), "both ready", timeout_s=15)
             for seq in range(5):
                 for training in streams:
                     key = training.write(1, seq)
@@ -216,8 +209,8 @@ def test_kafka_group_of_two_loaders_with_ceph(embedding_cluster_factory, ceph, k
             for training in streams:
                 training.check(client, timeout_s=30)
             assert sum(lo.applied for lo in loaders) >= 20
-            wait_for(lambda: sum(metric(lo, "persia_inc_loader_rejected_total") for lo in loaders) >= 2,
-                     what="rejections counted")
+            wait_until(lambda: sum(metric(lo, "persia_inc_loader_rejected_total") for lo in loaders) >= 2,
+                       "rejections counted", timeout_s=15)
         finally:
             for lo in loaders:
                 lo.close()
@@ -257,7 +250,7 @@ def test_a_spare_loader_of_a_kafka_group_is_healthy_but_not_ready(
                 healths = [lo.health() for lo in loaders]
                 return healths if sorted(h["ready"] for h in healths) == [False, True] else None
 
-            wait_for(lambda: split() is not None, 30, "one loader with the partition")
+            wait_until(lambda: split() is not None, "one loader with the partition", timeout_s=30)
             healths = split()
             assert healths is not None
             spare = next(h for h in healths if not h["ready"])
@@ -291,8 +284,8 @@ def test_kill_9_mid_stream_then_restart_ends_equal_and_in_order(embedding_cluste
             for seq in range(30):
                 training.write(1, seq, n=50)
                 if seq == 15:  # kill it mid-stream: once it has applied some, not all
-                    wait_for(lambda: any(w.sequence >= 5 for w in client.watermarks()), 30,
-                             "the first loader applying")
+                    wait_until(lambda: any(w.sequence >= 5 for w in client.watermarks()),
+                               "the first loader applying", timeout_s=30)
                     proc.send_signal(signal.SIGKILL)
                     proc.wait(10)
             proc = _loader_process(cluster.config_path, log)

@@ -3,6 +3,7 @@ kill -9 of a training process."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,6 +18,7 @@ import numpy as np
 from test_producer_support import NumpyModel, producer_config, read_packets, replay
 
 from persia_inc.foundation.kafka import import_kafka
+from persia_inc.foundation.wait import WaitTimeoutError, wait_until
 from persia_inc.local_services import CephCluster, TansuBroker
 from persia_inc.packet_format import Announcement, parse_packet_path
 from persia_inc.storage import open_store
@@ -59,9 +61,9 @@ def test_ceph_outage_in_the_middle_of_training_loses_nothing(ceph: CephCluster) 
         ceph.stop_gateway()
         try:
             train(30)  # flushes start; puts fail and are retried; rows merge while queued
-            time.sleep(1.0)
-            assert producer.writer.pending_rows > 0
-            assert producer.metrics.of(producer.metrics.retries, what="store")._value.get() > 0
+            wait_until(lambda: producer.writer.pending_rows > 0
+                       and producer.metrics.of(producer.metrics.retries, what="store")._value.get() > 0,
+                       "rows pending and the store retried", timeout_s=30)
         finally:
             ceph.start_gateway()
         train(5)
@@ -112,10 +114,7 @@ def test_kafka_broker_outage_loses_nothing(tmp_path: Path,
         producer.register_table("emb", model.read)
         train(5)
         producer.flush()
-        deadline = time.monotonic() + 30
-        while producer.announcer.pending and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert producer.announcer.pending == 0
+        wait_until(lambda: producer.announcer.pending == 0, "every announcement sent", timeout_s=30)
         before = _announcements(broker.bootstrap, "inc-ctr", len(producer.store.list()))
         broker.stop()
         try:
@@ -165,13 +164,13 @@ def test_kill_9_mid_flush_leaves_no_partial_packet_and_restart_takes_new_generat
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"1"
         folder = tmp_path / "inc" / "ctr" / "~cuts" / "killed"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # kill while a temporary file is being written
+        def writing() -> bool:  # kill while a temporary file is being written
             names = os.listdir(folder) if folder.exists() else []
-            if len([n for n in names if n.endswith(".arrow")]) >= 3 and any(
-                    n.endswith(".tmp") for n in names):
-                break
-            time.sleep(0.001)
+            return len([n for n in names if n.endswith(".arrow")]) >= 3 and any(
+                n.endswith(".tmp") for n in names)
+
+        with contextlib.suppress(WaitTimeoutError):  # else killed between writes: still checked
+            wait_until(writing, "a temporary file after three packets", timeout_s=60, interval_s=0.001)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()

@@ -12,7 +12,6 @@ from typing import BinaryIO
 
 import numpy as np
 import pytest
-from test_loader_services import wait_for
 from test_producer_support import NumpyModel, OutageStore, producer_config
 
 from persia_inc.embedding_server.errors import ShardError
@@ -27,6 +26,7 @@ from persia_inc.foundation.retry import (
     stop_waits_on,
 )
 from persia_inc.foundation.threads import THREAD_PREFIX, ServiceThread, leaked_threads
+from persia_inc.foundation.wait import WaitStoppedError, WaitTimeoutError, wait_until
 from persia_inc.producer import UnstoredDataError, WriterFailedError
 from persia_inc.producer.announce import DirectoryAnnouncer
 from persia_inc.producer.snapshot import Snapshot
@@ -120,6 +120,37 @@ def test_a_scoped_stop_cuts_retry_waits_short() -> None:
 # ------------------------------------------------------------------------ thread base
 
 
+def test_wait_until_returns_the_value_and_names_what_it_waited_for() -> None:
+    calls: list[int] = []
+
+    def third() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionRefusedError("not listening")
+        return len(calls) if len(calls) >= 3 else 0
+
+    assert wait_until(third, "the third call", timeout_s=5, interval_s=0.001,
+                      ignore=(ConnectionError,)) == 3
+    started = time.monotonic()
+    with pytest.raises(WaitTimeoutError, match=r"0\.05 s waiting for the port 9 \(last error: nope"):
+        wait_until(lambda: (_ for _ in ()).throw(ConnectionRefusedError("nope")), "the port 9",
+                   timeout_s=0.05, interval_s=0.01, ignore=(ConnectionError,))
+    assert time.monotonic() - started < 2
+    with pytest.raises(ValueError, match="exited"):  # not ignored: at once
+        wait_until(lambda: (_ for _ in ()).throw(ValueError("exited")), "x", timeout_s=60)
+
+
+def test_wait_until_ends_promptly_when_stopped() -> None:
+    stop = threading.Event()
+    timer = threading.Timer(0.05, stop.set)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(WaitStoppedError, match="stopped while waiting for nothing"):
+        wait_until(lambda: False, "nothing", timeout_s=60, interval_s=30, stop=stop)
+    assert time.monotonic() - started < 5
+    timer.join()
+
+
 def test_service_thread_starts_closes_twice_and_refuses_to_restart() -> None:
     ticks: list[int] = []
     thread: ServiceThread
@@ -131,7 +162,7 @@ def test_service_thread_starts_closes_twice_and_refuses_to_restart() -> None:
     thread = ServiceThread("test-loop", loop)
     assert thread.name == THREAD_PREFIX + "test-loop"
     assert thread.start() is thread and thread.start() is thread  # start is once
-    wait_for(lambda: len(ticks) > 2)
+    wait_until(lambda: len(ticks) > 2, "more than two ticks", timeout_s=15)
     assert thread.close(5) and not thread.is_alive()
     assert thread.close(5)  # twice is fine
     with pytest.raises(RuntimeError, match="closed"):
@@ -226,7 +257,8 @@ def test_a_refused_packet_stops_the_writer_and_reaches_the_training_thread(tmp_p
     producer = producer_from_config(config, generation=1, store=store)
     producer.register_table("emb", model.read)
     producer.record("emb", np.arange(100))  # full: flushed
-    wait_for(lambda: producer.writer.failure is not None)
+    wait_until(lambda: producer.writer.failure is not None,
+               "the writer's failure", timeout_s=15)
     assert producer.writer._thread.join(5)  # stopped, not spinning
     assert store.attempts == 1
     uri = store.location("ctr/~cuts/producer-0/0000000001-000000000000.arrow")
@@ -256,7 +288,8 @@ def test_writer_close_leaves_a_borrowed_store_running_and_cuts_its_retries(
     writer = PacketWriter(store, "ctr", "p", DirectoryAnnouncer(), generation=1,
                           max_backoff_s=30.0)
     writer.submit(_snapshot())
-    wait_for(lambda: store.attempts >= 3)  # retrying the outage, waits growing
+    wait_until(lambda: store.attempts >= 3,
+               "three attempts", timeout_s=15)  # retrying the outage, waits growing
     started = time.monotonic()
     left, tables = writer.close(0.1)
     assert time.monotonic() - started < 5  # its own stop ended the wait

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 
 from persia_inc.config import load_config
 from persia_inc.foundation.net import free_port
+from persia_inc.foundation.wait import wait_until
 from persia_inc.inference.archive import archive_model
 from persia_inc.inference.batch import PersiaBatch
 from persia_inc.inference.client import InferenceError, get_inference_stub, infer, infer_http
@@ -88,11 +88,11 @@ def test_serve_starts_serves_and_stops_on_sigterm(
     client = cluster.client()
     engine = PersiaInference.from_client(load_torchscript(dense_pt), SPEC, client)
     try:
-        deadline = time.monotonic() + 120
-        while "stop with SIGTERM" not in out_path.read_text():
+        def started() -> bool:
             assert proc.poll() is None, f"serve exited {proc.returncode}:\n{err_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"serve not ready:\n{err_path.read_text()[-3000:]}"
-            time.sleep(0.1)
+            return "stop with SIGTERM" in out_path.read_text()
+
+        wait_until(started, "serve to say it is up", timeout_s=120, interval_s=0.1)
         printed = out_path.read_text()
         grpc_target = f"127.0.0.1:{ports['grpc-inference']}"
         assert re.search(rf"inference +gRPC {grpc_target} +HTTP http://127.0.0.1:{ports['inference']}\b",
@@ -148,10 +148,11 @@ def test_serve_with_token_authorization(
                for arg in (f"--{name}-port", "0")]],
             stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while "stop with SIGTERM" not in out_path.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, out_path.read_text()[-3000:]
-            time.sleep(0.1)
+        def started() -> bool:
+            assert proc.poll() is None, out_path.read_text()[-3000:]
+            return "stop with SIGTERM" in out_path.read_text()
+
+        wait_until(started, "serve to say it is up", timeout_s=120, interval_s=0.1)
         key_file = tmp_path / "work" / "key_file.json"
         assert f"token authorization: on, keys in {key_file}" in out_path.read_text()
         key = json.loads(key_file.read_text())["inference"]["key"]

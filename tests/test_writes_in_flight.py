@@ -11,9 +11,9 @@ from typing import BinaryIO
 
 import numpy as np
 import pytest
-from test_loader_services import wait_for
 from test_producer_support import NumpyModel, producer_config, read_cuts, read_packets, replay
 
+from persia_inc.foundation.wait import wait_until
 from persia_inc.packet_format import Announcement, parse_packet_path
 from persia_inc.producer.announce import DirectoryAnnouncer
 from persia_inc.producer.errors import UnstoredDataError, WriterFailedError
@@ -81,12 +81,12 @@ def test_stores_overlap_and_announcements_follow_sequence_order(tmp_path: Path) 
     try:
         for k in range(4):  # each submit after the writer took the previous: four packets
             writer.submit(_snapshot(100 * k))
-            wait_for(lambda: not writer._queue, what="the writer takes the cut")
+            wait_until(lambda: not writer._queue, "the writer takes the cut", timeout_s=15)
         # 2 and 3 are stored while 0 and 1 hang: nobody hears of them before 0 and 1
-        wait_for(lambda: len(store.list()) == 2, what="packets 2 and 3 stored")
+        wait_until(lambda: len(store.list()) == 2, "packets 2 and 3 stored", timeout_s=15)
         assert store.most_inside >= 3 and announced == []
         store.gates[1].set()
-        wait_for(lambda: len(store.list()) == 3, what="packet 1 stored")
+        wait_until(lambda: len(store.list()) == 3, "packet 1 stored", timeout_s=15)
         assert announced == []  # 0 still hangs
         store.gates[0].set()
         assert writer.drain(10)

@@ -285,27 +285,27 @@ def run(args: argparse.Namespace) -> int:
 
 def _register(server: LocalTorchServe, mar_name: str, model_name: str, settings: ServeSettings) -> None:
     """Register the .mar and wait until a worker is READY; ServeError if it does not come up."""
-    import time
-
+    from persia_inc.foundation.wait import WaitTimeoutError, wait_until
     from persia_inc.inference.management import HttpManagement, ManagementError, RegisterOptions
 
     options = RegisterOptions(initial_workers=settings.workers, batch_size=settings.batch_size,
                               max_batch_delay_ms=settings.max_batch_delay_ms,
                               startup_timeout_s=max(1, int(settings.start_timeout_s)))
-    deadline = time.monotonic() + settings.start_timeout_s
     with HttpManagement(server.management_url, timeout_s=settings.start_timeout_s + 10,
                         token=_management_key(server)) as management:
+        workers: list[dict] = []
+
+        def ready() -> bool:
+            workers[:] = [w for version in management.describe(model_name)
+                          for w in version.get("workers", [])]
+            return any(w.get("status") == "READY" for w in workers)
+
         try:
             management.register(mar_name, options=options)
-            while True:
-                workers = [w for version in management.describe(model_name)
-                           for w in version.get("workers", [])]
-                if any(w.get("status") == "READY" for w in workers):
-                    return
-                if time.monotonic() > deadline:
-                    raise ServeError(f"no worker of {model_name!r} ready after "
-                                     f"{settings.start_timeout_s} s: {workers}")
-                time.sleep(0.2)
+            wait_until(ready, f"a worker of {model_name!r} to be READY",
+                       timeout_s=settings.start_timeout_s, interval_s=0.2)
+        except WaitTimeoutError as exc:
+            raise ServeError(f"{exc}: {workers}") from None
         except ManagementError as exc:
             raise ServeError(str(exc)) from exc
 

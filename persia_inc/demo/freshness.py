@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from persia_inc.demo.report import Progress
 from persia_inc.foundation.threads import ServiceThread
+from persia_inc.foundation.wait import WaitTimeoutError, wait_until
 from persia_inc.packet_format import PacketError, Position, parse_packet_path, read_cut_header
 
 if TYPE_CHECKING:
@@ -115,10 +116,12 @@ class FreshnessWatcher:
                 self.progress.freshness_ms.append(max(0.0, times[at] * 1e3 - created_ns / 1e6))
 
     def wait_all_visible(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def all_visible() -> bool:
             self._list_storage()
-            if self.created and len(self.visible) == len(self.created):
-                return True
-            time.sleep(0.05)
-        return False
+            return bool(self.created) and len(self.visible) == len(self.created)
+
+        try:
+            return wait_until(all_visible, "every stored packet to be visible on the servers",
+                              timeout_s=timeout_s)
+        except WaitTimeoutError:
+            return False

@@ -8,6 +8,7 @@ predictions), `verify` (rows bit for bit) and `report` (progress, report, pictur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -41,6 +42,7 @@ from persia_inc.demo.versions import (
     load_dense_version,
 )
 from persia_inc.foundation.net import free_port
+from persia_inc.foundation.wait import WaitTimeoutError, wait_until
 from persia_inc.storage import S3Settings, resolve_s3_endpoint
 from persia_inc.wiring import embedding_client, producer_from_config
 
@@ -184,20 +186,21 @@ def wait_loader_ready(url: str, loader: ChildProcess, timeout_s: float = 60.0) -
     import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + timeout_s
-    health = None
-    while time.monotonic() < deadline:
+    health: dict | None = None
+
+    def ready() -> bool:
+        nonlocal health
         loader.check_alive()
         try:
             with urllib.request.urlopen(url, timeout=2) as reply:
                 health = json.loads(reply.read())
         except urllib.error.HTTPError as exc:  # 503: not healthy yet, with the report
             health = json.loads(exc.read() or b"null")
-        except (OSError, ValueError):
-            pass  # not listening yet
-        if health and health.get("ready"):
-            return health
-        time.sleep(0.1)
+        return bool(health and health.get("ready"))
+
+    with contextlib.suppress(WaitTimeoutError):  # OSError, ValueError: not listening yet
+        wait_until(ready, f"the loader's {url} to say ready", timeout_s=timeout_s, interval_s=0.1,
+                   ignore=(OSError, ValueError))
     return health
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import urllib.request
 import zipfile
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from persia_inc.foundation.threads import ServiceThread
+from persia_inc.foundation.wait import WaitTimeoutError, wait_until
 
 if TYPE_CHECKING:
     from persia_inc.demo.report import Progress
@@ -82,15 +82,16 @@ class DenseWatcher:
 
     def wait_activated(self, version: int, timeout_s: float) -> bool:
         """Wait until `version` (or a later one) was activated; False after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+        def activated() -> bool:
             status = self.poll()
-            if status is not None and any(a.get("version", 0) >= version
-                                          for a in status.get("activations") or []):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.2)
+            return status is not None and any(a.get("version", 0) >= version
+                                              for a in status.get("activations") or [])
+
+        try:
+            return wait_until(activated, f"dense version {version} to be activated",
+                              timeout_s=timeout_s, interval_s=0.2)
+        except WaitTimeoutError:
+            return False
 
     def activations(self) -> list[dict[str, Any]]:
         """The dense sync's activations in order, as last seen."""
