@@ -1,40 +1,30 @@
-"""The loader daemon: sources -> one bounded queue -> one dispatcher that orders per (table,
-producer), fetches ahead (a small pool), verifies, applies through the embedding client to
-every shard, and only then advances the watermark (and lets Kafka commit).
+"""The loader daemon's dispatch: sources -> one bounded queue -> one dispatcher that orders per
+(table, producer), fetches ahead (a small pool), verifies, applies through the embedding client
+to every reachable shard, and only then advances the watermark (and lets Kafka commit).
 
 Storage is the source of truth: on start, and whenever a stream has a gap or a server fell
-behind (restarted), the dispatcher lists storage after the stream's watermark.
-
-Progress is kept per shard. A shard that is unreachable (or not the shard our list says) is
-logged with its address at most every `unreachable_log_interval_s`, counted, shown in health
-and status, and left out: the reachable shards still get their slices. The ordering's watermark
-is what the reachable shards hold; what *every* shard holds (the minimum, with the last known
-marks of the shards that are down) is what Kafka may commit and what status reports. A shard
-that comes back holds less than the others, so the stream is rewound and replayed from storage
-(the "server fell behind" path); the others skip what they already hold.
-
-Nothing goes stale in silence: a packet that arrives below its stream's watermark after the
-watermark leapt over it (a passed gap or generation jump) is an ERROR naming it, a metric and a
-flag; a generation jump is held like a gap, logged as an ERROR, and passed (loudly) only after
-`gap_timeout_s`.
+behind (restarted), the dispatcher lists storage after the stream's watermark. Shard tracking
+(up, down, positions, rewinds) lives in `shards.py`, the anomalies that stay flagged in
+`anomalies.py`, the typed reports (`health()`, `streams()`) in `reports.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.embedding_server.errors import ShardError, ShardIdentityError, WatermarkMovedError
 from persia_inc.foundation.kafka import KafkaSettings
-from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s
+from persia_inc.foundation.retry import daemon_delay_s
 from persia_inc.foundation.threads import ServiceThread, thread_name
+from persia_inc.loader.anomalies import Anomalies
 from persia_inc.loader.dense_sync import DenseManagement, DenseSync
 from persia_inc.loader.fetch import (
     Fetched,
@@ -44,15 +34,24 @@ from persia_inc.loader.fetch import (
     fetch_packet,
 )
 from persia_inc.loader.metrics import LoaderMetrics, MetricsServer
-from persia_inc.loader.ordering import Action, Offer, Ordering, Stream
+from persia_inc.loader.ordering import Action, Decision, Offer, Ordering, Stream
+from persia_inc.loader.reports import (
+    QUARANTINED,
+    HealthReport,
+    LoaderReport,
+    StreamReport,
+)
 from persia_inc.loader.settings import LoaderSettings
+from persia_inc.loader.shards import ShardTracker, loader_retry_policy
 from persia_inc.loader.sources import (
     Candidate,
-    DirectoryWatcher,
     KafkaSource,
     OtherModelsWatch,
-    StoragePoller,
     packet_id_of_key,
+    pick_source,
+    source_alive,
+    source_name,
+    start_sources,
 )
 from persia_inc.packet_format import (
     DEFAULT_LIMITS,
@@ -76,58 +75,10 @@ _PERMANENT_APPLY_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "
 def _packet_rejected(exc: ShardError) -> bool:
     """Whether a failed Apply means the packet itself can never apply (quarantine it)."""
     return exc.code in _PERMANENT_APPLY_CODES and not isinstance(exc, ShardIdentityError)
-_BACKOFF_CAP = 10  # the longest retry wait, in units of `retry_backoff_s`
-
-
-def loader_retry_policy(retry_backoff_s: float) -> RetryPolicy:
-    """How the dispatcher retries a failed listing, fetch or apply, and unreachable servers:
-    never giving up (a daemon), waits doubling from `retry_backoff_s` up to ten times it."""
-    return RetryPolicy(max_attempts=None, initial_backoff_s=retry_backoff_s,
-                       max_backoff_s=_BACKOFF_CAP * retry_backoff_s, deadline_s=0)
 
 
 class LoaderStartError(RuntimeError):
     """The loader could not start (a source failed to start); what it had started is closed."""
-
-
-@dataclass
-class ShardState:
-    """What the dispatcher knows of one shard: whether it answered at the last look, its
-    watermarks then (kept while it is down: the last known), and why it is down."""
-
-    index: int
-    address: str
-    up: bool = False
-    marks: dict[Stream, Position] = field(default_factory=dict)
-    seen: bool = False  # answered (ready) at least once
-    error: BaseException | None = None  # why it is down (None while up)
-    failures: int = 0  # consecutive failed looks or applies
-    retry_at: float = float("-inf")  # monotonic time of its next look while down
-    logged_at: float = float("-inf")  # monotonic time of the last log line about it
-    down_since: float | None = None
-
-
-def server_positions(client: EmbeddingClient) -> dict[Stream, list[Position | None]] | None:
-    """Per stream, each shard's watermark (None: that shard holds nothing of it); None when a
-    shard is unreachable or not ready (still loading its checkpoint)."""
-    per_shard: list[dict[Stream, Position]] = []
-    for shard in range(len(client.servers)):
-        status = client.status(shard)
-        if not status.ready:
-            return None
-        per_shard.append({(w.table, w.producer): (w.generation, w.sequence) for w in status.watermarks})
-    streams = set().union(*per_shard) if per_shard else set()
-    return {s: [marks.get(s) for marks in per_shard] for s in streams}
-
-
-def lowest(positions: list[Position | None]) -> Position | None:
-    """What every shard holds: the minimum, None if any shard holds nothing."""
-    return None if any(p is None for p in positions) else min(positions)  # type: ignore[type-var]
-
-
-def table_dims(client: EmbeddingClient) -> dict[str, int]:
-    """table -> dim as the servers know it (shard 0; all shards agree or apply fails)."""
-    return {t.name: t.dim for t in client.status(0).tables}
 
 
 class Loader:
@@ -140,7 +91,7 @@ class Loader:
     def __init__(self, client: EmbeddingClient, store: ObjectStore, *, model: str,
                  settings: LoaderSettings | None = None, limits: PacketLimits = DEFAULT_LIMITS,
                  kafka: KafkaSettings | None = None, owns_store: bool = False,
-                 source: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 clock: Callable[[], float] = time.monotonic,
                  dense_management: DenseManagement | None = None) -> None:
         self.settings = settings if settings is not None else LoaderSettings()
         self.model = model
@@ -159,7 +110,7 @@ class Loader:
                                  min(self.settings.list_interval_s, self.settings.rescan_interval_s))
         self.queue: queue.Queue[Candidate | None] = queue.Queue(self.settings.queue_size)
         self.stop = threading.Event()
-        self.source_kind = self._pick_source(source or self.settings.source)
+        self.source_kind = pick_source(self.settings.source, kafka, store.kind)
         self.sources: list[Any] = []
         self._settlers: dict[tuple[Stream, Position], list[Callable[[], None]]] = {}
         self._seen: dict[tuple[Stream, Position], int] = {}  # wall ns a source first saw it
@@ -167,19 +118,16 @@ class Loader:
         self._pool = ThreadPoolExecutor(self.settings.prefetch,
                                         thread_name_prefix=thread_name("loader-fetch"))
         self._positions: dict[Stream, str | None] = {}
-        self._dims: dict[str, int] = {}
-        self._last_poll = float("-inf")
-        self._servers_ok = False
-        self._must_check = True  # read the servers' watermarks before the next apply
         self._retry_at: dict[Stream, float] = {}
         self._failures: dict[object, int] = {}  # stream or stage -> consecutive failures
-        self._shards = [ShardState(i, address) for i, address in enumerate(client.servers)]
-        # per stream, for status and health: packets skipped below the watermark (count, last
-        # key), the held generation jump already logged, generation jumps passed
-        self._skipped: dict[Stream, tuple[int, str]] = {}
-        self._jump_logged: dict[Stream, Position] = {}
-        self._jumps_passed: dict[Stream, int] = {}
-        self._report: dict[str, Any] = {"model": model, "shards": [], "streams": []}
+        s = self.settings
+        self.shards = ShardTracker(client, model, self.metrics, retry_backoff_s=s.retry_backoff_s,
+                                   watermark_poll_s=s.watermark_poll_s,
+                                   unreachable_log_interval_s=s.unreachable_log_interval_s,
+                                   clock=clock)
+        # flagged per stream until an operator clears them
+        self.anomalies = Anomalies(model, self.metrics, store.uri, gap_timeout_s=s.gap_timeout_s)
+        self._report = LoaderReport(model)
         self.applied = 0  # packets applied (every shard acked), for tests and logs
         self.last_loop = clock()
         self._thread = ServiceThread("loader-dispatcher", self._run, stop=self.stop)
@@ -195,17 +143,6 @@ class Loader:
                                         client, quarantine=self.quarantine, metrics=self.metrics)
 
     # ------------------------------------------------------------------------ lifecycle
-
-    def _pick_source(self, source: str) -> str:
-        if source == "auto":
-            if self.kafka is not None:
-                return "kafka"
-            return "watch" if self.store.kind == "local" else "list"
-        if source == "kafka" and self.kafka is None:
-            raise ValueError("loader.source 'kafka' needs the Kafka settings (persia_inc.kafka)")
-        if source == "watch" and self.store.kind != "local":
-            raise ValueError("loader.source 'watch' needs a local incremental_dir; use 'list'")
-        return source
 
     def start(self) -> Loader:
         """Read the servers' watermarks, start the sources and the dispatcher.
@@ -224,48 +161,25 @@ class Loader:
     def _start(self) -> Loader:
         self._pool.submit(self.store.warm_up)  # the first fetch then costs what the others do
         self.refresh_servers(force=True)
-        for shard in self._shards:
-            if isinstance(shard.error, ShardIdentityError):
-                raise shard.error
-        s = self.settings
-        positions = self.positions_snapshot
-        rejected = self._count_rejected
-        if self.source_kind == "watch":
-            rescan = StoragePoller(self.store.list, self.model, self.queue, positions,
-                                   interval_s=s.rescan_interval_s, discover_every=s.discover_every,
-                                   name="rescan", on_error=self._count_error)
-            self.sources.append(DirectoryWatcher(str(self.store.root), self.model,  # type: ignore[attr-defined]
-                                                 self.queue, rescan, on_reject=rejected,
-                                                 is_object=self.store.exists).start())
-        elif self.source_kind == "list":
-            self.sources.append(StoragePoller(self.store.list, self.model, self.queue, positions,
-                                              interval_s=s.list_interval_s,
-                                              discover_every=s.discover_every,
-                                              on_error=self._count_error).start())
-        else:
-            kafka = self.kafka
-            if kafka is None:  # _pick_source refuses this; a guard for the type checker
-                raise ValueError("loader.source 'kafka' needs the Kafka settings")
-            # storage stays the truth: one listing round at start finds what Kafka missed
-            self.sources.append(StoragePoller(self.store.list, self.model, self.queue, positions,
-                                              interval_s=max(s.rescan_interval_s, s.list_interval_s),
-                                              discover_every=s.discover_every, name="kafka-list",
-                                              on_error=self._count_error).start())
-            self.sources.append(KafkaSource(kafka, kafka.topic_for(self.model), self.model,
-                                            self.queue, self.store.key_of,
-                                            on_reject=rejected).start())
+        wrong = self.shards.identity_error()
+        if wrong is not None:
+            raise wrong
+        self.sources = start_sources(self.source_kind, self.store, self.model, self.queue,
+                                     self.positions_snapshot, self.settings, self.kafka,
+                                     on_reject=self._count_rejected, on_error=self._count_error)
         self._start_other_models_watch()
         for source in self.sources:
             error = getattr(source, "error", None)
             if error is not None:
-                raise LoaderStartError(f"loader source {_source_name(source)} failed to start: "
+                raise LoaderStartError(f"loader source {source_name(source)} failed to start: "
                                        f"{type(error).__name__}: {error}") from error
         self._thread.start()
         if self.dense_sync is not None:
             self.dense_sync.start()
+        s = self.settings
         if s.metrics_port:
             self._http = self.metrics.serve(s.metrics_port, s.metrics_addr, self.health,
-                                            self.streams)
+                                            self.streams, self.clear_anomalies)
         log.info("loader for model %s on %s: source %s, %d servers", self.model,
                  self.store.root_uri, self.source_kind, len(self.client.servers))
         return self
@@ -296,47 +210,51 @@ class Loader:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> HealthReport:
         """Healthy when the dispatcher loops, every source's threads run and every shard
         answers; otherwise `problems` names what is wrong (a dead source by name, an
         unreachable shard by index and address). Ready when healthy and every source can
         see packets: `waiting` names those that cannot yet (a Kafka consumer with no
         partition assigned: joining its group, or a spare one in a group with more loaders
-        than partitions)."""
+        than partitions). `flags`: the streams' anomalies not cleared yet."""
         alive = self._thread.is_alive() and self.clock() - self.last_loop < 30
-        sources = {_source_name(source): _source_alive(source) for source in self.sources}
-        waiting = [f"{_source_name(source)}: no partition assigned" for source in self.sources
+        sources = {source_name(source): source_alive(source) for source in self.sources}
+        waiting = [f"{source_name(source)}: no partition assigned" for source in self.sources
                    if isinstance(source, KafkaSource) and not source.assigned]
-        shards = self._report["shards"]
+        shards = self._report.shards
         problems = [] if alive else ["dispatcher not running"]
         problems += [f"source {name} is dead" for name, ok in sources.items() if not ok]
-        problems += [f"shard {sh['shard']} ({sh['address']}) unreachable: {sh['error']}"
-                     for sh in shards if not sh["up"]]
-        servers = bool(shards) and all(sh["up"] for sh in shards)
-        report = {"healthy": not problems and servers, "dispatcher": alive,
-                  "servers": servers, "sources": sources, "waiting": waiting, "shards": shards,
-                  "problems": problems, "applied": self.applied,
-                  "queue": self.queue.qsize(), "source": self.source_kind,
-                  "other_models": list(self.other_models)}
+        problems += [f"shard {sh.shard} ({sh.address}) unreachable: {sh.error}"
+                     for sh in shards if not sh.up]
+        dense = None
         if self.dense_sync is not None:
-            report["dense"] = self.dense_sync.status()
+            dense = self.dense_sync.status()
             if not self.dense_sync.is_alive() and self.dense_sync.started:
-                report["problems"].append("dense sync is not running")
-                report["healthy"] = False
-        report["ready"] = report["healthy"] and not waiting
-        self.metrics.healthy.labels(self.model).set(1 if report["healthy"] else 0)
+                problems.append("dense sync is not running")
+        servers = bool(shards) and all(sh.up for sh in shards)
+        healthy = not problems and servers
+        self.metrics.healthy.labels(self.model).set(1 if healthy else 0)
+        return HealthReport(healthy=healthy, ready=healthy and not waiting, dispatcher=alive,
+                            servers=servers, sources=sources, waiting=tuple(waiting),
+                            shards=shards, problems=tuple(problems),
+                            flags=tuple(self.anomalies.flagged()), applied=self.applied,
+                            queue=self.queue.qsize(), source=self.source_kind,
+                            other_models=tuple(self.other_models), dense=dense)
+
+    def streams(self) -> LoaderReport:
+        """Every stream and shard as of the dispatcher's last pass (`StreamReport`: watermarks,
+        pending, the held generation jump, unreachable shards and the anomalies not cleared),
+        and `dense` (`DenseSync.status()`) when the dense sync runs."""
+        report = self._report
+        if self.dense_sync is not None:
+            report = dataclasses.replace(report, dense=self.dense_sync.status())
         return report
 
-    def streams(self) -> dict[str, Any]:
-        """Per stream (as of the dispatcher's last pass): `watermark` (what every shard holds,
-        the last known marks counting for shards that are down), `reachable_watermark` (what
-        the reachable shards hold), `pending`, and the flags `skipped_below_watermark` (count,
-        `last_skipped` key), `generation_jump_held` (key of the held packet or None),
-        `generation_jumps_passed`, `shards_unreachable` (indices). Also `shards`, and `dense`
-        (`DenseSync.status()`: the active and pending dense versions) when the dense sync runs."""
-        if self.dense_sync is not None:
-            return {**self._report, "dense": self.dense_sync.status()}
-        return self._report
+    def clear_anomalies(self, streams: list[Stream] | None = None) -> list[Stream]:
+        """Clear the anomaly flags of `streams` (None: all); returns those that had flags."""
+        cleared = self.anomalies.clear(streams)
+        self._publish_report()
+        return cleared
 
     # ---------------------------------------------------------------------- positions
 
@@ -361,7 +279,7 @@ class Loader:
             ignore=ignore, on_found=found, on_error=self._count_error).start())
 
     def _fetch_kwargs(self) -> dict[str, Any]:
-        return {"limits": self.limits, "dims": dict(self._dims),
+        return {"limits": self.limits, "dims": dict(self.shards.dims),
                 "allow_non_finite": self.settings.allow_non_finite,
                 "settle_s": self.settings.settle_s}
 
@@ -374,125 +292,37 @@ class Loader:
     # ----------------------------------------------------------------- servers' state
 
     def refresh_servers(self, *, force: bool = False) -> bool:
-        """Read the watermarks of every shard that is up (and of a shard that is down, when its
-        retry is due); rewind streams where a reachable shard fell behind (it restarted empty
-        or from an older checkpoint, or it was down and came back), so they replay from
-        storage. Returns False when no shard is reachable."""
-        now = self.clock()
-        if not force and not self._must_check and now - self._last_poll < self.settings.watermark_poll_s:
-            return self._servers_ok
-        self._last_poll = now
-        for shard in self._shards:
-            if shard.up or force or now >= shard.retry_at:
-                self._look_at(shard, now)
-        up = [shard for shard in self._shards if shard.up]
-        self._servers_ok = bool(up)
-        if not up:
-            self._must_check = True
-            self._publish_report()
-            return False
-        self._must_check = False
-        self._failures.pop(_SERVERS, None)
-        streams = set(self.ordering.streams)
-        if self.source_kind != "kafka":  # kafka: a loader follows the streams it is told about
-            for shard in up:
-                streams |= set(shard.marks)
-        for stream in streams:
-            held = lowest([shard.marks.get(stream) for shard in up])
-            ours = self.ordering.watermark(stream)
-            fresh = stream not in self.ordering.streams
-            if fresh or held != ours:
-                if not fresh and (held is None or (ours is not None and held < ours)):
-                    behind = [f"{sh.index} ({sh.address})" for sh in up
-                              if sh.marks.get(stream) is None
-                              or (ours is not None and sh.marks[stream] < ours)]
-                    log.warning("stream %s/%s: shard %s holds only up to %s, not %s (restarted, "
-                                "or back after it was unreachable): replaying from storage",
-                                *stream, ", ".join(behind), held, ours)
-                    self.metrics.replays.labels(self.model).inc()
-                    self._drop_fetches(stream)
-                self.ordering.set_watermark(stream, held, now=now)
-                self._publish_position(stream)
-            everywhere = self._held_everywhere(stream)
-            if everywhere is not None:
-                self._settle_upto(stream, everywhere)  # every shard holds them
+        """Read the shards' watermarks (when due: `ShardTracker.refresh`); rewind streams where a
+        reachable shard fell behind, so they replay from storage; settle what every shard holds.
+        Returns False when no shard is reachable."""
+        ok = self.shards.refresh(self.ordering, follow_servers=self.source_kind != "kafka",
+                                 force=force, on_moved=self._moved)
+        if ok:
+            self._failures.pop(_SERVERS, None)
+            for stream in list(self.ordering.streams):
+                everywhere = self.shards.held_everywhere(stream)
+                if everywhere is not None:
+                    self._settle_upto(stream, everywhere)  # every shard holds them
         self._publish_report()
-        return True
+        return ok
 
-    def _look_at(self, shard: ShardState, now: float) -> None:
-        """Read one shard's status: its watermarks and tables, or why it is down."""
-        try:
-            self.client.verify((shard.index,))  # cheap once checked; again after an outage
-            status = self.client.status(shard.index)
-        except ShardError as exc:
-            self._shard_down(shard, exc, now)
-            return
-        if not status.ready:
-            self._shard_down(shard, ConnectionError("not ready (still loading its checkpoint)"), now)
-            return
-        shard.marks = {(w.table, w.producer): (w.generation, w.sequence) for w in status.watermarks}
-        self._dims.update({t.name: t.dim for t in status.tables})
-        if not shard.up and shard.down_since is not None:
-            log.warning("shard %d (%s) answers again after %.1f s: catching up from storage",
-                        shard.index, shard.address, now - shard.down_since)
-        shard.up, shard.seen, shard.error, shard.failures = True, True, None, 0
-        shard.down_since = None
-        self.metrics.shard_up.labels(self.model, str(shard.index)).set(1)
-
-    def _shard_down(self, shard: ShardState, exc: BaseException, now: float) -> None:
-        """Mark `shard` down after `exc` (a failed look or apply): counted every time, logged
-        with its address at most every `unreachable_log_interval_s`, looked at again after a
-        backoff. A ShardIdentityError (the server list is in the wrong order) is an ERROR."""
-        shard.up = False
-        shard.error = exc
-        shard.failures += 1
-        if shard.down_since is None:
-            shard.down_since = now
-        shard.retry_at = now + daemon_delay_s(exc, shard.failures,
-                                              loader_retry_policy(self.settings.retry_backoff_s))
-        self._must_check = True
-        why = "wrong_shard" if isinstance(exc, ShardIdentityError) else "unreachable"
-        self.metrics.shard_unreachable.labels(self.model, str(shard.index), shard.address, why).inc()
-        self.metrics.shard_up.labels(self.model, str(shard.index)).set(0)
-        if now - shard.logged_at >= self.settings.unreachable_log_interval_s:
-            shard.logged_at = now
-            log.error("SHARD %d (%s) %s for %.1f s (%d failures): %s; the other shards still get "
-                      "their slices, this one catches up from storage when it is back (logged at "
-                      "most every %.0f s)", shard.index, shard.address,
-                      "refuses its identity" if why == "wrong_shard" else "unreachable",
-                      now - shard.down_since, shard.failures, exc,
-                      self.settings.unreachable_log_interval_s)
-
-    def _held_everywhere(self, stream: Stream) -> Position | None:
-        """What every shard holds of `stream` (shards that are down count with their last
-        known marks; None if some shard was never seen or holds nothing of it)."""
-        if not all(shard.seen for shard in self._shards):
-            return None
-        return lowest([shard.marks.get(stream) for shard in self._shards])
+    def _moved(self, stream: Stream, rewound: bool) -> None:
+        """The servers set `stream`'s watermark (rewound: back, to replay from storage)."""
+        if rewound:
+            self._drop_fetches(stream)
+        self._publish_position(stream)
 
     def _publish_report(self) -> None:
         """A fresh snapshot for `streams()`, `health()` and `/streams` (read by other threads)."""
-        down = [shard.index for shard in self._shards if not shard.up]
+        down = tuple(self.shards.down)
         streams = []
         for stream in sorted(self.ordering.streams):
-            everywhere = self._held_everywhere(stream)
-            reachable = self.ordering.watermark(stream)
             held = self.ordering.held_jump(stream)
-            skipped, last = self._skipped.get(stream, (0, ""))
-            streams.append({
-                "table": stream[0], "producer": stream[1],
-                "watermark": None if everywhere is None else list(everywhere),
-                "reachable_watermark": None if reachable is None else list(reachable),
-                "pending": len(self.ordering.state(stream).pending),
-                "skipped_below_watermark": skipped, "last_skipped": last,
-                "generation_jump_held": None if held is None else held.key,
-                "generation_jumps_passed": self._jumps_passed.get(stream, 0),
-                "shards_unreachable": down,
-            })
-        shards = [{"shard": sh.index, "address": sh.address, "up": sh.up,
-                   "error": "" if sh.error is None else str(sh.error), "failures": sh.failures}
-                  for sh in self._shards]
-        self._report = {"model": self.model, "shards": shards, "streams": streams}
+            streams.append(StreamReport(
+                stream[0], stream[1], self.shards.held_everywhere(stream),
+                self.ordering.watermark(stream), len(self.ordering.state(stream).pending),
+                None if held is None else held.key, down, self.anomalies.of(stream)))
+        self._report = LoaderReport(self.model, tuple(self.shards.reports()), tuple(streams))
 
     # ---------------------------------------------------------------------- dispatcher
 
@@ -535,15 +365,19 @@ class Loader:
         packet_id = candidate.packet_id
         stream = (packet_id.table, packet_id.producer)
         if stream not in self.ordering.streams:
-            self._must_check = True  # a new stream: learn where the servers are first
+            self.shards.must_check = True  # a new stream: learn where the servers are first
             self.refresh_servers()
         outcome = self.ordering.offer(packet_id, now=self.clock())
         if outcome is Offer.SKIPPED:
-            self._skipped_below(stream, packet_id, candidate)
+            if candidate.settle:
+                candidate.settle()
+            self.anomalies.skipped_below(stream, packet_id, candidate.source,
+                                         self.ordering.watermark(stream))
+            self._publish_report()
             return
         if outcome is Offer.STALE:
             self.metrics.skipped.labels(self.model, "watermark").inc()
-            everywhere = self._held_everywhere(stream)
+            everywhere = self.shards.held_everywhere(stream)
             if candidate.settle and packet_id.position not in self.ordering.state(stream).bad \
                     and (everywhere is None or packet_id.position > everywhere):
                 # applied where the shards answer, not yet on one that is down: commit later
@@ -553,44 +387,18 @@ class Loader:
             return
         if outcome is Offer.DUPLICATE:
             self.metrics.skipped.labels(self.model, "duplicate").inc()
-        elif self._servers_ok:
+        elif self.shards.ok:
             self._prefetch(stream)  # fetch while earlier packets apply, not after
         ident = (stream, packet_id.position)
         if candidate.settle:
             self._settlers.setdefault(ident, []).append(candidate.settle)
         self._seen[ident] = min(self._seen.get(ident, candidate.seen_at_ns), candidate.seen_at_ns)
 
-    def _skipped_below(self, stream: Stream, packet_id: PacketId, candidate: Candidate) -> None:
-        """A packet below the watermark inside a leap of it: it was never applied and never
-        will be (applying it over newer rows would be worse). Loud: an ERROR, a metric, a flag."""
-        if candidate.settle:
-            candidate.settle()
-        count, last = self._skipped.get(stream, (0, ""))
-        if last == packet_id.key:  # the same late packet again (another event, a redelivery)
-            self.metrics.skipped.labels(self.model, "watermark").inc()
-            return
-        self._skipped[stream] = (count + 1, packet_id.key)
-        self.metrics.skipped_below.labels(self.model, stream[0]).inc()
-        log.error("SKIPPED %s: it arrived (from %s) below the watermark %s of %s/%s/%s, which had "
-                  "already leapt past it (a gap or generation jump passed); it was never applied "
-                  "and will not be: its rows on the servers may be stale",
-                  self.store.uri(packet_id.key), candidate.source or "a source",
-                  self.ordering.watermark(stream), self.model, *stream)
-        self._publish_report()
-
-    def _held_jump(self, stream: Stream, head: PacketId, known: int) -> None:
-        """Log (once per held packet) and count a generation jump being held."""
-        if self._jump_logged.get(stream) == head.position:
-            return
-        self._jump_logged[stream] = head.position
-        self.metrics.generation_jumps.labels(self.model, stream[0], "held").inc()
-        log.error("GENERATION JUMP in %s/%s/%s: %s is generation %d, but the highest known "
-                  "generation of producer %s is %d (watermark %s): held, not applied, while "
-                  "storage is listed for generations %d..%d; passed after %.1f s if none shows",
-                  self.model, *stream, self.store.uri(head.key), head.generation, stream[1], known,
-                  self.ordering.watermark(stream), known + 1, head.generation - 1,
-                  self.settings.gap_timeout_s)
-        self._publish_report()
+    def _held_jump(self, stream: Stream, decision: Decision) -> None:
+        if decision.jump_from is not None and decision.head is not None and \
+                self.anomalies.held_jump(stream, decision.head, decision.jump_from,
+                                         self.ordering.watermark(stream)):
+            self._publish_report()
 
     def _step(self) -> bool:
         """One pass over the streams; True if it did work."""
@@ -607,32 +415,18 @@ class Loader:
                 continue
             decision = self.ordering.decide(stream, now=now)
             if decision.action is Action.LIST:
-                if decision.jump_from is not None and decision.head is not None:
-                    self._held_jump(stream, decision.head, decision.jump_from)
+                self._held_jump(stream, decision)
                 self._list_stream(stream)
                 did = True
                 decision = self.ordering.decide(stream, now=self.clock())
-            if decision.jump_from is not None and decision.head is not None:
-                self._held_jump(stream, decision.head, decision.jump_from)
+            self._held_jump(stream, decision)
             if decision.action in (Action.APPLY, Action.PASS_GAP) and decision.head is not None:
-                if decision.action is Action.PASS_GAP and decision.jump_from is not None:
-                    log.error("GENERATION JUMP in %s/%s/%s passed: no generation between %d and "
-                              "%d showed within %.1f s; applying %s over watermark %s",
-                              self.model, *stream, decision.jump_from, decision.head.generation,
-                              self.settings.gap_timeout_s, self.store.uri(decision.head.key),
-                              decision.missing_after)
-                    self.metrics.generation_jumps.labels(self.model, stream[0], "passed").inc()
-                    self.metrics.gaps.labels(self.model, stream[0]).inc()
-                    self._jumps_passed[stream] = self._jumps_passed.get(stream, 0) + 1
-                elif decision.action is Action.PASS_GAP:
-                    log.error("GAP in %s/%s/%s: nothing after %s arrived within %.1f s; passing "
-                              "it and applying %s", self.model, *stream, decision.missing_after,
-                              self.settings.gap_timeout_s, decision.head.position)
-                    self.metrics.gaps.labels(self.model, stream[0]).inc()
+                if decision.action is Action.PASS_GAP:
+                    self.anomalies.passed(stream, decision)
                 self._prefetch(stream)
                 self._process(stream, decision.head)
                 did = True
-                if self._must_check:
+                if self.shards.must_check:
                     break
             self.metrics.lag.labels(self.model, stream[0]).set(len(self.ordering.state(stream).pending))
         self._publish_report()
@@ -719,6 +513,7 @@ class Loader:
                 self._retry_at[stream] = self.clock() + self.settings.retry_backoff_s
                 return
             self.metrics.quarantined.labels(self.model, type(exc).__name__).inc()
+            self.anomalies.record(stream, QUARANTINED, packet_id.key, str(exc))
             self.ordering.reject(packet_id, now=self.clock())
             self._settle(ident)
             return
@@ -734,10 +529,10 @@ class Loader:
         packet_id, packet = fetched.packet_id, fetched.packet
         ident = (stream, packet_id.position)
         started = self.clock()
-        targets = [shard.index for shard in self._shards if shard.up]
+        targets = [shard.index for shard in self.shards.up]
         # each shard applies only on top of what we last saw it hold: one that restarted since
         # (empty, or from an older checkpoint) refuses instead of taking this packet over a gap
-        expect = {i: self._shards[i].marks.get(stream) for i in targets}
+        expect = {i: self.shards.shards[i].marks.get(stream) for i in targets}
         outcome = self.client.apply_cut_shards(packet, targets, expect)
         moved = {i: r for i, r in outcome.items() if isinstance(r, WatermarkMovedError)}
         if moved:
@@ -745,7 +540,7 @@ class Loader:
                 log.info("shard %d holds %s/%s at %s, not %s as last seen: looking again before "
                          "%s goes there", index, *stream, refusal.held, expect[index],
                          packet_id.key)
-            self._must_check = True  # the next pass reads the watermarks (and rewinds)
+            self.shards.must_check = True  # the next pass reads the watermarks (and rewinds)
             outcome = {i: r for i, r in outcome.items() if i not in moved}
         failed = {i: r for i, r in outcome.items() if isinstance(r, ShardError)}
         acked = {i: r for i, r in outcome.items() if not isinstance(r, ShardError)}
@@ -753,11 +548,12 @@ class Loader:
         if rejected:
             self.quarantine.put(packet_id.key, f"rejected by the servers: {rejected[0]}")
             self.metrics.quarantined.labels(self.model, "server_rejected").inc()
+            self.anomalies.record(stream, QUARANTINED, packet_id.key, str(rejected[0]))
             self.ordering.reject(packet_id, now=self.clock())
             self._settle(ident)
             return
         for index, exc in failed.items():  # down (or the wrong shard): out until it answers
-            self._shard_down(self._shards[index], exc, self.clock())
+            self.shards.shard_down(self.shards.shards[index], exc, self.clock())
         if failed:
             self._count_error("apply")
         if not acked:
@@ -771,60 +567,26 @@ class Loader:
                         wait, why)
             self._retry_at[stream] = self.clock() + wait
             return
-        for index in acked:
-            marks = self._shards[index].marks
-            marks[stream] = max(marks.get(stream, packet_id.position), packet_id.position)
+        self.shards.applied(stream, packet_id.position, acked)
         done = self.clock()
-        h = packet.header
-        m = self.metrics
         seen_ns = self._seen.pop(ident, 0)
         if not any(acked.values()):
-            m.skipped.labels(self.model, "servers_held").inc()
+            self.metrics.skipped.labels(self.model, "servers_held").inc()
         else:
-            m.packets.labels(self.model, h.lane).inc()
-            for table in packet.tables:
-                m.rows.labels(self.model, table.name).inc(table.row_count)
-            m.bytes.labels(self.model, h.lane).inc(fetched.nbytes)
-            m.apply_latency.labels(self.model).observe(done - started)
-            self._observe_stages(h.created_at_ns, seen_ns, fetched.fetched_at_ns)
+            self.metrics.observe_applied(packet, fetched.nbytes, done - started, seen_ns,
+                                         fetched.fetched_at_ns)
         self.applied += 1
         for table in packet.tables:
-            self._dims.setdefault(table.name, table.dim)
+            self.shards.dims.setdefault(table.name, table.dim)
         self.ordering.applied(packet_id, now=done)
         self._failures.pop(stream, None)
         self._publish_position(stream)
-        everywhere = self._held_everywhere(stream)
+        everywhere = self.shards.held_everywhere(stream)
         if everywhere is not None:  # Kafka commits only what every shard holds
             self._settle_upto(stream, everywhere)
 
 
-    def _observe_stages(self, created_ns: int, seen_ns: int, fetched_ns: int) -> None:
-        """The latency budget of one applied packet: flush -> seen -> fetched -> applied."""
-        applied_ns = time.time_ns()
-        stages = self.metrics.stages
-        for stage, at_ns in (("seen", seen_ns), ("fetched", fetched_ns),
-                             ("applied", applied_ns)):
-            if at_ns:
-                stages.labels(self.model, stage).observe(max(0.0, (at_ns - created_ns) / 1e9))
-        self.metrics.freshness.labels(self.model).observe(max(0.0, (applied_ns - created_ns) / 1e9))
-
-
 _SERVERS, _DISPATCH = "servers", "dispatch"  # failure counters that are not a stream's
-
-
-def _source_name(source: Any) -> str:
-    """A source's name in health and logs: watch, kafka, or the poller's name."""
-    if isinstance(source, DirectoryWatcher):
-        return "watch"
-    if isinstance(source, KafkaSource):
-        return "kafka"
-    return str(getattr(source, "name", type(source).__name__))
-
-
-def _source_alive(source: Any) -> bool:
-    """Whether a source's threads run (a source without `is_alive` is taken as alive)."""
-    alive = getattr(source, "is_alive", None)
-    return True if alive is None else bool(alive())
 
 
 def _servers_down() -> ConnectionError:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,6 +20,10 @@ from prometheus_client import (
 )
 
 from persia_inc.foundation.threads import ServiceThread
+
+if TYPE_CHECKING:
+    from persia_inc.loader.reports import HealthReport, LoaderReport
+    from persia_inc.packet_format import Cut
 
 log = logging.getLogger(__name__)
 
@@ -111,42 +116,73 @@ class LoaderMetrics:
         self.dense_errors = Counter("persia_inc_loader_dense_errors",
                                     "Failed dense-sync steps (retried)", [*m, "stage"], registry=r)
 
-    def serve(self, port: int, addr: str, health: Callable[[], dict[str, Any]],
-              streams: Callable[[], dict[str, Any]] | None = None) -> MetricsServer:
-        """Serve /metrics, /healthz and /streams on addr:port (port 0 picks a free port)."""
-        return MetricsServer(self.registry, port, addr, health, streams)
+    def observe_applied(self, packet: Cut, nbytes: int, apply_s: float, seen_ns: int,
+                        fetched_ns: int) -> None:
+        """One packet applied: its counts, the apply time, and the latency budget of its stages
+        (flush -> seen -> fetched -> applied; a stage at 0 ns is not known)."""
+        lane, created_ns = packet.header.lane, packet.header.created_at_ns
+        self.packets.labels(self.model, lane).inc()
+        for table in packet.tables:
+            self.rows.labels(self.model, table.name).inc(table.row_count)
+        self.bytes.labels(self.model, lane).inc(nbytes)
+        self.apply_latency.labels(self.model).observe(apply_s)
+        applied_ns = time.time_ns()
+        for stage, at_ns in (("seen", seen_ns), ("fetched", fetched_ns), ("applied", applied_ns)):
+            if at_ns:
+                self.stages.labels(self.model, stage).observe(max(0.0, (at_ns - created_ns) / 1e9))
+        self.freshness.labels(self.model).observe(max(0.0, (applied_ns - created_ns) / 1e9))
+
+    def serve(self, port: int, addr: str, health: Callable[[], HealthReport],
+              streams: Callable[[], LoaderReport] | None = None,
+              clear: Callable[[list[tuple[str, str]] | None], list[tuple[str, str]]] | None = None
+              ) -> MetricsServer:
+        """Serve /metrics, /healthz, /streams and POST /clear on addr:port (0: a free port)."""
+        return MetricsServer(self.registry, port, addr, health, streams, clear)
 
 
 class MetricsServer:
     """A tiny HTTP server: `/metrics` (Prometheus text), `/healthz` (JSON; 503 when not
-    healthy) and `/streams` (JSON: per stream, the loader's watermarks and flags, which
-    `persia-inc status` shows). Runs on a `ServiceThread` (`persia-inc-loader-metrics`);
-    `close()` stops it promptly and is safe to call twice."""
+    healthy), `/streams` (JSON: per stream, the loader's watermarks and flags, which
+    `persia-inc status` shows) and `POST /clear` (body `{"streams": ["table/producer", ...]}`
+    or `{"streams": "all"}`: clears those streams' anomaly flags; answers the ones cleared).
+    Runs on a `ServiceThread` (`persia-inc-loader-metrics`); `close()` stops it promptly and
+    is safe to call twice."""
 
     def __init__(self, registry: CollectorRegistry, port: int, addr: str,
-                 health: Callable[[], dict[str, Any]],
-                 streams: Callable[[], dict[str, Any]] | None = None) -> None:
+                 health: Callable[[], HealthReport], streams: Callable[[], LoaderReport] | None = None,
+                 clear: Callable[[list[tuple[str, str]] | None], list[tuple[str, str]]] | None = None
+                 ) -> None:
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.startswith("/healthz"):
-                    report = health()
-                    body = json.dumps(report).encode()
-                    self.send_response(200 if report.get("healthy") else 503)
-                    self.send_header("Content-Type", "application/json")
-                elif self.path.startswith("/streams") and streams is not None:
-                    body = json.dumps(streams()).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                elif self.path.startswith("/metrics") or self.path == "/":
-                    body = generate_latest(registry)
-                    self.send_response(200)
-                    self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-                else:
-                    body = b"not found\n"
-                    self.send_response(404)
+            def _reply(self, code: int, body: bytes, kind: str = "application/json") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/healthz"):
+                    report = health()
+                    self._reply(200 if report.healthy else 503, json.dumps(report.to_json()).encode())
+                elif self.path.startswith("/streams") and streams is not None:
+                    self._reply(200, json.dumps(streams().to_json()).encode())
+                elif self.path.startswith("/metrics") or self.path == "/":
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                else:
+                    self._reply(404, b"not found\n", "text/plain")
+
+            def do_POST(self) -> None:
+                if not self.path.startswith("/clear") or clear is None:
+                    self._reply(404, b"not found\n", "text/plain")
+                    return
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    chosen = parse_clear(json.loads(self.rfile.read(min(length, 1 << 20)) or b"{}"))
+                except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                    self._reply(400, json.dumps({"error": str(exc)}).encode())
+                    return
+                cleared = clear(chosen)
+                self._reply(200, json.dumps({"cleared": [f"{t}/{p}" for t, p in cleared]}).encode())
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("metrics http: " + format, *args)
@@ -167,3 +203,17 @@ class MetricsServer:
         """Stop serving; safe to call twice."""
         self._thread.close(timeout_s)
         self._server.server_close()
+
+
+def parse_clear(body: object) -> list[tuple[str, str]] | None:
+    """The streams a `/clear` body names: `{"streams": "all"}` -> None (every stream), or
+    `{"streams": ["table/producer", ...]}`. Raises ValueError naming what is wrong."""
+    if not isinstance(body, dict) or "streams" not in body:
+        raise ValueError('the body must be {"streams": "all"} or {"streams": ["table/producer"]}')
+    chosen = body["streams"]
+    if chosen == "all":
+        return None
+    if not isinstance(chosen, list) or not all(isinstance(c, str) and c.count("/") == 1
+                                               for c in chosen):
+        raise ValueError(f'"streams" must be "all" or a list of "table/producer", not {chosen!r}')
+    return [(c.split("/")[0], c.split("/")[1]) for c in chosen]

@@ -1,5 +1,5 @@
 """Replay: load a checkpoint (or start from the servers' watermarks) and apply every later
-packet in storage, in order, up to an optional point. Also the planning `status` uses."""
+packet in storage, in order, up to an optional point."""
 
 from __future__ import annotations
 
@@ -8,21 +8,19 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from persia_inc.embedding_server.client import EmbeddingClient
-from persia_inc.embedding_server.errors import ShardError
 from persia_inc.foundation.threads import thread_name
-from persia_inc.loader.daemon import lowest, server_positions
 from persia_inc.loader.fetch import Fetched, fetch_packet
 from persia_inc.loader.ordering import Stream, is_generation_start, is_successor
+from persia_inc.loader.shards import held_by_all, read_positions
 from persia_inc.loader.sources import packet_id_of_key
 from persia_inc.packet_format import (
     DEFAULT_LIMITS,
     PacketId,
     PacketLimits,
     Position,
-    read_packet_header,
+    read_cut_header,
     stream_prefix,
 )
 from persia_inc.storage import ObjectInfo, ObjectStore
@@ -98,8 +96,8 @@ def trim_plan_until_time(store: ObjectStore, plan: ReplayPlan, until_time_ns: in
     for stream, planned in plan.packets.items():
         kept = []
         for packet in planned:
-            header = read_packet_header(store.get(packet.key), where=store.uri(packet.key),
-                                        limits=limits)
+            header = read_cut_header(store.get(packet.key), where=store.uri(packet.key),
+                                     limits=limits)
             if header.created_at_ns > until_time_ns:
                 break
             kept.append(packet)
@@ -167,114 +165,9 @@ def replay(client: EmbeddingClient, store: ObjectStore, model: str, *, checkpoin
 
 
 def servers_start(client: EmbeddingClient) -> dict[Stream, Position | None]:
-    """Per stream, what every shard holds (None: some shard holds nothing of it)."""
-    marks = server_positions(client)
-    if marks is None:
-        raise RuntimeError("an embedding server is not ready (still loading its checkpoint?)")
-    return {stream: lowest(positions) for stream, positions in marks.items()}
-
-
-@dataclass(frozen=True, slots=True)
-class StreamStatus:
-    """One stream: the servers' watermark, the newest stored packet, the lag, and the flags.
-
-    watermark: what every reachable shard holds; shards_unreachable: shards that did not answer
-    (here, or to the loader); generation_jump: the next stored packet after the watermark, when
-    it is a generation more than one above the producer's highest generation on the servers;
-    from the loader's report (None: no loader report was read): skipped_below_watermark (packets
-    it never applied because they arrived after the watermark leapt past them) and
-    generation_jump_held (the key of the packet it holds as a generation jump, or "")."""
-
-    table: str
-    producer: str
-    watermark: Position | None
-    newest: Position | None
-    lag_packets: int
-    lag_s: float
-    shards_unreachable: tuple[int, ...] = ()
-    generation_jump: Position | None = None
-    skipped_below_watermark: int | None = None
-    generation_jump_held: str | None = None
-
-    @property
-    def flags(self) -> list[str]:
-        """The anomalies, as short words for a table: empty when all is well."""
-        out = []
-        if self.skipped_below_watermark:
-            out.append(f"skipped-below-watermark={self.skipped_below_watermark}")
-        if self.generation_jump_held:
-            out.append("generation-jump-held")
-        elif self.generation_jump is not None:
-            out.append(f"generation-jump={self.generation_jump[0]}:{self.generation_jump[1]}")
-        if self.shards_unreachable:
-            out.append("shard-unreachable=" + ",".join(map(str, self.shards_unreachable)))
-        return out
-
-
-def shard_positions(client: EmbeddingClient
-                    ) -> tuple[list[dict[Stream, Position] | None], dict[int, str]]:
-    """Each shard's watermarks (None for a shard that is unreachable, not the shard our list
-    says, or not ready), and why, per such shard."""
-    per_shard: list[dict[Stream, Position] | None] = []
-    down: dict[int, str] = {}
-    for shard in range(len(client.servers)):
-        try:
-            client.verify((shard,))
-            status = client.status(shard)
-        except ShardError as exc:
-            per_shard.append(None)
-            down[shard] = str(exc)
-            continue
-        if not status.ready:
-            per_shard.append(None)
-            down[shard] = f"shard {shard} ({client.servers[shard]}): not ready"
-            continue
-        per_shard.append({(w.table, w.producer): (w.generation, w.sequence)
-                          for w in status.watermarks})
-    return per_shard, down
-
-
-def stream_status(client: EmbeddingClient, store: ObjectStore, model: str,
-                  now_ns: int | None = None, loader: dict[str, Any] | None = None
-                  ) -> list[StreamStatus]:
-    """Status of every stream known to the servers or storage. lag_s: how long the oldest
-    packet the servers do not hold has been waiting (now minus its created-at). Shards that do
-    not answer are flagged, not fatal (RuntimeError when none answers). `loader`: the loader's
-    `/streams` report (`Loader.streams()`), whose flags are merged in."""
-    from persia_inc.packet_format import read_packet_header
-
-    now_ns = time.time_ns() if now_ns is None else now_ns
-    per_shard, down = shard_positions(client)
-    reachable = [marks for marks in per_shard if marks is not None]
-    if not reachable:
-        raise RuntimeError("no embedding server answers: " + "; ".join(down.values()))
-    start = {stream: lowest([marks.get(stream) for marks in reachable])
-             for stream in set().union(*reachable)}
-    known: dict[str, int] = {}  # producer -> its highest generation on the servers
-    for (_, producer), mark in start.items():
-        if mark is not None:
-            known[producer] = max(known.get(producer, mark[0]), mark[0])
-    reported = {(r["table"], r["producer"]): r for r in (loader or {}).get("streams", [])}
-    loader_down = {int(sh["shard"]) for sh in (loader or {}).get("shards", []) if not sh["up"]}
-    stored = list_streams(store, model)
-    out = []
-    for stream in sorted(set(start) | set(stored)):
-        mark = start.get(stream)
-        found = stored.get(stream, [])
-        behind = [(p, i) for p, i in found if mark is None or p.position > mark]
-        lag_s = 0.0
-        jump = None
-        if behind:
-            with store.open(behind[0][1].key) as source:
-                header = read_packet_header(source, where=store.uri(behind[0][1].key))
-            lag_s = max(0.0, (now_ns - header.created_at_ns) / 1e9)
-            first = behind[0][0].position
-            if stream[1] in known and first[0] > known[stream[1]] + 1:
-                jump = first
-        row = reported.get(stream)
-        out.append(StreamStatus(
-            stream[0], stream[1], mark, found[-1][0].position if found else None, len(behind),
-            lag_s, tuple(sorted(set(down) | loader_down)), jump,
-            None if loader is None else int(row["skipped_below_watermark"]) if row else 0,
-            None if loader is None else (row["generation_jump_held"] or "") if row else ""))
-    return out
+    """Per stream, what every shard holds (None: some shard holds nothing of it). Raises
+    RuntimeError naming the shards that are unreachable or not ready."""
+    per_shard, down = read_positions(client)
+    if down:
+        raise RuntimeError("cannot replay while a shard is down: " + "; ".join(down.values()))
+    return held_by_all([marks for marks in per_shard if marks is not None])

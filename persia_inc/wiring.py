@@ -3,6 +3,7 @@ on behalf of the layers below, which take only their typed settings and collabor
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -54,22 +55,25 @@ def producer_from_config(config: Config | str | os.PathLike[str], **overrides: A
 def loader_from_config(config: Config | str | os.PathLike[str], client: EmbeddingClient,
                        **overrides: Any) -> Loader:
     """The serving side's loader daemon for `config`, applying through `client` (not closed by
-    the loader). overrides go to `Loader` (e.g. store, source, clock); without `store` it
-    opens `incremental_dir` and closes it at `close()`. Announcements are read from Kafka when
-    the producers announce there (`persia_inc.producer.announce: kafka`) or the loader's
-    source says so."""
+    the loader). overrides go to `Loader` (e.g. store, clock), except `source`, which replaces
+    `persia_inc.loader.source` (None: keep it); without `store` it opens `incremental_dir` and
+    closes it at `close()`. Announcements are read from Kafka when the producers announce there
+    (`persia_inc.producer.announce: kafka`) or the loader's source says so."""
     from persia_inc.loader.daemon import Loader
 
     config = _config(config)
     s = config.persia_inc
-    kafka_wanted = s.producer.announce == "kafka" or s.loader.source == "kafka" \
-        or overrides.get("source") == "kafka"
+    source = overrides.pop("source", None)
+    settings = overrides.pop("settings", None) or s.loader
+    if source is not None:
+        settings = dataclasses.replace(settings, source=source)
+    kafka_wanted = s.producer.announce == "kafka" or settings.source == "kafka"
     kwargs: dict[str, Any] = {
-        "model": s.model, "settings": s.loader, "limits": s.limits,
+        "model": s.model, "settings": settings, "limits": s.limits,
         "kafka": s.kafka if kafka_wanted else None,
     }
     kwargs.update(overrides)
-    dense = (kwargs.get("settings") or s.loader).dense_sync
+    dense = settings.dense_sync
     if dense.enabled and kwargs.get("dense_management") is None:
         from persia_inc.dense import grpc_management
 

@@ -153,7 +153,7 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
         wait_until(lambda: sync.versions.get(2) is not None and sync.versions[2].state == "registered",
                    "version 2 to be registered", timeout_s=120.0)
         events.append(f"v2 registered at {time.monotonic() - started:.1f}s")
-        status = loader.streams()["dense"]
+        status = loader.streams().dense
         assert status["active"]["version"] == 1
         assert [p["version"] for p in status["pending"]] == [2]
         assert status["pending"][0]["waiting_for"], status
@@ -197,7 +197,7 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
         assert store.get(f"quarantine/{dense_mar_key(MODEL, 3)}") == bytes(bad)  # bytes kept
         reason = json.loads(store.get(f"quarantine/{dense_mar_key(MODEL, 3)}.reason.json"))
         assert "dense version 3" in reason["reason"]
-        assert loader.streams()["dense"]["refused"][0]["version"] == 3
+        assert loader.streams().dense["refused"][0]["version"] == 3
 
         n = len(answers)
         wait_until(lambda: len(answers) >= n + 5, "answers after the refusal", timeout_s=120.0)

@@ -220,7 +220,7 @@ def test_loader_skips_fifos_and_symlinks_whichever_source_sees_them(
                        and labelled(loader, "persia_inc_loader_rejected_total", reason="fifo") == 1,
                        "two symlinks and a FIFO counted", timeout_s=15)
             training.check(client)
-            assert loader.health()["dispatcher"]
+            assert loader.health().dispatcher
             assert (outside / "p1.arrow").read_bytes() == data
             assert (outside / "p2.arrow").read_bytes() == data2[:-10]
             assert not (inc / "_quarantine").exists()
@@ -332,7 +332,7 @@ def test_loader_names_other_models_once_and_status_lists_them(
         store.put("notes/readme.txt", b"not a model")
         with loader_from_config(config, client) as loader:
             wait_until(lambda: loader.other_models == ["ctr"], "model ctr noticed", timeout_s=15)
-            assert loader.health()["other_models"] == ["ctr"]
+            assert loader.health().other_models == ("ctr",)
             assert metric(loader, "persia_inc_loader_other_models") == 1
             ads, _, _ = packet_bytes(1, 0, model="ads")
             store.put(packet_key("ads", "t", "p", 1, 0), ads)
@@ -394,7 +394,7 @@ def test_a_hung_fetch_is_timed_out_and_other_streams_go_on(embedding_cluster_fac
             two.check(client)  # the other stream is not held up
             wait_until(lambda: labelled(loader, "persia_inc_loader_errors_total",
                                       stage="fetch_timeout") == 1, "fetch timeout counted", timeout_s=15)
-            assert loader.health()["dispatcher"]
+            assert loader.health().dispatcher
             stuck.release.set()  # the mount recovers: the same fetch completes and applies
             one.write(1, 2)
             one.check(client)

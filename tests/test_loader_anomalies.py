@@ -91,7 +91,7 @@ def test_stray_generation_is_held_and_a_late_packet_is_skipped_loudly(
             training.check(client)
             wait_until(lambda: [(w.generation, w.sequence) for w in client.watermarks()] == [(1, 2)],
                        "(1, 2) applied", timeout_s=15)
-            assert loader.streams()["streams"][0]["generation_jump_held"] == stray_key
+            assert loader.streams().streams[0].generation_jump_held == stray_key
 
             skew[0] += 61.0  # the gap timeout runs out: the stray passes, loudly and counted
             training.remember(stray_signs, stray_rows)
@@ -107,9 +107,10 @@ def test_stray_generation_is_held_and_a_late_packet_is_skipped_loudly(
             logged = records(caplog, "SKIPPED")
             assert len(logged) == 1 and late in logged[0] and "below the watermark" in logged[0]
             training.check(client)  # its rows were not applied over the newer ones
-            row = loader.streams()["streams"][0]
-            assert row["skipped_below_watermark"] == 1 and row["last_skipped"] == late
-            assert row["generation_jump_held"] is None and row["generation_jumps_passed"] == 1
+            row = loader.streams().streams[0]
+            skipped = row.anomaly("skipped-below-watermark")
+            assert row.skipped_below_watermark == 1 and skipped and skipped.last_key == late
+            assert row.generation_jump_held is None and row.count("generation-jump-passed") == 1
             shown = status_json(cluster.config_path)["streams"][0]
             assert shown["skipped_below_watermark"] == 1
             assert "skipped-below-watermark=1" in shown["flags"]
@@ -145,11 +146,11 @@ def test_unreachable_shard_is_reported_and_the_others_still_get_their_slices(
             assert len(logged) == 1, logged  # bounded: at most one line per 30 s per shard
             assert metric(loader, "persia_inc_loader_shard_up", shard="1") == 0
             health = loader.health()
-            assert not health["healthy"] and not health["servers"]
-            assert any(address in p for p in health["problems"]), health
-            row = loader.streams()["streams"][0]
-            assert row["shards_unreachable"] == [1]
-            assert row["reachable_watermark"] == [1, 4] and row["watermark"] is None
+            assert not health.healthy and not health.servers
+            assert any(address in p for p in health.problems), health
+            row = loader.streams().streams[0]
+            assert row.shards_unreachable == (1,)
+            assert row.reachable_watermark == (1, 4) and row.watermark is None
             shown = status_json(cluster.config_path)["streams"][0]  # status probes shards too
             assert shown["shards_unreachable"] == [1] and "shard-unreachable=1" in shown["flags"]
             assert shown["watermark"] == [1, 4]
@@ -158,9 +159,9 @@ def test_unreachable_shard_is_reported_and_the_others_still_get_their_slices(
             cluster.wait_ready()
             training.write(1, 5)
             training.check(client, timeout_s=30)
-            wait_until(lambda: loader.health()["healthy"], "healthy again", timeout_s=15)
+            wait_until(lambda: loader.health().healthy, "healthy again", timeout_s=15)
             assert [(w.generation, w.sequence) for w in client.watermarks()] == [(1, 5)]
-            assert loader.streams()["streams"][0]["watermark"] == [1, 5]
+            assert loader.streams().streams[0].watermark == (1, 5)
             assert metric(loader, "persia_inc_loader_replays_total") >= 1
 
 
@@ -176,12 +177,12 @@ def test_health_names_a_dead_source(embedding_cluster_factory, tmp_path: Path) -
             with Loader(client, store, model="m", settings=settings) as loader:
                 training.write(1, len(training.expected) // 20)
                 training.check(client)
-                wait_until(lambda: loader.health()["healthy"], "healthy", timeout_s=15)
+                wait_until(lambda: loader.health().healthy, "healthy", timeout_s=15)
                 loader.sources[0].close()  # the watcher / poller thread is gone
                 health = loader.health()
-                assert not health["healthy"] and health["sources"][kind] is False
-                assert all(ok for name, ok in health["sources"].items() if name != kind)
-                assert f"source {kind} is dead" in health["problems"]
+                assert not health.healthy and health.sources[kind] is False
+                assert all(ok for name, ok in health.sources.items() if name != kind)
+                assert f"source {kind} is dead" in health.problems
                 with pytest.raises(urllib.error.HTTPError) as reply:
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
                 with reply.value:
@@ -197,12 +198,12 @@ def test_health_names_a_dead_kafka_consumer(embedding_cluster_factory, kafka, tm
         kafka_settings = KafkaSettings(bootstrap_servers=(kafka.bootstrap,), topic=name, group_id=name,
                                        session_timeout_ms=2000, heartbeat_interval_ms=500)
         with Loader(client, store, model="m", settings=settings, kafka=kafka_settings) as loader:
-            wait_until(lambda: loader.health()["healthy"], "healthy", timeout_s=15)
-            sources = loader.health()["sources"]
+            wait_until(lambda: loader.health().healthy, "healthy", timeout_s=15)
+            sources = loader.health().sources
             assert sources["kafka-list"] and sources["kafka"]
             loader.sources[1].close()
             health = loader.health()
-            assert not health["healthy"] and "source kafka is dead" in health["problems"]
+            assert not health.healthy and "source kafka is dead" in health.problems
 
 
 def _no_loader_threads() -> list[str]:

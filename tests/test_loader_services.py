@@ -19,6 +19,7 @@ import pytest
 from persia_inc.config import load_config
 from persia_inc.foundation.wait import WaitTimeoutError, wait_until
 from persia_inc.loader.daemon import Loader
+from persia_inc.loader.reports import HealthReport
 from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV
 from persia_inc.packet_format import Announcement, PacketHeader, encode_packet, packet_key, read_packet_header
 from persia_inc.storage import ObjectStore
@@ -126,7 +127,7 @@ def test_directory_source_orders_and_handles_bad_packets(embedding_cluster_facto
             wait_until(lambda: metric(loader, "persia_inc_loader_skipped_below_watermark_total") == 1,
                        "the late packet seen and skipped", timeout_s=15)
             np.testing.assert_array_equal(client.lookup("t", training.signs), late_signs_before)
-            assert loader.streams()["streams"][0]["skipped_below_watermark"] == 1
+            assert loader.streams().streams[0].skipped_below_watermark == 1
             # a new generation (producer restart) starts at sequence 0
             for seq in range(3):
                 training.write(2, seq)
@@ -135,7 +136,7 @@ def test_directory_source_orders_and_handles_bad_packets(embedding_cluster_facto
             (inc / "m" / "t" / "p" / "9-9.arrow").write_bytes(b"x")
             training.check(client)
             health = loader.health()
-            assert health["healthy"], health
+            assert health.healthy, health
             assert metric(loader, "persia_inc_loader_packets_applied_total") >= 9
             assert metric(loader, "persia_inc_loader_freshness_seconds_count") >= 9
 
@@ -192,7 +193,7 @@ def test_kafka_group_of_two_loaders_with_ceph(embedding_cluster_factory, ceph, k
         sent = []
         try:
             wait_until(lambda: all(lo.sources[1].assigned for lo in loaders), "both assigned", timeout_s=30)
-            wait_until(lambda: all(lo.health()["ready"] for lo in loaders), "both ready", timeout_s=15)
+            wait_until(lambda: all(lo.health().ready for lo in loaders), "both ready", timeout_s=15)
             for seq in range(5):
                 for training in streams:
                     key = training.write(1, seq)
@@ -246,16 +247,16 @@ def test_a_spare_loader_of_a_kafka_group_is_healthy_but_not_ready(
     with cluster.client() as client:
         loaders = [loader_from_config(config, client).start() for _ in range(2)]
         try:
-            def split() -> list[dict] | None:
+            def split() -> list[HealthReport] | None:
                 healths = [lo.health() for lo in loaders]
-                return healths if sorted(h["ready"] for h in healths) == [False, True] else None
+                return healths if sorted(h.ready for h in healths) == [False, True] else None
 
             wait_until(lambda: split() is not None, "one loader with the partition", timeout_s=30)
             healths = split()
             assert healths is not None
-            spare = next(h for h in healths if not h["ready"])
-            assert spare["healthy"] and spare["waiting"] == ["kafka: no partition assigned"]
-            assert next(h for h in healths if h["ready"])["waiting"] == []
+            spare = next(h for h in healths if not h.ready)
+            assert spare.healthy and spare.waiting == ("kafka: no partition assigned",)
+            assert next(h for h in healths if h.ready).waiting == ()
         finally:
             for lo in loaders:
                 lo.close()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from persia_inc.loader.reports import LoaderReport
 
 HELP = "per (table, producer): the servers' watermark, the newest stored packet, the lag, flags"
 DESCRIPTION = """\
@@ -45,15 +48,17 @@ def _fmt(position: tuple[int, int] | None) -> str:
     return "-" if position is None else f"{position[0]}:{position[1]}"
 
 
-def loader_report(url: str, timeout_s: float = 3.0) -> tuple[dict[str, Any] | None, str]:
+def loader_report(url: str, timeout_s: float = 3.0) -> tuple[LoaderReport | None, str]:
     """The loader's /streams report at `url`, or None and why not."""
     import urllib.error
     import urllib.request
 
+    from persia_inc.loader.reports import LoaderReport
+
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/streams", timeout=timeout_s) as reply:
-            return json.load(reply), ""
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+            return LoaderReport.from_json(json.load(reply)), ""
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
         return None, str(getattr(exc, "reason", exc))
 
 
@@ -74,8 +79,8 @@ def dense_lines(dense: dict[str, Any]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from persia_inc.config import load_config
     from persia_inc.embedding_server.errors import ShardError
-    from persia_inc.loader.replay import stream_status
     from persia_inc.loader.sources import find_other_models
+    from persia_inc.loader.stream_status import stream_status
     from persia_inc.packet_format import PacketError
     from persia_inc.storage import StorageError
     from persia_inc.wiring import embedding_client
@@ -91,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
               "not shown", file=sys.stderr)
     try:
         with embedding_client(config) as client, config.open_store() as store:
-            rows = stream_status(client, store, config.persia_inc.model, loader=report)
+            rows = stream_status(client, store, config.persia_inc.model, loader=report,
+                                 limits=config.persia_inc.limits)
             others = find_other_models(store, config.persia_inc.model,
                                        (settings.quarantine_prefix.strip("/").partition("/")[0],))
             where = store.location("")
@@ -114,14 +120,14 @@ def run(args: argparse.Namespace) -> int:
                  "generation_jump_held": r.generation_jump_held,
                  "generation_jump": list(r.generation_jump) if r.generation_jump else None,
                  "shards_unreachable": list(r.shards_unreachable)} for r in rows],
-            "dense": None if report is None else report.get("dense")}))
+            "dense": None if report is None else report.dense}))
         return 0
     print(f"{'table':<20} {'producer':<20} {'servers':>16} {'storage':>16} {'lag':>6} {'lag_s':>9}"
           "  flags")
     for r in rows:
         print(f"{r.table:<20} {r.producer:<20} {_fmt(r.watermark):>16} {_fmt(r.newest):>16} "
               f"{r.lag_packets:>6} {r.lag_s:>9.1f}  {' '.join(r.flags) or '-'}")
-    dense = None if report is None else report.get("dense")
+    dense = None if report is None else report.dense
     if dense is not None:
         for line in dense_lines(dense):
             print(line)

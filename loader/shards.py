@@ -1,0 +1,254 @@
+"""Shard tracking: what the loader knows of each embedding-server shard (up or down, its
+watermarks, why it is down), and the one reader of a shard's positions that the daemon,
+replay and `persia-inc status` share.
+
+A shard that does not answer (or is not the shard our list says) is counted every time,
+logged with its address at most every `unreachable_log_interval_s`, and looked at again after
+the one retry rule's backoff; the reachable shards are served meanwhile. What *every* shard
+holds (the minimum, with the last known marks of the shards that are down) is what Kafka may
+commit and what status reports. Each tracked shard carries a `replica` index (0 today), so
+replicas of a shard can be tracked the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from persia_inc.embedding_server.client import EmbeddingClient
+from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
+from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s
+from persia_inc.loader.metrics import LoaderMetrics
+from persia_inc.loader.ordering import Ordering, Stream
+from persia_inc.loader.reports import ShardReport
+from persia_inc.packet_format import Position
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_CAP = 10  # the longest retry wait, in units of `retry_backoff_s`
+
+
+def loader_retry_policy(retry_backoff_s: float) -> RetryPolicy:
+    """How the loader retries a failed listing, fetch or apply, and unreachable servers:
+    never giving up (a daemon), waits doubling from `retry_backoff_s` up to ten times it."""
+    return RetryPolicy(max_attempts=None, initial_backoff_s=retry_backoff_s,
+                       max_backoff_s=_BACKOFF_CAP * retry_backoff_s, deadline_s=0)
+
+
+class ShardNotReadyError(ConnectionError):
+    """A shard answered but is not ready (still loading its checkpoint): retriable."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardReading:
+    """One shard's answer: its watermark per stream and its tables' dims."""
+
+    marks: dict[Stream, Position]
+    dims: dict[str, int]
+
+
+def read_shard(client: EmbeddingClient, index: int) -> ShardReading:
+    """Verify shard `index` is the shard our list says and read its positions.
+
+    Raises ShardError (unreachable; ShardIdentityError: another shard answers there) or
+    ShardNotReadyError (still loading its checkpoint)."""
+    client.verify((index,))  # cheap once checked; again after an outage
+    status = client.status(index)
+    if not status.ready:
+        raise ShardNotReadyError(f"shard {index} ({client.servers[index]}): not ready (still "
+                                 "loading its checkpoint)")
+    return ShardReading({(w.table, w.producer): (w.generation, w.sequence) for w in status.watermarks},
+                        {t.name: t.dim for t in status.tables})
+
+
+def read_positions(client: EmbeddingClient
+                   ) -> tuple[list[dict[Stream, Position] | None], dict[int, str]]:
+    """Each shard's watermarks (None for a shard that is unreachable, not the shard our list
+    says, or not ready), and why, per such shard."""
+    per_shard: list[dict[Stream, Position] | None] = []
+    down: dict[int, str] = {}
+    for index in range(len(client.servers)):
+        try:
+            per_shard.append(read_shard(client, index).marks)
+        except (ShardError, ShardNotReadyError) as exc:
+            per_shard.append(None)
+            down[index] = str(exc)
+    return per_shard, down
+
+
+def lowest(positions: Iterable[Position | None]) -> Position | None:
+    """What every shard holds: the minimum, None if any shard holds nothing (or none given)."""
+    positions = list(positions)
+    if not positions or any(p is None for p in positions):
+        return None
+    return min(positions)  # type: ignore[type-var]
+
+
+def held_by_all(per_shard: list[dict[Stream, Position]]) -> dict[Stream, Position | None]:
+    """Per stream known to any of `per_shard`, what all of them hold."""
+    streams: set[Stream] = set().union(*per_shard) if per_shard else set()
+    return {stream: lowest(marks.get(stream) for marks in per_shard) for stream in streams}
+
+
+@dataclass
+class ShardState:
+    """What the loader knows of one shard (one replica of it): whether it answered at the last
+    look, its watermarks then (kept while it is down: the last known), and why it is down."""
+
+    index: int
+    address: str
+    replica: int = 0
+    up: bool = False
+    marks: dict[Stream, Position] = field(default_factory=dict)
+    seen: bool = False  # answered (ready) at least once
+    error: BaseException | None = None  # why it is down (None while up)
+    failures: int = 0  # consecutive failed looks or applies
+    retry_at: float = float("-inf")  # monotonic time of its next look while down
+    logged_at: float = float("-inf")  # monotonic time of the last log line about it
+    down_since: float | None = None
+
+    def report(self) -> ShardReport:
+        return ShardReport(self.index, self.address, self.up,
+                           "" if self.error is None else str(self.error), self.failures, self.replica)
+
+
+class ShardTracker:
+    """Every shard of `client`, as the dispatcher last saw it. Not thread-safe: the dispatcher
+    owns it (reports go out through `reports()` snapshots)."""
+
+    def __init__(self, client: EmbeddingClient, model: str, metrics: LoaderMetrics, *,
+                 retry_backoff_s: float, watermark_poll_s: float, unreachable_log_interval_s: float,
+                 clock: Callable[[], float]) -> None:
+        self.client = client
+        self.model = model
+        self.metrics = metrics
+        self.clock = clock
+        self.policy = loader_retry_policy(retry_backoff_s)
+        self.watermark_poll_s = watermark_poll_s
+        self.unreachable_log_interval_s = unreachable_log_interval_s
+        self.shards = [ShardState(i, address) for i, address in enumerate(client.servers)]
+        self.dims: dict[str, int] = {}  # table -> dim, as the servers know it
+        self.must_check = True  # read the watermarks before the next apply
+        self.ok = False  # some shard answered at the last look
+        self._last_poll = float("-inf")
+
+    @property
+    def up(self) -> list[ShardState]:
+        return [shard for shard in self.shards if shard.up]
+
+    @property
+    def down(self) -> list[int]:
+        return [shard.index for shard in self.shards if not shard.up]
+
+    def look(self, *, force: bool = False) -> list[ShardState] | None:
+        """Look at every shard that is up (and at a shard that is down, when its retry is due)
+        if a look is due; returns the shards that are up, or None when no look was due."""
+        now = self.clock()
+        if not force and not self.must_check and now - self._last_poll < self.watermark_poll_s:
+            return None
+        self._last_poll = now
+        for shard in self.shards:
+            if shard.up or force or now >= shard.retry_at:
+                self.look_at(shard, now)
+        up = self.up
+        self.ok = bool(up)
+        self.must_check = not up
+        return up
+
+    def refresh(self, ordering: Ordering, *, follow_servers: bool, force: bool = False,
+                on_moved: Callable[[Stream, bool], None]) -> bool:
+        """Look at the shards (when due) and set each stream's watermark to what the reachable
+        shards hold. A stream where a reachable shard fell behind (restarted empty or from an
+        older checkpoint, or back after an outage) is rewound, so it replays from storage.
+        follow_servers: also take up streams only the servers know; on_moved(stream, rewound)
+        after a stream's watermark was set. Returns False when no shard is reachable."""
+        up = self.look(force=force)
+        if up is None:
+            return self.ok
+        if not up:
+            return False
+        now = self.clock()
+        streams = set(ordering.streams)
+        if follow_servers:
+            for shard in up:
+                streams |= set(shard.marks)
+        for stream in streams:
+            held = lowest(shard.marks.get(stream) for shard in up)
+            ours = ordering.watermark(stream)
+            fresh = stream not in ordering.streams
+            if not fresh and held == ours:
+                continue
+            rewound = not fresh and (held is None or (ours is not None and held < ours))
+            if rewound:
+                behind = [f"{sh.index} ({sh.address})" for sh in up
+                          if sh.marks.get(stream) is None
+                          or (ours is not None and sh.marks[stream] < ours)]
+                log.warning("stream %s/%s: shard %s holds only up to %s, not %s (restarted, or "
+                            "back after it was unreachable): replaying from storage", *stream,
+                            ", ".join(behind), held, ours)
+                self.metrics.replays.labels(self.model).inc()
+            ordering.set_watermark(stream, held, now=now)
+            on_moved(stream, rewound)
+        return True
+
+    def look_at(self, shard: ShardState, now: float) -> None:
+        """Read one shard's positions, or mark it down with why."""
+        try:
+            reading = read_shard(self.client, shard.index)
+        except (ShardError, ShardNotReadyError) as exc:
+            self.shard_down(shard, exc, now)
+            return
+        shard.marks = reading.marks
+        self.dims.update(reading.dims)
+        if not shard.up and shard.down_since is not None:
+            log.warning("shard %d (%s) answers again after %.1f s: catching up from storage",
+                        shard.index, shard.address, now - shard.down_since)
+        shard.up, shard.seen, shard.error, shard.failures = True, True, None, 0
+        shard.down_since = None
+        self.metrics.shard_up.labels(self.model, str(shard.index)).set(1)
+
+    def shard_down(self, shard: ShardState, exc: BaseException, now: float) -> None:
+        """Mark `shard` down after `exc` (a failed look or apply): counted every time, logged
+        with its address at most every `unreachable_log_interval_s`, looked at again after a
+        backoff. A ShardIdentityError (the server list is in the wrong order) is an ERROR."""
+        shard.up = False
+        shard.error = exc
+        shard.failures += 1
+        if shard.down_since is None:
+            shard.down_since = now
+        shard.retry_at = now + daemon_delay_s(exc, shard.failures, self.policy)
+        self.must_check = True
+        why = "wrong_shard" if isinstance(exc, ShardIdentityError) else "unreachable"
+        self.metrics.shard_unreachable.labels(self.model, str(shard.index), shard.address, why).inc()
+        self.metrics.shard_up.labels(self.model, str(shard.index)).set(0)
+        if now - shard.logged_at >= self.unreachable_log_interval_s:
+            shard.logged_at = now
+            log.error("SHARD %d (%s) %s for %.1f s (%d failures): %s; the other shards still get "
+                      "their slices, this one catches up from storage when it is back (logged at "
+                      "most every %.0f s)", shard.index, shard.address,
+                      "refuses its identity" if why == "wrong_shard" else "unreachable",
+                      now - shard.down_since, shard.failures, exc, self.unreachable_log_interval_s)
+
+    def applied(self, stream: Stream, position: Position, indices: Iterable[int]) -> None:
+        """The shards `indices` acked `position` of `stream`."""
+        for index in indices:
+            marks = self.shards[index].marks
+            marks[stream] = max(marks.get(stream, position), position)
+
+    def held_everywhere(self, stream: Stream) -> Position | None:
+        """What every shard holds of `stream` (shards that are down count with their last
+        known marks; None if some shard was never seen or holds nothing of it)."""
+        if not all(shard.seen for shard in self.shards):
+            return None
+        return lowest(shard.marks.get(stream) for shard in self.shards)
+
+    def identity_error(self) -> ShardIdentityError | None:
+        """The first shard that is not the shard our list says (a configuration error)."""
+        for shard in self.shards:
+            if isinstance(shard.error, ShardIdentityError):
+                return shard.error
+        return None
+
+    def reports(self) -> list[ShardReport]:
+        return [shard.report() for shard in self.shards]
