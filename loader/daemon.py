@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from persia_inc.embedding_server.client import EmbeddingClient
-from persia_inc.embedding_server.errors import ShardError, ShardIdentityError, WatermarkMovedError
+from persia_inc.embedding_server.errors import ShardError, WatermarkMovedError
 from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import daemon_delay_s
 from persia_inc.foundation.threads import ServiceThread, thread_name
@@ -42,15 +42,13 @@ from persia_inc.loader.reports import (
     StreamReport,
 )
 from persia_inc.loader.settings import LoaderSettings
-from persia_inc.loader.shards import ShardTracker, loader_retry_policy
+from persia_inc.loader.shards import ShardTracker, loader_retry_policy, refused_for_good
 from persia_inc.loader.sources import (
     Candidate,
-    KafkaSource,
-    OtherModelsWatch,
     packet_id_of_key,
     pick_source,
-    source_alive,
     source_name,
+    sources_health,
     start_sources,
 )
 from persia_inc.packet_format import (
@@ -65,17 +63,6 @@ from persia_inc.packet_format import (
 from persia_inc.storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
-
-# Server rejections that mean "this packet can never apply" (quarantine), not "try later".
-# A ShardIdentityError (the server list is in the wrong order) is not the packet's fault: it is
-# never quarantined, it waits (with the longest backoff) for the configuration to be fixed.
-_PERMANENT_APPLY_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"})
-
-
-def _packet_rejected(exc: ShardError) -> bool:
-    """Whether a failed Apply means the packet itself can never apply (quarantine it)."""
-    return exc.code in _PERMANENT_APPLY_CODES and not isinstance(exc, ShardIdentityError)
-
 
 class LoaderStartError(RuntimeError):
     """The loader could not start (a source failed to start); what it had started is closed."""
@@ -120,13 +107,9 @@ class Loader:
         self._positions: dict[Stream, str | None] = {}
         self._retry_at: dict[Stream, float] = {}
         self._failures: dict[object, int] = {}  # stream or stage -> consecutive failures
-        s = self.settings
-        self.shards = ShardTracker(client, model, self.metrics, retry_backoff_s=s.retry_backoff_s,
-                                   watermark_poll_s=s.watermark_poll_s,
-                                   unreachable_log_interval_s=s.unreachable_log_interval_s,
-                                   clock=clock)
-        # flagged per stream until an operator clears them
-        self.anomalies = Anomalies(model, self.metrics, store.uri, gap_timeout_s=s.gap_timeout_s)
+        self.shards = ShardTracker(client, model, self.metrics, self.settings, clock=clock)
+        self.anomalies = Anomalies(model, self.metrics, store.uri,  # flagged until cleared
+                                   gap_timeout_s=self.settings.gap_timeout_s)
         self._report = LoaderReport(model)
         self.applied = 0  # packets applied (every shard acked), for tests and logs
         self.last_loop = clock()
@@ -166,8 +149,8 @@ class Loader:
             raise wrong
         self.sources = start_sources(self.source_kind, self.store, self.model, self.queue,
                                      self.positions_snapshot, self.settings, self.kafka,
-                                     on_reject=self._count_rejected, on_error=self._count_error)
-        self._start_other_models_watch()
+                                     on_reject=self._count_rejected, on_error=self._count_error,
+                                     on_other_models=self._found_other_models)
         for source in self.sources:
             error = getattr(source, "error", None)
             if error is not None:
@@ -218,9 +201,7 @@ class Loader:
         partition assigned: joining its group, or a spare one in a group with more loaders
         than partitions). `flags`: the streams' anomalies not cleared yet."""
         alive = self._thread.is_alive() and self.clock() - self.last_loop < 30
-        sources = {source_name(source): source_alive(source) for source in self.sources}
-        waiting = [f"{source_name(source)}: no partition assigned" for source in self.sources
-                   if isinstance(source, KafkaSource) and not source.assigned]
+        sources, waiting = sources_health(self.sources)
         shards = self._report.shards
         problems = [] if alive else ["dispatcher not running"]
         problems += [f"source {name} is dead" for name, ok in sources.items() if not ok]
@@ -267,16 +248,9 @@ class Loader:
         self._positions = {**self._positions,
                            stream: None if mark is None else packet_key(self.model, *stream, *mark)}
 
-    def _start_other_models_watch(self) -> None:
-        """Notice packets of other models under incremental_dir (a wrong persia_inc.model)."""
-        def found(models: list[str]) -> None:
-            self.other_models = models
-            self.metrics.other_models.labels(self.model).set(len(models))
-
-        ignore = (self.settings.quarantine_prefix.strip("/").partition("/")[0],)
-        self.sources.append(OtherModelsWatch(
-            self.store, self.model, interval_s=self.settings.other_models_interval_s,
-            ignore=ignore, on_found=found, on_error=self._count_error).start())
+    def _found_other_models(self, models: list[str]) -> None:
+        self.other_models = models
+        self.metrics.other_models.labels(self.model).set(len(models))
 
     def _fetch_kwargs(self) -> dict[str, Any]:
         return {"limits": self.limits, "dims": dict(self.shards.dims),
@@ -544,7 +518,7 @@ class Loader:
             outcome = {i: r for i, r in outcome.items() if i not in moved}
         failed = {i: r for i, r in outcome.items() if isinstance(r, ShardError)}
         acked = {i: r for i, r in outcome.items() if not isinstance(r, ShardError)}
-        rejected = [exc for exc in failed.values() if _packet_rejected(exc)]
+        rejected = [exc for exc in failed.values() if refused_for_good(exc)]
         if rejected:
             self.quarantine.put(packet_id.key, f"rejected by the servers: {rejected[0]}")
             self.metrics.quarantined.labels(self.model, "server_rejected").inc()

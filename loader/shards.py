@@ -22,11 +22,22 @@ from persia_inc.foundation.retry import RetryPolicy, daemon_delay_s
 from persia_inc.loader.metrics import LoaderMetrics
 from persia_inc.loader.ordering import Ordering, Stream
 from persia_inc.loader.reports import ShardReport
+from persia_inc.loader.settings import LoaderSettings
 from persia_inc.packet_format import Position
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_CAP = 10  # the longest retry wait, in units of `retry_backoff_s`
+
+# Server rejections that mean "this packet can never apply" (quarantine), not "try later".
+# A ShardIdentityError (the server list is in the wrong order) is not the packet's fault: it is
+# never quarantined, it waits (with the longest backoff) for the configuration to be fixed.
+_PERMANENT_APPLY_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"})
+
+
+def refused_for_good(exc: ShardError) -> bool:
+    """Whether a failed Apply means the packet itself can never apply (quarantine it)."""
+    return exc.code in _PERMANENT_APPLY_CODES and not isinstance(exc, ShardIdentityError)
 
 
 def loader_retry_policy(retry_backoff_s: float) -> RetryPolicy:
@@ -117,16 +128,15 @@ class ShardTracker:
     """Every shard of `client`, as the dispatcher last saw it. Not thread-safe: the dispatcher
     owns it (reports go out through `reports()` snapshots)."""
 
-    def __init__(self, client: EmbeddingClient, model: str, metrics: LoaderMetrics, *,
-                 retry_backoff_s: float, watermark_poll_s: float, unreachable_log_interval_s: float,
-                 clock: Callable[[], float]) -> None:
+    def __init__(self, client: EmbeddingClient, model: str, metrics: LoaderMetrics,
+                 settings: LoaderSettings, *, clock: Callable[[], float]) -> None:
         self.client = client
         self.model = model
         self.metrics = metrics
         self.clock = clock
-        self.policy = loader_retry_policy(retry_backoff_s)
-        self.watermark_poll_s = watermark_poll_s
-        self.unreachable_log_interval_s = unreachable_log_interval_s
+        self.policy = loader_retry_policy(settings.retry_backoff_s)
+        self.watermark_poll_s = settings.watermark_poll_s
+        self.unreachable_log_interval_s = settings.unreachable_log_interval_s
         self.shards = [ShardState(i, address) for i, address in enumerate(client.servers)]
         self.dims: dict[str, int] = {}  # table -> dim, as the servers know it
         self.must_check = True  # read the watermarks before the next apply

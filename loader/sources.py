@@ -515,10 +515,23 @@ def pick_source(setting: str, kafka: KafkaSettings | None, store_kind: str) -> s
 def start_sources(kind: str, store: Any, model: str, out: queue.Queue,
                   positions: Callable[[], dict[Stream, str | None]], settings: LoaderSettings,
                   kafka: KafkaSettings | None, *, on_reject: Callable[[str], None],
-                  on_error: Callable[[str], None]) -> list[Any]:
-    """Start the sources of `kind` (`pick_source`) feeding `out`. Kafka comes with one storage
-    listing round at start (storage stays the truth: it finds what Kafka missed)."""
+                  on_error: Callable[[str], None],
+                  on_other_models: Callable[[list[str]], None]) -> list[Any]:
+    """Start the sources of `kind` (`pick_source`) feeding `out`, and the watch for other
+    models' packets (a wrong persia_inc.model). Kafka comes with one storage listing round at
+    start (storage stays the truth: it finds what Kafka missed)."""
     s = settings
+    others = OtherModelsWatch(store, model, interval_s=s.other_models_interval_s,
+                              ignore=(s.quarantine_prefix.strip("/").partition("/")[0],),
+                              on_found=on_other_models, on_error=on_error)
+    return [*_start_feeds(kind, store, model, out, positions, s, kafka, on_reject, on_error),
+            others.start()]
+
+
+def _start_feeds(kind: str, store: Any, model: str, out: queue.Queue,
+                 positions: Callable[[], dict[Stream, str | None]], s: LoaderSettings,
+                 kafka: KafkaSettings | None, on_reject: Callable[[str], None],
+                 on_error: Callable[[str], None]) -> list[Any]:
     if kind == "watch":
         rescan = StoragePoller(store.list, model, out, positions, interval_s=s.rescan_interval_s,
                                discover_every=s.discover_every, name="rescan", on_error=on_error)
@@ -550,3 +563,12 @@ def source_alive(source: Any) -> bool:
     """Whether a source's threads run (a source without `is_alive` is taken as alive)."""
     alive = getattr(source, "is_alive", None)
     return True if alive is None else bool(alive())
+
+
+def sources_health(sources: list[Any]) -> tuple[dict[str, bool], list[str]]:
+    """Per source name, whether its threads run; and the sources that cannot see packets yet
+    (a Kafka consumer with no partition assigned)."""
+    alive = {source_name(source): source_alive(source) for source in sources}
+    waiting = [f"{source_name(source)}: no partition assigned" for source in sources
+               if isinstance(source, KafkaSource) and not source.assigned]
+    return alive, waiting
