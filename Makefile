@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, from the local CPU wheel: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev,serve]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev,serve,kserve]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from persia_inc.inference.local import LocalTorchServe
 
-HELP = "serve a .mar with TorchServe on 127.0.0.1, its handler reaching the configured embedding servers"
+HELP = ("serve a .mar with TorchServe (or --frontend kserve: the Open Inference Protocol) on 127.0.0.1, "
+        "reaching the configured embedding servers")
 DESCRIPTION = """\
 Starts TorchServe (persia_inc.inference.local.LocalTorchServe) with our settings, registers
 DIR/NAME.mar, waits until its worker is ready, prints where it serves, and runs until SIGTERM
@@ -37,6 +38,13 @@ WORKDIR/key_file.json ("management", "inference" and "API" keys); clients send
 registers the model with the management key itself.
 
 Needs TorchServe (pip install 'persia-inc[serve]') and a Java 17 runtime (or JAVA_HOME).
+
+--frontend kserve serves the same .mar over the Open Inference Protocol (KServe v2): REST on
+--inference-port (default 8080) and gRPC on --grpc-inference-port (default 8081), in this
+process, no Java (persia_inc.commands.serve_kserve; routes, tensors and the management
+routes the dense sync uses are in persia_inc.inference.oip_http and persia_inc.inference.oip).
+Its --token-auth reads the token from PERSIA_INC_SERVE_TOKEN; --tls-cert/--tls-key turn TLS
+on for both transports; the other TorchServe options do not apply.
 
 Exit status: 0 stopped cleanly, 1 TorchServe or Java missing, TorchServe failed to start,
 the model failed to register or TorchServe died, 2 usage or configuration error.
@@ -134,6 +142,10 @@ class ServedModel:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from persia_inc.commands import serve_kserve
+
+    parser.add_argument("--frontend", choices=["torchserve", "kserve"], default="torchserve",
+                        help="TorchServe (default) or the Open Inference Protocol, KServe v2 (below)")
     parser.add_argument("--config", metavar="CFG", required=True,
                         help="global_config.yaml naming the embedding servers (PersiaInferConfig.servers)")
     parser.add_argument("--model-store", metavar="DIR", required=True,
@@ -158,6 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long TorchServe and the model's workers get to come up (default: 120)")
     parser.add_argument("--token-auth", action="store_true",
                         help="turn TorchServe's token authorization on (keys in WORKDIR/key_file.json)")
+    serve_kserve.add_arguments(parser)
 
 
 def _model_name(mar: Path) -> str:
@@ -195,6 +208,19 @@ def _management_key(server: LocalTorchServe) -> str:
     return key
 
 
+def _checked_model(args: argparse.Namespace) -> int:
+    """0 if --config loads and --model names a .mar in --model-store, else the exit status."""
+    from persia_inc.config import load_config
+
+    load_config(Path(args.config), need_servers=True)  # ConfigError: exit 2 with the key named
+    mar = Path(args.model_store) / args.model
+    if Path(args.model).name != args.model or mar.suffix != ".mar":
+        return _fail(f"--model takes a .mar file name in --model-store, got {args.model!r}", 2)
+    if not mar.is_file():
+        return _fail(f"no {args.model} in {Path(args.model_store).resolve()}", 2)
+    return 0
+
+
 def _fail(message: str, code: int = 1) -> int:
     print(f"persia-inc serve: {message}", file=sys.stderr)
     return code
@@ -215,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
         check_installed,
     )
 
+    if args.frontend == "kserve":
+        from persia_inc.commands import serve_kserve
+
+        return _checked_model(args) or serve_kserve.run(args)
     try:
         check_installed()
     except TorchServeMissingError as exc:
