@@ -7,7 +7,6 @@ import filecmp
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from persia_inc.foundation.net import free_port
+from persia_inc.foundation.wait import wait_until
 from persia_inc.inference.archive import archive_model
 from persia_inc.inference.batch import PersiaBatch
 from persia_inc.inference.engine import PersiaInference
@@ -93,10 +93,11 @@ def test_kserve_frontend_over_tritonclient(
     g = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
     h = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
     try:
-        deadline = time.monotonic() + 60
-        while "stop with SIGTERM" not in out_path.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, out_path.read_text()[-3000:]
-            time.sleep(0.05)
+        def started() -> bool:
+            assert proc.poll() is None, out_path.read_text()[-3000:]
+            return "stop with SIGTERM" in out_path.read_text()
+
+        wait_until(started, "serve --frontend kserve to say it is up", timeout_s=60)
         assert g.is_server_live() and g.is_server_ready() and h.is_server_live() and h.is_server_ready()
         assert g.is_model_ready("ctr") and h.is_model_ready("ctr", "1") and not h.is_model_ready("ctr", "9")
         meta = h.get_model_metadata("ctr")
