@@ -32,15 +32,23 @@ def embedding_client(config: Config | str | os.PathLike[str]) -> EmbeddingClient
 def producer_from_config(config: Config | str | os.PathLike[str], **overrides: Any) -> IncrementalProducer:
     """The training side's producer for `config` (a `Config` or a path to global_config.yaml).
 
-    overrides go to `IncrementalProducer` (e.g. producer_id, model, store, generation,
-    metrics_port); without `store` it opens `incremental_dir` and closes it at `close()`.
+    An override named after a `ProducerSettings` field (e.g. producer_id, metrics_port)
+    replaces that setting (None keeps it), checked as the same key in YAML is; the others go to
+    `IncrementalProducer` (e.g. model, store, generation, clock). Without `store` it opens
+    `incremental_dir` and closes it at `close()`.
     """
     from persia_inc.producer.core import IncrementalProducer
+    from persia_inc.producer.settings import ProducerSettings
 
     config = _config(config)
     s = config.persia_inc
+    settings = overrides.pop("settings", None) or s.producer
+    names = {f.name for f in dataclasses.fields(ProducerSettings)}
+    replaced = {k: v for k in list(overrides) if k in names and (v := overrides.pop(k)) is not None}
+    if replaced:
+        settings = dataclasses.replace(settings, **replaced)  # __post_init__ checks them
     kwargs: dict[str, Any] = {
-        "model": s.model, "settings": s.producer, "buffer_size": config.incremental_buffer_size,
+        "model": s.model, "settings": settings, "buffer_size": config.incremental_buffer_size,
         "enabled": config.enable_incremental_update, "kafka": s.kafka, "retry": s.retry,
     }
     kwargs.update({k: v for k, v in overrides.items() if v is not None or k == "store"})

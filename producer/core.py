@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from persia_inc.foundation.fields import FieldError, coerce
 from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import RetryPolicy
+from persia_inc.packet_format.header import check_name, check_position
 from persia_inc.producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
 from persia_inc.producer.dense import DenseExporter, DenseVersion, publish_dense
 from persia_inc.producer.dense_signs import DenseColumns, DenseSignBuffer
@@ -65,6 +67,23 @@ def _checked_state(state: object, n: int, table: str) -> np.ndarray | None:
     return state
 
 
+def _check_arguments(model: object, settings: object, enabled: object,
+                     generation: object) -> None:
+    """Refuse a bad constructor argument now, as YAML refuses it at load (FieldError)."""
+    try:
+        check_name("model", model)
+    except ValueError as exc:
+        raise FieldError("model", str(exc).removeprefix("model ")) from None
+    if not isinstance(settings, ProducerSettings):
+        raise FieldError("settings", f"expected ProducerSettings, got {settings!r:.80}")
+    coerce(bool, enabled, "enabled")
+    if generation is not None:
+        try:
+            check_position(generation, 0)
+        except ValueError as exc:
+            raise FieldError("generation", str(exc).removeprefix("generation ")) from None
+
+
 class _Table:
     __slots__ = ("buffer", "dim", "name", "reader", "reads_into")
 
@@ -81,13 +100,15 @@ class _Table:
 class IncrementalProducer:
     """Buffers touched signs per table and ships their latest rows as packets to `store`.
 
-    settings: `persia_inc.producer`; buffer_size: distinct signs over all tables that trigger
-    a flush (`incremental_buffer_size`); producer_id overrides `settings.producer_id`; kafka: the
-    broker announcements go to when `settings.announce` is "kafka"; retry: its `max_backoff_s`
-    caps the waits between attempts; owns_store: `close()` also closes the store; generation
-    forces a generation (default: 1 + the latest in storage); clock: the monotonic clock
-    (seconds) the interval trigger measures ages on, `time.monotonic` unless a test drives its
-    own (timeouts, retries and metrics stay on real time). When `enabled` is false
+    settings: `persia_inc.producer` (the producer id, the metrics port and every other
+    setting: each is given there, once); buffer_size: distinct signs over all tables that
+    trigger a flush (`incremental_buffer_size`); kafka: the broker announcements go to when
+    `settings.announce` is "kafka"; retry: its `max_backoff_s` caps the waits between
+    attempts; owns_store: `close()` also closes the store; generation forces a generation
+    (default: 1 + the latest in storage); clock: the monotonic clock (seconds) the interval
+    trigger measures ages on, `time.monotonic` unless a test drives its own (timeouts,
+    retries and metrics stay on real time). Every argument is checked here, as the same value
+    from YAML is at load (FieldError naming it). When `enabled` is false
     (`enable_incremental_update`) every method returns at once, nothing starts, and `store`
     may be None. `persia_inc.producer_from_config` builds one from global_config.yaml.
     """
@@ -100,22 +121,22 @@ class IncrementalProducer:
         settings: ProducerSettings | None = None,
         buffer_size: int = 1_000_000,
         enabled: bool = True,
-        producer_id: str | None = None,
         kafka: KafkaSettings | None = None,
         retry: RetryPolicy | None = None,
         owns_store: bool = False,
         generation: int | None = None,
-        metrics_port: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         settings = settings if settings is not None else ProducerSettings()
+        _check_arguments(model, settings, enabled, generation)
+        self.policy = FlushPolicy(buffer_size, settings.flush_interval_s, clock=clock)
         self.enabled = enabled
         self.closed = False
         self.settings = settings
         self.kafka = kafka
         self.retry = retry if retry is not None else RetryPolicy()
         self.model = model
-        self.producer_id = producer_id or settings.producer_id or DEFAULT_PRODUCER_ID
+        self.producer_id = settings.producer_id or DEFAULT_PRODUCER_ID
         self._tables: dict[str, _Table] = {}
         self._column_groups: dict[tuple[str, ...], DenseColumns] = {}
         if not self.enabled:
@@ -124,7 +145,6 @@ class IncrementalProducer:
             raise ValueError("an enabled producer needs a store")
         if settings.announce == "kafka" and kafka is None:
             raise ValueError("announce 'kafka' needs the Kafka settings (persia_inc.kafka)")
-        self.policy = FlushPolicy(buffer_size, settings.flush_interval_s, clock=clock)
         self.metrics = ProducerMetrics(self.model, self.producer_id)
         self._owns_store = owns_store
         self.store = store
@@ -148,7 +168,7 @@ class IncrementalProducer:
         self._read_error: Exception | None = None  # a deferred read's failure, raised next call
         self._updates = (PrioritizedUpdates(settings) if settings.update_policy == "prioritized"
                          else None)  # None: ship every touched row (policy "all")
-        port = settings.metrics_port if metrics_port is None else metrics_port
+        port = settings.metrics_port
         self.metrics_port = self.metrics.serve(port, settings.metrics_addr) if port else 0
         self._shutdown = ShutdownHooks(self.close, lambda: self._busy > 0,
                                        at_exit=settings.close_on_exit,
@@ -177,8 +197,6 @@ class IncrementalProducer:
         """
         if not self.enabled:
             return
-        from persia_inc.packet_format.header import check_name
-
         check_name("table", table)
         if dim is None and reads_into:
             raise ValueError(f"table {table!r}: a reads_into reader needs dim")

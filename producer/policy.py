@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from persia_inc.foundation.fields import FieldError, coerce, positive
 from persia_inc.packet_format import FlushReason
 
 
@@ -22,12 +23,13 @@ class FlushPolicy:
     clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.buffer_size, bool) or self.buffer_size <= 0:
-            raise ValueError(f"buffer_size must be a positive integer, got {self.buffer_size!r}")
-        if not self.flush_interval_s > 0:
-            raise ValueError(f"flush_interval_s must be positive, got {self.flush_interval_s!r}")
+        coerce(int, self.buffer_size, "buffer_size")  # the rule `incremental_buffer_size` meets
+        positive("buffer_size", self.buffer_size)
+        object.__setattr__(self, "flush_interval_s",
+                           coerce(float, self.flush_interval_s, "flush_interval_s"))
+        positive("flush_interval_s", self.flush_interval_s)
         if not callable(self.clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {self.clock!r}")
+            raise FieldError("clock", f"expected a callable returning seconds, got {self.clock!r}")
 
     def now(self) -> float:
         """The current time on `clock` (seconds)."""

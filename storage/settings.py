@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
+
+from persia_inc.foundation.fields import check_fields, positive
 
 # Where an empty `S3Settings.endpoint_url` is looked up, first match wins: ours, then the
 # standard AWS variables in botocore's own order (service-specific before global).
@@ -52,9 +55,15 @@ def resolve_s3_endpoint(configured: str = "", environ: Mapping[str, str] | None 
 
 @dataclass(frozen=True, slots=True)
 class HdfsSettings:
-    """user: the HDFS user for simple auth (empty: the NameNode's default);
-    scheme: http or https for WebHDFS; timeout_s: per request."""
+    """How to reach WebHDFS (`persia_inc.hdfs`); checks itself when given (`foundation.fields`)."""
 
     user: str = ""
-    scheme: str = "http"
+    """The HDFS user for simple auth (empty: the NameNode's default)."""
+    scheme: Literal["http", "https"] = "http"
+    """How WebHDFS is spoken: http or https."""
     timeout_s: float = 30.0
+    """Seconds per WebHDFS request."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        positive("timeout_s", self.timeout_s)

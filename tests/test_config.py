@@ -103,7 +103,7 @@ persia_inc:
     ("persia_inc: {kafka: {session_timeout_ms: 1000, heartbeat_interval_ms: 2000}}",
      "persia_inc.kafka.heartbeat_interval_ms", "below session_timeout_ms"),
     ("persia_inc: {retry: {max_attempts: 0}}", "persia_inc.retry", "max_attempts"),
-    ("persia_inc: {model: 'a/b'}", "persia_inc.model", "model must be"),
+    ("persia_inc: {model: 'a/b'}", "persia_inc.model", "must be 1-128"),
     ("persia_inc: {producer: {writer_nice: 20}}", "persia_inc.producer.writer_nice", "[0, 19]"),
     ("embedding_parameter_server_config: {bogus: 1}", "embedding_parameter_server_config.bogus",
      "unknown key"),
@@ -160,3 +160,72 @@ def test_serving_commands_require_servers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path, need_servers=True)
     assert info.value.key == "PersiaInferConfig.servers"
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("producer_id", "a/b"), ("producer_id", 7), ("flush_interval_s", "5"),
+    ("flush_interval_s", 0), ("writer_nice", 20), ("dtype", "float64"),
+    ("max_packet_bytes", 1000), ("metrics_port", 70_000), ("close_on_exit", "yes"),
+    ("max_inflight", -1),
+])
+def test_a_producer_setting_given_in_code_meets_the_yaml_rule_when_given(
+        key: str, value: object) -> None:
+    """One rule for both doors: the same bad value is refused with the same reason, naming
+    the key, whether it comes from YAML (at load) or from code (at construction)."""
+    from persia_inc.foundation.fields import FieldError
+    from persia_inc.producer import ProducerSettings
+
+    with pytest.raises(ConfigError) as from_yaml:
+        config_from_mapping({"persia_inc": {"producer": {key: value}}}, "f.yaml")
+    assert from_yaml.value.key == f"persia_inc.producer.{key}"
+    with pytest.raises(FieldError) as from_code:
+        ProducerSettings(**{key: value})  # type: ignore[arg-type]
+    assert from_code.value.key == key
+    assert from_code.value.reason == from_yaml.value.reason
+
+
+def test_producer_arguments_in_code_are_refused_at_construction(tmp_path: Path) -> None:
+    """A bad producer_id given in code used to pass until close() ('... were not stored');
+    now it is refused before training starts, as the same value in YAML is at load."""
+    from persia_inc.foundation.fields import FieldError
+    from persia_inc.producer import IncrementalProducer
+    from persia_inc.storage import open_store
+    from persia_inc.wiring import producer_from_config
+
+    config = config_from_mapping({"enable_incremental_update": True,
+                                  "incremental_dir": str(tmp_path / "inc")})
+    with pytest.raises(FieldError, match="producer_id") as info:
+        producer_from_config(config, producer_id="trainer/0")
+    assert info.value.key == "producer_id"
+    store = open_store(str(tmp_path / "inc"))
+    for kwargs, key in (({"model": "a b"}, "model"), ({"buffer_size": 0}, "buffer_size"),
+                        ({"buffer_size": 2.5}, "buffer_size"), ({"generation": -1}, "generation")):
+        with pytest.raises(FieldError) as info:
+            IncrementalProducer(store, **kwargs)  # type: ignore[arg-type]
+        assert info.value.key == key
+    assert not (tmp_path / "inc").exists() or not any((tmp_path / "inc").iterdir())
+    store.close()
+
+
+def test_unknown_key_suggests_the_key_users_write_never_an_internal_name() -> None:
+    for key in ("infer", "PersiaInferConfg"):
+        with pytest.raises(ConfigError) as info:
+            config_from_mapping({key: {}}, "f.yaml")
+        assert "did you mean 'PersiaInferConfig'?" in str(info.value)
+        known = str(info.value).split("known: ")[1]
+        assert "infer," not in known and "source" not in known and "PersiaInferConfig" in known
+    with pytest.raises(ConfigError, match="did you mean 'flush_interval_s'"):
+        config_from_mapping({"persia_inc": {"producer": {"flush_intervals": 1}}})
+
+
+def test_hdfs_scheme_is_http_or_https_from_yaml_and_from_code() -> None:
+    from persia_inc.foundation.fields import FieldError
+    from persia_inc.storage.settings import HdfsSettings
+
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({"persia_inc": {"hdfs": {"scheme": "ftp"}}}, "f.yaml")
+    assert info.value.key == "persia_inc.hdfs.scheme" and "'http', 'https'" in str(info.value)
+    with pytest.raises(FieldError, match="scheme"):
+        HdfsSettings(scheme="ftp")  # type: ignore[arg-type]
+    assert config_from_mapping({"persia_inc": {"hdfs": {"scheme": "https"}}}).persia_inc.hdfs.scheme \
+        == "https"

@@ -261,7 +261,7 @@ def test_dense_manifest_roundtrip_and_errors_name_the_key() -> None:
 def test_publish_dense_numbers_versions_and_writes_the_manifest_last(tmp_path: Path) -> None:
     """Without TorchServe: the exporter is a stand-in; versions go 1, 2; an explicit lower one
     is refused; the manifest's position is the last stored cut's."""
-    from persia_inc.producer import IncrementalProducer
+    from persia_inc.producer import IncrementalProducer, ProducerSettings
 
     store = open_store(str(tmp_path / "inc"))
     written: list[str] = []
@@ -271,7 +271,8 @@ def test_publish_dense_numbers_versions_and_writes_the_manifest_last(tmp_path: P
         path.write_bytes(f"mar {version}".encode())
         return path
 
-    with IncrementalProducer(store, model=MODEL, producer_id="p0", generation=3) as producer:
+    settings = ProducerSettings(producer_id="p0")
+    with IncrementalProducer(store, model=MODEL, settings=settings, generation=3) as producer:
         producer.register_table(TABLE, Rows(), dim=DIM)
         producer.record(TABLE, np.arange(10, dtype=np.uint64))
         first = producer.publish_dense(torch.nn.Identity(), exporter)
@@ -301,7 +302,7 @@ def test_the_hook_publishes_every_dense_every_s_and_a_failure_is_kept_not_raised
     from persia_inc.demo.report import DemoReport, Progress
     from persia_inc.demo.versions import DenseWatcher, dense_summary, dense_versions_report
     from persia_inc.foundation.net import free_port
-    from persia_inc.producer import IncrementalProducer
+    from persia_inc.producer import IncrementalProducer, ProducerSettings
     from persia_inc.producer.torch_hook import IncrementalUpdateHook
 
     now = [0.0]
@@ -317,10 +318,10 @@ def test_the_hook_publishes_every_dense_every_s_and_a_failure_is_kept_not_raised
     emb = torch.nn.Embedding(100, 4, sparse=True)
     optimizer = torch.optim.SGD(emb.parameters(), lr=0.1)
     store = open_store(str(tmp_path / "inc"))
-    with IncrementalProducer(store, model=MODEL, producer_id="x") as producer, \
+    with IncrementalProducer(store, model=MODEL, settings=ProducerSettings(producer_id="x")) as producer, \
             pytest.raises(ValueError, match="dense_module"):
         IncrementalUpdateHook(producer, {}, optimizer, dense_every_s=1.0)
-    with IncrementalProducer(store, model=MODEL, producer_id="p0") as producer:
+    with IncrementalProducer(store, model=MODEL, settings=ProducerSettings(producer_id="p0")) as producer:
         hook = IncrementalUpdateHook(producer, {"emb": emb}, optimizer, dense_every_s=10.0,
                                      dense_module=torch.nn.Identity, dense_exporter=exporter,
                                      clock=lambda: now[0])

@@ -12,9 +12,7 @@ import yaml
 from persia_inc.config.errors import ConfigError
 from persia_inc.config.persia_layouts import PERSIA_SECTIONS, STORAGE_ALIASES, flatten_persia
 from persia_inc.config.schema import Config
-from persia_inc.config.typed import build_dataclass
-from persia_inc.packet_format.header import check_name
-from persia_inc.producer.settings import MIN_MAX_PACKET_BYTES
+from persia_inc.config.typed import build_dataclass, unknown_key
 from persia_inc.storage import storage_kind
 
 
@@ -41,9 +39,9 @@ def config_from_mapping(raw: Any, source: str = "<mapping>") -> Config:
     renamed = dict(merged)
     if "PersiaInferConfig" in renamed:
         renamed["infer"] = renamed.pop("PersiaInferConfig")
-    for internal in ("infer", "source"):
+    for internal in ("infer", "source"):  # field names a file never writes
         if internal in merged:
-            raise ConfigError(source, internal, "unknown key")
+            raise unknown_key(Config, internal, "", source)
     if isinstance(renamed.get("storage"), str):
         renamed["storage"] = STORAGE_ALIASES.get(renamed["storage"].lower(), renamed["storage"])
     config: Config = build_dataclass(Config, renamed, "", source)
@@ -63,12 +61,6 @@ def _check_together(config: Config) -> None:
             source, "storage",
             f"is {config.storage!r} but incremental_dir {config.incremental_dir!r} is on {implied!r}",
         )
-    if config.incremental_buffer_size <= 0:
-        raise ConfigError(source, "incremental_buffer_size", "must be a positive integer")
-    try:
-        check_name("model", config.persia_inc.model)
-    except ValueError as exc:
-        raise ConfigError(source, "persia_inc.model", str(exc)) from exc
     for i, server in enumerate(config.infer.servers):
         host, sep, port = server.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -76,25 +68,7 @@ def _check_together(config: Config) -> None:
                               f"expected host:port, got {server!r}")
     if len(set(config.infer.servers)) != len(config.infer.servers):
         raise ConfigError(source, "PersiaInferConfig.servers", "lists one address twice")
-    producer = config.persia_inc.producer
-    if producer.flush_interval_s <= 0:
-        raise ConfigError(source, "persia_inc.producer.flush_interval_s", "must be positive")
-    if producer.max_pending_bytes <= 0:
-        raise ConfigError(source, "persia_inc.producer.max_pending_bytes", "must be positive")
-    if producer.close_timeout_s <= 0:
-        raise ConfigError(source, "persia_inc.producer.close_timeout_s", "must be positive")
-    if not 0 <= producer.writer_nice <= 19:
-        raise ConfigError(source, "persia_inc.producer.writer_nice", "must be in [0, 19]")
-    if not 0 <= producer.metrics_port < 65536:
-        raise ConfigError(source, "persia_inc.producer.metrics_port", "must be in [0, 65535]")
-    if producer.max_packet_rows <= 0:
-        raise ConfigError(source, "persia_inc.producer.max_packet_rows", "must be positive")
-    if not 0 <= producer.max_inflight <= 64:
-        raise ConfigError(source, "persia_inc.producer.max_inflight",
-                          "must be in [0, 64] (0: the storage backend's default)")
-    if producer.max_packet_bytes < MIN_MAX_PACKET_BYTES:
-        raise ConfigError(source, "persia_inc.producer.max_packet_bytes",
-                          f"must be at least {MIN_MAX_PACKET_BYTES} (1 MiB)")
+    producer = config.persia_inc.producer  # checked itself (ProducerSettings.__post_init__)
     limits = config.persia_inc.limits  # what a loader accepts: never produce more
     if producer.max_packet_rows > limits.max_rows:
         raise ConfigError(source, "persia_inc.producer.max_packet_rows",
@@ -104,11 +78,6 @@ def _check_together(config: Config) -> None:
         raise ConfigError(source, "persia_inc.producer.max_packet_bytes",
                           f"is over persia_inc.limits.max_bytes ({limits.max_bytes}): "
                           "loaders would refuse such packets")
-    if producer.producer_id:
-        try:
-            check_name("producer", producer.producer_id)
-        except ValueError as exc:
-            raise ConfigError(source, "persia_inc.producer.producer_id", str(exc)) from exc
     kafka = config.persia_inc.kafka
     if kafka.delivery_timeout_ms < kafka.request_timeout_ms:
         raise ConfigError(source, "persia_inc.kafka.delivery_timeout_ms",

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from persia_inc.embedding_server.settings import EmbeddingServerSettings
+from persia_inc.foundation.fields import FieldError, check_fields, positive
 from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import RetryPolicy
 from persia_inc.loader.settings import LoaderSettings
 from persia_inc.packet_format import PacketLimits
+from persia_inc.packet_format.header import check_name
 from persia_inc.producer.settings import ProducerSettings
 from persia_inc.storage.settings import HdfsSettings, S3Settings
 
@@ -34,6 +36,7 @@ class PersiaIncSettings:
     """Our additions to PERSIA's keys, under `persia_inc:`."""
 
     model: str = "default"
+    """The model's name: packets, topics and servers are kept apart by it."""
     producer: ProducerSettings = field(default_factory=ProducerSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     s3: S3Settings = field(default_factory=S3Settings)
@@ -43,23 +46,36 @@ class PersiaIncSettings:
     embedding_server: EmbeddingServerSettings = field(default_factory=EmbeddingServerSettings)
     loader: LoaderSettings = field(default_factory=LoaderSettings)
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        try:
+            check_name("model", self.model)
+        except ValueError as exc:
+            raise FieldError("model", str(exc).removeprefix("model ")) from None
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """The whole configuration, as PERSIA names it plus `persia_inc`.
-
-    incremental_buffer_size: distinct signs per table that trigger a flush;
-    incremental_dir: storage root of packets (a path, file://, hdfs:// or s3:// URI);
-    storage: which backend `incremental_dir` is on, checked against its scheme.
-    """
+    """The whole configuration, as PERSIA names it plus `persia_inc`."""
 
     infer: InferConfig = field(default_factory=InferConfig)
+    """`PersiaInferConfig`: the embedding servers and their initial checkpoint."""
     enable_incremental_update: bool = False
+    """Ship incremental updates at all (false: the producer does nothing)."""
     incremental_buffer_size: int = 1_000_000
+    """Distinct signs buffered over all tables together that start a flush of every table."""
     incremental_dir: str = "/workspace/incremental_dir/"
+    """Storage root of packets: a path, file://, hdfs:// or s3:// URI."""
     storage: StorageName = "local"
+    """Which backend incremental_dir is on (local, hdfs or ceph), checked against its scheme."""
     persia_inc: PersiaIncSettings = field(default_factory=PersiaIncSettings)
+    """Our additions to PERSIA's keys."""
     source: str = "<defaults>"
+    """Where this configuration was read from (set by the loader, never in a file)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        positive("incremental_buffer_size", self.incremental_buffer_size)
 
     def open_store(self, uri: str | None = None) -> ObjectStore:
         """The store at `uri` (default: `incremental_dir`) with this config's settings."""

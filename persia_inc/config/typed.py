@@ -4,31 +4,18 @@ with one `ConfigError` naming the key and what was expected."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, get_args, get_origin
 
 from persia_inc.config.errors import ConfigError
-
-
-def describe(tp: Any) -> str:
-    """What a value of type `tp` looks like in YAML, for error messages."""
-    origin = get_origin(tp)
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join("null" if a is type(None) else describe(a) for a in get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin is tuple:
-        return f"a list of {describe(get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, str(tp)
-    )
+from persia_inc.foundation.fields import FieldError, coerce, describe
 
 
 def convert(tp: Any, value: Any, key: str, source: str) -> Any:
-    """Check `value` against type `tp`, converting lists to tuples; raise ConfigError."""
+    """Check `value` against type `tp` (`foundation.fields.coerce`, the rule values given in
+    code meet too), building nested dataclasses from mappings; raise ConfigError."""
     origin = get_origin(tp)
     if origin in (types.UnionType, typing.Union):  # `T | None`: null, or a T
         options = [a for a in get_args(tp) if a is not type(None)]
@@ -36,41 +23,34 @@ def convert(tp: Any, value: Any, key: str, source: str) -> Any:
             return None
         if len(options) == 1:
             return convert(options[0], value, key, source)
-    bad = ConfigError(source, key, f"expected {describe(tp)}, got {value!r:.80}")
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise bad
+            raise ConfigError(source, key, f"expected {describe(tp)}, got {value!r:.80}")
         return build_dataclass(tp, value, key, source)
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise bad
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list | tuple):
-            raise bad
+    if origin is tuple and isinstance(value, list | tuple):  # items may be mappings
         return tuple(convert(get_args(tp)[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    raise ConfigError(source, key, f"unsupported field type {tp}")
+    try:
+        return coerce(tp, value, key)
+    except FieldError as exc:
+        raise ConfigError(source, exc.key, exc.reason) from exc
 
 
 DISPLAY_NAMES = {"infer": "PersiaInferConfig"}  # field name -> the key users write
+HIDDEN_FIELDS = frozenset({"source"})  # fields a file never sets (the loader fills them in)
+
+
+def unknown_key(cls: type, unknown: str, prefix: str, source: str) -> ConfigError:
+    """The error for key `unknown` under `prefix` (dataclass `cls`): the keys a user may
+    write there, and the nearest one."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - HIDDEN_FIELDS
+    known = sorted(DISPLAY_NAMES.get(n, n) if not prefix else n for n in names)
+    if not prefix and unknown in DISPLAY_NAMES:  # a field's own name, which users never write
+        near = [DISPLAY_NAMES[unknown]]
+    else:
+        near = difflib.get_close_matches(unknown, known, n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    where = f"{prefix}.{unknown}" if prefix else unknown
+    return ConfigError(source, where, f"unknown key ({hint}known: {', '.join(known)})")
 
 
 def build_dataclass(cls: type, mapping: dict, prefix: str, source: str) -> Any:
@@ -80,13 +60,15 @@ def build_dataclass(cls: type, mapping: dict, prefix: str, source: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(mapping) - names)
     if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(source, where, f"unknown key (known: {', '.join(sorted(names))})")
+        raise unknown_key(cls, unknown[0], prefix, source)
     values = {}
     for name, value in mapping.items():
         key = f"{prefix}.{name}" if prefix else DISPLAY_NAMES.get(name, name)
         values[name] = convert(hints[name], value, key, source)
     try:
         return cls(**values)
-    except ValueError as exc:  # the dataclass's own cross-field checks
+    except FieldError as exc:  # the dataclass's own checks, naming the field
+        key = f"{prefix}.{exc.key}" if prefix and exc.key else prefix or exc.key
+        raise ConfigError(source, DISPLAY_NAMES.get(key, key), exc.reason) from exc
+    except ValueError as exc:  # checks that name no field
         raise ConfigError(source, prefix, str(exc)) from exc
