@@ -1,16 +1,27 @@
-"""Inference benchmark: 128-row requests through TorchServe over gRPC (and HTTP) with two
-embedding-server shards, next to the same handler logic called in-process on the same requests
-in the same run; the ratio, and the in-process time split into decode, lookup, pool, forward.
+"""Inference benchmark: 128-row requests through TorchServe (gRPC, HTTP) and in process, each
+stage of the in-process path printed beside its floor (the cheapest way this machine does the
+same work), all measured in the same run, on the same requests, interleaved.
 
-Two table layouts of the same model and requests: `shared_table` (the seed's: 26 features in
-one table `embedding`, prefixed signs) and `table_per_feature` (the demo's: tables C1..C26,
-one per feature, ids as signs). Requests are the seed document's shape: 128 samples, 13 dense
-features, 26 sparse features of 16 ids each (53,248 signs, about 50k unique), ids drawn from
-1M per feature; every row exists on the shards (dim 16). Requests go one at a time (latency,
-not throughput); TorchServe runs one worker per model with batch_size 1.
+Two embedding-server shards (separate processes), two table layouts of the same model and
+requests: `shared_table` (the seed's: 26 features in one table `embedding`, prefixed signs) and
+`table_per_feature` (the demo's: tables C1..C26, ids as signs). Requests are the seed
+document's shape: 128 samples, 13 dense features, 26 sparse features of 16 ids each (53,248
+signs), ids drawn from 1M per feature; every row exists on the shards (dim 16). Requests go one
+at a time (latency, not throughput).
 
-Printed and written to bench/results/inference.json (the top-level latency keys are the
-shared table's, as before; `layouts` holds both).
+Stages (the engine's `Timings`) and their floors:
+- decode: reading the request bytes with pyarrow (open the IPC stream, read the batch);
+- dedup: a hash-based unique (`pyarrow.compute.unique`) of each table's signs;
+- lookup: one `EmbeddingClient.lookup` of the same 53,248 signs (in one table), and the servers'
+  own handler time per LookupTables call (their Prometheus histogram; it leaves out gRPC and
+  the reply's encoding);
+- pool: one `embedding_bag` over rows already in memory;
+- forward: the TorchScript module alone on ready tensors.
+TorchServe runs beside a TorchServe model whose handler returns a constant (its own floor:
+the frontend, the worker pipe and the request bytes, no work).
+
+Printed and written to bench/results/inference.json: per layout, per path p50/p99/mean, per
+stage p50/p99/mean and its share of the in-process mean, each floor's figures and the ratio.
 
 Run: flock /tmp/persia-heavy.lock .venv/bin/python bench/inference.py [--requests N]
 """
@@ -18,16 +29,24 @@ Run: flock /tmp/persia-heavy.lock .venv/bin/python bench/inference.py [--request
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import requests
+import torch
 import yaml
+from torch.nn.functional import embedding_bag
 
 from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.inference.archive import archive_model
@@ -35,7 +54,7 @@ from persia_inc.inference.batch import PersiaBatch
 from persia_inc.inference.client import get_inference_stub, infer, infer_http
 from persia_inc.inference.engine import PersiaInference, Timings
 from persia_inc.inference.local import LocalTorchServe, free_port
-from persia_inc.inference.management import HttpManagement
+from persia_inc.inference.management import HttpManagement, RegisterOptions
 from persia_inc.inference.model import build_model, load_torchscript, save_torchscript
 from persia_inc.inference.spec import ModelSpec
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
@@ -47,36 +66,52 @@ LAYOUTS = {"shared_table": SHARED,
            "table_per_feature": ModelSpec.per_feature({f"C{i + 1}": 16 for i in range(26)})}
 ROWS = 128
 IDS_PER_FEATURE = 1_000_000
+CONSTANT_MODEL = "constant"
+# a TorchServe handler that does no work: its answer is a constant of the real one's size
+_CONSTANT_HANDLER = f'''"""Returns a constant: TorchServe's own floor (bench/inference.py)."""
+
+ANSWER = "[" + ", ".join(["0.5"] * {ROWS}) + "]"
 
 
-def make_requests(spec: ModelSpec, count: int, seed: int = 0) -> tuple[list[bytes], dict[str, np.ndarray]]:
-    """(request bodies, table -> uint64[n] every sign of it they use); the same ids for every
+def handle(data, context):
+    return None if data is None else [ANSWER for _ in data]
+'''
+
+
+@dataclasses.dataclass
+class Request:
+    """One request: its body and, per table, the signs it asks for (uint64[n_t])."""
+
+    body: bytes
+    signs_by_table: dict[str, np.ndarray]
+
+
+def make_requests(spec: ModelSpec, count: int, seed: int = 0) -> tuple[list[Request], dict[str, np.ndarray]]:
+    """(requests, table -> uint64[n] every sign of it they use); the same ids for every
     layout with the same seed."""
     rng = np.random.default_rng(seed)
-    bodies, used = [], []
+    out = []
     for _ in range(count):
         sparse = [rng.integers(0, IDS_PER_FEATURE, (ROWS, 16), dtype=np.uint64) for _ in spec.sparse]
         dense = rng.random((ROWS, spec.dense_dim), dtype=np.float32)
-        bodies.append(PersiaBatch().add_dense([dense])
-                      .add_sparse(list(zip(spec.sparse, sparse, strict=True))).to_bytes())
-        used.append(spec.signs_by_table(dict(zip(spec.sparse, sparse, strict=True))))
-    return bodies, {t: np.unique(np.concatenate([u[t] for u in used])) for t in used[0]}
+        pairs = list(zip(spec.sparse, sparse, strict=True))
+        body = PersiaBatch().add_dense([dense]).add_sparse(pairs).to_bytes()
+        out.append(Request(body, spec.signs_by_table(dict(zip(spec.sparse, sparse, strict=True)))))
+    every = {t: np.unique(np.concatenate([r.signs_by_table[t] for r in out])) for t in out[0].signs_by_table}
+    return out, every
 
 
-def percentiles(samples_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(samples_s) * 1e3
+def percentiles(samples_s: list[float] | np.ndarray) -> dict[str, float]:
+    ms = np.asarray(samples_s, dtype=np.float64) * 1e3
     return {"p50_ms": round(float(np.percentile(ms, 50)), 3),
             "p99_ms": round(float(np.percentile(ms, 99)), 3),
             "mean_ms": round(float(ms.mean()), 3)}
 
 
-def timed(fn, bodies: list[bytes]) -> tuple[list[float], list[np.ndarray]]:
-    times, outs = [], []
-    for body in bodies:
-        start = time.perf_counter()
-        outs.append(fn(body))
-        times.append(time.perf_counter() - start)
-    return times, outs
+def clock(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def load_rows(client: EmbeddingClient, model: str, signs_by_table: dict[str, np.ndarray], dim: int
@@ -93,102 +128,217 @@ def load_rows(client: EmbeddingClient, model: str, signs_by_table: dict[str, np.
             seq += 1
 
 
+def server_seconds(metrics_urls: list[str], method: str) -> tuple[float, float]:
+    """(sum of seconds, count) of `method` calls over the shards' latency histograms."""
+    total = count = 0.0
+    pattern = re.compile(r'persia_inc_embedding_rpc_seconds_(sum|count)\{method="' + method
+                         + r'"\} ([0-9.e+-]+)')
+    for url in metrics_urls:
+        for kind, value in pattern.findall(requests.get(url, timeout=10).text):
+            if kind == "sum":
+                total += float(value)
+            else:
+                count += float(value)
+    return total, count
+
+
+def register_constant(torchserve: LocalTorchServe, work: Path, pt: Path, options: RegisterOptions) -> None:
+    """The constant handler's .mar, registered under CONSTANT_MODEL."""
+    with tempfile.TemporaryDirectory(prefix="bench-const-") as staging:
+        handler = Path(staging) / "constant_handler.py"
+        handler.write_text(_CONSTANT_HANDLER)
+        from model_archiver.model_archiver_config import ModelArchiverConfig
+        from model_archiver.model_packaging import generate_model_archive
+        generate_model_archive(ModelArchiverConfig(
+            model_name=CONSTANT_MODEL, handler=str(handler), version="1.0", serialized_file=str(pt),
+            export_path=str(torchserve.model_store), force=True))
+    with HttpManagement(torchserve.management_url) as mgmt:
+        mgmt.register(f"{CONSTANT_MODEL}.mar", options=options)
+
+
+def stage_names() -> list[str]:
+    return [f.name.removesuffix("_s") for f in dataclasses.fields(Timings)]
+
+
 def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, servers: list[str],
-            config: Path, torchserve: LocalTorchServe) -> dict[str, object]:
-    """One layout: rows loaded, .mar registered, the same requests through every path."""
-    bodies, signs = make_requests(spec, args.requests + args.warmup)
+            metrics_urls: list[str], config: Path, torchserve: LocalTorchServe,
+            options: RegisterOptions) -> dict[str, object]:
+    """One layout: rows loaded, .mar registered, the same requests through every path and
+    every floor, interleaved so drift hits all alike."""
+    reqs, signs = make_requests(spec, args.requests + args.warmup)
     client = EmbeddingClient(servers)
     client.wait_ready(60)
     load_rows(client, "ctr", signs, 16)
     pt = save_torchscript(build_model(spec), work / f"{name}.pt")
-    engine = PersiaInference.from_client(load_torchscript(pt), spec, client)
+    module = load_torchscript(pt)
+    engine = PersiaInference.from_client(module, spec, client)
     archive_model(name, pt, spec, torchserve.model_store, config_file=config)
     with HttpManagement(torchserve.management_url) as mgmt:
-        mgmt.register(f"{name}.mar")
+        mgmt.register(f"{name}.mar", options=options)
     stub = get_inference_stub(torchserve.grpc_inference_target)
+    session = requests.Session()
+    first_table = spec.tables[0].name
+    weight = torch.randn(ROWS * 16 * len(spec.sparse), 16)
+    sparse_in = torch.randn(spec.sparse_shape(ROWS))
+    dense_in = torch.randn(ROWS, spec.dense_dim)
 
-    warm, measured = bodies[:args.warmup], bodies[args.warmup:]
-    for body in warm:
-        engine.predict(body)
-        infer(stub, name, body)
-        infer_http(torchserve.inference_url, name, body)
+    paths: dict[str, Callable[[bytes], np.ndarray]] = {
+        "torchserve_grpc": lambda b: infer(stub, name, b),
+        "torchserve_constant_grpc": lambda b: infer(stub, CONSTANT_MODEL, b),
+        "torchserve_http": lambda b: infer_http(torchserve.inference_url, name, b, session=session),
+        "in_process": engine.predict,
+    }
 
-    # the same requests, interleaved so drift hits every path alike
-    grpc_t, http_t, local_t = [], [], []
-    split = Timings()
+    def floors(req: Request) -> dict[str, float]:
+        decoded = engine.decode(req.body)
+        offsets = torch.from_numpy(decoded.bag_offsets)
+        every = np.concatenate(list(req.signs_by_table.values()))
+        out = {
+            "decode": clock(lambda: pa.ipc.open_stream(pa.py_buffer(req.body)).read_next_batch())[0],
+            "dedup": clock(lambda: [pc.unique(s) for s in req.signs_by_table.values()])[0],
+            "lookup": clock(lambda: client.lookup(first_table, every))[0],
+            "pool": clock(lambda: embedding_bag(torch.arange(decoded.signs.size), weight, offsets,
+                                                mode="sum", include_last_offset=True))[0],
+        }
+        with torch.no_grad():
+            out["forward"] = clock(lambda: module(dense_in, sparse_in))[0]
+        return out
+
+    for req in reqs[:args.warmup]:
+        for fn in paths.values():
+            fn(req.body)
+        floors(req)
+
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    stages: dict[str, list[float]] = {s: [] for s in stage_names()}
+    floor_t: dict[str, list[float]] = {s: [] for s in ("decode", "dedup", "lookup", "pool", "forward")}
     mismatches = 0
-    for body in measured:
-        t, (remote,) = timed(lambda b: infer(stub, name, b), [body])
-        grpc_t += t
-        t, _ = timed(lambda b: infer_http(torchserve.inference_url, name, b), [body])
-        http_t += t
-        t, (local,) = timed(engine.predict, [body])
-        local_t += t
-        last = engine.last_timings
-        split.decode_s += last.decode_s
-        split.lookup_s += last.lookup_s
-        split.pool_s += last.pool_s
-        split.forward_s += last.forward_s
-        mismatches += int(not np.array_equal(remote, local))
+    server_before = server_seconds(metrics_urls, "LookupTables")
+    for req in reqs[args.warmup:]:
+        results = {}
+        for path, fn in paths.items():
+            t, results[path] = clock(lambda f=fn, b=req.body: f(b))
+            times[path].append(t)
+            if path == "in_process":
+                for stage, value in dataclasses.asdict(engine.last_timings).items():
+                    stages[stage.removesuffix("_s")].append(value)
+        mismatches += int(not np.array_equal(results["torchserve_grpc"], results["in_process"]))
+        for stage, t in floors(req).items():
+            floor_t[stage].append(t)
+    server_after = server_seconds(metrics_urls, "LookupTables")
     stub.channel.close()
+    session.close()
     client.close()
-    n = len(measured)
-    return {
+
+    n = len(reqs) - args.warmup
+    in_process_mean = float(np.mean(times["in_process"]))
+    stage_out: dict[str, dict[str, object]] = {}
+    for stage, values in stages.items():
+        entry: dict[str, object] = {**percentiles(values),
+                                    "share_of_mean": round(float(np.mean(values)) / in_process_mean, 3)}
+        if stage in floor_t:
+            entry["floor"] = percentiles(floor_t[stage])
+            entry["ratio_p50_to_floor"] = round(float(np.median(values) / np.median(floor_t[stage])), 2)
+        stage_out[stage] = entry
+    served = server_after[1] - server_before[1]
+    server_mean_ms = (server_after[0] - server_before[0]) / served * 1e3 if served else float("nan")
+    stage_out.setdefault("lookup", {})["servers_own_mean_ms"] = round(server_mean_ms, 3)
+    grpc, local, const = (np.asarray(times[p]) for p in ("torchserve_grpc", "in_process",
+                                                         "torchserve_constant_grpc"))
+    out: dict[str, object] = {
         "tables": len(spec.tables), "requests": n,
-        "torchserve_grpc": percentiles(grpc_t),
-        "torchserve_http": percentiles(http_t),
-        "in_process": percentiles(local_t),
-        "ratio_grpc_to_in_process_p50": round(float(np.median(grpc_t) / np.median(local_t)), 2),
-        "ratio_grpc_to_in_process_p99": round(float(np.percentile(grpc_t, 99)
-                                                    / np.percentile(local_t, 99)), 2),
-        "in_process_split_mean_ms": {
-            "decode": round(split.decode_s / n * 1e3, 3),
-            # LookupTables: per-table dedup, both shards concurrently, once for all tables
-            "lookup (dedup + 2-shard gRPC)": round(split.lookup_s / n * 1e3, 3),
-            "pool (embedding_bag sum)": round(split.pool_s / n * 1e3, 3),
-            "forward (TorchScript MLP)": round(split.forward_s / n * 1e3, 3)},
+        **{path: percentiles(t) for path, t in times.items()},
+        "ratio_grpc_to_in_process_p50": round(float(np.median(grpc) / np.median(local)), 2),
+        "ratio_grpc_to_in_process_p99": round(float(np.percentile(grpc, 99) / np.percentile(local, 99)), 2),
+        # the Done-when test: TorchServe p50 <= in-process p50 + constant-handler p50 + 1 ms
+        "grpc_p50_over_in_process_plus_constant_ms": round(
+            float(np.median(grpc) - np.median(local) - np.median(const)) * 1e3, 3),
+        "ratio_in_process_to_one_lookup_p50": round(
+            float(np.median(local) / np.median(floor_t["lookup"])), 2),
+        "in_process_stages": stage_out,
         "torchserve_equals_in_process": mismatches == 0,
     }
+    with HttpManagement(torchserve.management_url) as mgmt:
+        mgmt.unregister(name)
+    return out
+
+
+def print_layout(name: str, result: dict[str, object]) -> None:
+    print(f"\n== {name} ({result['tables']} tables, {result['requests']} requests)")
+    for path in ("in_process", "torchserve_grpc", "torchserve_constant_grpc", "torchserve_http"):
+        p = result[path]
+        print(f"  {path:26s} p50 {p['p50_ms']:7.2f}  p99 {p['p99_ms']:7.2f}  mean {p['mean_ms']:7.2f} ms")  # type: ignore[index]
+    print(f"  {'stage':10s} {'p50':>7s} {'p99':>7s} {'mean':>7s} {'share':>6s} "
+          "| floor p50 p99 mean ms, ratio p50")
+    for stage, s in result["in_process_stages"].items():  # type: ignore[attr-defined]
+        line = (f"  {stage:10s} {s['p50_ms']:7.2f} {s['p99_ms']:7.2f} {s['mean_ms']:7.2f} "
+                f"{s['share_of_mean']:6.1%}")
+        if "floor" in s:
+            f = s["floor"]
+            line += (f" | {f['p50_ms']:6.2f} {f['p99_ms']:6.2f} {f['mean_ms']:6.2f}  "
+                     f"x{s['ratio_p50_to_floor']}")
+        if "servers_own_mean_ms" in s:
+            line += f"; servers' own mean {s['servers_own_mean_ms']:.2f}"
+        print(line)
+    print(f"  in process / one lookup p50: x{result['ratio_in_process_to_one_lookup_p50']}; "
+          "grpc p50 - (in process + constant) p50: "
+          f"{result['grpc_p50_over_in_process_plus_constant_ms']} ms; "
+          f"bit for bit: {result['torchserve_equals_in_process']}")
+
+
+def start_shards(work: Path, servers: list[str], metrics_base: int) -> tuple[Path, list[subprocess.Popen]]:
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "PersiaInferConfig": {"servers": servers}, "incremental_dir": str(work / "inc"),
+        "storage": "local",
+        "persia_inc": {"model": "ctr", "embedding_server": {"metrics_port_base": metrics_base}}}))
+    shards = []
+    for shard in range(len(servers)):
+        with (work / f"shard{shard}.log").open("ab") as log:
+            shards.append(subprocess.Popen(
+                [sys.executable, "-m", "persia_inc.cli", "embedding-server", "--config", str(config),
+                 "--shard", str(shard)], stdout=log, stderr=subprocess.STDOUT))
+    return config, shards
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300, help="measured requests per path")
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated layouts")
+    parser.add_argument("--workers", type=int, default=1, help="TorchServe workers per model")
+    parser.add_argument("--batch-size", type=int, default=1, help="TorchServe batch_size")
+    parser.add_argument("--max-batch-delay-ms", type=int, default=5, help="TorchServe max_batch_delay")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "inference.json"))
     args = parser.parse_args()
+    options = RegisterOptions(initial_workers=args.workers, batch_size=args.batch_size,
+                              max_batch_delay_ms=args.max_batch_delay_ms)
 
     work = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     servers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    config = work / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "PersiaInferConfig": {"servers": servers}, "incremental_dir": str(work / "inc"),
-        "storage": "local", "persia_inc": {"model": "ctr"}}))
-    shards = []
-    for shard in range(2):
-        with (work / f"shard{shard}.log").open("ab") as log:
-            shards.append(subprocess.Popen(
-                [sys.executable, "-m", "persia_inc.cli", "embedding-server", "--config", str(config),
-                 "--shard", str(shard)], stdout=log, stderr=subprocess.STDOUT))
+    metrics_base = free_port()
+    metrics_urls = [f"http://127.0.0.1:{metrics_base + s}/metrics" for s in range(len(servers))]
+    config, shards = start_shards(work, servers, metrics_base)
     torchserve = LocalTorchServe(work / "ts")
     try:
         torchserve.start()
-        layouts = {name: measure(name, spec, args, work, servers, config, torchserve)
-                   for name, spec in LAYOUTS.items()}
-        shared, per_feature = layouts["shared_table"], layouts["table_per_feature"]
+        register_constant(torchserve, work, save_torchscript(build_model(SHARED), work / "const.pt"), options)
+        layouts = {}
+        for name in args.layouts.split(","):
+            layouts[name] = measure(name, LAYOUTS[name], args, work, servers, metrics_urls, config,
+                                    torchserve, options)
+            print_layout(name, layouts[name])
         result = {
-            # the shared table's figures under the keys they always had
-            "requests": shared["requests"], "rows_per_request": ROWS, "signs_per_request": ROWS * 26 * 16,
-            "shards": 2, "torchserve_workers": 1, "batch_size": 1,
-            **{k: v for k, v in shared.items() if k not in ("tables", "requests")},
+            "command": "flock /tmp/persia-heavy.lock .venv/bin/python bench/inference.py "
+                       + " ".join(sys.argv[1:]),
+            "rows_per_request": ROWS, "signs_per_request": ROWS * 26 * 16, "shards": len(servers),
+            "torchserve": {"workers": args.workers, "batch_size": args.batch_size,
+                           "max_batch_delay_ms": args.max_batch_delay_ms},
             "layouts": layouts,
-            "ratio_table_per_feature_to_shared_p99": {
-                path: round(per_feature[path]["p99_ms"] / shared[path]["p99_ms"], 2)  # type: ignore[index]
-                for path in ("torchserve_grpc", "in_process")},
         }
-        print(json.dumps(result, indent=2))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwritten to {args.out}")
     finally:
         torchserve.stop()
         for proc in shards:

@@ -41,6 +41,7 @@ from persia_inc.embedding_server._wire import (
     encode_apply_request,
 )
 from persia_inc.embedding_server.errors import ShardError, ShardIdentityError, WatermarkMovedError
+from persia_inc.embedding_server.lookup_plan import UniqueRows, plan_tables
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
 from persia_inc.embedding_server.settings import EmbeddingServerSettings
@@ -171,9 +172,8 @@ class EmbeddingClient:
                                           request_serializer=pb.LookupRequest.SerializeToString,
                                           response_deserializer=decode_lookup_reply)
                             for c in self._channels]
-        self._lookup_tables_raw = [
-            c.unary_unary(_METHOD + "LookupTables",
-                          request_serializer=pb.LookupTablesRequest.SerializeToString,
+        self._lookup_tables_raw = [  # requests written by LookupPlan.request
+            c.unary_unary(_METHOD + "LookupTables", request_serializer=None,
                           response_deserializer=decode_lookup_tables_reply)
             for c in self._channels]
         self._closed = False
@@ -321,47 +321,35 @@ class EmbeddingClient:
         """Rows of several tables' signs, each table's in request order; unknown signs read as
         zeros. signs_by_table: table -> uint64[n_t]; returns table -> float32[n_t, dim_t].
 
+        `lookup_unique`, with each table's rows copied out in request order."""
+        found = self.lookup_unique(signs_by_table)
+        return {table: found.table(t) for t, table in enumerate(found.dims)}
+
+    def lookup_unique(self, signs_by_table: Mapping[str, np.ndarray]) -> UniqueRows:
+        """Rows of several tables' signs, each distinct (table, sign) once; unknown signs read
+        as zeros. signs_by_table: table -> uint64[n_t] (see `UniqueRows` for the answer).
+
         Each table's signs are deduplicated, and every shard holding any of them is called
         once for all the tables (LookupTables, concurrently), so it reads them at one
         consistent point. Raises ShardError (NOT_FOUND naming an unknown table), or
         ShardIdentityError. A shard's answer must fit in one message (for bulk reads of one
         table use `lookup`, which splits).
         """
+        if not signs_by_table:
+            return UniqueRows({}, np.empty(0, np.int64), np.zeros(1, np.int64), {})
         num = len(self.servers)
-        plans = []
-        for table, signs in signs_by_table.items():
-            unique, inverse = np.unique(np.ascontiguousarray(signs, dtype=np.uint64).ravel(),
-                                        return_inverse=True)
-            order, bounds = group_by_shard(unique, num)
-            plans.append((table, unique[order], inverse, order, bounds))
-        if not plans:
-            return {}
-        used = [s for s in range(num) if any(b[s + 1] > b[s] for *_, b in plans)] or [0]
+        plan = plan_tables(tuple(signs_by_table),
+                           [np.ascontiguousarray(s, dtype=np.uint64).ravel()
+                            for s in signs_by_table.values()], num)
+        used = plan.shards()
         self.verify(used)
-        calls = {}
-        for shard in used:
-            request = pb.LookupTablesRequest(
-                tables=[pb.TableSigns(table=table, signs=grouped[b[shard]:b[shard + 1]].tobytes())
-                        for table, grouped, _, _, b in plans],
-                shard=shard, num_shards=num)
-            calls[shard] = self._start(self._lookup_tables_raw[shard], request, timeout=self.timeout_s)
-        replies = {shard: dict(reply.tables) for shard, reply in self._gather(calls).items()}
-        out: dict[str, np.ndarray] = {}
-        for table, grouped, inverse, order, bounds in plans:
-            dims = {replies[s][table].dim for s in used if table in replies[s]}
-            if len(dims) != 1:
-                shard = used[0]
-                raise ShardError(shard, self.servers[shard], "FAILED_PRECONDITION",
-                                 f"table {table!r}: the shards answered dims {sorted(dims)}")
-            dim = dims.pop()
-            self._dims[table] = dim
-            rows = np.empty((grouped.shape[0], dim), np.float32)
-            for shard in used:
-                lo, hi = int(bounds[shard]), int(bounds[shard + 1])
-                if hi > lo:
-                    rows[order[lo:hi]] = replies[shard][table].rows.reshape(hi - lo, dim)
-            out[table] = rows[inverse]
-        return out
+        calls = {shard: self._start(self._lookup_tables_raw[shard], plan.request(shard, num),
+                                    timeout=self.timeout_s)
+                 for shard in used}
+        found = plan.assemble(self._gather(calls), lambda shard, message: ShardError(
+            shard, self.servers[shard], "FAILED_PRECONDITION", message))
+        self._dims.update(found.dims)
+        return found
 
     def apply(self, packet: Packet) -> ApplyResult:
         """Apply a decoded packet: its rows and deletes split by shard, every shard called

@@ -5,10 +5,12 @@ model servers call it directly; `inference.handler.PersiaHandler` is one front e
 
 Per batch of requests: decode each (a bad one becomes a `BatchError` for that request only);
 gather every table's signs over all good requests; look them all up in one call
-(`EmbeddingClient.lookup_tables`: each table's signs deduplicated, every shard reached once
-for all tables, shards concurrently); sum-pool them per sample and feature as PERSIA does
-(`torch.nn.functional.embedding_bag(mode="sum")`, one call per table); run the TorchScript
-model once over all rows under `torch.no_grad()`; split the scores back per request.
+(`EmbeddingClient.lookup_unique`: each table's signs deduplicated, every shard reached once
+for all tables, shards concurrently, each distinct row once in one matrix per width); sum-pool
+them per sample and feature as PERSIA does (`torch.nn.functional.embedding_bag(mode="sum")`,
+one call for all the tables of one width, reading the rows through the lookup's index rather
+than copying them into request order); run the TorchScript model once over all rows under
+`torch.no_grad()`; split the scores back per request.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch.nn.functional import embedding_bag
 
+from persia_inc.embedding_server.lookup_plan import UniqueRows
 from persia_inc.inference.batch import BatchError, DecodedBatch, PersiaBatch, SparseInput, decode_batch
 from persia_inc.inference.spec import ModelSpec
 
@@ -36,6 +39,8 @@ LookupFn = Callable[[str, np.ndarray], np.ndarray]
 # lookup_tables({table: uint64[n_t]}) -> {table: float32[n_t, dim_t]}, rows in request order;
 # EmbeddingClient.lookup_tables is one (it deduplicates and calls each shard once).
 LookupTablesFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+# lookup_unique({table: uint64[n_t]}) -> UniqueRows; EmbeddingClient.lookup_unique is one.
+LookupUniqueFn = Callable[[Mapping[str, np.ndarray]], UniqueRows]
 
 
 def per_table(lookup: LookupFn) -> LookupTablesFn:
@@ -43,18 +48,44 @@ def per_table(lookup: LookupFn) -> LookupTablesFn:
     return lambda signs_by_table: {t: lookup(t, s) for t, s in signs_by_table.items()}
 
 
+def unique_rows(lookup_tables: LookupTablesFn) -> LookupUniqueFn:
+    """A `LookupUniqueFn` over a `LookupTablesFn` (rows in request order, no deduplication):
+    each width's rows concatenated, the index counting through them."""
+
+    def lookup(signs_by_table: Mapping[str, np.ndarray]) -> UniqueRows:
+        got = lookup_tables(signs_by_table)
+        by_dim: dict[int, list[np.ndarray]] = {}
+        index, dims, starts = [], {}, [0]
+        for table, signs in signs_by_table.items():
+            rows = np.asarray(got[table])
+            if rows.ndim != 2 or rows.shape[0] != signs.size:
+                raise EmbeddingShapeError(f"table {table!r} returned rows of shape {rows.shape} "
+                                          f"for {signs.size} signs")
+            dims[table] = rows.shape[1]
+            held = by_dim.setdefault(rows.shape[1], [])
+            index.append(np.arange(signs.size, dtype=np.int64) + sum(r.shape[0] for r in held))
+            held.append(rows)
+            starts.append(starts[-1] + signs.size)
+        return UniqueRows({d: np.concatenate(r).astype(np.float32, copy=False) for d, r in by_dim.items()},
+                          np.concatenate(index) if index else np.empty(0, np.int64),
+                          np.asarray(starts, np.int64), dims)
+
+    return lookup
+
+
 @dataclass(slots=True)
 class Timings:
     """Seconds spent in each stage of the last call (monotonic clock)."""
 
     decode_s: float = 0.0
-    lookup_s: float = 0.0
+    dedup_s: float = 0.0  # deduplicating and routing the signs (the lookup's plan)
+    lookup_s: float = 0.0  # the rest of the lookup: the shards' calls and their answers' assembly
     pool_s: float = 0.0
     forward_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.decode_s + self.lookup_s + self.pool_s + self.forward_s
+        return self.decode_s + self.dedup_s + self.lookup_s + self.pool_s + self.forward_s
 
 
 class EmbeddingShapeError(RuntimeError):
@@ -63,14 +94,15 @@ class EmbeddingShapeError(RuntimeError):
 
 class PersiaInference:
     """Serve `model` (forward(dense: float32[B, dense_dim], sparse) -> float32[B], sparse as
-    `ModelSpec.sparse_shape(B)` says) with rows from `lookup_tables`. Thread-compatible: one
-    instance per worker."""
+    `ModelSpec.sparse_shape(B)` says) with rows from `lookup_unique` (default: `lookup_tables`,
+    through `unique_rows`). Thread-compatible: one instance per worker."""
 
     def __init__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], spec: ModelSpec,
-                 lookup_tables: LookupTablesFn) -> None:
+                 lookup_tables: LookupTablesFn, *, lookup_unique: LookupUniqueFn | None = None) -> None:
         self.model = model
         self.spec = spec
         self.lookup_tables = lookup_tables
+        self.lookup_unique = lookup_unique or unique_rows(lookup_tables)
         self.last_timings = Timings()
         # per table: its features (model order) and where their pooled rows go
         self._groups: list[tuple[str, list[int], int, torch.Tensor]] = []
@@ -83,12 +115,21 @@ class PersiaInference:
                 where = torch.from_numpy(np.concatenate(
                     [np.arange(columns[f], columns[f + 1]) for f in features]).astype(np.int64))
             self._groups.append((table.name, features, table.dim, where))
+        # per width: its tables' positions, and where their pooled bags go (None: in order,
+        # the whole [B, F, dim] input)
+        self._widths: list[tuple[int, list[int], torch.Tensor | None]] = []
+        for dim in dict.fromkeys(spec.dims):
+            positions = [p for p, group in enumerate(self._groups) if group[2] == dim]
+            where = torch.cat([self._groups[p][3] for p in positions])
+            in_order = (spec.uniform_dim is not None
+                        and torch.equal(where, torch.arange(len(spec.sparse))))
+            self._widths.append((dim, positions, None if in_order else where))
 
     @classmethod
     def from_client(cls, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], spec: ModelSpec,
                     client: EmbeddingClient) -> PersiaInference:
-        """An engine reading rows through `client.lookup_tables`."""
-        return cls(model, spec, client.lookup_tables)
+        """An engine reading rows through `client.lookup_unique`."""
+        return cls(model, spec, client.lookup_tables, lookup_unique=client.lookup_unique)
 
     # ------------------------------------------------------------------------ stages
 
@@ -121,31 +162,45 @@ class PersiaInference:
         timings = timings or Timings()
         start = time.monotonic()
         total = sum(b.rows for b in batches)
-        bags = {table: self._table_bags(batches, features) for table, features, _, _ in self._groups}
-        rows_by_table = self.lookup_tables({table: signs for table, (signs, _) in bags.items()})
+        bags = [self._table_bags(batches, features) for _, features, _, _ in self._groups]
+        found = self.lookup_unique({group[0]: signs for group, (signs, _) in zip(self._groups, bags,
+                                                                               strict=True)})
         lookup_done = time.monotonic()
-        timings.lookup_s += lookup_done - start
+        timings.dedup_s += found.plan_s
+        timings.lookup_s += lookup_done - start - found.plan_s
+        for (table, _, dim, _), (signs, _) in zip(self._groups, bags, strict=True):
+            if found.dims.get(table) != dim:
+                raise EmbeddingShapeError(
+                    f"table {table!r} returned rows of width {found.dims.get(table)}, the model "
+                    f"needs [{signs.size}, {dim}]")
 
         sparse = torch.empty(self.spec.sparse_shape(total), dtype=torch.float32)
-        for table, features, dim, where in self._groups:
-            signs, offsets = bags[table]
-            rows = np.asarray(rows_by_table[table])
-            if rows.shape != (signs.size, dim):
-                raise EmbeddingShapeError(
-                    f"table {table!r} returned rows of shape {rows.shape}, the model needs "
-                    f"[{signs.size}, {dim}]")
-            # writable: a one-shard lookup returns a read-only view of the reply, which torch warns on
-            weight = torch.from_numpy(np.require(rows, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
-            if not signs.size:
-                weight = torch.zeros((1, dim), dtype=torch.float32)
-            pooled = embedding_bag(torch.arange(signs.size, dtype=torch.int64), weight,
-                                   torch.from_numpy(offsets), mode="sum", include_last_offset=True)
-            # bags are feature-major: [k * B, dim] -> [B, k, dim]
-            per_sample = pooled.view(len(features), total, dim).transpose(0, 1)
-            if sparse.dim() == 3:
+        starts = found.starts
+        for dim, positions, where in self._widths:
+            first, last = positions[0], positions[-1]
+            if positions == list(range(first, last + 1)):  # one slice of the index, no copy
+                index = found.index[starts[first]:starts[last + 1]]
+            else:
+                index = np.concatenate([found.index[starts[p]:starts[p + 1]] for p in positions])
+            offsets, shift = [], 0
+            for p in positions:
+                offsets.append(bags[p][1][:-1] + shift)
+                shift += bags[p][0].size
+            offsets.append(np.array([shift], np.int64))
+            rows = found.rows[dim]
+            weight = (torch.from_numpy(np.require(rows, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+                      if rows.shape[0] else torch.zeros((1, dim), dtype=torch.float32))
+            pooled = embedding_bag(torch.from_numpy(index), weight,
+                                   torch.from_numpy(np.concatenate(offsets)), mode="sum",
+                                   include_last_offset=True)
+            # bags are table-major, then feature-major: [K * B, dim] -> [B, K, dim]
+            per_sample = pooled.view(-1, total, dim).transpose(0, 1)
+            if where is None:
+                sparse.copy_(per_sample)
+            elif sparse.dim() == 3:
                 sparse[:, where] = per_sample
             else:
-                sparse[:, where] = per_sample.reshape(total, len(features) * dim)
+                sparse[:, where] = per_sample.reshape(total, -1)
         dense = (torch.cat([torch.from_numpy(b.dense) for b in batches]) if len(batches) > 1
                  else torch.from_numpy(batches[0].dense))
         timings.pool_s += time.monotonic() - lookup_done
@@ -204,4 +259,5 @@ class PersiaInference:
         return self.predict(PersiaBatch().add_dense([dense]).add_sparse(sparse).to_bytes())
 
 
-__all__ = ["EmbeddingShapeError", "LookupFn", "LookupTablesFn", "PersiaInference", "Timings", "per_table"]
+__all__ = ["EmbeddingShapeError", "LookupFn", "LookupTablesFn", "LookupUniqueFn", "PersiaInference",
+           "Timings", "per_table", "unique_rows"]
