@@ -1,20 +1,25 @@
 """`EmbeddingClient`: route signs to shards, call them in parallel, reassemble in order.
 
-Shard of a sign = `embedding_server.sharding.shard_of(sign, len(servers))`; the calls to the
-shards go out together (gRPC futures, no thread per call) and the answer is in request order.
+Shard of a sign = `embedding_server.sharding.shard_of(sign, num_shards)`; the calls to the
+shards go out together (on the client's threads) and the answer is in request order.
 
-Identity is checked, not assumed: before its first call to a shard, and again after the shard
-was unreachable (it may have restarted with another configuration), the client asks the server
-which shard of how many it is (`Status`) and refuses a server that disagrees with its own list
-(`ShardIdentityError`). Every Lookup, Apply and Delete also names the shard it is meant for, so
-the server refuses misrouted work even between two checks.
+Identity is checked, not assumed: before its first call to a server, and again after it was
+unreachable (it may have restarted with another configuration), the client asks it which shard
+of how many, and which replica of how many, it is (`Status`), and refuses one that disagrees
+with its own list (`ShardIdentityError`). Every Lookup, Apply and Delete also names its shard.
 
-An Apply whose slice for one shard exceeds the message limit (the smaller of the client's and
-the server's) is sent in chunks under one apply id; the server commits them together.
+An Apply whose slice for one shard exceeds the message limit is sent in chunks under one apply
+id; the server commits them together. A producer's cut is one Apply per shard for all its
+tables (`apply_cut`); a model's features are one LookupTables call per shard (`lookup_tables`).
 
-A producer's cut (every table it flushed at one moment) is one Apply per shard for all its
-tables (`apply_cut`), and a model's features are read in one LookupTables call per shard
-(`lookup_tables`).
+Replicas: an entry of `servers` may list several addresses, the replicas of that shard (each a
+full copy). Writes go to every replica; the calls that name one server take a *target* index
+(`targets`: shard 0's replicas, then shard 1's, ...; with one address per shard, target i is
+shard i, as before). A read of a shard goes to one replica (`routing.ReplicaRouter` spreads
+them) and, on UNAVAILABLE (down, reset, or catching up), a deadline or an abort, to the next,
+all within the call's one deadline; it fails only when no replica of the shard answers. A
+catching-up replica refuses reads, so a fresher sibling answers; when every replica of a shard
+is catching up, the read is asked again with `allow_behind` and counted (`counters()`).
 """
 
 from __future__ import annotations
@@ -23,27 +28,28 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from persia_inc.embedding_server._wire import (
-    ApplyChunk,
-    Expect,
-    SliceArrays,
-    decode_lookup_reply,
-    decode_lookup_tables_reply,
-    encode_apply_request,
-)
+from persia_inc.embedding_server._wire import decode_lookup_reply, decode_lookup_tables_reply
 from persia_inc.embedding_server.errors import ShardError, ShardIdentityError, WatermarkMovedError
 from persia_inc.embedding_server.lookup_plan import UniqueRows, plan_tables
+from persia_inc.embedding_server.messages import (
+    HEADROOM_BYTES,
+    ApplyResult,
+    apply_chunks,
+    cut_chunks,
+    cut_messages,
+    packet_messages,
+    targets_of,
+)
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
+from persia_inc.embedding_server.routing import ReplicaRouter, targets_of_servers
 from persia_inc.embedding_server.settings import EmbeddingServerSettings
 from persia_inc.embedding_server.sharding import group_by_shard
 from persia_inc.foundation.threads import thread_name
@@ -55,114 +61,63 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ApplyResult", "EmbeddingClient", "apply_chunks", "cut_chunks"]
+
 _METHOD = "/persia_inc.embedding.v1.EmbeddingService/"
 _IDENTITY_KEYS = ("persia-shard", "persia-num-shards")  # server.IDENTITY_KEYS (no grpc server import)
 _MOVED_KEY = "persia-watermark-moved"  # server.MOVED_KEY
-_HEADROOM_BYTES = 64 * 1024  # a message's bytes besides its arrays (names, numbers), at most
+_CATCHING_UP_KEY = "persia-catching-up"  # server.CATCHING_UP_KEY
 _MAX_DIM = 4096  # the widest row a server accepts (PacketLimits.max_dim's default)
-_NO_SIGNS = np.empty(0, np.uint64)
-_NO_ROWS = np.empty((0, 0), np.float32)
 # a cut's message for one shard is at most this big (more goes in chunks): messages over
 # glibc's largest mmap threshold (32 MiB) are fresh mappings, page-faulted in at every copy
 # (client join, gRPC, server); bench/embedding_server.py `cuts` measures with and without
 _CUT_MESSAGE_BYTES = 24 * 1024 * 1024
-_SLICE_BYTES = 256  # a TableSlice's bytes besides its arrays (name <= 128, dim, tags), at most
 # codes after which a shard may come back as another process: check its identity again
 _RECHECK_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "FAILED_PRECONDITION"})
-
-
-def apply_chunks(rows: int, deletes: int, dim: int, budget_bytes: int
-                 ) -> list[tuple[slice, slice]]:
-    """Split one shard's slice (`rows` upserts of width `dim`, then `deletes` signs) into
-    (rows, deletes) slices whose arrays fit in `budget_bytes` each; at least one (an empty
-    slice still advances the watermark)."""
-    row_bytes = 8 + 4 * dim
-    if budget_bytes < row_bytes:
-        raise ValueError(f"a {budget_bytes}-byte message cannot carry one row of dim {dim}")
-    out, i, j = [], 0, 0
-    while True:
-        take = min(rows - i, budget_bytes // row_bytes)
-        drop = min(deletes - j, (budget_bytes - take * row_bytes) // 8)
-        out.append((slice(i, i + take), slice(j, j + drop)))
-        i, j = i + take, j + drop
-        if i >= rows and j >= deletes:
-            return out
-
-
-def cut_chunks(sizes: Sequence[tuple[int, int, int]], budget_bytes: int
-               ) -> list[list[tuple[int, slice, slice]]]:
-    """Split one shard's share of a multi-table apply into messages whose slices fit in
-    `budget_bytes` each. sizes[t] = (rows, deletes, dim) of table t. Returns, per message,
-    (table index, rows slice, deletes slice) pieces; a table may span messages, and every
-    table appears at least once (an empty slice still creates the table and is counted)."""
-    out: list[list[tuple[int, slice, slice]]] = [[]]
-    room = budget_bytes
-    for index, (rows, deletes, dim) in enumerate(sizes):
-        row_bytes = 8 + 4 * dim
-        if budget_bytes < _SLICE_BYTES + row_bytes:
-            raise ValueError(f"a {budget_bytes}-byte message cannot carry one row of dim {dim}")
-        i = j = 0
-        while True:
-            need = row_bytes if i < rows else 8 if j < deletes else 0
-            if room < _SLICE_BYTES + need:
-                out.append([])
-                room = budget_bytes
-            room -= _SLICE_BYTES
-            take = min(rows - i, room // row_bytes)
-            room -= take * row_bytes
-            drop = min(deletes - j, room // 8)
-            room -= drop * 8
-            out[-1].append((index, slice(i, i + take), slice(j, j + drop)))
-            i, j = i + take, j + drop
-            if i >= rows and j >= deletes:
-                break
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class ApplyResult:
-    """Per-shard acknowledgements of one packet: `applied[s]` False means shard s already
-    held it (at or below its watermark) and changed nothing."""
-
-    applied: tuple[bool, ...]
-    inserted: int
-    updated: int
-    deleted: int
-
-    @property
-    def skipped(self) -> bool:
-        """True when every shard already held the packet."""
-        return not any(self.applied)
+# codes after which a read goes on to another replica of the shard (down, reset, overloaded,
+# catching up, aborted mid-call); others (NOT_FOUND, INVALID_ARGUMENT, identity) are answers
+_FAILOVER_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
+                             "CANCELLED", "INTERNAL", "UNKNOWN"})
+# a replica that went away is dialled again within this (gRPC's default backoff grows to 120 s)
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
+                      ("grpc.min_reconnect_backoff_ms", 100),
+                      ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class EmbeddingClient:
-    """A client of N embedding-server shards (`servers`: host:port in shard order).
+    """A client of N embedding-server shards (`servers`: in shard order, host:port or a list
+    of the shard's replicas).
 
     token: sent as `authorization: Bearer <token>` on write calls; tls_ca: PEM bytes of the
-    roots to trust (None: plaintext); timeout_s: deadline per call. Thread-safe. Use as a
-    context manager, or call `close()`.
+    roots to trust (None: plaintext); timeout_s: deadline per call (a read's failovers
+    included); replica_retry_s: how long a replica that failed is tried last. Thread-safe.
+    Use as a context manager, or call `close()`.
     """
 
-    def __init__(self, servers: Sequence[str], *, token: str = "", tls_ca: bytes | None = None,
-                 timeout_s: float = 60.0, max_message_bytes: int = 256 * 1024 * 1024) -> None:
+    def __init__(self, servers: Sequence[str | Sequence[str]], *, token: str = "",
+                 tls_ca: bytes | None = None, timeout_s: float = 60.0,
+                 max_message_bytes: int = 256 * 1024 * 1024, replica_retry_s: float = 0.5) -> None:
         if not servers:
             raise ValueError("EmbeddingClient needs at least one server")
-        self.servers = tuple(servers)
+        self.servers = tuple(s if isinstance(s, str) else tuple(s) for s in servers)
+        self.targets, self._by_shard = targets_of_servers(self.servers)
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
-        num = len(self.servers)
+        self.router = ReplicaRouter(self._by_shard, replica_retry_s)
+        num = len(self.targets)
         self._verified = [False] * num
         self._limits = [max_message_bytes] * num  # lowered to what each server accepts
         self._verify_lock = threading.Lock()
         self._dims: dict[str, int] = {}  # table -> width, as last answered
         self._write_metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes), *_RECONNECT_OPTIONS]
+        addresses = [t.address for t in self.targets]
         if tls_ca is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
-            self._channels = [grpc.secure_channel(s, creds, options=options) for s in self.servers]
+            self._channels = [grpc.secure_channel(a, creds, options=options) for a in addresses]
         else:
-            self._channels = [grpc.insecure_channel(s, options=options) for s in self.servers]
+            self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
         self._stubs = [pb_grpc.EmbeddingServiceStub(c) for c in self._channels]
         # the two calls that carry big arrays skip protobuf's copies (see _wire.py)
         self._apply_raw = [c.unary_unary(_METHOD + "Apply", request_serializer=None,
@@ -182,61 +137,92 @@ class EmbeddingClient:
         self._pool = ThreadPoolExecutor(4 * num, thread_name_prefix=thread_name("embedding-client"))
 
     @classmethod
-    def from_settings(cls, servers: Sequence[str], settings: EmbeddingServerSettings) -> EmbeddingClient:
-        """A client for `servers` (host:port in shard order) with the token (read from the
-        environment variable `settings.token_env`), TLS roots, deadline and message limit of
-        `settings`."""
+    def from_settings(cls, servers: Sequence[str | Sequence[str]],
+                      settings: EmbeddingServerSettings) -> EmbeddingClient:
+        """A client for `servers` (in shard order: host:port, or a shard's replicas) with the
+        token (read from the environment variable `settings.token_env`), TLS roots, deadline,
+        message limit and replica retry of `settings`."""
         token = os.environ.get(settings.token_env, "") if settings.token_env else ""
         tls_ca = None
         if settings.tls_cert_file:
             with open(settings.tls_ca_file or settings.tls_cert_file, "rb") as handle:
                 tls_ca = handle.read()
         return cls(servers, token=token, tls_ca=tls_ca, timeout_s=settings.request_timeout_s,
-                   max_message_bytes=settings.max_message_bytes)
+                   max_message_bytes=settings.max_message_bytes,
+                   replica_retry_s=settings.replica_retry_s)
+
+    @property
+    def num_shards(self) -> int:
+        """How many shards (entries of `servers`)."""
+        return len(self._by_shard)
+
+    def replicas_of(self, shard: int) -> tuple[int, ...]:
+        """The target indices of `shard`'s replicas."""
+        return self._by_shard[shard]
+
+    def counters(self) -> dict[str, int]:
+        """failovers (reads sent on to another replica), behind_answers (every replica behind)."""
+        return {"failovers": self.router.failovers, "behind_answers": self.router.behind_answers}
 
     # ---------------------------------------------------------------------------- calls
 
-    def _error(self, shard: int, exc: grpc.RpcError) -> ShardError:
+    def _error(self, target: int, exc: grpc.RpcError) -> ShardError:
+        """The ShardError of a failed call to `target` (shard and address of that replica)."""
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
-        if code.name in _RECHECK_CODES:
-            self._verified[shard] = False
         trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+        if code.name in _RECHECK_CODES and _CATCHING_UP_KEY not in trailing:
+            self._verified[target] = False
+        t = self.targets[target]
         if _IDENTITY_KEYS[0] in trailing:  # the server refused work that is not its own
             reported = (int(trailing[_IDENTITY_KEYS[0]]), int(trailing.get(_IDENTITY_KEYS[1], 0)))
-            return ShardIdentityError(shard, self.servers[shard], (shard, len(self.servers)),
+            return ShardIdentityError(t.shard, t.address, (t.shard, self.num_shards),
                                       reported, details)
         if _MOVED_KEY in trailing:  # a conditional apply found another watermark
             generation, _, sequence = str(trailing[_MOVED_KEY]).partition("-")
             held = (int(generation), int(sequence)) if sequence else None
-            return WatermarkMovedError(shard, self.servers[shard], held, details)
-        return ShardError(shard, self.servers[shard], code.name, details)
+            return WatermarkMovedError(t.shard, t.address, held, details)
+        return ShardError(t.shard, t.address, code.name, details)
 
-    def verify(self, shards: Iterable[int] | None = None, *, force: bool = False) -> None:
-        """Check that each shard's server reports the index and shard count our list gives it
-        (shards: default all; only those not yet checked unless `force`). Raises
-        ShardIdentityError naming the first that disagrees, ShardError if one is unreachable.
-        Called before first use and after a shard was unreachable; cheap once checked."""
-        wanted = range(len(self.servers)) if shards is None else shards
-        todo = [s for s in wanted if force or not self._verified[s]]
+    def verify(self, targets: Iterable[int] | None = None, *, force: bool = False,
+               timeout_s: float | None = None) -> None:
+        """Check that each target's server reports the shard index, shard count, replica index
+        and replica count our list gives it (targets: default all; only those not yet checked
+        unless `force`). Raises ShardIdentityError naming the first that disagrees,
+        ShardError if one is unreachable. Called before first use and after a server was
+        unreachable; cheap once checked."""
+        wanted = range(len(self.targets)) if targets is None else targets
+        todo = [t for t in wanted if force or not self._verified[t]]
         if not todo:
             return
-        calls = {s: self._start(self._stubs[s].Status, pb.StatusRequest(), timeout=self.timeout_s)
-                 for s in todo}
-        replies = self._gather(calls)
-        num = len(self.servers)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        if len(todo) == 1:  # on this thread: a read's failover loop runs on the pool already
+            try:
+                replies = {todo[0]: self._stubs[todo[0]].Status(pb.StatusRequest(), timeout=timeout)}
+            except grpc.RpcError as exc:
+                raise self._error(todo[0], exc) from exc
+        else:
+            replies = self._gather({t: self._start(self._stubs[t].Status, pb.StatusRequest(),
+                                                   timeout=timeout) for t in todo})
+        num = self.num_shards
         with self._verify_lock:
-            for shard in todo:
-                reply = replies[shard]
-                if (reply.shard, reply.num_shards) != (shard, num):
-                    self._verified[shard] = False
-                    log.error("shard %d (%s) reports itself as shard %d of %d; refusing it",
-                              shard, self.servers[shard], reply.shard, reply.num_shards)
-                    raise ShardIdentityError(shard, self.servers[shard], (shard, num),
-                                             (reply.shard, reply.num_shards))
+            for index in todo:
+                reply, t = replies[index], self.targets[index]
+                replicas = len(self._by_shard[t.shard])
+                # a server from before replicas reports num_replicas 0: one replica
+                reported = (reply.replica, reply.num_replicas or 1)
+                if (reply.shard, reply.num_shards) != (t.shard, num) or reported != (t.replica,
+                                                                                     replicas):
+                    self._verified[index] = False
+                    log.error("%s reports itself as shard %d of %d, replica %d of %d; refusing it",
+                              t.address, reply.shard, reply.num_shards, *reported)
+                    raise ShardIdentityError(
+                        t.shard, t.address, (t.shard, num), (reply.shard, reply.num_shards),
+                        f"our list makes it replica {t.replica} of {replicas}, it reports "
+                        f"replica {reported[0]} of {reported[1]}")
                 if reply.max_message_bytes:
-                    self._limits[shard] = min(self.max_message_bytes, reply.max_message_bytes)
-                self._verified[shard] = True
+                    self._limits[index] = min(self.max_message_bytes, reply.max_message_bytes)
+                self._verified[index] = True
 
     def _start(self, method: Callable[..., Any], request: Any, **kwargs: Any) -> Future:
         """Call `method` (a blocking unary call) on the client's threads; its future's
@@ -244,31 +230,86 @@ class EmbeddingClient:
         return self._pool.submit(method, request, **kwargs)
 
     def _gather(self, calls: dict[Any, Future]) -> dict[Any, Any]:
-        """Wait for every call (keyed by shard, or by a tuple starting with the shard); raise
-        the first failure (after all have finished)."""
+        """Wait for every call (keyed by target, or by a tuple starting with the target, or
+        a failover read raising ShardError itself); raise the first failure (after all have
+        finished)."""
         results, first = {}, None
         for key, call in calls.items():
             try:
                 results[key] = call.result()
             except grpc.RpcError as exc:
                 first = first or self._error(key[0] if isinstance(key, tuple) else key, exc)
+            except ShardError as exc:
+                first = first or exc
         if first is not None:
             raise first
         return results
 
-    def _call(self, shard: int, method: str, request: Any, *, write: bool = False) -> Any:
+    def _read(self, shard: int, call: Callable[[int, bool, float], Any]) -> Any:
+        """`call(target, allow_behind, timeout_s)` on one replica of `shard`, going on to the
+        next on a failover code, all within one `timeout_s`; when every replica refused as
+        catching up, once more on those with allow_behind (counted). Raises the last
+        ShardError when no replica answers."""
+        deadline = time.monotonic() + self.timeout_s
+        order = self.router.order(shard)
+        last: ShardError | None = None
+        for allow_behind in (False, True):
+            behind = []
+            for k, target in enumerate(order):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                share = remaining / (len(order) - k)  # a hung replica leaves time for the rest
+                try:
+                    self.verify((target,), timeout_s=share)
+                    reply = call(target, allow_behind, deadline - time.monotonic()
+                                 if k == len(order) - 1 else share)
+                except grpc.RpcError as exc:
+                    last = self._error(target, exc)
+                    trailing = dict(exc.trailing_metadata() or ()) if hasattr(
+                        exc, "trailing_metadata") else {}
+                    catching_up = _CATCHING_UP_KEY in trailing
+                except ShardError as exc:  # verify: unreachable, or not the replica we list
+                    if isinstance(exc, ShardIdentityError) or exc.code not in _FAILOVER_CODES:
+                        raise
+                    last, catching_up = exc, False
+                else:
+                    self.router.answered(target, behind=allow_behind)
+                    return reply
+                if last.code not in _FAILOVER_CODES:
+                    raise last
+                self.router.failed(target, catching_up)
+                if catching_up:
+                    behind.append(target)
+                if k < len(order) - 1:
+                    self.router.failed_over(target)
+                    log.debug("shard %d: %s failed (%s); asking another replica", shard,
+                              self.targets[target].address, last.code)
+            if not behind or deadline <= time.monotonic():
+                break
+            log.warning("shard %d: every replica is catching up; reading one that is behind",
+                        shard)
+            order = behind
+        if last is None:  # only when the deadline had passed before the first try
+            raise ShardError(shard, self.targets[order[0]].address, "DEADLINE_EXCEEDED",
+                             f"no time left to read shard {shard}")
+        raise last
+
+    def _call(self, target: int, method: str, request: Any, *, write: bool = False) -> Any:
         if method != "Status":
-            self.verify((shard,))
+            self.verify((target,))
         try:
-            return getattr(self._stubs[shard], method)(
+            return getattr(self._stubs[target], method)(
                 request, timeout=self.timeout_s, metadata=self._write_metadata if write else ())
         except grpc.RpcError as exc:
-            raise self._error(shard, exc) from exc
+            raise self._error(target, exc) from exc
 
     def _dim_of(self, table: str) -> int:
         """The table's width as last seen (0: unknown), asking shard 0 once when unknown."""
         if table not in self._dims:
-            self._dims.update({t.name: t.dim for t in self.status(0).tables})
+            status = self._read(0, lambda t, _, timeout: self._stubs[t].Status(
+                pb.StatusRequest(), timeout=timeout))
+            self._dims.update({t.name: t.dim for t in status.tables})
         return self._dims.get(table, 0)
 
     def lookup(self, table: str, signs: np.ndarray) -> np.ndarray:
@@ -278,28 +319,33 @@ class EmbeddingClient:
         A shard's share whose answer would exceed the message limit is asked in pieces.
         """
         signs = np.ascontiguousarray(signs, dtype=np.uint64)
-        n, num = signs.shape[0], len(self.servers)
+        n, num = signs.shape[0], self.num_shards
         if num == 1:
             order, bounds, grouped = None, np.array([0, n], np.int64), signs
         else:
             order, bounds = group_by_shard(signs, num)
             grouped = signs[order]
         used = [s for s in range(num) if bounds[s + 1] > bounds[s]] or [0]
-        self.verify(used)
         step = n or 1
-        if n * 4 * _MAX_DIM > min(self._limits[s] for s in used):
+        limit = min(self._limits[t] for t in targets_of(used, self._by_shard))
+        if n * 4 * _MAX_DIM > limit:
             dim = self._dims.get(table) or self._dim_of(table)
             if dim:
-                step = max(1, (min(self._limits[s] for s in used) - _HEADROOM_BYTES) // (4 * dim))
+                step = max(1, (limit - HEADROOM_BYTES) // (4 * dim))
         calls = {}
         for shard in used:
             lo, hi = int(bounds[shard]), int(bounds[shard + 1])
             for start in range(lo, max(hi, lo + 1), step):
                 stop = min(hi, start + step)
-                request = pb.LookupRequest(table=table, signs=grouped[start:stop].tobytes(),
-                                           shard=shard, num_shards=num)
-                calls[(shard, start, stop)] = self._start(
-                    self._lookup_raw[shard], request, timeout=self.timeout_s)
+                data = grouped[start:stop].tobytes()
+
+                def ask(target: int, allow_behind: bool, timeout: float, data: bytes = data,
+                        shard: int = shard) -> Any:
+                    return self._lookup_raw[target](
+                        pb.LookupRequest(table=table, signs=data, shard=shard, num_shards=num,
+                                         allow_behind=allow_behind), timeout=timeout)
+
+                calls[(shard, start, stop)] = self._pool.submit(self._read, shard, ask)
         replies = self._gather(calls)
         dim = next(iter(replies.values())).dim
         self._dims[table] = dim
@@ -309,7 +355,8 @@ class EmbeddingClient:
         out = np.empty((n, dim), np.float32)
         for (shard, start, stop), reply in replies.items():
             if reply.dim != dim:
-                raise ShardError(shard, self.servers[shard], "FAILED_PRECONDITION",
+                raise ShardError(shard, self.targets[self._by_shard[shard][0]].address,
+                                 "FAILED_PRECONDITION",
                                  f"table {table!r} has dim {reply.dim} here but {dim} elsewhere")
             if order is None:
                 out[start:stop] = reply.rows.reshape(stop - start, dim)
@@ -337,23 +384,26 @@ class EmbeddingClient:
         """
         if not signs_by_table:
             return UniqueRows({}, np.empty(0, np.int64), np.zeros(1, np.int64), {})
-        num = len(self.servers)
+        num = self.num_shards
         plan = plan_tables(tuple(signs_by_table),
                            [np.ascontiguousarray(s, dtype=np.uint64).ravel()
                             for s in signs_by_table.values()], num)
-        used = plan.shards()
-        self.verify(used)
-        calls = {shard: self._start(self._lookup_tables_raw[shard], plan.request(shard, num),
-                                    timeout=self.timeout_s)
-                 for shard in used}
+
+        def ask(target: int, allow_behind: bool, timeout: float) -> Any:
+            shard = self.targets[target].shard
+            return self._lookup_tables_raw[target](plan.request(shard, num, allow_behind),
+                                                   timeout=timeout)
+
+        calls = {shard: self._pool.submit(self._read, shard, ask) for shard in plan.shards()}
         found = plan.assemble(self._gather(calls), lambda shard, message: ShardError(
-            shard, self.servers[shard], "FAILED_PRECONDITION", message))
+            shard, self.targets[self._by_shard[shard][0]].address, "FAILED_PRECONDITION", message))
         self._dims.update(found.dims)
         return found
 
     def apply(self, packet: Packet) -> ApplyResult:
-        """Apply a decoded packet: its rows and deletes split by shard, every shard called
-        (so every shard's watermark advances) and acknowledged before this returns.
+        """Apply a decoded packet: its rows and deletes split by shard, every shard (every
+        replica of it) called, so every watermark advances, and acknowledged before this
+        returns.
 
         Idempotent: a packet at or below a shard's watermark changes nothing there.
         Raises ShardError if any shard failed (the others may have applied it: retry);
@@ -373,10 +423,11 @@ class EmbeddingClient:
     def apply_cut_shards(self, cut: Cut, shards: Iterable[int],
                          expect: Mapping[int, tuple[int, int] | None] | None = None
                          ) -> dict[int, bool | ShardError]:
-        """`apply_shards` for a cut: apply it to the listed shards only, each on its own;
-        shard -> True (applied), False (already held) or the ShardError it failed with.
+        """`apply_shards` for a cut: apply it to the listed targets (shards, with one replica
+        each) only, each on its own; target -> True (applied), False (already held) or the
+        ShardError it failed with.
 
-        expect: per shard, the position of the cut's stream the caller believes it holds
+        expect: per target, the position of the cut's stream the caller believes it holds
         (None, or a shard left out: nothing); a shard holding another refuses with
         WatermarkMovedError and writes nothing. One round trip instead of reading the
         watermarks before every apply, and no window between the read and the write (the
@@ -385,8 +436,8 @@ class EmbeddingClient:
 
     def _apply_all(self, build: Callable[[Iterable[int]], dict[int, list[bytes]]]
                    ) -> ApplyResult:
-        """Send every shard its Apply messages (`build(shards)`); raise the first failure."""
-        num = len(self.servers)
+        """Send every target its Apply messages (`build(targets)`); raise the first failure."""
+        num = len(self.targets)
         self.verify()
         pending = build(range(num))
         # one round per chunk index: every shard's next chunk goes out together; a shard's
@@ -408,10 +459,11 @@ class EmbeddingClient:
                            deleted=sum(r.deleted for r in ordered))
 
     def apply_shards(self, packet: Packet, shards: Iterable[int]) -> dict[int, bool | ShardError]:
-        """Apply `packet`'s slices to the listed `shards` only, each shard on its own: one
-        that is unreachable, or not the shard our list says, does not stop the others.
+        """Apply `packet`'s slices to the listed targets (shards, with one replica each)
+        only, each on its own: one that is unreachable, or not the server our list says, does
+        not stop the others.
 
-        Returns shard -> True (applied), False (already held: at or below its watermark), or
+        Returns target -> True (applied), False (already held: at or below its watermark), or
         the ShardError it failed with (a ShardIdentityError before anything was sent to it).
         Never raises ShardError. For a caller that keeps each shard's progress and lets a
         shard that was down catch up later (the loader). Chunks as `apply` does.
@@ -448,100 +500,56 @@ class EmbeddingClient:
             pending = {s: m for s, m in pending.items() if m}
         return out
 
-    def _apply_messages(self, packet: Packet, shards: Iterable[int]) -> dict[int, list[bytes]]:
-        """The Apply messages of `packet` for each of `shards`: its slice, in chunks in order."""
-        h = packet.header
-        num = len(self.servers)
-        signs = np.ascontiguousarray(packet.signs, dtype=np.uint64)
-        rows = np.ascontiguousarray(packet.embeddings, dtype=np.float32)
-        deleted = np.ascontiguousarray(packet.deleted, dtype=np.uint64)
-        dim = rows.shape[1] if rows.ndim == 2 and rows.shape[1] else h.dim
-        order, bounds = group_by_shard(signs, num)
-        dorder, dbounds = group_by_shard(deleted, num)
-        if num > 1:  # np.take: rows[order], faster for narrow rows (-5% time on big cuts)
-            signs, rows, deleted = signs[order], np.take(rows, order, axis=0), deleted[dorder]
-        apply_id = uuid.uuid4().hex
-        pending: dict[int, list[bytes]] = {}  # shard -> its messages, chunks in order
-        for shard in shards:
-            lo, hi = bounds[shard], bounds[shard + 1]
-            dlo, dhi = dbounds[shard], dbounds[shard + 1]
-            pieces = apply_chunks(hi - lo, dhi - dlo, dim, self._limits[shard] - _HEADROOM_BYTES)
-            pending[shard] = [
-                encode_apply_request(
-                    h.table, h.producer, h.generation, h.sequence, dim,
-                    signs[lo:hi][r], rows[lo:hi][r], deleted[dlo:dhi][d],
-                    ApplyChunk(shard, num, apply_id if len(pieces) > 1 else "", i,
-                               len(pieces) if len(pieces) > 1 else 0))
-                for i, (r, d) in enumerate(pieces)]
-        return pending
+    def _places(self, targets: Iterable[int], cap: int | None = None) -> dict[int, tuple[int, int]]:
+        """target -> (its shard, its message budget: its limit, at most `cap`)."""
+        return {t: (self.targets[t].shard, min(self._limits[t], cap or self._limits[t]))
+                for t in targets}
 
-    def _cut_messages(self, cut: Cut, shards: Iterable[int],
+    def _apply_messages(self, packet: Packet, targets: Iterable[int]) -> dict[int, list[bytes]]:
+        """The Apply messages of `packet` for each of `targets` (chunks in order)."""
+        return packet_messages(packet, self.num_shards, self._places(targets))
+
+    def _cut_messages(self, cut: Cut, targets: Iterable[int],
                       expect: Mapping[int, tuple[int, int] | None] | None = None
                       ) -> dict[int, list[bytes]]:
-        """The Apply messages of `cut` for each of `shards`: every table's slice for the shard
-        in one message, or in chunks in order when over the shard's message limit; each
-        conditional on `expect[shard]` when given."""
-        h = cut.header
-        num = len(self.servers)
-        grouped = []  # per table: name, dim, signs, rows, deleted (grouped by shard), bounds
-        for part in cut.tables:
-            signs = np.ascontiguousarray(part.signs, dtype=np.uint64)
-            rows = np.ascontiguousarray(part.embeddings, dtype=np.float32)
-            deleted = np.ascontiguousarray(part.deleted, dtype=np.uint64)
-            order, bounds = group_by_shard(signs, num)
-            dorder, dbounds = group_by_shard(deleted, num)
-            if num > 1:
-                signs, rows, deleted = signs[order], np.take(rows, order, axis=0), deleted[dorder]
-            grouped.append((part.name, part.dim, signs, rows, deleted, bounds, dbounds))
-        apply_id = uuid.uuid4().hex
-        pending: dict[int, list[bytes]] = {}
-        for shard in shards:
-            shares = [(name, dim, signs[b[shard]:b[shard + 1]], rows[b[shard]:b[shard + 1]],
-                       deleted[d[shard]:d[shard + 1]])
-                      for name, dim, signs, rows, deleted, b, d in grouped]
-            pieces = cut_chunks([(s.shape[0], x.shape[0], dim) for _, dim, s, _, x in shares],
-                                min(self._limits[shard], _CUT_MESSAGE_BYTES) - _HEADROOM_BYTES)
-            many = len(pieces) > 1
-            pending[shard] = [
-                encode_apply_request(
-                    h.lane, h.producer, h.generation, h.sequence, 0, _NO_SIGNS, _NO_ROWS,
-                    _NO_SIGNS, ApplyChunk(shard, num, apply_id if many else "", i,
-                                          len(pieces) if many else 0),
-                    tables=[SliceArrays(shares[t][0], shares[t][1], shares[t][2][r],
-                                        shares[t][3][r], shares[t][4][d]) for t, r, d in chunk],
-                    expect=None if expect is None else Expect(expect.get(shard)))
-                for i, chunk in enumerate(pieces)]
-        return pending
+        """The Apply messages of `cut` for each of `targets` (chunks over the cut message
+        size), each conditional on `expect[target]` when given."""
+        return cut_messages(cut, self.num_shards, self._places(targets, _CUT_MESSAGE_BYTES),
+                            expect)
 
     def delete(self, table: str, signs: np.ndarray) -> int:
-        """Delete signs outside any producer stream; returns how many rows were freed."""
+        """Delete signs outside any producer stream, on every replica; returns how many rows
+        were freed (on one replica of each shard)."""
         signs = np.ascontiguousarray(signs, dtype=np.uint64)
-        num = len(self.servers)
+        num = self.num_shards
         self.verify()
         order, bounds = group_by_shard(signs, num)
         grouped = signs[order]
         calls = {
-            shard: self._start(
-                self._stubs[shard].Delete,
-                pb.DeleteRequest(table=table, signs=grouped[bounds[shard]:bounds[shard + 1]].tobytes(),
-                                 shard=shard, num_shards=num),
+            t.index: self._start(
+                self._stubs[t.index].Delete,
+                pb.DeleteRequest(table=table, signs=grouped[bounds[t.shard]:bounds[t.shard + 1]]
+                                 .tobytes(), shard=t.shard, num_shards=num),
                 timeout=self.timeout_s, metadata=self._write_metadata)
-            for shard in range(num)
+            for t in self.targets
         }
-        return sum(r.deleted for r in self._gather(calls).values())
+        replies = self._gather(calls)
+        return sum(replies[r[0]].deleted for r in self._by_shard)
 
     def shard_watermarks(self, shard: int) -> list[Watermark]:
+        """The watermarks of one target (shard, with one replica per shard)."""
         reply = self._call(shard, "Watermarks", pb.WatermarksRequest())
         return [Watermark(w.table, w.producer, w.generation, w.sequence) for w in reply.watermarks]
 
     def watermarks(self) -> list[Watermark]:
-        """Per (table, producer), the lowest watermark over all shards: what every shard holds.
+        """Per (table, producer), the lowest watermark over all shards (every replica): what
+        every one holds.
 
         A stream some shard has never applied is left out (that shard holds none of it).
         """
         self.verify()
         calls = {s: self._start(self._stubs[s].Watermarks, pb.WatermarksRequest(), timeout=self.timeout_s)
-                 for s in range(len(self.servers))}
+                 for s in range(len(self.targets))}
         replies = self._gather(calls)
         lowest: dict[tuple[str, str], tuple[int, int]] = {}
         counts: dict[tuple[str, str], int] = {}
@@ -552,24 +560,27 @@ class EmbeddingClient:
                 lowest[key] = min(lowest.get(key, position), position)
                 counts[key] = counts.get(key, 0) + 1
         return [Watermark(t, p, *lowest[(t, p)]) for (t, p) in sorted(lowest)
-                if counts[(t, p)] == len(self.servers)]
+                if counts[(t, p)] == len(self.targets)]
 
     def status(self, shard: int) -> pb.StatusResponse:
-        """Tables (rows, bytes, misses), watermarks, readiness and uptime of one shard."""
+        """Tables (rows, bytes, misses), watermarks, readiness, replica state and uptime of one
+        target (shard, with one replica per shard)."""
         return self._call(shard, "Status", pb.StatusRequest())
 
     def load_checkpoint(self, uri: str) -> int:
-        """Make every shard replace its tables with its share of the checkpoint at `uri`;
-        returns the rows loaded over all shards."""
+        """Make every shard (every replica) replace its tables with its share of the
+        checkpoint at `uri`; returns the rows loaded over all shards (one replica each)."""
         self.verify()
         calls = {s: self._start(self._stubs[s].LoadCheckpoint, pb.LoadCheckpointRequest(uri=uri),
                                 timeout=self.timeout_s, metadata=self._write_metadata)
-                 for s in range(len(self.servers))}
-        return sum(r.rows for r in self._gather(calls).values())
+                 for s in range(len(self.targets))}
+        replies = self._gather(calls)
+        return sum(replies[r[0]].rows for r in self._by_shard)
 
     def dump(self, shard: int, table: str, chunk_rows: int = 0
              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every live row of `table` on `shard`: (signs: uint64[k], rows: float32[k, dim])."""
+        """Every live row of `table` on target `shard` (a shard, with one replica per shard):
+        (signs: uint64[k], rows: float32[k, dim])."""
         self.verify((shard,))
         stream = self._stubs[shard].Dump(pb.DumpRequest(table=table, chunk_rows=chunk_rows),
                                          timeout=self.timeout_s, metadata=self._write_metadata)
@@ -581,8 +592,9 @@ class EmbeddingClient:
             raise self._error(shard, exc) from exc
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Block until every shard's health service says SERVING; TimeoutError otherwise. The
-        shards' identities are checked again before the next call (they may have restarted).
+        """Block until every target's health service says SERVING (every replica current);
+        TimeoutError otherwise. The identities are checked again before the next call (the
+        servers may have restarted).
 
         gRPC's own readiness, no polling: the Watch call waits for its channel to connect
         (`wait_for_ready`) and the server pushes each status change down the stream."""
@@ -590,6 +602,7 @@ class EmbeddingClient:
 
         deadline = time.monotonic() + timeout_s
         for shard, channel in enumerate(self._channels):
+            channel_address = self.targets[shard].address
             stub = health_pb2_grpc.HealthStub(channel)
 
             def serving(stub: health_pb2_grpc.HealthStub = stub) -> bool:
@@ -600,9 +613,10 @@ class EmbeddingClient:
                 finally:
                     replies.cancel()
 
-            wait_until(serving, f"shard {shard} ({self.servers[shard]}) to report SERVING",
-                       timeout_s=max(0.0, deadline - time.monotonic()), ignore=(grpc.RpcError,))
-        self._verified = [False] * len(self.servers)
+            wait_until(serving, f"shard {self.targets[shard].shard} ({channel_address}) to report "
+                       "SERVING", timeout_s=max(0.0, deadline - time.monotonic()),
+                       ignore=(grpc.RpcError,))
+        self._verified = [False] * len(self.targets)
 
     # ---------------------------------------------------------------------------- lifecycle
 

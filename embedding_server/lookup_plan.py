@@ -141,13 +141,14 @@ class LookupPlan:
         counts = (self.bounds[:, 1:] - self.bounds[:, :-1]).sum(axis=0)
         return [int(s) for s in np.flatnonzero(counts)] or [0]
 
-    def request(self, shard: int, num_shards: int) -> bytes:
-        """`LookupTablesRequest` wire bytes for `shard`: every table, its share of the signs."""
+    def request(self, shard: int, num_shards: int, allow_behind: bool = False) -> bytes:
+        """`LookupTablesRequest` wire bytes for `shard`: every table, its share of the signs
+        (allow_behind: a replica that is catching up answers too)."""
         parts: list[bytes | memoryview] = []
         for t, name in enumerate(self.tables):
             signs = self.grouped[self.bounds[t, shard]:self.bounds[t, shard + 1]]
             _submessage(parts, 1, ((1, name), (2, signs)))
-        _fields(parts, ((2, shard), (3, num_shards)))
+        _fields(parts, ((2, shard), (3, num_shards), (4, int(allow_behind))))
         return b"".join(parts)
 
     def assemble(self, replies: Mapping[int, LookupTablesReply],

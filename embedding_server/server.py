@@ -1,8 +1,12 @@
 """The gRPC embedding server: one process per shard, over a `Shard`.
 
-`serve(servers, shard_index, ...)` binds exactly `servers[shard_index]`, reports
-NOT_SERVING on the standard health service until `initial_sparse_checkpoint` is loaded, then
-SERVING; SIGTERM or SIGINT stops it gracefully (in-flight calls get `grace_s`).
+`serve(servers, shard_index, replica=R, ...)` binds exactly replica R of `servers[shard_index]`
+(an entry is one address, or a list of the shard's replicas), reports NOT_SERVING on the
+standard health service until `initial_sparse_checkpoint` is loaded, then SERVING; SIGTERM or
+SIGINT stops it gracefully (in-flight calls get `grace_s`). A replica of a shard with siblings
+is SERVING only while it is current (`siblings.SiblingWatch`): a (re)started one catches up
+first, and until then refuses lookups that do not say `allow_behind` (UNAVAILABLE, with the
+trailing key `persia-catching-up`, so clients ask a sibling).
 
 Write methods (Apply, Delete, LoadCheckpoint, Dump) need `authorization: Bearer <token>` when
 a token is configured; a request that does not fit gets INVALID_ARGUMENT with the reason and
@@ -44,6 +48,7 @@ from persia_inc.embedding_server.shard import (
     TableSlice,
     WatermarkMovedError,
 )
+from persia_inc.embedding_server.sharding import replica_sets
 from persia_inc.foundation.threads import ServiceThread, thread_name
 from persia_inc.packet_format import PacketError, PacketLimits
 from persia_inc.packet_format.cut import CUT_LANE
@@ -55,15 +60,28 @@ SERVICE_NAME = "persia_inc.embedding.v1.EmbeddingService"
 WRITE_METHODS = frozenset({"Apply", "Delete", "LoadCheckpoint", "Dump"})
 IDENTITY_KEYS = ("persia-shard", "persia-num-shards")  # trailing metadata of identity refusals
 MOVED_KEY = "persia-watermark-moved"  # trailing metadata of a refused conditional apply
+CATCHING_UP_KEY = "persia-catching-up"  # trailing metadata of a lookup refused while behind
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
 
 class Metrics:
     """Prometheus metrics of one shard, in their own registry."""
 
-    def __init__(self, shard: int) -> None:
+    def __init__(self, shard: int, replica: int = 0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        Gauge("persia_inc_embedding_replica", "This process's replica index in its shard",
+              registry=r).set(replica)
+        self.current = Gauge("persia_inc_embedding_current",
+                             "1 while this replica holds what its siblings hold (serving), 0 "
+                             "while it catches up", registry=r)
+        self.behind_seconds = Gauge("persia_inc_embedding_behind_seconds",
+                                    "How long this replica has lacked a position a sibling holds",
+                                    registry=r)
+        self.behind_lookups = Counter("persia_inc_embedding_behind_lookups",
+                                      "Lookups answered while catching up (every replica of the "
+                                      "shard was behind), or refused so a sibling answers",
+                                      ["outcome"], registry=r)
         self.lookups = Counter("persia_inc_embedding_lookups", "Lookup calls", ["table"], registry=r)
         self.lookup_rows = Counter("persia_inc_embedding_lookup_rows", "Signs looked up", ["table"],
                                    registry=r)
@@ -128,6 +146,10 @@ class WrongShardError(Exception):
     """A request names a shard identity (index, count) that is not this server's."""
 
 
+class CatchingUpError(Exception):
+    """A lookup reached a replica that lacks what a sibling holds, without `allow_behind`."""
+
+
 def _rpc(method: str) -> Callable:
     """Wrap a unary servicer method: auth, readiness, latency, and errors -> status codes."""
 
@@ -150,6 +172,9 @@ def _rpc(method: str) -> Callable:
                     self.metrics.misrouted.labels(method).inc()
                     context.set_trailing_metadata(tuple(zip(
                         IDENTITY_KEYS, (str(self.shard_index), str(self.num_shards)), strict=True)))
+                except CatchingUpError as exc:  # the client asks a sibling replica
+                    code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+                    context.set_trailing_metadata(((CATCHING_UP_KEY, "1"),))
                 except ChunkLostError as exc:
                     code, message = grpc.StatusCode.ABORTED, str(exc)
                 except WatermarkMovedError as exc:  # the caller looks again and catches up
@@ -184,13 +209,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, shard: Shard, *, shard_index: int = 0, num_shards: int = 1,
                  token: str = "", dump_chunk_rows: int = 1_000_000,
                  loader: Callable[[str], tuple[int, float]] | None = None,
-                 max_message_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 256 * 1024 * 1024, replica: int = 0,
+                 num_replicas: int = 1) -> None:
         self.shard = shard
         self.shard_index, self.num_shards = shard_index, num_shards
+        self.replica, self.num_replicas = replica, num_replicas
+        self.current = True  # set by the sibling watch of a replicated shard
+        self.behind_s: Callable[[], float] = lambda: 0.0
+        self.siblings_up: Callable[[], int] = lambda: 0
         self.max_message_bytes = max_message_bytes
         self._token = token.encode()
         self.dump_chunk_rows = dump_chunk_rows
-        self.metrics = Metrics(shard_index)
+        self.metrics = Metrics(shard_index, replica)
         self.ready = threading.Event()
         self._loader = loader
 
@@ -221,7 +251,21 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 f"this server is shard {self.shard_index} of {self.num_shards}; the request was "
                 f"routed to it as shard {shard} of {num_shards}")
 
+    def _check_current(self, allow_behind: bool) -> None:
+        """Refuse a lookup while this replica catches up, unless the caller allows it (every
+        replica of the shard is behind: an answer, counted, beats none)."""
+        if self.current:
+            return
+        if not allow_behind:
+            self.metrics.behind_lookups.labels("refused").inc()
+            raise CatchingUpError(
+                f"shard {self.shard_index} replica {self.replica} is catching up with its "
+                f"siblings ({self.behind_s():.1f} s behind); ask another replica")
+        self.metrics.behind_lookups.labels("answered").inc()
+
     def _refresh_gauges(self) -> None:
+        self.metrics.current.set(1 if self.current else 0)
+        self.metrics.behind_seconds.set(self.behind_s())
         for stats in self.shard.stats():
             self.metrics.rows.labels(stats.name).set(stats.rows)
             self.metrics.bytes.labels(stats.name).set(stats.bytes)
@@ -234,6 +278,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     @_rpc("Lookup")
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> LookupReply:  # noqa: N802
         self._check_identity(request.shard, request.num_shards)
+        self._check_current(request.allow_behind)
         signs = _signs(request.signs, "signs")
         rows, misses = self.shard.lookup(request.table, signs, check_owner=not request.num_shards)
         m = self.metrics
@@ -247,6 +292,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def LookupTables(self, request: pb.LookupTablesRequest, context: grpc.ServicerContext  # noqa: N802
                      ) -> LookupTablesReply:
         self._check_identity(request.shard, request.num_shards)
+        self._check_current(request.allow_behind)
         asked = [(entry.table, _signs(entry.signs, f"signs of table {entry.table!r}"))
                  for entry in request.tables]
         answers = self.shard.lookup_tables(asked, check_owner=not request.num_shards)
@@ -336,7 +382,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             uptime_s=time.monotonic() - self.shard.started, tables=tables,
             watermarks=self._watermark_messages(), max_message_bytes=self.max_message_bytes,
             staged_applies=staged, staged_bytes=staged_bytes,
-            foreign_lookup_signs=self.shard.foreign_lookup_signs)
+            foreign_lookup_signs=self.shard.foreign_lookup_signs, replica=self.replica,
+            num_replicas=self.num_replicas, current=self.current, behind_s=self.behind_s(),
+            siblings_up=self.siblings_up())
 
     def Dump(self, request: pb.DumpRequest, context: grpc.ServicerContext) -> Iterator[pb.DumpChunk]:  # noqa: N802
         code, message = self._check_call("Dump", context)
@@ -392,21 +440,31 @@ def _credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials | None
         return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
 
-def serve(servers: Sequence[str], shard_index: int, *, settings: EmbeddingServerSettings,
-          limits: PacketLimits, open_store: Callable[[str], ObjectStore],
-          initial_checkpoint: str = "", stop: threading.Event | None = None) -> int:
-    """Run shard `shard_index` of `servers` (host:port in shard order) until SIGTERM/SIGINT (or
-    `stop`); returns an exit code.
+def serve(servers: Sequence[str | Sequence[str]], shard_index: int, *,
+          settings: EmbeddingServerSettings, limits: PacketLimits,
+          open_store: Callable[[str], ObjectStore], initial_checkpoint: str = "",
+          stop: threading.Event | None = None, replica: int = 0) -> int:
+    """Run replica `replica` of shard `shard_index` of `servers` (in shard order: host:port,
+    or a list of the shard's replicas) until SIGTERM/SIGINT (or `stop`); returns an exit code.
 
     open_store(uri) opens the storage a checkpoint lives on (the initial one, and LoadCheckpoint
     calls). Exit 1 if `initial_checkpoint` (empty: start empty) cannot be loaded.
     """
     from persia_inc.embedding_server.checkpoint import load_shard
+    from persia_inc.embedding_server.siblings import SiblingWatch
     from persia_inc.embedding_server.table import warm_up
 
-    if not 0 <= shard_index < len(servers):
-        raise ValueError(f"--shard {shard_index} is outside the {len(servers)} configured servers")
-    address = servers[shard_index]
+    sets = replica_sets(servers)
+    if not 0 <= shard_index < len(sets):
+        raise ValueError(f"--shard {shard_index} is outside the {len(sets)} configured servers")
+    if not 0 <= replica < len(sets[shard_index]):
+        raise ValueError(f"--replica {replica} is outside shard {shard_index}'s "
+                         f"{len(sets[shard_index])} configured replicas")
+    address = sets[shard_index][replica]
+    siblings = [a for i, a in enumerate(sets[shard_index]) if i != replica]
+    label = (f"shard {shard_index} replica {replica}" if len(sets[shard_index]) > 1
+             else f"shard {shard_index}")
+    num_shards = len(sets)
     token = ""
     if settings.token_env:
         token = os.environ.get(settings.token_env, "")
@@ -414,7 +472,7 @@ def serve(servers: Sequence[str], shard_index: int, *, settings: EmbeddingServer
             raise ValueError(f"token_env names {settings.token_env!r} but that variable is empty")
 
     shard = Shard(capacity=settings.capacity, max_dim=limits.max_dim, shard_index=shard_index,
-                  num_shards=len(servers))
+                  num_shards=num_shards)
     load_lock = threading.Lock()
 
     def load(uri: str) -> tuple[int, float]:
@@ -422,14 +480,15 @@ def serve(servers: Sequence[str], shard_index: int, *, settings: EmbeddingServer
             started = time.monotonic()
             with open_store(uri) as store:
                 tables, marks, rows = load_shard(
-                    store, shard_index, len(servers), capacity=settings.capacity,
+                    store, shard_index, num_shards, capacity=settings.capacity,
                     limits=limits, log_interval_s=settings.load_log_interval_s)
             shard.install(tables, marks)
             return rows, time.monotonic() - started
 
-    servicer = EmbeddingServicer(shard, shard_index=shard_index, num_shards=len(servers),
+    servicer = EmbeddingServicer(shard, shard_index=shard_index, num_shards=num_shards,
                                  token=token, dump_chunk_rows=settings.dump_chunk_rows, loader=load,
-                                 max_message_bytes=settings.max_message_bytes)
+                                 max_message_bytes=settings.max_message_bytes, replica=replica,
+                                 num_replicas=len(sets[shard_index]))
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -462,12 +521,14 @@ def serve(servers: Sequence[str], shard_index: int, *, settings: EmbeddingServer
             signal.signal(signum, lambda *_: stop.set())
 
     server.start()
-    metrics_port = settings.metrics_port_base + shard_index if settings.metrics_port_base else 0
+    # one port per process: shard I replica R is the (sum of replicas before I) + R-th
+    target = sum(len(r) for r in sets[:shard_index]) + replica
+    metrics_port = settings.metrics_port_base + target if settings.metrics_port_base else 0
     if metrics_port:
         host = address.rpartition(":")[0].strip("[]")
         start_http_server(metrics_port, addr=host, registry=servicer.metrics.registry)
-    log.info("shard %d/%d listening on %s (tls %s, write token %s, metrics %s, capacity %s)",
-             shard_index, len(servers), address, "on" if credentials else "off",
+    log.info("%s/%d listening on %s (tls %s, write token %s, metrics %s, capacity %s)",
+             label, num_shards, address, "on" if credentials else "off",
              "on" if token else "off", metrics_port or "off", settings.capacity or "unbounded")
 
     def initial_load() -> None:
@@ -488,15 +549,36 @@ def serve(servers: Sequence[str], shard_index: int, *, settings: EmbeddingServer
             return
         servicer.ready.set()
         servicer.metrics.ready.set(1)
-        for name in ("", SERVICE_NAME):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("shard %d serving", shard_index)
+        watch.start()  # SERVING once current (at once without siblings)
+        log.info("%s ready", label)
 
+    def on_change(current: bool) -> None:
+        servicer.current = current
+        servicer.metrics.current.set(1 if current else 0)
+        if servicer.ready.is_set():
+            status = (health_pb2.HealthCheckResponse.SERVING if current
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            for name in ("", SERVICE_NAME):
+                health_servicer.set(name, status)
+
+    client_credentials = None
+    if credentials is not None:
+        with open(settings.tls_ca_file or settings.tls_cert_file, "rb") as handle:
+            client_credentials = grpc.ssl_channel_credentials(root_certificates=handle.read())
+    watch = SiblingWatch(lambda: {(w.table, w.producer): (w.generation, w.sequence)
+                                  for w in shard.watermarks()},
+                         siblings, max_lag_s=settings.replica_max_lag_s,
+                         poll_s=settings.replica_poll_s, on_change=on_change, label=label,
+                         credentials=client_credentials)
+    servicer.current = watch.current
+    servicer.behind_s = lambda: watch.behind_s
+    servicer.siblings_up = lambda: watch.siblings_up
     loading = ServiceThread("initial-load", initial_load).start()
     stop.wait()
-    log.info("shard %d stopping (grace %.1f s)", shard_index, settings.grace_s)
+    watch.close()
+    log.info("%s stopping (grace %.1f s)", label, settings.grace_s)
     health_servicer.enter_graceful_shutdown()
     server.stop(settings.grace_s).wait()
     loading.close(timeout_s=1.0)  # a load still running is not waited for: the process exits
-    log.info("shard %d stopped", shard_index)
+    log.info("%s stopped", label)
     return 1 if failed.is_set() else 0

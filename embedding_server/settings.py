@@ -15,7 +15,14 @@ class EmbeddingServerSettings:
     certificate itself); metrics_port_base: shard I serves Prometheus metrics on base + I
     (0: off); grace_s: seconds in-flight calls get on SIGTERM; request_timeout_s: client
     deadline per call; dump_chunk_rows: rows per checkpoint part file; load_log_interval_s:
-    seconds between checkpoint-load progress lines."""
+    seconds between checkpoint-load progress lines.
+
+    Replicas (a shard listed as several addresses): replica_max_lag_s: how long a serving
+    replica may lack a position one of its siblings holds before it stops serving (NOT_SERVING,
+    lookups go to a fresher sibling) until it has caught up; a (re)started replica serves only
+    once it holds everything its siblings hold; replica_poll_s: seconds between a replica's
+    looks at its siblings' positions; replica_retry_s: seconds a client leaves a replica that
+    failed (down, or catching up) before it reads from it again, while another can answer."""
 
     capacity: int = 0
     max_message_bytes: int = 256 * 1024 * 1024
@@ -29,6 +36,9 @@ class EmbeddingServerSettings:
     request_timeout_s: float = 60.0
     dump_chunk_rows: int = 1_000_000
     load_log_interval_s: float = 5.0
+    replica_max_lag_s: float = 1.0
+    replica_poll_s: float = 0.1
+    replica_retry_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.capacity < 0:
@@ -41,5 +51,8 @@ class EmbeddingServerSettings:
             raise ValueError("workers and dump_chunk_rows must be positive")
         if self.grace_s < 0 or self.request_timeout_s <= 0 or self.load_log_interval_s <= 0:
             raise ValueError("grace_s must be >= 0, request_timeout_s and load_log_interval_s > 0")
+        if self.replica_max_lag_s < 0 or self.replica_poll_s <= 0 or self.replica_retry_s < 0:
+            raise ValueError("replica_max_lag_s and replica_retry_s must be >= 0, "
+                             "replica_poll_s > 0")
         if not 0 <= self.metrics_port_base < 65536:
             raise ValueError("metrics_port_base must be a port number (0: off)")

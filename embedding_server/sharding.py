@@ -11,6 +11,8 @@ input bit, so sequential or clustered feature ids spread evenly over the shards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -61,3 +63,17 @@ def group_by_shard(signs: np.ndarray, num_shards: int) -> tuple[np.ndarray, np.n
     bounds = np.zeros(num_shards + 1, np.int64)
     np.cumsum(np.bincount(shards, minlength=num_shards), out=bounds[1:])
     return order, bounds
+
+
+def replica_sets(servers: Sequence[str | Sequence[str]]) -> tuple[tuple[str, ...], ...]:
+    """Per shard, the addresses of its replicas: `PersiaInferConfig.servers` entries are one
+    host:port (PERSIA's form: one replica) or a list of them (the replicas of that shard,
+    each holding the whole shard). A plain list of addresses is one replica per shard."""
+    out = []
+    for index, entry in enumerate(servers):
+        replicas = (entry,) if isinstance(entry, str) else tuple(entry)
+        if not replicas or not all(isinstance(a, str) and a for a in replicas):
+            raise ValueError(f"servers[{index}] must be host:port or a non-empty list of them, "
+                             f"got {entry!r}")
+        out.append(replicas)
+    return tuple(out)

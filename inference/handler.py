@@ -91,7 +91,7 @@ class PersiaHandler(BaseHandler):
             log.warning("embedding servers not ready yet: %s", exc)
         self.engine = PersiaInference.from_client(self.model, spec, self.client)
         log.info("PersiaHandler ready: %d sparse features in %d table(s) on %s (%s)",
-                 len(spec.sparse), len(spec.tables), ", ".join(self.client.servers), where)
+                 len(spec.sparse), len(spec.tables), ", ".join(t.address for t in self.client.targets), where)
         self.initialized = True
 
     def open_client(self, model_dir: Path) -> tuple[EmbeddingClient, str]:

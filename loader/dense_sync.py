@@ -264,16 +264,23 @@ class DenseSync(ServiceThread):
     # ------------------------------------------------------------------------- activate
 
     def shard_marks(self) -> list[dict[Stream, tuple[int, int]]] | None:
-        """Each shard's watermarks {(lane, producer): (generation, sequence)}; None if a shard
-        does not answer (no version activates on a guess)."""
+        """Each shard's watermarks {(lane, producer): (generation, sequence)}, the lowest over
+        its replicas that answer; None if no replica of a shard answers (no version activates
+        on a guess)."""
         out = []
-        for shard in range(len(self.client.servers)):
-            try:
-                marks = self.client.shard_watermarks(shard)
-            except Exception as exc:
-                log.debug("dense sync: shard %d watermarks: %s", shard, exc)
+        for shard in range(self.client.num_shards):
+            held: list[dict[Stream, tuple[int, int]]] = []
+            for target in self.client.replicas_of(shard):
+                try:
+                    marks = self.client.shard_watermarks(target)
+                except Exception as exc:
+                    log.debug("dense sync: shard %d target %d watermarks: %s", shard, target, exc)
+                    continue
+                held.append({(w.table, w.producer): (w.generation, w.sequence) for w in marks})
+            if not held:
                 return None
-            out.append({(w.table, w.producer): (w.generation, w.sequence) for w in marks})
+            common = set.intersection(*(set(h) for h in held))
+            out.append({s: min(h[s] for h in held) for s in common})
         return out
 
     def _ready(self, state: DenseVersionState) -> bool:

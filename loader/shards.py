@@ -6,8 +6,9 @@ A shard that does not answer (or is not the shard our list says) is counted ever
 logged with its address at most every `unreachable_log_interval_s`, and looked at again after
 the one retry rule's backoff; the reachable shards are served meanwhile. What *every* shard
 holds (the minimum, with the last known marks of the shards that are down) is what Kafka may
-commit and what status reports. Each tracked shard carries a `replica` index (0 today), so
-replicas of a shard can be tracked the same way.
+commit and what status reports. With replicas (a shard listed as several addresses) every
+replica is tracked on its own, as one *target* of the client (`EmbeddingClient.targets`): its
+own position, up or down, caught up on its own from storage; `shard` and `replica` say which.
 """
 
 from __future__ import annotations
@@ -60,26 +61,40 @@ class ShardReading:
 
 
 def read_shard(client: EmbeddingClient, index: int) -> ShardReading:
-    """Verify shard `index` is the shard our list says and read its positions.
+    """Verify target `index` (shard `index`, with one replica per shard) is the server our
+    list says and read its positions.
 
     Raises ShardError (unreachable; ShardIdentityError: another shard answers there) or
     ShardNotReadyError (still loading its checkpoint)."""
     client.verify((index,))  # cheap once checked; again after an outage
     status = client.status(index)
     if not status.ready:
-        raise ShardNotReadyError(f"shard {index} ({client.servers[index]}): not ready (still "
-                                 "loading its checkpoint)")
+        raise ShardNotReadyError(f"{target_name(client, index)}: not ready (still loading its "
+                                 "checkpoint)")
     return ShardReading({(w.table, w.producer): (w.generation, w.sequence) for w in status.watermarks},
                         {t.name: t.dim for t in status.tables})
 
 
+def target_name(client: EmbeddingClient, index: int) -> str:
+    """'shard S (address)', or 'shard S replica R (address)' when S has several replicas."""
+    t = client.targets[index]
+    several = len(client.replicas_of(t.shard)) > 1
+    return f"shard {t.shard}" + (f" replica {t.replica}" if several else "") + f" ({t.address})"
+
+
+def target_label(client: EmbeddingClient, index: int) -> str:
+    """The metrics label of target `index`: 'S', or 'SrR' when shard S has several replicas."""
+    t = client.targets[index]
+    return str(t.shard) + (f"r{t.replica}" if len(client.replicas_of(t.shard)) > 1 else "")
+
+
 def read_positions(client: EmbeddingClient
                    ) -> tuple[list[dict[Stream, Position] | None], dict[int, str]]:
-    """Each shard's watermarks (None for a shard that is unreachable, not the shard our list
-    says, or not ready), and why, per such shard."""
+    """Each target's watermarks (every replica of every shard; None for one that is
+    unreachable, not the server our list says, or not ready), and why, per such target."""
     per_shard: list[dict[Stream, Position] | None] = []
     down: dict[int, str] = {}
-    for index in range(len(client.servers)):
+    for index in range(len(client.targets)):
         try:
             per_shard.append(read_shard(client, index).marks)
         except (ShardError, ShardNotReadyError) as exc:
@@ -107,9 +122,11 @@ class ShardState:
     """What the loader knows of one shard (one replica of it): whether it answered at the last
     look, its watermarks then (kept while it is down: the last known), and why it is down."""
 
-    index: int
+    index: int  # the client's target index (the shard's, with one replica per shard)
     address: str
     replica: int = 0
+    shard: int = -1  # the shard it is a replica of (-1: `index`)
+    label: str = ""  # its metrics label ('S', or 'SrR' among replicas; empty: `index`)
     up: bool = False
     marks: dict[Stream, Position] = field(default_factory=dict)
     seen: bool = False  # answered (ready) at least once
@@ -120,7 +137,7 @@ class ShardState:
     down_since: float | None = None
 
     def report(self) -> ShardReport:
-        return ShardReport(self.index, self.address, self.up,
+        return ShardReport(self.index if self.shard < 0 else self.shard, self.address, self.up,
                            "" if self.error is None else str(self.error), self.failures, self.replica)
 
 
@@ -137,7 +154,8 @@ class ShardTracker:
         self.policy = loader_retry_policy(settings.retry_backoff_s)
         self.watermark_poll_s = settings.watermark_poll_s
         self.unreachable_log_interval_s = settings.unreachable_log_interval_s
-        self.shards = [ShardState(i, address) for i, address in enumerate(client.servers)]
+        self.shards = [ShardState(t.index, t.address, t.replica, t.shard,
+                                  target_label(client, t.index)) for t in client.targets]
         self.dims: dict[str, int] = {}  # table -> dim, as the servers know it
         self.must_check = True  # read the watermarks before the next apply
         self.ok = False  # some shard answered at the last look
@@ -216,7 +234,7 @@ class ShardTracker:
                         shard.index, shard.address, now - shard.down_since)
         shard.up, shard.seen, shard.error, shard.failures = True, True, None, 0
         shard.down_since = None
-        self.metrics.shard_up.labels(self.model, str(shard.index)).set(1)
+        self.metrics.shard_up.labels(self.model, shard.label or str(shard.index)).set(1)
 
     def shard_down(self, shard: ShardState, exc: BaseException, now: float) -> None:
         """Mark `shard` down after `exc` (a failed look or apply): counted every time, logged
@@ -230,8 +248,9 @@ class ShardTracker:
         shard.retry_at = now + daemon_delay_s(exc, shard.failures, self.policy)
         self.must_check = True
         why = "wrong_shard" if isinstance(exc, ShardIdentityError) else "unreachable"
-        self.metrics.shard_unreachable.labels(self.model, str(shard.index), shard.address, why).inc()
-        self.metrics.shard_up.labels(self.model, str(shard.index)).set(0)
+        self.metrics.shard_unreachable.labels(self.model, shard.label or str(shard.index),
+                                              shard.address, why).inc()
+        self.metrics.shard_up.labels(self.model, shard.label or str(shard.index)).set(0)
         if now - shard.logged_at >= self.unreachable_log_interval_s:
             shard.logged_at = now
             log.error("SHARD %d (%s) %s for %.1f s (%d failures): %s; the other shards still get "

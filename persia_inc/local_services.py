@@ -310,30 +310,34 @@ EMBEDDING_MAX_MESSAGE = 4 * 1024 * 1024
 
 
 class EmbeddingCluster:
-    """N `persia-inc embedding-server` child processes sharing one config file.
+    """`persia-inc embedding-server` child processes sharing one config file, one per replica
+    of each shard (`servers` entries: host:port, or a list of the shard's replicas).
 
     The same config file serves the loader, the producer and the inference handler in tests,
-    so every part sees the same servers and incremental_dir.
+    so every part sees the same servers and incremental_dir. Processes are keyed by shard for
+    replica 0 and by (shard, replica) for the others.
     """
 
-    def __init__(self, config_path: Path, servers: list[str], logs: Path) -> None:
+    def __init__(self, config_path: Path, servers: list, logs: Path) -> None:
         self.config_path = config_path
         self.servers = servers
         self.logs = logs
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int | tuple[int, int], subprocess.Popen] = {}
         self.client_defaults: dict[str, object] = {}  # e.g. tls_ca when the servers use TLS
 
-    def start(self, shard: int) -> None:
+    def start(self, shard: int, replica: int = 0) -> None:
         env = {**os.environ, EMBEDDING_TOKEN_ENV: EMBEDDING_TOKEN}
-        with (self.logs / f"shard{shard}.log").open("ab") as log:
-            self.procs[shard] = subprocess.Popen(
+        name = f"shard{shard}" + (f"r{replica}" if replica else "")
+        with (self.logs / f"{name}.log").open("ab") as log:
+            self.procs[(shard, replica) if replica else shard] = subprocess.Popen(
                 [sys.executable, "-m", "persia_inc.cli", "embedding-server",
-                 "--config", str(self.config_path), "--shard", str(shard)],
+                 "--config", str(self.config_path), "--shard", str(shard),
+                 "--replica", str(replica)],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
 
-    def stop(self, shard: int, sig: int = signal.SIGTERM) -> int:
-        """Stop one shard (SIGTERM, or SIGKILL for a crash); returns its exit code."""
-        proc = self.procs.pop(shard)
+    def stop(self, shard: int, sig: int = signal.SIGTERM, replica: int = 0) -> int:
+        """Stop one shard's replica (SIGTERM, or SIGKILL for a crash); returns its exit code."""
+        proc = self.procs.pop((shard, replica) if replica else shard)
         if proc.poll() is None:
             proc.send_signal(sig)
             try:
@@ -344,8 +348,9 @@ class EmbeddingCluster:
         return proc.returncode
 
     def stop_all(self) -> None:
-        for shard in list(self.procs):
-            self.stop(shard)
+        for key in list(self.procs):
+            shard, replica = key if isinstance(key, tuple) else (key, 0)
+            self.stop(shard, replica=replica)
 
     def client(self, **kwargs: object):  # -> EmbeddingClient
         from persia_inc.embedding_server.client import EmbeddingClient
@@ -368,7 +373,7 @@ class EmbeddingCluster:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
 
 
-def write_test_config(path: Path, servers: list[str], incremental_dir: str, *,
+def write_test_config(path: Path, servers: list, incremental_dir: str, *,
                       storage: str = "local", checkpoint: str = "", model: str = "m",
                       persia_inc: dict | None = None, **server_settings: object) -> Path:
     """A global_config.yaml for tests: our servers, storage and fast intervals."""

@@ -93,14 +93,16 @@ def loader_from_config(config: Config | str | os.PathLike[str], client: Embeddin
     return Loader(client, **kwargs)
 
 
-def serve_shard(config: Config, shard_index: int, *, stop: threading.Event | None = None) -> int:
-    """Run embedding-server shard `shard_index` of `config` until SIGTERM (or `stop`)."""
+def serve_shard(config: Config, shard_index: int, *, replica: int = 0,
+                stop: threading.Event | None = None) -> int:
+    """Run replica `replica` of embedding-server shard `shard_index` of `config` until SIGTERM
+    (or `stop`)."""
     from persia_inc.embedding_server.server import serve
 
     s = config.persia_inc
     return serve(config.infer.servers, shard_index, settings=s.embedding_server, limits=s.limits,
                  open_store=config.open_store, initial_checkpoint=config.infer.initial_sparse_checkpoint,
-                 stop=stop)
+                 stop=stop, replica=replica)
 
 
 __all__ = ["embedding_client", "loader_from_config", "producer_from_config", "serve_shard"]

@@ -85,19 +85,23 @@ def webhdfs(tmp_path: Path) -> Iterator[WebHdfsEmulator]:
 
 @pytest.fixture
 def embedding_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., EmbeddingCluster]]:
-    """make(num, name="c", incremental_dir=None, storage="local", checkpoint="", model="m",
-    persia_inc={...section overrides}, **embedding_server_settings) -> a ready cluster.
+    """make(num, name="c", incremental_dir=None, replicas=1, storage="local", checkpoint="",
+    model="m", persia_inc={...section overrides}, **embedding_server_settings) -> a ready
+    cluster (`replicas` > 1: every shard listed as that many replicas, each a process).
 
     The cluster's `config_path` is a complete config (servers, incremental_dir, our section)
     for the loader, producer and handler of the same test. All processes stop at teardown.
     """
     made: list[EmbeddingCluster] = []
 
-    def make(num: int, name: str = "c", incremental_dir: str | None = None, **options: object
-             ) -> EmbeddingCluster:
+    def make(num: int, name: str = "c", incremental_dir: str | None = None, replicas: int = 1,
+             **options: object) -> EmbeddingCluster:
         folder = tmp_path / name
         folder.mkdir()
-        servers = [f"127.0.0.1:{free_port()}" for _ in range(num)]
+        servers: list = [f"127.0.0.1:{free_port()}" for _ in range(num)]
+        if replicas > 1:  # each shard listed as its replicas
+            servers = [[s] + [f"127.0.0.1:{free_port()}" for _ in range(replicas - 1)]
+                       for s in servers]
         path = write_test_config(folder / "config.yaml", servers,
                                  incremental_dir or str(tmp_path / "incremental"), **options)  # type: ignore[arg-type]
         cluster = EmbeddingCluster(path, servers, folder)
@@ -105,7 +109,8 @@ def embedding_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Embeddin
             cluster.client_defaults["tls_ca"] = Path(str(options["tls_cert_file"])).read_bytes()
         made.append(cluster)
         for shard in range(num):
-            cluster.start(shard)
+            for replica in range(replicas):
+                cluster.start(shard, replica)
         cluster.wait_ready()
         return cluster
 

@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "signs", "shard", "num_shards")
+    __slots__ = ("table", "signs", "shard", "num_shards", "allow_behind")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     SIGNS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_BEHIND_FIELD_NUMBER: _ClassVar[int]
     table: str
     signs: bytes
     shard: int
     num_shards: int
-    def __init__(self, table: _Optional[str] = ..., signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    allow_behind: bool
+    def __init__(self, table: _Optional[str] = ..., signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., allow_behind: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("dim", "rows", "misses")
@@ -91,14 +93,16 @@ class TableSigns(_message.Message):
     def __init__(self, table: _Optional[str] = ..., signs: _Optional[bytes] = ...) -> None: ...
 
 class LookupTablesRequest(_message.Message):
-    __slots__ = ("tables", "shard", "num_shards")
+    __slots__ = ("tables", "shard", "num_shards", "allow_behind")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_BEHIND_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableSigns]
     shard: int
     num_shards: int
-    def __init__(self, tables: _Optional[_Iterable[_Union[TableSigns, _Mapping]]] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    allow_behind: bool
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableSigns, _Mapping]]] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., allow_behind: _Optional[bool] = ...) -> None: ...
 
 class TableLookup(_message.Message):
     __slots__ = ("table", "dim", "rows", "misses")
@@ -213,7 +217,7 @@ class TableStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_rows: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("shard", "num_shards", "ready", "uptime_s", "tables", "watermarks", "max_message_bytes", "staged_applies", "staged_bytes", "foreign_lookup_signs")
+    __slots__ = ("shard", "num_shards", "ready", "uptime_s", "tables", "watermarks", "max_message_bytes", "staged_applies", "staged_bytes", "foreign_lookup_signs", "replica", "num_replicas", "current", "behind_s", "siblings_up")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +228,11 @@ class StatusResponse(_message.Message):
     STAGED_APPLIES_FIELD_NUMBER: _ClassVar[int]
     STAGED_BYTES_FIELD_NUMBER: _ClassVar[int]
     FOREIGN_LOOKUP_SIGNS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    BEHIND_S_FIELD_NUMBER: _ClassVar[int]
+    SIBLINGS_UP_FIELD_NUMBER: _ClassVar[int]
     shard: int
     num_shards: int
     ready: bool
@@ -234,7 +243,12 @@ class StatusResponse(_message.Message):
     staged_applies: int
     staged_bytes: int
     foreign_lookup_signs: int
-    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[Watermark, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., staged_applies: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., foreign_lookup_signs: _Optional[int] = ...) -> None: ...
+    replica: int
+    num_replicas: int
+    current: bool
+    behind_s: float
+    siblings_up: int
+    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[Watermark, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., staged_applies: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., foreign_lookup_signs: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., current: _Optional[bool] = ..., behind_s: _Optional[float] = ..., siblings_up: _Optional[int] = ...) -> None: ...
 
 class DumpRequest(_message.Message):
     __slots__ = ("table", "chunk_rows")

@@ -61,12 +61,20 @@ def _check_together(config: Config) -> None:
             source, "storage",
             f"is {config.storage!r} but incremental_dir {config.incremental_dir!r} is on {implied!r}",
         )
-    for i, server in enumerate(config.infer.servers):
-        host, sep, port = server.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    addresses: list[str] = []
+    for i, entry in enumerate(config.infer.servers):
+        replicas = (entry,) if isinstance(entry, str) else entry
+        if not replicas:
             raise ConfigError(source, f"PersiaInferConfig.servers[{i}]",
-                              f"expected host:port, got {server!r}")
-    if len(set(config.infer.servers)) != len(config.infer.servers):
+                              "expected host:port or a non-empty list of them (replicas)")
+        for r, server in enumerate(replicas):
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                where = f"[{i}]" if isinstance(entry, str) else f"[{i}][{r}]"
+                raise ConfigError(source, f"PersiaInferConfig.servers{where}",
+                                  f"expected host:port, got {server!r}")
+        addresses += replicas
+    if len(set(addresses)) != len(addresses):
         raise ConfigError(source, "PersiaInferConfig.servers", "lists one address twice")
     producer = config.persia_inc.producer  # checked itself (ProducerSettings.__post_init__)
     limits = config.persia_inc.limits  # what a loader accepts: never produce more

@@ -24,10 +24,11 @@ StorageName = Literal["local", "hdfs", "ceph"]
 
 @dataclass(frozen=True, slots=True)
 class InferConfig:
-    """`PersiaInferConfig`: the embedding servers (host:port, one per shard, in shard order)
-    and the sparse checkpoint they load at start (any storage URI; empty: start empty)."""
+    """`PersiaInferConfig`: the embedding servers in shard order, each entry host:port (one
+    replica, PERSIA's form) or a list of host:port (the replicas of that shard, each a full
+    copy), and the sparse checkpoint they load at start (any storage URI; empty: start empty)."""
 
-    servers: tuple[str, ...] = ()
+    servers: tuple[str | tuple[str, ...], ...] = ()
     initial_sparse_checkpoint: str = ""
 
 

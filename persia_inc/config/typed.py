@@ -23,6 +23,10 @@ def convert(tp: Any, value: Any, key: str, source: str) -> Any:
             return None
         if len(options) == 1:
             return convert(options[0], value, key, source)
+        # `str | tuple[str, ...]` (an address, or a list of them): chosen by the YAML shape
+        for option in options:
+            if (get_origin(option) is tuple) == isinstance(value, list | tuple):
+                return convert(option, value, key, source)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(source, key, f"expected {describe(tp)}, got {value!r:.80}")

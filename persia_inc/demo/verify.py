@@ -33,6 +33,6 @@ def verify_rows(client: EmbeddingClient, model: CTRModel, evicted: dict[str, np.
 
 
 def served_misses(client: EmbeddingClient, table: str) -> int:
-    """Lookups of `table` that found no row, summed over the shards."""
-    return sum(t.misses for shard in range(len(client.servers))
+    """Lookups of `table` that found no row, summed over the shards (every replica)."""
+    return sum(t.misses for shard in range(len(client.targets))
                for t in client.status(shard).tables if t.name == table)
