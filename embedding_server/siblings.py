@@ -10,8 +10,8 @@ itself (their Status, every `poll_s`), so the rule holds with or without a loade
 Positions a sibling was seen holding are remembered while it is down: a replica that lacked
 them stays catching up when the fresher sibling dies (its answers are then flagged, never
 silently stale). A replica that started with no sibling answering has nothing to be behind: it
-is current (as a shard of one replica always is). The state drives the gRPC health status (SERVING only when current) and
-the refusal of lookups that do not say `allow_behind`.
+is current (as a shard of one replica always is). The state drives the gRPC health status
+(SERVING only when current) and the refusal of lookups that do not say `allow_behind`.
 """
 
 from __future__ import annotations
