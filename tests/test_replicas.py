@@ -7,8 +7,6 @@ One shard of two replicas keeps the tests lean: failover and freshness are per s
 from __future__ import annotations
 
 import signal
-import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -20,6 +18,7 @@ from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
 from persia_inc.embedding_server.routing import targets_of_servers
 from persia_inc.embedding_server.sharding import replica_sets
+from persia_inc.foundation.wait import wait_until
 from persia_inc.local_services import EMBEDDING_TOKEN
 from persia_inc.packet_format.cut import Cut, CutHeader, CutTable, TableRows
 
@@ -40,13 +39,7 @@ def expected(version: float) -> np.ndarray:
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    """Wait until `predicate()` holds (AssertionError naming `what` after `timeout_s`)."""
-    deadline = time.monotonic() + timeout_s
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        pause.wait(0.05)
+    wait_until(predicate, what, timeout_s=timeout_s)
 
 
 def health(client: EmbeddingClient, target: int) -> int:
