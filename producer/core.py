@@ -9,10 +9,12 @@ run on the writer's background threads (producer/writer.py).
 
 Rows are read on the thread that calls `record`, `evict`, `poll`, `flush` or `close`: call
 them between optimizer steps so a packet never holds a row the optimizer is half-way through
-updating. For the same reason the interval trigger is checked on those calls, not by a timer
-thread. With `defer_reads()` (the torch hook turns it on) the rows of `reads_into` tables are
-read on the writer thread instead, under a lock every optimizer step holds: the training
-thread then only swaps buffers, and the reads overlap its next forward and backward.
+updating. The interval is time-driven: due while the training thread is idle (in none of
+those calls nor in a marked step), the writer thread flushes (`_flush_idle`), never waiting
+for a lock. In a loop that marks no steps such a read may meet an optimizer update; the sign's
+next record ships the row again, whole. With `defer_reads()` (the torch hook turns it on)
+the rows of `reads_into` tables are read on the writer thread, under a lock every optimizer
+step holds: the training thread only swaps buffers, and the reads overlap its next step.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from persia_inc.producer.dense_signs import DenseColumns, DenseSignBuffer
 from persia_inc.producer.errors import ProducerClosedError, UnstoredDataError
 from persia_inc.producer.metrics import ProducerMetrics
 from persia_inc.producer.policy import FlushPolicy, FlushReason
+from persia_inc.producer.readers import Reader, call_reader, read_into_later
 from persia_inc.producer.settings import ProducerSettings
 from persia_inc.producer.shutdown import ShutdownHooks
 from persia_inc.producer.signset import SignBuffer
@@ -47,25 +50,6 @@ from persia_inc.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 DEFAULT_PRODUCER_ID = "producer-0"
-
-Reader = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray | None]"]
-"""reader(signs: uint64[n]) -> rows: float32[n, dim], or (rows, state: float32[n, k] | None).
-
-It must return copies (fancy indexing does), not views the optimizer keeps updating.
-Registered with `reads_into=True` it is called as reader(signs, out) instead: it fills
-out: float32[n, dim] (the snapshot's own buffer) and returns the state float32[n, k] or None."""
-
-
-def _checked_state(state: object, n: int, table: str) -> np.ndarray | None:
-    """A reader's optimizer state as float32[n, k], or None; ValueError naming the table."""
-    if state is None:
-        return None
-    state = np.asarray(state, dtype=np.float32)
-    if state.ndim != 2 or state.shape[0] != n:
-        raise ValueError(f"reader of table {table!r} returned state of shape {state.shape} "
-                         f"for {n} signs")
-    return state
-
 
 def _check_arguments(model: object, settings: object, enabled: object,
                      generation: object) -> None:
@@ -149,6 +133,14 @@ class IncrementalProducer:
         self._owns_store = owns_store
         self.store = store
         self.announcer = self._make_announcer()
+        self._lock = threading.RLock()  # held by the training thread's calls and every flush
+        self._oldest_s: float | None = None  # when the oldest unflushed sign came (policy clock)
+        self._interval_due_s = float("inf")  # when the interval trigger fires
+        self._busy = 0  # >0 inside record/flush or a guarded training step
+        self._deferred_reads = False
+        self._step_lock = threading.Lock()  # held by the training thread inside an optimizer step
+        self._step_owner: int | None = None  # thread id holding _step_lock
+        self._read_error: Exception | None = None  # a deferred read's failure, raised next call
         self.writer = PacketWriter(
             self.store, self.model, self.producer_id, self.announcer,
             dtype=settings.dtype, max_pending_bytes=settings.max_pending_bytes,
@@ -157,15 +149,8 @@ class IncrementalProducer:
             read_guard=self._no_step_running, on_read_failed=self._take_back,
             max_packet_rows=settings.max_packet_rows, max_packet_bytes=settings.max_packet_bytes,
             max_inflight=settings.max_inflight or store.parallel_writes,
+            interval_wait=self._interval_wait_s, on_interval=self._flush_idle,
         )
-        self._lock = threading.RLock()  # one flush at a time; close vs. flush
-        self._oldest_s: float | None = None  # when the oldest unflushed sign came (policy clock)
-        self._interval_due_s = float("inf")  # when the interval trigger fires
-        self._busy = 0  # >0 inside record/flush or a guarded training step
-        self._deferred_reads = False
-        self._step_lock = threading.Lock()  # held by the training thread inside an optimizer step
-        self._step_owner: int | None = None  # thread id holding _step_lock
-        self._read_error: Exception | None = None  # a deferred read's failure, raised next call
         self._updates = (PrioritizedUpdates(settings) if settings.update_policy == "prioritized"
                          else None)  # None: ship every touched row (policy "all")
         port = settings.metrics_port
@@ -201,7 +186,7 @@ class IncrementalProducer:
         if dim is None and reads_into:
             raise ValueError(f"table {table!r}: a reads_into reader needs dim")
         if dim is None:
-            probe, _ = self._call_reader(reader, np.empty(0, np.uint64), table)
+            probe, _ = call_reader(reader, np.empty(0, np.uint64), table, False)
             dim = int(probe.shape[1])
         if dim <= 0:
             raise ValueError(f"table {table!r}: dim must be positive, got {dim}")
@@ -307,6 +292,7 @@ class IncrementalProducer:
             raise ValueError(f"record_columns needs a [batch, k] id matrix, got shape {ids.shape}")
         tables = tuple(columns)
         self._busy += 1
+        self._lock.acquire()  # the writer's interval flush waits for this call
         try:
             group = self._dense_columns(tables)
             if group is None:
@@ -316,6 +302,7 @@ class IncrementalProducer:
             index = group.index(tuple(columns.values()))
             self._record_sizes(dict(zip(tables, group.insert(ids, index), strict=True)))
         finally:
+            self._lock.release()
             self._leave()
 
     def _dense_columns(self, tables: tuple[str, ...]) -> DenseColumns | None:
@@ -343,11 +330,13 @@ class IncrementalProducer:
             raise ProducerClosedError("the producer is closed")
         self._check_tables(signs_by_table)
         self._busy += 1
+        self._lock.acquire()  # the writer's interval flush waits for this call
         try:
             tables = self._tables
             self._record_sizes({table: tables[table].buffer.insert(signs, op)
                                 for table, signs in signs_by_table.items()})
         finally:
+            self._lock.release()
             self._leave()
 
     def _record_sizes(self, sizes: Mapping[str, int]) -> None:
@@ -381,17 +370,51 @@ class IncrementalProducer:
     def _start_interval(self, since: float) -> None:
         self._oldest_s = since
         self._interval_due_s = since + self.policy.flush_interval_s
+        self.writer.wake()  # its wait now ends at the new deadline
+
+    def _interval_wait_s(self) -> float | None:
+        """(writer thread) Seconds (policy clock) until the interval is due; None: none runs."""
+        due = self._interval_due_s
+        return None if due == float("inf") or self.closed else due - self.policy.now()
+
+    def _flush_idle(self) -> bool:
+        """(writer thread) The interval is due: flush now unless the training thread is in the
+        producer or a marked step, or back-pressure holds (False: tried again shortly); never
+        waits for a lock. A reader's failure is raised by the training thread's next call."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        stepped = self._step_lock.acquire(blocking=False)
+        try:
+            now = self.policy.now()
+            if self.closed or now < self._interval_due_s:
+                return True
+            if not stepped or self._busy or self.writer.pending_bytes > self.settings.max_pending_bytes:
+                return False
+            if self._due(now) is not None:
+                try:
+                    self._flush("interval", admit=False)
+                    return True
+                except Exception as exc:  # a reader failed: its signs stay buffered
+                    log.exception("the interval flush on the writer thread failed")
+                    self._read_error = exc
+            self._interval_due_s = now + self.policy.flush_interval_s  # look again then
+            return True
+        finally:
+            if stepped:
+                self._step_lock.release()
+            self._lock.release()
 
     def poll(self) -> None:
-        """Start the flush whose interval has passed (call it between steps when idle)."""
+        """Start a due interval flush on this thread (the writer's does it when this is idle)."""
         if not self.enabled or self.closed:
             return
         now = self.policy.now()
         if now >= self._interval_due_s:
             self._busy += 1
             try:
-                if self._due(now) is not None:
-                    self._flush("interval")
+                with self._lock:
+                    if self._due(now) is not None:
+                        self._flush("interval")
             finally:
                 self._leave()
         self._raise_read_error()
@@ -448,7 +471,7 @@ class IncrementalProducer:
 
     def _enter_step(self) -> None:
         self._busy += 1
-        if self._deferred_reads and self._step_owner is None:
+        if self._step_owner is None:  # no flush reads rows while the step runs
             self._step_lock.acquire()
             self._step_owner = threading.get_ident()
 
@@ -491,35 +514,17 @@ class IncrementalProducer:
                    signs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(rows, state) of `signs` in `entry`, now."""
         if not entry.reads_into:
-            return self._call_reader(entry.reader, signs, entry.name)
+            return call_reader(entry.reader, signs, entry.name, self.settings.ship_optimizer_state)
         rows, _, read = self._read_later(entry, signs)
         return rows, read()
 
     def _read_later(self, entry: _Table, signs: np.ndarray
                     ) -> tuple[np.ndarray, None, Callable[[], np.ndarray | None]]:
-        """(rows still unread, no state yet, the read that fills the rows and returns the
-        state) for a `reads_into` table."""
+        """(rows still unread, no state yet, the read that fills them and returns the state)."""
         rows = np.empty((signs.size, entry.dim), np.float32)
-        reader, table = entry.reader, entry.name
-        keep_state = self.settings.ship_optimizer_state
+        return rows, None, read_into_later(entry.reader, signs, rows, entry.name,
+                                           self.settings.ship_optimizer_state)
 
-        def read() -> np.ndarray | None:
-            state = _checked_state(reader(signs, rows), signs.size, table)  # type: ignore[call-arg]
-            return state if keep_state else None
-        return rows, None, read
-
-    def _call_reader(self, reader: Reader, signs: np.ndarray,
-                     table: str) -> tuple[np.ndarray, np.ndarray | None]:
-        result = reader(signs)
-        rows, state = result if isinstance(result, tuple) else (result, None)
-        rows = np.asarray(rows)
-        if rows.ndim != 2 or rows.shape[0] != signs.size:
-            raise ValueError(f"reader of table {table!r} returned shape {rows.shape} for "
-                             f"{signs.size} signs; want ({signs.size}, dim)")
-        if rows.dtype != np.float32:
-            rows = rows.astype(np.float32)
-        state = _checked_state(state, signs.size, table)
-        return rows, state if self.settings.ship_optimizer_state else None
 
     def _flush(self, reason: FlushReason, *, admit: bool = True) -> None:
         """Swap every table's buffer, read their rows, hand them to the writer as one cut.
@@ -527,7 +532,7 @@ class IncrementalProducer:
         Every table is read before the writer hears of any: a writer woken by the first table
         would compete with the reads of the others for the GIL and the cores.
         """
-        if self._step_owner == threading.get_ident():
+        if self._deferred_reads and self._step_owner == threading.get_ident():
             raise RuntimeError("with deferred reads, record and flush after the optimizer step, "
                                "not inside training_step(): the writer waits for the step to end")
         with self._lock:

@@ -51,6 +51,7 @@ from persia_inc.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 _JOIN_S = 10.0  # at close, how long the thread may take to leave a store call after its stop
+_INTERVAL_RETRY_S = 0.05  # a due interval the training thread kept busy is tried again after this
 
 
 def writer_retry_policy(max_backoff_s: float = 5.0) -> RetryPolicy:
@@ -81,6 +82,10 @@ class PacketWriter:
     the store too; else the store is left as it was (its other users keep it).
     max_packet_rows, max_packet_bytes: no packet holds more rows or bytes (`ProducerSettings`).
     max_inflight: packets being stored at once (`ProducerSettings.max_inflight`).
+    interval_wait, on_interval: the time-driven flush interval. The writer thread waits at
+    most `interval_wait()` seconds (None: no interval runs) and then calls `on_interval()`,
+    which flushes unless the training thread is busy (False: tried again shortly); `wake()`
+    makes it look again at once (the producer calls it when an interval starts).
     """
 
     def __init__(
@@ -105,6 +110,8 @@ class PacketWriter:
         max_packet_rows: int = DEFAULT_MAX_PACKET_ROWS,
         max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
         max_inflight: int = 1,
+        interval_wait: Callable[[], float | None] | None = None,
+        on_interval: Callable[[], bool] | None = None,
     ) -> None:
         if isinstance(max_packet_rows, bool) or max_packet_rows <= 0:
             raise ValueError(f"max_packet_rows must be a positive integer, got {max_packet_rows!r}")
@@ -132,6 +139,8 @@ class PacketWriter:
         self.read_guard = read_guard
         self.on_read_failed = on_read_failed
         self.generation = generation
+        self.interval_wait = interval_wait
+        self.on_interval = on_interval
         self.stored: list[StoredPacket] = []  # the last few, for tests and tools
         self.objects_stored = 0  # packets stored since start
         self._non_finite_tables: set[str] = set()  # tables whose NaN/Inf rows were logged
@@ -302,17 +311,27 @@ class PacketWriter:
     def _loop(self) -> None:
         lower_thread_priority(self.nice)
         self._discover_generation()
+        retry_at = 0.0  # monotonic: when an interval flush refused as busy is tried again
         while not self._stop.is_set() and self.failure is None:
             with self._cond:
+                cut = None
                 # freeze ahead only as far as the store threads can take
                 while (not self._stop.is_set() and self.failure is None
                        and (not self._queue or len(self._frozen) >= self.max_inflight)
                        and not (self._closing and not self._queue)):
-                    self._cond.wait()
-                if not self._queue or self._stop.is_set() or self.failure is not None:
-                    return
-                cut = self._queue.popleft()
-                self._preparing = cut
+                    wait = self._interval_wait_s(retry_at)
+                    if wait is not None and wait <= 0:
+                        break  # the interval is due: flush, outside the lock
+                    self._cond.wait(wait)
+                else:
+                    if not self._queue or self._stop.is_set() or self.failure is not None:
+                        return
+                    cut = self._queue.popleft()
+                    self._preparing = cut
+            if cut is None:
+                if self.on_interval is not None and not self.on_interval():
+                    retry_at = time.monotonic() + _INTERVAL_RETRY_S
+                continue
             if not self._read(cut):
                 with self._cond:
                     self._preparing = None
@@ -321,6 +340,16 @@ class PacketWriter:
                     self._cond.notify_all()
                 continue
             self._freeze(cut)
+
+    def _interval_wait_s(self, retry_at: float) -> float | None:
+        """Seconds until the interval flush is due (<= 0: now), at the earliest at `retry_at`
+        (monotonic); None when no interval runs."""
+        wait = self.interval_wait() if self.interval_wait is not None else None
+        return None if wait is None else max(wait, retry_at - time.monotonic())
+
+    def wake(self) -> None:
+        """Look at the interval again now (it started, or an injected clock moved)."""
+        self._wake()
 
     def _read(self, cut: FlushCut) -> bool:
         """Read the rows of `cut` still to be read, under `read_guard`. A part whose read fails

@@ -148,6 +148,69 @@ def test_interval_trigger_is_the_producers_and_flushes_every_table(tmp_path: Pat
                                   (1, "b", "interval", 1)]
 
 
+def _stored_event(producer: IncrementalProducer) -> threading.Event:
+    """An event the writer sets when it has stored a packet."""
+    event = threading.Event()
+    producer.writer.on_stored = lambda stored: event.set()
+    return event
+
+
+def test_interval_fires_on_the_writer_thread_while_the_training_thread_is_idle(
+        tmp_path: Path) -> None:
+    """Issue 22, defect 6: the interval was checked only on record/flush/poll, so rows recorded
+    before a pause stayed unshipped. Now the writer thread flushes when the interval is due,
+    with no call from the training thread (the injected clock moves; `wake` makes the writer
+    look at it, as a real clock's deadline would)."""
+    model = NumpyModel()
+    clock = FakeClock()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000, flush_interval_s=30.0)
+    with producer_from_config(config, clock=clock) as producer:
+        stored = _stored_event(producer)
+        producer.register_table("a", model.read)
+        producer.record("a", np.arange(5))
+        clock.advance(29.9)
+        producer.writer.wake()
+        assert producer.buffered("a") == 5  # not due: 29.9 s < 30 s
+        clock.advance(0.1)
+        producer.writer.wake()
+        assert stored.wait(10), "the writer did not flush the due interval"
+        assert producer.buffered("a") == 0
+        packets = read_packets(producer.store)
+    assert [(p.header.table, p.header.flush_reason, p.header.rows) for p in packets] == [
+        ("a", "interval", 5)]
+
+
+def test_an_idle_producer_flushes_on_its_interval_in_real_time(tmp_path: Path) -> None:
+    model = NumpyModel()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000, flush_interval_s=0.2)
+    with producer_from_config(config) as producer:
+        stored = _stored_event(producer)
+        producer.register_table("a", model.read)
+        started = time.monotonic()
+        producer.record("a", np.arange(7))
+        assert stored.wait(10), "nothing was stored without a call from the training thread"
+        assert time.monotonic() - started >= 0.2
+        packets = read_packets(producer.store)
+    assert [(p.header.flush_reason, p.header.rows) for p in packets] == [("interval", 7)]
+
+
+def test_the_interval_waits_for_a_marked_step_to_end(tmp_path: Path) -> None:
+    """No interval flush reads rows inside `training_step()`: the writer tries again after."""
+    model = NumpyModel()
+    clock = FakeClock()
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000, flush_interval_s=30.0)
+    with producer_from_config(config, clock=clock) as producer:
+        stored = _stored_event(producer)
+        producer.register_table("a", model.read)
+        producer.record("a", np.arange(3))
+        with producer.training_step():
+            clock.advance(31.0)
+            producer.writer.wake()
+            assert producer.buffered("a") == 3  # the step holds the lock the flush takes
+        assert stored.wait(10), "the due interval was not flushed after the step"
+        assert producer.buffered("a") == 0
+
+
 def test_interval_restarts_after_a_flush_and_a_quiet_table_never_flushes(tmp_path: Path) -> None:
     model = NumpyModel()
     clock = FakeClock()
