@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +53,7 @@ from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.inference.archive import archive_model
 from persia_inc.inference.batch import PersiaBatch
 from persia_inc.inference.client import get_inference_stub, infer, infer_http
-from persia_inc.inference.engine import PersiaInference, Timings
+from persia_inc.inference.engine import PersiaInference, Timings, serving_threads
 from persia_inc.inference.local import LocalTorchServe, free_port
 from persia_inc.inference.management import HttpManagement, RegisterOptions
 from persia_inc.inference.model import build_model, load_torchscript, save_torchscript
@@ -258,8 +259,62 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
         "in_process_stages": stage_out,
         "torchserve_equals_in_process": mismatches == 0,
     }
+    if args.throughput:
+        out["throughput"] = throughput(name, [r.body for r in reqs], torchserve, args)
     with HttpManagement(torchserve.management_url) as mgmt:
         mgmt.unregister(name)
+    return out
+
+
+def load(target: str, model: str, bodies: list[bytes], clients: int, seconds: float
+         ) -> tuple[float, dict[str, float]]:
+    """`clients` threads sending requests back to back for `seconds`, each on its own channel:
+    (requests/s, latency percentiles)."""
+    stubs = [get_inference_stub(target) for _ in range(clients)]
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    stop = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            infer(stubs[k], model, bodies[i % len(bodies)])
+            latencies[k].append(time.perf_counter() - started)
+            i += clients
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    for stub in stubs:
+        stub.channel.close()
+    every = [t for per in latencies for t in per]
+    return len(every) / elapsed, percentiles(every)
+
+
+def throughput(name: str, bodies: list[bytes], torchserve: LocalTorchServe,
+               args: argparse.Namespace) -> dict[str, object]:
+    """Requests/s through TorchServe gRPC at rising concurrency, per worker count; the best
+    rate whose p99 stays at or under `--p99-budget-ms`. The load generator runs on the same
+    two cores (its CPU is not free)."""
+    out: dict[str, object] = {}
+    for workers in (int(w) for w in args.throughput.split(",")):
+        with HttpManagement(torchserve.management_url) as mgmt:
+            mgmt.scale(name, workers)
+        levels = {}
+        for clients in (1, 2, 4, 8):
+            rate, lat = load(torchserve.grpc_inference_target, name, bodies, clients, args.load_seconds)
+            levels[clients] = {"requests_per_s": round(rate, 1), **lat}
+            print(f"  {name}: {workers} worker(s), {clients} client(s): {rate:6.1f} req/s, "
+                  f"p50 {lat['p50_ms']:.1f} p99 {lat['p99_ms']:.1f} ms", flush=True)
+        within = [v for v in levels.values() if v["p99_ms"] <= args.p99_budget_ms]
+        best = max(within, key=lambda v: v["requests_per_s"]) if within else None
+        out[f"workers_{workers}"] = {
+            "by_clients": levels,
+            f"requests_per_s_at_p99_le_{args.p99_budget_ms:g}_ms": best["requests_per_s"] if best else 0.0}
     return out
 
 
@@ -309,8 +364,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="TorchServe workers per model")
     parser.add_argument("--batch-size", type=int, default=1, help="TorchServe batch_size")
     parser.add_argument("--max-batch-delay-ms", type=int, default=5, help="TorchServe max_batch_delay")
+    parser.add_argument("--throughput", default="1,2",
+                        help="TorchServe worker counts to load-test ('' skips the load test)")
+    parser.add_argument("--load-seconds", type=float, default=5.0, help="seconds per load level")
+    parser.add_argument("--p99-budget-ms", type=float, default=50.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "inference.json"))
     args = parser.parse_args()
+    threads = serving_threads()  # as the handler does: OMP_NUM_THREADS, else 1
     options = RegisterOptions(initial_workers=args.workers, batch_size=args.batch_size,
                               max_batch_delay_ms=args.max_batch_delay_ms)
 
@@ -332,6 +392,7 @@ def main() -> int:
             "command": "flock /tmp/persia-heavy.lock .venv/bin/python bench/inference.py "
                        + " ".join(sys.argv[1:]),
             "rows_per_request": ROWS, "signs_per_request": ROWS * 26 * 16, "shards": len(servers),
+            "torch_threads": threads,
             "torchserve": {"workers": args.workers, "batch_size": args.batch_size,
                            "max_batch_delay_ms": args.max_batch_delay_ms},
             "layouts": layouts,

@@ -162,12 +162,18 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
                                     flush_interval_s=3600.0)
                  for name, on in HOOKED_ARMS.items()}
 
-    def run(n: int, name: str) -> tuple[list[float], float, float]:
+    def run(n: int, name: str) -> tuple[list[float], float, float, float]:
+        """(step wall times, drain wall s, drain writer-CPU s, process CPU s per step: every
+        thread's, training and writer, the batches' making left out, the drain in)."""
         producer = producers.get(name)
         hook = IncrementalUpdateHook(producer, tables, optimizer) if producer else None
         times = []
+        making = 0.0
+        cpu_started = time.process_time()
         for _ in range(n):
+            made = time.thread_time()
             dense, sparse, label = ctr.example_batch(rngs[name], 2048, vocab)
+            making += time.thread_time() - made
             started = time.perf_counter()
             optimizer.zero_grad()
             loss_fn(model(dense, sparse), label).backward()
@@ -179,7 +185,7 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
             started, cpu = time.perf_counter(), _writer_cpu_s(producer)
             producer.writer.drain()
             drained, drained_cpu = time.perf_counter() - started, _writer_cpu_s(producer) - cpu
-        return times, drained, drained_cpu
+        return times, drained, drained_cpu, (time.process_time() - cpu_started - making) / n
 
     def stored(name: str) -> int:
         return len(producers[name].writer.stored)
@@ -196,9 +202,10 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
     before = {name: stored(name) for name in producers}
     blocks: dict[str, list[dict]] = {name: [] for name in names}
     for k, name in abba(names, rounds):
-        times, drained, drained_cpu = run(block, name)
+        times, drained, drained_cpu, cpu_per_step = run(block, name)
         blocks[name].append({
             "round": k, "median_ms": statistics.median(times) * 1e3,
+            "cpu_per_step_ms": cpu_per_step * 1e3,
             "mean_ms": sum(times) / len(times) * 1e3,
             "mean_drain_wall_ms": (sum(times) + drained) / len(times) * 1e3,
             "mean_drain_cpu_ms": (sum(times) + drained_cpu) / len(times) * 1e3,
@@ -211,7 +218,7 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
     for name in names:
         arm = {"blocks": [{key: round(v, 3) if isinstance(v, float) else v for key, v in b.items()}
                           for b in blocks[name]]}
-        for figure in ("median_ms", "mean_drain_wall_ms", "mean_drain_cpu_ms"):
+        for figure in ("median_ms", "mean_drain_wall_ms", "mean_drain_cpu_ms", "cpu_per_step_ms"):
             arm[figure] = round(statistics.mean(b[figure] for b in blocks[name]), 3)
         if name != "no_hook":
             per_round = [100 * (b["mean_drain_cpu_ms"] / a["mean_drain_cpu_ms"] - 1)
@@ -221,6 +228,13 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
             arm["overhead_pct"] = round(100 * (arm["mean_drain_cpu_ms"]
                                                / arms["no_hook"]["mean_drain_cpu_ms"] - 1), 2)
             arm["overhead_pct_sd"] = round(statistics.stdev(per_round), 2) if rounds > 1 else 0.0
+            arm["overhead_pct_ci95"] = ci95(per_round)
+            cpu_round = [100 * (b["cpu_per_step_ms"] / a["cpu_per_step_ms"] - 1)
+                         for a, b in zip(base, blocks[name], strict=True)]
+            arm["cpu_overhead_pct_per_round"] = [round(x, 2) for x in cpu_round]
+            arm["cpu_overhead_pct"] = round(100 * (arm["cpu_per_step_ms"]
+                                                   / arms["no_hook"]["cpu_per_step_ms"] - 1), 2)
+            arm["cpu_overhead_pct_ci95"] = ci95(cpu_round)
             arm["median_ratio"] = round(arm["median_ms"] / arms["no_hook"]["median_ms"], 3)
         arms[name] = arm
     print(f"step time (batch 2048, 26 tables x {vocab:,} rows, dim 16; {rounds} rounds of ABBA-"
@@ -232,8 +246,13 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
           f"{arms['no_hook']['mean_drain_cpu_ms']:6.2f} ms")
     for name in HOOKED_ARMS:
         a = arms[name]
+        low, high = a["overhead_pct_ci95"]
+        cpu_low, cpu_high = a["cpu_overhead_pct_ci95"]
         print(f"  {name:<15} median {a['median_ms']:6.2f} ms (x{a['median_ratio']:.3f}), mean "
               f"{a['mean_drain_cpu_ms']:6.2f} ms, overhead {a['overhead_pct']:+5.1f}% "
+              f"(95% CI of the round mean {low:+.1f}..{high:+.1f}); process CPU per step "
+              f"{a['cpu_per_step_ms']:.2f} ms, {a['cpu_overhead_pct']:+.1f}% (95% CI "
+              f"{cpu_low:+.1f}..{cpu_high:+.1f}) "
               f"(sd {a['overhead_pct_sd']:.1f} over rounds; incl. drain at wall time "
               f"x{a['mean_drain_wall_ms'] / arms['no_hook']['mean_drain_wall_ms']:.3f}; "
               f"{a['packets_while_measuring']} packets)")
@@ -323,6 +342,23 @@ def bench_freshness(rounds: int, seconds: float, folder: str) -> dict:
                       "freshness": "wall time at store (after fsync and rename) minus the "
                                    "packet header's created-at (the flush)"},
             "arms": arms}
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (normal beyond the table)
+_T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+         11: 2.20, 12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 16: 2.12, 17: 2.11, 18: 2.10, 19: 2.09,
+         20: 2.09, 24: 2.06, 29: 2.05, 39: 2.02, 59: 2.00}
+
+
+def ci95(samples: list[float]) -> list[float]:
+    """The 95% confidence interval of the mean of `samples` (Student's t over the rounds)."""
+    n = len(samples)
+    if n < 2:
+        return [float("-inf"), float("inf")]
+    df = n - 1
+    t = _T975.get(df) or next((v for k, v in sorted(_T975.items()) if k >= df), 1.96)
+    mean, half = statistics.mean(samples), t * statistics.stdev(samples) / n ** 0.5
+    return [round(mean - half, 2), round(mean + half, 2)]
 
 
 def _paired(without: list[float], with_: list[float]) -> dict:
@@ -422,8 +458,8 @@ def bench_flush_ceph(s3_uri: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=8, help="ABBA rounds of the step-time arms")
-    parser.add_argument("--block", type=int, default=50, help="steps per arm per round")
+    parser.add_argument("--rounds", type=int, default=16, help="ABBA rounds of the step-time arms")
+    parser.add_argument("--block", type=int, default=100, help="steps per arm per round")
     parser.add_argument("--vocab", type=int, default=300_000, help="rows per embedding table")
     parser.add_argument("--fresh-rounds", type=int, default=8, help="ABBA rounds of the freshness arms")
     parser.add_argument("--fresh-seconds", type=float, default=3.0, help="seconds per freshness block")

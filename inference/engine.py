@@ -16,6 +16,7 @@ than copying them into request order); run the TorchScript model once over all r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,20 @@ class Timings:
     @property
     def total_s(self) -> float:
         return self.decode_s + self.dedup_s + self.lookup_s + self.pool_s + self.forward_s
+
+
+def serving_threads() -> int:
+    """Give torch one intra-op thread unless `OMP_NUM_THREADS` names a count; returns the count.
+
+    A served batch's MLP takes well under a millisecond on one thread, and torch's idle
+    OpenMP threads spin on the cores that the embedding servers, the frontend and the other
+    workers need: on two cores, two threads per worker made the in-process p99 several times
+    its p50 (bench/results/inference.json against inference_torch_threads_2.json)."""
+    wanted = os.environ.get("OMP_NUM_THREADS", "").strip()
+    count = int(wanted) if wanted.isdigit() and int(wanted) > 0 else 1
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
 
 
 class EmbeddingShapeError(RuntimeError):
@@ -260,4 +275,4 @@ class PersiaInference:
 
 
 __all__ = ["EmbeddingShapeError", "LookupFn", "LookupTablesFn", "LookupUniqueFn", "PersiaInference",
-           "Timings", "per_table", "unique_rows"]
+           "Timings", "per_table", "serving_threads", "unique_rows"]

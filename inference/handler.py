@@ -48,7 +48,7 @@ with warnings.catch_warnings():
 
 from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.inference.batch import BatchError, DecodedBatch
-from persia_inc.inference.engine import EmbeddingShapeError, PersiaInference
+from persia_inc.inference.engine import EmbeddingShapeError, PersiaInference, serving_threads
 from persia_inc.inference.spec import SPEC_FILE, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class PersiaHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         super().initialize(context)  # loads the .pt TorchScript model into self.model
+        threads = serving_threads()
         model_dir = Path(context.system_properties.get("model_dir"))
         spec = ModelSpec.load(model_dir / SPEC_FILE)
         self.client, where = self.open_client(model_dir)
@@ -90,8 +91,9 @@ class PersiaHandler(BaseHandler):
         except TimeoutError as exc:  # serve anyway: lookups answer 503 until the shards are up
             log.warning("embedding servers not ready yet: %s", exc)
         self.engine = PersiaInference.from_client(self.model, spec, self.client)
-        log.info("PersiaHandler ready: %d sparse features in %d table(s) on %s (%s)",
-                 len(spec.sparse), len(spec.tables), ", ".join(t.address for t in self.client.targets), where)
+        log.info("PersiaHandler ready: %d sparse features in %d table(s) on %s (%s), %d torch "
+                 "thread(s)", len(spec.sparse), len(spec.tables),
+                 ", ".join(t.address for t in self.client.targets), where, threads)
         self.initialized = True
 
     def open_client(self, model_dir: Path) -> tuple[EmbeddingClient, str]:
