@@ -162,14 +162,16 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
                                     flush_interval_s=3600.0)
                  for name, on in HOOKED_ARMS.items()}
 
-    def run(n: int, name: str) -> tuple[list[float], float, float, float]:
+    def run(n: int, name: str) -> tuple[list[float], float, float, float, float]:
         """(step wall times, drain wall s, drain writer-CPU s, process CPU s per step: every
-        thread's, training and writer, the batches' making left out, the drain in)."""
+        thread's, training and writer, the batches' making left out, the drain in; the
+        writer thread's CPU s per step, the drain in)."""
         producer = producers.get(name)
         hook = IncrementalUpdateHook(producer, tables, optimizer) if producer else None
         times = []
         making = 0.0
         cpu_started = time.process_time()
+        writer_started = _writer_cpu_s(producer) if producer else 0.0
         for _ in range(n):
             made = time.thread_time()
             dense, sparse, label = ctr.example_batch(rngs[name], 2048, vocab)
@@ -185,7 +187,8 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
             started, cpu = time.perf_counter(), _writer_cpu_s(producer)
             producer.writer.drain()
             drained, drained_cpu = time.perf_counter() - started, _writer_cpu_s(producer) - cpu
-        return times, drained, drained_cpu, (time.process_time() - cpu_started - making) / n
+        writer = (_writer_cpu_s(producer) - writer_started) / n if producer else 0.0
+        return times, drained, drained_cpu, (time.process_time() - cpu_started - making) / n, writer
 
     def stored(name: str) -> int:
         return len(producers[name].writer.stored)
@@ -202,10 +205,10 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
     before = {name: stored(name) for name in producers}
     blocks: dict[str, list[dict]] = {name: [] for name in names}
     for k, name in abba(names, rounds):
-        times, drained, drained_cpu, cpu_per_step = run(block, name)
+        times, drained, drained_cpu, cpu_per_step, writer_per_step = run(block, name)
         blocks[name].append({
             "round": k, "median_ms": statistics.median(times) * 1e3,
-            "cpu_per_step_ms": cpu_per_step * 1e3,
+            "cpu_per_step_ms": cpu_per_step * 1e3, "writer_cpu_per_step_ms": writer_per_step * 1e3,
             "mean_ms": sum(times) / len(times) * 1e3,
             "mean_drain_wall_ms": (sum(times) + drained) / len(times) * 1e3,
             "mean_drain_cpu_ms": (sum(times) + drained_cpu) / len(times) * 1e3,
@@ -218,7 +221,8 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
     for name in names:
         arm = {"blocks": [{key: round(v, 3) if isinstance(v, float) else v for key, v in b.items()}
                           for b in blocks[name]]}
-        for figure in ("median_ms", "mean_drain_wall_ms", "mean_drain_cpu_ms", "cpu_per_step_ms"):
+        for figure in ("median_ms", "mean_drain_wall_ms", "mean_drain_cpu_ms", "cpu_per_step_ms",
+                       "writer_cpu_per_step_ms"):
             arm[figure] = round(statistics.mean(b[figure] for b in blocks[name]), 3)
         if name != "no_hook":
             per_round = [100 * (b["mean_drain_cpu_ms"] / a["mean_drain_cpu_ms"] - 1)
@@ -252,7 +256,7 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
               f"{a['mean_drain_cpu_ms']:6.2f} ms, overhead {a['overhead_pct']:+5.1f}% "
               f"(95% CI of the round mean {low:+.1f}..{high:+.1f}); process CPU per step "
               f"{a['cpu_per_step_ms']:.2f} ms, {a['cpu_overhead_pct']:+.1f}% (95% CI "
-              f"{cpu_low:+.1f}..{cpu_high:+.1f}) "
+              f"{cpu_low:+.1f}..{cpu_high:+.1f}; the writer thread's {a['writer_cpu_per_step_ms']:.2f} ms) "
               f"(sd {a['overhead_pct_sd']:.1f} over rounds; incl. drain at wall time "
               f"x{a['mean_drain_wall_ms'] / arms['no_hook']['mean_drain_wall_ms']:.3f}; "
               f"{a['packets_while_measuring']} packets)")
@@ -458,8 +462,8 @@ def bench_flush_ceph(s3_uri: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=16, help="ABBA rounds of the step-time arms")
-    parser.add_argument("--block", type=int, default=100, help="steps per arm per round")
+    parser.add_argument("--rounds", type=int, default=12, help="ABBA rounds of the step-time arms")
+    parser.add_argument("--block", type=int, default=200, help="steps per arm per round")
     parser.add_argument("--vocab", type=int, default=300_000, help="rows per embedding table")
     parser.add_argument("--fresh-rounds", type=int, default=8, help="ABBA rounds of the freshness arms")
     parser.add_argument("--fresh-seconds", type=float, default=3.0, help="seconds per freshness block")
