@@ -59,6 +59,7 @@ from persia_inc.inference.management import HttpManagement, RegisterOptions
 from persia_inc.inference.model import build_model, load_torchscript, save_torchscript
 from persia_inc.inference.spec import ModelSpec
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
+from persia_inc.wiring import MAR_HANDLER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +174,7 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
     pt = save_torchscript(build_model(spec), work / f"{name}.pt")
     module = load_torchscript(pt)
     engine = PersiaInference.from_client(module, spec, client)
-    archive_model(name, pt, spec, torchserve.model_store, config_file=config)
+    archive_model(name, pt, spec, torchserve.model_store, handler=MAR_HANDLER, config_file=config)
     with HttpManagement(torchserve.management_url) as mgmt:
         mgmt.register(f"{name}.mar", options=options)
     stub = get_inference_stub(torchserve.grpc_inference_target)

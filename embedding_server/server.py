@@ -43,10 +43,10 @@ from persia_inc.embedding_server.settings import EmbeddingServerSettings
 from persia_inc.embedding_server.shard import (
     ChunkLostError,
     ForeignSignsError,
+    PositionConflictError,
     Shard,
     TableNotFoundError,
     TableSlice,
-    WatermarkMovedError,
 )
 from persia_inc.embedding_server.sharding import replica_sets
 from persia_inc.foundation.threads import ServiceThread, thread_name
@@ -177,7 +177,7 @@ def _rpc(method: str) -> Callable:
                     context.set_trailing_metadata(((CATCHING_UP_KEY, "1"),))
                 except ChunkLostError as exc:
                     code, message = grpc.StatusCode.ABORTED, str(exc)
-                except WatermarkMovedError as exc:  # the caller looks again and catches up
+                except PositionConflictError as exc:  # the caller looks again and catches up
                     code, message, level = grpc.StatusCode.ABORTED, str(exc), logging.INFO
                     held = exc.held
                     context.set_trailing_metadata(

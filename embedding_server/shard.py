@@ -20,7 +20,7 @@ commits them all as one apply: watermark and rows change together or not at all.
 span chunks; its pieces are concatenated at the commit.
 
 Conditional applies: an apply may carry `expect`, the position of its stream the caller
-believes the shard holds; a shard holding another refuses (`WatermarkMovedError`), checked
+believes the shard holds; a shard holding another refuses (`PositionConflictError`), checked
 under the same locks as the write. The loader relies on it to never write a packet over a gap
 on a shard that restarted behind it, without reading the watermarks before every apply.
 """
@@ -71,10 +71,11 @@ class ForeignSignsError(ValueError):
         self.sign, self.owner, self.count = sign, owner, count
 
 
-class WatermarkMovedError(RuntimeError):
+class PositionConflictError(RuntimeError):
     """A conditional apply found the shard holding another position of the stream than its
     caller expected (the shard restarted from a checkpoint, or another writer moved it):
-    nothing was written; `held` is what it holds (None: nothing)."""
+    nothing was written; `held` is what it holds (None: nothing). The server answers it as
+    ABORTED with the held position, which the client raises as `errors.WatermarkMovedError`."""
 
     def __init__(self, lane: str, producer: str, expected: tuple[int, int] | None,
                  held: tuple[int, int] | None) -> None:
@@ -348,7 +349,7 @@ class Shard:
         nothing changes); the writes and the watermark update happen under all the tables'
         write locks. An empty `slices` still advances the watermark. `expect`: a position
         not yet held is written only if the shard holds exactly `expect.position` of the
-        stream, else WatermarkMovedError (checked under the same locks as the write).
+        stream, else PositionConflictError (checked under the same locks as the write).
         """
         self._check_slices(lane, producer, generation, sequence, slices)
         return self._commit(lane, producer, (generation, sequence), slices, expect)
@@ -475,7 +476,7 @@ class Shard:
             if current is not None and position <= current:
                 return ApplyOutcome(False, 0, 0, 0, 0, current)
             if expect is not None and current != expect.position:
-                raise WatermarkMovedError(lane, producer, expect.position, current)
+                raise PositionConflictError(lane, producer, expect.position, current)
             for name, table in tables.items():
                 mine = [piece for piece in pieces if piece.table == name]
                 upserts = gone = 0

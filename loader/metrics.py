@@ -152,7 +152,7 @@ class MetricsServer:
                  health: Callable[[], HealthReport], streams: Callable[[], LoaderReport] | None = None,
                  clear: Callable[[list[tuple[str, str]] | None], list[tuple[str, str]]] | None = None
                  ) -> None:
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class MetricsRequestHandler(http.server.BaseHTTPRequestHandler):
             def _reply(self, code: int, body: bytes, kind: str = "application/json") -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", kind)
@@ -187,7 +187,7 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("metrics http: " + format, *args)
 
-        self._server = http.server.ThreadingHTTPServer((addr, port), Handler)
+        self._server = http.server.ThreadingHTTPServer((addr, port), MetricsRequestHandler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = ServiceThread("loader-metrics", self._serve, wake=self._shutdown).start()

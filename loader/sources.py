@@ -182,7 +182,7 @@ class DirectoryWatcher:
         self.stop = threading.Event()
         watcher = self
 
-        class Handler(FileSystemEventHandler):
+        class WatchEventHandler(FileSystemEventHandler):
             # not on_created: a file created in place is judged once its writer closed it
             def on_closed(self, event: FileSystemEvent) -> None:
                 watcher._event(event.src_path, event.is_directory)
@@ -193,7 +193,7 @@ class DirectoryWatcher:
         self._observer = Observer()
         self._observer.daemon = True
         self._observer.name = thread_name("loader-watch")  # seen by the tests' leak guard
-        self._observer.schedule(Handler(), self.root, recursive=True)
+        self._observer.schedule(WatchEventHandler(), self.root, recursive=True)
 
     def _event(self, path: bytes | str, is_directory: bool) -> None:
         try:

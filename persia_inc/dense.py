@@ -27,6 +27,7 @@ def mar_exporter(spec: ModelSpec, *, config_file: str | os.PathLike[str] | None 
     from persia_inc.config import load_config
     from persia_inc.inference.archive import archive_model
     from persia_inc.inference.model import save_torchscript
+    from persia_inc.wiring import MAR_HANDLER
 
     def export(dense_module: Any, version: int, export_dir: Path) -> Path:
         training = bool(getattr(dense_module, "training", False))
@@ -35,8 +36,8 @@ def mar_exporter(spec: ModelSpec, *, config_file: str | os.PathLike[str] | None 
         finally:
             dense_module.train(training)
         config = None if config_file is None else Path(config_file)
-        return archive_model(MAR_MODEL_NAME, pt, spec, export_dir / "mar", config_file=config,
-                             version=str(version), check_config=load_config)
+        return archive_model(MAR_MODEL_NAME, pt, spec, export_dir / "mar", handler=MAR_HANDLER,
+                             config_file=config, version=str(version), check_config=load_config)
 
     return export
 

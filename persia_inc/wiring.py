@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from persia_inc.config import Config, load_config
 
+MAR_HANDLER = "persia_inc.handler.ConfiguredHandler"
+"""The handler class a .mar of this application subclasses (`archive_model(handler=...)`): the
+inference layer's handler reaching the servers of the deployment's configuration."""
+
 if TYPE_CHECKING:
     from persia_inc.embedding_server.client import EmbeddingClient
     from persia_inc.loader.daemon import Loader

@@ -96,3 +96,40 @@ def test_no_hand_written_polling_loop_outside_the_wait_helper() -> None:
 def test_the_polling_check_sees_a_poll() -> None:
     poll = "import time\nwhile not ready():\n    time.sleep(0.1)\n"
     assert _sleeps_in_loops(ast.parse(poll)) == [3]
+
+
+def _class_names(tree: ast.AST) -> list[str]:
+    return [node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+
+
+def _classes_by_name() -> dict[str, list[str]]:
+    """Every class of the library (nested ones and the .mar's generated handler included)."""
+    from persia_inc.inference.archive import handler_source
+    from persia_inc.wiring import MAR_HANDLER
+
+    found: dict[str, list[str]] = {}
+    sources = [(str(m.relative_to(ROOT)), m.read_text()) for m in _library_modules()]
+    for where, text in [*sources, ("the .mar's entry point", handler_source(MAR_HANDLER))]:
+        for name in _class_names(ast.parse(text)):
+            found.setdefault(name, []).append(where)
+    return found
+
+
+def test_no_two_classes_share_a_name() -> None:
+    shared = {name: where for name, where in _classes_by_name().items() if len(where) > 1}
+    assert shared == {}, "one name per idea: " + "; ".join(f"{n} in {w}" for n, w in shared.items())
+
+
+def test_the_duplicate_check_sees_a_nested_class() -> None:
+    assert _class_names(ast.parse("def f():\n    class Handler: ...\nclass Handler: ...\n")) == [
+        "Handler", "Handler"]
+
+
+def test_the_mar_handler_named_by_the_app_is_the_inference_handler() -> None:
+    import importlib
+
+    from persia_inc.inference.handler import PersiaHandler
+    from persia_inc.wiring import MAR_HANDLER
+
+    module, _, name = MAR_HANDLER.rpartition(".")
+    assert issubclass(getattr(importlib.import_module(module), name), PersiaHandler)

@@ -48,6 +48,7 @@ from persia_inc.inference.protos import stubs
 from persia_inc.inference.spec import CONFIG_ENV, SPEC_FILE, ModelSpec, spec_from_module
 from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV, EmbeddingCluster, stop_pid
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet, packet_key
+from persia_inc.wiring import MAR_HANDLER
 
 SPEC = ModelSpec()
 TABLE, DIM = "embedding", 16
@@ -185,7 +186,7 @@ def test_seed_request_example(layout: str, torchserve: LocalTorchServe, dense_pt
     TorchServe through PERSIA_INC_INFERENCE_ADDRESS."""
     spec, pt = (SPEC, dense_pt) if layout == "shared table" else (MULTI, multi_pt)
     cluster = make_cluster(embedding_cluster_factory, "seed")
-    archive_model("you_model_name", pt, spec, torchserve.model_store,
+    archive_model("you_model_name", pt, spec, torchserve.model_store, handler=MAR_HANDLER,
                   config_file=cluster.config_path, check_config=load_config)
     monkeypatch.setenv(ADDRESS_ENV, torchserve.grpc_inference_target)
     program = ast.parse(SEED_IMPORTS + SEED_EXAMPLE, "<seed example>")
@@ -228,8 +229,8 @@ def test_multi_table_model_over_grpc_and_http(
     cluster = make_cluster(embedding_cluster_factory, "multi")
     bodies = [request(30 + i, rows, MULTI)[0] for i, rows in enumerate((ROWS, 1, 33))]
     give_rows(cluster, MULTI, request_signs(MULTI, bodies[0]), 31)
-    archive_model("multi", multi_pt, MULTI, torchserve.model_store, config_file=cluster.config_path,
-                  check_config=load_config)
+    archive_model("multi", multi_pt, MULTI, torchserve.model_store, handler=MAR_HANDLER,
+                  config_file=cluster.config_path, check_config=load_config)
     engine, client = in_process(cluster, multi_pt, MULTI)
     stub = get_inference_stub(torchserve.grpc_inference_target)
     missing = (PersiaBatch().add_dense([np.zeros((4, 13), np.float32)])
@@ -287,8 +288,8 @@ def test_register_infer_and_bad_requests(torchserve: LocalTorchServe, dense_pt: 
         client.apply(decode_packet(
             encode_packet(PacketHeader(model=MODEL, table=TABLE, producer="p", generation=0,
                                        sequence=0), signs, rows)))
-    archive_model("served", dense_pt, SPEC, torchserve.model_store, config_file=cluster.config_path,
-                  check_config=load_config)
+    archive_model("served", dense_pt, SPEC, torchserve.model_store, handler=MAR_HANDLER,
+                  config_file=cluster.config_path, check_config=load_config)
     engine, client = in_process(cluster, dense_pt)
     stub = get_inference_stub(torchserve.grpc_inference_target)
     try:
@@ -361,7 +362,7 @@ def test_handler_in_process_with_config_from_environment(
         client.apply(decode_packet(encode_packet(
             PacketHeader(model=MODEL, table=TABLE, producer="p", generation=0, sequence=0),
             some, np.full((some.size, DIM), 0.25, np.float32))))
-    mar = archive_model("envmodel", dense_pt, SPEC, tmp_path / "store")
+    mar = archive_model("envmodel", dense_pt, SPEC, tmp_path / "store", handler=MAR_HANDLER)
     model_dir = tmp_path / "model_dir"
     with zipfile.ZipFile(mar) as archive:
         archive.extractall(model_dir)
@@ -437,8 +438,8 @@ def test_incremental_update_reaches_inference(
     try:
         publish(cluster.config_path, 0, signs, old_rows)
         wait_for_rows(old_rows, "the first packet")
-        archive_model("e2e", dense_pt, SPEC, torchserve.model_store, config_file=cluster.config_path,
-                  check_config=load_config)
+        archive_model("e2e", dense_pt, SPEC, torchserve.model_store, handler=MAR_HANDLER,
+                      config_file=cluster.config_path, check_config=load_config)
         with HttpManagement(torchserve.management_url) as mgmt:
             mgmt.register("e2e.mar")
             before = infer(stub, "e2e", body)

@@ -27,6 +27,7 @@ from persia_inc.inference.model import build_model, load_torchscript, save_torch
 from persia_inc.inference.spec import ModelSpec
 from persia_inc.local_services import EmbeddingCluster, stop_pid, write_test_config
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
+from persia_inc.wiring import MAR_HANDLER
 
 # the demo's layout (one table per feature), a few tables wider or narrower than the rest
 SPEC = ModelSpec.per_feature({f"C{i + 1}": {2: 8, 9: 32}.get(i, 16) for i in range(26)})
@@ -74,7 +75,8 @@ def test_serve_starts_serves_and_stops_on_sigterm(
     give_rows(cluster, signs, 6)
     dense_pt = save_torchscript(build_model(SPEC, seed=3), tmp_path / "ctr.pt")
     store = tmp_path / "store"
-    archive_model("ctr", dense_pt, SPEC, store)  # no config inside: --config names the servers
+    # no config inside: --config names the servers
+    archive_model("ctr", dense_pt, SPEC, store, handler=MAR_HANDLER)
     ports = {name: free_port() for name in
              ("grpc-inference", "grpc-management", "inference", "management", "metrics")}
     workdir = tmp_path / "work"
@@ -136,7 +138,7 @@ def test_serve_with_token_authorization(
     body, signs = request(8)
     give_rows(cluster, signs, None)  # creates the tables
     archive_model("ctr", save_torchscript(build_model(SPEC, seed=3), tmp_path / "ctr.pt"), SPEC,
-                  tmp_path / "store")
+                  tmp_path / "store", handler=MAR_HANDLER)
     http_port = free_port()
     out_path = tmp_path / "serve.out"
     with out_path.open("wb") as out:

@@ -467,8 +467,10 @@ def _torchserve(workdir: Path, config_path: Path, dense_pt: Path, spec: ModelSpe
     (bit for bit as the engine), one thread per worker (2 cores: leave training its own)."""
     from persia_inc.commands.serve import ServedModel, ServeSettings
     from persia_inc.inference.archive import archive_model
+    from persia_inc.wiring import MAR_HANDLER
 
-    mar = archive_model("demo", dense_pt, spec, workdir / "model-store", config_file=config_path,
+    mar = archive_model("demo", dense_pt, spec, workdir / "model-store", handler=MAR_HANDLER,
+                        config_file=config_path,
                         check_config=lambda path: load_config(path, need_servers=True),
                         version=CHECKPOINT_DENSE_VERSION)
     return ServedModel(config_path, mar, workdir / "torchserve", ServeSettings(
