@@ -39,7 +39,7 @@ from persia_inc.embedding_server._wire import (
 )
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
-from persia_inc.embedding_server.settings import EmbeddingServerSettings
+from persia_inc.embedding_server.settings import LOAD_LOG_INTERVAL_S, EmbeddingServerSettings
 from persia_inc.embedding_server.shard import (
     ChunkLostError,
     ForeignSignsError,
@@ -481,7 +481,7 @@ def serve(servers: Sequence[str | Sequence[str]], shard_index: int, *,
             with open_store(uri) as store:
                 tables, marks, rows = load_shard(
                     store, shard_index, num_shards, capacity=settings.capacity,
-                    limits=limits, log_interval_s=settings.load_log_interval_s)
+                    limits=limits, log_interval_s=LOAD_LOG_INTERVAL_S)
             shard.install(tables, marks)
             return rows, time.monotonic() - started
 

@@ -5,40 +5,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LOAD_LOG_INTERVAL_S = 5.0
+"""Seconds between two progress lines while a shard loads its checkpoint (a constant: nobody
+had a reason to tune it)."""
+
 
 @dataclass(frozen=True, slots=True)
 class EmbeddingServerSettings:
-    """Serving side shards. capacity: rows per table on each shard before LRU eviction
-    (0: unbounded); token_env: name of the environment variable holding the write token
-    (empty: no token); tls_cert_file/tls_key_file: PEM server certificate and key (both or
-    neither; empty: plaintext); tls_ca_file: PEM roots clients trust (empty: the server
-    certificate itself); metrics_port_base: shard I serves Prometheus metrics on base + I
-    (0: off); grace_s: seconds in-flight calls get on SIGTERM; request_timeout_s: client
-    deadline per call; dump_chunk_rows: rows per checkpoint part file; load_log_interval_s:
-    seconds between checkpoint-load progress lines.
-
-    Replicas (a shard listed as several addresses): replica_max_lag_s: how long a serving
-    replica may lack a position one of its siblings holds before it stops serving (NOT_SERVING,
-    lookups go to a fresher sibling) until it has caught up; a (re)started replica serves only
-    once it holds everything its siblings hold; replica_poll_s: seconds between a replica's
-    looks at its siblings' positions; replica_retry_s: seconds a client leaves a replica that
-    failed (down, or catching up) before it reads from it again, while another can answer."""
+    """Serving side shards and their replicas (a shard listed as several addresses); each
+    field says what it means below it."""
 
     capacity: int = 0
+    """Rows per table on each shard before LRU eviction (0: unbounded)."""
     max_message_bytes: int = 256 * 1024 * 1024
+    """The largest gRPC message a shard or client sends or takes."""
     token_env: str = ""
+    """Name of the environment variable holding the write token (empty: no token)."""
     tls_cert_file: str = ""
+    """PEM server certificate (with `tls_key_file`; empty: plaintext)."""
     tls_key_file: str = ""
+    """PEM server key (with `tls_cert_file`)."""
     tls_ca_file: str = ""
+    """PEM roots clients trust (empty: the server certificate itself)."""
     metrics_port_base: int = 0
+    """Shard I serves Prometheus metrics on base + I (0: off)."""
     workers: int = 8
+    """GRPC worker threads per shard."""
     grace_s: float = 5.0
+    """Seconds in-flight calls get on SIGTERM."""
     request_timeout_s: float = 60.0
+    """The client's deadline per call."""
     dump_chunk_rows: int = 1_000_000
-    load_log_interval_s: float = 5.0
+    """Rows per checkpoint part file."""
     replica_max_lag_s: float = 1.0
+    """How long a serving replica may lack a position one of its siblings holds before it stops serving
+    (NOT_SERVING, lookups go to a fresher sibling) until it has caught up; a (re)started replica serves
+    only once it holds everything its siblings hold."""
     replica_poll_s: float = 0.1
+    """Seconds between a replica's looks at its siblings' positions."""
     replica_retry_s: float = 0.5
+    """Seconds a client leaves a replica that failed (down, or catching up) before it reads from it again,
+    while another can answer."""
 
     def __post_init__(self) -> None:
         if self.capacity < 0:
@@ -49,8 +56,8 @@ class EmbeddingServerSettings:
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.workers < 1 or self.dump_chunk_rows < 1:
             raise ValueError("workers and dump_chunk_rows must be positive")
-        if self.grace_s < 0 or self.request_timeout_s <= 0 or self.load_log_interval_s <= 0:
-            raise ValueError("grace_s must be >= 0, request_timeout_s and load_log_interval_s > 0")
+        if self.grace_s < 0 or self.request_timeout_s <= 0:
+            raise ValueError("grace_s must be >= 0 and request_timeout_s > 0")
         if self.replica_max_lag_s < 0 or self.replica_poll_s <= 0 or self.replica_retry_s < 0:
             raise ValueError("replica_max_lag_s and replica_retry_s must be >= 0, "
                              "replica_poll_s > 0")

@@ -26,15 +26,25 @@ class KafkaSettings:
     how long the producer side lets one announcement wait for acks before re-sending it."""
 
     bootstrap_servers: tuple[str, ...] = ("127.0.0.1:9092",)
+    """The brokers, `host:port`."""
     topic: str = "persia-inc.{model}"
+    """The announcement topic; `{model}` is replaced by `persia_inc.model`."""
     group_id: str = "persia-inc-loader"
+    """The loaders' consumer group."""
     client_id: str = "persia-inc"
+    """The client id the brokers see."""
     session_timeout_ms: int = 10_000
+    """A consumer silent this long leaves the group (its partitions move)."""
     heartbeat_interval_ms: int = 3_000
+    """Consumer heartbeat period; below `session_timeout_ms`."""
     request_timeout_ms: int = 30_000
+    """Longest wait for one broker request."""
     num_partitions: int = 4
+    """Partitions of the topic when the producer creates it."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`."""
     delivery_timeout_ms: int = 60_000
+    """How long one announcement may wait for acks before it is sent again; at least `request_timeout_ms`."""
 
     def topic_for(self, model: str) -> str:
         return self.topic.format(model=model)

@@ -41,11 +41,17 @@ class RetryPolicy:
     """
 
     max_attempts: int | None = 5
+    """Tries in all (1: no retry; null: no limit)."""
     initial_backoff_s: float = 0.1
+    """The wait before the first retry."""
     max_backoff_s: float = 5.0
+    """The longest wait between two tries."""
     multiplier: float = 2.0
+    """Each wait is this times the one before, up to `max_backoff_s`."""
     jitter: float = 0.5
+    """The share of each wait drawn at random (a wait lies in [base * (1 - jitter), base])."""
     deadline_s: float = 60.0
+    """Bounds the whole call including waits (0: no deadline)."""
 
     def __post_init__(self) -> None:
         if self.max_attempts is not None and self.max_attempts < 1:

@@ -41,7 +41,7 @@ from persia_inc.loader.reports import (
     LoaderReport,
     StreamReport,
 )
-from persia_inc.loader.settings import LoaderSettings
+from persia_inc.loader.settings import CANDIDATE_QUEUE_SIZE, LoaderSettings
 from persia_inc.loader.shards import ShardTracker, loader_retry_policy, refused_for_good
 from persia_inc.loader.sources import (
     Candidate,
@@ -95,7 +95,7 @@ class Loader:
         self.store.on_not_object = lambda key, kind: self._count_rejected(kind)
         self.ordering = Ordering(self.settings.gap_timeout_s,
                                  min(self.settings.list_interval_s, self.settings.rescan_interval_s))
-        self.queue: queue.Queue[Candidate | None] = queue.Queue(self.settings.queue_size)
+        self.queue: queue.Queue[Candidate | None] = queue.Queue(CANDIDATE_QUEUE_SIZE)
         self.stop = threading.Event()
         self.source_kind = pick_source(self.settings.source, kafka, store.kind)
         self.sources: list[Any] = []

@@ -5,31 +5,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+CANDIDATE_QUEUE_SIZE = 10_000
+"""Bound of the candidate queue between the loader's sources and its dispatcher: sources wait
+while it is full (a constant: nobody had a reason to tune it)."""
+
 
 @dataclass(frozen=True, slots=True)
 class DenseSyncSettings:
     """The loader's dense sync (`persia_inc.loader.dense_sync`): activates published dense
-    versions in TorchServe once every shard holds their sparse positions.
-
-    enabled: default false; management_address: TorchServe's gRPC management API (host:port,
-    default 127.0.0.1:7071); model_name: the TorchServe model name (default "": the
-    persia_inc.model); model_store: TorchServe's model_store folder, where each version's
-    `.mar` is copied before it is registered (required when enabled; TorchServe registers local
-    archives only from there); keep_versions: registered versions kept (default 2, the active
-    one included; older ones are unregistered); interval_s: listing and checking period
-    (default 1.0 s); register_timeout_s: longest wait for one management call (default 180 s);
-    retire_grace_s: a version that stopped being the default is unregistered no sooner than this
-    (default 30 s), so the requests TorchServe already routed to it finish.
-    """
+    versions in TorchServe once every shard holds their sparse positions (TorchServe registers
+    local archives only from its model_store, hence `model_store`)."""
 
     enabled: bool = False
+    """Run the dense sync (dense versions activated in TorchServe in step with the sparse stream)."""
     management_address: str = "127.0.0.1:7071"
+    """TorchServe's gRPC management API, `host:port`."""
     model_name: str = ""
+    """The TorchServe model name (empty: `persia_inc.model`)."""
     model_store: str = ""
+    """TorchServe's `model_store` folder, where each version's `.mar` is copied before it is registered
+    (required when enabled)."""
     keep_versions: int = 2
+    """Registered versions kept, the active one included; older ones are unregistered."""
     interval_s: float = 1.0
+    """Listing and checking period."""
     register_timeout_s: float = 180.0
+    """Longest wait for one management call."""
     retire_grace_s: float = 30.0
+    """A version that stopped being the default is unregistered no sooner than this, so requests TorchServe
+    already routed to it finish."""
 
     def __post_init__(self) -> None:
         if self.keep_versions < 1:
@@ -45,50 +49,50 @@ class DenseSyncSettings:
 
 @dataclass(frozen=True, slots=True)
 class LoaderSettings:
-    """Serving side loader daemon (seconds everywhere).
-
-    source: where new packets are noticed: `auto` (kafka when producer.announce is kafka,
-    else watch for a local incremental_dir, else list), `watch` (watchdog + rescan, local only),
-    `list` (poll storage listings), `kafka` (consumer group; storage is still listed at start);
-    rescan_interval_s: full rescan of a watched directory (bounds a missed event's cost);
-    list_interval_s: listing period of HDFS/S3; discover_every: every Nth listing round also
-    lists the whole model to find new (table, producer) streams; gap_timeout_s: how long a
-    missing packet is waited for before it is passed; prefetch: packets fetched ahead;
-    quarantine_prefix: key prefix (under incremental_dir) packets that fail verification are
-    moved to (empty: recorded only); metrics_port / metrics_addr: Prometheus metrics and
-    /healthz (0: off); watermark_poll_s: how often the servers' watermarks are read to notice a
-    restarted server; retry_backoff_s: wait before retrying a failed fetch or apply;
-    queue_size: bound of the candidate queue between sources and the dispatcher;
-    settle_s: a packet file that fails verification while it changed less than this long ago
-    (size or mtime; local disk, where a copy may be written in place) is not judged yet but
-    tried again, so a slow in-place copy is never quarantined half written; fetch_timeout_s:
-    longest wait for one fetch (read and verify) before the dispatcher gives up on it for now,
-    logs the packet's name and retries it later; allow_non_finite: apply rows holding NaN or
-    Inf (false: such a packet is quarantined, naming the table and the first bad sign);
-    other_models_interval_s: how often the top level of incremental_dir is listed to notice
-    packets of other models (logged once per model, counted, in health and status);
-    unreachable_log_interval_s: least time between two log lines about the same unreachable
-    shard (every failure is still counted in a metric, and shown in health and status).
-    """
+    """Serving side loader daemon (seconds everywhere); each field says what it means below it."""
 
     rescan_interval_s: float = 5.0
+    """Full rescan of a watched directory (bounds a missed event's cost)."""
     list_interval_s: float = 1.0
+    """Listing period of HDFS and S3."""
     gap_timeout_s: float = 30.0
+    """How long a missing packet is waited for before it is passed."""
     prefetch: int = 4
+    """Packets fetched ahead."""
     quarantine_prefix: str = ""
+    """Key prefix (under `incremental_dir`) packets that fail verification are moved to (empty: recorded
+    only)."""
     metrics_port: int = 0
+    """Prometheus metrics and /healthz on `metrics_addr`:port (0: off)."""
     source: Literal["auto", "watch", "list", "kafka"] = "auto"
+    """Where new packets are noticed: `auto` (kafka when producer.announce is kafka, else watch for a local
+    incremental_dir, else list), `watch` (watchdog + rescan, local only), `list` (poll storage listings),
+    `kafka` (consumer group; storage is still listed at start)."""
     discover_every: int = 10
+    """Every Nth listing round also lists the whole model, to find new streams."""
     metrics_addr: str = "127.0.0.1"
+    """The address the metrics endpoint binds."""
     watermark_poll_s: float = 2.0
+    """How often the servers' watermarks are read, to notice a restarted server."""
     retry_backoff_s: float = 0.5
-    queue_size: int = 10_000
+    """Wait before retrying a failed fetch or apply."""
     unreachable_log_interval_s: float = 30.0
+    """An unreachable shard is logged (ERROR, with its address) at most this often; every failure is still
+    counted, and the other shards keep applying."""
     settle_s: float = 2.0
+    """A packet file that fails verification while it changed less than this long ago (a copy written in
+    place, not by rename) is not judged yet but retried: never quarantined half written."""
     fetch_timeout_s: float = 60.0
+    """Longest wait for one fetch; past it the packet is named in an ERROR, counted, and its stream waits
+    while the others go on."""
     allow_non_finite: bool = False
+    """Apply rows holding NaN or Inf; when false such a packet is quarantined, the reason naming the table
+    and the first bad sign."""
     other_models_interval_s: float = 30.0
+    """How often the top level of `incremental_dir` is listed for other models' packets (a WARNING once per
+    model, counted, in health and `persia-inc status`)."""
     dense_sync: DenseSyncSettings = field(default_factory=DenseSyncSettings)
+    """Activate dense versions in TorchServe in step with the sparse stream."""
 
     def __post_init__(self) -> None:
         for name in ("rescan_interval_s", "list_interval_s", "watermark_poll_s", "retry_backoff_s",
@@ -97,8 +101,8 @@ class LoaderSettings:
                 raise ValueError(f"{name} must be positive")
         if self.gap_timeout_s < 0 or self.settle_s < 0:
             raise ValueError("gap_timeout_s and settle_s must be >= 0")
-        if self.prefetch < 1 or self.discover_every < 1 or self.queue_size < 1:
-            raise ValueError("prefetch, discover_every and queue_size must be positive")
+        if self.prefetch < 1 or self.discover_every < 1:
+            raise ValueError("prefetch and discover_every must be positive")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError("metrics_port must be in [0, 65535] (0: off)")
         if self.quarantine_prefix and (self.quarantine_prefix.startswith("/")

@@ -84,8 +84,11 @@ class PacketLimits:
     """What a reader accepts at most; a hostile packet cannot make it allocate past these."""
 
     max_rows: int = 50_000_000
+    """Rows one packet may hold; a reader refuses more."""
     max_bytes: int = 4 * 1024**3
+    """Bytes one packet may take; a reader refuses more."""
     max_dim: int = 4096
+    """The widest row a reader accepts."""
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_bytes", "max_dim"):

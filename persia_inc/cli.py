@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "status": "persia_inc.commands.status",
     "serve": "persia_inc.commands.serve",
     "rollback": "persia_inc.commands.rollback",
+    "config": "persia_inc.commands.config",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

@@ -24,14 +24,24 @@ class S3Settings:
     """
 
     endpoint_url: str = ""
+    """The S3 gateway, e.g. `http://127.0.0.1:7480`; empty: env `S3_ENDPOINT_URL`, then
+    `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, then AWS."""
     region: str = ""
+    """The region (empty: boto3's default chain)."""
     access_key_id: str = field(default="", repr=False)
+    """Access key (empty: the standard `AWS_*` variables); never logged."""
     secret_access_key: str = field(default="", repr=False)
+    """Secret key (empty: the standard `AWS_*` variables); never logged."""
     addressing_style: str = "path"
+    """`path` (bucket in the path, what Ceph's gateway serves) or `virtual`."""
     multipart_threshold_bytes: int = 64 * 1024 * 1024
+    """Objects larger than this are uploaded in parts."""
     multipart_chunk_bytes: int = 16 * 1024 * 1024
+    """The size of one uploaded part."""
     connect_timeout_s: float = 3.0
+    """Longest wait to connect to the gateway."""
     read_timeout_s: float = 30.0
+    """Longest wait for a reply once connected."""
 
 
 def resolve_s3_endpoint(configured: str = "", environ: Mapping[str, str] | None = None) -> str:

@@ -229,3 +229,43 @@ def test_hdfs_scheme_is_http_or_https_from_yaml_and_from_code() -> None:
         HdfsSettings(scheme="ftp")  # type: ignore[arg-type]
     assert config_from_mapping({"persia_inc": {"hdfs": {"scheme": "https"}}}).persia_inc.hdfs.scheme \
         == "https"
+
+
+# ------------------------------------------------------------------- the reference, generated
+
+
+def test_every_key_is_documented_and_config_defaults_prints_each(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from persia_inc.cli import main
+    from persia_inc.config.reference import settings_reference, undocumented
+
+    assert undocumented() == []
+    assert main(["config", "--defaults"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    settings = settings_reference()
+    assert printed == [f"{s.key} = {s.default}  # {s.doc}" for s in settings]
+    assert "persia_inc.loader.dense_sync.retire_grace_s = 30.0  # A version that stopped" in "\n".join(
+        printed)
+    # the keys are exactly the ones a file may set: every one, at its printed default, loads
+    # back to the defaults
+    import json
+
+    mapping: dict = {}
+    for s in settings:
+        *path, last = s.key.split(".")
+        node = mapping
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = json.loads(s.default)
+    assert config_from_mapping(mapping) == Config(source="<mapping>")
+
+
+def test_the_readme_table_is_generated_from_the_settings() -> None:
+    from persia_inc.config.reference import README_END, README_START, replace_reference
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert replace_reference(readme) == readme, "README drifted: run .venv/bin/python tools/config-reference"
+    table = readme[readme.index(README_START):readme.index(README_END)]
+    assert "| `persia_inc.producer.flush_interval_s` | `30.0` |" in table
+    with pytest.raises(ValueError, match="markers"):
+        replace_reference("no table here")

@@ -29,7 +29,9 @@ class InferConfig:
     copy), and the sparse checkpoint they load at start (any storage URI; empty: start empty)."""
 
     servers: tuple[str | tuple[str, ...], ...] = ()
+    """Embedding servers, `host:port`, one per shard, in shard order."""
     initial_sparse_checkpoint: str = ""
+    """Checkpoint (any storage URI) the servers load at start; empty: start empty."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +41,21 @@ class PersiaIncSettings:
     model: str = "default"
     """The model's name: packets, topics and servers are kept apart by it."""
     producer: ProducerSettings = field(default_factory=ProducerSettings)
+    """The training side's producer."""
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    """Announcements over Kafka."""
     s3: S3Settings = field(default_factory=S3Settings)
+    """The Ceph S3 gateway."""
     hdfs: HdfsSettings = field(default_factory=HdfsSettings)
+    """WebHDFS."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Retries of storage and Kafka calls."""
     limits: PacketLimits = field(default_factory=PacketLimits)
+    """What a reader accepts at most per packet."""
     embedding_server: EmbeddingServerSettings = field(default_factory=EmbeddingServerSettings)
+    """The embedding-server shards and their clients."""
     loader: LoaderSettings = field(default_factory=LoaderSettings)
+    """The loader daemon."""
 
     def __post_init__(self) -> None:
         check_fields(self)
