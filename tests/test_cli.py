@@ -116,3 +116,27 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     bad.write_text("surprise: 1\n")
     result = persia_inc("inspect", str(tmp_path / "x.arrow"), "--config", str(bad))
     assert result.returncode == 2 and "surprise" in result.stderr
+
+
+def test_the_demo_prints_commands_and_paths_exactly() -> None:
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from persia_inc.commands.demo import literal, print_intro
+
+    out = io.StringIO()
+    console = Console(file=out, width=60, force_terminal=False)
+    workdir = Path("/tmp/demo [bold]run[/] with a long name that would wrap at sixty columns")
+    print_intro(console, workdir, argparse.Namespace(storage="local", announce="dir", shards=2),
+                "TorchServe is not installed: pip install 'persia-inc[serve]'", False)
+    literal(console, "stopped the services it started (ceph [rgw] 123)")
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        f"persia-inc demo in {workdir} (local storage, dir announcements, 2 embedding servers)",
+        "serving the live arm in process, not through TorchServe: TorchServe is not installed: "
+        "pip install 'persia-inc[serve]'",
+        "no freshness.png nor serving.png this time: matplotlib is not installed "
+        "(pip install 'persia-inc[plot]')",
+        "stopped the services it started (ceph [rgw] 123)"]

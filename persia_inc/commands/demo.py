@@ -11,6 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
+    from rich.text import Text
 
     from persia_inc.demo.pipeline import DemoOptions, default_workdir, run_demo
     from persia_inc.demo.report import DemoReport, Progress
@@ -142,16 +147,11 @@ def run(args: argparse.Namespace) -> int:
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     _log_to_file(workdir / "logs" / "demo.log")  # keep the live display readable
     console = Console()
-    console.print(f"[bold]persia-inc demo[/] in {workdir} ({args.storage} storage, "
-                  f"{args.announce} announcements, {args.shards} embedding servers)")
     frontend = args.frontend
-    if frontend == "torchserve" and (why := torchserve_missing()):
+    why = torchserve_missing() if frontend == "torchserve" else None
+    if why:
         frontend = "in-process"
-        console.print(f"serving the live arm in process, not through TorchServe: {why}",
-                      markup=False, highlight=False, soft_wrap=True)
-    if not have("matplotlib"):
-        console.print("no freshness.png nor serving.png this time: matplotlib is not installed "
-                      f"({install_hint('matplotlib')})")
+    print_intro(console, workdir, args, why, have("matplotlib"))
 
     def render(progress: Progress) -> Table:
         table = Table(show_header=False, box=None)
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                 if to_start:
                     with console.status(f"starting {' and '.join(to_start)} on 127.0.0.1 ..."):
                         services.start()
-                    console.print(services.describe(), markup=False, highlight=False, soft_wrap=True)
+                    literal(console, services.describe())
                 s3 = services.s3 or (S3Settings(endpoint_url=plan.s3_endpoint) if plan.s3_endpoint
                                      else None)
                 options = DemoOptions(workdir=workdir, seconds=args.seconds,
@@ -266,12 +266,35 @@ def run(args: argparse.Namespace) -> int:
         summary.add_row(name, value)
     console.print(summary)
     for problem in report.problems:
-        console.print(f"[red]problem:[/] {problem}")
+        console.print(Text.assemble(("problem: ", "red"), problem))
     pictures = "".join(f"   picture: {workdir / name}" for name in report.pictures)
-    console.print(f"report: {workdir / 'report.json'}{pictures}   logs: {workdir / 'logs'}")
+    literal(console, f"report: {workdir / 'report.json'}{pictures}   logs: {workdir / 'logs'}")
     if services.pids:
-        console.print(_stopped(services.pids, left), markup=False, highlight=False, soft_wrap=True)
+        literal(console, _stopped(services.pids, left))
     return 0 if report.verified else 1
+
+
+def literal(console: Console, line: str) -> None:
+    """Print `line` exactly: no markup (`[plot]` in a pip command is not a style), no
+    highlighting, no wrapping inside a path or a command."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def print_intro(console: Console, workdir: Path, args: argparse.Namespace, torchserve_missing: str | None,
+                have_matplotlib: bool) -> None:
+    """The demo's first lines: where it runs and on what, and what it will do without."""
+    from rich.text import Text
+
+    from persia_inc.extras import install_hint
+
+    console.print(Text.assemble(("persia-inc demo", "bold"),
+                                f" in {workdir} ({args.storage} storage, {args.announce} "
+                                f"announcements, {args.shards} embedding servers)"), soft_wrap=True)
+    if torchserve_missing:
+        literal(console, f"serving the live arm in process, not through TorchServe: {torchserve_missing}")
+    if not have_matplotlib:
+        literal(console, "no freshness.png nor serving.png this time: matplotlib is not installed "
+                         f"({install_hint('matplotlib')})")
 
 
 def _figure(value: object) -> str:
