@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from persia_inc.demo.ctr import example_batch, example_model, make_producer
-from persia_inc.producer.torch_hook import IncrementalUpdateHook
+from persia_inc.producer import IncrementalUpdateHook
 
 
 def main() -> None:

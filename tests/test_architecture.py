@@ -30,6 +30,22 @@ def test_lower_layers_load_no_heavy_library(module: str) -> None:
     assert _loaded_after(module) == []
 
 
+@pytest.mark.parametrize("module", ["persia_inc.producer", "persia_inc.loader"])
+def test_the_training_and_serving_sides_load_no_client_library(module: str) -> None:
+    """What a training job or a loader pays to import ours: no torch (the producer's hook
+    loads it on first use), no boto3, hdfs or Kafka client (the configured backend loads its
+    own)."""
+    assert [m for m in _loaded_after(module) if m in ("torch", "boto3", "hdfs", "kafka")] == []
+
+
+def test_the_hook_loads_torch_on_first_use() -> None:
+    code = ("import sys; import persia_inc.producer as p; before = 'torch' in sys.modules; "
+            "p.IncrementalUpdateHook; print(before, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                          check=True)
+    assert done.stdout.split() == ["False", "True"]
+
+
 def test_the_heavy_check_sees_a_heavy_import() -> None:
     """The check above can fail: the app's YAML config does load yaml."""
     assert _loaded_after("persia_inc.config") == ["yaml"]
