@@ -251,9 +251,7 @@ def test_a_spare_loader_of_a_kafka_group_is_healthy_but_not_ready(
                 healths = [lo.health() for lo in loaders]
                 return healths if sorted(h.ready for h in healths) == [False, True] else None
 
-            wait_until(lambda: split() is not None, "one loader with the partition", timeout_s=30)
-            healths = split()
-            assert healths is not None
+            healths = wait_until(split, "one loader with the partition", timeout_s=30)
             spare = next(h for h in healths if not h.ready)
             assert spare.healthy and spare.waiting == ("kafka: no partition assigned",)
             assert next(h for h in healths if h.ready).waiting == ()
