@@ -29,7 +29,7 @@ class InferConfig:
     copy), and the sparse checkpoint they load at start (any storage URI; empty: start empty)."""
 
     servers: tuple[str | tuple[str, ...], ...] = ()
-    """Embedding servers, `host:port`, one per shard, in shard order."""
+    """Embedding servers in shard order: per shard `host:port`, or a list of `host:port` (its replicas)."""
     initial_sparse_checkpoint: str = ""
     """Checkpoint (any storage URI) the servers load at start; empty: start empty."""
 
