@@ -8,6 +8,7 @@ heavy imports inside `run`, so `--help` stays fast.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
@@ -64,9 +65,32 @@ def configure_logging(level: str) -> None:
     )
 
 
+def _chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser `args` chose, however deep (`checkpoint save`)."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name is None:
+            return parser
+        parser = subs[0].choices[name]
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, except that an unknown option is reported by the subcommand it
+    was given to, with that subcommand's usage and the nearest option it has."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        chosen = _chosen(parser, args)
+        options = [s for a in chosen._actions for s in a.option_strings]
+        near = difflib.get_close_matches(unknown[0].split("=", 1)[0], options, n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        chosen.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     configure_logging(args.log_level)
     from persia_inc.config import ConfigError
 

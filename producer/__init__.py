@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from persia_inc.producer.core import DEFAULT_PRODUCER_ID, IncrementalProducer, Reader
 from persia_inc.producer.errors import (
     BackpressureError,
+    NonFiniteRowsWarning,
     ProducerClosedError,
     ProducerError,
     UnstoredDataError,
@@ -39,6 +40,7 @@ __all__ = [
     "BackpressureError",
     "IncrementalProducer",
     "IncrementalUpdateHook",
+    "NonFiniteRowsWarning",
     "ProducerClosedError",
     "ProducerError",
     "ProducerSettings",

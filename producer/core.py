@@ -28,10 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from persia_inc.foundation.fields import FieldError, coerce
 from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import RetryPolicy
-from persia_inc.packet_format.header import check_name, check_position
+from persia_inc.packet_format.header import check_name
 from persia_inc.producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
 from persia_inc.producer.dense import DenseExporter, DenseVersion, publish_dense
 from persia_inc.producer.dense_signs import DenseColumns, DenseSignBuffer
@@ -39,7 +38,7 @@ from persia_inc.producer.errors import ProducerClosedError, UnstoredDataError
 from persia_inc.producer.metrics import ProducerMetrics
 from persia_inc.producer.policy import FlushPolicy, FlushReason
 from persia_inc.producer.readers import Reader, call_reader, read_into_later
-from persia_inc.producer.settings import ProducerSettings
+from persia_inc.producer.settings import ProducerSettings, check_arguments
 from persia_inc.producer.shutdown import ShutdownHooks
 from persia_inc.producer.signset import SignBuffer
 from persia_inc.producer.snapshot import Snapshot
@@ -50,23 +49,6 @@ from persia_inc.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 DEFAULT_PRODUCER_ID = "producer-0"
-
-def _check_arguments(model: object, settings: object, enabled: object,
-                     generation: object) -> None:
-    """Refuse a bad constructor argument now, as YAML refuses it at load (FieldError)."""
-    try:
-        check_name("model", model)
-    except ValueError as exc:
-        raise FieldError("model", str(exc).removeprefix("model ")) from None
-    if not isinstance(settings, ProducerSettings):
-        raise FieldError("settings", f"expected ProducerSettings, got {settings!r:.80}")
-    coerce(bool, enabled, "enabled")
-    if generation is not None:
-        try:
-            check_position(generation, 0)
-        except ValueError as exc:
-            raise FieldError("generation", str(exc).removeprefix("generation ")) from None
-
 
 class _Table:
     __slots__ = ("buffer", "dim", "name", "reader", "reads_into")
@@ -112,7 +94,7 @@ class IncrementalProducer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         settings = settings if settings is not None else ProducerSettings()
-        _check_arguments(model, settings, enabled, generation)
+        check_arguments(model, settings, enabled, generation)
         self.policy = FlushPolicy(buffer_size, settings.flush_interval_s, clock=clock)
         self.enabled = enabled
         self.closed = False
@@ -499,6 +481,7 @@ class IncrementalProducer:
         self._read_error = error
 
     def _raise_read_error(self) -> None:
+        self.writer.warn_pending()
         error, self._read_error = self._read_error, None
         if error is not None:
             raise error
@@ -628,6 +611,7 @@ class IncrementalProducer:
         if self._owns_store:
             self.store.close()
         self._shutdown.uninstall()
+        self.writer.warn_pending()
         if unannounced:
             log.warning("%d stored packet(s) were not announced before close", unannounced)
         if left:

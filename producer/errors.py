@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
 
 class ProducerError(RuntimeError):
     """Base of the producer's own errors."""
@@ -42,3 +48,17 @@ class WriterFailedError(ProducerError):
 
 class ProducerClosedError(ProducerError):
     """The producer is closed; it does not reopen."""
+
+
+class NonFiniteRowsWarning(UserWarning):
+    """A table's shipped rows hold NaN or Inf (warned once per table, on the training thread,
+    so it shows without any logging set up; loaders refuse such packets unless
+    `persia_inc.loader.allow_non_finite`)."""
+
+
+def warn_caller(warning: Warning) -> None:
+    """`warnings.warn` pointing at the first frame outside this package: the user's call."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the frame that called us
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    warnings.warn(warning, stacklevel=level)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from persia_inc.foundation.fields import FieldError, at_least, check_fields, in_range, positive
-from persia_inc.packet_format.header import check_name
+from persia_inc.foundation.fields import FieldError, at_least, check_fields, coerce, in_range, positive
+from persia_inc.packet_format.header import check_name, check_position
 
 DEFAULT_MAX_PACKET_ROWS = 1_000_000
 """Rows (upserts and deletes) one packet holds at most, by default."""
@@ -111,3 +111,21 @@ def check_update_policy(settings: ProducerSettings) -> None:
         raise FieldError("max_staleness_s", f"({settings.max_staleness_s!r}) must be above "
                          f"flush_interval_s ({settings.flush_interval_s!r}) with the "
                          "prioritized update policy")
+
+
+def check_arguments(model: object, settings: object, enabled: object,
+                     generation: object) -> None:
+    """Refuse a bad `IncrementalProducer` argument now, as YAML refuses the same value at
+    load (FieldError naming it)."""
+    try:
+        check_name("model", model)
+    except ValueError as exc:
+        raise FieldError("model", str(exc).removeprefix("model ")) from None
+    if not isinstance(settings, ProducerSettings):
+        raise FieldError("settings", f"expected ProducerSettings, got {settings!r:.80}")
+    coerce(bool, enabled, "enabled")
+    if generation is not None:
+        try:
+            check_position(generation, 0)
+        except ValueError as exc:
+            raise FieldError("generation", str(exc).removeprefix("generation ")) from None

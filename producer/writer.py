@@ -38,7 +38,12 @@ from persia_inc.foundation.retry import RetryPolicy, retry_delay_s, stop_waits_o
 from persia_inc.foundation.threads import ServiceThread, lower_thread_priority
 from persia_inc.packet_format import Announcement, CutHeader, cut_key, write_cut
 from persia_inc.producer.announce import Announcer, DirectoryAnnouncer
-from persia_inc.producer.errors import BackpressureError, WriterFailedError
+from persia_inc.producer.errors import (
+    BackpressureError,
+    NonFiniteRowsWarning,
+    WriterFailedError,
+    warn_caller,
+)
 from persia_inc.producer.generation import next_generation
 from persia_inc.producer.settings import (
     DEFAULT_MAX_PACKET_BYTES,
@@ -144,6 +149,7 @@ class PacketWriter:
         self.stored: list[StoredPacket] = []  # the last few, for tests and tools
         self.objects_stored = 0  # packets stored since start
         self._non_finite_tables: set[str] = set()  # tables whose NaN/Inf rows were logged
+        self._warnings: collections.deque[str] = collections.deque()  # for the training thread
         self.failure: WriterFailedError | None = None  # set once, by a writer thread
         self._next_sequence = 0
         self._queue: collections.deque[FlushCut] = collections.deque()  # not frozen yet
@@ -442,11 +448,19 @@ class PacketWriter:
             return
         bad = ~np.isfinite(rows).all(axis=1)
         self._non_finite_tables.add(snapshot.table)
-        log.warning("table %r of producer %s: %d of %d rows hold NaN or Inf, the first at sign "
-                    "%d; shipped anyway, but loaders refuse such packets unless "
-                    "persia_inc.loader.allow_non_finite (logged once per table)", snapshot.table,
-                    self.producer, int(bad.sum()), len(rows),
-                    int(snapshot.signs[int(np.argmax(bad))]))
+        message = (f"table {snapshot.table!r} of producer {self.producer}: {int(bad.sum())} of "
+                   f"{len(rows)} rows hold NaN or Inf, the first at sign "
+                   f"{int(snapshot.signs[int(np.argmax(bad))])}; shipped anyway, but loaders "
+                   "refuse such packets unless persia_inc.loader.allow_non_finite (warned once "
+                   "per table)")
+        log.warning("%s", message)
+        self._warnings.append(message)  # warned by the training thread's next call
+
+    def warn_pending(self) -> None:
+        """On the training thread: `NonFiniteRowsWarning` for each table newly found with
+        NaN or Inf rows (a warning raised on the writer thread would reach no one)."""
+        while self._warnings:
+            warn_caller(NonFiniteRowsWarning(self._warnings.popleft()))
 
     # --- the store threads: encode, store, announce in sequence order ----------------------
 

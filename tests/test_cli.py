@@ -140,3 +140,26 @@ def test_the_demo_prints_commands_and_paths_exactly() -> None:
         "no freshness.png nor serving.png this time: matplotlib is not installed "
         "(pip install 'persia-inc[plot]')",
         "stopped the services it started (ceph [rgw] 123)"]
+
+
+def test_an_unknown_option_shows_its_subcommands_usage_and_the_nearest_option() -> None:
+    """Issue 22: `status --jsn` printed the top-level usage; the subcommand that was given the
+    option reports it, with its own usage and a suggestion (nested ones too)."""
+    from persia_inc.cli import build_parser, parse_args
+
+    parser = build_parser()
+    for argv, usage, hint in (
+            (["status", "--config", "c.yaml", "--jsn"], "usage: persia-inc status ", "'--json'"),
+            (["checkpoint", "save", "--config", "c.yaml", "--to", "x", "--confg", "y"],
+             "usage: persia-inc checkpoint save ", "'--config'")):
+        result = persia_inc(*argv)
+        assert result.returncode == 2
+        assert result.stderr.startswith(usage), result.stderr
+        assert "unrecognized arguments" in result.stderr and f"did you mean {hint}?" in result.stderr
+    assert parse_args(parser, ["status", "--config", "c.yaml", "--json"]).json is True
+
+
+def test_checkpoint_save_and_load_help_describe_what_they_do() -> None:
+    for action, words in (("save", "manifest.json is written last"), ("load", "re-sharding")):
+        result = persia_inc("checkpoint", action, "--help")
+        assert result.returncode == 0 and words in " ".join(result.stdout.split())

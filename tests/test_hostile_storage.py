@@ -31,6 +31,7 @@ from persia_inc.loader.fetch import NotSettledError, Quarantine, fetch_packet
 from persia_inc.loader.sources import find_other_models
 from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV
 from persia_inc.packet_format import PacketError, PacketHeader, PacketId, encode_packet, packet_key
+from persia_inc.producer import NonFiniteRowsWarning
 from persia_inc.storage import open_store
 from persia_inc.storage.base import NotAnObjectError
 from persia_inc.storage.local import LocalStore
@@ -294,14 +295,17 @@ def test_non_finite_rows_are_refused_by_default_and_applied_when_allowed(
             assert metric(loader, "persia_inc_loader_quarantined_total") == 0
 
 
-def test_producer_logs_the_first_non_finite_sign_once_per_table_and_still_ships(
+def test_producer_warns_of_the_first_non_finite_sign_once_per_table_and_still_ships(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Logged, and warned (`NonFiniteRowsWarning`, issue 22) on the training thread at the
+    caller's line, so a script that configures no logging still sees it."""
     model = NumpyModel(rows=100, dim=DIM)
     model.weight[17, 2] = np.nan
     model.weight[40, 0] = -np.inf
     config = producer_config(str(tmp_path / "inc"), buffer_size=10_000)
     caplog.set_level(logging.WARNING, logger="persia_inc.producer")
-    with producer_from_config(config, producer_id="p1") as producer:
+    with pytest.warns(NonFiniteRowsWarning) as warned, \
+            producer_from_config(config, producer_id="p1") as producer:
         producer.register_table("emb", model.read)
         producer.register_table("ok", model.read)
         for _ in range(3):
@@ -314,6 +318,8 @@ def test_producer_logs_the_first_non_finite_sign_once_per_table_and_still_ships(
     lines = [r for r in caplog.records if "NaN or Inf" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
     assert "'emb'" in lines[0].getMessage() and "sign 17" in lines[0].getMessage()
+    assert len(warned) == 1 and str(warned[0].message) == lines[0].getMessage()
+    assert warned[0].filename == __file__  # points at the training script's call
     assert len(stored) == 3  # shipped all the same: the loader decides
 
 

@@ -19,10 +19,20 @@ Exit status: 0 done, 1 failed (the reason is on stderr), 2 usage or configuratio
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    save = sub.add_parser("save", help="write a checkpoint of the running servers")
+    save = sub.add_parser(
+        "save", help="write a checkpoint of the running servers",
+        description="Dump every shard's tables as packet-format part files plus manifest.json "
+                    "(with the per-producer watermarks they contain) to the folder URI --to (a "
+                    "path, file://, hdfs://, s3://). manifest.json is written last: a checkpoint "
+                    "without it is incomplete. Exit status: 0 done, 1 failed, 2 usage or "
+                    "configuration error.")
     save.add_argument("--config", metavar="CFG", required=True, help="global_config.yaml")
     save.add_argument("--to", metavar="URI", required=True, help="checkpoint folder URI")
-    load = sub.add_parser("load", help="make the running servers load a checkpoint")
+    load = sub.add_parser(
+        "load", help="make the running servers load a checkpoint",
+        description="Make every running shard replace its tables with its share of the "
+                    "checkpoint at --from (re-sharding when it was saved from a different number "
+                    "of servers). Exit status: 0 done, 1 failed, 2 usage or configuration error.")
     load.add_argument("--config", metavar="CFG", required=True, help="global_config.yaml")
     load.add_argument("--from", dest="source", metavar="URI", required=True,
                       help="checkpoint folder URI")

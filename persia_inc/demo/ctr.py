@@ -92,8 +92,9 @@ def example_batch(rng: np.random.Generator, batch: int, vocab: int
 
 def make_producer(incremental_dir: str, buffer_size: int = 100_000,
                   flush_interval_s: float = 30.0) -> IncrementalProducer:
-    """A producer to local `incremental_dir`: a table flushes at `buffer_size` distinct rows
-    or when its oldest unflushed row is `flush_interval_s` old."""
+    """A producer to local `incremental_dir`: every table flushes, as one cut, when the tables
+    hold `buffer_size` distinct rows together (all tables, as `incremental_buffer_size`) or
+    when the oldest unflushed row is `flush_interval_s` old."""
     from persia_inc.config import config_from_mapping
     from persia_inc.wiring import producer_from_config
 
