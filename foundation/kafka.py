@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
+from persia_inc.foundation.fields import FieldError, check_fields, positive
+
 _PATCHED = "_persia_inc_closes_failed_sockets"
 
 
@@ -45,6 +47,16 @@ class KafkaSettings:
     """`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`."""
     delivery_timeout_ms: int = 60_000
     """How long one announcement may wait for acks before it is sent again; at least `request_timeout_ms`."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # in code as from YAML: FieldError naming the key
+        for key in ("session_timeout_ms", "heartbeat_interval_ms", "request_timeout_ms",
+                    "num_partitions", "delivery_timeout_ms"):
+            positive(key, getattr(self, key))
+        if self.delivery_timeout_ms < self.request_timeout_ms:
+            raise FieldError("delivery_timeout_ms", "must be at least request_timeout_ms")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise FieldError("heartbeat_interval_ms", "must be below session_timeout_ms")
 
     def topic_for(self, model: str) -> str:
         return self.topic.format(model=model)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from persia_inc.foundation.fields import check_fields, positive
+from persia_inc.foundation.fields import check_fields, one_of, positive
 
 # Where an empty `S3Settings.endpoint_url` is looked up, first match wins: ours, then the
 # standard AWS variables in botocore's own order (service-specific before global).
@@ -42,6 +42,13 @@ class S3Settings:
     """Longest wait to connect to the gateway."""
     read_timeout_s: float = 30.0
     """Longest wait for a reply once connected."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # in code as from YAML: FieldError naming the key
+        one_of("addressing_style", self.addressing_style, ("path", "virtual", "auto"))
+        for key in ("multipart_threshold_bytes", "multipart_chunk_bytes", "connect_timeout_s",
+                    "read_timeout_s"):
+            positive(key, getattr(self, key))
 
 
 def resolve_s3_endpoint(configured: str = "", environ: Mapping[str, str] | None = None) -> str:

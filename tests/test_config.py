@@ -269,3 +269,22 @@ def test_the_readme_table_is_generated_from_the_settings() -> None:
     assert "| `persia_inc.producer.flush_interval_s` | `30.0` |" in table
     with pytest.raises(ValueError, match="markers"):
         replace_reference("no table here")
+
+
+def test_kafka_and_s3_settings_given_in_code_meet_the_yaml_rule() -> None:
+    from persia_inc.foundation.fields import FieldError
+    from persia_inc.foundation.kafka import KafkaSettings
+    from persia_inc.storage.settings import S3Settings
+
+    kafka = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 2000}
+    with pytest.raises(ConfigError) as from_yaml:
+        config_from_mapping({"persia_inc": {"kafka": kafka}}, "f.yaml")
+    with pytest.raises(FieldError) as from_code:
+        KafkaSettings(**kafka)  # type: ignore[arg-type]
+    assert from_yaml.value.key == "persia_inc.kafka.heartbeat_interval_ms"
+    assert from_code.value.key == "heartbeat_interval_ms"
+    assert from_code.value.reason == from_yaml.value.reason
+    with pytest.raises(FieldError, match="addressing_style"):
+        S3Settings(addressing_style="sideways")
+    with pytest.raises(FieldError, match="read_timeout_s"):
+        S3Settings(read_timeout_s="30")  # type: ignore[arg-type]

@@ -86,13 +86,7 @@ def _check_together(config: Config) -> None:
         raise ConfigError(source, "persia_inc.producer.max_packet_bytes",
                           f"is over persia_inc.limits.max_bytes ({limits.max_bytes}): "
                           "loaders would refuse such packets")
-    kafka = config.persia_inc.kafka
-    if kafka.delivery_timeout_ms < kafka.request_timeout_ms:
-        raise ConfigError(source, "persia_inc.kafka.delivery_timeout_ms",
-                          "must be at least request_timeout_ms")
-    if kafka.heartbeat_interval_ms >= kafka.session_timeout_ms:
-        raise ConfigError(source, "persia_inc.kafka.heartbeat_interval_ms",
-                          "must be below session_timeout_ms")
+    kafka = config.persia_inc.kafka  # checked itself (KafkaSettings.__post_init__)
     if producer.announce == "kafka" and not kafka.bootstrap_servers:
         raise ConfigError(source, "persia_inc.kafka.bootstrap_servers",
                           "announce is 'kafka' but no bootstrap servers are set")
