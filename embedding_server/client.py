@@ -37,7 +37,6 @@ import numpy as np
 
 from persia_inc.embedding_server._wire import decode_lookup_reply, decode_lookup_tables_reply
 from persia_inc.embedding_server.errors import ShardError, ShardIdentityError, WatermarkMovedError
-from persia_inc.embedding_server.lookup_plan import UniqueRows, plan_tables
 from persia_inc.embedding_server.messages import (
     HEADROOM_BYTES,
     ApplyResult,
@@ -57,6 +56,7 @@ from persia_inc.foundation.wait import wait_until
 from persia_inc.packet_format import Packet, Watermark
 
 if TYPE_CHECKING:
+    from persia_inc.embedding_server.lookup_plan import UniqueRows
     from persia_inc.packet_format.cut import Cut
 
 log = logging.getLogger(__name__)
@@ -382,6 +382,9 @@ class EmbeddingClient:
         ShardIdentityError. A shard's answer must fit in one message (for bulk reads of one
         table use `lookup`, which splits).
         """
+        # numba loads here, on the first multi-table lookup: importing the client stays light
+        from persia_inc.embedding_server.lookup_plan import UniqueRows, plan_tables
+
         if not signs_by_table:
             return UniqueRows({}, np.empty(0, np.int64), np.zeros(1, np.int64), {})
         num = self.num_shards
