@@ -208,6 +208,12 @@ def plan_tables(tables: tuple[str, ...], arrays: list[np.ndarray], num_shards: i
     return LookupPlan(tables, grouped, bounds, index, starts, time.perf_counter() - started)
 
 
+def warm_up() -> None:
+    """Compile the plan's kernel (or load it from numba's cache) now: a serving worker calls
+    this at start, so its first request does not pay the compilation."""
+    plan_tables(("warm-up",), [np.zeros(2, np.uint64)], 2)
+
+
 @dataclass(frozen=True, slots=True)
 class UniqueRows:
     """The rows of a multi-table lookup, each distinct sign's row once.
@@ -231,4 +237,4 @@ class UniqueRows:
         return self.rows[dim][self.index[self.starts[position]:self.starts[position + 1]]]
 
 
-__all__ = ["LookupPlan", "UniqueRows", "plan_tables"]
+__all__ = ["LookupPlan", "UniqueRows", "plan_tables", "warm_up"]

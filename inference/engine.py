@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn.functional import embedding_bag
 
-from persia_inc.embedding_server.lookup_plan import UniqueRows
+from persia_inc.embedding_server.lookup_plan import UniqueRows, warm_up
 from persia_inc.inference.batch import BatchError, DecodedBatch, PersiaBatch, SparseInput, decode_batch
 from persia_inc.inference.spec import ModelSpec
 
@@ -143,7 +143,9 @@ class PersiaInference:
     @classmethod
     def from_client(cls, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], spec: ModelSpec,
                     client: EmbeddingClient) -> PersiaInference:
-        """An engine reading rows through `client.lookup_unique`."""
+        """An engine reading rows through `client.lookup_unique` (its plan's kernel compiled
+        here, not in the first request)."""
+        warm_up()
         return cls(model, spec, client.lookup_tables, lookup_unique=client.lookup_unique)
 
     # ------------------------------------------------------------------------ stages
