@@ -211,7 +211,7 @@ def test_serve_refuses_a_missing_archive_and_a_bad_config(tmp_path: Path) -> Non
 def test_served_model_settings_are_checked_before_anything_starts(tmp_path: Path) -> None:
     """`ServedModel` (what the command and the demo run) refuses bad settings and a file that
     is not a .mar before it starts TorchServe."""
-    from persia_inc.commands.serve import ServedModel, ServeSettings
+    from persia_inc.serving import ServedModel, ServeSettings
 
     for bad in ({"workers": 0}, {"batch_size": 0}, {"start_timeout_s": 0}):
         with pytest.raises(ValueError, match="must be"):

@@ -49,10 +49,10 @@ from persia_inc.wiring import embedding_client, producer_from_config
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
-    from persia_inc.commands.serve import ServedModel
     from persia_inc.embedding_server.client import EmbeddingClient
     from persia_inc.inference.spec import ModelSpec
     from persia_inc.producer.torch_hook import DensePublish
+    from persia_inc.serving import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -465,8 +465,8 @@ def _torchserve(workdir: Path, config_path: Path, dense_pt: Path, spec: ModelSpe
     """The dense part and its spec archived as `demo.mar` (the live servers' config inside),
     served as `persia-inc serve` serves it: 127.0.0.1, free ports, one worker, batch size 1
     (bit for bit as the engine), one thread per worker (2 cores: leave training its own)."""
-    from persia_inc.commands.serve import ServedModel, ServeSettings
     from persia_inc.inference.archive import archive_model
+    from persia_inc.serving import ServedModel, ServeSettings
     from persia_inc.wiring import MAR_HANDLER
 
     mar = archive_model("demo", dense_pt, spec, workdir / "model-store", handler=MAR_HANDLER,
