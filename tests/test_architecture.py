@@ -149,3 +149,15 @@ def test_the_mar_handler_named_by_the_app_is_the_inference_handler() -> None:
 
     module, _, name = MAR_HANDLER.rpartition(".")
     assert issubclass(getattr(importlib.import_module(module), name), PersiaHandler)
+
+
+def test_no_library_module_over_650_lines() -> None:
+    """The before-stop hook's rule: each module stays one idea a newcomer reads in one sitting."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others",
+                             "--exclude-standard", "*.py"], capture_output=True, text=True,
+                            check=True).stdout.split()
+    big = {name: n for name in listed
+           if not name.startswith(("tests/", "bench/")) and "_pb2" not in name
+           and (ROOT / name).is_file()
+           and (n := len((ROOT / name).read_text().splitlines())) > 650}
+    assert big == {}, f"split these modules: {big}"
