@@ -7,21 +7,6 @@ Imports nothing of ours, so both sides (and third parties) can depend on it alon
 import logging
 
 from persia_inc.packet_format.announcement import ANNOUNCEMENT_VERSION, Announcement
-from persia_inc.packet_format.codec import (
-    OP_DELETE,
-    OP_UPSERT,
-    Packet,
-    decode_packet,
-    encode_packet,
-    read_packet_header,
-    write_packet,
-)
-from persia_inc.packet_format.codec_v2 import (
-    decode_cut,
-    encode_cut,
-    read_cut_header,
-    write_cut,
-)
 from persia_inc.packet_format.cut import (
     CUT_DTYPES,
     CUT_FORMAT_VERSION,
@@ -34,6 +19,12 @@ from persia_inc.packet_format.cut import (
     TableRows,
     check_lane,
     lane_folders,
+)
+from persia_inc.packet_format.cut_codec import (
+    decode_cut,
+    encode_cut,
+    read_cut_header,
+    write_cut,
 )
 from persia_inc.packet_format.errors import (
     AnnouncementError,
@@ -70,6 +61,15 @@ from persia_inc.packet_format.naming import (
     parse_packet_path,
     stream_listings,
     stream_prefix,
+)
+from persia_inc.packet_format.table_codec import (
+    OP_DELETE,
+    OP_UPSERT,
+    Packet,
+    decode_packet,
+    encode_packet,
+    read_packet_header,
+    write_packet,
 )
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -6,7 +6,7 @@ cut lane (`CUT_LANE`): the key is `{model}/~cuts/{producer}/{generation}-{sequen
 (generation, sequence) count the producer's cuts. A v1 packet reads as a cut of one table
 whose lane is that table (its stream stays (table, producer)).
 
-This module holds the data types; `codec_v2` encodes and decodes them.
+This module holds the data types; `cut_codec` encodes and decodes them.
 """
 
 from __future__ import annotations

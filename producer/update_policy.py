@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from persia_inc.packet_format.codec_v2 import dequantize_rows, quantize_rows
+from persia_inc.packet_format.cut_codec import dequantize_rows, quantize_rows
 from persia_inc.producer.settings import ProducerSettings
 from persia_inc.producer.snapshot import Snapshot
 

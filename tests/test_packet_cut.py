@@ -44,8 +44,8 @@ from persia_inc.packet_format import (
     stream_prefix,
     write_cut,
 )
-from persia_inc.packet_format.codec import META_PREFIX
-from persia_inc.packet_format.codec_v2 import cut_columns, dequantize_rows, quantize_rows
+from persia_inc.packet_format.cut_codec import cut_columns, dequantize_rows, quantize_rows
+from persia_inc.packet_format.table_codec import META_PREFIX
 
 HEADER = CutHeader(model="ctr", producer="trainer-0", generation=7, sequence=42)
 

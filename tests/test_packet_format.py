@@ -31,7 +31,7 @@ from persia_inc.packet_format import (
     read_packet_header,
     write_packet,
 )
-from persia_inc.packet_format.codec import META_PREFIX
+from persia_inc.packet_format.table_codec import META_PREFIX
 
 HEADER = PacketHeader(model="ctr", table="emb", producer="trainer-0", generation=7, sequence=42)
 

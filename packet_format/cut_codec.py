@@ -38,7 +38,22 @@ from typing import BinaryIO, TypeAlias
 import numpy as np
 import pyarrow as pa
 
-from persia_inc.packet_format.codec import (
+from persia_inc.packet_format.cut import (
+    CUT_DTYPES,
+    CUT_FORMAT_VERSION,
+    CUT_LANE,
+    Cut,
+    CutHeader,
+    CutTable,
+    TableRows,
+)
+from persia_inc.packet_format.errors import (
+    CorruptPacketError,
+    PacketTooLargeError,
+    UnsupportedPacketError,
+)
+from persia_inc.packet_format.header import DEFAULT_LIMITS, FORMAT_VERSION, PacketHeader, PacketLimits
+from persia_inc.packet_format.table_codec import (
     _DECODE_FAILURES,
     ARROW_MAGIC,
     META_PREFIX,
@@ -56,21 +71,6 @@ from persia_inc.packet_format.codec import (
     read_packet_header,
     write_single_batch,
 )
-from persia_inc.packet_format.cut import (
-    CUT_DTYPES,
-    CUT_FORMAT_VERSION,
-    CUT_LANE,
-    Cut,
-    CutHeader,
-    CutTable,
-    TableRows,
-)
-from persia_inc.packet_format.errors import (
-    CorruptPacketError,
-    PacketTooLargeError,
-    UnsupportedPacketError,
-)
-from persia_inc.packet_format.header import DEFAULT_LIMITS, FORMAT_VERSION, PacketHeader, PacketLimits
 
 MAX_CUT_TABLES = 2**15 - 1  # int16 dictionary indices
 _MAX_LIST_VALUES = 2**31 - 1  # int32 list offsets
