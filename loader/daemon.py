@@ -337,7 +337,7 @@ class Loader:
 
     def _take(self, candidate: Candidate) -> None:
         packet_id = candidate.packet_id
-        stream = (packet_id.table, packet_id.producer)
+        stream = (packet_id.lane, packet_id.producer)
         if stream not in self.ordering.streams:
             self.shards.must_check = True  # a new stream: learn where the servers are first
             self.refresh_servers()

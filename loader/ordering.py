@@ -131,7 +131,7 @@ class Ordering:
         self._new_head(state, now)
 
     def offer(self, packet: PacketId, *, now: float) -> Offer:
-        state = self.state((packet.table, packet.producer))
+        state = self.state((packet.lane, packet.producer))
         position = packet.position
         if position in state.bad:
             return Offer.STALE
@@ -208,7 +208,7 @@ class Ordering:
     def applied(self, packet: PacketId, *, now: float) -> None:
         """The head was applied (every reachable shard acked, or all held it): advance the
         watermark, remembering a leap over positions never applied."""
-        stream = (packet.table, packet.producer)
+        stream = (packet.lane, packet.producer)
         state = self.state(stream)
         before, position = state.watermark, packet.position
         if before is not None and before < position and not is_successor(before, position):
@@ -218,7 +218,7 @@ class Ordering:
 
     def reject(self, packet: PacketId, *, now: float) -> None:
         """Drop a pending packet for good (quarantined, or missing from storage)."""
-        state = self.state((packet.table, packet.producer))
+        state = self.state((packet.lane, packet.producer))
         position = packet.position
         state.bad.add(position)
         if position in state.ids:

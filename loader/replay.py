@@ -62,7 +62,7 @@ def list_streams(store: ObjectStore, model: str) -> dict[Stream, list[tuple[Pack
     for info in store.list(stream_prefix(model)):
         packet_id = packet_id_of_key(info.key, model)
         if packet_id is not None:
-            streams.setdefault((packet_id.table, packet_id.producer), []).append((packet_id, info))
+            streams.setdefault((packet_id.lane, packet_id.producer), []).append((packet_id, info))
     return streams
 
 
@@ -148,7 +148,7 @@ def replay(client: EmbeddingClient, store: ObjectStore, model: str, *, checkpoin
                 futures.append(pool.submit(fetch_packet, store, nxt.key, nxt.packet_id, limits=limits))
             fetched: Fetched = futures[index].result()
             futures[index] = None  # type: ignore[call-overload]  # let the packet go
-            stream = (planned.packet_id.table, planned.packet_id.producer)
+            stream = (planned.packet_id.lane, planned.packet_id.producer)
             h = fetched.packet.header
             if stream in stopped or (until_time_ns is not None and h.created_at_ns > until_time_ns):
                 stopped.add(stream)

@@ -135,7 +135,7 @@ class StoragePoller:
                 packet_id = packet_id_of_key(info.key, self.model)
                 if packet_id is None:
                     continue
-                position = known.get((packet_id.table, packet_id.producer))
+                position = known.get((packet_id.lane, packet_id.producer))
                 if position is not None and packet_id.position <= position:
                     continue
                 if not offer(self.out, Candidate(packet_id, info.key, source=self.name), self.stop):

@@ -24,15 +24,15 @@ _FILE_RE = re.compile(r"^(\d{10})-(\d{12})\.arrow$")
 
 @dataclass(frozen=True, slots=True, order=True)
 class PacketId:
-    """A packet's identity; ordering is (model, table, producer, generation, sequence).
+    """A packet's identity; ordering is (model, lane, producer, generation, sequence).
 
-    `table` is the stream lane: a table name for a v1 packet, `CUT_LANE` for a v2 cut.
+    `lane` is the stream lane: a table name for a v1 packet, `CUT_LANE` for a v2 cut.
     `folder` is the lane's folder in the key when it is not the lane's own name (a cut stored
     under `LEGACY_CUT_LANE`); it is not part of the identity.
     """
 
     model: str
-    table: str
+    lane: str
     producer: str
     generation: int
     sequence: int
@@ -40,10 +40,10 @@ class PacketId:
 
     def __post_init__(self) -> None:
         check_name("model", self.model)
-        lane = check_lane(self.table)
-        if lane != self.table:
-            object.__setattr__(self, "folder", self.folder or self.table)
-            object.__setattr__(self, "table", lane)
+        lane = check_lane(self.lane)
+        if lane != self.lane:
+            object.__setattr__(self, "folder", self.folder or self.lane)
+            object.__setattr__(self, "lane", lane)
         if self.folder and self.folder not in lane_folders(lane):
             raise ValueError(f"folder {self.folder!r} does not hold lane {lane!r}")
         check_name("producer", self.producer)
@@ -51,13 +51,13 @@ class PacketId:
 
     @classmethod
     def of(cls, header: PacketHeader | CutHeader) -> PacketId:
-        """The identity of a v1 packet or a cut (whose `table` is its lane)."""
+        """The identity of a v1 packet (lane: its table) or a cut (lane: `CUT_LANE`)."""
         return cls(header.model, header.table, header.producer, header.generation, header.sequence)
 
     @property
     def stream(self) -> tuple[str, str, str]:
-        """(model, table, producer): the stream this packet is ordered within."""
-        return (self.model, self.table, self.producer)
+        """(model, lane, producer): the stream this packet is ordered within."""
+        return (self.model, self.lane, self.producer)
 
     @property
     def position(self) -> Position:
@@ -66,7 +66,7 @@ class PacketId:
     @property
     def key(self) -> str:
         """The packet's key relative to `incremental_dir` (in its `folder`, if it has one)."""
-        return packet_key(self.model, self.folder or self.table, self.producer, self.generation,
+        return packet_key(self.model, self.folder or self.lane, self.producer, self.generation,
                           self.sequence)
 
 
@@ -113,7 +113,7 @@ def packet_path(root: str, header: PacketHeader | CutHeader) -> str:
 
 def parse_packet_path(path: str) -> PacketId:
     """Inverse of `packet_path`: the identity from the last four components of a path or URI
-    (a cut's `table` is `CUT_LANE`, also when it is stored under `LEGACY_CUT_LANE`)."""
+    (a cut's `lane` is `CUT_LANE`, also when it is stored under `LEGACY_CUT_LANE`)."""
     parts = path.rstrip("/").split("/")
     if len(parts) < 4:
         raise PacketError(path, "not a packet path: want .../model/table/producer/GEN-SEQ.arrow")

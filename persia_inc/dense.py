@@ -42,9 +42,9 @@ def mar_exporter(spec: ModelSpec, *, config_file: str | os.PathLike[str] | None 
     return export
 
 
-def publish_dense(producer: IncrementalProducer, dense_module: Any, spec: ModelSpec, *,
-                  config_file: str | os.PathLike[str] | None = None, version: int | None = None,
-                  timeout_s: float | None = None) -> DenseVersion:
+def publish_mar(producer: IncrementalProducer, dense_module: Any, spec: ModelSpec, *,
+                config_file: str | os.PathLike[str] | None = None, version: int | None = None,
+                timeout_s: float | None = None) -> DenseVersion:
     """`producer.publish_dense` with the `.mar` exporter of `spec` (see `mar_exporter`)."""
     return producer.publish_dense(dense_module, mar_exporter(spec, config_file=config_file),
                                   version=version, timeout_s=timeout_s)
@@ -97,4 +97,4 @@ def grpc_management(address: str, *, timeout_s: float = 180.0) -> Any:
     return GrpcManagement(address, timeout_s=timeout_s)
 
 
-__all__ = ["MAR_MODEL_NAME", "grpc_management", "mar_exporter", "publish_dense", "rollback_dense"]
+__all__ = ["MAR_MODEL_NAME", "grpc_management", "mar_exporter", "publish_mar", "rollback_dense"]

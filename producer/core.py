@@ -32,12 +32,12 @@ from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import RetryPolicy
 from persia_inc.packet_format.header import check_name
 from persia_inc.producer.announce import Announcer, DirectoryAnnouncer, KafkaAnnouncer
-from persia_inc.producer.dense import DenseExporter, DenseVersion, publish_dense
-from persia_inc.producer.dense_signs import DenseColumns, DenseSignBuffer
+from persia_inc.producer.dense import DenseExporter, DenseVersion, publish_version
 from persia_inc.producer.errors import ProducerClosedError, UnstoredDataError
 from persia_inc.producer.metrics import ProducerMetrics
 from persia_inc.producer.policy import FlushPolicy, FlushReason
 from persia_inc.producer.readers import Reader, call_reader, read_into_later
+from persia_inc.producer.row_id_signs import RowIdColumns, RowIdSignBuffer
 from persia_inc.producer.settings import ProducerSettings, check_arguments
 from persia_inc.producer.shutdown import ShutdownHooks
 from persia_inc.producer.signset import SignBuffer
@@ -59,8 +59,8 @@ class _Table:
         self.reader = reader
         self.reads_into = reads_into
         self.dim = dim
-        self.buffer: SignBuffer | DenseSignBuffer = (
-            SignBuffer() if rows is None else DenseSignBuffer(rows))
+        self.buffer: SignBuffer | RowIdSignBuffer = (
+            SignBuffer() if rows is None else RowIdSignBuffer(rows))
 
 
 class IncrementalProducer:
@@ -104,7 +104,7 @@ class IncrementalProducer:
         self.model = model
         self.producer_id = settings.producer_id or DEFAULT_PRODUCER_ID
         self._tables: dict[str, _Table] = {}
-        self._column_groups: dict[tuple[str, ...], DenseColumns] = {}
+        self._column_groups: dict[tuple[str, ...], RowIdColumns] = {}
         if not self.enabled:
             return
         if store is None:
@@ -159,7 +159,7 @@ class IncrementalProducer:
         flushes (no fresh memory to fault in on the training thread); dim is then required,
         and it returns the state or None. rows: when every sign of the
         table is a row id in [0, rows) (an embedding matrix), the buffer is one bit per row
-        (`DenseSignBuffer`), cheaper per insert than the hash map; None: any uint64 sign.
+        (`RowIdSignBuffer`), cheaper per insert than the hash map; None: any uint64 sign.
         Registering a table again replaces its reader and keeps its buffered signs.
         """
         if not self.enabled:
@@ -184,10 +184,10 @@ class IncrementalProducer:
             entry.reader = reader
             entry.reads_into = reads_into
             entry.dim = dim
-            dense = isinstance(entry.buffer, DenseSignBuffer)
+            dense = isinstance(entry.buffer, RowIdSignBuffer)
             if dense != (rows is not None) or (dense and entry.buffer.capacity != rows):
                 signs, ops = entry.buffer.swap()  # carry what is buffered into the new kind
-                buffer = SignBuffer() if rows is None else DenseSignBuffer(rows)
+                buffer = SignBuffer() if rows is None else RowIdSignBuffer(rows)
                 try:
                     buffer.insert(signs[ops == 0], SignBuffer.UPSERT)
                     buffer.insert(signs[ops != 0], SignBuffer.DELETE)
@@ -276,7 +276,7 @@ class IncrementalProducer:
         self._busy += 1
         self._lock.acquire()  # the writer's interval flush waits for this call
         try:
-            group = self._dense_columns(tables)
+            group = self._row_id_columns(tables)
             if group is None:
                 self._record_sizes({t: self._tables[t].buffer.insert(ids[..., c].reshape(-1))
                                     for t, c in columns.items()})
@@ -287,8 +287,8 @@ class IncrementalProducer:
             self._lock.release()
             self._leave()
 
-    def _dense_columns(self, tables: tuple[str, ...]) -> DenseColumns | None:
-        """The `DenseColumns` of `tables` (made once; remade when another group took its
+    def _row_id_columns(self, tables: tuple[str, ...]) -> RowIdColumns | None:
+        """The `RowIdColumns` of `tables` (made once; remade when another group took its
         bitsets, and dropped when `register_table` replaces a buffer), or None when one of
         them has no row count (a hash buffer). KeyError for a table never registered."""
         cached = self._column_groups.get(tables)
@@ -296,9 +296,9 @@ class IncrementalProducer:
             return cached
         self._check_tables(tables)
         buffers = [self._tables[t].buffer for t in tables]
-        if not all(isinstance(b, DenseSignBuffer) for b in buffers):
+        if not all(isinstance(b, RowIdSignBuffer) for b in buffers):
             return None
-        group = DenseColumns(buffers)  # type: ignore[arg-type]
+        group = RowIdColumns(buffers)  # type: ignore[arg-type]
         self._column_groups[tables] = group
         return group
 
@@ -421,9 +421,9 @@ class IncrementalProducer:
                       timeout_s: float | None = None) -> DenseVersion:
         """Publish the dense part as one version cut exactly against the sparse stream: flush
         and wait for the packets, export (TorchScript + `.mar`, by `exporter`), store the
-        `.mar` and then its manifest (`producer.dense.publish_dense`; the app's
-        `persia_inc.dense.publish_dense` builds the exporter from a model spec)."""
-        return publish_dense(self, dense_module, exporter, version=version, timeout_s=timeout_s)
+        `.mar` and then its manifest (`producer.dense.publish_version`; the app's
+        `persia_inc.dense.publish_mar` builds the exporter from a model spec)."""
+        return publish_version(self, dense_module, exporter, version=version, timeout_s=timeout_s)
 
     @contextlib.contextmanager
     def training_step(self) -> Iterator[None]:

@@ -1,10 +1,10 @@
 """Publish the dense part of a model as one version, cut exactly against the sparse stream.
 
-`publish_dense` flushes the producer's sparse buffer and waits until every packet is stored,
-records the position of the last stored cut of each of the producer's streams, has the
-`exporter` write the dense part (TorchScript + `.mar`; the app's `persia_inc.dense` builds
-one from `inference`, which this layer does not import), then stores
-`{model}/_dense/{version:012d}/model.mar` and, LAST, its `manifest.json`
+`publish_version` (what `IncrementalProducer.publish_dense` runs) flushes the producer's
+sparse buffer and waits until every packet is stored, records the position of the last stored
+cut of each of the producer's streams, has the `exporter` write the dense part (TorchScript +
+`.mar`; the app's `persia_inc.dense` builds one from `inference`, which this layer does not
+import), then stores `{model}/_dense/{version:012d}/model.mar` and, LAST, its `manifest.json`
 (`packet_format.dense_manifest`): a version without a manifest is incomplete and ignored.
 """
 
@@ -67,7 +67,7 @@ def stored_versions(store: ObjectStore, model: str) -> list[int]:
     return sorted(found)
 
 
-def publish_dense(producer: IncrementalProducer, dense_module: Any, exporter: DenseExporter, *,
+def publish_version(producer: IncrementalProducer, dense_module: Any, exporter: DenseExporter, *,
                   version: int | None = None, timeout_s: float | None = None) -> DenseVersion:
     """Flush, wait for the packets to be stored, export and store one dense version.
 
@@ -76,10 +76,11 @@ def publish_dense(producer: IncrementalProducer, dense_module: Any, exporter: De
     Call it between optimizer steps, like `flush`.
     """
     if not producer.enabled:
-        raise RuntimeError("publish_dense needs an enabled producer (enable_incremental_update)")
+        raise RuntimeError("publishing a dense version needs an enabled producer (enable_incremental_update)")
     if not producer.flush(wait=True, timeout_s=timeout_s):
         raise UnstoredDataError(producer.writer.pending_rows, producer.tables,
-                                "publish_dense: not stored in time; no dense version published")
+                                "dense version: the sparse packets were not stored in time; "
+                                "no dense version published")
     stored = producer.writer.stored
     positions: tuple[Watermark, ...] = ()
     if stored:
@@ -109,4 +110,4 @@ def publish_dense(producer: IncrementalProducer, dense_module: Any, exporter: De
     return DenseVersion(manifest=manifest, manifest_key=manifest_key, mar_key=mar_key)
 
 
-__all__ = ["DenseExporter", "DenseVersion", "publish_dense", "stored_versions"]
+__all__ = ["DenseExporter", "DenseVersion", "publish_version", "stored_versions"]

@@ -47,7 +47,7 @@ class IncrementalUpdateHook:
 
     Per step the forward hooks only keep a reference to each input id tensor (no copy, no
     conversion); the step post-hook records every table in one call, whose buffers are bitsets
-    over the rows (`DenseSignBuffer`): `record_columns` when the ids are columns of one matrix,
+    over the rows (`RowIdSignBuffer`): `record_columns` when the ids are columns of one matrix,
     else `record_many` of numpy views.
 
     dense_every_s: publish a dense version (`producer.publish_dense(dense_module(),
@@ -124,7 +124,7 @@ class IncrementalUpdateHook:
         finally:
             self.producer._leave()
         if self.dense_every_s and self._clock() - self._last_dense >= self.dense_every_s:
-            self.publish_dense()
+            self.publish_dense_now()
 
     def _record_step(self) -> None:
         """Record the ids every table saw this step, in one producer call."""
@@ -146,11 +146,11 @@ class IncrementalUpdateHook:
         else:
             self.producer.poll()
 
-    def publish_dense(self) -> DensePublish:
+    def publish_dense_now(self) -> DensePublish:
         """Publish the dense part now (between steps: after one, before the next); the result
         is appended to `dense_published`. A failure is logged and returned, not raised."""
         if self._dense_module is None or self._dense_exporter is None:
-            raise ValueError("publish_dense needs the hook's dense_module and dense_exporter")
+            raise ValueError("publish_dense_now needs the hook's dense_module and dense_exporter")
         began = time.perf_counter()
         try:
             version = self.producer.publish_dense(self._dense_module(), self._dense_exporter)

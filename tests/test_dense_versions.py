@@ -24,7 +24,7 @@ import xxhash
 
 from persia_inc.cli import main as cli_main
 from persia_inc.config import load_config
-from persia_inc.dense import publish_dense
+from persia_inc.dense import publish_mar
 from persia_inc.foundation.wait import wait_until
 from persia_inc.inference.batch import PersiaBatch
 from persia_inc.inference.client import get_inference_stub, infer
@@ -133,7 +133,7 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
     try:
         # version 1: published, shipped with its packets, activated
         producer.record(TABLE, signs)
-        v1 = publish_dense(producer, modules[1], SPEC, config_file=cluster.config_path)
+        v1 = publish_mar(producer, modules[1], SPEC, config_file=cluster.config_path)
         assert v1.version == 1 and v1.manifest.sparse_positions[0].producer == "trainer-0"
         ship(staging, store, f"{MODEL}/~cuts/")
         ship(staging, store, f"{MODEL}/_dense/")
@@ -146,7 +146,7 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
         # version 2: its dense part arrives before its packets: registered, pending, not default
         rows.scale = 3.0
         producer.record(TABLE, signs[::2])
-        v2 = publish_dense(producer, modules[2], SPEC, config_file=cluster.config_path)
+        v2 = publish_mar(producer, modules[2], SPEC, config_file=cluster.config_path)
         assert v2.version == 2 and v2.manifest.sparse_positions[0].position > \
             v1.manifest.sparse_positions[0].position
         ship(staging, store, f"{MODEL}/_dense/")
@@ -176,7 +176,7 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
 
         # version 3: a corrupt .mar (its manifest checksum fixed, so it reaches TorchServe)
         producer.record(TABLE, signs[::3])
-        v3 = publish_dense(producer, modules[3], SPEC, config_file=cluster.config_path)
+        v3 = publish_mar(producer, modules[3], SPEC, config_file=cluster.config_path)
         ship(staging, store, f"{MODEL}/~cuts/")
         bad = bytearray(staging.get(v3.mar_key))
         bad[: len(bad) // 2] = bytes(len(bad) // 2)  # the zip's local headers zeroed

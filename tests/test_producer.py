@@ -27,7 +27,7 @@ from persia_inc.producer import (
     ProducerClosedError,
     UnstoredDataError,
 )
-from persia_inc.producer.dense_signs import DenseColumns, DenseSignBuffer
+from persia_inc.producer.row_id_signs import RowIdColumns, RowIdSignBuffer
 from persia_inc.producer.signset import SignBuffer
 from persia_inc.storage import open_store
 from persia_inc.wiring import producer_from_config
@@ -391,9 +391,9 @@ def test_backpressure_raise_keeps_the_signs(tmp_path: Path) -> None:
     assert info.value.rows == 200 and info.value.tables == ["emb"]
 
 
-def test_dense_signbuffer_matches_python_set_with_last_op_winning() -> None:
+def test_row_id_signbuffer_matches_python_set_with_last_op_winning() -> None:
     rng = np.random.default_rng(2)
-    buffer = DenseSignBuffer(5000)
+    buffer = RowIdSignBuffer(5000)
     expected: dict[int, int] = {}
     for _ in range(30):
         signs = rng.integers(0, 5000, (700, 2))[:, 1]  # a strided int64 view, as from torch
@@ -421,7 +421,7 @@ def _flush_and_check_first_packets(producer: IncrementalProducer, a_rows: np.nda
     np.testing.assert_array_equal(by_table["b", 0].signs, np.arange(b_signs, dtype=np.uint64))
 
 
-def test_record_many_with_dense_tables_flushes_them_together(tmp_path: Path) -> None:
+def test_record_many_with_row_id_tables_flushes_them_together(tmp_path: Path) -> None:
     model = NumpyModel()
     config = producer_config(str(tmp_path / "inc"), buffer_size=500)
     with producer_from_config(config) as producer:
@@ -440,8 +440,8 @@ def test_record_many_with_dense_tables_flushes_them_together(tmp_path: Path) -> 
         _flush_and_check_first_packets(producer, model.weight[:600].copy(), b_signs=20)
 
 
-def test_dense_signbuffer_covers_every_bit_of_its_words() -> None:
-    buffer = DenseSignBuffer(1000)  # 15 full words and a partial one
+def test_row_id_signbuffer_covers_every_bit_of_its_words() -> None:
+    buffer = RowIdSignBuffer(1000)  # 15 full words and a partial one
     everything = np.arange(1000, dtype=np.uint64)
     assert buffer.insert(everything[::-1]) == 1000
     signs, ops = buffer.swap()
@@ -514,16 +514,16 @@ def test_writer_thread_runs_at_the_configured_nice(tmp_path: Path) -> None:
         assert int(fields[16]) == min(19, int(own.rsplit(")", 1)[1].split()[16]) + 7)
 
 
-def test_dense_columns_mark_like_one_buffer_per_column() -> None:
+def test_row_id_columns_mark_like_one_buffer_per_column() -> None:
     rng = np.random.default_rng(5)
     rows = [1000, 300, 5000]
-    fused = [DenseSignBuffer(r) for r in rows]
-    alone = [DenseSignBuffer(r) for r in rows]
+    fused = [RowIdSignBuffer(r) for r in rows]
+    alone = [RowIdSignBuffer(r) for r in rows]
     for buffer in fused:
         buffer.insert(np.array([1, 2]))  # bits set before the group takes the bitsets over
     for buffer in alone:
         buffer.insert(np.array([1, 2]))
-    group = DenseColumns(fused)
+    group = RowIdColumns(fused)
     columns = np.array([3, 0, 1])  # table t reads column columns[t]; column 2 is nobody's
     for _ in range(20):
         ids = np.stack([rng.integers(0, 300, 64), rng.integers(0, 300, 64),
@@ -540,9 +540,9 @@ def test_dense_columns_mark_like_one_buffer_per_column() -> None:
     assert fused[1].swap()[0].tolist() == [5]
 
 
-def test_dense_columns_keep_last_op_wins_after_an_evict() -> None:
-    buffers = [DenseSignBuffer(100), DenseSignBuffer(100)]
-    group = DenseColumns(buffers)
+def test_row_id_columns_keep_last_op_wins_after_an_evict() -> None:
+    buffers = [RowIdSignBuffer(100), RowIdSignBuffer(100)]
+    group = RowIdColumns(buffers)
     buffers[0].insert(np.array([4, 5]), SignBuffer.DELETE)
     group.insert(np.array([[4, 1], [6, 2]]), np.array([0, 1]))  # 4 upserted after its delete
     signs, ops = buffers[0].swap()

@@ -96,7 +96,7 @@ class FreshnessWatcher:
             ident = parse_packet_path(key)
         except PacketError:
             return
-        packet = (ident.table, ident.producer, ident.generation, ident.sequence)
+        packet = (ident.lane, ident.producer, ident.generation, ident.sequence)
         if packet in self.created:
             return
         with self.store.open(key) as source:

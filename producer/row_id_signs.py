@@ -1,7 +1,7 @@
 """Touched-sign buffers for tables whose signs are row ids in [0, rows): two bitsets (present,
 deleted) instead of a hash map, so marking a step's ids costs one bit each.
 
-`DenseSignBuffer` is one table's; `DenseColumns` marks several tables from the columns of
+`RowIdSignBuffer` is one table's; `RowIdColumns` marks several tables from the columns of
 one [batch, features] id matrix in one compiled, row-major pass (the usual CTR input).
 Both keep `SignBuffer`'s last-op-wins rule (producer/signset.py).
 """
@@ -84,7 +84,7 @@ def _take(present: np.ndarray, deleted: np.ndarray, size: int) -> tuple[np.ndarr
     return signs[:j], ops[:j]
 
 
-class DenseSignBuffer:
+class RowIdSignBuffer:
     """`SignBuffer` for signs known to lie in [0, rows): embedding row ids.
 
     Two bits per row (present, deleted) instead of a hash map: an insert sets one bit per sign,
@@ -185,8 +185,8 @@ def _mark_columns(bits: np.ndarray, offsets: np.ndarray, rows: np.ndarray, ids: 
     return n
 
 
-class DenseColumns:
-    """Marks several `DenseSignBuffer`s from the columns of one id matrix in one compiled pass.
+class RowIdColumns:
+    """Marks several `RowIdSignBuffer`s from the columns of one id matrix in one compiled pass.
 
     The usual input of a CTR model is an int64 [batch, features] matrix with one column per
     embedding table. Marking it table by table reads the matrix column-wise, a strided pass
@@ -195,7 +195,7 @@ class DenseColumns:
     into one array here (the buffers keep working as before, on views of it).
     """
 
-    def __init__(self, buffers: list[DenseSignBuffer]) -> None:
+    def __init__(self, buffers: list[RowIdSignBuffer]) -> None:
         self.buffers = tuple(buffers)
         words = [b._present.size for b in self.buffers]
         self._offsets = np.concatenate([[0], np.cumsum(words)[:-1]]).astype(np.int64)
