@@ -291,6 +291,7 @@ class Loader:
         down = tuple(self.shards.down)
         streams = []
         for stream in sorted(self.ordering.streams):
+            self.metrics.stream(*stream)
             held = self.ordering.held_jump(stream)
             streams.append(StreamReport(
                 stream[0], stream[1], self.shards.held_everywhere(stream),
@@ -402,7 +403,7 @@ class Loader:
                 did = True
                 if self.shards.must_check:
                     break
-            self.metrics.lag.labels(self.model, stream[0]).set(len(self.ordering.state(stream).pending))
+            self.metrics.lag.labels(self.model, *stream).set(len(self.ordering.state(stream).pending))
         self._publish_report()
         return did
 

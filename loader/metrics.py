@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# the label values the loader counts under, created at 0 when it starts
+_QUARANTINE_REASONS = ("CorruptPacketError", "UnsupportedPacketError", "PacketTooLargeError",
+                       "VerificationError", "NonFiniteError", "server_rejected")
+_REJECT_REASONS = ("announcement", "missing", "watch_event", "kafka_error", "symlink", "fifo")
+_ERROR_STAGES = ("list", "fetch", "fetch_timeout", "unsettled", "apply", "dispatch", "other_models")
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600)
 # fine enough below a second to read a p99 off (the latency budget per stage)
@@ -74,7 +80,7 @@ class LoaderMetrics:
                                "Streams rewound because a server fell behind (restarted)",
                                m, registry=r)
         self.lag = Gauge("persia_inc_loader_lag_packets", "Packets pending (known, not applied)",
-                         t, registry=r)
+                         [*t, "producer"], registry=r)
         self.queue = Gauge("persia_inc_loader_queue", "Candidates waiting for the dispatcher",
                            m, registry=r)
         self.other_models = Gauge("persia_inc_loader_other_models",
@@ -115,6 +121,33 @@ class LoaderMetrics:
                                      "register) and quarantined", [*m, "reason"], registry=r)
         self.dense_errors = Counter("persia_inc_loader_dense_errors",
                                     "Failed dense-sync steps (retried)", [*m, "stage"], registry=r)
+
+        self._streams: set[tuple[str, str]] = set()
+        # every label set known up front exports 0 from the start (a dashboard's sum then reads
+        # 0, not "No data"); per-table sets are made when a stream is first seen (`stream`)
+        for reason in _QUARANTINE_REASONS:
+            self.quarantined.labels(model, reason)
+        for reason in _REJECT_REASONS:
+            self.rejected.labels(model, reason)
+        for stage in _ERROR_STAGES:
+            self.errors.labels(model, stage)
+        for why in ("watermark", "duplicate", "servers_held"):
+            self.skipped.labels(model, why)
+        for one in (self.replays, self.apply_latency, self.freshness, self.queue,
+                    self.other_models, self.healthy):
+            one.labels(model)
+
+    def stream(self, table: str, producer: str) -> None:
+        """Make the label sets of a stream (table = its lane for cuts), so they export 0."""
+        if (table, producer) in self._streams:
+            return
+        self._streams.add((table, producer))
+        m = self.model
+        for counter in (self.packets, self.bytes, self.gaps, self.skipped_below):
+            counter.labels(m, table)
+        for outcome in ("held", "passed"):
+            self.generation_jumps.labels(m, table, outcome)
+        self.lag.labels(m, table, producer)
 
     def observe_applied(self, packet: Cut, nbytes: int, apply_s: float, seen_ns: int,
                         fetched_ns: int) -> None:

@@ -16,24 +16,35 @@ For each (table, producer) of the model: the watermark every shard holds, the ne
 storage, the lag in packets and seconds (how long the oldest packet the servers miss has been
 stored), and flags for what must not go unseen:
 
-  skipped-below-watermark=N  N packets arrived after the loader's watermark leapt past them (a
-                             passed gap or generation jump): never applied (from the loader)
+  quarantined=N              N packets failed verification or were refused by the servers
+  gap-passed=N               N times a missing packet was waited for and passed
+  generation-jump-passed=N   N generation jumps were passed after the gap timeout
+  skipped-below-watermark=N  N packets arrived after the watermark leapt past them (a passed
+                             gap or generation jump): never applied
   generation-jump-held       the loader holds a packet whose generation is more than one above
-                             the producer's highest known generation (from the loader)
+                             the producer's highest known generation
   generation-jump=G:S        the next stored packet is such a jump (from storage)
   shard-unreachable=I,...    shards that do not answer (here, or to the loader)
+
+The first four come from the loader and stay until an operator clears them (a later clean
+apply does not repair the rows they concern): --clear TABLE/PRODUCER (repeatable) or --clear
+all asks the loader to clear them, then shows the status. Also flagged: a loader that does not
+answer (loader-unreachable) and packets of other models under incremental_dir.
 
 Dense versions (when the loader's dense sync runs, from its /streams endpoint): the version
 TorchServe serves by default, when it was exported and activated, and every pending version
 with what it waits for (the shards' watermarks below its sparse positions), and refused ones.
 
 The loader's flags are read from its /streams endpoint (--loader, default the metrics address
-and port of persia_inc.loader when metrics_port is set); without it those flags are absent.
-A shard that does not answer is a flag, not a failure, as long as one answers.
---json prints one JSON object.
+and port of persia_inc.loader when metrics_port is set; 'none': do not ask). A shard that does
+not answer is a flag, not a failure, as long as one answers. --json prints one JSON object.
 
-Exit status: 0 done, 1 failed (the reason is on stderr), 2 usage or configuration error.
+Exit status: 0 all well, 3 something is flagged (a stream's flag, an unreachable loader, other
+models' packets), 1 failed (no embedding server answers, storage unreadable, a --clear the
+loader did not take; the reason is on stderr), 2 usage or configuration error.
 """
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FLAGGED = 0, 1, 2, 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loader", metavar="URL", default=None,
                         help="the loader's metrics endpoint, e.g. http://10.0.0.5:9100 (default: "
                              "persia_inc.loader.metrics_addr:metrics_port when set; 'none': skip)")
+    parser.add_argument("--clear", metavar="TABLE/PRODUCER", action="append", default=[],
+                        help="clear a stream's anomaly flags in the loader first ('all': every "
+                             "stream); repeatable")
 
 
 def _fmt(position: tuple[int, int] | None) -> str:
@@ -76,6 +90,23 @@ def dense_lines(dense: dict[str, Any]) -> list[str]:
     return lines
 
 
+def clear_flags(url: str, chosen: list[str], timeout_s: float = 5.0) -> list[str]:
+    """Ask the loader at `url` to clear the anomaly flags of `chosen` ("table/producer", or
+    "all"); returns the streams it cleared. Raises OSError (or ValueError) naming why not."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"streams": "all" if "all" in chosen else chosen}).encode()
+    request = urllib.request.Request(url.rstrip("/") + "/clear", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            return [str(s) for s in json.load(reply)["cleared"]]
+    except urllib.error.HTTPError as exc:
+        raise ValueError(f"the loader at {url} refused --clear: {exc.read().decode(errors='replace')}"
+                         ) from exc
+
+
 def run(args: argparse.Namespace) -> int:
     from persia_inc.config import load_config
     from persia_inc.embedding_server.errors import ShardError
@@ -85,15 +116,31 @@ def run(args: argparse.Namespace) -> int:
     from persia_inc.storage import StorageError
     from persia_inc.wiring import embedding_client
 
+    bad = [c for c in args.clear if c != "all" and (c.count("/") != 1 or "" in c.split("/"))]
+    if bad:
+        print(f"persia-inc status: --clear takes TABLE/PRODUCER or all, not {bad[0]!r}",
+              file=sys.stderr)
+        return EXIT_USAGE
     config = load_config(args.config, need_servers=True)
     settings = config.persia_inc.loader
     url = args.loader
     if url is None and settings.metrics_port:
         url = f"http://{settings.metrics_addr}:{settings.metrics_port}"
-    report, why = (None, "") if url in (None, "none") else loader_report(url)
-    if url not in (None, "none") and report is None:
-        print(f"persia-inc status: the loader at {url} did not answer ({why}); its flags are "
-              "not shown", file=sys.stderr)
+    asked = url not in (None, "none")
+    if args.clear:
+        if not asked:
+            print("persia-inc status: --clear needs the loader's metrics endpoint (--loader URL, "
+                  "or persia_inc.loader.metrics_port)", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            cleared = clear_flags(str(url), args.clear)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"persia-inc status: --clear: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"persia-inc status: cleared the flags of {', '.join(cleared) or 'no stream'}",
+              file=sys.stderr)
+    report, why = loader_report(str(url)) if asked else (None, "")
+    loader_flag = f"loader-unreachable ({url}: {why})" if asked and report is None else ""
     try:
         with embedding_client(config) as client, config.open_store() as store:
             rows = stream_status(client, store, config.persia_inc.model, loader=report,
@@ -104,34 +151,44 @@ def run(args: argparse.Namespace) -> int:
     except (ShardError, StorageError, PacketError, FileNotFoundError, PermissionError,
             RuntimeError) as exc:
         print(f"persia-inc status: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    dense = None if report is None else report.dense
+    flags = [f"{r.table}/{r.producer}: {' '.join(r.flags)}" for r in rows if r.flags]
+    flags += [loader_flag] if loader_flag else []
+    flags += [f"other-models: {', '.join(others)}"] if others else []
+    flags += [f"dense: {flag}" for flag in (dense or {}).get("flags", [])]
+    code = EXIT_FLAGGED if flags else EXIT_OK
     if args.json:
         print(json.dumps({
             "model": config.persia_inc.model,
             "other_models": others,
-            "loader": None if url in (None, "none") else {"url": url, "answered": report is not None},
+            "loader": None if not asked else {"url": url, "answered": report is not None,
+                                              "error": why},
+            "flags": flags,
             "streams": [
                 {"table": r.table, "producer": r.producer,
                  "watermark": list(r.watermark) if r.watermark else None,
                  "newest": list(r.newest) if r.newest else None,
                  "lag_packets": r.lag_packets, "lag_s": round(r.lag_s, 3),
                  "flags": r.flags,
+                 "anomalies": [] if r.loader is None else [a.to_json() for a in r.loader.anomalies],
                  "skipped_below_watermark": r.skipped_below_watermark,
                  "generation_jump_held": r.generation_jump_held,
                  "generation_jump": list(r.generation_jump) if r.generation_jump else None,
                  "shards_unreachable": list(r.shards_unreachable)} for r in rows],
-            "dense": None if report is None else report.dense}))
-        return 0
+            "dense": dense}))
+        return code
+    if loader_flag:
+        print(f"flag {loader_flag}: the loader's own flags are not shown")
     print(f"{'table':<20} {'producer':<20} {'servers':>16} {'storage':>16} {'lag':>6} {'lag_s':>9}"
           "  flags")
     for r in rows:
         print(f"{r.table:<20} {r.producer:<20} {_fmt(r.watermark):>16} {_fmt(r.newest):>16} "
               f"{r.lag_packets:>6} {r.lag_s:>9.1f}  {' '.join(r.flags) or '-'}")
-    dense = None if report is None else report.dense
     if dense is not None:
         for line in dense_lines(dense):
             print(line)
     if others:
-        print(f"other models with packets under {where} (not this config's model "
-              f"{config.persia_inc.model!r}): {', '.join(others)}")
-    return 0
+        print(f"flag other-models: packets under {where} of other models than this config's "
+              f"model {config.persia_inc.model!r}: {', '.join(others)}")
+    return code
