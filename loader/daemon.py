@@ -201,10 +201,11 @@ class Loader:
         partition assigned: joining its group, or a spare one in a group with more loaders
         than partitions). `flags`: the streams' anomalies not cleared yet."""
         alive = self._thread.is_alive() and self.clock() - self.last_loop < 30
-        sources, waiting = sources_health(self.sources)
+        sources, waiting, source_problems = sources_health(self.sources)
         shards = self._report.shards
         problems = [] if alive else ["dispatcher not running"]
         problems += [f"source {name} is dead" for name, ok in sources.items() if not ok]
+        problems += source_problems
         problems += [f"shard {sh.shard} ({sh.address}) unreachable: {sh.error}"
                      for sh in shards if not sh.up]
         dense = None

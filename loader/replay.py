@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from persia_inc.embedding_server.client import EmbeddingClient
@@ -120,13 +120,14 @@ def replay(client: EmbeddingClient, store: ObjectStore, model: str, *, checkpoin
            until: Position | None = None, until_time_ns: int | None = None,
            limits: PacketLimits = DEFAULT_LIMITS, prefetch: int = 4,
            progress: Callable[[int, int, int], None] | None = None,
-           plan: ReplayPlan | None = None) -> ReplayResult:
+           plan: ReplayPlan | None = None, allow_non_finite: bool = False) -> ReplayResult:
     """Load `checkpoint` (if given) into every shard, then apply every later packet in order.
 
     until: stop each stream after this (generation, sequence); until_time_ns: stop each stream
     at its first packet created after this time. progress(packets, rows, bytes) after each
     packet. A packet that fails verification stops the replay (PacketError): a replay is run by
-    a human who must know."""
+    a human who must know. allow_non_finite: apply rows holding NaN or Inf, as the loader does
+    with `loader.allow_non_finite` (false: such a packet stops the replay, naming it)."""
     started = time.monotonic()
     if checkpoint:
         rows = client.load_checkpoint(checkpoint)
@@ -140,12 +141,15 @@ def replay(client: EmbeddingClient, store: ObjectStore, model: str, *, checkpoin
     stopped: set[Stream] = set()
     with ThreadPoolExecutor(prefetch, thread_name_prefix=thread_name("replay-fetch")) as pool:
         todo = list(plan.ordered())
-        futures = [pool.submit(fetch_packet, store, p.key, p.packet_id, limits=limits)
-                   for p in todo[:prefetch]]
+        def fetch(planned: PlannedPacket) -> Future[Fetched]:
+            return pool.submit(fetch_packet, store, planned.key, planned.packet_id, limits=limits,
+                               allow_non_finite=allow_non_finite)
+
+        futures = [fetch(p) for p in todo[:prefetch]]
         for index, planned in enumerate(todo):
             if index + prefetch < len(todo):
                 nxt = todo[index + prefetch]
-                futures.append(pool.submit(fetch_packet, store, nxt.key, nxt.packet_id, limits=limits))
+                futures.append(fetch(nxt))
             fetched: Fetched = futures[index].result()
             futures[index] = None  # type: ignore[call-overload]  # let the packet go
             stream = (planned.packet_id.lane, planned.packet_id.producer)

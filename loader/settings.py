@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from persia_inc.foundation.fields import FieldError, at_least, in_range, positive
+
 CANDIDATE_QUEUE_SIZE = 10_000
 """Bound of the candidate queue between the loader's sources and its dispatcher: sources wait
 while it is full (a constant: nobody had a reason to tune it)."""
@@ -36,15 +38,13 @@ class DenseSyncSettings:
     already routed to it finish."""
 
     def __post_init__(self) -> None:
-        if self.keep_versions < 1:
-            raise ValueError("dense_sync.keep_versions must be at least 1")
-        if self.interval_s <= 0 or self.register_timeout_s <= 0:
-            raise ValueError("dense_sync.interval_s and register_timeout_s must be positive")
-        if self.retire_grace_s < 0:
-            raise ValueError("dense_sync.retire_grace_s must be >= 0")
+        at_least("keep_versions", self.keep_versions, 1)
+        positive("interval_s", self.interval_s)
+        positive("register_timeout_s", self.register_timeout_s)
+        at_least("retire_grace_s", self.retire_grace_s, 0)
         if self.enabled and not self.model_store:
-            raise ValueError("dense_sync.model_store (TorchServe's model_store folder) is required "
-                             "when dense_sync is enabled")
+            raise FieldError("model_store", "TorchServe's model_store folder is required when "
+                             "dense_sync is enabled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +97,13 @@ class LoaderSettings:
     def __post_init__(self) -> None:
         for name in ("rescan_interval_s", "list_interval_s", "watermark_poll_s", "retry_backoff_s",
                      "fetch_timeout_s", "other_models_interval_s", "unreachable_log_interval_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if self.gap_timeout_s < 0 or self.settle_s < 0:
-            raise ValueError("gap_timeout_s and settle_s must be >= 0")
-        if self.prefetch < 1 or self.discover_every < 1:
-            raise ValueError("prefetch and discover_every must be positive")
-        if not 0 <= self.metrics_port < 65536:
-            raise ValueError("metrics_port must be in [0, 65535] (0: off)")
+            positive(name, getattr(self, name))
+        for name in ("gap_timeout_s", "settle_s"):
+            at_least(name, getattr(self, name), 0)
+        for name in ("prefetch", "discover_every"):
+            at_least(name, getattr(self, name), 1)
+        in_range("metrics_port", self.metrics_port, 0, 65535, "0: off")
         if self.quarantine_prefix and (self.quarantine_prefix.startswith("/")
                                        or ".." in self.quarantine_prefix.split("/")):
-            raise ValueError("quarantine_prefix must be a relative key prefix without '..'")
+            raise FieldError("quarantine_prefix", "must be a relative key prefix without '..', "
+                             f"got {self.quarantine_prefix!r}")

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 # A broker hiccup: poll again soon, then less and less often while it lasts.
 KAFKA_RETRY = RetryPolicy(max_attempts=None, initial_backoff_s=0.1, max_backoff_s=5.0, deadline_s=0)
+# How long one bootstrap of the consumer waits for a broker (kafka-python's default is 30 s,
+# which would hold the loader's start): short, then retried by the rule above.
+BOOTSTRAP_TIMEOUT_MS = 2000
 
 
 @dataclass(slots=True)
@@ -343,6 +346,7 @@ class KafkaSource:
         self._committed: dict[Any, int] = {}
         self.assigned: set[Any] = set()
         self.error: BaseException | None = None
+        self.unreachable = ""  # why the broker did not answer the last bootstrap ("" once it did)
         self._thread = ServiceThread("loader-kafka", self._run)
         self.stop = self._thread.stop
         self._ready = threading.Event()
@@ -428,22 +432,39 @@ class KafkaSource:
                 log.info("kafka: assigned %s", sorted(str(p) for p in assigned))
 
         consumer = None
-        try:
-            consumer = kafka.KafkaConsumer(
-                bootstrap_servers=list(s.bootstrap_servers), group_id=s.group_id,
-                client_id=f"{s.client_id}-loader", enable_auto_commit=False,
-                auto_offset_reset="earliest", session_timeout_ms=s.session_timeout_ms,
-                heartbeat_interval_ms=s.heartbeat_interval_ms,
-                request_timeout_ms=max(s.request_timeout_ms, s.session_timeout_ms + 1000),
-                security_protocol=s.security_protocol,
-                fetch_max_wait_ms=50,  # a doorbell should ring now, not when 1 byte piles up
-            )
-            consumer.subscribe([self.topic], listener=Rebalance())
-        except Exception as exc:
-            log.error("kafka: cannot start the consumer: %s", exc)
-            self.error = exc
-            self._ready.set()
-            return
+        attempt = 0
+        while consumer is None:
+            try:
+                consumer = kafka.KafkaConsumer(
+                    bootstrap_servers=list(s.bootstrap_servers), group_id=s.group_id,
+                    client_id=f"{s.client_id}-loader", enable_auto_commit=False,
+                    auto_offset_reset="earliest", session_timeout_ms=s.session_timeout_ms,
+                    heartbeat_interval_ms=s.heartbeat_interval_ms,
+                    request_timeout_ms=max(s.request_timeout_ms, s.session_timeout_ms + 1000),
+                    security_protocol=s.security_protocol,
+                    fetch_max_wait_ms=50,  # a doorbell should ring now, not when 1 byte piles up
+                    bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
+                )
+                consumer.subscribe([self.topic], listener=Rebalance())
+            except kafka.errors.KafkaError as exc:  # no broker answers yet: flagged, retried
+                consumer = None
+                attempt += 1
+                wait = daemon_delay_s(exc, attempt, KAFKA_RETRY)
+                self.unreachable = f"{type(exc).__name__}: {exc}"
+                log.error("kafka: no broker of %s answers (%s); the storage listing goes on, "
+                          "retrying in %.2fs", ",".join(s.bootstrap_servers), exc, wait)
+                self.on_reject("kafka_error")
+                self._ready.set()
+                if self.stop.wait(wait):
+                    return
+            except Exception as exc:  # a configuration the client refuses: cannot start
+                log.error("kafka: cannot start the consumer: %s", exc)
+                self.error = exc
+                self._ready.set()
+                return
+        if self.unreachable:
+            log.warning("kafka: a broker of %s answers again", ",".join(s.bootstrap_servers))
+        self.unreachable = ""
         last_commit = 0.0
         failures = 0
         try:
@@ -565,10 +586,14 @@ def source_alive(source: Any) -> bool:
     return True if alive is None else bool(alive())
 
 
-def sources_health(sources: list[Any]) -> tuple[dict[str, bool], list[str]]:
-    """Per source name, whether its threads run; and the sources that cannot see packets yet
-    (a Kafka consumer with no partition assigned)."""
+def sources_health(sources: list[Any]) -> tuple[dict[str, bool], list[str], list[str]]:
+    """Per source name, whether its threads run; the sources that cannot see packets yet (a
+    Kafka consumer with no partition assigned); and problems (a Kafka broker that does not
+    answer: the storage listing goes on meanwhile)."""
     alive = {source_name(source): source_alive(source) for source in sources}
-    waiting = [f"{source_name(source)}: no partition assigned" for source in sources
-               if isinstance(source, KafkaSource) and not source.assigned]
-    return alive, waiting
+    kafka = [source for source in sources if isinstance(source, KafkaSource)]
+    waiting = [f"{source_name(source)}: no partition assigned" for source in kafka
+               if not source.assigned]
+    problems = [f"source {source_name(source)}: broker unreachable ({source.unreachable})"
+                for source in kafka if source.unreachable]
+    return alive, waiting, problems

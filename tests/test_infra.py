@@ -89,6 +89,24 @@ def test_the_cluster_config_loads_and_matches_the_scrape_targets() -> None:
     assert f"loader:{config.persia_inc.loader.metrics_port}" in targets
 
 
+
+def test_prometheus_reaches_the_compose_loader_and_scrapes_the_producer() -> None:
+    """The compose loader binds its metrics on its own container name (where Prometheus and the
+    health check connect; 127.0.0.1 would refuse them), and Prometheus has a producer job on the
+    producer's metrics port."""
+    config = load_config(INFRA / "compose" / "global_config.yaml")
+    loader = config.persia_inc.loader
+    services = compose()["services"]
+    assert loader.metrics_addr == services["loader"]["hostname"] == "loader"
+    assert f"http://{loader.metrics_addr}:{loader.metrics_port}/healthz" in \
+        " ".join(services["loader"]["healthcheck"]["test"])
+    scrape = yaml.safe_load((INFRA / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
+            for job in scrape["scrape_configs"]}
+    port = config.persia_inc.producer.metrics_port
+    assert port and jobs["producer"] and all(t.endswith(f":{port}") for t in jobs["producer"])
+
+
 def test_grafana_dashboard_is_valid_json_with_the_key_panels() -> None:
     dashboard = json.loads((INFRA / "grafana" / "dashboards" / "persia-inc.json").read_text())
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])

@@ -75,6 +75,9 @@ def test_status_exit_codes_for_failure_and_usage(embedding_cluster_factory, tmp_
     assert usage.returncode == 2 and "--config" in usage.stderr
     bad = cli("status", "--config", str(cluster.config_path), "--clear", "no-slash")
     assert bad.returncode == 2 and "TABLE/PRODUCER" in bad.stderr
+    typo = cli("status", "--jsn", "--config", str(cluster.config_path))
+    assert typo.returncode == 2 and typo.stderr.startswith("usage: persia-inc status")
+    assert "did you mean '--json'?" in typo.stderr, typo.stderr
     helped = cli("status", "--help")
     assert helped.returncode == 0
     assert "3 something is flagged" in helped.stdout and "2 usage" in helped.stdout

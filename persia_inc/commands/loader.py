@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+log = logging.getLogger("persia_inc.loader")
 
 HELP = "watch storage or Kafka and hot-apply new packets to the embedding servers, in order"
 DESCRIPTION = """\
@@ -40,8 +43,14 @@ def run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # apply messages of megabytes: reuse their buffers, no page faults
     config = load_config(args.config, need_servers=True)
     stop = threading.Event()
+    got: list[str] = []
+
+    def stopping(signum: int, _frame: object) -> None:
+        got.append(signal.Signals(signum).name)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, stopping)
     with embedding_client(config) as client:
         try:
             loader = loader_from_config(config, client, source=args.source).start()
@@ -52,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             while not stop.wait(0.5):
                 pass
+            log.info("loader for model %s: stopping on %s (finishing the packet in flight, "
+                     "committing)", config.persia_inc.model, got[0] if got else "request")
         finally:
             loader.close()
+        log.info("loader for model %s stopped: %d packets applied", config.persia_inc.model,
+                 loader.applied)
     return 0

@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
                 result = replay(client, store, model, until_time_ns=args.until_time,
                                 limits=config.persia_inc.limits,
                                 prefetch=config.persia_inc.loader.prefetch, progress=progress,
-                                plan=plan)
+                                plan=plan,
+                                allow_non_finite=config.persia_inc.loader.allow_non_finite)
     except (ShardError, StorageError, PacketError, FileNotFoundError, PermissionError,
             RuntimeError, TimeoutError) as exc:
         print(f"persia-inc replay: {exc}", file=sys.stderr)
