@@ -356,12 +356,13 @@ def test_loader_names_other_models_once_and_status_lists_them(
                               capture_output=True, text=True, timeout=120, check=False,
                               env={**os.environ, EMBEDDING_TOKEN_ENV: EMBEDDING_TOKEN})
 
-    done = status("--json")
-    assert done.returncode == 0, done.stderr
+    done = status("--json")  # exit 3: flagged
+    assert done.returncode == 3, done.stderr
     assert json.loads(done.stdout)["other_models"] == ["ads", "ctr"]
+    assert json.loads(done.stdout)["flags"] == ["other-models: ads, ctr"]
     done = status()
-    assert done.returncode == 0, done.stderr
-    assert "other models with packets under" in done.stdout and "ads, ctr" in done.stdout
+    assert done.returncode == 3, done.stderr
+    assert "flag other-models: packets under" in done.stdout and "ads, ctr" in done.stdout
 
 
 class StuckStore(LocalStore):
