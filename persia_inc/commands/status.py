@@ -39,9 +39,14 @@ The loader's flags are read from its /streams endpoint (--loader, default the me
 and port of persia_inc.loader when metrics_port is set; 'none': do not ask). A shard that does
 not answer is a flag, not a failure, as long as one answers. --json prints one JSON object.
 
+Replicas (a shard listed as several addresses): one line per replica, up or down, serving or
+catching up, its position per stream and its lag behind the freshest replica of its shard. A
+shard listed as replicas with no current one (every replica down or catching up) is flagged.
+
 Exit status: 0 all well, 3 something is flagged (a stream's flag, an unreachable loader, other
-models' packets), 1 failed (no embedding server answers, storage unreadable, a --clear the
-loader did not take; the reason is on stderr), 2 usage or configuration error.
+models' packets, a shard with no current replica), 1 failed (no embedding server answers,
+storage unreadable, a --clear the loader did not take; the reason is on stderr), 2 usage or
+configuration error.
 """
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FLAGGED = 0, 1, 2, 3
@@ -88,6 +93,39 @@ def dense_lines(dense: dict[str, Any]) -> list[str]:
     for refused in dense.get("refused", []):
         lines.append(f"  refused version {refused['version']}: {refused['reason']}")
     return lines
+
+
+def replica_rows(client: Any) -> list[dict[str, Any]]:
+    """Per target (every replica of every shard): up, current (serving), positions, and
+    the streams where it holds less than the freshest replica of its shard."""
+    from persia_inc.embedding_server.errors import ShardError
+
+    rows: list[dict[str, Any]] = []
+    for t in client.targets:
+        row: dict[str, Any] = {"shard": t.shard, "replica": t.replica, "address": t.address,
+                               "up": False, "current": False, "behind_s": 0.0, "positions": {},
+                               "lagging": []}
+        try:
+            client.verify((t.index,))
+            status = client.status(t.index)
+        except ShardError as exc:
+            row["error"] = str(exc)
+        else:
+            row.update(up=status.ready, current=status.ready and (status.current
+                                                                  or not status.num_replicas),
+                       behind_s=round(status.behind_s, 3),
+                       positions={f"{w.table}/{w.producer}": [w.generation, w.sequence]
+                                  for w in status.watermarks})
+        rows.append(row)
+    for row in rows:
+        siblings = [r for r in rows if r["shard"] == row["shard"]]
+        freshest: dict[str, list[int]] = {}
+        for r in siblings:
+            for stream, position in r["positions"].items():
+                freshest[stream] = max(freshest.get(stream, position), position)
+        row["lagging"] = sorted(s for s, p in freshest.items()
+                                if row["positions"].get(s, [-1, -1]) < p)
+    return rows
 
 
 def clear_flags(url: str, chosen: list[str], timeout_s: float = 5.0) -> list[str]:
@@ -148,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             others = find_other_models(store, config.persia_inc.model,
                                        (settings.quarantine_prefix.strip("/").partition("/")[0],))
             where = store.location("")
+            replicas = replica_rows(client)
     except (ShardError, StorageError, PacketError, FileNotFoundError, PermissionError,
             RuntimeError) as exc:
         print(f"persia-inc status: {exc}", file=sys.stderr)
@@ -157,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
     flags += [loader_flag] if loader_flag else []
     flags += [f"other-models: {', '.join(others)}"] if others else []
     flags += [f"dense: {flag}" for flag in (dense or {}).get("flags", [])]
+    no_replica = _shards_without_current_replica(replicas)
+    flags += [f"no-current-replica: shard {', '.join(map(str, no_replica))}"] if no_replica else []
     code = EXIT_FLAGGED if flags else EXIT_OK
     if args.json:
         print(json.dumps({
@@ -176,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
                  "generation_jump_held": r.generation_jump_held,
                  "generation_jump": list(r.generation_jump) if r.generation_jump else None,
                  "shards_unreachable": list(r.shards_unreachable)} for r in rows],
-            "dense": dense}))
+            "dense": dense,
+            "replicas": replicas}))
         return code
     if loader_flag:
         print(f"flag {loader_flag}: the loader's own flags are not shown")
@@ -191,4 +233,24 @@ def run(args: argparse.Namespace) -> int:
     if others:
         print(f"flag other-models: packets under {where} of other models than this config's "
               f"model {config.persia_inc.model!r}: {', '.join(others)}")
+    if len(replicas) > len({x["shard"] for x in replicas}) or not all(x["current"] for x in replicas):
+        for rep in replicas:
+            state = ("down" if not rep["up"] else "serving" if rep["current"]
+                     else f"catching up ({rep['behind_s']:.1f} s)")
+            lag = f"behind on {', '.join(rep['lagging'])}" if rep["lagging"] else "up to date"
+            print(f"shard {rep['shard']} replica {rep['replica']} {rep['address']}: {state}, {lag}")
+    if no_replica:
+        print(f"flag no-current-replica: shard(s) {', '.join(map(str, no_replica))} have no "
+              "current replica (down or catching up)")
     return code
+
+
+def _shards_without_current_replica(replicas: list[dict[str, Any]]) -> list[int]:
+    """Shards listed as several replicas with no current one. A shard of one address that does
+    not answer is the `shard-unreachable` flag of its streams instead."""
+    counts: dict[int, int] = {}
+    for r in replicas:
+        counts[r["shard"]] = counts.get(r["shard"], 0) + 1
+    shards = {shard for shard, count in counts.items() if count > 1}
+    serving = {r["shard"] for r in replicas if r["current"]}
+    return sorted(shards - serving)
