@@ -32,7 +32,11 @@ and port of persia_inc.loader when metrics_port is set); without it those flags 
 A shard that does not answer is a flag, not a failure, as long as one answers.
 --json prints one JSON object.
 
-Exit status: 0 done, 1 failed (the reason is on stderr), 2 usage or configuration error.
+Replicas (a shard listed as several addresses): one line per replica, up or down, serving or
+catching up, its position per stream and its lag behind the freshest replica of its shard.
+
+Exit status: 0 done, 1 failed (the reason is on stderr), 2 usage or configuration error,
+3 a shard has no current replica (every replica of it down or catching up).
 """
 
 
@@ -76,6 +80,39 @@ def dense_lines(dense: dict[str, Any]) -> list[str]:
     return lines
 
 
+def replica_rows(client: Any) -> list[dict[str, Any]]:
+    """Per target (every replica of every shard): up, current (serving), positions, and
+    the streams where it holds less than the freshest replica of its shard."""
+    from persia_inc.embedding_server.errors import ShardError
+
+    rows: list[dict[str, Any]] = []
+    for t in client.targets:
+        row: dict[str, Any] = {"shard": t.shard, "replica": t.replica, "address": t.address,
+                               "up": False, "current": False, "behind_s": 0.0, "positions": {},
+                               "lagging": []}
+        try:
+            client.verify((t.index,))
+            status = client.status(t.index)
+        except ShardError as exc:
+            row["error"] = str(exc)
+        else:
+            row.update(up=status.ready, current=status.ready and (status.current
+                                                                  or not status.num_replicas),
+                       behind_s=round(status.behind_s, 3),
+                       positions={f"{w.table}/{w.producer}": [w.generation, w.sequence]
+                                  for w in status.watermarks})
+        rows.append(row)
+    for row in rows:
+        siblings = [r for r in rows if r["shard"] == row["shard"]]
+        freshest: dict[str, list[int]] = {}
+        for r in siblings:
+            for stream, position in r["positions"].items():
+                freshest[stream] = max(freshest.get(stream, position), position)
+        row["lagging"] = sorted(s for s, p in freshest.items()
+                                if row["positions"].get(s, [-1, -1]) < p)
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from persia_inc.config import load_config
     from persia_inc.embedding_server.errors import ShardError
@@ -101,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             others = find_other_models(store, config.persia_inc.model,
                                        (settings.quarantine_prefix.strip("/").partition("/")[0],))
             where = store.location("")
+            replicas = replica_rows(client)
     except (ShardError, StorageError, PacketError, FileNotFoundError, PermissionError,
             RuntimeError) as exc:
         print(f"persia-inc status: {exc}", file=sys.stderr)
@@ -120,8 +158,9 @@ def run(args: argparse.Namespace) -> int:
                  "generation_jump_held": r.generation_jump_held,
                  "generation_jump": list(r.generation_jump) if r.generation_jump else None,
                  "shards_unreachable": list(r.shards_unreachable)} for r in rows],
-            "dense": None if report is None else report.dense}))
-        return 0
+            "dense": None if report is None else report.dense,
+            "replicas": replicas}))
+        return _exit(replicas)
     print(f"{'table':<20} {'producer':<20} {'servers':>16} {'storage':>16} {'lag':>6} {'lag_s':>9}"
           "  flags")
     for r in rows:
@@ -134,4 +173,21 @@ def run(args: argparse.Namespace) -> int:
     if others:
         print(f"other models with packets under {where} (not this config's model "
               f"{config.persia_inc.model!r}): {', '.join(others)}")
+    if len(replicas) > len({x["shard"] for x in replicas}) or not all(x["current"] for x in replicas):
+        for rep in replicas:
+            state = ("down" if not rep["up"] else "serving" if rep["current"]
+                     else f"catching up ({rep['behind_s']:.1f} s)")
+            lag = f"behind on {', '.join(rep['lagging'])}" if rep["lagging"] else "up to date"
+            print(f"shard {rep['shard']} replica {rep['replica']} {rep['address']}: {state}, {lag}")
+    return _exit(replicas)
+
+
+def _exit(replicas: list[dict[str, Any]]) -> int:
+    """3 when some shard has no current replica (reported on stderr), else 0."""
+    shards = {r["shard"] for r in replicas}
+    serving = {r["shard"] for r in replicas if r["current"]}
+    if shards - serving:
+        print(f"persia-inc status: shard(s) {', '.join(map(str, sorted(shards - serving)))} have "
+              "no current replica (down or catching up)", file=sys.stderr)
+        return 3
     return 0
