@@ -284,7 +284,7 @@ class ShardTracker:
             shard.logged_at = now
             log.error("SHARD %s %s for %.1f s (%d failures): %s; the other shards (replicas) still "
                       "get their slices, this one catches up from storage when it is back (logged "
-                      "at most every %.0f s)", target_name(self.client, shard.index),
+                      "at most every %.0f s)", target_name(self.client, shard.index).removeprefix("shard "),
                       "refuses its identity" if why == "wrong_shard" else "unreachable",
                       now - shard.down_since, shard.failures, exc, self.unreachable_log_interval_s)
 
