@@ -36,7 +36,8 @@ Replicas (a shard listed as several addresses): one line per replica, up or down
 catching up, its position per stream and its lag behind the freshest replica of its shard.
 
 Exit status: 0 done, 1 failed (the reason is on stderr), 2 usage or configuration error,
-3 a shard has no current replica (every replica of it down or catching up).
+3 a shard listed as replicas has no current one (every replica of it down or catching up;
+a shard of one address that does not answer stays a flag).
 """
 
 
@@ -183,8 +184,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _exit(replicas: list[dict[str, Any]]) -> int:
-    """3 when some shard has no current replica (reported on stderr), else 0."""
-    shards = {r["shard"] for r in replicas}
+    """3 when some shard listed as several replicas has no current one (reported on stderr),
+    else 0. A shard of one address that does not answer stays a flag, as it always was."""
+    counts: dict[int, int] = {}
+    for r in replicas:
+        counts[r["shard"]] = counts.get(r["shard"], 0) + 1
+    shards = {shard for shard, count in counts.items() if count > 1}
     serving = {r["shard"] for r in replicas if r["current"]}
     if shards - serving:
         print(f"persia-inc status: shard(s) {', '.join(map(str, sorted(shards - serving)))} have "
