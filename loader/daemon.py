@@ -206,20 +206,27 @@ class Loader:
         problems = [] if alive else ["dispatcher not running"]
         problems += [f"source {name} is dead" for name, ok in sources.items() if not ok]
         problems += source_problems
+        # a replica down is a flag while another replica of its shard answers; a shard with
+        # none answering is a problem
+        answering = {sh.shard for sh in shards if sh.up}
         problems += [f"shard {sh.shard} ({sh.address}) unreachable: {sh.error}"
-                     for sh in shards if not sh.up]
+                     for sh in shards if not sh.up and sh.shard not in answering]
+        replica_flags = [f"shard {sh.shard} replica {sh.replica} ({sh.address}) "
+                         + ("unreachable" if not sh.up else f"catching up ({sh.behind_s:.1f} s)")
+                         for sh in shards if (not sh.up and sh.shard in answering)
+                         or (sh.up and not sh.current)]
         dense = None
         if self.dense_sync is not None:
             dense = self.dense_sync.status()
             if not self.dense_sync.is_alive() and self.dense_sync.started:
                 problems.append("dense sync is not running")
-        servers = bool(shards) and all(sh.up for sh in shards)
+        servers = bool(shards) and all(sh.shard in answering for sh in shards)
         healthy = not problems and servers
         self.metrics.healthy.labels(self.model).set(1 if healthy else 0)
         return HealthReport(healthy=healthy, ready=healthy and not waiting, dispatcher=alive,
                             servers=servers, sources=sources, waiting=tuple(waiting),
                             shards=shards, problems=tuple(problems),
-                            flags=tuple(self.anomalies.flagged()), applied=self.applied,
+                            flags=(*self.anomalies.flagged(), *replica_flags), applied=self.applied,
                             queue=self.queue.qsize(), source=self.source_kind,
                             other_models=tuple(self.other_models), dense=dense)
 
@@ -505,11 +512,13 @@ class Loader:
         packet_id, packet = fetched.packet_id, fetched.packet
         ident = (stream, packet_id.position)
         started = self.clock()
-        targets = [shard.index for shard in self.shards.up]
-        # each shard applies only on top of what we last saw it hold: one that restarted since
-        # (empty, or from an older checkpoint) refuses instead of taking this packet over a gap
+        # every replica of every shard that is up and lacks it (one replaying after a restart
+        # does not resend the others what they hold); each applies only on top of what we last
+        # saw it hold: one that restarted since (empty, or from an older checkpoint) refuses
+        # instead of taking this packet over a gap
+        targets = self.shards.lacking(stream, packet_id.position)
         expect = {i: self.shards.shards[i].marks.get(stream) for i in targets}
-        outcome = self.client.apply_cut_shards(packet, targets, expect)
+        outcome = self.client.apply_cut_shards(packet, targets, expect) if targets else {}
         moved = {i: r for i, r in outcome.items() if isinstance(r, WatermarkMovedError)}
         if moved:
             for index, refusal in moved.items():
@@ -532,7 +541,7 @@ class Loader:
             self.shards.shard_down(self.shards.shards[index], exc, self.clock())
         if failed:
             self._count_error("apply")
-        if not acked:
+        if not acked and (targets or not self.shards.up):
             self._fetches[ident] = _done_future(fetched)  # kept for the next pass
             if moved and not failed:  # look again, then go on at once
                 self._retry_at[stream] = self.clock()

@@ -103,6 +103,14 @@ class LoaderMetrics:
             [*m, "shard", "address", "why"], registry=r)
         self.shard_up = Gauge("persia_inc_loader_shard_up", "1 when the shard answered at the "
                               "last look", [*m, "shard"], registry=r)
+        self.shard_current = Gauge(  # shard label 'SrR' for replica R of a replicated shard S
+            "persia_inc_loader_shard_current", "1 when the shard (replica) answered at the last "
+            "look and holds what its sibling replicas hold (serving), 0 while it catches up or "
+            "is down", [*m, "shard"], registry=r)
+        self.shard_lagging_streams = Gauge(
+            "persia_inc_loader_shard_lagging_streams", "Streams where the shard replica holds "
+            "less than the freshest replica of its shard (as last seen)", [*m, "shard"],
+            registry=r)
         self.dense_active = Gauge("persia_inc_loader_dense_active_version",
                                   "The dense version TorchServe serves by default (0: none yet)",
                                   m, registry=r)

@@ -53,7 +53,10 @@ class AnomalyReport:
 
 @dataclass(frozen=True, slots=True)
 class ShardReport:
-    """One shard (one replica of it) as the loader last saw it."""
+    """One shard (one replica of it) as the loader last saw it. current: it said it holds
+    what its sibling replicas hold (serving; always so for a shard of one replica); behind_s:
+    how long it has lacked a position a sibling holds; lagging_streams: streams where it holds
+    less than the freshest replica of its shard."""
 
     shard: int
     address: str
@@ -61,16 +64,21 @@ class ShardReport:
     error: str = ""
     failures: int = 0
     replica: int = 0
+    current: bool = False
+    behind_s: float = 0.0
+    lagging_streams: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"shard": self.shard, "address": self.address, "up": self.up, "error": self.error,
-                "failures": self.failures, "replica": self.replica}
+                "failures": self.failures, "replica": self.replica, "current": self.current,
+                "behind_s": self.behind_s, "lagging_streams": self.lagging_streams}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardReport:
         return cls(int(data["shard"]), str(data["address"]), bool(data["up"]),
                    str(data.get("error", "")), int(data.get("failures", 0)),
-                   int(data.get("replica", 0)))
+                   int(data.get("replica", 0)), bool(data.get("current", data["up"])),
+                   float(data.get("behind_s", 0.0)), int(data.get("lagging_streams", 0)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,10 +54,13 @@ class ShardNotReadyError(ConnectionError):
 
 @dataclass(frozen=True, slots=True)
 class ShardReading:
-    """One shard's answer: its watermark per stream and its tables' dims."""
+    """One shard's answer: its watermark per stream, its tables' dims, and (a replica of a
+    replicated shard) whether it holds what its siblings hold and how long it has not."""
 
     marks: dict[Stream, Position]
     dims: dict[str, int]
+    current: bool = True
+    behind_s: float = 0.0
 
 
 def read_shard(client: EmbeddingClient, index: int) -> ShardReading:
@@ -72,7 +75,8 @@ def read_shard(client: EmbeddingClient, index: int) -> ShardReading:
         raise ShardNotReadyError(f"{target_name(client, index)}: not ready (still loading its "
                                  "checkpoint)")
     return ShardReading({(w.table, w.producer): (w.generation, w.sequence) for w in status.watermarks},
-                        {t.name: t.dim for t in status.tables})
+                        {t.name: t.dim for t in status.tables},
+                        status.current or not status.num_replicas, status.behind_s)
 
 
 def target_name(client: EmbeddingClient, index: int) -> str:
@@ -128,6 +132,9 @@ class ShardState:
     shard: int = -1  # the shard it is a replica of (-1: `index`)
     label: str = ""  # its metrics label ('S', or 'SrR' among replicas; empty: `index`)
     up: bool = False
+    current: bool = False  # answered and said it holds what its siblings hold
+    behind_s: float = 0.0
+    lagging: int = 0  # streams where it holds less than its shard's freshest replica
     marks: dict[Stream, Position] = field(default_factory=dict)
     seen: bool = False  # answered (ready) at least once
     error: BaseException | None = None  # why it is down (None while up)
@@ -138,7 +145,8 @@ class ShardState:
 
     def report(self) -> ShardReport:
         return ShardReport(self.index if self.shard < 0 else self.shard, self.address, self.up,
-                           "" if self.error is None else str(self.error), self.failures, self.replica)
+                           "" if self.error is None else str(self.error), self.failures,
+                           self.replica, self.up and self.current, self.behind_s, self.lagging)
 
 
 class ShardTracker:
@@ -182,7 +190,27 @@ class ShardTracker:
         up = self.up
         self.ok = bool(up)
         self.must_check = not up
+        self._count_lagging()
         return up
+
+    def _count_lagging(self) -> None:
+        """Per replica, the streams where it holds less than the freshest replica of its
+        shard (down replicas count with their last known marks)."""
+        by_shard: dict[int, list[ShardState]] = {}
+        for shard in self.shards:
+            by_shard.setdefault(shard.shard, []).append(shard)
+        for siblings in by_shard.values():
+            freshest: dict[Stream, Position] = {}
+            for shard in siblings:
+                for stream, position in shard.marks.items():
+                    freshest[stream] = max(freshest.get(stream, position), position)
+            for shard in siblings:
+                shard.lagging = sum(1 for stream, position in freshest.items()
+                                    if shard.marks.get(stream, (-1, -1)) < position)
+                label = shard.label or str(shard.index)
+                self.metrics.shard_lagging_streams.labels(self.model, label).set(shard.lagging)
+                self.metrics.shard_current.labels(self.model, label).set(
+                    1 if shard.up and shard.current else 0)
 
     def refresh(self, ordering: Ordering, *, follow_servers: bool, force: bool = False,
                 on_moved: Callable[[Stream, bool], None]) -> bool:
@@ -228,10 +256,11 @@ class ShardTracker:
             self.shard_down(shard, exc, now)
             return
         shard.marks = reading.marks
+        shard.current, shard.behind_s = reading.current, reading.behind_s
         self.dims.update(reading.dims)
         if not shard.up and shard.down_since is not None:
-            log.warning("shard %d (%s) answers again after %.1f s: catching up from storage",
-                        shard.index, shard.address, now - shard.down_since)
+            log.warning("%s answers again after %.1f s: catching up from storage",
+                        target_name(self.client, shard.index), now - shard.down_since)
         shard.up, shard.seen, shard.error, shard.failures = True, True, None, 0
         shard.down_since = None
         self.metrics.shard_up.labels(self.model, shard.label or str(shard.index)).set(1)
@@ -253,11 +282,22 @@ class ShardTracker:
         self.metrics.shard_up.labels(self.model, shard.label or str(shard.index)).set(0)
         if now - shard.logged_at >= self.unreachable_log_interval_s:
             shard.logged_at = now
-            log.error("SHARD %d (%s) %s for %.1f s (%d failures): %s; the other shards still get "
-                      "their slices, this one catches up from storage when it is back (logged at "
-                      "most every %.0f s)", shard.index, shard.address,
+            log.error("SHARD %s %s for %.1f s (%d failures): %s; the other shards (replicas) still "
+                      "get their slices, this one catches up from storage when it is back (logged "
+                      "at most every %.0f s)", target_name(self.client, shard.index).removeprefix("shard "),
                       "refuses its identity" if why == "wrong_shard" else "unreachable",
                       now - shard.down_since, shard.failures, exc, self.unreachable_log_interval_s)
+
+    def lacking(self, stream: Stream, position: Position) -> list[int]:
+        """The targets that are up and do not hold `position` of `stream` yet (one that holds
+        it already is not sent it again: a replica catching up does not cost the others)."""
+        return [shard.index for shard in self.shards if shard.up
+                and (shard.marks.get(stream) is None or shard.marks[stream] < position)]
+
+    def serving_shards(self) -> set[int]:
+        """The shards with a replica that answered and is current (or is the only one)."""
+        return {shard.index if shard.shard < 0 else shard.shard for shard in self.shards
+                if shard.up and shard.current}
 
     def applied(self, stream: Stream, position: Position, indices: Iterable[int]) -> None:
         """The shards `indices` acked `position` of `stream`."""

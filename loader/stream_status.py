@@ -84,7 +84,10 @@ def stream_status(client: EmbeddingClient, store: ObjectStore, model: str,
             known[producer] = max(known.get(producer, mark[0]), mark[0])
     reported: dict[Stream, StreamReport] = {} if loader is None else {
         (r.table, r.producer): r for r in loader.streams}
-    loader_down = set() if loader is None else {sh.shard for sh in loader.shards if not sh.up}
+    loader_down = set() if loader is None else {  # as target indices, as `down` has them
+        client.replicas_of(sh.shard)[sh.replica] for sh in loader.shards
+        if not sh.up and sh.shard < client.num_shards
+        and sh.replica < len(client.replicas_of(sh.shard))}
     stored = list_streams(store, model)
     out = []
     for stream in sorted(set(start) | set(stored) | set(reported)):

@@ -13,6 +13,7 @@ import yaml
 
 from persia_inc.cli import COMMANDS
 from persia_inc.config import load_config
+from persia_inc.embedding_server.routing import targets_of_servers
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -79,13 +80,15 @@ def test_every_command_exists_in_our_cli(service: str) -> None:
 def test_the_cluster_config_loads_and_matches_the_scrape_targets() -> None:
     config = load_config(INFRA / "compose" / "global_config.yaml")
     assert config.storage == "ceph" and config.persia_inc.producer.announce == "kafka"
-    hosts = [s.split(":")[0] for s in config.infer.servers]
+    targets_of, _ = targets_of_servers(config.infer.servers)
+    hosts = [t.address.split(":")[0] for t in targets_of]
     assert set(hosts) <= set(compose()["services"])
+    assert all(len(replicas) == 2 for replicas in config.infer.servers)  # two replicas a shard
     scrape = yaml.safe_load((INFRA / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
     base = config.persia_inc.embedding_server.metrics_port_base
-    for shard, host in enumerate(hosts):
-        assert f"{host}:{base + shard}" in targets
+    for target, host in enumerate(hosts):  # one port per process: base + target index
+        assert f"{host}:{base + target}" in targets
     assert f"loader:{config.persia_inc.loader.metrics_port}" in targets
 
 

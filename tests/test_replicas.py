@@ -6,21 +6,28 @@ One shard of two replicas keeps the tests lean: failover and freshness are per s
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_loader_services import FAST as LOADER_FAST
+from test_loader_services import Training
 
-from persia_inc.config import ConfigError, config_from_mapping
+from persia_inc.config import ConfigError, config_from_mapping, load_config
 from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
 from persia_inc.embedding_server.routing import targets_of_servers
 from persia_inc.embedding_server.sharding import replica_sets
 from persia_inc.foundation.wait import wait_until
-from persia_inc.local_services import EMBEDDING_TOKEN
+from persia_inc.local_services import EMBEDDING_TOKEN, EMBEDDING_TOKEN_ENV
 from persia_inc.packet_format.cut import Cut, CutHeader, CutTable, TableRows
+from persia_inc.wiring import loader_from_config
 
 DIM = 8
 SIGNS = np.arange(1, 2001, dtype=np.uint64)
@@ -143,3 +150,64 @@ def test_a_replica_missing_the_latest_cut_is_not_read(embedding_cluster_factory)
         np.testing.assert_array_equal(client.lookup("t", SIGNS), expected(0.5))
         assert client.counters()["behind_answers"] >= 1
         assert not client.status(0).current  # it remembers what its sibling held
+
+
+def test_the_loader_keeps_every_replica_current(embedding_cluster_factory, tmp_path) -> None:
+    cluster = embedding_cluster_factory(1, replicas=2, incremental_dir=str(tmp_path / "inc"),
+                                        persia_inc={"loader": LOADER_FAST}, **FAST)
+    config = load_config(cluster.config_path)
+
+    def positions(target: int) -> list[tuple[int, int]]:
+        return [(w.generation, w.sequence) for w in client.shard_watermarks(target)]
+
+    with cluster.client(timeout_s=10.0) as client, config.open_store() as store:
+        training = Training(store)
+        with loader_from_config(config, client) as loader:
+            for seq in range(3):
+                training.write(1, seq)
+            training.check(client)
+            wait_for(lambda: positions(0) == positions(1) == [(1, 2)], "both replicas fed")
+
+            cluster.stop(0, signal.SIGKILL, replica=1)  # down: the other is not held back
+            training.write(1, 3)
+            training.write(1, 4)
+            training.check(client)
+            assert positions(0) == [(1, 4)]
+            wait_for(lambda: any("replica 1" in f and "unreachable" in f
+                                 for f in loader.health().flags), "the down replica flagged")
+            assert loader.health().healthy  # its shard still answers
+            down = [s for s in loader.streams().shards if s.replica == 1]
+            assert down and not down[0].up and not down[0].current
+
+            cluster.start(0, 1)  # back empty: caught up from storage, then serving
+            wait_for(lambda: current(client, 1) and positions(1) == [(1, 4)],
+                     "the restarted replica caught up from storage")
+            training.write(1, 5)
+            training.check(client)
+            wait_for(lambda: positions(0) == positions(1) == [(1, 5)], "both replicas fed")
+            wait_for(lambda: all(s.up and s.current for s in loader.streams().shards),
+                     "the loader's report to show both replicas serving")
+
+        done = status_cli(cluster.config_path)
+        assert done.returncode == 0, done.stderr
+        replicas = json.loads(done.stdout)["replicas"]
+        assert [(r["replica"], r["current"], r["lagging"]) for r in replicas] == [
+            (0, True, []), (1, True, [])]
+        assert replicas[1]["positions"] == {"t/p": [1, 5]}
+        # no loader now: a replica restarted empty stays catching up; with its fresh sibling
+        # gone too, the shard has no current replica, and status says so
+        cluster.stop(0, signal.SIGKILL, replica=1)
+        cluster.start(0, 1)
+        wait_for(lambda: ready(client, 1), "the restarted replica to load")
+        cluster.stop(0, signal.SIGKILL)
+        done = status_cli(cluster.config_path)
+        assert done.returncode == 3, (done.stdout, done.stderr)
+        assert "shard(s) 0 have no current replica" in done.stderr
+        assert not json.loads(done.stdout)["replicas"][1]["current"]
+
+
+def status_cli(config_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "persia_inc.cli", "status", "--json", "--loader",
+                           "none", "--config", str(config_path)], capture_output=True, text=True,
+                          env={**os.environ, EMBEDDING_TOKEN_ENV: EMBEDDING_TOKEN}, timeout=120,
+                          check=False)

@@ -86,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="host:port of a Kafka broker (default: KAFKA_BOOTSTRAP_SERVERS; "
                              "none: start a Tansu broker)")
     parser.add_argument("--shards", type=int, default=2, help="embedding servers (default 2)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="processes per live shard, each a full copy; clients fail over "
+                             "between them (default 1)")
+    parser.add_argument("--chaos", nargs="?", type=float, const=5.0, default=0.0, metavar="S",
+                        help="kill one live replica with SIGKILL every S seconds (default 5) "
+                             "while serving and start it again; needs --replicas >= 2")
     parser.add_argument("--vocab", type=int, default=20_000, help="rows per table (default 20000)")
     parser.add_argument("--buffer-size", type=int, default=20_000,
                         help="incremental_buffer_size: distinct signs over all 26 tables that "
@@ -125,9 +131,11 @@ def run(args: argparse.Namespace) -> int:
               f"{install_hint('torch')}", file=sys.stderr)
         return 2
     if (args.shards < 1 or args.vocab < 100 or args.seconds <= 0 or args.warmup_seconds < 0
-            or args.dense_every_seconds < 0):
+            or args.dense_every_seconds < 0 or args.replicas < 1 or args.chaos < 0
+            or (args.chaos and args.replicas < 2)):
         print("persia-inc demo: --shards >= 1, --vocab >= 100, --seconds > 0, "
-              "--warmup-seconds >= 0 and --dense-every-seconds >= 0 please", file=sys.stderr)
+              "--warmup-seconds >= 0, --dense-every-seconds >= 0, --replicas >= 1 and "
+              "--chaos only with --replicas >= 2 please", file=sys.stderr)
         return 2
     try:
         plan = plan_services(args.storage, args.announce, incremental_dir=args.incremental_dir,
@@ -196,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
                                       incremental_dir=args.incremental_dir, s3=s3,
                                       serving=ServingOptions(frontend=frontend),
                                       dense_every_s=args.dense_every_seconds,
+                                      replicas=args.replicas, chaos_every_s=args.chaos,
                                       kafka_bootstrap=services.kafka_bootstrap or plan.kafka_bootstrap)
                 with Live(render(Progress()), console=console, refresh_per_second=4) as live:
                     report = run_demo(options, on_progress=lambda p: live.update(render(p)))
@@ -249,6 +258,9 @@ def run(args: argparse.Namespace) -> int:
         (f"serving ({serving.get('frontend', '-')}): requests / errors",
          f"{serving.get('requests', 0):,} / {serving.get('errors', 0):,}"),
         ("serving p50 / p99", f"{serving.get('p50_ms', 0):.1f} / {serving.get('p99_ms', 0):.1f} ms"),
+        ("replicas per shard / kills / failovers",
+         f"{serving.get('replicas', 1)} / {_count(serving.get('kills'))} / "
+         f"{serving.get('failovers', 0):,}"),
         ("TorchServe vs in process: checked / mismatched",
          f"{serving.get('checked', 0):,} / {serving.get('mismatched', 0):,}"),
         ("dense versions activated / published",
@@ -360,3 +372,8 @@ def _log_to_file(path: Path) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+
+
+def _count(items: object) -> int:
+    """How many entries a report list holds (0 when absent)."""
+    return len(items) if isinstance(items, list) else 0

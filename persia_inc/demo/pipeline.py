@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from persia_inc.config import Config, load_config
+from persia_inc.demo.chaos import ReplicaProcesses
 from persia_inc.demo.clicks import ClickStream, ClickStreamConfig
 from persia_inc.demo.freshness import FreshnessWatcher
 from persia_inc.demo.processes import ChildProcess
@@ -72,7 +73,10 @@ class DemoOptions:
     host:port for announce=kafka; dense_every_s: publish the dense part as a dense version
     this often while training (seconds; the loader's dense sync activates each in TorchServe
     once the servers hold its sparse positions; 0: never; only with the torchserve frontend);
-    dense_activate_timeout_s: how long, after training, the last one gets to activate."""
+    dense_activate_timeout_s: how long, after training, the last one gets to activate;
+    replicas: processes per live shard (each a full copy; clients fail over between them);
+    chaos_every_s: kill one live replica with SIGKILL this often and start it again (0: never;
+    needs replicas >= 2)."""
 
     workdir: Path
     seconds: float = 60.0
@@ -98,10 +102,15 @@ class DemoOptions:
     seed: int = 0
     dense_every_s: float = 10.0
     dense_activate_timeout_s: float = 60.0
+    replicas: int = 1
+    chaos_every_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dense_every_s < 0 or self.dense_activate_timeout_s <= 0:
             raise ValueError("need dense_every_s >= 0 and dense_activate_timeout_s > 0")
+        if self.replicas < 1 or self.chaos_every_s < 0 or (self.chaos_every_s
+                                                           and self.replicas < 2):
+            raise ValueError("need replicas >= 1, chaos_every_s >= 0, and replicas >= 2 for chaos")
 
 
 # ------------------------------------------------------------------------------ the run
@@ -258,7 +267,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     dense_pt = save_torchscript(dense_part(model), workdir / "dense.pt")
     dense = load_torchscript(dense_pt)
     spec = serving_spec(model)
-    servers = [f"127.0.0.1:{free_port()}" for _ in range(options.shards)]
+    servers: list = [f"127.0.0.1:{free_port()}" for _ in range(options.shards)]
+    if options.replicas > 1:  # each shard listed as its replicas
+        servers = [[s] + [f"127.0.0.1:{free_port()}" for _ in range(options.replicas - 1)]
+                   for s in servers]
     # one storage root for both configs (a ceph run's is a new bucket name on every call)
     options = dataclasses.replace(options, incremental_dir=_storage_root(options))
     config_path = write_config(options, servers, checkpoint)
@@ -276,11 +288,13 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     dense_watch: DenseWatcher | None = None
     stub = None
     clients: list[EmbeddingClient] = []
+    live_servers: ReplicaProcesses | None = None
     try:
         progress.phase = "starting embedding servers"
         notify(progress)
-        for arm, path, count in (("embedding-server", config_path, options.shards),
-                                 ("frozen-embedding-server", frozen_path, options.frozen_shards)):
+        live_servers = ReplicaProcesses("embedding-server", config_path,
+                                        [options.replicas] * options.shards, workdir / "logs")
+        for arm, path, count in (("frozen-embedding-server", frozen_path, options.frozen_shards),):
             for shard in range(count):
                 children.append(ChildProcess(
                     f"{arm} {shard}", ["embedding-server", "--config", str(path), "--shard", str(shard)],
@@ -300,6 +314,7 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             client.wait_ready(90)
             frozen_client.wait_ready(90)
         except TimeoutError:
+            live_servers.check_alive()
             for child in children:
                 child.check_alive()
             raise
@@ -345,6 +360,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
                              until_s=options.seconds,
                              checkpoint_dense=in_process_scorer(engine) if dense_every else None
                              ).start()
+        if options.chaos_every_s:
+            live_servers.start_chaos(options.chaos_every_s, stream_clock)
         last_notify = 0.0
         while stream_clock() < options.seconds:
             stream.advance_to(stream_clock())
@@ -359,6 +376,7 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
                 producer.evict(name, gone)
                 evicted[name][gone] = True
             if time.monotonic() - last_notify > 0.25:
+                live_servers.check_alive()
                 for child in children:
                     child.check_alive()
                 notify(progress)
@@ -367,6 +385,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         report.steps = progress.steps
         probe.close()
         report.serving = probe.report()
+        report.serving["failovers"] = client.counters()["failovers"]
+        report.serving["behind_answers"] = client.counters()["behind_answers"]
+        report.serving["replicas"] = options.replicas
+        report.serving["kills"] = list(live_servers.kills)
 
         progress.phase = "draining"
         notify(progress)
@@ -422,6 +444,7 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             }
         else:
             report.problems.append("no packet was observed becoming visible")
+        live_servers.check_alive()
         for child in children:
             child.check_alive()
         if served is not None and (code := served.server.exit_code()) is not None:
@@ -446,6 +469,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             if code not in (0, None):
                 report.problems.append(f"{child.name} exited with {code} on SIGTERM")
                 report.verified = False
+        if live_servers is not None:
+            stopped = live_servers.stop()
+            report.problems += stopped
+            report.verified = report.verified and not stopped
         store.close()
     progress.phase = "done"
     notify(progress)
@@ -454,8 +481,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     timeline = report.serving.get("timeline")
     switches = [(v["activated_at_ns"] - started_ns) / 1e9 for v in report.dense_versions
                 if isinstance(v.get("activated_at_ns"), int)] if report.dense_versions else []
+    kills = report.serving.get("kills")
     if plot_serving(timeline if isinstance(timeline, list) else [], workdir / "serving.png",
-                    switches_s=switches):
+                    switches_s=switches,
+                    kills_s=[k["t_s"] for k in kills] if isinstance(kills, list) else []):
         report.pictures.append("serving.png")
     (workdir / "report.json").write_text(report.to_json())
     return report

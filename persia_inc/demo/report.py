@@ -112,11 +112,12 @@ def plot_freshness(latencies_ms: list[float], path: Path) -> bool:
 
 
 def plot_serving(timeline: list[dict[str, float]], path: Path,
-                 switches_s: Sequence[float] = ()) -> bool:
+                 switches_s: Sequence[float] = (), kills_s: Sequence[float] = ()) -> bool:
     """AUC over stream time of each arm in the timeline (live; live rows with the checkpoint's
-    dense part; frozen), per window and cumulative, and a dotted line where a dense version
-    became the default (`switches_s`, stream seconds), at `path`; False (and no file) without
-    matplotlib or without a point to draw."""
+    dense part; frozen), per window and cumulative, a dotted line where a dense version
+    became the default (`switches_s`, stream seconds) and a red mark where `--chaos` killed a
+    replica (`kills_s`), at `path`; False (and no file) without matplotlib or without a point
+    to draw."""
     if not have("matplotlib") or not timeline:
         return False
     import matplotlib
@@ -138,6 +139,9 @@ def plot_serving(timeline: list[dict[str, float]], path: Path,
     for i, at in enumerate(switches_s):
         axes.axvline(at, color="grey", linestyle=":", linewidth=1,
                      label="dense version activated" if i == 0 else None)
+    for i, at in enumerate(kills_s):
+        axes.axvline(at, color="#c0392b", linestyle="--", linewidth=0.8, alpha=0.7,
+                     label="replica killed (SIGKILL)" if i == 0 else None)
     axes.set_xlabel("stream seconds since the checkpoint (window end)")
     axes.set_ylabel("AUC")
     axes.set_title("persia-inc demo: live embeddings and dense versions vs frozen")
