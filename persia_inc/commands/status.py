@@ -199,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
     no_replica = _shards_without_current_replica(replicas)
     flags += [f"no-current-replica: shard {', '.join(map(str, no_replica))}"] if no_replica else []
     code = EXIT_FLAGGED if flags else EXIT_OK
+    if no_replica:
+        print(f"persia-inc status: shard(s) {', '.join(map(str, no_replica))} have no current "
+              "replica (down or catching up)", file=sys.stderr)
     if args.json:
         print(json.dumps({
             "model": config.persia_inc.model,
@@ -239,9 +242,6 @@ def run(args: argparse.Namespace) -> int:
                      else f"catching up ({rep['behind_s']:.1f} s)")
             lag = f"behind on {', '.join(rep['lagging'])}" if rep["lagging"] else "up to date"
             print(f"shard {rep['shard']} replica {rep['replica']} {rep['address']}: {state}, {lag}")
-    if no_replica:
-        print(f"flag no-current-replica: shard(s) {', '.join(map(str, no_replica))} have no "
-              "current replica (down or catching up)")
     return code
 
 
