@@ -324,10 +324,9 @@ class PrioritizedUpdates:
                 score = np.where(is_touched, np.where(was_pending, score + 1, 1), score)
             since = np.where(was_pending, state.since[slots], oldest_s)
             due = live & (final | (since + self.max_staleness_s - self.interval_s <= now_s))
-            ship = due.copy()
-            left = budget - int(np.count_nonzero(due))
+            ship = due.copy()  # the bound is kept on top of the budget: hot rows never wait
             rest = np.flatnonzero(live & ~due)
-            ship[_best(rest, score[rest], left)] = True
+            ship[_best(rest, score[rest], budget)] = True
             hold = live & ~ship
             state.pending += int(np.count_nonzero(hold & ~was_pending)) - int(
                 np.count_nonzero(was_pending & ~hold))
