@@ -263,7 +263,10 @@ class PrioritizedUpdates:
         """Serving holds rows: float32[n, dim] for signs: uint64[n] (e.g. the checkpoint the
         servers loaded): rank later changes of those rows against them."""
         with self._lock:
-            state = self._tables[table]
+            state = self._tables.get(table)
+            if state is None:
+                raise KeyError(f"table {table!r} has no reader: call register_table({table!r}, "
+                               "...) before mark_served")
             slots = state.slots(signs)
             state.flags[slots] |= _KNOWN
             if state.rank == "delta":

@@ -348,12 +348,12 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
 
         progress.phase = "training on a drifting stream, serving live and frozen"
         producer = producer_from_config(config, producer_id="trainer-0")
-        for name, rows in at_checkpoint.items():  # what serving holds: changes rank against it
-            producer.mark_served(name, signs, rows)
         hook = IncrementalUpdateHook(
             producer, tables, optimizer, dense_every_s=dense_every,
             dense_module=lambda: dense_part(model),
             dense_exporter=mar_exporter(spec, config_file=config_path) if dense_every else None)
+        for name, rows in at_checkpoint.items():  # what serving holds: changes rank against it
+            producer.mark_served(name, signs, rows)
         evicted = {name: np.zeros(options.vocab, bool) for name in tables}
         started = time.monotonic()
         started_ns = time.time_ns()
