@@ -25,7 +25,9 @@ stored), and flags for what must not go unseen:
 
 Dense versions (when the loader's dense sync runs, from its /streams endpoint): the version
 TorchServe serves by default, when it was exported and activated, and every pending version
-with what it waits for (the shards' watermarks below its sparse positions), and refused ones.
+with what it waits for (the shards' watermarks below its sparse positions, a pin), refused
+ones with the reason, the rollback's pin (flag pinned=N), and whether TorchServe answers (flag
+torchserve-unreachable: the exit status is then 1).
 
 The loader's flags are read from its /streams endpoint (--loader, default the metrics address
 and port of persia_inc.loader when metrics_port is set); without it those flags are absent.
@@ -67,12 +69,23 @@ def loader_report(url: str, timeout_s: float = 3.0) -> tuple[LoaderReport | None
         return None, str(getattr(exc, "reason", exc))
 
 
+def dense_unreachable(dense: dict[str, Any] | None) -> bool:
+    """Whether the loader's dense sync flags TorchServe as not answering."""
+    return dense is not None and "torchserve-unreachable" in dense.get("flags", [])
+
+
 def dense_lines(dense: dict[str, Any]) -> list[str]:
     """The dense-version lines of the text report, from the loader's `dense` status."""
-    active = dense.get("active")
+    active, torchserve, pinned = dense.get("active"), dense.get("torchserve") or {}, dense.get("pinned")
     lines = [f"dense model {dense.get('model_name')}: active version "
              + ("none" if not active else f"{active['version']} (exported_at_ns "
-                f"{active['exported_at_ns']}, activated_at_ns {active['activated_at_ns']})")]
+                f"{active['exported_at_ns']}, activated_at_ns {active['activated_at_ns']})")
+             + (f", pinned by a rollback to version {pinned['version']} (`persia-inc rollback --unpin` "
+                "releases it)" if pinned else "")
+             + f"  flags {' '.join(dense.get('flags', [])) or '-'}"]
+    if torchserve and not torchserve.get("answers", True):
+        lines.append(f"  TorchServe at {torchserve.get('address')} does not answer: "
+                     f"{torchserve.get('error')}; the active version is the last one it confirmed")
     for pending in dense.get("pending", []):
         waiting = "; ".join(pending.get("waiting_for", [])) or "-"
         lines.append(f"  pending version {pending['version']} ({pending['state']}): waiting for {waiting}")
@@ -161,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                  "shards_unreachable": list(r.shards_unreachable)} for r in rows],
             "dense": None if report is None else report.dense,
             "replicas": replicas}))
-        return _exit(replicas)
+        return _exit(replicas, None if report is None else report.dense)
     print(f"{'table':<20} {'producer':<20} {'servers':>16} {'storage':>16} {'lag':>6} {'lag_s':>9}"
           "  flags")
     for r in rows:
@@ -180,12 +193,13 @@ def run(args: argparse.Namespace) -> int:
                      else f"catching up ({rep['behind_s']:.1f} s)")
             lag = f"behind on {', '.join(rep['lagging'])}" if rep["lagging"] else "up to date"
             print(f"shard {rep['shard']} replica {rep['replica']} {rep['address']}: {state}, {lag}")
-    return _exit(replicas)
+    return _exit(replicas, dense)
 
 
-def _exit(replicas: list[dict[str, Any]]) -> int:
-    """3 when some shard listed as several replicas has no current one (reported on stderr),
-    else 0. A shard of one address that does not answer stays a flag, as it always was."""
+def _exit(replicas: list[dict[str, Any]], dense: dict[str, Any] | None = None) -> int:
+    """3 when some shard listed as several replicas has no current one, 1 when the loader's
+    dense sync flags TorchServe as not answering (each reported on stderr), else 0. A shard of
+    one address that does not answer stays a flag, as it always was."""
     counts: dict[int, int] = {}
     for r in replicas:
         counts[r["shard"]] = counts.get(r["shard"], 0) + 1
@@ -195,4 +209,8 @@ def _exit(replicas: list[dict[str, Any]]) -> int:
         print(f"persia-inc status: shard(s) {', '.join(map(str, sorted(shards - serving)))} have "
               "no current replica (down or catching up)", file=sys.stderr)
         return 3
+    if dense is not None and dense_unreachable(dense):
+        print(f"persia-inc status: TorchServe at {dense['torchserve']['address']} does not answer",
+              file=sys.stderr)
+        return 1
     return 0
