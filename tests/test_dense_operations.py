@@ -142,7 +142,7 @@ def test_restart_bad_module_and_rollback_while_serving(
         with pytest.raises(ValueError, match=r"forward\(dense float32\[4, 13\], sparse .* failed"):
             publish_mar(producer, modules[3].mlp, SPEC, config_file=cluster.config_path)
         # ... and a version published past that check is refused by the validation request
-        bad = producer.publish_mar(modules[3].mlp, mar_exporter(SPEC, config_file=cluster.config_path))
+        bad = producer.publish_dense(modules[3].mlp, mar_exporter(SPEC, config_file=cluster.config_path))
         assert bad.version == 3
         wait_until(lambda: 3 in sync.versions and sync.versions[3].state == "refused",
                    "the bad version 3 to be refused", timeout_s=120.0)
