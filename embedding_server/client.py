@@ -36,7 +36,12 @@ import grpc
 import numpy as np
 
 from persia_inc.embedding_server._wire import decode_lookup_reply, decode_lookup_tables_reply
-from persia_inc.embedding_server.errors import ShardError, ShardIdentityError, WatermarkMovedError
+from persia_inc.embedding_server.errors import (
+    ModelIdentityError,
+    ShardError,
+    ShardIdentityError,
+    WatermarkMovedError,
+)
 from persia_inc.embedding_server.messages import (
     HEADROOM_BYTES,
     ApplyResult,
@@ -96,9 +101,11 @@ class EmbeddingClient:
 
     def __init__(self, servers: Sequence[str | Sequence[str]], *, token: str = "",
                  tls_ca: bytes | None = None, timeout_s: float = 60.0,
-                 max_message_bytes: int = 256 * 1024 * 1024, replica_retry_s: float = 0.5) -> None:
+                 max_message_bytes: int = 256 * 1024 * 1024, replica_retry_s: float = 0.5,
+                 model: str = "") -> None:
         if not servers:
             raise ValueError("EmbeddingClient needs at least one server")
+        self.model = model  # "" : any; else a server reporting another model is refused
         self.servers = tuple(s if isinstance(s, str) else tuple(s) for s in servers)
         self.targets, self._by_shard = targets_of_servers(self.servers)
         self.timeout_s = timeout_s
@@ -138,7 +145,7 @@ class EmbeddingClient:
 
     @classmethod
     def from_settings(cls, servers: Sequence[str | Sequence[str]],
-                      settings: EmbeddingServerSettings) -> EmbeddingClient:
+                      settings: EmbeddingServerSettings, *, model: str = "") -> EmbeddingClient:
         """A client for `servers` (in shard order: host:port, or a shard's replicas) with the
         token (read from the environment variable `settings.token_env`), TLS roots, deadline,
         message limit and replica retry of `settings`."""
@@ -149,7 +156,7 @@ class EmbeddingClient:
                 tls_ca = handle.read()
         return cls(servers, token=token, tls_ca=tls_ca, timeout_s=settings.request_timeout_s,
                    max_message_bytes=settings.max_message_bytes,
-                   replica_retry_s=settings.replica_retry_s)
+                   replica_retry_s=settings.replica_retry_s, model=model)
 
     @property
     def num_shards(self) -> int:
@@ -220,6 +227,10 @@ class EmbeddingClient:
                         t.shard, t.address, (t.shard, num), (reply.shard, reply.num_shards),
                         f"our list makes it replica {t.replica} of {replicas}, it reports "
                         f"replica {reported[0]} of {reported[1]}")
+                if self.model and reply.model and reply.model != self.model:
+                    self._verified[index] = False
+                    log.error("%s serves model %r, not %r; refusing it", t.address, reply.model, self.model)
+                    raise ModelIdentityError(t.shard, t.address, self.model, reply.model)
                 if reply.max_message_bytes:
                     self._limits[index] = min(self.max_message_bytes, reply.max_message_bytes)
                 self._verified[index] = True

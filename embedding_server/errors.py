@@ -39,6 +39,19 @@ class ShardIdentityError(ShardError):
         self.retriable = False
 
 
+class ModelIdentityError(ShardError):
+    """A server serves another model's rows than the client is for (`persia_inc.model` of the
+    server's configuration and of the client's differ). Never retriable."""
+
+    def __init__(self, shard: int, address: str, expected: str, reported: str) -> None:
+        self.expected_model, self.reported_model = expected, reported
+        super().__init__(shard, address, "FAILED_PRECONDITION",
+                         f"model identity mismatch at {address}: this client is for model {expected!r}, "
+                         f"the server serves model {reported!r}; check PersiaInferConfig.servers and "
+                         "persia_inc.model")
+        self.retriable = False
+
+
 class WatermarkMovedError(ShardError):
     """A conditional apply was refused: the shard holds another position of the stream than
     the caller expected (it restarted from a checkpoint, or another writer moved it). Nothing

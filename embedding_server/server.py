@@ -210,8 +210,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                  token: str = "", dump_chunk_rows: int = 1_000_000,
                  loader: Callable[[str], tuple[int, float]] | None = None,
                  max_message_bytes: int = 256 * 1024 * 1024, replica: int = 0,
-                 num_replicas: int = 1) -> None:
+                 num_replicas: int = 1, model: str = "") -> None:
         self.shard = shard
+        self.model = model
         self.shard_index, self.num_shards = shard_index, num_shards
         self.replica, self.num_replicas = replica, num_replicas
         self.current = True  # set by the sibling watch of a replicated shard
@@ -384,7 +385,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             staged_applies=staged, staged_bytes=staged_bytes,
             foreign_lookup_signs=self.shard.foreign_lookup_signs, replica=self.replica,
             num_replicas=self.num_replicas, current=self.current, behind_s=self.behind_s(),
-            siblings_up=self.siblings_up())
+            siblings_up=self.siblings_up(), model=self.model)
 
     def Dump(self, request: pb.DumpRequest, context: grpc.ServicerContext) -> Iterator[pb.DumpChunk]:  # noqa: N802
         code, message = self._check_call("Dump", context)
@@ -443,12 +444,13 @@ def _credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials | None
 def serve(servers: Sequence[str | Sequence[str]], shard_index: int, *,
           settings: EmbeddingServerSettings, limits: PacketLimits,
           open_store: Callable[[str], ObjectStore], initial_checkpoint: str = "",
-          stop: threading.Event | None = None, replica: int = 0) -> int:
+          stop: threading.Event | None = None, replica: int = 0, model: str = "") -> int:
     """Run replica `replica` of shard `shard_index` of `servers` (in shard order: host:port,
     or a list of the shard's replicas) until SIGTERM/SIGINT (or `stop`); returns an exit code.
 
     open_store(uri) opens the storage a checkpoint lives on (the initial one, and LoadCheckpoint
-    calls). Exit 1 if `initial_checkpoint` (empty: start empty) cannot be loaded.
+    calls); model: the model it serves, reported by Status so that a client of another model
+    refuses it. Exit 1 if `initial_checkpoint` (empty: start empty) cannot be loaded.
     """
     from persia_inc.embedding_server.checkpoint import load_shard
     from persia_inc.embedding_server.siblings import SiblingWatch
@@ -488,7 +490,7 @@ def serve(servers: Sequence[str | Sequence[str]], shard_index: int, *,
     servicer = EmbeddingServicer(shard, shard_index=shard_index, num_shards=num_shards,
                                  token=token, dump_chunk_rows=settings.dump_chunk_rows, loader=load,
                                  max_message_bytes=settings.max_message_bytes, replica=replica,
-                                 num_replicas=len(sets[shard_index]))
+                                 num_replicas=len(sets[shard_index]), model=model)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

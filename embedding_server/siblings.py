@@ -25,6 +25,7 @@ import grpc
 
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
+from persia_inc.foundation.threads import thread_name
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ class SiblingWatch:
         self.look()
         self._on_change(self.current)
         if self.siblings:
-            self._thread = threading.Thread(target=self._run, name="sibling-watch", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=thread_name("sibling-watch"),
+                                            daemon=True)
             self._thread.start()
         return self
 

@@ -144,6 +144,11 @@ class PersiaHandler(BaseHandler):
             raise PredictionException(f"embedding servers unavailable: {exc}", 503) from exc
         except EmbeddingShapeError as exc:
             raise PredictionException(str(exc), 500) from exc
+        except PredictionException:
+            raise
+        except Exception as exc:  # the dense module itself: say why, not just "Prediction failed"
+            log.exception("the dense model failed")
+            raise PredictionException(f"the dense model failed: {type(exc).__name__}: {exc}", 500) from exc
 
     def postprocess(self, data: list[Any]) -> list[Any]:
         """One entry per request: its scores as a list of floats, or (a bad request beside

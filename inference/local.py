@@ -13,6 +13,7 @@ benchmarks take free ports and `workdir/model-store`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -238,9 +239,14 @@ class LocalTorchServe:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM our Java process (its shutdown hook stops the workers), then wait; SIGKILL
-        the process group we started if it lingers. Safe to call twice."""
+        the process group we started if it lingers, or if Java died by itself (killed -9: no
+        shutdown hook ran, its workers may still be there). Safe to call twice."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # what is left of our own session
             return
         proc.send_signal(signal.SIGTERM)
         try:

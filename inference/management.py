@@ -22,12 +22,20 @@ from persia_inc.inference.protos import stubs
 class ManagementError(RuntimeError):
     """A management call TorchServe refused or could not be reached for.
 
-    status: the HTTP status, or the gRPC status name; message: TorchServe's message.
+    status: the HTTP status, or the gRPC status name; message: TorchServe's message (for
+    TorchServe's bare gRPC UNKNOWN, what it means for `action`); address: whom we asked.
     """
 
-    def __init__(self, action: str, status: int | str, message: str) -> None:
-        self.action, self.status, self.message = action, status, message
-        super().__init__(f"{action}: {status}: {message}")
+    def __init__(self, action: str, status: int | str, message: str, address: str = "") -> None:
+        self.action, self.status, self.address = action, status, address
+        self.message = message or _EMPTY_MEANS.get(action, "TorchServe gave no message (see its log)")
+        where = f" at {address}" if address else ""
+        super().__init__(f"{action}{where}: {status}: {self.message}")
+
+    @property
+    def not_found(self) -> bool:
+        """The model or version is not registered."""
+        return self.status in ("NOT_FOUND", 404)
 
     @property
     def retriable(self) -> bool:
@@ -35,6 +43,14 @@ class ManagementError(RuntimeError):
         refusal of the request itself (a bad archive, an unknown model)."""
         return self.status in _RETRIABLE_STATUSES
 
+
+# TorchServe 0.12's gRPC API answers some refusals with UNKNOWN and an empty message
+_EMPTY_MEANS = {
+    "register": "TorchServe gave no message: it answers so when the version is already registered "
+                "(describe the model to see) or its worker failed to start (see its model log)",
+    "unregister": "TorchServe gave no message: it answers so for the default version, which cannot "
+                  "be unregistered while other versions exist",
+}
 
 _RETRIABLE_STATUSES = frozenset({"UNREACHABLE", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
                                  502, 503, 504})
@@ -78,9 +94,9 @@ class HttpManagement:
             reply = self._session.request(method, self.base_url + path, params=params,
                                           timeout=self.timeout_s)
         except requests.RequestException as exc:
-            raise ManagementError(action, "UNREACHABLE", str(exc)) from exc
+            raise ManagementError(action, "UNREACHABLE", str(exc), self.base_url) from exc
         if reply.status_code >= 300:
-            raise ManagementError(action, reply.status_code, _message(reply.text))
+            raise ManagementError(action, reply.status_code, _message(reply.text), self.base_url)
         try:
             return reply.json()
         except ValueError:
@@ -105,9 +121,12 @@ class HttpManagement:
                   "synchronous": str(synchronous).lower()}
         return _message(json.dumps(self._call("scale", "PUT", f"/models/{quote(model_name)}", params)))
 
-    def describe(self, model_name: str) -> list[dict[str, Any]]:
-        """TorchServe's description of every version of the model (workers, batch size ...)."""
-        return self._call("describe", "GET", f"/models/{quote(model_name)}")
+    def describe(self, model_name: str, version: str = "") -> list[dict[str, Any]]:
+        """TorchServe's description of the model's default version (`version` "": the one
+        requests without a version reach), of one version, or of every one ("all"):
+        modelVersion, modelUrl (the .mar), workers ...; ManagementError `not_found` if absent."""
+        path = f"/models/{quote(model_name)}" + (f"/{quote(version)}" if version else "")
+        return self._call("describe", "GET", path)
 
     def list_models(self, limit: int = 100) -> list[str]:
         """Names of the registered models (at most `limit`, 1..1000)."""
@@ -140,6 +159,7 @@ class GrpcManagement:
     def __init__(self, target: str, *, timeout_s: float = 180.0, token: str = "") -> None:
         protos = stubs()
         self._pb = protos.management_pb2
+        self.address = target
         self._channel = grpc.insecure_channel(target)
         self._stub = protos.management_pb2_grpc.ManagementAPIsServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -151,7 +171,8 @@ class GrpcManagement:
         except grpc.RpcError as exc:
             code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
             details = exc.details() if hasattr(exc, "details") else str(exc)
-            raise ManagementError(action, code, details or "") from exc
+            raise ManagementError(action, code, (details or "").split("\norg.pytorch")[0],
+                                  self.address) from exc
         return reply.msg
 
     def register(self, url: str, model_name: str = "", options: RegisterOptions | None = None) -> str:
@@ -170,9 +191,10 @@ class GrpcManagement:
             max_worker=max_worker if max_worker is not None else min_worker, synchronous=synchronous)
         return _message(self._call("scale", "ScaleWorker", request))
 
-    def describe(self, model_name: str) -> list[dict[str, Any]]:
-        return json.loads(self._call("describe", "DescribeModel",
-                                     self._pb.DescribeModelRequest(model_name=model_name)))
+    def describe(self, model_name: str, version: str = "") -> list[dict[str, Any]]:
+        """As `HttpManagement.describe`: the default version, one version, or "all"."""
+        return json.loads(self._call("describe", "DescribeModel", self._pb.DescribeModelRequest(
+            model_name=model_name, model_version=version)))
 
     def list_models(self, limit: int = 100) -> list[str]:
         """Names of the registered models (at most `limit`, 1..1000; proto3 sends 0 otherwise)."""

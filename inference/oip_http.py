@@ -38,6 +38,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from persia_inc.foundation.threads import thread_name
 from persia_inc.inference.oip import SCORES, Tensor
 from persia_inc.inference.oip_server import OipError, OipService
 
@@ -139,7 +140,7 @@ class OipHttpServer(ThreadingHTTPServer):
         self.server_close()
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="oip-http", daemon=True)
+        thread = threading.Thread(target=self.serve_forever, name=thread_name("oip-http"), daemon=True)
         thread.start()
         return thread
 

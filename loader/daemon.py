@@ -25,7 +25,7 @@ from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import daemon_delay_s
 from persia_inc.foundation.threads import ServiceThread, thread_name
 from persia_inc.loader.anomalies import Anomalies
-from persia_inc.loader.dense_sync import DenseManagement, DenseSync
+from persia_inc.loader.dense_sync import DenseManagement, DenseSync, DenseValidator
 from persia_inc.loader.fetch import (
     Fetched,
     NotAnObjectError,
@@ -79,7 +79,8 @@ class Loader:
                  settings: LoaderSettings | None = None, limits: PacketLimits = DEFAULT_LIMITS,
                  kafka: KafkaSettings | None = None, owns_store: bool = False,
                  clock: Callable[[], float] = time.monotonic,
-                 dense_management: DenseManagement | None = None) -> None:
+                 dense_management: DenseManagement | None = None,
+                 dense_validator: DenseValidator | None = None) -> None:
         self.settings = settings if settings is not None else LoaderSettings()
         self.model = model
         self.kafka = kafka
@@ -123,7 +124,8 @@ class Loader:
                 raise ValueError("loader.dense_sync is enabled but no TorchServe management client "
                                  "was given (persia_inc.loader_from_config builds one)")
             self.dense_sync = DenseSync(self.store, model, self.settings.dense_sync, dense_management,
-                                        client, quarantine=self.quarantine, metrics=self.metrics)
+                                        client, validator=dense_validator, quarantine=self.quarantine,
+                                        metrics=self.metrics)
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -220,6 +222,9 @@ class Loader:
             dense = self.dense_sync.status()
             if not self.dense_sync.is_alive() and self.dense_sync.started:
                 problems.append("dense sync is not running")
+            if "torchserve-unreachable" in dense["flags"]:
+                problems.append(f"TorchServe at {self.dense_sync.address} does not answer: "
+                                f"{dense['torchserve']['error']}")
         servers = bool(shards) and all(sh.shard in answering for sh in shards)
         healthy = not problems and servers
         self.metrics.healthy.labels(self.model).set(1 if healthy else 0)

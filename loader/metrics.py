@@ -126,7 +126,11 @@ class LoaderMetrics:
             [*m, "lane", "producer"], registry=r)
         self.dense_refused = Counter("persia_inc_loader_dense_refused",
                                      "Dense versions refused (bad manifest, checksum, failed to "
-                                     "register) and quarantined", [*m, "reason"], registry=r)
+                                     "register or validate, conflict) and quarantined",
+                                     [*m, "reason"], registry=r)
+        self.dense_torchserve_up = Gauge("persia_inc_loader_dense_torchserve_up",
+                                         "1 when TorchServe's management API answered the dense "
+                                         "sync's last look", m, registry=r)
         self.dense_errors = Counter("persia_inc_loader_dense_errors",
                                     "Failed dense-sync steps (retried)", [*m, "stage"], registry=r)
 

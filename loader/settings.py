@@ -36,6 +36,12 @@ class DenseSyncSettings:
     retire_grace_s: float = 30.0
     """A version that stopped being the default is unregistered no sooner than this, so requests TorchServe
     already routed to it finish."""
+    inference_address: str = "127.0.0.1:7070"
+    """TorchServe's gRPC inference API, `host:port`: each version answers one request shaped by its
+    spec there, sent to that version alone, before it becomes the default."""
+    log_dir: str = ""
+    """TorchServe's log folder (its LOG_LOCATION), read for a refused version's worker error (empty:
+    not read)."""
 
     def __post_init__(self) -> None:
         at_least("keep_versions", self.keep_versions, 1)

@@ -152,16 +152,61 @@ class DenseManifest:
         )
 
 
+DENSE_PIN_NAME = "pin.json"
+
+
+def dense_pin_key(model: str) -> str:
+    """`{model}/_dense/pin.json`: the operator's pin (`persia-inc rollback`), absent when unpinned."""
+    return dense_prefix(model) + DENSE_PIN_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class DensePin:
+    """A rollback's pin: `version` stays TorchServe's default and the loader's dense sync
+    activates no other version until the pin is removed (`persia-inc rollback --unpin`)."""
+
+    version: int
+    at_ns: int = field(default_factory=time.time_ns)
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        check_dense_version(self.version)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"kind": "persia-inc-dense-pin", "version": self.version,
+                           "at_ns": self.at_ns, "reason": self.reason}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, where: str = DENSE_PIN_NAME) -> DensePin:
+        """Parse; ManifestError naming `where` and the key if it is malformed."""
+        try:
+            root = json.loads(data)
+        except ValueError as exc:
+            raise ManifestError(where, f"not JSON: {exc}") from exc
+        if not isinstance(root, dict) or root.get("kind") != "persia-inc-dense-pin":
+            raise ManifestError(where, "kind: expected 'persia-inc-dense-pin'")
+        version, at_ns, reason = root.get("version"), root.get("at_ns", 0), root.get("reason", "")
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_DENSE_VERSION:
+            raise ManifestError(where, f"version: expected an integer in [1, {MAX_DENSE_VERSION}], "
+                                f"got {version!r:.40}")
+        if isinstance(at_ns, bool) or not isinstance(at_ns, int) or not isinstance(reason, str):
+            raise ManifestError(where, "at_ns must be an integer and reason a string")
+        return cls(version, at_ns, reason)
+
+
 __all__ = [
     "DENSE_LANE",
     "DENSE_MANIFEST_KIND",
     "DENSE_MANIFEST_VERSION",
     "DENSE_MAR_NAME",
+    "DENSE_PIN_NAME",
     "DenseArchive",
     "DenseManifest",
+    "DensePin",
     "check_dense_version",
     "dense_manifest_key",
     "dense_mar_key",
+    "dense_pin_key",
     "dense_prefix",
     "dense_version_of_key",
     "dense_version_prefix",

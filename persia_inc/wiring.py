@@ -30,7 +30,8 @@ def embedding_client(config: Config | str | os.PathLike[str]) -> EmbeddingClient
     from persia_inc.embedding_server.client import EmbeddingClient
 
     config = _config(config)
-    return EmbeddingClient.from_settings(config.infer.servers, config.persia_inc.embedding_server)
+    return EmbeddingClient.from_settings(config.infer.servers, config.persia_inc.embedding_server,
+                                         model=config.persia_inc.model)
 
 
 def producer_from_config(config: Config | str | os.PathLike[str], **overrides: Any) -> IncrementalProducer:
@@ -91,6 +92,10 @@ def loader_from_config(config: Config | str | os.PathLike[str], client: Embeddin
 
         kwargs["dense_management"] = grpc_management(dense.management_address,
                                                      timeout_s=dense.register_timeout_s)
+    if dense.enabled and kwargs.get("dense_validator") is None:
+        from persia_inc.dense import version_probe
+
+        kwargs["dense_validator"] = version_probe(dense.inference_address, log_dir=dense.log_dir)
     if kwargs.get("store") is None:
         kwargs["store"] = config.open_store()
         kwargs["owns_store"] = True
@@ -106,7 +111,7 @@ def serve_shard(config: Config, shard_index: int, *, replica: int = 0,
     s = config.persia_inc
     return serve(config.infer.servers, shard_index, settings=s.embedding_server, limits=s.limits,
                  open_store=config.open_store, initial_checkpoint=config.infer.initial_sparse_checkpoint,
-                 stop=stop, replica=replica)
+                 stop=stop, replica=replica, model=s.model)
 
 
 __all__ = ["embedding_client", "loader_from_config", "producer_from_config", "serve_shard"]

@@ -263,7 +263,10 @@ class PrioritizedUpdates:
         """Serving holds rows: float32[n, dim] for signs: uint64[n] (e.g. the checkpoint the
         servers loaded): rank later changes of those rows against them."""
         with self._lock:
-            state = self._tables[table]
+            state = self._tables.get(table)
+            if state is None:
+                raise KeyError(f"table {table!r} has no reader: call register_table({table!r}, "
+                               "...) before mark_served")
             slots = state.slots(signs)
             state.flags[slots] |= _KNOWN
             if state.rank == "delta":
@@ -324,10 +327,9 @@ class PrioritizedUpdates:
                 score = np.where(is_touched, np.where(was_pending, score + 1, 1), score)
             since = np.where(was_pending, state.since[slots], oldest_s)
             due = live & (final | (since + self.max_staleness_s - self.interval_s <= now_s))
-            ship = due.copy()
-            left = budget - int(np.count_nonzero(due))
+            ship = due.copy()  # the bound is kept on top of the budget: hot rows never wait
             rest = np.flatnonzero(live & ~due)
-            ship[_best(rest, score[rest], left)] = True
+            ship[_best(rest, score[rest], budget)] = True
             hold = live & ~ship
             state.pending += int(np.count_nonzero(hold & ~was_pending)) - int(
                 np.count_nonzero(was_pending & ~hold))

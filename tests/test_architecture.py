@@ -161,3 +161,35 @@ def test_no_library_module_over_650_lines() -> None:
            and (ROOT / name).is_file()
            and (n := len((ROOT / name).read_text().splitlines())) > 650}
     assert big == {}, f"split these modules: {big}"
+
+
+def _unnamed_threads(tree: ast.AST) -> list[int]:
+    """Lines that start a thread or an executor not named through `thread_name()`."""
+    def named(call: ast.Call, keyword: str) -> bool:
+        value = next((k.value for k in call.keywords if k.arg == keyword), None)
+        return (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+                and value.func.id == "thread_name")
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            callee = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(
+                node.func, "id", "")
+            if ((callee == "ThreadPoolExecutor" and not named(node, "thread_name_prefix"))
+                    or (callee == "Thread" and not named(node, "name"))):
+                found.append(node.lineno)
+    return found
+
+
+def test_every_thread_and_executor_is_named_through_thread_name() -> None:
+    """So the leak guard (threads.leaked_threads, tests/conftest.py) sees every one of ours."""
+    unnamed = [f"{module.relative_to(ROOT)}:{line}" for module in _library_modules()
+               if module.relative_to(ROOT).as_posix() != "foundation/threads.py"
+               for line in _unnamed_threads(ast.parse(module.read_text()))]
+    assert unnamed == [], "name it with foundation.threads.thread_name: " + ", ".join(unnamed)
+
+
+def test_the_thread_check_sees_an_unnamed_executor() -> None:
+    code = ("pool = ThreadPoolExecutor(4, thread_name_prefix='x')\n"
+            "t = threading.Thread(name=thread_name('y'))\n")
+    assert _unnamed_threads(ast.parse(code)) == [1]

@@ -116,3 +116,22 @@ def test_demo_import_path_and_picture_without_matplotlib(tmp_path: Path) -> None
                                env=_without(tmp_path, "matplotlib", "torch"), capture_output=True,
                                text=True, timeout=60, check=True).stdout
     assert "plot" in help_text
+
+
+def test_demo_with_the_prioritized_update_policy_verifies_and_reports_bytes(tmp_path: Path) -> None:
+    """Rows held back ship by close, so every row still matches training at the end; the
+    report says what was shipped."""
+    result = subprocess.run(
+        [sys.executable, "-m", "persia_inc.cli", "demo", "--seconds", "4", "--vocab", "2000",
+         "--dense-every-seconds", "0", "--frontend", "in-process", "--update-policy",
+         "prioritized", "--update-budget", "0.1", "--max-staleness-s", "2",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["verified"] is True and report["mismatched_rows"] == 0
+    assert report["update_policy"] == "prioritized"
+    assert report["bytes_shipped"] > 0 and report["rows_shipped"] > 0
+    producer = yaml.safe_load((tmp_path / "global_config.yaml").read_text())["persia_inc"]["producer"]
+    assert (producer["update_policy"], producer["max_staleness_s"]) == ("prioritized", 2.0)
+    assert "bytes / rows shipped (prioritized)" in result.stdout

@@ -94,7 +94,8 @@ def test_dense_versions_activate_in_step_with_the_sparse_stream(
         config.persia_inc.loader, quarantine_prefix="quarantine",
         dense_sync=DenseSyncSettings(enabled=True, management_address=torchserve.grpc_management_target,
                                      model_name=SERVED, model_store=str(torchserve.model_store),
-                                     keep_versions=1, interval_s=0.2, retire_grace_s=2.0))
+                                     keep_versions=1, interval_s=0.2, retire_grace_s=2.0,
+                                     inference_address=torchserve.grpc_inference_target))
     staging = open_store(str(tmp_path / "staging"))
     store = config.open_store()
     client = cluster.client()

@@ -16,14 +16,16 @@ import grpc
 import numpy as np
 import pytest
 
+from persia_inc.config import load_config
 from persia_inc.embedding_server.client import EmbeddingClient, apply_chunks
-from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
+from persia_inc.embedding_server.errors import ModelIdentityError, ShardError, ShardIdentityError
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
 from persia_inc.embedding_server.sharding import shard_of
 from persia_inc.local_services import EMBEDDING_MAX_MESSAGE, EMBEDDING_TOKEN, write_test_config
 from persia_inc.local_services import EmbeddingCluster as Cluster
 from persia_inc.packet_format import Packet, PacketHeader, Watermark, decode_packet, encode_packet
+from persia_inc.wiring import embedding_client
 
 AUTH = (("authorization", f"Bearer {EMBEDDING_TOKEN}"),)
 MIB = 1024 * 1024
@@ -78,6 +80,24 @@ def test_swapped_server_list_is_refused_at_connect_naming_both(
     with EmbeddingClient([a], token=EMBEDDING_TOKEN) as short, \
             pytest.raises(ShardIdentityError, match=r"shard 0 of 1.*shard 0 of 2"):
         short.lookup("t", signs)
+
+
+def test_servers_know_their_model_and_a_client_of_another_model_refuses_them(
+        embedding_cluster_factory: Callable[..., Cluster]) -> None:
+    cluster = embedding_cluster_factory(1, model="ctr")
+    signs = np.arange(1, 101, dtype=np.uint64)
+    with cluster.client(model="ctr") as client:
+        assert client.status(0).model == "ctr"
+        client.apply(packet("t", 1, signs, rows_for(signs, 4)))
+    with cluster.client(model="other") as other:
+        with pytest.raises(ModelIdentityError) as info:
+            other.lookup("t", signs)
+        assert not info.value.retriable and cluster.servers[0] in str(info.value)
+        assert "'other'" in str(info.value) and "'ctr'" in str(info.value)
+        with pytest.raises(ModelIdentityError):
+            other.apply(packet("t", 2, signs, rows_for(signs, 4)))
+    with embedding_client(load_config(cluster.config_path)) as configured:  # the config's model
+        assert configured.model == "ctr" and configured.lookup("t", signs).shape == (100, 4)
 
 
 def test_identity_is_checked_again_after_a_restart(

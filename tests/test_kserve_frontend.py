@@ -26,6 +26,7 @@ from persia_inc.inference.model import build_model, load_torchscript, save_torch
 from persia_inc.inference.spec import ModelSpec
 from persia_inc.local_services import EmbeddingCluster, stop_pid
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
+from persia_inc.wiring import MAR_HANDLER
 
 SPEC = ModelSpec.per_feature({f"C{i + 1}": 16 for i in range(26)})  # the demo's 26 tables
 CLI = [sys.executable, "-m", "persia_inc.cli"]
@@ -79,8 +80,8 @@ def test_kserve_frontend_over_tritonclient(
     give_rows(cluster)
     store = tmp_path / "store"
     pts = [save_torchscript(build_model(SPEC, seed=s), tmp_path / f"ctr{s}.pt") for s in (3, 4)]
-    archive_model("ctr", pts[0], SPEC, store, version="1")
-    archive_model("ctr2", pts[1], SPEC, store, version="2")
+    archive_model("ctr", pts[0], SPEC, store, handler=MAR_HANDLER, version="1")
+    archive_model("ctr2", pts[1], SPEC, store, handler=MAR_HANDLER, version="2")
     http_port, grpc_port = free_port(), free_port()
     out_path = tmp_path / "serve.out"
     with out_path.open("wb") as out:

@@ -127,27 +127,31 @@ def test_no_row_stays_staler_than_max_staleness_s(tmp_path: Path, rank: str, den
         producer.register_table("emb", model.read, rows=2000 if dense else None)
     producer.mark_served("emb", np.arange(2000, dtype=np.uint64), model.weight)
     differs_since = np.full(2000, np.nan)
-    for tick in range(40):
-        hot = rng.integers(0, 20, 30)
-        cold = rng.integers(20, 2000, 300)
-        with producer.training_step():
-            model.weight[hot] += np.float32(1.0)
-            model.weight[cold] += np.float32(0.001)
-        producer.record("emb", np.concatenate([hot, cold]))
-        clock.now_s += interval
-        producer.poll()
-        served.catch_up(producer)
-        differs = (served.rows != model.weight).any(axis=1)
-        differs_since[differs & np.isnan(differs_since)] = tick
-        differs_since[~differs] = np.nan
-        assert np.nanmin(differs_since, initial=tick) > tick - bound, (
-            f"tick {tick}: a row differs from training since tick {np.nanmin(differs_since)}")
-    shipped = sum(h.rows for h in served.headers)
-    assert shipped < 0.6 * 40 * 330  # rows were held back ...
-    assert any(h.pending_rows for h in served.headers)  # ... and the headers said so
-    assert all(h.max_staleness_ms == 5000 for h in served.headers)
-    assert producer.pending_rows > 0
-    producer.close()
+    touched = 0  # what "all" would ship
+    try:
+        for tick in range(40):
+            hot = rng.integers(0, 20, 30)
+            cold = rng.integers(20, 2000, 300)
+            with producer.training_step():
+                model.weight[hot] += np.float32(1.0)
+                model.weight[cold] += np.float32(0.001)
+            producer.record("emb", np.concatenate([hot, cold]))
+            touched += np.unique(np.concatenate([hot, cold])).size
+            clock.now_s += interval
+            producer.poll()
+            served.catch_up(producer)
+            differs = (served.rows != model.weight).any(axis=1)
+            differs_since[differs & np.isnan(differs_since)] = tick
+            differs_since[~differs] = np.nan
+            assert np.nanmin(differs_since, initial=tick) > tick - bound, (
+                f"tick {tick}: a row differs from training since tick {np.nanmin(differs_since)}")
+        shipped = sum(h.rows for h in served.headers)
+        assert shipped < 0.75 * touched  # rows were held back ...
+        assert any(h.pending_rows for h in served.headers)  # ... and the headers said so
+        assert all(h.max_staleness_ms == 5000 for h in served.headers)
+        assert producer.pending_rows > 0
+    finally:
+        producer.close()
     served.catch_up(producer)
     np.testing.assert_array_equal(served.rows, model.weight)  # close shipped everything
     assert producer.pending_rows == 0 and served.headers[-1].pending_rows == 0

@@ -217,7 +217,7 @@ class TableStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_rows: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("shard", "num_shards", "ready", "uptime_s", "tables", "watermarks", "max_message_bytes", "staged_applies", "staged_bytes", "foreign_lookup_signs", "replica", "num_replicas", "current", "behind_s", "siblings_up")
+    __slots__ = ("shard", "num_shards", "ready", "uptime_s", "tables", "watermarks", "max_message_bytes", "staged_applies", "staged_bytes", "foreign_lookup_signs", "replica", "num_replicas", "current", "behind_s", "siblings_up", "model")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,7 @@ class StatusResponse(_message.Message):
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     BEHIND_S_FIELD_NUMBER: _ClassVar[int]
     SIBLINGS_UP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     shard: int
     num_shards: int
     ready: bool
@@ -248,7 +249,8 @@ class StatusResponse(_message.Message):
     current: bool
     behind_s: float
     siblings_up: int
-    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[Watermark, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., staged_applies: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., foreign_lookup_signs: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., current: _Optional[bool] = ..., behind_s: _Optional[float] = ..., siblings_up: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[Watermark, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., staged_applies: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., foreign_lookup_signs: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., current: _Optional[bool] = ..., behind_s: _Optional[float] = ..., siblings_up: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class DumpRequest(_message.Message):
     __slots__ = ("table", "chunk_rows")

@@ -102,6 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="publish the dense part as a dense version this often while "
                              "training; the loader activates each in TorchServe (default 10; "
                              "0: never; needs the torchserve frontend)")
+    parser.add_argument("--update-policy", choices=["all", "prioritized"], default="all",
+                        help="which touched rows a flush ships: all (default) or prioritized "
+                             "(the rows that changed most, within --update-budget, every other "
+                             "one within --max-staleness-s); the report says the bytes shipped")
+    parser.add_argument("--update-budget", type=float, default=0.05, metavar="F",
+                        help="prioritized: fraction of the touched rows a flush ships besides "
+                             "the due ones (default 0.05)")
+    parser.add_argument("--max-staleness-s", type=float, default=20.0, metavar="S",
+                        help="prioritized: no touched row waits longer (default 20)")
     parser.add_argument("--frontend", choices=["torchserve", "in-process"], default="torchserve",
                         help="how the live arm is served (default torchserve; in process when "
                              "Java or TorchServe is missing)")
@@ -132,10 +141,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if (args.shards < 1 or args.vocab < 100 or args.seconds <= 0 or args.warmup_seconds < 0
             or args.dense_every_seconds < 0 or args.replicas < 1 or args.chaos < 0
-            or (args.chaos and args.replicas < 2)):
+            or (args.chaos and args.replicas < 2) or not 0 < args.update_budget <= 1
+            or args.max_staleness_s <= args.flush_interval_s):
         print("persia-inc demo: --shards >= 1, --vocab >= 100, --seconds > 0, "
-              "--warmup-seconds >= 0, --dense-every-seconds >= 0, --replicas >= 1 and "
-              "--chaos only with --replicas >= 2 please", file=sys.stderr)
+              "--warmup-seconds >= 0, --dense-every-seconds >= 0, --replicas >= 1, "
+              "--chaos only with --replicas >= 2, 0 < --update-budget <= 1 and "
+              "--max-staleness-s > --flush-interval-s please", file=sys.stderr)
         return 2
     try:
         plan = plan_services(args.storage, args.announce, incremental_dir=args.incremental_dir,
@@ -205,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
                                       serving=ServingOptions(frontend=frontend),
                                       dense_every_s=args.dense_every_seconds,
                                       replicas=args.replicas, chaos_every_s=args.chaos,
+                                      update_policy=args.update_policy,
+                                      update_budget=args.update_budget,
+                                      max_staleness_s=args.max_staleness_s,
                                       kafka_bootstrap=services.kafka_bootstrap or plan.kafka_bootstrap)
                 with Live(render(Progress()), console=console, refresh_per_second=4) as live:
                     report = run_demo(options, on_progress=lambda p: live.update(render(p)))
@@ -248,6 +262,8 @@ def run(args: argparse.Namespace) -> int:
         ("verified", "[green]yes[/]" if report.verified else "[red]NO[/]"),
         ("training steps", f"{report.steps:,} in {report.train_seconds:.0f} s"),
         ("objects stored / flushes", f"{report.objects_stored:,} / {report.flushes:,}"),
+        (f"bytes / rows shipped ({report.update_policy})",
+         f"{report.bytes_shipped / 1e6:,.1f} MB / {report.rows_shipped:,}"),
         ("packets applied", f"{report.packets:,}"),
         ("rows applied", f"{report.rows_applied:,}"),
         ("rows checked byte for byte", f"{report.checked_rows:,}"),

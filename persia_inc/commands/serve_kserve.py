@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from persia_inc.foundation.threads import thread_name
+
 if TYPE_CHECKING:
     import grpc
 
@@ -118,7 +120,7 @@ class KServeFrontend:
                 self.model_name = loaded.name
             self.service = OipService(self.repository, check_ready=lambda: _servers_ready(client))
             interceptors = [TokenInterceptor(s.token)] if s.token else []
-            pool = futures.ThreadPoolExecutor(s.workers, thread_name_prefix="oip-grpc")
+            pool = futures.ThreadPoolExecutor(s.workers, thread_name_prefix=thread_name("oip-grpc"))
             options = [("grpc.max_receive_message_length", 256 * 1024 * 1024), ("grpc.so_reuseport", 0)]
             self.grpc_server = grpc.server(pool, interceptors=interceptors, options=options)
             self.grpc_server.add_generic_rpc_handlers((grpc_handler(self.service),))

@@ -33,7 +33,9 @@ answer (loader-unreachable) and packets of other models under incremental_dir.
 
 Dense versions (when the loader's dense sync runs, from its /streams endpoint): the version
 TorchServe serves by default, when it was exported and activated, and every pending version
-with what it waits for (the shards' watermarks below its sparse positions), and refused ones.
+with what it waits for (the shards' watermarks below its sparse positions, a pin), refused
+ones with the reason, the rollback's pin (flag pinned=N), and whether TorchServe answers (flag
+torchserve-unreachable: the exit status is then 1).
 
 The loader's flags are read from its /streams endpoint (--loader, default the metrics address
 and port of persia_inc.loader when metrics_port is set; 'none': do not ask). A shard that does
@@ -81,12 +83,23 @@ def loader_report(url: str, timeout_s: float = 3.0) -> tuple[LoaderReport | None
         return None, str(getattr(exc, "reason", exc))
 
 
+def dense_unreachable(dense: dict[str, Any] | None) -> bool:
+    """Whether the loader's dense sync flags TorchServe as not answering."""
+    return dense is not None and "torchserve-unreachable" in dense.get("flags", [])
+
+
 def dense_lines(dense: dict[str, Any]) -> list[str]:
     """The dense-version lines of the text report, from the loader's `dense` status."""
-    active = dense.get("active")
+    active, torchserve, pinned = dense.get("active"), dense.get("torchserve") or {}, dense.get("pinned")
     lines = [f"dense model {dense.get('model_name')}: active version "
              + ("none" if not active else f"{active['version']} (exported_at_ns "
-                f"{active['exported_at_ns']}, activated_at_ns {active['activated_at_ns']})")]
+                f"{active['exported_at_ns']}, activated_at_ns {active['activated_at_ns']})")
+             + (f", pinned by a rollback to version {pinned['version']} (`persia-inc rollback --unpin` "
+                "releases it)" if pinned else "")
+             + f"  flags {' '.join(dense.get('flags', [])) or '-'}"]
+    if torchserve and not torchserve.get("answers", True):
+        lines.append(f"  TorchServe at {torchserve.get('address')} does not answer: "
+                     f"{torchserve.get('error')}; the active version is the last one it confirmed")
     for pending in dense.get("pending", []):
         waiting = "; ".join(pending.get("waiting_for", [])) or "-"
         lines.append(f"  pending version {pending['version']} ({pending['state']}): waiting for {waiting}")
@@ -195,13 +208,16 @@ def run(args: argparse.Namespace) -> int:
     flags = [f"{r.table}/{r.producer}: {' '.join(r.flags)}" for r in rows if r.flags]
     flags += [loader_flag] if loader_flag else []
     flags += [f"other-models: {', '.join(others)}"] if others else []
-    flags += [f"dense: {flag}" for flag in (dense or {}).get("flags", [])]
     no_replica = _shards_without_current_replica(replicas)
     flags += [f"no-current-replica: shard {', '.join(map(str, no_replica))}"] if no_replica else []
     code = EXIT_FLAGGED if flags else EXIT_OK
     if no_replica:
         print(f"persia-inc status: shard(s) {', '.join(map(str, no_replica))} have no current "
               "replica (down or catching up)", file=sys.stderr)
+    if dense is not None and dense_unreachable(dense):  # the dense sync's own rule: a failure
+        print(f"persia-inc status: TorchServe at {dense['torchserve']['address']} does not answer",
+              file=sys.stderr)
+        code = EXIT_FAILED
     if args.json:
         print(json.dumps({
             "model": config.persia_inc.model,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from persia_inc.demo.processes import ChildProcess
+from persia_inc.foundation.threads import thread_name
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class ReplicaProcesses:
                              self.name, *key)
                     self._start(*key)
 
-        self._thread = threading.Thread(target=run, name="chaos", daemon=True)
+        self._thread = threading.Thread(target=run, name=thread_name("chaos"), daemon=True)
         self._thread.start()
 
     def check_alive(self) -> None:

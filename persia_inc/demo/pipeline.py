@@ -76,7 +76,9 @@ class DemoOptions:
     dense_activate_timeout_s: how long, after training, the last one gets to activate;
     replicas: processes per live shard (each a full copy; clients fail over between them);
     chaos_every_s: kill one live replica with SIGKILL this often and start it again (0: never;
-    needs replicas >= 2)."""
+    needs replicas >= 2);
+    update_policy, update_budget, max_staleness_s: the producer's update policy
+    (`persia_inc.producer.update_policy`, `update_budget_fraction`, `max_staleness_s`)."""
 
     workdir: Path
     seconds: float = 60.0
@@ -104,6 +106,9 @@ class DemoOptions:
     dense_activate_timeout_s: float = 60.0
     replicas: int = 1
     chaos_every_s: float = 0.0
+    update_policy: str = "all"
+    update_budget: float = 0.05
+    max_staleness_s: float = 20.0
 
     def __post_init__(self) -> None:
         if self.dense_every_s < 0 or self.dense_activate_timeout_s <= 0:
@@ -142,7 +147,11 @@ def write_config(options: DemoOptions, servers: list[str], checkpoint: str,
     ours: dict = {
         "model": "demo",
         "producer": {"flush_interval_s": options.flush_interval_s, "announce": options.announce,
-                     "producer_id": "trainer-0", "close_on_sigterm": False},
+                     "producer_id": "trainer-0", "close_on_sigterm": False,
+                     **({"update_policy": "prioritized",
+                         "update_budget_fraction": options.update_budget,
+                         "max_staleness_s": options.max_staleness_s}
+                        if options.update_policy == "prioritized" else {})},
         "loader": {"rescan_interval_s": 1.0, "gap_timeout_s": 10.0, "watermark_poll_s": 1.0},
         "embedding_server": {"grace_s": 1.0, "workers": 4},
     }
@@ -343,6 +352,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             producer, tables, optimizer, dense_every_s=dense_every,
             dense_module=lambda: dense_part(model),
             dense_exporter=mar_exporter(spec, config_file=config_path) if dense_every else None)
+        for name, rows in at_checkpoint.items():  # what serving holds: changes rank against it
+            producer.mark_served(name, signs, rows)
         evicted = {name: np.zeros(options.vocab, bool) for name in tables}
         started = time.monotonic()
         started_ns = time.time_ns()
@@ -395,6 +406,9 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         producer.close()
         report.objects_stored = _counter_total(producer.metrics.packets)
         report.flushes = _counter_total(producer.metrics.flushes)
+        report.update_policy = options.update_policy
+        report.bytes_shipped = _counter_total(producer.metrics.bytes)
+        report.rows_shipped = _counter_total(producer.metrics.rows)
         if not watcher.wait_all_visible(timeout_s=90):
             report.problems.append(
                 f"only {len(watcher.visible)} of {len(watcher.created)} packets became visible")

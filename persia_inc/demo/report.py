@@ -22,12 +22,17 @@ class DemoReport:
     warmup_steps: training steps before the checkpoint; dense_versions: the dense versions
     published while training, each {version, exported_at_ns, sparse_positions,
     activated_at_ns (None: never activated), publish_ms} (`versions.dense_versions_report`);
-    dense: their summary (`versions.dense_summary`)."""
+    dense: their summary (`versions.dense_summary`); update_policy: the producer's
+    (`--update-policy`); bytes_shipped, rows_shipped: packet bytes and rows (upserts and
+    deletes) the producer stored."""
 
     verified: bool = False
     packets: int = 0
     objects_stored: int = 0
     flushes: int = 0
+    update_policy: str = "all"
+    bytes_shipped: int = 0
+    rows_shipped: int = 0
     rows_applied: int = 0
     freshness_ms: dict[str, float] = field(default_factory=dict)
     mismatched_rows: int = 0
