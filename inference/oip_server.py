@@ -31,7 +31,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -40,10 +40,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from persia_inc.embedding_server.errors import ShardError
 from persia_inc.inference.batch import BatchError
-from persia_inc.inference.engine import EmbeddingShapeError, LookupTablesFn, PersiaInference
+from persia_inc.inference.engine import EmbeddingShapeError, PersiaInference
 from persia_inc.inference.oip import MODEL_OUTPUTS, SCORES, Tensor, decode_inputs, model_inputs
 from persia_inc.inference.oip_protos import grpc_predict_v2_pb2 as pb
 from persia_inc.inference.spec import SPEC_FILE, ModelSpec, SpecError
+
+if TYPE_CHECKING:
+    from persia_inc.embedding_server.client import EmbeddingClient
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +148,12 @@ class OipMetrics:
 
 class ModelRepository:
     """Versions per model, loaded from `model_store`; every engine reads rows through
-    `lookup_tables`. Thread-safe."""
+    `client` (its `lookup_unique`, as the TorchServe handler's engine does). Thread-safe."""
 
-    def __init__(self, model_store: Path, lookup_tables: LookupTablesFn,
+    def __init__(self, model_store: Path, client: EmbeddingClient,
                  metrics: OipMetrics | None = None) -> None:
         self.model_store = Path(model_store)
-        self.lookup_tables = lookup_tables
+        self.client = client
         self.metrics = metrics or OipMetrics()
         self._lock = threading.Lock()
         self._models: dict[str, dict[str, LoadedVersion]] = {}
@@ -171,7 +174,7 @@ class ModelRepository:
         try:
             archive_name, version, data, spec = read_mar(path)
             name = model_name or archive_name
-            engine = PersiaInference(load_scripted(data, str(path)), spec, self.lookup_tables)
+            engine = PersiaInference.from_client(load_scripted(data, str(path)), spec, self.client)
             check_serves_spec(engine, str(path))
         except (ValueError, SpecError) as exc:
             self.metrics.loads.labels(model_name or file_name, "refused").inc()

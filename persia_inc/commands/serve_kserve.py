@@ -111,7 +111,7 @@ class KServeFrontend:
         s = self.settings
         try:
             self.client = client = embedding_client(load_config(self.config_path, need_servers=True))
-            self.repository = ModelRepository(self.model_store, client.lookup_tables)
+            self.repository = ModelRepository(self.model_store, client)
             if self.mar:
                 try:
                     loaded = self.repository.register(self.mar, self.model_name)
@@ -213,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    from persia_inc.inference.engine import serving_threads
+
+    serving_threads()  # one torch thread, as TorchServe's workers: idle OpenMP threads spin
     frontend = KServeFrontend(Path(args.config).resolve(), Path(args.model_store).resolve(), settings,
                               mar=args.model)
     try:
