@@ -18,8 +18,8 @@ JSON numbers (float32 values written as the shortest float64 text: they read bac
 Management (TorchServe's REST management routes under `/persia`, so `HttpManagement` drives
 both): `POST /persia/models?url=FILE.mar[&model_name=N]`, `PUT
 /persia/models/{name}/{v}/set-default`, `DELETE /persia/models/{name}/{v}`, `GET
-/persia/models/{name}[/all]`. `GET /metrics`: Prometheus text. With a token every route but
-the two health checks needs `Authorization: Bearer <token>`.
+/persia/models/{name}[/{v}|/all]` (the default, one version, every one). `GET /metrics`:
+Prometheus text. With a token every route but the two health checks needs `Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
@@ -266,8 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {"status": f"loaded version {loaded.version} of {loaded.name} "
                                               f"in {loaded.load_ms:.0f} ms",
                                     "modelName": loaded.name, "modelVersion": loaded.version})
-        if (len(parts) == 1 and method == "GET") or (parts[1:] == ["all"] and method == "GET"):
-            return self._json(200, repository.describe(parts[0]))
+        if len(parts) in (1, 2) and method == "GET":
+            return self._json(200, repository.describe(parts[0], parts[1] if len(parts) == 2 else ""))
         if len(parts) == 3 and parts[2] == "set-default" and method == "PUT":
             repository.set_default(parts[0], parts[1])
             return self._json(200, {"status": f"version {parts[1]} of {parts[0]} is the default"})

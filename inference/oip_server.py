@@ -122,7 +122,8 @@ def check_serves_spec(engine: PersiaInference, where: str) -> None:
     try:
         out = engine.forward(torch.zeros((2, spec.dense_dim)), torch.zeros(spec.sparse_shape(2)))
     except RuntimeError as exc:
-        raise ValueError(f"{where}: the model does not take its spec's inputs: {exc}") from exc
+        last = (str(exc).strip().splitlines() or [""])[-1]  # TorchScript's traceback: its last line
+        raise ValueError(f"{where}: the model does not take its spec's inputs: {last}") from exc
     if tuple(out.shape) != (2,) or out.dtype != torch.float32 or not bool(torch.isfinite(out).all()):
         raise ValueError(f"{where}: the model answered {out.dtype} {list(out.shape)} "
                          f"(finite: {bool(torch.isfinite(out).all())}) for 2 samples; float32[2] expected")
@@ -245,15 +246,20 @@ class ModelRepository:
         with self._lock:
             return sorted(self._models)
 
-    def describe(self, name: str) -> list[dict[str, Any]]:
-        """Every version of the model: modelName, modelVersion, default, source, loadedAtNs,
-        loadMs (the form TorchServe's describe answers with, for `rollback`)."""
+    def describe(self, name: str, version: str = "") -> list[dict[str, Any]]:
+        """The model's default version ("" ), one version, or every one ("all"), in the form
+        TorchServe's describe answers with (modelName, modelVersion, modelUrl: the .mar's file
+        name in the model store, ...) plus default, source, loadedAtNs, loadMs; NOT_FOUND if absent."""
         with self._lock:
             self._held(name, self._defaults.get(name, ""))
-            return [{"modelName": name, "modelVersion": v.version,
+            if version != "all":
+                self._held(name, version or self._defaults[name])
+            wanted = (sorted(self._models[name].values(), key=lambda v: _version_key(v.version))
+                      if version == "all" else [self._models[name][version or self._defaults[name]]])
+            return [{"modelName": name, "modelVersion": v.version, "modelUrl": Path(v.source).name,
                      "default": v.version == self._defaults[name],
                      "source": v.source, "loadedAtNs": v.loaded_at_ns, "loadMs": round(v.load_ms, 1)}
-                    for v in sorted(self._models[name].values(), key=lambda v: _version_key(v.version))]
+                    for v in wanted]
 
 
 def _version_key(version: str) -> tuple[int, int | str]:

@@ -12,11 +12,14 @@ last exception its worker logged), when `log_dir` (TorchServe's LOG_LOCATION) is
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import requests
 
 from persia_inc.inference.batch import PersiaBatch
 from persia_inc.inference.client import InferenceError, ModelNotRegisteredError, get_inference_stub, infer
@@ -134,4 +137,51 @@ class VersionProbe:
         self._stub.channel.close()
 
 
-__all__ = ["ValidationError", "VersionProbe", "check_scores", "model_log_reason", "sample_request", "spec_of"]
+class OipVersionProbe:
+    """Validates versions on the kserve frontend (`persia-inc serve --frontend kserve`) at
+    `address` (its REST host:port): the spec's sample request as the BYTES input `request`
+    (HTTP binary extension) to /v2/models/{name}/versions/{v}/infer, that version alone. The
+    frontend loads a version in-process, so its refusal is the answer's error itself."""
+
+    def __init__(self, address: str, *, rows: int = 4, timeout_s: float = 60.0) -> None:
+        self.address = address
+        self.rows = rows
+        self.timeout_s = timeout_s
+        self._session = requests.Session()
+
+    def validate(self, model_name: str, version: str, mar_file: Path) -> None:
+        """Send the version the spec's sample request; ValidationError if it answers badly."""
+        body = sample_request(spec_of(Path(mar_file)), self.rows)
+        element = struct.pack("<I", len(body)) + body
+        head = json.dumps({"inputs": [{"name": "request", "datatype": "BYTES", "shape": [1],
+                                       "parameters": {"binary_data_size": len(element)}}],
+                           "outputs": [{"name": "scores"}]}).encode()
+        url = f"http://{self.address}/v2/models/{model_name}/versions/{version}/infer"
+        try:
+            reply = self._session.post(url, data=head + element, timeout=self.timeout_s,
+                                       headers={"Inference-Header-Content-Length": str(len(head))})
+        except requests.RequestException as exc:
+            raise ValidationError(f"UNREACHABLE: {exc} (at {self.address})", retriable=True) from exc
+        if reply.status_code != 200:
+            try:
+                message = str(reply.json().get("error", reply.text))
+            except ValueError:
+                message = reply.text.strip()
+            raise ValidationError(f"{reply.status_code}: {message} (at {url})",
+                                  retriable=reply.status_code in _RETRIABLE or reply.status_code == 404)
+        try:
+            outputs = {o.get("name"): o for o in reply.json().get("outputs", [])}
+            scores = np.asarray(outputs["scores"]["data"], dtype=np.float64)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValidationError(f"{url} answered without a scores output: {reply.text[:200]!r}") from exc
+        try:
+            check_scores(scores, self.rows)
+        except ValidationError as exc:
+            raise ValidationError(f"{exc} (sample request of {self.rows} rows, at {url})") from exc
+
+    def close(self) -> None:
+        self._session.close()
+
+
+__all__ = ["OipVersionProbe", "ValidationError", "VersionProbe", "check_scores", "model_log_reason",
+           "sample_request", "spec_of"]

@@ -20,6 +20,10 @@ class DenseSyncSettings:
 
     enabled: bool = False
     """Run the dense sync (dense versions activated in TorchServe in step with the sparse stream)."""
+    frontend: Literal["torchserve", "kserve"] = "torchserve"
+    """Where versions go: `torchserve`, or `kserve` (`persia-inc serve --frontend kserve`; then
+    management_address is its REST `host:port`, which also answers the validation request, and
+    model_store its --model-store)."""
     management_address: str = "127.0.0.1:7071"
     """TorchServe's gRPC management API, `host:port`."""
     model_name: str = ""

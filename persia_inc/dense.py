@@ -187,13 +187,32 @@ def grpc_management(address: str, *, timeout_s: float = 180.0) -> Any:
     return GrpcManagement(address, timeout_s=timeout_s)
 
 
-def version_probe(address: str, *, log_dir: str = "") -> Any:
-    """The dense sync's validator: one request shaped by the version's spec to TorchServe's
-    gRPC inference API at `address` (`inference.validate.VersionProbe`)."""
+def management_client(address: str, frontend: str = "torchserve", *, timeout_s: float = 180.0) -> Any:
+    """The dense sync's and rollback's `management` for `frontend`: TorchServe's gRPC
+    management API, or the kserve frontend's TorchServe-shaped REST management routes
+    (`inference.oip_http`, at http://ADDRESS/persia)."""
+    if frontend == "kserve":
+        from persia_inc.inference.management import HttpManagement
+
+        client = HttpManagement(f"http://{address}/persia", timeout_s=timeout_s)
+        client.address = address  # type: ignore[attr-defined]
+        return client
+    return grpc_management(address, timeout_s=timeout_s)
+
+
+def version_probe(address: str, *, log_dir: str = "", frontend: str = "torchserve") -> Any:
+    """The dense sync's validator: one request shaped by the version's spec, to that version
+    alone: TorchServe's gRPC inference API at `address` (`inference.validate.VersionProbe`),
+    or the kserve frontend's REST host:port (`OipVersionProbe`, its v2 versioned infer)."""
+    if frontend == "kserve":
+        from persia_inc.inference.validate import OipVersionProbe
+
+        return OipVersionProbe(address)
     from persia_inc.inference.validate import VersionProbe
 
     return VersionProbe(address, log_dir=log_dir)
 
 
-__all__ = ["MAR_MODEL_NAME", "check_dense_module", "grpc_management", "mar_exporter", "publish_mar",
+__all__ = ["MAR_MODEL_NAME", "check_dense_module", "grpc_management", "management_client", "mar_exporter",
+           "publish_mar",
            "rollback_dense", "unpin_dense", "version_probe"]

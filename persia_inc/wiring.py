@@ -88,14 +88,16 @@ def loader_from_config(config: Config | str | os.PathLike[str], client: Embeddin
     kwargs.update(overrides)
     dense = settings.dense_sync
     if dense.enabled and kwargs.get("dense_management") is None:
-        from persia_inc.dense import grpc_management
+        from persia_inc.dense import management_client
 
-        kwargs["dense_management"] = grpc_management(dense.management_address,
-                                                     timeout_s=dense.register_timeout_s)
+        kwargs["dense_management"] = management_client(dense.management_address, dense.frontend,
+                                                       timeout_s=dense.register_timeout_s)
     if dense.enabled and kwargs.get("dense_validator") is None:
         from persia_inc.dense import version_probe
 
-        kwargs["dense_validator"] = version_probe(dense.inference_address, log_dir=dense.log_dir)
+        kwargs["dense_validator"] = version_probe(
+            dense.management_address if dense.frontend == "kserve" else dense.inference_address,
+            log_dir=dense.log_dir, frontend=dense.frontend)
     if kwargs.get("store") is None:
         kwargs["store"] = config.open_store()
         kwargs["owns_store"] = True

@@ -3,6 +3,7 @@ tritonclient's off-the-shelf gRPC and HTTP clients, against real embedding serve
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import signal
 import subprocess
@@ -12,10 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
+from persia_inc.cli import main as cli_main
+from persia_inc.commands.serve_kserve import KServeFrontend, KServeSettings
+from persia_inc.config import load_config
+from persia_inc.dense import mar_exporter, publish_mar
 from persia_inc.foundation.net import free_port
 from persia_inc.foundation.wait import wait_until
 from persia_inc.inference.archive import archive_model
@@ -24,9 +30,11 @@ from persia_inc.inference.engine import PersiaInference
 from persia_inc.inference.management import HttpManagement, ManagementError
 from persia_inc.inference.model import build_model, load_torchscript, save_torchscript
 from persia_inc.inference.spec import ModelSpec
+from persia_inc.loader.settings import DenseSyncSettings
 from persia_inc.local_services import EmbeddingCluster, stop_pid
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
-from persia_inc.wiring import MAR_HANDLER
+from persia_inc.storage import ObjectStore, open_store
+from persia_inc.wiring import MAR_HANDLER, loader_from_config, producer_from_config
 
 SPEC = ModelSpec.per_feature({f"C{i + 1}": 16 for i in range(26)})  # the demo's 26 tables
 CLI = [sys.executable, "-m", "persia_inc.cli"]
@@ -162,3 +170,81 @@ def test_generated_protos_are_current(tmp_path: Path) -> None:
     for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi"):
         assert filecmp.cmp(tmp_path / "inference/oip_protos" / name, ROOT / "inference/oip_protos" / name,
                            shallow=False), f"{name} is stale: run inference/oip_protos/generate.sh"
+
+
+def test_dense_sync_and_rollback_drive_the_kserve_frontend(
+        tmp_path: Path, embedding_cluster_factory: Callable[..., EmbeddingCluster]) -> None:
+    """Versions activate once their sparse positions are on every shard, in well under a
+    second; keep_versions holds; a version the model cannot serve is refused and the previous
+    one keeps serving; rollback loads an unloaded version again from storage."""
+    cluster = embedding_cluster_factory(2, name="dense", model="ctr",
+                                        persia_inc={"loader": {"rescan_interval_s": 0.5}})
+    give_rows(cluster)
+    config = load_config(cluster.config_path)
+    store_dir = tmp_path / "model-store"
+    frontend = KServeFrontend(cluster.config_path, store_dir, KServeSettings(http_port=0, grpc_port=0))
+    address = f"127.0.0.1:{frontend.start().http_port}"
+    settings = dataclasses.replace(config.persia_inc.loader, dense_sync=DenseSyncSettings(
+        enabled=True, frontend="kserve", management_address=address, model_name="ctr",
+        model_store=str(store_dir), keep_versions=1, interval_s=0.05, retire_grace_s=0.0))
+    staging, store, client = open_store(str(tmp_path / "staging")), config.open_store(), cluster.client()
+    producer = producer_from_config(config, store=staging, producer_id="trainer-0")
+    producer.register_table("C1", lambda signs: np.ones((signs.size, 16), np.float32), dim=16)
+    loader = loader_from_config(config, client, settings=settings).start()
+    sync = loader.dense_sync
+    assert sync is not None
+    dense, ids, lengths = sample(3)
+    body = as_bytes(dense, ids, lengths)
+    g = tgrpc.InferenceServerClient(frontend.grpc_target)
+
+    def serves(module: torch.nn.Module) -> bool:
+        want = PersiaInference(module, SPEC, client.lookup_tables).predict(body)
+        got = g.infer("ctr", inputs(tgrpc, dense, ids, lengths, body)).as_numpy("scores")
+        return np.array_equal(got, want)
+
+    try:
+        modules = [build_model(SPEC, seed=s) for s in (1, 2)]
+        for version, module in enumerate(modules, start=1):
+            producer.record("C1", np.arange(10 * version, dtype=np.uint64))
+            published = publish_mar(producer, module, SPEC)
+            ship(staging, store, "ctr/_dense/")  # the dense part first: it waits for its packets
+            if version == 2:
+                wait_until(lambda r=sync.rounds: sync.rounds >= r + 3, "three dense-sync rounds",
+                           timeout_s=60)
+                assert sync.active == 1 and sync.versions[2].waiting_for
+            ship(staging, store, "ctr/~cuts/")
+            wait_until(lambda v=version: sync.active == v, f"version {version} to activate", timeout_s=60)
+            assert serves(module) and sync.versions[version].validated  # its versioned infer answered
+            active = sync.activations[-1]
+            assert active["activated_at_ns"] - published.manifest.exported_at_ns < 5e9
+        wait_until(lambda: sync.versions[1].state == "retired", "version 1 to be unloaded", timeout_s=60)
+        assert frontend.repository is not None and frontend.repository.versions("ctr") == ["2"]
+
+        wrong = build_model(ModelSpec.per_feature({"C1": 16}, dense_dim=13), seed=3)  # not this spec's shape
+        producer.record("C1", np.arange(5, dtype=np.uint64))
+        producer.publish_dense(wrong, mar_exporter(SPEC))  # past publish_mar's own check
+        ship(staging, store, "ctr/")
+        wait_until(lambda: 3 in sync.versions and sync.versions[3].state == "refused", "version 3 refused",
+                   timeout_s=60)
+        assert sync.active == 2 and serves(modules[1])
+        assert "does not take its spec's inputs" in sync.versions[3].reason
+
+        assert cli_main(["rollback", "--config", str(cluster.config_path), "--to", "1",
+                         "--frontend", "kserve", "--management", address, "--model-name", "ctr",
+                         "--model-store", str(store_dir)]) == 0
+        assert serves(modules[0])
+    finally:
+        g.close()
+        loader.close()
+        producer.close()
+        frontend.close()
+        client.close()
+        staging.close()
+        store.close()
+
+
+def ship(staging: ObjectStore, store: ObjectStore, prefix: str) -> None:
+    """Copy what `staging` holds under `prefix` into `store`, a dense manifest last."""
+    keys = sorted(info.key for info in staging.list(prefix) if not store.exists(info.key))
+    for key in sorted(keys, key=lambda k: k.endswith("manifest.json")):
+        store.put(key, staging.get(key))

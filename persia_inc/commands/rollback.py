@@ -38,8 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparse", action="store_true",
                         help="also print the replay command that rebuilds the sparse part")
     parser.add_argument("--management", metavar="HOST:PORT", default=None,
-                        help="TorchServe's gRPC management API (default: "
+                        help="TorchServe's gRPC management API, or the kserve frontend's REST "
+                             "host:port with --frontend kserve (default: "
                              "persia_inc.loader.dense_sync.management_address)")
+    parser.add_argument("--frontend", choices=["torchserve", "kserve"], default=None,
+                        help="the server --management names (default: dense_sync.frontend)")
     parser.add_argument("--model-name", default=None,
                         help="TorchServe model name (default: dense_sync.model_name or persia_inc.model)")
     parser.add_argument("--model-store", default=None,
@@ -48,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from persia_inc.config import load_config
-    from persia_inc.dense import grpc_management, rollback_dense, unpin_dense
+    from persia_inc.dense import management_client, rollback_dense, unpin_dense
     from persia_inc.packet_format import PacketError
     from persia_inc.packet_format.dense_manifest import DenseManifest, dense_manifest_key
     from persia_inc.storage import StorageError
@@ -75,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         with config.open_store() as store, \
-                grpc_management(args.management or dense.management_address,
-                                timeout_s=dense.register_timeout_s) as management:
+                management_client(args.management or dense.management_address,
+                                  args.frontend or dense.frontend,
+                                  timeout_s=dense.register_timeout_s) as management:
             print(rollback_dense(store, model, args.to, management, model_name=model_name,
                                  model_store=model_store))
             if args.sparse:
