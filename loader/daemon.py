@@ -25,6 +25,7 @@ from persia_inc.foundation.kafka import KafkaSettings
 from persia_inc.foundation.retry import daemon_delay_s
 from persia_inc.foundation.threads import ServiceThread, thread_name
 from persia_inc.loader.anomalies import Anomalies
+from persia_inc.loader.catchup import CatchUp
 from persia_inc.loader.dense_sync import DenseManagement, DenseSync, DenseValidator
 from persia_inc.loader.fetch import (
     Fetched,
@@ -108,6 +109,7 @@ class Loader:
         self._positions: dict[Stream, str | None] = {}
         self._retry_at: dict[Stream, float] = {}
         self._failures: dict[object, int] = {}  # stream or stage -> consecutive failures
+        self._catch_ups: dict[int, CatchUp] = {}  # target index -> its catch-up from storage
         self.shards = ShardTracker(client, model, self.metrics, self.settings, clock=clock)
         self.anomalies = Anomalies(model, self.metrics, store.uri,  # flagged until cleared
                                    gap_timeout_s=self.settings.gap_timeout_s)
@@ -179,6 +181,8 @@ class Loader:
         for source in self.sources:
             source.stop.set()
         self._thread.close(timeout_s)  # bounded: logs if the dispatcher did not stop
+        for worker in self._catch_ups.values():
+            worker.close(timeout_s)
         if self.dense_sync is not None:
             self.dense_sync.close(timeout_s)
         for source in self.sources:
@@ -394,6 +398,7 @@ class Loader:
         if not self.refresh_servers():
             self.stop.wait(self._backoff_s(_SERVERS, _servers_down()))
             return False
+        self._catch_up()
         did = False
         now = self.clock()
         for stream in list(self.ordering.streams):
@@ -419,6 +424,23 @@ class Loader:
             self.metrics.lag.labels(self.model, *stream).set(len(self.ordering.state(stream).pending))
         self._publish_report()
         return did
+
+    def _catch_up(self) -> None:
+        """Take back into live dispatch the replicas whose catch-up finished (read again:
+        still behind, it gets another), and start a catch-up of its own for each replica
+        behind its siblings, so new cuts never wait for it."""
+        for index, worker in list(self._catch_ups.items()):
+            if worker.done.is_set() or worker.error is not None:
+                del self._catch_ups[index]
+                self.shards.catching_up.discard(index)
+                self.shards.look_at(self.shards.shards[index], self.clock())
+        for index in self.shards.behind(self.ordering):
+            worker = CatchUp(self.client, self.store, self.model, index,
+                             fetch_kwargs=self._fetch_kwargs(),
+                             policy=loader_retry_policy(self.settings.retry_backoff_s))
+            self._catch_ups[index] = worker
+            worker.start()
+            self.shards.catching_up.add(index)
 
     def _list_stream(self, stream: Stream) -> None:
         started = self.clock()

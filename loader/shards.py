@@ -115,6 +115,12 @@ def lowest(positions: Iterable[Position | None]) -> Position | None:
     return min(positions)  # type: ignore[type-var]
 
 
+def _freshest(positions: Iterable[Position | None]) -> Position | None:
+    """What the freshest of a shard's replicas holds (None: none holds anything)."""
+    held = [p for p in positions if p is not None]
+    return max(held) if held else None
+
+
 def held_by_all(per_shard: list[dict[Stream, Position]]) -> dict[Stream, Position | None]:
     """Per stream known to any of `per_shard`, what all of them hold."""
     streams: set[Stream] = set().union(*per_shard) if per_shard else set()
@@ -167,6 +173,7 @@ class ShardTracker:
         self.dims: dict[str, int] = {}  # table -> dim, as the servers know it
         self.must_check = True  # read the watermarks before the next apply
         self.ok = False  # some shard answered at the last look
+        self.catching_up: set[int] = set()  # replicas caught up by their own thread, not live
         self._last_poll = float("-inf")
 
     @property
@@ -229,8 +236,14 @@ class ShardTracker:
         if follow_servers:
             for shard in up:
                 streams |= set(shard.marks)
+        # what each shard's freshest replica holds: a replica behind its siblings (restarted,
+        # or back after an outage) is caught up on its own and does not rewind the stream
+        by_shard: dict[int, list[ShardState]] = {}
+        for shard in up:
+            by_shard.setdefault(shard.shard, []).append(shard)
         for stream in streams:
-            held = lowest(shard.marks.get(stream) for shard in up)
+            held = lowest(_freshest(sh.marks.get(stream) for sh in siblings)
+                          for siblings in by_shard.values())
             ours = ordering.watermark(stream)
             fresh = stream not in ordering.streams
             if not fresh and held == ours:
@@ -292,7 +305,18 @@ class ShardTracker:
         """The targets that are up and do not hold `position` of `stream` yet (one that holds
         it already is not sent it again: a replica catching up does not cost the others)."""
         return [shard.index for shard in self.shards if shard.up
+                and shard.index not in self.catching_up
                 and (shard.marks.get(stream) is None or shard.marks[stream] < position)]
+
+    def behind(self, ordering: Ordering) -> list[int]:
+        """The replicas up, in live dispatch, holding less of some stream than the stream's
+        watermark (their siblings hold more): they need a catch-up of their own."""
+        return [shard.index for shard in self.shards if shard.up
+                and shard.index not in self.catching_up and len(self.client.replicas_of(
+                    shard.shard if shard.shard >= 0 else shard.index)) > 1
+                and any(mark is not None and (shard.marks.get(stream) is None
+                                              or shard.marks[stream] < mark)
+                        for stream, mark in ((s, ordering.watermark(s)) for s in ordering.streams))]
 
     def serving_shards(self) -> set[int]:
         """The shards with a replica that answered and is current (or is the only one)."""

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -211,3 +212,60 @@ def status_cli(config_path) -> subprocess.CompletedProcess:
                            "none", "--config", str(config_path)], capture_output=True, text=True,
                           env={**os.environ, EMBEDDING_TOKEN_ENV: EMBEDDING_TOKEN}, timeout=120,
                           check=False)
+
+
+class GatedStore:
+    """The test's real store, whose `open` of the keys in `gated` waits for `release`: storage
+    slow to give back old packets, so a replica's catch-up from storage takes as long as the
+    test wants."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.gated: set[str] = set()
+        self.release = threading.Event()
+
+    def open(self, key: str):
+        if key in self.gated:
+            self.release.wait(60)
+        return self.store.open(key)
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+
+def test_new_cuts_do_not_wait_for_a_replica_catching_up(embedding_cluster_factory,
+                                                         tmp_path) -> None:
+    cluster = embedding_cluster_factory(1, replicas=2, incremental_dir=str(tmp_path / "inc"),
+                                        persia_inc={"loader": LOADER_FAST}, **FAST)
+    config = load_config(cluster.config_path)
+
+    def positions(target: int) -> list[tuple[int, int]]:
+        return [(w.generation, w.sequence) for w in client.shard_watermarks(target)]
+
+    with cluster.client(timeout_s=10.0) as client, config.open_store() as real:
+        store = GatedStore(real)
+        training = Training(real)
+        with loader_from_config(config, client, store=store) as loader:
+            old = [training.write(1, seq) for seq in range(20)]
+            wait_for(lambda: positions(0) == positions(1) == [(1, 19)], "both replicas fed")
+            store.gated.update(old)  # from now on, catching up from storage hangs
+            try:
+                cluster.stop(0, signal.SIGKILL, replica=1)
+                cluster.start(0, 1)  # back empty: 20 packets to catch up, the first one stuck
+                wait_for(lambda: any(s.replica == 1 and s.up and s.lagging_streams
+                                     for s in loader.streams().shards),
+                         "the loader to see the restarted replica behind")
+                training.write(1, 20)
+                wait_for(lambda: positions(0) == [(1, 20)],
+                         "the new cut on the healthy replica while the other catches up")
+                assert positions(1) == []  # still stuck on its first packet to catch up
+                assert not current(client, 1)
+                training.check(client)  # reads go to the current replica
+            finally:
+                store.release.set()
+            wait_for(lambda: positions(1) == [(1, 20)] and current(client, 1),
+                     "the restarted replica caught up, then fed live")
+            training.write(1, 21)
+            wait_for(lambda: positions(0) == positions(1) == [(1, 21)], "both replicas fed")
+        cluster.stop(0, signal.SIGKILL)  # only the caught-up replica answers now
+        training.check(client)
