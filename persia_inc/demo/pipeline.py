@@ -44,6 +44,7 @@ from persia_inc.demo.versions import (
 )
 from persia_inc.foundation.net import free_port
 from persia_inc.foundation.wait import WaitTimeoutError, wait_until
+from persia_inc.local_services import ServiceError
 from persia_inc.storage import S3Settings, resolve_s3_endpoint
 from persia_inc.wiring import embedding_client, producer_from_config
 
@@ -189,6 +190,8 @@ def loader_config(config_path: Path, metrics_port: int, served: ServedModel | No
     if served is not None:
         loader["dense_sync"] = {
             "enabled": True, "management_address": served.server.grpc_management_target,
+            "inference_address": served.server.grpc_inference_target,
+            "log_dir": str(served.server.workdir / "logs"),
             "model_name": served.model_name, "model_store": str(served.server.model_store),
             "keep_versions": 2, "interval_s": 0.5, "retire_grace_s": 5.0}
     path = config_path.with_name("global_config.loader.yaml")
@@ -319,14 +322,22 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         client = embedding_client(config)
         frozen_client = embedding_client(frozen_path)
         clients += [client, frozen_client]
-        try:
-            client.wait_ready(90)
-            frozen_client.wait_ready(90)
-        except TimeoutError:
-            live_servers.check_alive()
+        def servers_ready() -> bool:
+            live_servers.check_alive()  # a server that exited (a port taken) ends the wait at once
             for child in children:
                 child.check_alive()
-            raise
+            try:
+                client.wait_ready(2)
+                frozen_client.wait_ready(2)
+            except TimeoutError:
+                return False
+            return True
+
+        try:
+            wait_until(servers_ready, "the live and frozen embedding servers to report SERVING",
+                       timeout_s=90)
+        except TimeoutError as exc:
+            raise ServiceError(str(exc)) from None
         dense_every = options.dense_every_s if served is not None else 0.0
         if options.dense_every_s and served is None:
             log.info("no dense versions this time: they are activated in TorchServe, and the "

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from persia_inc.local_services import ServiceError
+
 log = logging.getLogger(__name__)
 
 
@@ -23,9 +25,11 @@ class ChildProcess:
         log.info("started %s (pid %d), log %s", name, self.proc.pid, log_path)
 
     def check_alive(self) -> None:
+        """ServiceError (naming the process, its exit status and its log's tail) if it exited."""
         if self.proc.poll() is not None:
             tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
+            raise ServiceError(f"{self.name} exited with {self.proc.returncode} (log "
+                               f"{self.log_path}):\n{tail}")
 
     def stop(self, timeout_s: float = 20.0) -> int:
         if self.proc.poll() is None:
