@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from persia_inc.demo.report import Progress
+from persia_inc.embedding_server.errors import ShardError
 from persia_inc.foundation.threads import ServiceThread
 from persia_inc.foundation.wait import WaitTimeoutError, wait_until
 from persia_inc.packet_format import PacketError, Position, parse_packet_path, read_cut_header
@@ -68,12 +69,29 @@ class FreshnessWatcher:
             self._stop.wait(self.poll_s)
 
     def _record_watermarks(self, now_ns: int) -> None:
-        for mark in self.client.watermarks():
-            stream = (mark.table, mark.producer)
+        for stream, position in self._served().items():
             times, positions = self.events.setdefault(stream, ([], []))
-            if not positions or mark.position > positions[-1]:
+            if not positions or position > positions[-1]:
                 times.append(now_ns / 1e9)
-                positions.append(mark.position)
+                positions.append(position)
+
+    def _served(self) -> dict[tuple[str, str], Position]:
+        """Per stream, what readers see: per shard its freshest replica that answers (a
+        replica down or catching up is not read), the lowest over the shards."""
+        per_shard: list[dict[tuple[str, str], Position]] = []
+        for shard in sorted({t.shard for t in self.client.targets}):
+            freshest: dict[tuple[str, str], Position] = {}
+            for index in self.client.replicas_of(shard):
+                try:
+                    marks = self.client.shard_watermarks(index)
+                except ShardError:
+                    continue
+                for m in marks:
+                    key = (m.table, m.producer)
+                    freshest[key] = max(freshest.get(key, m.position), m.position)
+            per_shard.append(freshest)
+        common = set.intersection(*(set(f) for f in per_shard)) if per_shard else set()
+        return {key: min(f[key] for f in per_shard) for key in common}
 
     def _stream_folders(self) -> list[str]:
         if time.monotonic() - self._streams_at > 2.0:
