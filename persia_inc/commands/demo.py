@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-every-seconds", type=float, default=10.0, metavar="S",
                         help="publish the dense part as a dense version this often while "
                              "training; the loader activates each in TorchServe (default 10; "
-                             "0: never; needs the torchserve frontend)")
+                             "0: never; needs the torchserve or kserve frontend)")
     parser.add_argument("--update-policy", choices=["all", "prioritized"], default="all",
                         help="which touched rows a flush ships: all (default) or prioritized "
                              "(the rows that changed most, within --update-budget, every other "
@@ -111,9 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the due ones (default 0.05)")
     parser.add_argument("--max-staleness-s", type=float, default=20.0, metavar="S",
                         help="prioritized: no touched row waits longer (default 20)")
-    parser.add_argument("--frontend", choices=["torchserve", "in-process"], default="torchserve",
+    parser.add_argument("--frontend", choices=["torchserve", "kserve", "in-process"], default="torchserve",
                         help="how the live arm is served (default torchserve; in process when "
-                             "Java or TorchServe is missing)")
+                             "Java or TorchServe is missing); kserve: the Open Inference Protocol "
+                             "(persia-inc serve --frontend kserve, gRPC), dense versions included")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     frontend = args.frontend
     why = torchserve_missing() if frontend == "torchserve" else None
+    if frontend == "kserve" and not have("model_archiver"):  # its .mar files
+        why = f"torch-model-archiver is not installed: {install_hint('model_archiver')}"
     if why:
         frontend = "in-process"
     print_intro(console, workdir, args, why, have("matplotlib"))
@@ -277,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
         ("replicas per shard / kills / failovers",
          f"{serving.get('replicas', 1)} / {_count(serving.get('kills'))} / "
          f"{serving.get('failovers', 0):,}"),
-        ("TorchServe vs in process: checked / mismatched",
+        (f"{'kserve' if serving.get('frontend') == 'kserve' else 'TorchServe'} vs in process: "
+         "checked / mismatched",
          f"{serving.get('checked', 0):,} / {serving.get('mismatched', 0):,}"),
         ("dense versions activated / published",
          f"{dense.get('activated', 0):,} / {dense.get('published', 0):,}" if dense else "off"),
@@ -319,7 +323,8 @@ def print_intro(console: Console, workdir: Path, args: argparse.Namespace, torch
                                 f" in {workdir} ({args.storage} storage, {args.announce} "
                                 f"announcements, {args.shards} embedding servers)"), soft_wrap=True)
     if torchserve_missing:
-        literal(console, f"serving the live arm in process, not through TorchServe: {torchserve_missing}")
+        through = "the kserve frontend" if args.frontend == "kserve" else "TorchServe"
+        literal(console, f"serving the live arm in process, not through {through}: {torchserve_missing}")
     if not have_matplotlib:
         literal(console, "no freshness.png nor serving.png this time: matplotlib is not installed "
                          f"({install_hint('matplotlib')})")

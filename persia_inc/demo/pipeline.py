@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -26,6 +26,7 @@ from persia_inc.config import Config, load_config
 from persia_inc.demo.chaos import ReplicaProcesses
 from persia_inc.demo.clicks import ClickStream, ClickStreamConfig
 from persia_inc.demo.freshness import FreshnessWatcher
+from persia_inc.demo.kserve import KServeServed, kserve_scorer
 from persia_inc.demo.processes import ChildProcess
 from persia_inc.demo.report import DemoReport, Progress, plot_freshness, plot_serving
 from persia_inc.demo.serving import (
@@ -178,7 +179,7 @@ def write_config(options: DemoOptions, servers: list[str], checkpoint: str,
     return path
 
 
-def loader_config(config_path: Path, metrics_port: int, served: ServedModel | None = None
+def loader_config(config_path: Path, metrics_port: int, served: ServedModel | KServeServed | None = None
                   ) -> Path:
     """`config_path` plus the loader's metrics port on 127.0.0.1 (/healthz: the demo trains
     once the loader is ready; /streams: the dense sync's status) and, with `served`, its dense
@@ -187,7 +188,10 @@ def loader_config(config_path: Path, metrics_port: int, served: ServedModel | No
     config = yaml.safe_load(config_path.read_text())
     loader = config["persia_inc"]["loader"]
     loader.update({"metrics_port": metrics_port, "metrics_addr": "127.0.0.1"})
-    if served is not None:
+    if isinstance(served, KServeServed):  # loads in tens of ms: list often
+        loader["dense_sync"] = {"enabled": True, **served.dense_sync_target(), "keep_versions": 2,
+                                "interval_s": 0.1, "retire_grace_s": 5.0}
+    elif served is not None:
         loader["dense_sync"] = {
             "enabled": True, "management_address": served.server.grpc_management_target,
             "inference_address": served.server.grpc_inference_target,
@@ -296,7 +300,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
     children: list[ChildProcess] = []
     watcher = None
     probe = None
-    served: ServedModel | None = None
+    served: ServedModel | KServeServed | None = None
+    kserve_live: Any = None
     dense_watch: DenseWatcher | None = None
     stub = None
     clients: list[EmbeddingClient] = []
@@ -319,6 +324,14 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             stub = get_inference_stub(served.grpc_target)
             log.info("TorchServe (pid %s) serves %r at %s; logs in %s", served.server.pid,
                      served.model_name, served.grpc_target, served.server.workdir / "logs")
+        elif options.serving.frontend == "kserve":
+            progress.phase = "starting embedding servers and the kserve frontend"
+            notify(progress)
+            served = KServeServed(config_path, _archive(workdir, config_path, dense_pt, spec),
+                                  workdir / "kserve", "demo").start()
+            kserve_live = kserve_scorer(served.grpc_target, served.model_name)
+            log.info("the kserve frontend (pid %s) serves %r at %s", served.pid, served.model_name,
+                     served.grpc_target)
         client = embedding_client(config)
         frozen_client = embedding_client(frozen_path)
         clients += [client, frozen_client]
@@ -373,8 +386,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             return time.monotonic() - started
 
         engine = PersiaInference.from_client(dense, spec, client)  # the handler's code, here
-        live = live_scorer(options.serving.frontend, engine, stub,
-                           served.model_name if served is not None else "")
+        live = kserve_live or live_scorer(options.serving.frontend, engine, stub,
+                                          served.model_name if served is not None else "")
         frozen = in_process_scorer(PersiaInference.from_client(dense, spec, frozen_client))
         # with dense versions the live arm's dense part moves on: score the live rows with the
         # checkpoint's dense part too, to show what the dense updates add
@@ -444,7 +457,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             check = compare_frontends(stream, live, in_process_scorer(reference),
                                       options.serving.check_requests, options.serving.request_rows)
             report.serving.update(checked=check.checked, mismatched=check.mismatched)
-            report.serving["torchserve"] = {
+            report.serving[options.serving.frontend] = served.describe() if isinstance(
+                served, KServeServed) else {
                 "pid": served.server.pid, "grpc": served.grpc_target, "model": served.model_name,
                 "workdir": str(served.server.workdir)}
             if check.mismatched:
@@ -472,8 +486,10 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
         live_servers.check_alive()
         for child in children:
             child.check_alive()
-        if served is not None and (code := served.server.exit_code()) is not None:
-            report.problems.append(f"TorchServe exited with {code} (see {served.server.workdir})")
+        if served is not None and (code := served.exit_code() if isinstance(served, KServeServed)
+                                   else served.server.exit_code()) is not None:
+            report.problems.append(f"the {options.serving.frontend} frontend exited with {code} "
+                                   "(see its logs in the workdir)")
         report.verified = (not report.problems and report.mismatched_rows == 0
                            and report.evicted_still_served == 0 and report.packets > 0)
     finally:
@@ -485,6 +501,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             dense_watch.stop()
         if stub is not None:
             stub.channel.close()
+        if kserve_live is not None:
+            kserve_live.close()
         if served is not None:
             served.close()
         for opened in clients:
@@ -519,16 +537,23 @@ def _torchserve(workdir: Path, config_path: Path, dense_pt: Path, spec: ModelSpe
     """The dense part and its spec archived as `demo.mar` (the live servers' config inside),
     served as `persia-inc serve` serves it: 127.0.0.1, free ports, one worker, batch size 1
     (bit for bit as the engine), one thread per worker (2 cores: leave training its own)."""
-    from persia_inc.inference.archive import archive_model
     from persia_inc.serving import ServedModel, ServeSettings
+
+    return ServedModel(config_path, _archive(workdir, config_path, dense_pt, spec), workdir / "torchserve",
+                       ServeSettings(workers=1, batch_size=1,
+                                     env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
+
+
+def _archive(workdir: Path, config_path: Path, dense_pt: Path, spec: ModelSpec) -> Path:
+    """`WORKDIR/model-store/demo.mar`: the checkpoint's dense part, version 0, with its spec and
+    the live servers' config (what either frontend serves first)."""
+    from persia_inc.inference.archive import archive_model
     from persia_inc.wiring import MAR_HANDLER
 
-    mar = archive_model("demo", dense_pt, spec, workdir / "model-store", handler=MAR_HANDLER,
-                        config_file=config_path,
-                        check_config=lambda path: load_config(path, need_servers=True),
-                        version=CHECKPOINT_DENSE_VERSION)
-    return ServedModel(config_path, mar, workdir / "torchserve", ServeSettings(
-        workers=1, batch_size=1, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
+    return archive_model("demo", dense_pt, spec, workdir / "model-store", handler=MAR_HANDLER,
+                         config_file=config_path,
+                         check_config=lambda path: load_config(path, need_servers=True),
+                         version=CHECKPOINT_DENSE_VERSION)
 
 
 def _settle_dense(published: list[DensePublish], watch: DenseWatcher, every_s: float,

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FRONTENDS = ("in-process", "torchserve")
+FRONTENDS = ("in-process", "torchserve", "kserve")
 
 # score(dense: float32[b, 13], ids: int64[b, 26]) -> click probability float32[b]
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -54,7 +54,7 @@ class ServingOptions:
     per point of the AUC timeline; seed: the requests' sample generator; check_requests:
     requests scored by TorchServe and in process after training (torchserve frontend)."""
 
-    frontend: str = "torchserve"
+    frontend: str = "torchserve"  # or "kserve": persia_inc.demo.kserve scores the live arm
     request_rows: int = 128
     request_interval_s: float = 0.05
     window_s: float = 5.0
