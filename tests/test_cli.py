@@ -129,7 +129,8 @@ def test_the_demo_prints_commands_and_paths_exactly() -> None:
     out = io.StringIO()
     console = Console(file=out, width=60, force_terminal=False)
     workdir = Path("/tmp/demo [bold]run[/] with a long name that would wrap at sixty columns")
-    print_intro(console, workdir, argparse.Namespace(storage="local", announce="dir", shards=2),
+    args = argparse.Namespace(storage="local", announce="dir", shards=2, frontend="torchserve")
+    print_intro(console, workdir, args,
                 "TorchServe is not installed: pip install 'persia-inc[serve]'", False)
     literal(console, "stopped the services it started (ceph [rgw] 123)")
     lines = out.getvalue().splitlines()
