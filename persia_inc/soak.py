@@ -144,7 +144,9 @@ def run_trainer(config_path: Path, state: Path, shape: ModelShape, steps_per_s: 
         for table, model in enumerate(models):
             signs = shape.signs_of(table, step, bursts)
             model[signs.astype(np.int64)] = row_value(signs, step, shape.dim)
-    producer = producer_from_config(config_path, producer_id=PRODUCER)
+    # the trainer owns SIGTERM: it ends the loop between steps and closes the producer itself (the
+    # producer's own handler would close it between two tables' records of one step)
+    producer = producer_from_config(config_path, producer_id=PRODUCER, close_on_sigterm=False)
     for table, model in enumerate(models):
         producer.register_table(shape.table_name(table), _reader(model), dim=shape.dim)
     step = progress
