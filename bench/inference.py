@@ -1,6 +1,7 @@
-"""Inference benchmark: 128-row requests through TorchServe (gRPC, HTTP) and in process, each
-stage of the in-process path printed beside its floor (the cheapest way this machine does the
-same work), all measured in the same run, on the same requests, interleaved.
+"""Inference benchmark: 128-row requests through TorchServe (gRPC, HTTP), the kserve frontend
+(gRPC, HTTP) and in process, each stage of the in-process path printed beside its floor (the
+cheapest way this machine does the same work), all measured in the same run, on the same requests,
+interleaved.
 
 Two embedding-server shards (separate processes), two table layouts of the same model and
 requests: `shared_table` (the seed's: 26 features in one table `embedding`, prefixed signs) and
@@ -19,6 +20,9 @@ Stages (the engine's `Timings`) and their floors:
 - forward: the TorchScript module alone on ready tensors.
 TorchServe runs beside a TorchServe model whose handler returns a constant (its own floor:
 the frontend, the worker pipe and the request bytes, no work).
+The Open Inference Protocol frontend (`persia-inc serve --frontend kserve`, a child process on
+the same .mar) is called with tritonclient's gRPC and HTTP clients, the request bytes as the
+BYTES input (`kserve_grpc`, `kserve_http`); its Done-when bound: gRPC p50 <= in-process p50 + 2 ms.
 
 Printed and written to bench/results/inference.json: per layout, per path p50/p99/mean, per
 stage p50/p99/mean and its share of the in-process mean, each floor's figures and the ratio.
@@ -40,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +54,7 @@ import torch
 import yaml
 from torch.nn.functional import embedding_bag
 
+from persia_inc.demo.kserve import KServeServed
 from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.inference.archive import archive_model
 from persia_inc.inference.batch import PersiaBatch
@@ -158,6 +164,30 @@ def register_constant(torchserve: LocalTorchServe, work: Path, pt: Path, options
         mgmt.register(f"{CONSTANT_MODEL}.mar", options=options)
 
 
+def kserve_paths(served: KServeServed, model: str) -> tuple[dict[str, Callable[[bytes], np.ndarray]],
+                                                           Callable[[], None]]:
+    """The kserve frontend's paths through tritonclient (gRPC, HTTP with binary tensors both
+    ways), the request bytes as the BYTES input `request`; and a function closing both clients."""
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+
+    g = tgrpc.InferenceServerClient(served.grpc_target)
+    h = thttp.InferenceServerClient(served.http_url.removeprefix("http://"))
+    wanted = [thttp.InferRequestedOutput("scores", binary_data=True)]
+
+    def call(client: Any, mod: Any, body: bytes, **kw: Any) -> np.ndarray:
+        tensor = mod.InferInput("request", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([body], dtype=np.object_))
+        return client.infer(model, [tensor], **kw).as_numpy("scores")
+
+    def close() -> None:
+        g.close()
+        h.close()
+
+    return {"kserve_grpc": lambda b: call(g, tgrpc, b),
+            "kserve_http": lambda b: call(h, thttp, b, outputs=wanted)}, close
+
+
 def stage_names() -> list[str]:
     return [f.name.removesuffix("_s") for f in dataclasses.fields(Timings)]
 
@@ -178,6 +208,9 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
     with HttpManagement(torchserve.management_url) as mgmt:
         mgmt.register(f"{name}.mar", options=options)
     stub = get_inference_stub(torchserve.grpc_inference_target)
+    served = KServeServed(config, torchserve.model_store / f"{name}.mar", work / f"kserve-{name}",
+                          name).start()
+    kserve, close_kserve = kserve_paths(served, name)
     session = requests.Session()
     first_table = spec.tables[0].name
     weight = torch.randn(ROWS * 16 * len(spec.sparse), 16)
@@ -189,6 +222,7 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
         "torchserve_constant_grpc": lambda b: infer(stub, CONSTANT_MODEL, b),
         "torchserve_http": lambda b: infer_http(torchserve.inference_url, name, b, session=session),
         "in_process": engine.predict,
+        **kserve,
     }
 
     def floors(req: Request) -> dict[str, float]:
@@ -214,7 +248,7 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
     times: dict[str, list[float]] = {p: [] for p in paths}
     stages: dict[str, list[float]] = {s: [] for s in stage_names()}
     floor_t: dict[str, list[float]] = {s: [] for s in ("decode", "dedup", "lookup", "pool", "forward")}
-    mismatches = 0
+    mismatches = kserve_mismatches = 0
     server_before = server_seconds(metrics_urls, "LookupTables")
     for req in reqs[args.warmup:]:
         results = {}
@@ -225,10 +259,13 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
                 for stage, value in dataclasses.asdict(engine.last_timings).items():
                     stages[stage.removesuffix("_s")].append(value)
         mismatches += int(not np.array_equal(results["torchserve_grpc"], results["in_process"]))
+        kserve_mismatches += sum(int(not np.array_equal(results[p], results["in_process"])) for p in kserve)
         for stage, t in floors(req).items():
             floor_t[stage].append(t)
     server_after = server_seconds(metrics_urls, "LookupTables")
     stub.channel.close()
+    close_kserve()
+    served.close()
     session.close()
     client.close()
 
@@ -259,6 +296,12 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
             float(np.median(local) / np.median(floor_t["lookup"])), 2),
         "in_process_stages": stage_out,
         "torchserve_equals_in_process": mismatches == 0,
+        # issue 26's Done-when: kserve gRPC p50 <= in-process p50 + 2 ms
+        "kserve_grpc_p50_over_in_process_ms": round(
+            float(np.median(times["kserve_grpc"]) - np.median(local)) * 1e3, 3),
+        "kserve_http_p50_over_in_process_ms": round(
+            float(np.median(times["kserve_http"]) - np.median(local)) * 1e3, 3),
+        "kserve_equals_in_process": kserve_mismatches == 0,
     }
     if args.throughput:
         out["throughput"] = throughput(name, [r.body for r in reqs], torchserve, args)
@@ -321,7 +364,8 @@ def throughput(name: str, bodies: list[bytes], torchserve: LocalTorchServe,
 
 def print_layout(name: str, result: dict[str, object]) -> None:
     print(f"\n== {name} ({result['tables']} tables, {result['requests']} requests)")
-    for path in ("in_process", "torchserve_grpc", "torchserve_constant_grpc", "torchserve_http"):
+    for path in ("in_process", "torchserve_grpc", "torchserve_constant_grpc", "torchserve_http",
+                 "kserve_grpc", "kserve_http"):
         p = result[path]
         print(f"  {path:26s} p50 {p['p50_ms']:7.2f}  p99 {p['p99_ms']:7.2f}  mean {p['mean_ms']:7.2f} ms")  # type: ignore[index]
     print(f"  {'stage':10s} {'p50':>7s} {'p99':>7s} {'mean':>7s} {'share':>6s} "
@@ -340,6 +384,9 @@ def print_layout(name: str, result: dict[str, object]) -> None:
           "grpc p50 - (in process + constant) p50: "
           f"{result['grpc_p50_over_in_process_plus_constant_ms']} ms; "
           f"bit for bit: {result['torchserve_equals_in_process']}")
+    print(f"  kserve gRPC p50 - in process p50: {result['kserve_grpc_p50_over_in_process_ms']} ms "
+          f"(bound 2), HTTP: {result['kserve_http_p50_over_in_process_ms']} ms; "
+          f"bit for bit: {result['kserve_equals_in_process']}")
 
 
 def start_shards(work: Path, servers: list[str], metrics_base: int) -> tuple[Path, list[subprocess.Popen]]:
