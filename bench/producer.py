@@ -1,13 +1,16 @@
 """Producer benchmarks: record throughput vs Python sets; what the producer costs the training
-job (step-time overhead of the hook on the example CTR model, bar: at most 5%) and how fresh its
-packets are (flush -> packet durably stored on local disk, p50/p99, on the demo's model and
-flush interval, under training load), each with the O_DIRECT write path on and off in
-interleaved blocks of one run; a 1M-row flush to local disk and to Ceph (the S3_ENDPOINT_URL
-gateway with --s3-uri, else a throwaway cluster started here). Writes bench/results/producer.json.
+job (the step overhead of the hook on the example CTR model: the process's CPU time per step
+with the hook over without, bar: at most 5%, with a 95% interval; see `bench_overhead` for why
+CPU time) and how fresh its packets are (flush -> packet durably stored on local disk, p50/p99,
+on the demo's model and flush interval, under training load, with the O_DIRECT write path on
+and off in interleaved blocks of one run); a 1M-row flush to local disk and to Ceph (the
+S3_ENDPOINT_URL gateway with --s3-uri, else a throwaway cluster started here). Writes
+bench/results/producer.json; the recorded result is the default settings' (a few minutes).
 
-    flock /tmp/persia-heavy.lock .venv/bin/python bench/producer.py [--rounds 8] [--no-ceph]
+    flock /tmp/persia-heavy.lock .venv/bin/python bench/producer.py [--no-ceph]
 
-The switchable piece (on by default; the `no_page_sink` arm turns it off):
+The switchable piece (on by default; the `no_page_sink` arm turns it off; its step overhead
+is measured with --overhead-arms all,no_page_sink):
   page_sink    size-hinted local writes encoded into page-aligned memory and written with
                O_DIRECT (off: streamed through the page cache)
 Pieces judged and deleted (the PageSink's by-reference writes with alignment padding, the
@@ -17,9 +20,12 @@ a rerun carries over.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see bench_overhead
+
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -127,26 +133,44 @@ def _time(f) -> float:
     return time.perf_counter() - started
 
 
-def _writer_cpu_s(producer: IncrementalProducer) -> float:
-    """CPU time of the writer thread (Linux: /proc per-thread stat, user + system)."""
-    tid = producer.writer._thread.native_id
-    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _thread_cpu_s(thread: object) -> float:
+    """CPU time of one running thread (user + system, ns resolution: its POSIX CPU clock)."""
+    ident = thread.ident  # type: ignore[attr-defined]
+    return time.clock_gettime(time.pthread_getcpuclockid(ident)) if ident else 0.0
 
 
-def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
-    """Step time of the example CTR model without the hook and with it under each arm, in
-    interleaved blocks (ABBA).
+def _producer_cpu_s(producer: IncrementalProducer) -> tuple[float, float]:
+    """(writer thread's CPU s, store threads' CPU s) of `producer`."""
+    writer = producer.writer
+    return (_thread_cpu_s(writer._thread),
+            sum(_thread_cpu_s(t) for t in writer._store_threads))
 
-    Each arm has its own producer and its own copy of one batch sequence, so every arm flushes
-    at the same of its steps: a burst of flushes falls into the same round in every arm, and
-    the rounds pair. Each table flushes at 100k distinct rows (no interval flush). Batches are
-    made outside the timed region. A with-hook block ends by waiting for the writer, so its
-    background work cannot leak into the next block; that wait is charged to the hook twice
-    over: at its wall time (an upper bound: it includes fsync waits, which overlap the steps
-    in continuous training) and at the writer thread's CPU time in it (the work it would take
-    from the training threads). The overhead of an arm in a round is its block's mean step
-    time (drain at CPU time) over the no-hook block's of the same round.
+
+def bench_overhead(rounds: int, block: int, vocab: int, folder: str,
+                   arm_names: tuple[str, ...] = ("all",)) -> dict:
+    """What the hook costs the example CTR model per step, in CPU time, without the hook and
+    with it under each arm, in interleaved blocks (ABBA).
+
+    The step overhead is the process's CPU time per step (every thread: the training thread,
+    torch's intra-op threads, the producer's writer and store threads; the batches' making left
+    out) with the hook over without it, minus 1, paired by round; its 95% interval is Student's
+    t over the rounds. CPU time, not wall time, because wall time on this machine (2 cores
+    shared with other jobs) swings ±20 points between rounds, and because the producer's
+    background threads finish their work during the next steps: on cores training fills, the
+    CPU they take is what training loses. It is an upper bound of the wall-time cost when a
+    core is left to the producer. torch runs with OMP_WAIT_POLICY=PASSIVE unless the caller
+    set it (set at the top of this file): with libgomp's default spin-wait an idle intra-op
+    thread burns CPU while it waits, more when another process or the writer holds the other
+    core, which made the per-round figure swing with the load of the machine; passive also
+    makes the baseline smaller, so the ratio is the stricter one.
+
+    Each arm has its own producer and its own copy of one batch sequence, so the hooked arms
+    flush at the same of their steps. Each table flushes at 100k distinct rows over all tables
+    (no interval flush). A hooked block ends by waiting for the writer (its CPU there is
+    counted), so its background work does not leak into the next block. Also reported per
+    arm: wall time (drain at its wall time), and the CPU split by thread: training threads,
+    the writer thread (deferred row reads, sort, checks), the store threads (encode, checksum,
+    write, fsync).
     """
     import torch
 
@@ -156,39 +180,34 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     tables = model.named_tables()
-    names = ["no_hook", *HOOKED_ARMS]
+    names = ["no_hook", *arm_names]
     rngs = {name: np.random.default_rng(0) for name in names}
-    producers = {name: arm_producer(f"{folder}/{name}", on, buffer_size=100_000,
+    producers = {name: arm_producer(f"{folder}/{name}", HOOKED_ARMS[name], buffer_size=100_000,
                                     flush_interval_s=3600.0)
-                 for name, on in HOOKED_ARMS.items()}
+                 for name in arm_names}
 
-    def run(n: int, name: str) -> tuple[list[float], float, float, float, float]:
-        """(step wall times, drain wall s, drain writer-CPU s, process CPU s per step: every
-        thread's, training and writer, the batches' making left out, the drain in; the
-        writer thread's CPU s per step, the drain in)."""
+    def run(n: int, name: str) -> dict[str, float]:
+        """One block: per step, wall ms (drain in), process CPU ms, the training threads',
+        writer thread's and store threads' CPU ms (the batches' making left out)."""
         producer = producers.get(name)
         hook = IncrementalUpdateHook(producer, tables, optimizer) if producer else None
-        times = []
-        making = 0.0
-        cpu_started = time.process_time()
-        writer_started = _writer_cpu_s(producer) if producer else 0.0
-        for _ in range(n):
-            made = time.thread_time()
-            dense, sparse, label = ctr.example_batch(rngs[name], 2048, vocab)
-            making += time.thread_time() - made
-            started = time.perf_counter()
+        batches = [ctr.example_batch(rngs[name], 2048, vocab) for _ in range(n)]
+        ours = [_producer_cpu_s(p) for p in producers.values()]
+        cpu_started, started = time.process_time(), time.perf_counter()
+        for dense, sparse, label in batches:
             optimizer.zero_grad()
             loss_fn(model(dense, sparse), label).backward()
             optimizer.step()
-            times.append(time.perf_counter() - started)
-        drained = drained_cpu = 0.0
         if hook is not None and producer is not None:
             hook.remove()
-            started, cpu = time.perf_counter(), _writer_cpu_s(producer)
             producer.writer.drain()
-            drained, drained_cpu = time.perf_counter() - started, _writer_cpu_s(producer) - cpu
-        writer = (_writer_cpu_s(producer) - writer_started) / n if producer else 0.0
-        return times, drained, drained_cpu, (time.process_time() - cpu_started - making) / n, writer
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        spent = [tuple(b - a for a, b in zip(before, _producer_cpu_s(p), strict=True))
+                 for before, p in zip(ours, producers.values(), strict=True)]
+        writer, store = sum(s[0] for s in spent), sum(s[1] for s in spent)
+        return {"wall_ms": wall / n * 1e3, "cpu_ms": cpu / n * 1e3,
+                "training_cpu_ms": (cpu - writer - store) / n * 1e3,
+                "writer_cpu_ms": writer / n * 1e3, "store_cpu_ms": store / n * 1e3}
 
     def stored(name: str) -> int:
         return len(producers[name].writer.stored)
@@ -205,68 +224,63 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str) -> dict:
     before = {name: stored(name) for name in producers}
     blocks: dict[str, list[dict]] = {name: [] for name in names}
     for k, name in abba(names, rounds):
-        times, drained, drained_cpu, cpu_per_step, writer_per_step = run(block, name)
-        blocks[name].append({
-            "round": k, "median_ms": statistics.median(times) * 1e3,
-            "cpu_per_step_ms": cpu_per_step * 1e3, "writer_cpu_per_step_ms": writer_per_step * 1e3,
-            "mean_ms": sum(times) / len(times) * 1e3,
-            "mean_drain_wall_ms": (sum(times) + drained) / len(times) * 1e3,
-            "mean_drain_cpu_ms": (sum(times) + drained_cpu) / len(times) * 1e3,
-            "drain_ms": drained * 1e3, "drain_cpu_ms": drained_cpu * 1e3})
+        blocks[name].append({"round": k, **run(block, name)})
     flushed = {name: stored(name) - before[name] for name in producers}
     for producer in producers.values():
         producer.close()
     base = blocks["no_hook"]
+    figures = ("wall_ms", "cpu_ms", "training_cpu_ms", "writer_cpu_ms", "store_cpu_ms")
     arms: dict[str, dict] = {}
     for name in names:
-        arm = {"blocks": [{key: round(v, 3) if isinstance(v, float) else v for key, v in b.items()}
-                          for b in blocks[name]]}
-        for figure in ("median_ms", "mean_drain_wall_ms", "mean_drain_cpu_ms", "cpu_per_step_ms",
-                       "writer_cpu_per_step_ms"):
-            arm[figure] = round(statistics.mean(b[figure] for b in blocks[name]), 3)
+        arm: dict = {figure: round(statistics.mean(b[figure] for b in blocks[name]), 3)
+                     for figure in figures}
         if name != "no_hook":
-            per_round = [100 * (b["mean_drain_cpu_ms"] / a["mean_drain_cpu_ms"] - 1)
+            per_round = [100 * (b["cpu_ms"] / a["cpu_ms"] - 1)
                          for a, b in zip(base, blocks[name], strict=True)]
-            arm["packets_while_measuring"] = flushed[name]
-            arm["overhead_pct_per_round"] = [round(x, 2) for x in per_round]
-            arm["overhead_pct"] = round(100 * (arm["mean_drain_cpu_ms"]
-                                               / arms["no_hook"]["mean_drain_cpu_ms"] - 1), 2)
-            arm["overhead_pct_sd"] = round(statistics.stdev(per_round), 2) if rounds > 1 else 0.0
-            arm["overhead_pct_ci95"] = ci95(per_round)
-            cpu_round = [100 * (b["cpu_per_step_ms"] / a["cpu_per_step_ms"] - 1)
-                         for a, b in zip(base, blocks[name], strict=True)]
-            arm["cpu_overhead_pct_per_round"] = [round(x, 2) for x in cpu_round]
-            arm["cpu_overhead_pct"] = round(100 * (arm["cpu_per_step_ms"]
-                                                   / arms["no_hook"]["cpu_per_step_ms"] - 1), 2)
-            arm["cpu_overhead_pct_ci95"] = ci95(cpu_round)
-            arm["median_ratio"] = round(arm["median_ms"] / arms["no_hook"]["median_ms"], 3)
+            wall_round = [100 * (b["wall_ms"] / a["wall_ms"] - 1)
+                          for a, b in zip(base, blocks[name], strict=True)]
+            arm.update({
+                "overhead_pct": round(statistics.mean(per_round), 2),
+                "overhead_pct_ci95": ci95(per_round),
+                "overhead_pct_sd": round(statistics.stdev(per_round), 2) if rounds > 1 else 0.0,
+                "overhead_pct_per_round": [round(x, 2) for x in per_round],
+                "split_pct": {  # of the no-hook arm's CPU per step, where the extra CPU went
+                    part: round(100 * (arm[f"{part}_cpu_ms"] - arms["no_hook"][f"{part}_cpu_ms"])
+                                / arms["no_hook"]["cpu_ms"], 2)
+                    for part in ("training", "writer", "store")},
+                "wall_overhead_pct": round(statistics.mean(wall_round), 2),
+                "wall_overhead_pct_ci95": ci95(wall_round),
+                "packets_while_measuring": flushed[name]})
+        arm["blocks"] = [{key: round(v, 3) if isinstance(v, float) else v for key, v in b.items()}
+                         for b in blocks[name]]
         arms[name] = arm
-    print(f"step time (batch 2048, 26 tables x {vocab:,} rows, dim 16; {rounds} rounds of ABBA-"
-          f"ordered blocks of {block} steps per arm, up to {warm_up} warm-up steps per arm excluded; "
-          f"torch: {torch.get_num_threads()} intra-op threads on {os.cpu_count()} cores, shared "
-          "with the writer); overhead = mean step incl. the writer's CPU in the end-of-block "
-          "drain, vs no hook:")
-    print(f"  {'no_hook':<15} median {arms['no_hook']['median_ms']:6.2f} ms, mean "
-          f"{arms['no_hook']['mean_drain_cpu_ms']:6.2f} ms")
-    for name in HOOKED_ARMS:
+    print(f"step overhead (batch 2048, 26 tables x {vocab:,} rows, dim 16, a flush every 100k "
+          f"distinct rows; {rounds} rounds of ABBA-ordered blocks of {block} steps per arm, up to "
+          f"{warm_up} warm-up steps per arm excluded; torch: {torch.get_num_threads()} intra-op "
+          f"threads on {os.cpu_count()} cores, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+          "): process CPU per step with the hook vs without, paired by round:")
+    b = arms["no_hook"]
+    print(f"  {'no_hook':<13} CPU {b['cpu_ms']:6.2f} ms/step, wall {b['wall_ms']:6.2f} ms/step")
+    for name in arm_names:
         a = arms[name]
         low, high = a["overhead_pct_ci95"]
-        cpu_low, cpu_high = a["cpu_overhead_pct_ci95"]
-        print(f"  {name:<15} median {a['median_ms']:6.2f} ms (x{a['median_ratio']:.3f}), mean "
-              f"{a['mean_drain_cpu_ms']:6.2f} ms, overhead {a['overhead_pct']:+5.1f}% "
-              f"(95% CI of the round mean {low:+.1f}..{high:+.1f}); process CPU per step "
-              f"{a['cpu_per_step_ms']:.2f} ms, {a['cpu_overhead_pct']:+.1f}% (95% CI "
-              f"{cpu_low:+.1f}..{cpu_high:+.1f}; the writer thread's {a['writer_cpu_per_step_ms']:.2f} ms) "
-              f"(sd {a['overhead_pct_sd']:.1f} over rounds; incl. drain at wall time "
-              f"x{a['mean_drain_wall_ms'] / arms['no_hook']['mean_drain_wall_ms']:.3f}; "
-              f"{a['packets_while_measuring']} packets)")
+        wall_low, wall_high = a["wall_overhead_pct_ci95"]
+        split = a["split_pct"]
+        print(f"  {name:<13} CPU {a['cpu_ms']:6.2f} ms/step: overhead {a['overhead_pct']:+5.2f}% "
+              f"(95% CI {low:+.2f}..{high:+.2f}, sd {a['overhead_pct_sd']:.1f} over rounds) = "
+              f"training threads {split['training']:+.2f} + writer {split['writer']:+.2f} + "
+              f"store {split['store']:+.2f} points; wall {a['wall_ms']:6.2f} ms/step, "
+              f"{a['wall_overhead_pct']:+.1f}% (CI {wall_low:+.1f}..{wall_high:+.1f}); "
+              f"{a['packets_while_measuring']} packets")
     return {"setup": {"model": "persia_inc.demo.ctr.example_model", "batch": 2048, "vocab": vocab,
-                      "dim": 16, "tables": 26, "flush": "100,000 distinct rows per table",
+                      "dim": 16, "tables": 26, "flush": "100,000 distinct rows over all tables",
                       "rounds": rounds, "block_steps": block, "warm_up_steps_per_arm": warm_up,
                       "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                      "overhead": "mean step time incl. the writer's CPU time in the end-of-block "
-                                  "drains, over the no-hook arm's, minus 1 (per round: the blocks "
-                                  "of that round)"},
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                      "overhead": "process CPU time per step (every thread, the end-of-block "
+                                  "drain in, the batches' making out) with the hook over without, "
+                                  "minus 1, per ABBA round; mean and Student-t 95% interval over "
+                                  "the rounds"},
             "arms": arms}
 
 
@@ -381,14 +395,15 @@ def judge(overhead: dict, freshness: dict) -> dict:
     verdicts = {}
     for piece in PIECES:
         off = f"no_{piece}"
-        o_with = overhead["arms"]["all"]["overhead_pct_per_round"]
-        o_without = overhead["arms"][off]["overhead_pct_per_round"]
         f_with, f_without = freshness["arms"]["all"]["blocks"], freshness["arms"][off]["blocks"]
         verdicts[piece] = {
-            "step_overhead_pct": _paired(o_without, o_with),
             "freshness_p50_ms": _paired([b["p50_ms"] for b in f_without], [b["p50_ms"] for b in f_with]),
             "freshness_p99_ms": _paired([b["p99_ms"] for b in f_without], [b["p99_ms"] for b in f_with]),
         }
+        if off in overhead["arms"]:  # the step-time arms ran it (--overhead-arms)
+            verdicts[piece]["step_overhead_pct"] = _paired(
+                overhead["arms"][off]["overhead_pct_per_round"],
+                overhead["arms"]["all"]["overhead_pct_per_round"])
     print("each piece, with vs without (paired by round; gain > 0: better with it; spread: "
           "2 standard errors):")
     for piece, v in verdicts.items():
@@ -397,7 +412,7 @@ def judge(overhead: dict, freshness: dict) -> dict:
                  f"{', beyond spread' if v[key]['beyond_spread'] else ''})"
                  for key, label in (("step_overhead_pct", "overhead %"),
                                     ("freshness_p50_ms", "fresh p50 ms"),
-                                    ("freshness_p99_ms", "fresh p99 ms"))]
+                                    ("freshness_p99_ms", "fresh p99 ms")) if key in v]
         print(f"  {piece:<12} " + "; ".join(parts))
     return verdicts
 
@@ -462,8 +477,10 @@ def bench_flush_ceph(s3_uri: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=12, help="ABBA rounds of the step-time arms")
-    parser.add_argument("--block", type=int, default=200, help="steps per arm per round")
+    parser.add_argument("--rounds", type=int, default=60, help="ABBA rounds of the step-time arms")
+    parser.add_argument("--block", type=int, default=50, help="steps per arm per round")
+    parser.add_argument("--overhead-arms", default="all", help="hooked step-time arms, comma-"
+                        f"separated, of {', '.join(HOOKED_ARMS)} (each adds a third to the time)")
     parser.add_argument("--vocab", type=int, default=300_000, help="rows per embedding table")
     parser.add_argument("--fresh-rounds", type=int, default=8, help="ABBA rounds of the freshness arms")
     parser.add_argument("--fresh-seconds", type=float, default=3.0, help="seconds per freshness block")
@@ -476,8 +493,13 @@ def main() -> None:
     results["record"] = bench_record()
     results["record_columns"] = bench_record_columns()
     with tempfile.TemporaryDirectory() as folder:
+        arms = tuple(a for a in args.overhead_arms.split(",") if a)
+        unknown = [a for a in arms if a not in HOOKED_ARMS]
+        if unknown or "all" not in arms:
+            parser.error(f"--overhead-arms: {args.overhead_arms!r} must name 'all' and only "
+                         f"arms of {', '.join(HOOKED_ARMS)}")
         results["step_overhead"] = bench_overhead(args.rounds, args.block, args.vocab,
-                                                  folder + "/overhead")
+                                                  folder + "/overhead", arms)
         results["freshness"] = bench_freshness(args.fresh_rounds, args.fresh_seconds,
                                                folder + "/freshness")
         results["pieces"] = judge(results["step_overhead"], results["freshness"])
