@@ -118,12 +118,20 @@ def gather(slots, shift, values, signs, out, ticks, tick):
 
     ticks: int64[rows] last-use stamps written for hits (LRU), or an empty array for none.
     Two passes, each keeping many misses in flight: find every row (prefetched probes), then
-    copy with each row prefetched COPY_AHEAD rows before it is read.
+    copy them (`copy_rows`).
     """
-    n = signs.shape[0]
-    dim = values.shape[1]
-    rows = np.empty(n, np.int64)
+    rows = np.empty(signs.shape[0], np.int64)
     misses = find_rows(slots, shift, signs, rows)
+    copy_rows(values, rows, out, ticks, tick)
+    return misses
+
+
+@_jit
+def copy_rows(values, rows, out, ticks, tick):
+    """out[i] = values[rows[i]], zeros where rows[i] < 0, each row prefetched COPY_AHEAD rows
+    before it is read; ticks[rows[i]] = tick for hits unless ticks is empty (no LRU)."""
+    n = rows.shape[0]
+    dim = values.shape[1]
     track = ticks.shape[0] > 0
     for i in range(n):
         if i + COPY_AHEAD < n:
@@ -139,7 +147,6 @@ def gather(slots, shift, values, signs, out, ticks, tick):
                 out[i, d] = values[row, d]
             if track:
                 ticks[row] = tick
-    return misses
 
 
 @_jit

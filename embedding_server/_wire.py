@@ -13,6 +13,9 @@ every other message uses the generated classes.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -284,6 +287,60 @@ class LookupTablesReply:
         for name, reply in self.tables:
             _submessage(parts, 1, ((1, name), (2, reply.dim), (3, reply.rows), (4, reply.misses)))
         return b"".join(parts)
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_bytes.restype = ctypes.py_object
+_BYTES_DATA = sys.getsizeof(b"") - 1  # where a bytes object's data starts (CPython)
+
+
+def unfilled_bytes(size: int) -> tuple[bytes, memoryview]:
+    """A new bytes object of `size` bytes, not yet filled, and a writable byte view on it, to
+    fill before the bytes are used or shared (as C code fills
+    `PyBytes_FromStringAndSize(NULL, size)`). gRPC sends only `bytes`: this lets an answer be
+    written in place instead of built aside and copied into one."""
+    data = _new_bytes(None, size)
+    return data, memoryview((ctypes.c_char * size).from_address(id(data) + _BYTES_DATA)).cast("B")
+
+
+@functools.lru_cache(maxsize=4096)
+def _table_head(name: str, dim: int) -> bytes:
+    """A `TableLookup`'s table and dim fields."""
+    parts: list[bytes | memoryview] = []
+    _fields(parts, ((1, name), (2, dim)))
+    return b"".join(parts)
+
+
+_TABLE_TAG, _ROWS_TAG, _MISSES_TAG = (bytes([n << 3 | k]) for n, k in ((1, _LEN), (3, _LEN),
+                                                                      (4, _VARINT)))
+
+
+def lookup_tables_reply(names: Sequence[str], shapes: Sequence[tuple[int, int, int]]
+                        ) -> tuple[bytes, list[np.ndarray]]:
+    """`LookupTablesResponse` wire bytes for tables `names` with (signs, dim, misses)
+    `shapes`, every field written but the rows, and a writable float32[signs, dim] view on
+    each table's rows in them: filled, the bytes are `LookupTablesReply.encode`'s, without
+    building the rows aside first and copying them in (0.3 ms of a 26-table, 1.7 MB answer)."""
+    pieces = []
+    total = 0
+    for name, (n, dim, misses) in zip(names, shapes, strict=True):
+        nbytes = n * dim * 4
+        head = _table_head(name, dim) + (_ROWS_TAG + _varint(nbytes) if nbytes else b"")
+        tail = _MISSES_TAG + _varint(misses) if misses else b""
+        head = _TABLE_TAG + _varint(len(head) + nbytes + len(tail)) + head
+        pieces.append((head, nbytes, tail))
+        total += len(head) + nbytes + len(tail)
+    data, view = unfilled_bytes(total)
+    rows, pos = [], 0
+    for (head, nbytes, tail), (n, dim, _) in zip(pieces, shapes, strict=True):
+        view[pos:pos + len(head)] = head
+        pos += len(head)
+        rows.append(np.frombuffer(view[pos:pos + nbytes], np.float32).reshape(n, dim))
+        pos += nbytes
+        view[pos:pos + len(tail)] = tail
+        pos += len(tail)
+    return data, rows
 
 
 def decode_lookup_tables_reply(message: bytes) -> LookupTablesReply:

@@ -87,6 +87,10 @@ _FAILOVER_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAU
 _RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
                       ("grpc.min_reconnect_backoff_ms", 100),
                       ("grpc.max_reconnect_backoff_ms", 1000)]
+# the largest HTTP/2 frame the servers may send us (default 16 KiB): a 26-table lookup's
+# 1.7 MB answer then comes in a few frames, not a hundred (two shards' LookupTables of a
+# 128-row request, same servers, interleaved: p50 4.22 against 4.73 ms, 4.64 against 5.22)
+_FRAME_OPTIONS = [("grpc.http2.max_frame_size", (1 << 24) - 1)]
 
 
 class EmbeddingClient:
@@ -118,7 +122,8 @@ class EmbeddingClient:
         self._dims: dict[str, int] = {}  # table -> width, as last answered
         self._write_metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes), *_RECONNECT_OPTIONS]
+                   ("grpc.max_send_message_length", max_message_bytes), *_RECONNECT_OPTIONS,
+                   *_FRAME_OPTIONS]
         addresses = [t.address for t in self.targets]
         if tls_ca is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)

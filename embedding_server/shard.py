@@ -47,6 +47,9 @@ from persia_inc.packet_format.header import check_name, check_position
 
 log = logging.getLogger(__name__)
 
+# given each table's (signs, dim, misses), the float32[signs, dim] arrays to write its rows to
+Into = Callable[[Sequence[tuple[int, int, int]]], Sequence[np.ndarray]]
+
 STAGE_TIMEOUT_S = 300.0  # a chunked apply with no new chunk for this long is dropped
 
 
@@ -182,6 +185,7 @@ class Shard:
         self._watermarks: dict[tuple[str, str], tuple[int, int]] = {}
         self._stream_locks: dict[tuple[str, str], threading.Lock] = {}  # check-and-set of a mark
         self._counters: dict[str, list[int]] = {}  # table -> [lookups, rows, misses]
+        self._count_lock = threading.Lock()  # the counters' (one acquire per lookup call)
         self._lock = threading.Lock()  # guards the dicts, never held during a kernel
         self.started = time.monotonic()
         self.grow_ahead = grow_ahead
@@ -229,42 +233,53 @@ class Shard:
         """
         table = self.table(name)
         rows, misses = table.lookup(signs)
-        counters = self._counters[name]
-        counters[0] += 1  # approximate under races: these feed Status only
-        counters[1] += signs.shape[0]
-        counters[2] += misses
+        with self._count_lock:
+            counters = self._counters[name]
+            counters[0] += 1
+            counters[1] += signs.shape[0]
+            counters[2] += misses
         if check_owner and misses and self.num_shards > 1:
             self._count_foreign(name, signs)
         return rows, misses
 
     def lookup_tables(self, requests: Sequence[tuple[str, np.ndarray]], *,
-                      check_owner: bool = False) -> list[tuple[np.ndarray, int]]:
+                      check_owner: bool = False, into: Into | None = None
+                      ) -> list[tuple[np.ndarray, int]]:
         """Several tables' rows at one consistent point: (table, signs: uint64[n]) pairs ->
         (rows: float32[n, dim], misses) each, in request order; zeros for unknown signs.
 
         The tables' read locks are held together (taken in sorted name order, as writers take
         theirs), so a multi-table apply is seen whole or not at all. TableNotFoundError names
         the first unknown table; a table named twice is a ValueError. check_owner as `lookup`.
+        into: given every table's (signs, dim, misses) once the rows are found, the arrays to
+        copy them into (float32[n, dim] each, e.g. views on a reply's bytes); default new ones.
         """
         names = [name for name, _ in requests]
         if len(set(names)) != len(names):
             raise ValueError(f"a LookupTables request names each table once, got {names}")
-        tables = {name: self.table(name) for name in names}
-        out: dict[str, tuple[np.ndarray, int]] = {}
+        tables = [self.table(name) for name in names]
         with ExitStack() as stack:
-            for name in sorted(tables):
-                stack.enter_context(tables[name].lock.read())
-            for name, signs in requests:
-                out[name] = tables[name]._lookup_locked(signs)
-        for name, signs in requests:
-            misses = out[name][1]
-            counters = self._counters[name]
-            counters[0] += 1
-            counters[1] += signs.shape[0]
-            counters[2] += misses
-            if check_owner and misses and self.num_shards > 1:
-                self._count_foreign(name, signs)
-        return [out[name] for name in names]
+            for position in sorted(range(len(names)), key=names.__getitem__):
+                stack.enter_context(tables[position].lock.read())
+            found = [table._find_locked(signs) for table, (_, signs) in
+                     zip(tables, requests, strict=True)]
+            shapes = [(rows.shape[0], table.dim, misses)
+                      for table, (rows, misses) in zip(tables, found, strict=True)]
+            outs = (into(shapes) if into is not None
+                    else [np.empty((n, dim), np.float32) for n, dim, _ in shapes])
+            for table, (rows, _), out in zip(tables, found, outs, strict=True):
+                table._copy_locked(rows, out)
+        with self._count_lock:
+            for name, (n, _, misses) in zip(names, shapes, strict=True):
+                counters = self._counters[name]
+                counters[0] += 1
+                counters[1] += n
+                counters[2] += misses
+        if check_owner and self.num_shards > 1:
+            for (name, signs), (_, _, misses) in zip(requests, shapes, strict=True):
+                if misses:
+                    self._count_foreign(name, signs)
+        return [(out, misses) for out, (_, _, misses) in zip(outs, shapes, strict=True)]
 
     def _count_foreign(self, name: str, signs: np.ndarray) -> None:
         foreign = int(np.count_nonzero(shard_of(signs, self.num_shards) != self.shard_index))

@@ -160,6 +160,20 @@ class EmbeddingTable:
                              self._tick)
         return out, int(misses)
 
+    def _find_locked(self, signs: np.ndarray) -> tuple[np.ndarray, int]:
+        """The first half of `_lookup_locked`: (rows: int64[n] each sign's row, -1 for an
+        unknown sign; misses). `_copy_locked` then copies them, under the same lock."""
+        signs = _as_signs(signs)
+        rows = np.empty(signs.shape[0], np.int64)
+        return rows, int(kern.find_rows(self._slots, self._shift, signs, rows))
+
+    def _copy_locked(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """out (float32[n, dim], C-contiguous) = the rows `_find_locked` found, zeros for -1."""
+        if out.shape != (rows.shape[0], self.dim) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32[{rows.shape[0]}, {self.dim}]")
+        self._tick += 1
+        kern.copy_rows(self._values, rows, out, self._ticks, self._tick)
+
     def contains(self, signs: np.ndarray) -> np.ndarray:
         """signs: uint64[n] -> bool[n], whether each sign has a row."""
         signs = _as_signs(signs)

@@ -28,6 +28,7 @@ from persia_inc.embedding_server._wire import (
     decode_apply_request,
     decode_lookup_tables_reply,
     encode_apply_request,
+    lookup_tables_reply,
 )
 from persia_inc.embedding_server.checkpoint import save_checkpoint
 from persia_inc.embedding_server.client import EmbeddingClient, cut_chunks
@@ -490,6 +491,10 @@ def test_hand_encoded_multi_table_messages_match_protobuf() -> None:
         pb.TableLookup(table="t", dim=8, rows=rows.tobytes(), misses=2),
         pb.TableLookup(table="u", dim=4)]).SerializeToString()
     assert reply.encode() == expected
+    # the server writes the same bytes in place, the rows gathered into them
+    data, views = lookup_tables_reply(["t", "u"], [(5, 8, 2), (0, 4, 0)])
+    views[0][...] = rows
+    assert isinstance(data, bytes) and data == expected and views[1].shape == (0, 4)
     (t, got_t), (u, got_u) = decode_lookup_tables_reply(expected).tables
     assert (t, u, got_t.misses, got_u.dim) == ("t", "u", 2, 4)
     assert np.array_equal(got_t.rows, rows) and got_u.rows.shape == (0, 4)
