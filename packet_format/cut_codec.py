@@ -167,11 +167,43 @@ def _segments(counts: list[tuple[int, int]], upsert: object, delete: object, dty
     return np.repeat(values, np.asarray(counts, np.int64).reshape(-1))
 
 
-def _list_array(widths: np.ndarray, values: np.ndarray) -> tuple[pa.ListArray, np.ndarray]:
-    offsets = np.zeros(widths.size + 1, np.int32)
-    if values.size:  # all-empty lists (a cut without state) keep zero offsets
-        np.cumsum(widths, out=offsets[1:])
+def _list_array(widths: np.ndarray, values: np.ndarray, width: int = 0
+                ) -> tuple[pa.ListArray, np.ndarray]:
+    """The list column of `values` cut by `widths` (int32 per row), and its int32 offsets.
+    width > 0: every row is that wide (no cumulative sum to run)."""
+    if width > 0 and values.size:
+        offsets = np.arange(0, width * (widths.size + 1), width, dtype=np.int32)
+    else:
+        offsets = np.zeros(widths.size + 1, np.int32)
+        if values.size:  # all-empty lists (a cut without state) keep zero offsets
+            np.cumsum(widths, out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)), offsets
+
+
+def _joined(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    """`arrays` (1-D, contiguous) end to end: a view when they already lie so in one buffer
+    (a producer that read a cut's rows into one block), else a concatenated copy."""
+    present = [a for a in arrays if a.size]
+    if len(present) < 2:
+        return present[0] if present else np.empty(0, dtype)
+    first, root = present[0], _root_of(present[0])
+    end = first.ctypes.data
+    for a in present:
+        if (a.dtype != first.dtype or not a.flags.c_contiguous or a.ctypes.data != end
+                or _root_of(a) is not root):
+            return np.concatenate(present)
+        end += a.nbytes
+    if not (isinstance(root, np.ndarray) and root.flags.c_contiguous and root.dtype == first.dtype):
+        return np.concatenate(present)
+    start = (first.ctypes.data - root.ctypes.data) // first.itemsize
+    return root.reshape(-1)[start:start + (end - first.ctypes.data) // first.itemsize]
+
+
+def _root_of(array: np.ndarray) -> object:
+    """The array that owns `array`'s memory (its base chain's last ndarray)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
 
 
 def _checked_table(entry: CutTable | None, rows: TableRows, dtype: str) -> tuple[CutTable, dict]:
@@ -250,8 +282,10 @@ def write_cut(sink: BinaryIO | pa.NativeFile, header: CutHeader, tables: Sequenc
     signs = np.concatenate([a for p in parts for a in (p["signs"], p["deleted"])] or
                            [np.empty(0, np.uint64)])
     widths = _segments(counts, [t.dim for t in entries], 0, np.int32)
-    values = np.concatenate([p["values"] for p in parts] or [np.empty(0, _STORE_DTYPES[dtype])])
-    embedding, offsets = _list_array(widths, values)
+    values = _joined([p["values"] for p in parts], _STORE_DTYPES[dtype])
+    uniform = (entries[0].dim if entries and all(t.dim == entries[0].dim and not t.deleted_rows
+                                                 for t in entries) else 0)
+    embedding, offsets = _list_array(widths, values, uniform)
     ops = _segments(counts, OP_UPSERT, OP_DELETE, np.uint8)
     table_names = pa.array([t.name for t in entries], pa.string())
     columns: dict[str, pa.Array] = {

@@ -41,7 +41,7 @@ from persia_inc.producer.row_id_signs import RowIdColumns, RowIdSignBuffer
 from persia_inc.producer.settings import ProducerSettings, check_arguments
 from persia_inc.producer.shutdown import ShutdownHooks
 from persia_inc.producer.signset import SignBuffer
-from persia_inc.producer.snapshot import Snapshot
+from persia_inc.producer.snapshot import RowBlock, Snapshot
 from persia_inc.producer.update_policy import PrioritizedUpdates
 from persia_inc.producer.writer import PacketWriter
 from persia_inc.storage import ObjectStore
@@ -501,10 +501,12 @@ class IncrementalProducer:
         rows, _, read = self._read_later(entry, signs)
         return rows, read()
 
-    def _read_later(self, entry: _Table, signs: np.ndarray
+    def _read_later(self, entry: _Table, signs: np.ndarray, block: RowBlock | None = None
                     ) -> tuple[np.ndarray, None, Callable[[], np.ndarray | None]]:
-        """(rows still unread, no state yet, the read that fills them and returns the state)."""
-        rows = np.empty((signs.size, entry.dim), np.float32)
+        """(rows still unread, no state yet, the read that fills them and returns the state);
+        the rows are cut from `block` when it has room."""
+        rows = (block.take(signs.size, entry.dim) if block is not None
+                else np.empty((signs.size, entry.dim), np.float32))
         return rows, None, read_into_later(entry.reader, signs, rows, entry.name,
                                            self.settings.ship_optimizer_state)
 
@@ -526,6 +528,8 @@ class IncrementalProducer:
             oldest, self._oldest_s = self._oldest_s, None
             self._interval_due_s = float("inf")
             updates, now = self._updates, self.policy.now()
+            block = (RowBlock(sum(len(t.buffer) * t.dim for t in self._tables.values()))
+                     if self._deferred_reads else None)
             try:
                 for entry in self._tables.values():
                     signs, ops = entry.buffer.swap()
@@ -544,7 +548,7 @@ class IncrementalProducer:
                                                 final=reason == "close")
                             wanted, select = plan.signs, plan.select
                         if self._deferred_reads and entry.reads_into and wanted.size:
-                            rows, state, read = self._read_later(entry, wanted)
+                            rows, state, read = self._read_later(entry, wanted, block)
                         else:
                             rows, state = self._read_rows(entry, wanted)
                     except BaseException:

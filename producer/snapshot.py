@@ -36,6 +36,28 @@ def packet_row_limit(dim: int, state_dim: int, max_rows: int, max_bytes: int) ->
     return max(1, min(max_rows, by_bytes))
 
 
+class RowBlock:
+    """One float32 block a flush cuts the rows of every deferred-read table from, end to end:
+    the packet's values column is then this block, not a copy of the tables' rows
+    (packet_format.cut_codec `_joined`)."""
+
+    __slots__ = ("used", "values")
+
+    def __init__(self, size: int) -> None:
+        self.values = np.empty(size, np.float32)
+        self.used = 0
+
+    def take(self, n: int, dim: int) -> np.ndarray:
+        """float32[n, dim], uninitialized: the next part of the block, or fresh memory when it
+        is full (the update policy may read more rows than were buffered)."""
+        end = self.used + n * dim
+        if end > self.values.size:
+            return np.empty((n, dim), np.float32)
+        rows = self.values[self.used:end].reshape(n, dim)
+        self.used = end
+        return rows
+
+
 @dataclass(slots=True, eq=False)
 class Snapshot:
     """One table's flushed rows, read on the training thread.

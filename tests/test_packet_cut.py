@@ -119,6 +119,27 @@ def test_write_cut_returns_the_header_as_written_and_is_deterministic() -> None:
     assert encode_cut(HEADER, mixed_tables()) == sink.getvalue()  # a retry writes the same bytes
 
 
+def test_tables_read_into_one_block_encode_as_separate_arrays_do() -> None:
+    """A producer reads a cut's rows into one block, end to end (the values column is then that
+    block, not a copy): the bytes are those of the same rows in arrays of their own, with or
+    without a gap, a reordering or an empty table between them."""
+    tables = [table_rows(f"t{i}", n, 16, seed=i) for i, n in enumerate((40, 0, 25, 60))]
+    block = np.empty(sum(t.embeddings.size for t in tables) + 16 + 25 * 16, np.float32)
+    used, in_block = 0, []
+    for t in tables:
+        rows = block[used:used + t.embeddings.size].reshape(t.embeddings.shape)
+        rows[:] = t.embeddings
+        used += t.embeddings.size
+        in_block.append(replace(t, embeddings=rows))
+    assert encode_cut(HEADER, in_block) == encode_cut(HEADER, tables)
+    apart = block[used + 16:used + 16 + 25 * 16].reshape(25, 16)  # after a gap
+    gap = [in_block[3], replace(in_block[2], embeddings=apart)]
+    np.copyto(gap[1].embeddings, tables[2].embeddings)
+    assert encode_cut(HEADER, gap) == encode_cut(HEADER, [tables[3], tables[2]])
+    swapped = [in_block[3], in_block[0]]
+    assert encode_cut(HEADER, swapped) == encode_cut(HEADER, [tables[3], tables[0]])
+
+
 def test_header_tables_give_the_dim_of_an_empty_table() -> None:
     header = replace(HEADER, tables=(CutTable("a", 8), CutTable("b", 32)))
     empty = TableRows("b", np.empty(0, np.uint64), np.empty((0, 0), np.float32), np.empty(0, np.uint64))

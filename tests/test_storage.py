@@ -175,6 +175,23 @@ def test_local_hinted_writes_go_through_direct_io(tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "inc" / "a").iterdir()) == ["one", "two"]  # no temps
 
 
+def test_local_hinted_writes_reuse_their_memory_without_leaking_earlier_bytes(tmp_path) -> None:
+    """A writing thread keeps its page-aligned block: a shorter object after a longer one holds
+    only its own bytes, and a write opened inside another on the same thread gets its own."""
+    store = open_store(str(tmp_path))
+    long, short = b"L" * 20_000, b"s" * 300
+    for key, payload in (("long", long), ("short", short)):
+        with store.writer(key, size_hint=len(payload)) as sink:
+            sink.write(payload)
+    assert store.get("long") == long and store.get("short") == short
+    with store.writer("outer", size_hint=9000) as outer:
+        outer.write(b"o" * 4000)
+        with store.writer("inner", size_hint=9000) as inner:
+            inner.write(b"i" * 5000)
+        outer.write(b"O" * 10)
+    assert store.get("outer") == b"o" * 4000 + b"O" * 10 and store.get("inner") == b"i" * 5000
+
+
 def test_local_folder_refusing_direct_io_gets_a_plain_write(tmp_path, monkeypatch) -> None:
     """Filesystems without O_DIRECT (older tmpfs, some FUSE mounts) answer EINVAL at open."""
     real_open = os.open
