@@ -123,8 +123,9 @@ class Loader:
         self.dense_sync: DenseSync | None = None
         if self.settings.dense_sync.enabled:
             if dense_management is None:
-                raise ValueError("loader.dense_sync is enabled but no TorchServe management client "
-                                 "was given (persia_inc.loader_from_config builds one)")
+                frontend = self.settings.dense_sync.frontend
+                raise ValueError(f"loader.dense_sync is enabled (frontend {frontend}) but no management "
+                                 "client was given (persia_inc.loader_from_config builds one)")
             self.dense_sync = DenseSync(self.store, model, self.settings.dense_sync, dense_management,
                                         client, validator=dense_validator, quarantine=self.quarantine,
                                         metrics=self.metrics)
@@ -227,7 +228,8 @@ class Loader:
             if not self.dense_sync.is_alive() and self.dense_sync.started:
                 problems.append("dense sync is not running")
             if "torchserve-unreachable" in dense["flags"]:
-                problems.append(f"TorchServe at {self.dense_sync.address} does not answer: "
+                sync = self.dense_sync
+                problems.append(f"{sync.frontend_title} at {sync.address} does not answer: "
                                 f"{dense['torchserve']['error']}")
         servers = bool(shards) and all(sh.shard in answering for sh in shards)
         healthy = not problems and servers

@@ -74,10 +74,13 @@ log = logging.getLogger(__name__)
 
 Stream = tuple[str, str]  # (lane, producer)
 UNREACHABLE_LOG_INTERVAL_S = 30.0
+# how log lines and reasons name the frontend a `dense_sync.frontend` setting drives
+FRONTEND_NAMES = {"torchserve": "TorchServe", "kserve": "the kserve frontend"}
 
 
 class DenseSync(ServiceThread):
-    """Activates `model`'s dense versions in TorchServe in step with the sparse stream.
+    """Activates `model`'s dense versions in TorchServe (or the kserve frontend, as
+    `settings.frontend` says; log lines and reasons name it) in step with the sparse stream.
 
     store: incremental_dir; client: the embedding servers (read, not closed here); management:
     TorchServe's management client and validator: its predictions prober (both closed at
@@ -96,6 +99,8 @@ class DenseSync(ServiceThread):
         self.model_name = settings.model_name or model
         self.model_store = Path(settings.model_store)
         self.address = settings.management_address
+        self.frontend = FRONTEND_NAMES.get(settings.frontend, settings.frontend)
+        self.frontend_title = self.frontend[:1].upper() + self.frontend[1:]  # at a sentence's start
         self.management = management
         self.validator = validator
         self.client = client
@@ -162,7 +167,7 @@ class DenseSync(ServiceThread):
         return [v for _, v in sorted(self.versions.items()) if v.state == state]
 
     def _where(self, version: int | str) -> str:
-        return f"version {version} of TorchServe model {self.model_name!r} at {self.address}"
+        return f"version {version} of {self.frontend} model {self.model_name!r} at {self.address}"
 
     # -------------------------------------------------------------------- TorchServe view
 
@@ -184,14 +189,15 @@ class DenseSync(ServiceThread):
             self._unreachable(exc)
             return False
         if view.down_since_s:
-            log.info("dense sync: TorchServe at %s answers again (after %.0f s)", self.address,
+            log.info("dense sync: %s at %s answers again (after %.0f s)", self.frontend, self.address,
                      time.monotonic() - view.down_since_s)
         view.held, view.default, view.answers, view.error = held, default, True, ""
         view.read_at_ns, view.down_since_s = time.time_ns(), 0.0
         self.metrics.dense_torchserve_up.labels(self.model).set(1)
         if default != self._set_by_us and self._set_by_us:
-            log.warning("dense sync: TorchServe serves %s by default, set outside the dense sync "
-                        "(it had set version %s)", self._where(default or "none"), self._set_by_us)
+            log.warning("dense sync: %s serves %s by default, set outside the dense sync "
+                        "(it had set version %s)", self.frontend, self._where(default or "none"),
+                        self._set_by_us)
         self._set_by_us = default
         self._reconcile()
         return True
@@ -202,8 +208,9 @@ class DenseSync(ServiceThread):
         self.metrics.dense_torchserve_up.labels(self.model).set(0)
         self.metrics.dense_errors.labels(self.model, "torchserve").inc()
         if not view.down_since_s or now - self._unreachable_logged_s >= UNREACHABLE_LOG_INTERVAL_S:
-            log.error("dense sync: TorchServe's management API at %s does not answer for model %r: "
-                      "%s; the default version cannot be confirmed", self.address, self.model_name, exc)
+            log.error("dense sync: %s's management API at %s does not answer for model %r: "
+                      "%s; the default version cannot be confirmed", self.frontend, self.address,
+                      self.model_name, exc)
             self._unreachable_logged_s = now
         view.down_since_s = view.down_since_s or now
 
@@ -319,8 +326,8 @@ class DenseSync(ServiceThread):
         held = self.view.held.get(str(version))
         if held is not None and held != name:
             state.state, state.reason = "refused", (
-                f"TorchServe already holds {self._where(version)} from {held}, not from our {name}: "
-                f"unregister it there or publish a newer version")
+                f"{self.frontend_title} already holds {self._where(version)} from {held}, not from our "
+                f"{name}: unregister it there or publish a newer version")
             log.error("dense version %d of %s refused (conflict): %s", version, self.model, state.reason)
             self.metrics.dense_refused.labels(self.model, "conflict").inc()
             return True
@@ -344,7 +351,7 @@ class DenseSync(ServiceThread):
                     return False
                 else:
                     self._refuse(state, "register",
-                                 f"TorchServe refused it ({self._where(version)}, from {name}): "
+                                 f"{self.frontend_title} refused it ({self._where(version)}, from {name}): "
                                  f"{exc}{self._log_reason(state)}",
                                  [mar_key, dense_manifest_key(self.model, version)])
                     self._remove_copy(state)
@@ -401,7 +408,7 @@ class DenseSync(ServiceThread):
     def _log_reason(self, state: DenseVersionState) -> str:
         reason = getattr(self.validator, "log_reason", None)
         text = reason(self.model_name, str(state.version)) if callable(reason) else ""
-        return f"; TorchServe's model log: {text}" if text else ""
+        return f"; {self.frontend}'s model log: {text}" if text else ""
 
     # ------------------------------------------------------------------------- activate
 

@@ -227,7 +227,10 @@ def test_dense_sync_and_rollback_drive_the_kserve_frontend(
         wait_until(lambda: 3 in sync.versions and sync.versions[3].state == "refused", "version 3 refused",
                    timeout_s=60)
         assert sync.active == 2 and serves(modules[1])
-        assert "does not take its spec's inputs" in sync.versions[3].reason
+        reason = sync.versions[3].reason
+        assert "does not take its spec's inputs" in reason
+        assert "The kserve frontend refused it (version 3 of the kserve frontend model 'ctr'" in reason
+        assert "TorchServe" not in reason  # the reason names the frontend in use
 
         assert cli_main(["rollback", "--config", str(cluster.config_path), "--to", "1",
                          "--frontend", "kserve", "--management", address, "--model-name", "ctr",
