@@ -238,6 +238,8 @@ class LookupReply:
 
 
 def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    if pos < len(data) and data[pos] < 0x80:  # one byte: tags, names' lengths, dims
+        return data[pos], pos + 1
     value = shift = 0
     while True:
         if pos >= len(data) or shift > 63:

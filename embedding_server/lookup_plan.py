@@ -13,6 +13,7 @@ request order.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,9 +21,18 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
-from persia_inc.embedding_server._wire import LookupTablesReply, _fields, _submessage
+from persia_inc.embedding_server._wire import _LEN, LookupTablesReply, _fields, _varint
 
 _jit = nb.njit(cache=True, nogil=True, boundscheck=False)
+_ENTRY_TAG, _SIGNS_TAG = bytes([1 << 3 | _LEN]), bytes([2 << 3 | _LEN])  # TableSigns; its signs
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_field(name: str) -> bytes:
+    """A `TableSigns`' table field."""
+    parts: list[bytes | memoryview] = []
+    _fields(parts, ((1, name),))
+    return b"".join(parts)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64, as sharding.py
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -143,11 +153,17 @@ class LookupPlan:
 
     def request(self, shard: int, num_shards: int, allow_behind: bool = False) -> bytes:
         """`LookupTablesRequest` wire bytes for `shard`: every table, its share of the signs
-        (allow_behind: a replica that is catching up answers too)."""
+        (allow_behind: a replica that is catching up answers too), the signs copied once."""
         parts: list[bytes | memoryview] = []
-        for t, name in enumerate(self.tables):
-            signs = self.grouped[self.bounds[t, shard]:self.bounds[t, shard + 1]]
-            _submessage(parts, 1, ((1, name), (2, signs)))
+        bounds = self.bounds[:, shard:shard + 2].tolist()
+        for name, (lo, hi) in zip(self.tables, bounds, strict=True):
+            head = _name_field(name)
+            if hi > lo:
+                size = _varint(8 * (hi - lo))
+                parts += [_ENTRY_TAG, _varint(len(head) + 1 + len(size) + 8 * (hi - lo)), head,
+                          _SIGNS_TAG, size, self.grouped[lo:hi].data]
+            else:
+                parts += [_ENTRY_TAG, _varint(len(head)), head]
         _fields(parts, ((2, shard), (3, num_shards), (4, int(allow_behind))))
         return b"".join(parts)
 
