@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,20 @@ def leaked_threads(before: Iterable[threading.Thread], *, grace_s: float = 5.0,
     return sorted(t.name for t in threading.enumerate() if suspect(t))
 
 
-__all__ = ["THREAD_PREFIX", "ServiceThread", "is_ours", "leaked_threads", "thread_name"]
+def run_here(fn: Callable[..., Any], *args: Any) -> Future:
+    """`fn(*args)` run on the calling thread, as a finished future holding its result or its
+    exception: with futures of calls sent to a pool, the caller's own share among them, one
+    thread hand-off fewer."""
+    done: Future = Future()
+    try:
+        done.set_result(fn(*args))
+    except Exception as exc:
+        done.set_exception(exc)
+    return done
+
+
+__all__ = ["THREAD_PREFIX", "ServiceThread", "is_ours", "leaked_threads", "lower_thread_priority",
+           "run_here", "thread_name"]
 
 
 def lower_thread_priority(increment: int) -> None:
