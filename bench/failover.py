@@ -19,7 +19,13 @@ it serves, next). Reported: lookups, failed, stale, torn, lookup p50/p99 per pha
 within 2 s of each kill), the client's failovers, and how long each restarted replica took
 to serve again. Written to bench/results/failover.json.
 
-Run: flock /tmp/persia-heavy.lock .venv/bin/python bench/failover.py [--quick]
+Variants, each a run of its own recorded under `variants` in the same file:
+`--variant no-health-watch` (the client does not follow the replicas' health and replicas stop
+taking calls at SIGTERM without draining: a read learns of a replica gone, stopping or catching
+up by a failed call), `--variant hedged --hedge-ms M` (a read not answered after M ms is asked
+of a second replica too, the first answer wins).
+
+Run: flock /tmp/persia-heavy.lock .venv/bin/python bench/failover.py [--quick] [--variant V]
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.embedding_server.errors import ShardError
 from persia_inc.foundation.memory import keep_freed_memory
 from persia_inc.foundation.net import free_port
@@ -76,6 +84,44 @@ class Writer:
         table = TableRows("t", signs, rows_of(signs, self.version), np.empty(0, np.uint64))
         self.store.put(cut_key("m", "bench", 1, self.sequence), encode_cut(header, (table,)))
         self.sequence += 1
+
+
+class HedgedClient(EmbeddingClient):
+    """A client whose read of a shard, not answered after `hedge_s`, is also sent to the
+    shard's next replica; the first answer wins (a failure falls back to the plain read)."""
+
+    hedge_s = 0.005
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hedges, self.hedge_wins = 0, 0
+        self._hedge_pool = ThreadPoolExecutor(4 * len(self.targets), thread_name_prefix="hedge")
+
+    def _read(self, shard: int, call: Any) -> Any:
+        order = self.router.order(shard)
+        if len(order) < 2:
+            return super()._read(shard, call)
+        first = self._hedge_pool.submit(call, order[0], False, self.timeout_s)
+        done, _ = wait([first], timeout=self.hedge_s)
+        if not done:
+            self.hedges += 1
+            second = self._hedge_pool.submit(call, order[1], False, self.timeout_s)
+            pending = {first, second}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future.exception() is None:
+                        self.hedge_wins += future is second
+                        return future.result()
+            return super()._read(shard, call)
+        if first.exception() is None:
+            self.router.answered(order[0])
+            return first.result()
+        return super()._read(shard, call)  # failed fast: the plain failover read
+
+    def close(self) -> None:
+        self._hedge_pool.shutdown(wait=False, cancel_futures=True)
+        super().close()
 
 
 class Reader(threading.Thread):
@@ -127,6 +173,9 @@ def quantiles(records: list[tuple[float, float, str]], lo: float, hi: float) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter phases (a smoke run)")
+    parser.add_argument("--variant", choices=["no-health-watch", "hedged"], default="",
+                        help="a variant, recorded under `variants` (default: the plain run)")
+    parser.add_argument("--hedge-ms", type=float, default=5.0, help="hedged: the delay")
     args = parser.parse_args()
     keep_freed_memory()
     scale = 0.25 if args.quick else 1.0
@@ -145,7 +194,8 @@ def main() -> int:
         path = write_test_config(
             folder / "config.yaml", servers, str(inc), max_message_bytes=64 << 20,
             replica_max_lag_s=1.0, replica_poll_s=0.1, replica_retry_s=0.5,
-            request_timeout_s=5.0, persia_inc={"loader": {
+            request_timeout_s=5.0, drain_s=0.0 if args.variant == "no-health-watch" else 0.5,
+            persia_inc={"loader": {
                 "watermark_poll_s": 0.2, "retry_backoff_s": 0.1, "rescan_interval_s": 0.5,
                 "metrics_port": loader_port}})
         cluster = EmbeddingCluster(path, servers, folder)
@@ -161,7 +211,11 @@ def main() -> int:
         writer = Writer(store)
         kills: list[dict[str, Any]] = []
         try:
-            with cluster.client(max_message_bytes=64 << 20, timeout_s=5.0) as client:
+            HedgedClient.hedge_s = args.hedge_ms / 1e3
+            kind = HedgedClient if args.variant == "hedged" else EmbeddingClient
+            with kind(servers, token=EMBEDDING_TOKEN, max_message_bytes=64 << 20, timeout_s=5.0,
+                      replica_retry_s=0.5, watch_health=args.variant != "no-health-watch"
+                      ) as client:
                 def serving(target: int) -> bool:
                     try:
                         status = client.status(target)
@@ -224,7 +278,10 @@ def main() -> int:
                     "lookups": len(records), "failed": outcomes.count("failed"),
                     "stale": outcomes.count("stale"), "torn": outcomes.count("torn"),
                     "first_error": reader.first_error,
-                    "client": client.counters(), "cuts_written": writer.sequence,
+                    "client": {**client.counters(), **({
+                        "hedges": client.hedges, "hedge_wins": client.hedge_wins,
+                        "hedge_ms": args.hedge_ms} if isinstance(client, HedgedClient) else {})},
+                    "cuts_written": writer.sequence,
                     "idle": quantiles(records, t0, t_idle),
                     "apply": quantiles(records, t_idle, t_apply),
                     "failover": quantiles(records, t_apply, t_chaos),
@@ -247,6 +304,11 @@ def main() -> int:
           f"({result.get('apply_p99_ratio')}x)")
     if not args.quick:
         out = ROOT / "bench" / "results" / "failover.json"
+        if args.variant:  # beside the plain run's figures (a run of its own: compare ratios)
+            recorded = json.loads(out.read_text())
+            recorded.setdefault("variants", {})[args.variant] = {
+                k: v for k, v in result.items() if k != "kills"}
+            result = recorded
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"written to {out}")
     return 0 if result["failed"] == 0 and result["stale"] == 0 and result["torn"] == 0 else 1

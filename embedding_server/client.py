@@ -42,6 +42,7 @@ from persia_inc.embedding_server.errors import (
     ShardIdentityError,
     WatermarkMovedError,
 )
+from persia_inc.embedding_server.health_watch import HealthWatch
 from persia_inc.embedding_server.messages import (
     HEADROOM_BYTES,
     ApplyResult,
@@ -83,20 +84,23 @@ _RECHECK_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "FAILED_PRECONDI
 # catching up, aborted mid-call); others (NOT_FOUND, INVALID_ARGUMENT, identity) are answers
 _FAILOVER_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
                              "CANCELLED", "INTERNAL", "UNKNOWN"})
+
+
 class EmbeddingClient:
     """A client of N embedding-server shards (`servers`: in shard order, host:port or a list
     of the shard's replicas).
 
     token: sent as `authorization: Bearer <token>` on write calls; tls_ca: PEM bytes of the
     roots to trust (None: plaintext); timeout_s: deadline per call (a read's failovers
-    included); replica_retry_s: how long a replica that failed is tried last. Thread-safe.
-    Use as a context manager, or call `close()`.
+    included); replica_retry_s: how long a replica that failed is tried last; watch_health:
+    with replicas, follow each replica's gRPC health to route reads (`health_watch`).
+    Thread-safe. Use as a context manager, or call `close()`.
     """
 
     def __init__(self, servers: Sequence[str | Sequence[str]], *, token: str = "",
                  tls_ca: bytes | None = None, timeout_s: float = 60.0,
                  max_message_bytes: int = 256 * 1024 * 1024, replica_retry_s: float = 0.5,
-                 model: str = "") -> None:
+                 model: str = "", watch_health: bool = True) -> None:
         if not servers:
             raise ValueError("EmbeddingClient needs at least one server")
         self.model = model  # "" : any; else a server reporting another model is refused
@@ -120,21 +124,20 @@ class EmbeddingClient:
             self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
         self._stubs = [pb_grpc.EmbeddingServiceStub(c) for c in self._channels]
         # the two calls that carry big arrays skip protobuf's copies (see _wire.py)
-        self._apply_raw = [c.unary_unary(_METHOD + "Apply", request_serializer=None,
-                                         response_deserializer=pb.ApplyResponse.FromString)
+        self._apply_raw = [c.unary_unary(_METHOD + "Apply", None, pb.ApplyResponse.FromString)
                            for c in self._channels]
-        self._lookup_raw = [c.unary_unary(_METHOD + "Lookup",
-                                          request_serializer=pb.LookupRequest.SerializeToString,
-                                          response_deserializer=decode_lookup_reply)
-                            for c in self._channels]
+        self._lookup_raw = [c.unary_unary(_METHOD + "Lookup", pb.LookupRequest.SerializeToString,
+                                          decode_lookup_reply) for c in self._channels]
         self._lookup_tables_raw = [  # requests written by LookupPlan.request
-            c.unary_unary(_METHOD + "LookupTables", request_serializer=None,
-                          response_deserializer=decode_lookup_tables_reply)
+            c.unary_unary(_METHOD + "LookupTables", None, decode_lookup_tables_reply)
             for c in self._channels]
         self._closed = False
         # the calls to several shards at once run on these threads: a gRPC future starts a
         # thread of its own per call (about 0.3 ms of a two-shard call, bench/embedding_server.py)
         self._pool = ThreadPoolExecutor(4 * num, thread_name_prefix=thread_name("embedding-client"))
+        replicated = [(t, self._channels[t]) for ts in self._by_shard if len(ts) > 1 for t in ts]
+        self._health = (HealthWatch(replicated, self.router.health).start()
+                        if watch_health and replicated else None)
 
     @classmethod
     def from_settings(cls, servers: Sequence[str | Sequence[str]],
@@ -186,11 +189,10 @@ class EmbeddingClient:
 
     def verify(self, targets: Iterable[int] | None = None, *, force: bool = False,
                timeout_s: float | None = None) -> None:
-        """Check that each target's server reports the shard index, shard count, replica index
-        and replica count our list gives it (targets: default all; only those not yet checked
-        unless `force`). Raises ShardIdentityError naming the first that disagrees,
-        ShardError if one is unreachable. Called before first use and after a server was
-        unreachable; cheap once checked."""
+        """Check that each target's server reports the shard index and count, replica index and
+        count our list gives it (targets: default all; only those not yet checked unless
+        `force`). Raises ShardIdentityError naming the first that disagrees, ShardError if one
+        is unreachable. Called before first use and after a server was unreachable."""
         wanted = range(len(self.targets)) if targets is None else targets
         todo = [t for t in wanted if force or not self._verified[t]]
         if not todo:
@@ -634,6 +636,8 @@ class EmbeddingClient:
         if not self._closed:
             self._closed = True
             self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._health is not None:
+                self._health.close()
             for channel in self._channels:
                 channel.close()
 

@@ -4,7 +4,9 @@ A *target* is one replica of one shard, named by its index in the client's flat 
 (shard 0's replicas first, then shard 1's, ...; with one address per shard, target i is shard
 i). Reads of a shard try its replicas in the order `ReplicaRouter.order` gives: round-robin
 over those that answered last time (the load spreads), then those that were catching up, then
-those that were down, each left out of the front for `retry_s` after it failed.
+those that were down, each left out of the front for `retry_s` after it failed. A replica
+whose health stream (`health_watch.HealthWatch`) last said it does not serve goes behind all
+of those until it says SERVING again.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class ReplicaRouter:
         self._next = [0] * len(self.by_shard)
         self._down_until: dict[int, float] = {}
         self._behind_until: dict[int, float] = {}
+        self._not_serving: set[int] = set()  # by their health stream
         self._lock = threading.Lock()
         self.failovers = 0  # reads that went on to another replica after one failed
         self.behind_answers = 0  # answers read from a catching-up replica (every one was)
@@ -65,8 +68,26 @@ class ReplicaRouter:
             start = self._next[shard]
             self._next[shard] = (start + 1) % len(replicas)
             rotated = replicas[start:] + replicas[:start]
-            return sorted(rotated, key=lambda t: (self._down_until.get(t, 0.0) > now,
+            return sorted(rotated, key=lambda t: (t in self._not_serving,
+                                                  self._down_until.get(t, 0.0) > now,
                                                   self._behind_until.get(t, 0.0) > now))
+
+    @property
+    def not_serving(self) -> tuple[int, ...]:
+        """The targets whose health stream last said they do not serve (sorted)."""
+        with self._lock:
+            return tuple(sorted(self._not_serving))
+
+    def health(self, target: int, serving: bool) -> None:
+        """`target`'s health stream says it serves (True) or not (False: loading, catching
+        up, draining before a stop, or its stream ended)."""
+        with self._lock:
+            if serving:  # it says so itself: no need to wait out an earlier failure
+                self._not_serving.discard(target)
+                self._down_until.pop(target, None)
+                self._behind_until.pop(target, None)
+            else:
+                self._not_serving.add(target)
 
     def failed(self, target: int, catching_up: bool) -> None:
         """`target` did not answer (down, or catching up): try it last for `retry_s`."""

@@ -3,7 +3,9 @@
 `serve(servers, shard_index, replica=R, ...)` binds exactly replica R of `servers[shard_index]`
 (an entry is one address, or a list of the shard's replicas), reports NOT_SERVING on the
 standard health service until `initial_sparse_checkpoint` is loaded, then SERVING; SIGTERM or
-SIGINT stops it gracefully (in-flight calls get `grace_s`). A replica of a shard with siblings
+SIGINT stops it gracefully (in-flight calls get `grace_s`; a replica with siblings first drains
+for `drain_s`: NOT_SERVING on health, still answering, so clients that follow its health
+(`health_watch`) move to a sibling before it refuses a call). A replica of a shard with siblings
 is SERVING only while it is current (`siblings.SiblingWatch`): a (re)started one catches up
 first, and until then refuses lookups that do not say `allow_behind` (UNAVAILABLE, with the
 trailing key `persia-catching-up`, so clients ask a sibling).
@@ -28,7 +30,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -39,6 +41,7 @@ from persia_inc.embedding_server._wire import (
     decode_apply_request,
     lookup_tables_reply,
 )
+from persia_inc.embedding_server.health_service import HealthService
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
 from persia_inc.embedding_server.settings import LOAD_LOG_INTERVAL_S, EmbeddingServerSettings
@@ -516,7 +519,7 @@ def serve(servers: Sequence[str | Sequence[str]], shard_index: int, *,
                                                     thread_name_prefix=thread_name(f"shard{shard_index}")),
                          options=options)
     _register(servicer, server)
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -594,9 +597,14 @@ def serve(servers: Sequence[str | Sequence[str]], shard_index: int, *,
     loading = ServiceThread("initial-load", initial_load).start()
     stop.wait()
     watch.close()
+    health_servicer.enter_graceful_shutdown()  # NOT_SERVING: clients move to a sibling
+    if siblings and settings.drain_s and not failed.is_set():
+        log.info("%s draining for %.1f s (NOT_SERVING, still answering)", label, settings.drain_s)
+        threading.Event().wait(settings.drain_s)
     log.info("%s stopping (grace %.1f s)", label, settings.grace_s)
-    health_servicer.enter_graceful_shutdown()
-    server.stop(settings.grace_s).wait()
+    stopped = server.stop(settings.grace_s)
+    health_servicer.close_watches()  # a health stream would hold the stop for all of grace_s
+    stopped.wait()
     loading.close(timeout_s=1.0)  # a load still running is not waited for: the process exits
     log.info("%s stopped", label)
     return 1 if failed.is_set() else 0

@@ -45,6 +45,10 @@ class EmbeddingServerSettings:
     """GRPC worker threads per shard."""
     grace_s: float = 5.0
     """Seconds in-flight calls get on SIGTERM."""
+    drain_s: float = 0.5
+    """Seconds a replica with siblings goes on answering after SIGTERM while its health says
+    NOT_SERVING, so that clients move its reads to a sibling before it refuses calls (a rolling
+    restart then costs a read no failed call); 0: stop taking calls at once."""
     request_timeout_s: float = 60.0
     """The client's deadline per call."""
     dump_chunk_rows: int = 1_000_000
@@ -68,8 +72,8 @@ class EmbeddingServerSettings:
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.workers < 1 or self.dump_chunk_rows < 1:
             raise ValueError("workers and dump_chunk_rows must be positive")
-        if self.grace_s < 0 or self.request_timeout_s <= 0:
-            raise ValueError("grace_s must be >= 0 and request_timeout_s > 0")
+        if self.grace_s < 0 or self.drain_s < 0 or self.request_timeout_s <= 0:
+            raise ValueError("grace_s and drain_s must be >= 0, request_timeout_s > 0")
         if self.replica_max_lag_s < 0 or self.replica_poll_s <= 0 or self.replica_retry_s < 0:
             raise ValueError("replica_max_lag_s and replica_retry_s must be >= 0, "
                              "replica_poll_s > 0")

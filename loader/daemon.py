@@ -219,7 +219,9 @@ class Loader:
         problems += [f"shard {sh.shard} ({sh.address}) unreachable: {sh.error}"
                      for sh in shards if not sh.up and sh.shard not in answering]
         replica_flags = [f"shard {sh.shard} replica {sh.replica} ({sh.address}) "
-                         + ("unreachable" if not sh.up else f"catching up ({sh.behind_s:.1f} s)")
+                         + ("unreachable" if not sh.up else f"catching up ({sh.behind_s:.1f} s"
+                            + (f", {sh.catch_up_packets} packets from storage)" if sh.catch_up
+                               else ")"))
                          for sh in shards if (not sh.up and sh.shard in answering)
                          or (sh.up and not sh.current)]
         dense = None
@@ -431,18 +433,29 @@ class Loader:
         """Take back into live dispatch the replicas whose catch-up finished (read again:
         still behind, it gets another), and start a catch-up of its own for each replica
         behind its siblings, so new cuts never wait for it."""
+        metrics, tracker = self.metrics, self.shards
         for index, worker in list(self._catch_ups.items()):
+            label = tracker.shards[index].label or str(index)
+            applied = worker.applied  # read once: the thread goes on counting
+            metrics.catch_up_packets.labels(self.model, label).inc(
+                applied - tracker.catch_up_packets.get(index, 0))
+            tracker.catch_up_packets[index] = applied
             if worker.done.is_set() or worker.error is not None:
                 del self._catch_ups[index]
-                self.shards.catching_up.discard(index)
-                self.shards.look_at(self.shards.shards[index], self.clock())
-        for index in self.shards.behind(self.ordering):
+                tracker.catching_up.discard(index)
+                metrics.shard_catching_up.labels(self.model, label).set(0)
+                tracker.look_at(tracker.shards[index], self.clock())
+        for index in tracker.behind(self.ordering):
             worker = CatchUp(self.client, self.store, self.model, index,
                              fetch_kwargs=self._fetch_kwargs(),
                              policy=loader_retry_policy(self.settings.retry_backoff_s))
             self._catch_ups[index] = worker
             worker.start()
-            self.shards.catching_up.add(index)
+            tracker.catching_up.add(index)
+            tracker.catch_up_packets[index] = 0
+            metrics.shard_catching_up.labels(self.model, tracker.shards[index].label
+                                             or str(index)).set(1)
+        metrics.catch_ups.labels(self.model).set(len(self._catch_ups))
 
     def _list_stream(self, stream: Stream) -> None:
         started = self.clock()

@@ -111,6 +111,14 @@ class LoaderMetrics:
             "persia_inc_loader_shard_lagging_streams", "Streams where the shard replica holds "
             "less than the freshest replica of its shard (as last seen)", [*m, "shard"],
             registry=r)
+        self.catch_ups = Gauge("persia_inc_loader_catch_ups", "Replicas being caught up from "
+                               "storage now, each by a thread of its own", m, registry=r)
+        self.shard_catching_up = Gauge(
+            "persia_inc_loader_shard_catching_up", "1 while the loader catches the shard replica "
+            "up from storage (it is out of live dispatch meanwhile)", [*m, "shard"], registry=r)
+        self.catch_up_packets = Counter(
+            "persia_inc_loader_catch_up_packets", "Packets applied to a shard replica by its "
+            "catch-up from storage", [*m, "shard"], registry=r)
         self.dense_active = Gauge("persia_inc_loader_dense_active_version",
                                   "The dense version TorchServe serves by default (0: none yet)",
                                   m, registry=r)

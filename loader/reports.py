@@ -56,7 +56,9 @@ class ShardReport:
     """One shard (one replica of it) as the loader last saw it. current: it said it holds
     what its sibling replicas hold (serving; always so for a shard of one replica); behind_s:
     how long it has lacked a position a sibling holds; lagging_streams: streams where it holds
-    less than the freshest replica of its shard."""
+    less than the freshest replica of its shard; catch_up: the loader is catching it up from
+    storage on a thread of its own (loader/catchup.py); catch_up_packets: packets that catch-up
+    (running, or the last one) applied."""
 
     shard: int
     address: str
@@ -67,18 +69,22 @@ class ShardReport:
     current: bool = False
     behind_s: float = 0.0
     lagging_streams: int = 0
+    catch_up: bool = False
+    catch_up_packets: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"shard": self.shard, "address": self.address, "up": self.up, "error": self.error,
                 "failures": self.failures, "replica": self.replica, "current": self.current,
-                "behind_s": self.behind_s, "lagging_streams": self.lagging_streams}
+                "behind_s": self.behind_s, "lagging_streams": self.lagging_streams,
+                "catch_up": self.catch_up, "catch_up_packets": self.catch_up_packets}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardReport:
         return cls(int(data["shard"]), str(data["address"]), bool(data["up"]),
                    str(data.get("error", "")), int(data.get("failures", 0)),
                    int(data.get("replica", 0)), bool(data.get("current", data["up"])),
-                   float(data.get("behind_s", 0.0)), int(data.get("lagging_streams", 0)))
+                   float(data.get("behind_s", 0.0)), int(data.get("lagging_streams", 0)),
+                   bool(data.get("catch_up", False)), int(data.get("catch_up_packets", 0)))
 
 
 @dataclass(frozen=True, slots=True)

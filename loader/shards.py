@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from persia_inc.embedding_server.client import EmbeddingClient
 from persia_inc.embedding_server.errors import ShardError, ShardIdentityError
@@ -174,6 +174,7 @@ class ShardTracker:
         self.must_check = True  # read the watermarks before the next apply
         self.ok = False  # some shard answered at the last look
         self.catching_up: set[int] = set()  # replicas caught up by their own thread, not live
+        self.catch_up_packets: dict[int, int] = {}  # by the running (or last) catch-up
         self._last_poll = float("-inf")
 
     @property
@@ -344,4 +345,6 @@ class ShardTracker:
         return None
 
     def reports(self) -> list[ShardReport]:
-        return [shard.report() for shard in self.shards]
+        return [replace(shard.report(), catch_up=shard.index in self.catching_up,
+                        catch_up_packets=self.catch_up_packets.get(shard.index, 0))
+                for shard in self.shards]

@@ -42,7 +42,8 @@ and port of persia_inc.loader when metrics_port is set; 'none': do not ask). A s
 not answer is a flag, not a failure, as long as one answers. --json prints one JSON object.
 
 Replicas (a shard listed as several addresses): one line per replica, up or down, serving or
-catching up, its position per stream and its lag behind the freshest replica of its shard. A
+catching up, its position per stream and its lag behind the freshest replica of its shard, and
+whether the loader is catching it up from storage (with the packets applied so far). A
 shard listed as replicas with no current one (every replica down or catching up) is flagged.
 
 Exit status: 0 all well, 3 something is flagged (a stream's flag, an unreachable loader, other
@@ -204,6 +205,12 @@ def run(args: argparse.Namespace) -> int:
             RuntimeError) as exc:
         print(f"persia-inc status: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if report is not None:  # the loader's catch-ups from storage, by replica
+        catch_ups = {(sh.shard, sh.replica): sh for sh in report.shards}
+        for rep in replicas:
+            sh = catch_ups.get((rep["shard"], rep["replica"]))
+            rep["catch_up"] = {"running": sh is not None and sh.catch_up,
+                               "packets": 0 if sh is None else sh.catch_up_packets}
     dense = None if report is None else report.dense
     flags = [f"{r.table}/{r.producer}: {' '.join(r.flags)}" for r in rows if r.flags]
     flags += [loader_flag] if loader_flag else []
@@ -256,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
         for rep in replicas:
             state = ("down" if not rep["up"] else "serving" if rep["current"]
                      else f"catching up ({rep['behind_s']:.1f} s)")
+            if rep.get("catch_up", {}).get("running"):
+                state += f", loader catching it up from storage ({rep['catch_up']['packets']} packets)"
             lag = f"behind on {', '.join(rep['lagging'])}" if rep["lagging"] else "up to date"
             print(f"shard {rep['shard']} replica {rep['replica']} {rep['address']}: {state}, {lag}")
     return code
