@@ -133,6 +133,9 @@ def _time(f) -> float:
     return time.perf_counter() - started
 
 
+_BATCH_POOL = 200  # batches made once (making one takes about half a step); steps cycle them
+
+
 def _thread_cpu_s(thread: object) -> float:
     """CPU time of one running thread (user + system, ns resolution: its POSIX CPU clock)."""
     ident = thread.ident  # type: ignore[attr-defined]
@@ -164,8 +167,9 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str,
     core, which made the per-round figure swing with the load of the machine; passive also
     makes the baseline smaller, so the ratio is the stricter one.
 
-    Each arm has its own producer and its own copy of one batch sequence, so the hooked arms
-    flush at the same of their steps. Each table flushes at 100k distinct rows over all tables
+    Each arm has its own producer and replays one pool of batches in the same order, so the
+    hooked arms flush at the same of their steps (a flush window of about 4 steps never spans
+    the pool's 200). Each table flushes at 100k distinct rows over all tables
     (no interval flush). A hooked block ends by waiting for the writer (its CPU there is
     counted), so its background work does not leak into the next block. Also reported per
     arm: wall time (drain at its wall time), and the CPU split by thread: training threads,
@@ -181,7 +185,9 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str,
     loss_fn = torch.nn.BCEWithLogitsLoss()
     tables = model.named_tables()
     names = ["no_hook", *arm_names]
-    rngs = {name: np.random.default_rng(0) for name in names}
+    rng = np.random.default_rng(0)  # one pool of batches, replayed by every arm in the same order
+    pool = [ctr.example_batch(rng, 2048, vocab) for _ in range(_BATCH_POOL)]
+    cursors = dict.fromkeys(names, 0)
     producers = {name: arm_producer(f"{folder}/{name}", HOOKED_ARMS[name], buffer_size=100_000,
                                     flush_interval_s=3600.0)
                  for name in arm_names}
@@ -191,7 +197,9 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str,
         writer thread's and store threads' CPU ms (the batches' making left out)."""
         producer = producers.get(name)
         hook = IncrementalUpdateHook(producer, tables, optimizer) if producer else None
-        batches = [ctr.example_batch(rngs[name], 2048, vocab) for _ in range(n)]
+        at = cursors[name]
+        batches = [pool[(at + i) % len(pool)] for i in range(n)]
+        cursors[name] = at + n
         ours = [_producer_cpu_s(p) for p in producers.values()]
         cpu_started, started = time.process_time(), time.perf_counter()
         for dense, sparse, label in batches:

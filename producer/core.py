@@ -19,6 +19,7 @@ step holds: the training thread only swaps buffers, and the reads overlap its ne
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -36,7 +37,7 @@ from persia_inc.producer.dense import DenseExporter, DenseVersion, publish_versi
 from persia_inc.producer.errors import ProducerClosedError, UnstoredDataError
 from persia_inc.producer.metrics import ProducerMetrics
 from persia_inc.producer.policy import FlushPolicy, FlushReason
-from persia_inc.producer.readers import Reader, call_reader, read_into_later
+from persia_inc.producer.readers import Reader, TableEntry, call_reader, read_into_later
 from persia_inc.producer.row_id_signs import RowIdColumns, RowIdSignBuffer
 from persia_inc.producer.settings import ProducerSettings, check_arguments
 from persia_inc.producer.shutdown import ShutdownHooks
@@ -49,19 +50,6 @@ from persia_inc.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 DEFAULT_PRODUCER_ID = "producer-0"
-
-class _Table:
-    __slots__ = ("buffer", "dim", "name", "reader", "reads_into")
-
-    def __init__(self, name: str, reader: Reader, dim: int, rows: int | None,
-                 reads_into: bool) -> None:
-        self.name = name
-        self.reader = reader
-        self.reads_into = reads_into
-        self.dim = dim
-        self.buffer: SignBuffer | RowIdSignBuffer = (
-            SignBuffer() if rows is None else RowIdSignBuffer(rows))
-
 
 class IncrementalProducer:
     """Buffers touched signs per table and ships their latest rows as packets to `store`.
@@ -103,7 +91,7 @@ class IncrementalProducer:
         self.retry = retry if retry is not None else RetryPolicy()
         self.model = model
         self.producer_id = settings.producer_id or DEFAULT_PRODUCER_ID
-        self._tables: dict[str, _Table] = {}
+        self._tables: dict[str, TableEntry] = {}
         self._column_groups: dict[tuple[str, ...], RowIdColumns] = {}
         if not self.enabled:
             return
@@ -123,6 +111,7 @@ class IncrementalProducer:
         self._step_lock = threading.Lock()  # held by the training thread inside an optimizer step
         self._step_owner: int | None = None  # thread id holding _step_lock
         self._read_error: Exception | None = None  # a deferred read's failure, raised next call
+        self._returned: collections.deque[Snapshot] = collections.deque()  # failed reads' signs
         self.writer = PacketWriter(
             self.store, self.model, self.producer_id, self.announcer,
             dtype=settings.dtype, max_pending_bytes=settings.max_pending_bytes,
@@ -179,7 +168,7 @@ class IncrementalProducer:
                 self._updates.register(table, dim, rows)
             entry = self._tables.get(table)
             if entry is None:
-                self._tables[table] = _Table(table, reader, dim, rows, reads_into)
+                self._tables[table] = TableEntry(table, reader, dim, rows, reads_into)
                 return
             entry.reader = reader
             entry.reads_into = reads_into
@@ -327,6 +316,7 @@ class IncrementalProducer:
         interval has passed. A writer that stopped on an error it cannot retry is reported
         here, at the next record (the signs stay buffered)."""
         self.writer.check_failure()
+        self._reclaim()
         now = self.policy.now()
         if self._oldest_s is None and any(sizes.values()):
             self._start_interval(now)
@@ -356,6 +346,8 @@ class IncrementalProducer:
 
     def _interval_wait_s(self) -> float | None:
         """(writer thread) Seconds (policy clock) until the interval is due; None: none runs."""
+        if self._returned and not self.closed:
+            return 0.0  # failed reads' signs wait outside the buffers: reclaim them now
         due = self._interval_due_s
         return None if due == float("inf") or self.closed else due - self.policy.now()
 
@@ -367,6 +359,7 @@ class IncrementalProducer:
             return False
         stepped = self._step_lock.acquire(blocking=False)
         try:
+            self._reclaim()
             now = self.policy.now()
             if self.closed or now < self._interval_due_s:
                 return True
@@ -395,6 +388,7 @@ class IncrementalProducer:
             self._busy += 1
             try:
                 with self._lock:
+                    self._reclaim()
                     if self._due(now) is not None:
                         self._flush("interval")
             finally:
@@ -469,16 +463,31 @@ class IncrementalProducer:
             yield
 
     def _take_back(self, snapshot: Snapshot, error: Exception) -> None:
-        """A deferred read failed (on the writer thread): buffer its signs again, report."""
+        """(writer thread) A deferred read failed: its signs go back to the buffers, under the
+        producer's lock, now if it is free, else at the training thread's next call or the
+        writer's next interval look (`_reclaim`). Never waits for the lock: the training
+        thread may hold it while it waits for this thread (back-pressure)."""
         log.error("reading rows of table %r failed; its %d signs stay buffered: %s: %s",
                   snapshot.table, snapshot.signs.size, type(error).__name__, error)
-        entry = self._tables[snapshot.table]
-        entry.buffer.insert(snapshot.signs, SignBuffer.UPSERT)
-        entry.buffer.insert(snapshot.deleted, SignBuffer.DELETE)
-        oldest = snapshot.oldest_s if snapshot.oldest_s is not None else self.policy.now()
-        if self._oldest_s is None or oldest < self._oldest_s:  # the signs keep their age
-            self._start_interval(oldest)
+        self._returned.append(snapshot)
         self._read_error = error
+        if self._lock.acquire(blocking=False):
+            try:
+                self._reclaim()
+            finally:
+                self._lock.release()
+
+    def _reclaim(self) -> None:
+        """(under `_lock`) Buffer again the signs of deferred reads that failed; they keep
+        their age."""
+        while self._returned:
+            snapshot = self._returned.popleft()
+            entry = self._tables[snapshot.table]
+            entry.buffer.insert(snapshot.signs, SignBuffer.UPSERT)
+            entry.buffer.insert(snapshot.deleted, SignBuffer.DELETE)
+            oldest = snapshot.oldest_s if snapshot.oldest_s is not None else self.policy.now()
+            if self._oldest_s is None or oldest < self._oldest_s:
+                self._start_interval(oldest)
 
     def _raise_read_error(self) -> None:
         self.writer.warn_pending()
@@ -493,7 +502,7 @@ class IncrementalProducer:
 
     # --- flushing -------------------------------------------------------------------------
 
-    def _read_rows(self, entry: _Table,
+    def _read_rows(self, entry: TableEntry,
                    signs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(rows, state) of `signs` in `entry`, now."""
         if not entry.reads_into:
@@ -501,7 +510,7 @@ class IncrementalProducer:
         rows, _, read = self._read_later(entry, signs)
         return rows, read()
 
-    def _read_later(self, entry: _Table, signs: np.ndarray, block: RowBlock | None = None
+    def _read_later(self, entry: TableEntry, signs: np.ndarray, block: RowBlock | None = None
                     ) -> tuple[np.ndarray, None, Callable[[], np.ndarray | None]]:
         """(rows still unread, no state yet, the read that fills them and returns the state);
         the rows are cut from `block` when it has room."""
@@ -521,6 +530,7 @@ class IncrementalProducer:
             raise RuntimeError("with deferred reads, record and flush after the optimizer step, "
                                "not inside training_step(): the writer waits for the step to end")
         with self._lock:
+            self._reclaim()
             if admit:
                 self.writer.admit()  # back-pressure: block or raise before taking more
             started = time.perf_counter()

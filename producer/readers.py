@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from persia_inc.producer.row_id_signs import RowIdSignBuffer
+from persia_inc.producer.signset import SignBuffer
+
 Reader = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray | None]"]
 """reader(signs: uint64[n]) -> rows: float32[n, dim], or (rows, state: float32[n, k] | None).
 
@@ -50,3 +53,19 @@ def read_into_later(reader: Reader, signs: np.ndarray, rows: np.ndarray, table: 
         state = _checked_state(reader(signs, rows), signs.size, table)  # type: ignore[call-arg]
         return state if keep_state else None
     return read
+
+
+class TableEntry:
+    """A registered table: its reader, width and buffer of touched signs (`rows`: a
+    `RowIdSignBuffer` over row ids, else a `SignBuffer`)."""
+
+    __slots__ = ("buffer", "dim", "name", "reader", "reads_into")
+
+    def __init__(self, name: str, reader: Reader, dim: int, rows: int | None,
+                 reads_into: bool) -> None:
+        self.name = name
+        self.reader = reader
+        self.reads_into = reads_into
+        self.dim = dim
+        self.buffer: SignBuffer | RowIdSignBuffer = (
+            SignBuffer() if rows is None else RowIdSignBuffer(rows))

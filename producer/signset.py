@@ -57,8 +57,11 @@ def _insert(keys: np.ndarray, ops: np.ndarray, signs: np.ndarray, op: np.uint8, 
 
 
 @numba.njit(cache=True, nogil=True)
-def _rehash(old_keys: np.ndarray, old_ops: np.ndarray, keys: np.ndarray, ops: np.ndarray,
-            shift: np.uint64) -> None:
+def rehash(old_keys: np.ndarray, old_values: np.ndarray, keys: np.ndarray, values: np.ndarray,
+           shift: np.uint64) -> None:
+    """Move every (sign, value) of an open-addressing map (uint64 keys, EMPTY free, Fibonacci
+    hash `(sign * golden) >> shift`, linear probing) into a new, larger, empty one: the
+    buffers' ops here and the update policy's slots (producer/update_policy.py)."""
     mask = np.uint64(keys.size - 1)
     empty = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
     golden = np.uint64(0x9E37_79B9_7F4A_7C15)
@@ -70,7 +73,7 @@ def _rehash(old_keys: np.ndarray, old_ops: np.ndarray, keys: np.ndarray, ops: np
         while keys[slot] != empty:
             slot = (slot + np.uint64(1)) & mask
         keys[slot] = sign
-        ops[slot] = old_ops[i]
+        values[slot] = old_values[i]
 
 
 def as_signs(values: object) -> np.ndarray:
@@ -146,7 +149,7 @@ class SignBuffer:
     def _grow(self) -> None:
         old_keys, old_ops = self._keys, self._ops
         self._alloc(old_keys.size * 2)
-        _rehash(old_keys, old_ops, self._keys, self._ops, self._shift)
+        rehash(old_keys, old_ops, self._keys, self._ops, self._shift)
 
     def swap(self) -> tuple[np.ndarray, np.ndarray]:
         """Take every buffered sign out and empty the buffer.

@@ -92,17 +92,22 @@ class IncrementalUpdateHook:
     def _reader(module: nn.Module) -> Any:
         def read_into(signs: np.ndarray, out: np.ndarray) -> None:
             """Copy the rows of signs: uint64[n] (row ids) into out: float32[n, dim], as they
-            are now. A float32 CPU weight is gathered straight into `out`; any other dtype or
-            device is gathered there and converted on the copy."""
+            are now. A float32 CPU weight is gathered straight into `out` by numpy, on the
+            calling thread only (torch's index_select would wake an OpenMP team of the
+            writer thread's own on the cores training uses); any other dtype or device is
+            gathered by torch and converted on the copy."""
             ids = signs.view(np.int64) if signs.dtype == np.uint64 else signs.astype(np.int64)
-            index = torch.from_numpy(ids)  # row ids < 2**63: reinterpreted, not copied
-            target = torch.from_numpy(out)
             with torch.no_grad():
                 weight = typing.cast(torch.Tensor, module.weight).detach()
-                if weight.dtype == torch.float32 and weight.device.type == "cpu":
-                    torch.index_select(weight, 0, index, out=target)
+                rows = int(weight.shape[0])
+                if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < rows:
+                    raise IndexError(f"row ids outside [0, {rows}) for a weight of {rows} rows")
+                if (weight.dtype == torch.float32 and weight.device.type == "cpu"
+                        and weight.is_contiguous()):
+                    np.take(weight.numpy(), ids, axis=0, out=out, mode="clip")  # ids checked
                 else:
-                    target.copy_(weight.index_select(0, index.to(weight.device)))
+                    index = torch.from_numpy(ids)  # row ids < 2**63: reinterpreted, not copied
+                    torch.from_numpy(out).copy_(weight.index_select(0, index.to(weight.device)))
         return read_into
 
     @staticmethod

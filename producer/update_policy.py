@@ -39,6 +39,7 @@ import numpy as np
 
 from persia_inc.packet_format.cut_codec import dequantize_rows, quantize_rows
 from persia_inc.producer.settings import ProducerSettings
+from persia_inc.producer.signset import rehash
 from persia_inc.producer.snapshot import Snapshot
 
 _PENDING = np.uint8(1)
@@ -77,24 +78,6 @@ def _slots_of(keys: np.ndarray, slots: np.ndarray, signs: np.ndarray, add: bool,
     return out, next_slot
 
 
-@numba.njit(cache=True, nogil=True)
-def _reinsert(keys: np.ndarray, slots: np.ndarray, old_keys: np.ndarray, old_slots: np.ndarray,
-              shift: np.uint64) -> None:
-    """Move every (sign, slot) of the old map into the new, larger one."""
-    mask = np.uint64(keys.size - 1)
-    golden = np.uint64(0x9E37_79B9_7F4A_7C15)
-    empty = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-    for i in range(old_keys.size):
-        sign = old_keys[i]
-        if sign == empty:
-            continue
-        at = (sign * golden) >> shift
-        while keys[at] != empty:
-            at = (at + np.uint64(1)) & mask
-        keys[at] = sign
-        slots[at] = old_slots[i]
-
-
 class _SlotMap:
     """sign -> slot for a table of any uint64 signs (the sign 2**64-1 is kept aside)."""
 
@@ -116,7 +99,7 @@ class _SlotMap:
                 capacity *= 2
             keys, slots = self.keys, self.slots
             self._alloc(capacity)
-            _reinsert(self.keys, self.slots, keys, slots, self.shift)
+            rehash(keys, slots, self.keys, self.slots, self.shift)
         top = signs == _EMPTY
         if not top.any():
             out, self.size = _slots_of(self.keys, self.slots, np.ascontiguousarray(signs), add,

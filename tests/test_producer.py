@@ -21,6 +21,7 @@ from test_producer_support import (
     replay,
 )
 
+from persia_inc.foundation.wait import wait_until
 from persia_inc.producer import (
     BackpressureError,
     IncrementalProducer,
@@ -631,6 +632,36 @@ def test_a_failing_deferred_read_keeps_the_signs_and_raises_on_the_next_call(tmp
         packets = read_packets(producer.store)
     assert sorted(int(s) for p in packets for s in p.signs) == list(range(60))
     assert not list((tmp_path / "inc").rglob("*.tmp"))
+
+
+def test_a_failed_deferred_read_hands_its_signs_back_only_under_the_producers_lock(
+        tmp_path: Path) -> None:
+    """The writer thread gives a failed read's signs back without touching the buffers while
+    the training thread is inside the producer (it may be replacing a buffer): they wait
+    until the lock is free, then are buffered again with the next call, and stored."""
+    model = NumpyModel(rows=1000, dim=4)
+    failed = threading.Event()
+
+    def flaky(signs: np.ndarray, out: np.ndarray) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("weights moved to another device")
+        model.read_into(signs, out)
+
+    config = producer_config(str(tmp_path / "inc"), buffer_size=40)
+    with producer_from_config(config) as producer:
+        producer.register_table("emb", flaky, dim=4, rows=1000, reads_into=True)
+        producer.defer_reads()
+        with producer._lock:  # as a training-thread call holds it
+            producer.record("emb", np.arange(50))  # full: flushed, read later by the writer
+            wait_until(lambda: producer._read_error is not None, "the read to fail", timeout_s=10)
+            assert producer.buffered("emb") == 0  # not put back behind the holder's back
+        with pytest.raises(RuntimeError, match="another device"):
+            producer.record("emb", np.arange(50, 55))  # takes the 50 back (55 >= 40: flushed)
+        assert producer.buffered("emb") == 0 and not producer._returned
+        assert producer.flush()
+        packets = read_packets(producer.store)
+    assert sorted(int(s) for p in packets for s in p.signs) == list(range(55))
 
 
 def test_a_flush_inside_a_step_with_deferred_reads_is_refused_not_deadlocked(tmp_path: Path) -> None:
