@@ -22,8 +22,9 @@ to serve again. Written to bench/results/failover.json.
 Variants, each a run of its own recorded under `variants` in the same file:
 `--variant no-health-watch` (the client does not follow the replicas' health and replicas stop
 taking calls at SIGTERM without draining: a read learns of a replica gone, stopping or catching
-up by a failed call), `--variant hedged --hedge-ms M` (a read not answered after M ms is asked
-of a second replica too, the first answer wins).
+up by a failed call), `--variant hedged --hedge-ms M`: lookups take turns between a plain client
+and a hedged one (a read of a shard not answered after M ms is asked of its next replica too, the first answer
+wins), each arm's phases reported apart (`plain`, `hedged`): an A/B under the same conditions.
 
 Run: flock /tmp/persia-heavy.lock .venv/bin/python bench/failover.py [--quick] [--variant V]
 """
@@ -40,6 +41,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +128,13 @@ class HedgedClient(EmbeddingClient):
 
 class Reader(threading.Thread):
     """Looks up every known sign back to back, checking each answer; records per lookup
-    (start, latency_s, outcome)."""
+    (start, latency_s, outcome), and in `arms` which of `clients` asked (they take turns: an
+    A/B comparison under the same conditions)."""
 
-    def __init__(self, client: Any, signs: np.ndarray) -> None:
+    def __init__(self, clients: list[Any], signs: np.ndarray) -> None:
         super().__init__(name="reader", daemon=True)
-        self.client, self.signs = client, signs
+        self.clients, self.signs = clients, signs
+        self.arms: list[int] = []
         self.code = (signs % np.uint64(65536)).astype(np.float32)
         self.seen = np.zeros(signs.shape[0], np.float32)  # newest version answered per sign
         self.records: list[tuple[float, float, str]] = []
@@ -139,9 +143,11 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
+            arm = len(self.records) % len(self.clients)
+            self.arms.append(arm)
             started = time.monotonic()
             try:
-                rows = self.client.lookup("t", self.signs)
+                rows = self.clients[arm].lookup("t", self.signs)
             except ShardError as exc:
                 self.records.append((started, time.monotonic() - started, "failed"))
                 self.first_error = self.first_error or str(exc)
@@ -212,10 +218,12 @@ def main() -> int:
         kills: list[dict[str, Any]] = []
         try:
             HedgedClient.hedge_s = args.hedge_ms / 1e3
-            kind = HedgedClient if args.variant == "hedged" else EmbeddingClient
-            with kind(servers, token=EMBEDDING_TOKEN, max_message_bytes=64 << 20, timeout_s=5.0,
-                      replica_retry_s=0.5, watch_health=args.variant != "no-health-watch"
-                      ) as client:
+            hedged = args.variant == "hedged"
+            options: dict[str, Any] = {
+                "token": EMBEDDING_TOKEN, "max_message_bytes": 64 << 20, "timeout_s": 5.0,
+                "replica_retry_s": 0.5, "watch_health": args.variant != "no-health-watch"}
+            with (EmbeddingClient(servers, **options) as client,
+                  HedgedClient(servers, **options) if hedged else nullcontext() as hedging):
                 def serving(target: int) -> bool:
                     try:
                         status = client.status(target)
@@ -227,7 +235,7 @@ def main() -> int:
                 writer.write(signs)  # version 1 everywhere before the first lookup
                 wait_until(lambda: all(serving(t) for t in range(len(client.targets))),
                            "every replica to hold the first cut", timeout_s=60)
-                reader = Reader(client, signs)
+                reader = Reader([client, hedging] if hedged else [client], signs)
                 reader.start()
                 t0 = time.monotonic()
                 reader.stop.wait(idle_s)
@@ -278,9 +286,7 @@ def main() -> int:
                     "lookups": len(records), "failed": outcomes.count("failed"),
                     "stale": outcomes.count("stale"), "torn": outcomes.count("torn"),
                     "first_error": reader.first_error,
-                    "client": {**client.counters(), **({
-                        "hedges": client.hedges, "hedge_wins": client.hedge_wins,
-                        "hedge_ms": args.hedge_ms} if isinstance(client, HedgedClient) else {})},
+                    "client": client.counters(),
                     "cuts_written": writer.sequence,
                     "idle": quantiles(records, t0, t_idle),
                     "apply": quantiles(records, t_idle, t_apply),
@@ -288,6 +294,18 @@ def main() -> int:
                     "failover_within_2s_of_a_kill": quantiles(near, t0, t_roll),
                     "rolling_restart": quantiles(records, t_chaos, t_roll),
                     "kills": kills})
+                if hedged:  # the same phases, per arm (every other lookup each)
+                    phases = {"idle": (t0, t_idle), "apply": (t_idle, t_apply),
+                              "failover": (t_apply, t_chaos), "rolling_restart": (t_chaos, t_roll)}
+                    for arm, name in enumerate(("plain", "hedged")):
+                        mine = [r for r, a in zip(records, reader.arms, strict=False) if a == arm]
+                        near_mine = [r for r in mine if any(lo <= r[0] < hi for lo, hi in windows)]
+                        result[name] = {
+                            **{k: quantiles(mine, lo, hi) for k, (lo, hi) in phases.items()},
+                            "failover_within_2s_of_a_kill": quantiles(near_mine, t0, t_roll)}
+                    result["hedged"]["client"] = {**hedging.counters(), "hedges": hedging.hedges,
+                                                  "hedge_wins": hedging.hedge_wins,
+                                                  "hedge_ms": args.hedge_ms}
         finally:
             env_loader.send_signal(signal.SIGTERM)
             env_loader.wait(20)

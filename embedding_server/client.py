@@ -42,7 +42,7 @@ from persia_inc.embedding_server.errors import (
     ShardIdentityError,
     WatermarkMovedError,
 )
-from persia_inc.embedding_server.health_watch import HealthWatch
+from persia_inc.embedding_server.health_watch import HealthWatch, wait_serving
 from persia_inc.embedding_server.messages import (
     HEADROOM_BYTES,
     ApplyResult,
@@ -58,7 +58,6 @@ from persia_inc.embedding_server.routing import ReplicaRouter, targets_of_server
 from persia_inc.embedding_server.settings import EmbeddingServerSettings, channel_options
 from persia_inc.embedding_server.sharding import group_by_shard
 from persia_inc.foundation.threads import run_here, thread_name
-from persia_inc.foundation.wait import wait_until
 from persia_inc.packet_format import Packet, Watermark
 
 if TYPE_CHECKING:
@@ -136,8 +135,22 @@ class EmbeddingClient:
         # thread of its own per call (about 0.3 ms of a two-shard call, bench/embedding_server.py)
         self._pool = ThreadPoolExecutor(4 * num, thread_name_prefix=thread_name("embedding-client"))
         replicated = [(t, self._channels[t]) for ts in self._by_shard if len(ts) > 1 for t in ts]
-        self._health = (HealthWatch(replicated, self.router.health).start()
+        self._health = (HealthWatch(replicated, self._health_seen).start()
                         if watch_health and replicated else None)
+
+    def _health_seen(self, target: int, serving: bool | None) -> None:
+        """News from the health watch (None: its stream ended, the process may come back as
+        another: check its identity again). A replica saying SERVING is checked here, off the
+        request path, before reads go back to it."""
+        if serving is None:
+            self._verified[target] = False
+        elif serving and not self._verified[target]:
+            try:
+                self.verify((target,), timeout_s=min(self.timeout_s, 5.0))
+            except ShardError as exc:  # not the replica we list (logged by verify), or gone
+                log.debug("target %d said SERVING, but: %s", target, exc)
+                serving = False
+        self.router.health(target, bool(serving))
 
     @classmethod
     def from_settings(cls, servers: Sequence[str | Sequence[str]],
@@ -607,26 +620,9 @@ class EmbeddingClient:
         TimeoutError otherwise. The identities are checked again before the next call (the
         servers may have restarted).
 
-        gRPC's own readiness, no polling: the Watch call waits for its channel to connect
-        (`wait_for_ready`) and the server pushes each status change down the stream."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout_s
-        for shard, channel in enumerate(self._channels):
-            channel_address = self.targets[shard].address
-            stub = health_pb2_grpc.HealthStub(channel)
-
-            def serving(stub: health_pb2_grpc.HealthStub = stub) -> bool:
-                replies = stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True,
-                                     timeout=max(0.01, deadline - time.monotonic()))
-                try:
-                    return any(r.status == health_pb2.HealthCheckResponse.SERVING for r in replies)
-                finally:
-                    replies.cancel()
-
-            wait_until(serving, f"shard {self.targets[shard].shard} ({channel_address}) to report "
-                       "SERVING", timeout_s=max(0.0, deadline - time.monotonic()),
-                       ignore=(grpc.RpcError,))
+        gRPC's own readiness, no polling (`health_watch.wait_serving`)."""
+        wait_serving(self._channels, [f"shard {t.shard} ({t.address})" for t in self.targets],
+                     timeout_s)
         self._verified = [False] * len(self.targets)
 
     # ---------------------------------------------------------------------------- lifecycle

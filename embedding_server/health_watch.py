@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from persia_inc.foundation.threads import ServiceThread
+from persia_inc.foundation.wait import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,12 @@ _REWATCH_S = 0.1  # pause before watching again after a stream ended (the channe
 
 class HealthWatch:
     """Follows the health of each of `channels` (target index -> channel) and calls
-    `on_health(target, serving)`: True when it says SERVING, False when it says anything else
-    or its stream ends (down, or stopping). close() ends every watch (safe to call twice)."""
+    `on_health(target, serving)`: True when it says SERVING, False when it says anything else,
+    None when its stream ends (down, or stopping). close() ends every watch (safe to call
+    twice)."""
 
     def __init__(self, channels: Sequence[tuple[int, grpc.Channel]],
-                 on_health: Callable[[int, bool], None]) -> None:
+                 on_health: Callable[[int, bool | None], None]) -> None:
         self._on_health = on_health
         self._lock = threading.Lock()
         self._calls: dict[int, Any] = {}
@@ -76,7 +79,7 @@ class HealthWatch:
                         return
                 if self._stop.is_set():
                     return
-                self._on_health(target, False)  # the stream ended: gone, or stopping
+                self._on_health(target, None)  # the stream ended: gone, or stopping
                 self._stop.wait(_REWATCH_S)
         return follow
 
@@ -90,3 +93,24 @@ class HealthWatch:
         self._stop.set()
         for thread in self._threads:
             thread.close(timeout_s=1.0)
+
+
+def wait_serving(channels: Sequence[grpc.Channel], names: Sequence[str], timeout_s: float) -> None:
+    """Block until the health service behind every one of `channels` says SERVING (`names`:
+    how to name each in the TimeoutError). gRPC's own readiness, no polling: the Watch call
+    waits for its channel to connect (`wait_for_ready`) and the server pushes each status
+    change down the stream."""
+    deadline = time.monotonic() + timeout_s
+    for channel, name in zip(channels, names, strict=True):
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        def serving(stub: health_pb2_grpc.HealthStub = stub) -> bool:
+            replies = stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True,
+                                 timeout=max(0.01, deadline - time.monotonic()))
+            try:
+                return any(r.status == health_pb2.HealthCheckResponse.SERVING for r in replies)
+            finally:
+                replies.cancel()
+
+        wait_until(serving, f"{name} to report SERVING",
+                   timeout_s=max(0.0, deadline - time.monotonic()), ignore=(grpc.RpcError,))
