@@ -322,11 +322,13 @@ def main() -> int:
           f"({result.get('apply_p99_ratio')}x)")
     if not args.quick:
         out = ROOT / "bench" / "results" / "failover.json"
+        recorded = json.loads(out.read_text()) if out.exists() else {}
         if args.variant:  # beside the plain run's figures (a run of its own: compare ratios)
-            recorded = json.loads(out.read_text())
             recorded.setdefault("variants", {})[args.variant] = {
                 k: v for k, v in result.items() if k != "kills"}
             result = recorded
+        elif "variants" in recorded:  # the variants' own runs stay recorded
+            result["variants"] = recorded["variants"]
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"written to {out}")
     return 0 if result["failed"] == 0 and result["stale"] == 0 and result["torn"] == 0 else 1
