@@ -7,7 +7,7 @@ and zero fresh pages for every message. `keep_freed_memory` raises the mmap and 
 thresholds and keeps one arena, so such buffers come from the heap and stay there once
 freed: the process keeps its peak heap instead of returning it. Measured on 26-table cuts
 (bench/embedding_server.py `cuts` against `--default-malloc`): 1.45-1.55x the apply rows/s.
-The loader and the embedding servers turn it on at start, unless
+The loader, the embedding servers and both serving frontends turn it on at start, unless
 PERSIA_INC_KEEP_FREED_MEMORY=0 (e.g. with another allocator preloaded).
 """
 

@@ -47,6 +47,7 @@ with warnings.catch_warnings():
     from ts.utils.util import PredictionException
 
 from persia_inc.embedding_server.client import EmbeddingClient
+from persia_inc.foundation.memory import keep_freed_memory
 from persia_inc.inference.batch import BatchError, DecodedBatch
 from persia_inc.inference.engine import EmbeddingShapeError, PersiaInference, serving_threads
 from persia_inc.inference.spec import SPEC_FILE, ModelSpec
@@ -82,6 +83,7 @@ class PersiaHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         super().initialize(context)  # loads the .pt TorchScript model into self.model
+        keep_freed_memory()  # megabyte requests and replies: reuse their pages, as kserve does
         threads = serving_threads()
         model_dir = Path(context.system_properties.get("model_dir"))
         spec = ModelSpec.load(model_dir / SPEC_FILE)
