@@ -611,6 +611,8 @@ class IncrementalProducer:
         deadline = time.monotonic() + timeout
         read_error: BaseException | None = None
         self._end_update()  # a step that raised never reached its post-hook
+        if self._updates is not None:  # the final plan must see every queued select's result
+            self.writer.wait_reads(max(0.0, deadline - time.monotonic()))
         self._deferred_reads = False  # close runs between steps: read here
         try:
             self._flush("close", admit=False)

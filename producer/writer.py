@@ -265,6 +265,20 @@ class PacketWriter:
                 self._cond.wait(0.5 if left is None else min(left, 0.5))
         return True
 
+    def wait_reads(self, timeout_s: float) -> bool:
+        """Wait until every submitted cut's rows are read and its update policy's select has
+        run (deferred reads, in flush order); False on timeout or abort. A final flush plans
+        after this: a select still queued could otherwise hold rows back after it."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while (any(cut.pending_read for cut in self._queue)
+                   or (self._preparing is not None and self._preparing.pending_read)):
+                left = deadline - time.monotonic()
+                if self.failure is not None or self._stop.is_set() or left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
     def close(self, timeout_s: float) -> tuple[int, list[str]]:
         """Store what is queued within `timeout_s`, then stop the threads (their retries and
         the waits of their store calls end at once); safe to call twice. Closes the store only
@@ -381,6 +395,7 @@ class PacketWriter:
         with self._cond:
             cut.parts = kept
             self._pending_bytes += cut.nbytes - before
+            self._cond.notify_all()  # wait_reads
         return bool(kept)
 
     def _discover_generation(self) -> None:

@@ -4,6 +4,7 @@ cut headers bound what serving is missing."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,57 @@ def test_no_row_stays_staler_than_max_staleness_s(tmp_path: Path, rank: str, den
     served.catch_up(producer)
     np.testing.assert_array_equal(served.rows, model.weight)  # close shipped everything
     assert producer.pending_rows == 0 and served.headers[-1].pending_rows == 0
+
+
+def test_close_ships_the_rows_a_select_still_queued_holds_back(tmp_path: Path) -> None:
+    """With deferred reads a flush's select runs on the writer thread, in flush order. A close
+    while the writer is still behind (here: its read of the last flush is held) plans its final
+    flush only after that select has run; planned before it, the rows that select then held
+    back were never shipped (the demo's prioritized run on a loaded CI machine: 111 rows)."""
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10**6, flush_interval_s=1.0,
+                             update_policy="prioritized", max_staleness_s=5.0,
+                             update_budget_fraction=0.1)
+    model, clock = NumpyModel(rows=2000), FakeClock()
+    producer = producer_from_config(config, clock=clock, generation=1)
+    held, released, closing = threading.Event(), threading.Event(), threading.Event()
+    closer = threading.Thread(target=producer.close, name="closer")
+
+    def read_into(signs: np.ndarray, out: np.ndarray) -> None:
+        if threading.current_thread() is closer:
+            closing.set()  # the final flush reads: its plan is made
+        elif held.is_set() and not released.is_set():
+            assert released.wait(30), "the test never released the writer's read"
+        model.read_into(signs, out)
+
+    producer.register_table("emb", read_into, dim=8, reads_into=True)
+    producer.defer_reads()
+    producer.mark_served("emb", np.arange(2000, dtype=np.uint64), model.weight)
+    served, rng = Served(model), np.random.default_rng(5)
+
+    def tick() -> None:
+        hot, cold = rng.integers(0, 20, 30), rng.integers(20, 2000, 300)
+        with producer.training_step():
+            model.weight[hot] += np.float32(1.0)
+            model.weight[cold] += np.float32(0.001)
+        producer.record("emb", np.concatenate([hot, cold]))
+        clock.now_s += 1.0
+        producer.poll()
+
+    for _ in range(3):
+        tick()
+    served.catch_up(producer)
+    held.set()
+    tick()  # this flush's read (and so its select) waits on the writer thread
+    waits_for_reads = producer.writer.wait_reads
+    producer.writer.wait_reads = lambda timeout_s: (closing.set(), waits_for_reads(timeout_s))[1]
+    closer.start()
+    assert closing.wait(30), "close neither waited for the writer's reads nor read rows itself"
+    released.set()
+    closer.join(60)
+    assert not closer.is_alive()
+    served.catch_up(producer)
+    np.testing.assert_array_equal(served.rows, model.weight)  # every held-back row shipped
+    assert served.headers[-1].pending_rows == 0
 
 
 def test_rows_serving_misses_are_the_pending_rows_the_header_counts(tmp_path: Path) -> None:
