@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -608,6 +609,16 @@ def test_deferred_reads_run_on_the_writer_thread_and_never_inside_a_step(tmp_pat
         np.testing.assert_array_equal(row, model.weight[sign])
 
 
+def _deferring_producer(tmp_path: Path, reader: Callable[[np.ndarray, np.ndarray], None]
+                        ) -> IncrementalProducer:
+    """A producer of one 1000-row, 4-wide table read by `reader` into place, on the writer
+    thread (deferred reads), flushing at 40 buffered signs."""
+    producer = producer_from_config(producer_config(str(tmp_path / "inc"), buffer_size=40))
+    producer.register_table("emb", reader, dim=4, rows=1000, reads_into=True)
+    producer.defer_reads()
+    return producer
+
+
 def test_a_failing_deferred_read_keeps_the_signs_and_raises_on_the_next_call(tmp_path: Path) -> None:
     model = NumpyModel(rows=1000, dim=4)
     calls = {"n": 0}
@@ -618,10 +629,7 @@ def test_a_failing_deferred_read_keeps_the_signs_and_raises_on_the_next_call(tmp
             raise RuntimeError("weights moved to another device")
         model.read_into(signs, out)
 
-    config = producer_config(str(tmp_path / "inc"), buffer_size=40)
-    with producer_from_config(config) as producer:
-        producer.register_table("emb", flaky, dim=4, rows=1000, reads_into=True)
-        producer.defer_reads()
+    with _deferring_producer(tmp_path, flaky) as producer:
         producer.record("emb", np.arange(50))  # full: flushed, read later by the writer
         assert producer.writer.drain(10)
         assert producer.buffered("emb") == 50  # the failed read handed its signs back
@@ -648,10 +656,7 @@ def test_a_failed_deferred_read_hands_its_signs_back_only_under_the_producers_lo
             raise RuntimeError("weights moved to another device")
         model.read_into(signs, out)
 
-    config = producer_config(str(tmp_path / "inc"), buffer_size=40)
-    with producer_from_config(config) as producer:
-        producer.register_table("emb", flaky, dim=4, rows=1000, reads_into=True)
-        producer.defer_reads()
+    with _deferring_producer(tmp_path, flaky) as producer:
         with producer._lock:  # as a training-thread call holds it
             producer.record("emb", np.arange(50))  # full: flushed, read later by the writer
             wait_until(lambda: producer._read_error is not None, "the read to fail", timeout_s=10)
