@@ -27,10 +27,11 @@ PACKAGES = ("embedding_server", "foundation", "inference", "loader", "packet_for
             "storage")
 
 CHILD = """
-import json, sys, tempfile
-sys.path.insert(0, {bench!r})
+import importlib.util, json, tempfile
 import persia_inc.producer.core as core
-import producer as bench
+spec = importlib.util.spec_from_file_location("bench_producer", {bench!r})
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)  # bench/producer.py, by path: not the persia_inc.producer package
 assert core.__file__.startswith({tree!r}), core.__file__
 with tempfile.TemporaryDirectory() as folder:
     out = {{"record_columns": bench.bench_record_columns(),
@@ -61,8 +62,9 @@ def base_tree(rev: str, into: Path) -> Path:
 
 
 def run(arm: str, tree: str, env: dict[str, str], args: argparse.Namespace) -> dict:
-    code = CHILD.format(bench=str(ROOT / "bench"), tree=tree, rounds=args.rounds, block=args.block,
-                        vocab=args.vocab, fresh_rounds=args.fresh_rounds, fresh_s=args.fresh_seconds)
+    code = CHILD.format(bench=str(ROOT / "bench" / "producer.py"), tree=tree, rounds=args.rounds,
+                        block=args.block, vocab=args.vocab, fresh_rounds=args.fresh_rounds,
+                        fresh_s=args.fresh_seconds)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=False, cwd=tempfile.gettempdir())  # not the repo: its persia_inc/
     if done.returncode != 0:
