@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+SERVICE_NAME = "persia_inc.embedding.v1.EmbeddingService"  # the embedding service, as health names it
+
 _Send = Callable[[Any], None]
 
 

@@ -29,12 +29,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from persia_inc.embedding_server.health_service import SERVICE_NAME
 from persia_inc.foundation.threads import ServiceThread
 from persia_inc.foundation.wait import wait_until
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "persia_inc.embedding.v1.EmbeddingService"  # server.SERVICE_NAME
 _REWATCH_S = 0.1  # pause before watching again after a stream ended (the channel backs off too)
 
 

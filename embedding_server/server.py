@@ -41,7 +41,7 @@ from persia_inc.embedding_server._wire import (
     decode_apply_request,
     lookup_tables_reply,
 )
-from persia_inc.embedding_server.health_service import HealthService
+from persia_inc.embedding_server.health_service import SERVICE_NAME, HealthService
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
 from persia_inc.embedding_server.settings import LOAD_LOG_INTERVAL_S, EmbeddingServerSettings
@@ -61,7 +61,6 @@ from persia_inc.storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "persia_inc.embedding.v1.EmbeddingService"
 WRITE_METHODS = frozenset({"Apply", "Delete", "LoadCheckpoint", "Dump"})
 IDENTITY_KEYS = ("persia-shard", "persia-num-shards")  # trailing metadata of identity refusals
 MOVED_KEY = "persia-watermark-moved"  # trailing metadata of a refused conditional apply
