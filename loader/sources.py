@@ -398,10 +398,13 @@ class KafkaSource:
                 out[partition] = min(pending) if pending else nxt
             return out
 
-    def _commit(self, consumer: Any, kafka_structs: Any, force: bool = False) -> None:
-        offsets = {p: o for p, o in self.committable().items()
-                   if p in self.assigned and (force or self._committed.get(p) != o)}
-        offsets = {p: o for p, o in offsets.items() if self._committed.get(p) != o}
+    def _uncommitted(self) -> dict[Any, int]:
+        """Partition -> offset to commit: the assigned ones whose safe offset moved."""
+        return {p: o for p, o in self.committable().items()
+                if p in self.assigned and self._committed.get(p) != o}
+
+    def _commit(self, consumer: Any, kafka_structs: Any) -> None:
+        offsets = self._uncommitted()
         if not offsets:
             return
         consumer.commit({p: kafka_structs.OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
@@ -414,12 +417,20 @@ class KafkaSource:
         source = self
         s = self.settings
 
-        class Rebalance(kafka.ConsumerRebalanceListener):  # type: ignore[name-defined]
-            def on_partitions_revoked(self, revoked: Any) -> None:
+        class Rebalance(kafka.AsyncConsumerRebalanceListener):  # type: ignore[name-defined]
+            """Runs on kafka-python's IO loop, where a blocking `consumer.commit` raises: the
+            commit on revoke is awaited there instead, so a partition moves with its offsets."""
+
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                offsets = source._uncommitted()
                 try:
-                    source._commit(consumer, structs)
+                    if offsets and consumer is not None:
+                        await consumer.commit_async(
+                            {p: structs.OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+                        source._committed.update(offsets)
                 except Exception as exc:
-                    log.warning("kafka: commit on revoke failed: %s", exc)
+                    log.warning("kafka: commit on revoke failed (%s: %s); the partition's next "
+                                "owner reads again from its last commit", type(exc).__name__, exc)
                 with source._lock:
                     for partition in revoked:
                         source.assigned.discard(partition)
@@ -427,7 +438,7 @@ class KafkaSource:
                         source._next.pop(partition, None)
                         source._committed.pop(partition, None)
 
-            def on_partitions_assigned(self, assigned: Any) -> None:
+            async def on_partitions_assigned(self, assigned: Any) -> None:
                 source.assigned.update(assigned)
                 log.info("kafka: assigned %s", sorted(str(p) for p in assigned))
 
