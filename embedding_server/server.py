@@ -17,6 +17,7 @@ the server goes on serving.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import hmac
 import logging
@@ -595,6 +596,8 @@ def serve(servers: Sequence[str | Sequence[str]], shard_index: int, *,
     servicer.siblings_up = lambda: watch.siblings_up
     loading = ServiceThread("initial-load", initial_load).start()
     stop.wait()
+    # a stop that hangs leaves every thread's stack on stderr (the log) for whoever kills it
+    faulthandler.dump_traceback_later(settings.drain_s + settings.grace_s + 5.0, exit=False)
     watch.close()
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING: clients move to a sibling
     if siblings and settings.drain_s and not failed.is_set():
