@@ -73,6 +73,8 @@ class Snapshot:
     calls select(self) once the rows are read: it cuts the snapshot down to the rows to ship.
     pending: (rows held back over all tables, the staleness bound in ms) after the select,
     for the cut's header; None under the default policy.
+    finite: the writer found every value of `rows` finite (checked once read; False: not
+    checked, or not finite).
     """
 
     table: str
@@ -88,6 +90,7 @@ class Snapshot:
     read: Callable[[], np.ndarray | None] | None = None
     select: Callable[[Snapshot], None] | None = None
     pending: tuple[int, int] | None = None
+    finite: bool = False
 
     def read_rows(self) -> None:
         """Fill `rows` (and `state`) if they are still to be read, then run the select; at
@@ -156,6 +159,7 @@ class Snapshot:
         self.deleted = np.concatenate([self.deleted[keep_deleted], newer.deleted])
         self.reason = newer.reason
         self.created_ns = newer.created_ns
+        self.finite = self.finite and newer.finite
         if self.oldest_s is None:
             self.oldest_s = newer.oldest_s
         return True

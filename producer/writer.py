@@ -45,6 +45,7 @@ from persia_inc.producer.errors import (
     warn_caller,
 )
 from persia_inc.producer.generation import next_generation
+from persia_inc.producer.kernels import all_finite, strictly_ascending
 from persia_inc.producer.settings import (
     DEFAULT_MAX_PACKET_BYTES,
     DEFAULT_MAX_PACKET_ROWS,
@@ -385,6 +386,8 @@ class PacketWriter:
                 if part.read is not None or part.select is not None:
                     with self.read_guard():  # no optimizer step runs while the rows are read
                         part.read_rows()
+                    # checked now, while they are in cache (`_freeze` then skips them)
+                    part.finite = all_finite(part.rows)
             except Exception as exc:  # the reader's failure: the producer keeps the signs
                 if self.on_read_failed is None:
                     raise
@@ -429,7 +432,7 @@ class PacketWriter:
             raise RuntimeError("writing before the generation is known")
         for part in cut.parts:
             _sort_by_sign(part)
-            if part.table not in self._non_finite_tables:
+            if not part.finite and part.table not in self._non_finite_tables:
                 self._warn_non_finite(part)
         rows = cut.row_count
         with self._cond:  # pending_rows reads the cuts in flight and the queue
@@ -457,9 +460,9 @@ class PacketWriter:
     def _warn_non_finite(self, snapshot: Snapshot) -> None:
         """Log, once per table, the first sign whose row holds NaN or Inf. The packet still
         ships: training is the truth, the loaders decide (they refuse such rows unless
-        `persia_inc.loader.allow_non_finite`). One vectorized pass when all is finite."""
+        `persia_inc.loader.allow_non_finite`). One compiled pass when all is finite."""
         rows = snapshot.rows
-        if rows.size == 0 or bool(np.isfinite(rows).all()):
+        if rows.size == 0 or all_finite(rows):
             return
         bad = ~np.isfinite(rows).all(axis=1)
         self._non_finite_tables.add(snapshot.table)
@@ -586,7 +589,7 @@ def _sort_by_sign(part: Snapshot) -> None:
     """Put a snapshot's rows in sign order (packets are sorted by sign; a dense buffer's
     already are), here, off the training thread."""
     signs = part.signs
-    if signs.size > 1 and not bool(np.all(signs[1:] > signs[:-1])):
+    if signs.size > 1 and not strictly_ascending(signs):
         order = np.argsort(signs)
         part.signs, part.rows = signs[order], part.rows[order]
         if part.state is not None:

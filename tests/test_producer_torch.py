@@ -125,3 +125,54 @@ def test_hook_on_a_ctr_id_matrix_ships_every_touched_row(tmp_path: Path) -> None
         weight = module.weight.detach().numpy()
         for sign, row in state.items():
             np.testing.assert_array_equal(row, weight[sign])
+
+
+def test_hook_warns_of_non_finite_rows_its_deferred_reads_found(tmp_path: Path) -> None:
+    """With the hook the writer reads the rows and checks them right after (compiled, per
+    table, `producer/kernels.py`): a NaN or Inf anywhere in a row is still named, once per
+    table, and the rows still ship."""
+    import warnings
+
+    from persia_inc.producer import NonFiniteRowsWarning
+
+    emb = nn.Embedding(300, 4, sparse=True)
+    clean = nn.Embedding(300, 4, sparse=True)
+    with torch.no_grad():
+        emb.weight[7, 3] = float("nan")  # the last value of a row: a tail the loop must reach
+        emb.weight[299, 0] = float("-inf")
+    optimizer = torch.optim.SGD([*emb.parameters(), *clean.parameters()], lr=0.1)
+    config = producer_config(str(tmp_path / "inc"), buffer_size=10_000)
+    with warnings.catch_warnings(record=True) as caught, producer_from_config(config) as producer:
+        warnings.simplefilter("always")
+        hook = IncrementalUpdateHook(producer, {"emb": emb, "clean": clean}, optimizer)
+        for _ in range(2):
+            ids = torch.tensor([1, 7, 299, 5])
+            optimizer.zero_grad()
+            (emb(ids).sum() + clean(ids).sum()).backward()
+            optimizer.step()
+            assert producer.flush()
+        producer.poll()  # the writer's warning reaches the training thread's next call
+        hook.remove()
+        packets = read_packets(producer.store)
+    found = [w for w in caught if issubclass(w.category, NonFiniteRowsWarning)]
+    assert len(found) == 1
+    assert "'emb'" in str(found[0].message) and "2 of 4 rows" in str(found[0].message)
+    assert "sign 7" in str(found[0].message)
+    assert sum(p.header.table == "emb" for p in packets) == 2  # shipped all the same
+
+
+def test_compiled_row_and_sign_checks_match_numpy() -> None:
+    from persia_inc.producer.kernels import all_finite, strictly_ascending
+
+    rows = np.random.default_rng(0).standard_normal((37, 16)).astype(np.float32)
+    assert all_finite(rows) and all_finite(rows[:0]) and all_finite(rows[::2])
+    for value in (np.nan, np.inf, -np.inf):
+        for at in ((0, 0), (36, 15), (20, 7)):
+            bad = rows.copy()
+            bad[at] = value
+            assert not all_finite(bad) and not all_finite(bad.T)
+    signs = np.array([1, 5, 9, 2**63, 2**64 - 1], np.uint64)
+    assert strictly_ascending(signs) and strictly_ascending(signs[:1])
+    assert strictly_ascending(signs[:0])
+    assert not strictly_ascending(np.array([1, 5, 5, 9], np.uint64))
+    assert not strictly_ascending(np.array([1, 9, 5], np.uint64))
