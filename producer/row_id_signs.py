@@ -57,30 +57,46 @@ def _mark(present: np.ndarray, deleted: np.ndarray, signs: np.ndarray, delete: b
 
 
 @numba.njit(cache=True, nogil=True)
-def _take(present: np.ndarray, deleted: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _take(present: np.ndarray, deleted: np.ndarray, size: int, track_deletes: bool
+          ) -> tuple[np.ndarray, np.ndarray]:
     """Collect the present signs in one pass over the words and clear both bitsets:
-    (signs uint64[size] ascending, ops uint8[size])."""
-    signs = np.empty(size, np.uint64)
-    ops = np.empty(size, np.uint8)
+    (signs uint64[size] ascending, ops uint8[size]). track_deletes False: `deleted` is all
+    zeros (every op is an upsert) and is left alone.
+
+    Most nonzero words of a large table hold one bit and about as many words hold none, so a
+    branch on "is this word empty" mispredicts half the time: the lowest bit's sign is written
+    for every word and kept only when the word had one (j advances by `bits != 0`); only words
+    with more bits enter the loop (0.66 vs 1.08 ms for 26 tables of 300k rows, 111k signs)."""
+    signs = np.empty(size + 1, np.uint64)  # + 1: the slot an empty word writes into
+    ops = np.empty(size + 1, np.uint8)
     one = np.uint64(1)
-    j = 0
+    j = np.int64(0)
     for w in range(present.size):
+        if j > size:  # never: `size` counts the bits; guards the writes below
+            raise ValueError("more buffered signs than the buffer counted")
         bits = present[w]
-        if not bits:
-            continue
-        dels = deleted[w]
+        dels = deleted[w] if track_deletes else np.uint64(0)
         base = np.uint64(w) << np.uint64(6)
+        low = bits & (~bits + one)
+        b = np.uint64(_DEBRUIJN_INDEX[(low * _DEBRUIJN) >> np.uint64(58)])
+        signs[j] = base + b
+        ops[j] = np.uint8((dels >> b) & one)
+        j += np.int64(bits != np.uint64(0))
+        bits ^= low
+        present[w] = 0
+        if track_deletes:
+            deleted[w] = 0
         while bits:
+            if j >= size:
+                raise ValueError("more buffered signs than the buffer counted")
             low = bits & (~bits + one)
             b = np.uint64(_DEBRUIJN_INDEX[(low * _DEBRUIJN) >> np.uint64(58)])
-            if j >= size:  # never: `size` counts the bits; guards the writes below
-                raise ValueError("more buffered signs than the buffer counted")
             signs[j] = base + b
             ops[j] = np.uint8((dels >> b) & one)
             j += 1
             bits ^= low
-        present[w] = 0
-        deleted[w] = 0
+    if j > size:
+        raise ValueError("more buffered signs than the buffer counted")
     return signs[:j], ops[:j]
 
 
@@ -134,7 +150,7 @@ class RowIdSignBuffer:
         with self._lock:
             if not self._size:
                 return np.empty(0, np.uint64), np.empty(0, np.uint8)
-            signs, ops = _take(self._present, self._deleted, self._size)
+            signs, ops = _take(self._present, self._deleted, self._size, self._has_deletes)
             self._size = 0
             self._has_deletes = False
             return signs, ops

@@ -459,6 +459,28 @@ def test_row_id_signbuffer_covers_every_bit_of_its_words() -> None:
     assert buffer.swap()[1].tolist() == [0] * 5
 
 
+def test_row_id_signbuffer_takes_sparse_words_empty_ones_between() -> None:
+    """`_take` writes each word's lowest sign before knowing the word holds one: empty words
+    (the last ones too), one-bit and many-bit words, with and without buffered deletes."""
+    rng = np.random.default_rng(5)
+    rows = 64 * 40 + 17
+    for trial in range(20):
+        buffer = RowIdSignBuffer(rows)
+        picked = rng.choice(rows, int(rng.integers(1, 60)), replace=False)
+        if trial % 4 == 0:
+            picked = np.append(picked, [0, 63, 64, rows - 1])  # word edges, the last row
+        if trial % 4 == 1:
+            picked = np.arange(64 * 3, 64 * 3 + 64)  # one full word, every other word empty
+        upserts = np.unique(picked).astype(np.uint64)
+        buffer.insert(upserts)
+        deleted = upserts[::3] if trial % 2 else upserts[:0]
+        buffer.insert(deleted, SignBuffer.DELETE)
+        signs, ops = buffer.swap()
+        assert signs.tolist() == upserts.tolist()
+        assert signs[ops.astype(bool)].tolist() == deleted.tolist()
+        assert len(buffer) == 0 and buffer.swap()[0].size == 0
+
+
 def test_reads_into_reader_ships_the_rows_at_flush_time(tmp_path: Path) -> None:
     model = NumpyModel(rows=5000, dim=8)
     config = producer_config(str(tmp_path / "inc"), buffer_size=400)
