@@ -19,7 +19,7 @@ bench/results/embedding_server.json.
    8..64), one Apply per shard (chunks over 24 MiB), against 26 per-table applies of the same
    rows, same run, interleaved, at 1k, 5k and 20k rows per table (goal >= 1.5x), and the cut
    without the 24 MiB message cap; the CPU each costs (client and servers together: a cut
-   saves per-call work, and per-row work is the same for both); and LookupTables of a
+   saves per-call work, and per-row work is the same for both); and LookupBlocks of a
    26-table request (128 signs per table) against 26 Lookup calls in turn: p50/p99 and their
    ratio.
 

@@ -14,7 +14,7 @@ Stages (the engine's `Timings`) and their floors:
 - decode: reading the request bytes with pyarrow (open the IPC stream, read the batch);
 - dedup: a hash-based unique (`pyarrow.compute.unique`) of each table's signs;
 - lookup: one `EmbeddingClient.lookup` of the same 53,248 signs (in one table), and the servers'
-  own handler time per LookupTables call (their Prometheus histogram; it leaves out gRPC and
+  own handler time per LookupBlocks call (their Prometheus histogram; it leaves out gRPC and
   the reply's encoding);
 - pool: one `embedding_bag` over rows already in memory;
 - forward: the TorchScript module alone on ready tensors.
@@ -249,7 +249,7 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
     stages: dict[str, list[float]] = {s: [] for s in stage_names()}
     floor_t: dict[str, list[float]] = {s: [] for s in ("decode", "dedup", "lookup", "pool", "forward")}
     mismatches = kserve_mismatches = 0
-    server_before = server_seconds(metrics_urls, "LookupTables")
+    server_before = server_seconds(metrics_urls, "LookupBlocks")
     shuffle = np.random.default_rng(7)
     for req in reqs[args.warmup:]:
         results = {}
@@ -266,7 +266,7 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
         kserve_mismatches += sum(int(not np.array_equal(results[p], results["in_process"])) for p in kserve)
         for stage, t in floors(req).items():
             floor_t[stage].append(t)
-    server_after = server_seconds(metrics_urls, "LookupTables")
+    server_after = server_seconds(metrics_urls, "LookupBlocks")
     stub.channel.close()
     close_kserve()
     served.close()

@@ -1,9 +1,9 @@
 """Protobuf wire encoding for the messages that carry large arrays.
 
-`ApplyRequest` (client to server, with its multi-table `TableSlice`s), `LookupResponse` and
-`LookupTablesResponse` (server to client) are written and read here directly from and into
-numpy arrays (the server reads `ApplyRequest` as views on the
-received bytes, so a big Apply costs no copy under the GIL before its rows are used):
+`ApplyRequest` (client to server, with its multi-table `TableSlice`s), `LookupResponse`,
+`LookupTablesResponse` and `LookupBlocksResponse` (server to client) are written and read here
+directly from and into numpy arrays (the server reads `ApplyRequest` as views on the received
+bytes, so a big Apply costs no copy under the GIL before its rows are used):
 protobuf's own path costs two or three full copies of every row buffer at about 1 GB/s,
 which is most of a 1M-row Apply and a real share of a 53k-sign lookup. The bytes are
 standard protobuf (fields ascending, proto3 defaults omitted, byte-identical to
@@ -351,3 +351,86 @@ def decode_lookup_tables_reply(message: bytes) -> LookupTablesReply:
     return LookupTablesReply(tuple(_decode_rows(value, 2, 3, 4, 1)
                                    for number, value in _parse(memoryview(message))
                                    if number == 1 and isinstance(value, memoryview)))
+
+
+_BLOCK_DIMS_TAG, _BLOCK_ROWS_TAG, _BLOCK_MISSES_TAG = (bytes([n << 3 | _LEN]) for n in (1, 2, 3))
+
+
+def lookup_blocks_reply(shapes: Sequence[tuple[int, int, int]]
+                        ) -> tuple[bytes, list[np.ndarray], np.ndarray]:
+    """`LookupBlocksResponse` wire bytes for tables of (signs, dim, misses) `shapes`, with a
+    writable float32[signs, dim] view on each table's rows in its block and a writable
+    uint64[T] view on its misses, to fill before the bytes are shared: the rows are gathered
+    straight into the answer, not built aside and copied in. (The misses given are not
+    written: the caller fills them after the gather.)"""
+    packed = b"".join(_varint(dim) for _, dim, _ in shapes)
+    floats = sum(n * dim for n, dim, _ in shapes)
+    head = _BLOCK_DIMS_TAG + _varint(len(packed)) + packed if packed else b""
+    if floats:
+        head += _BLOCK_ROWS_TAG + _varint(4 * floats)
+    tail = _BLOCK_MISSES_TAG + _varint(8 * len(shapes)) if shapes else b""
+    rows_end = len(head) + 4 * floats
+    data, view = unfilled_bytes(rows_end + len(tail) + 8 * len(shapes))
+    view[:len(head)] = head
+    view[rows_end:rows_end + len(tail)] = tail
+    block = np.frombuffer(view[len(head):rows_end], np.float32)
+    rows, at = [], 0
+    for n, dim, _ in shapes:
+        rows.append(block[at:at + n * dim].reshape(n, dim))
+        at += n * dim
+    return data, rows, np.frombuffer(view[rows_end + len(tail):], "<u8")
+
+
+def split_blocks(tables: Sequence[str], counts: Sequence[int], signs: np.ndarray
+                 ) -> list[tuple[str, np.ndarray]]:
+    """A LookupBlocks request's (table, uint64[counts[t]]) pairs, views on `signs`; ValueError
+    when there are no tables or the counts do not add up to the signs."""
+    if not tables or len(counts) != len(tables) or sum(counts) != signs.shape[0]:
+        raise ValueError(f"LookupBlocks: {len(tables)} tables with {len(counts)} counts adding "
+                         f"up to {sum(counts)}, for {signs.shape[0]} signs")
+    ends = np.cumsum(counts).tolist()
+    return [(name, signs[end - count:end]) for name, count, end in zip(tables, counts, ends,
+                                                                        strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksReply:
+    """A LookupBlocks answer as received: dims: int64[T] each table's width; rows: float32[k]
+    every table's rows, one table after the other (a read-only view on the message, no copy);
+    misses: uint64[T] (zeros when the server sent none)."""
+
+    dims: np.ndarray
+    rows: np.ndarray
+    misses: np.ndarray
+
+
+def _packed_varints(data: memoryview) -> np.ndarray:
+    """int64[k] of a packed repeated varint field's bytes; ValueError if malformed."""
+    raw = np.frombuffer(data, np.uint8)
+    if not (raw & 0x80).any():  # every value under 128 (widths, mostly): one byte each
+        return raw.astype(np.int64)
+    out, pos = [], 0
+    while pos < len(data):
+        value, pos = _read_varint(data, pos)
+        out.append(value)
+    return np.asarray(out, np.int64)
+
+
+def decode_lookup_blocks_reply(message: bytes) -> BlocksReply:
+    """Parse `LookupBlocksResponse` wire bytes (repeated fields packed, as protobuf writes
+    them); rows is a view on `message`. Malformed bytes raise ValueError."""
+    data = memoryview(message)
+    dims, rows, misses = np.zeros(0, np.int64), data[0:0], data[0:0]
+    for number, value in _parse(data):
+        if isinstance(value, memoryview):
+            if number == 1:
+                dims = _packed_varints(value)
+            elif number == 2:
+                rows = value
+            elif number == 3:
+                misses = value
+    if len(rows) % 4 or len(misses) % 8:
+        raise ValueError(f"{len(rows)} row bytes, {len(misses)} misses bytes: not whole values")
+    counted = np.frombuffer(misses, "<u8")
+    return BlocksReply(dims, np.frombuffer(rows, "<f4"),
+                       counted if counted.size else np.zeros(dims.size, np.uint64))

@@ -10,7 +10,7 @@ with its own list (`ShardIdentityError`). Every Lookup, Apply and Delete also na
 
 An Apply whose slice for one shard exceeds the message limit is sent in chunks under one apply
 id; the server commits them together. A producer's cut is one Apply per shard for all its
-tables (`apply_cut`); a model's features are one LookupTables call per shard (`lookup_tables`).
+tables (`apply_cut`); a model's features are one LookupBlocks call per shard (`lookup_tables`).
 
 Replicas: an entry of `servers` may list several addresses, the replicas of that shard (each a
 full copy). Writes go to every replica; the calls that name one server take a *target* index
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from persia_inc.embedding_server._wire import decode_lookup_reply, decode_lookup_tables_reply
+from persia_inc.embedding_server._wire import decode_lookup_blocks_reply, decode_lookup_reply
 from persia_inc.embedding_server.errors import (
     ModelIdentityError,
     ShardError,
@@ -127,8 +127,8 @@ class EmbeddingClient:
                            for c in self._channels]
         self._lookup_raw = [c.unary_unary(_METHOD + "Lookup", pb.LookupRequest.SerializeToString,
                                           decode_lookup_reply) for c in self._channels]
-        self._lookup_tables_raw = [  # requests written by LookupPlan.request
-            c.unary_unary(_METHOD + "LookupTables", None, decode_lookup_tables_reply)
+        self._lookup_blocks_raw = [  # requests written by LookupPlan.request
+            c.unary_unary(_METHOD + "LookupBlocks", None, decode_lookup_blocks_reply)
             for c in self._channels]
         self._closed = False
         # the calls to several shards at once run on these threads: a gRPC future starts a
@@ -396,7 +396,7 @@ class EmbeddingClient:
         as zeros. signs_by_table: table -> uint64[n_t] (see `UniqueRows` for the answer).
 
         Each table's signs are deduplicated, and every shard holding any of them is called
-        once for all the tables (LookupTables, concurrently), so it reads them at one
+        once for all the tables (LookupBlocks, concurrently), so it reads them at one
         consistent point. Raises ShardError (NOT_FOUND naming an unknown table), or
         ShardIdentityError. A shard's answer must fit in one message (for bulk reads of one
         table use `lookup`, which splits).
@@ -413,7 +413,7 @@ class EmbeddingClient:
 
         def ask(target: int, allow_behind: bool, timeout: float) -> Any:
             shard = self.targets[target].shard
-            return self._lookup_tables_raw[target](plan.request(shard, num, allow_behind),
+            return self._lookup_blocks_raw[target](plan.request(shard, num, allow_behind),
                                                    timeout=timeout)
 
         first, *others = plan.shards()

@@ -3,12 +3,12 @@
 `plan_tables` does in one compiled pass over a request's signs what per-table `np.unique`,
 `group_by_shard` and fancy indexing did in about 30 numpy calls per table: deduplicate each
 table's signs with a hash set, route every distinct sign to its shard (splitmix64, as
-`sharding.shard_of`), lay the distinct signs out table-major and shard-minor (so every
-(table, shard) share is one contiguous slice of the request, and its rows one contiguous slice
-of the answer), and give every asked sign the position of its row. The answer, `UniqueRows`,
-keeps the distinct rows of every table of one width in one matrix, which the caller pools
-with one `embedding_bag` per width, reading rows through `index` instead of copying them into
-request order.
+`sharding.shard_of`), lay the distinct signs out shard-major and table-minor (so a shard's
+request is one contiguous slice of them, and its answer one contiguous block of rows), and
+give every asked sign the position of its row. The answer, `UniqueRows`, keeps the distinct
+rows of every table of one width in one matrix (with one width, each shard's answer block is
+one slice of it), which the caller pools with one `embedding_bag` per width, reading rows
+through `index` instead of copying them into request order.
 """
 
 from __future__ import annotations
@@ -21,42 +21,34 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
-from persia_inc.embedding_server._wire import _LEN, LookupTablesReply, _fields, _varint
+from persia_inc.embedding_server._wire import _LEN, BlocksReply, _fields, _varint
 
 _jit = nb.njit(cache=True, nogil=True, boundscheck=False)
-_ENTRY_TAG, _SIGNS_TAG = bytes([1 << 3 | _LEN]), bytes([2 << 3 | _LEN])  # TableSigns; its signs
+_COUNTS_TAG, _SIGNS_TAG = bytes([2 << 3 | _LEN]), bytes([3 << 3 | _LEN])
 
 
-@functools.lru_cache(maxsize=4096)
-def _name_field(name: str) -> bytes:
-    """A `TableSigns`' table field."""
+@functools.lru_cache(maxsize=256)
+def _tables_field(tables: tuple[str, ...]) -> bytes:
+    """A `LookupBlocksRequest`'s tables field (repeated string)."""
     parts: list[bytes | memoryview] = []
-    _fields(parts, ((1, name),))
+    for name in tables:
+        _fields(parts, ((1, name),))
     return b"".join(parts)
+
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64, as sharding.py
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
-_F1 = np.uint64(0xFF51AFD7ED558CCD)  # murmur3 fmix64, for the hash set's slots
-_F2 = np.uint64(0xC4CEB9FE1A85EC53)
 
 
 @_jit
-def _shard(sign: np.uint64, num_shards: np.uint64) -> np.int64:
+def _mix(sign: np.uint64) -> np.uint64:
+    """splitmix64's finalizer: its remainder by the shard count is the sign's shard
+    (`sharding.shard_of`), its top bits the sign's slot in the plan's hash set."""
     z = sign + _GOLDEN
     z = (z ^ (z >> np.uint64(30))) * _MUL1
     z = (z ^ (z >> np.uint64(27))) * _MUL2
-    z = z ^ (z >> np.uint64(31))
-    return np.int64(z % num_shards)
-
-
-@_jit
-def _slot(sign: np.uint64, mask: np.uint64) -> np.int64:
-    h = sign
-    h = (h ^ (h >> np.uint64(33))) * _F1
-    h = (h ^ (h >> np.uint64(33))) * _F2
-    h = h ^ (h >> np.uint64(33))
-    return np.int64(h & mask)
+    return z ^ (z >> np.uint64(31))
 
 
 @_jit
@@ -65,63 +57,70 @@ def _plan(signs: np.ndarray, starts: np.ndarray, num_shards: int
     n = signs.shape[0]
     tables = starts.shape[0] - 1
     shards = np.uint64(num_shards)
+    low = np.uint64(num_shards - 1)
+    power_of_two = (num_shards & (num_shards - 1)) == 0  # z % n == z & (n - 1): no division
     local = np.empty(n, np.int64)  # per sign: its distinct sign's id (first-occurrence order)
     distinct = np.empty(n, np.uint64)
     owner = np.empty(n, np.int64)
-    counts = np.zeros((tables, num_shards), np.int64)
+    counts = np.zeros((num_shards, tables), np.int64)
     first = np.zeros(tables + 1, np.int64)  # distinct signs before table t
     longest = 1
     for t in range(tables):
         longest = max(longest, starts[t + 1] - starts[t])
     size = 16
-    while size < 2 * longest:
+    while size < 4 * longest:
         size *= 2
     keys = np.empty(size, np.uint64)
     slots = np.empty(size, np.int64)
     u = 0
     for t in range(tables):
         lo, hi = starts[t], starts[t + 1]
-        width = 16
-        while width < 2 * (hi - lo):
+        width, bits = 16, 4  # a quarter full at most: short probes
+        while width < 4 * (hi - lo):
             width *= 2
-        mask = np.uint64(width - 1)
+            bits += 1
+        mask = width - 1
+        down = np.uint64(64 - bits)
         slots[:width] = -1
         for i in range(lo, hi):
             sign = signs[i]
-            h = _slot(sign, mask)
+            z = _mix(sign)
+            h = np.int64(z >> down)
             while True:
                 held = slots[h]
                 if held < 0:
                     slots[h] = u
                     keys[h] = sign
                     distinct[u] = sign
-                    s = _shard(sign, shards) if num_shards > 1 else 0
+                    s = np.int64(z & low) if power_of_two else np.int64(z % shards)
                     owner[u] = s
-                    counts[t, s] += 1
+                    counts[s, t] += 1
                     local[i] = u
                     u += 1
                     break
                 if keys[h] == sign:
                     local[i] = held
                     break
-                h = (h + 1) & np.int64(mask)
+                h = (h + 1) & mask
         first[t + 1] = u
-    bounds = np.empty((tables, num_shards + 1), np.int64)
-    cursor = np.empty((tables, num_shards), np.int64)
-    for t in range(tables):
-        bounds[t, 0] = first[t]
-        for s in range(num_shards):
-            cursor[t, s] = bounds[t, s]
-            bounds[t, s + 1] = bounds[t, s] + counts[t, s]
+    bounds = np.empty((num_shards, tables + 1), np.int64)
+    cursor = np.empty((num_shards, tables), np.int64)
+    at = 0
+    for shard in range(num_shards):
+        for t in range(tables):
+            bounds[shard, t] = at
+            cursor[shard, t] = at
+            at += counts[shard, t]
+        bounds[shard, tables] = at
     position = np.empty(u, np.int64)
     grouped = np.empty(u, np.uint64)
     for t in range(tables):
         for j in range(first[t], first[t + 1]):
             s = owner[j]
-            p = cursor[t, s]
-            cursor[t, s] = p + 1
-            position[j] = p
-            grouped[p] = distinct[j]
+            q = cursor[s, t]
+            cursor[s, t] = q + 1
+            position[j] = q
+            grouped[q] = distinct[j]
     index = np.empty(n, np.int64)
     for i in range(n):
         index[i] = position[local[i]]
@@ -132,11 +131,12 @@ def _plan(signs: np.ndarray, starts: np.ndarray, num_shards: int
 class LookupPlan:
     """What to ask each shard for several tables' signs at once.
 
-    grouped: uint64[u] every table's distinct signs, table-major, shard-minor; bounds:
-    int64[T, S + 1], table t's signs for shard s are grouped[bounds[t, s]:bounds[t, s + 1]];
-    index: int64[n] per asked sign (the tables' signs concatenated in request order), the
-    position of its distinct sign in `grouped`; starts: int64[T + 1], table t's asked signs are
-    index[starts[t]:starts[t + 1]].
+    grouped: uint64[u] every table's distinct signs, shard-major, table-minor; bounds:
+    int64[S, T + 1], shard s's signs of table t are grouped[bounds[s, t]:bounds[s, t + 1]] (so
+    all of shard s's are grouped[bounds[s, 0]:bounds[s, T]], and bounds[s, T] ==
+    bounds[s + 1, 0]); index: int64[n] per asked sign (the tables' signs concatenated in
+    request order), the position of its distinct sign in `grouped`; starts: int64[T + 1],
+    table t's asked signs are index[starts[t]:starts[t + 1]].
     """
 
     tables: tuple[str, ...]
@@ -148,68 +148,73 @@ class LookupPlan:
 
     def shards(self) -> list[int]:
         """The shards holding any of the signs (shard 0 when there are none)."""
-        counts = (self.bounds[:, 1:] - self.bounds[:, :-1]).sum(axis=0)
-        return [int(s) for s in np.flatnonzero(counts)] or [0]
+        return [int(s) for s in np.flatnonzero(self.bounds[:, -1] > self.bounds[:, 0])] or [0]
 
     def request(self, shard: int, num_shards: int, allow_behind: bool = False) -> bytes:
-        """`LookupTablesRequest` wire bytes for `shard`: every table, its share of the signs
-        (allow_behind: a replica that is catching up answers too), the signs copied once."""
-        parts: list[bytes | memoryview] = []
-        bounds = self.bounds[:, shard:shard + 2].tolist()
-        for name, (lo, hi) in zip(self.tables, bounds, strict=True):
-            head = _name_field(name)
-            if hi > lo:
-                size = _varint(8 * (hi - lo))
-                parts += [_ENTRY_TAG, _varint(len(head) + 1 + len(size) + 8 * (hi - lo)), head,
-                          _SIGNS_TAG, size, self.grouped[lo:hi].data]
-            else:
-                parts += [_ENTRY_TAG, _varint(len(head)), head]
-        _fields(parts, ((2, shard), (3, num_shards), (4, int(allow_behind))))
+        """`LookupBlocksRequest` wire bytes for `shard`: every table, its count of signs, and
+        the signs in one block (allow_behind: a replica that is catching up answers too),
+        the signs copied once."""
+        bounds = self.bounds[shard]
+        counts = b"".join(_varint(c) for c in np.diff(bounds).tolist())
+        parts: list[bytes | memoryview] = [_tables_field(self.tables)]
+        if counts:
+            parts += [_COUNTS_TAG, _varint(len(counts)), counts]
+        lo, hi = int(bounds[0]), int(bounds[-1])
+        if hi > lo:
+            parts += [_SIGNS_TAG, _varint(8 * (hi - lo)), self.grouped[lo:hi].data]
+        _fields(parts, ((4, shard), (5, num_shards), (6, int(allow_behind))))
         return b"".join(parts)
 
-    def assemble(self, replies: Mapping[int, LookupTablesReply],
+    def assemble(self, replies: Mapping[int, BlocksReply],
                  error: Callable[[int, str], Exception]) -> UniqueRows:
         """The shards' answers (shard -> reply, for every shard of `shards()`) as `UniqueRows`:
-        each (table, shard) share copied once, whole, into its width's matrix. A reply that
-        does not answer the tables asked, or answers another width than its siblings, raises
+        with one width, each shard's block copied once, whole, into the width's matrix (else
+        each (shard, table) share into its width's). A reply that does not answer the tables
+        asked, answers another width than its siblings, or the wrong number of rows, raises
         `error(shard, message)`."""
         used = sorted(replies)
-        answers = {}
+        tables = len(self.tables)
+        dims = replies[used[0]].dims
         for shard in used:
-            named = replies[shard].tables
-            if tuple(name for name, _ in named) != self.tables:
-                raise error(shard, f"answered tables {[n for n, _ in named]}, asked {list(self.tables)}")
-            answers[shard] = [reply for _, reply in named]
-        dims: dict[str, int] = {}
-        for t, name in enumerate(self.tables):
-            answered = {answers[s][t].dim for s in used}
-            if len(answered) != 1:
-                raise error(used[0], f"table {name!r}: the shards answered dims {sorted(answered)}")
-            dims[name] = answered.pop()
-        index = self.index
-        widths: list[int] = list(dims.values())
-        # per width, where each table's distinct rows start in that width's matrix
-        base = np.zeros(len(widths), np.int64)
-        sizes: dict[int, int] = {}
-        for t, dim in enumerate(widths):
-            base[t] = sizes.get(dim, 0)
-            sizes[dim] = int(base[t] + self.bounds[t, -1] - self.bounds[t, 0])
-        if len(sizes) > 1:  # the positions count within each width's matrix, not over all
-            index = index.copy()
-            for t in range(len(widths)):
-                index[self.starts[t]:self.starts[t + 1]] += base[t] - self.bounds[t, 0]
-        rows = {dim: np.empty((size, dim), np.float32) for dim, size in sizes.items()}
-        for t, dim in enumerate(widths):
-            shift = base[t] - self.bounds[t, 0]
+            got = replies[shard].dims
+            if got.shape != (tables,):
+                raise error(shard, f"answered {got.size} tables, asked {tables}")
+            if not np.array_equal(got, dims):
+                t = int(np.flatnonzero(got != dims)[0])
+                raise error(shard, f"table {self.tables[t]!r}: the shards answered dims "
+                                   f"{sorted({int(got[t]), int(dims[t])})}")
+        widths = dims.tolist()
+        counts = np.diff(self.bounds, axis=1)  # [S, T]
+        for shard in used:
+            expected = int(counts[shard] @ dims)
+            if replies[shard].rows.size != expected:
+                raise error(shard, f"answered {replies[shard].rows.size} floats, expected {expected} "
+                                   f"for {int(counts[shard].sum())} signs")
+        by_name = dict(zip(self.tables, widths, strict=True))
+        if len(set(widths)) == 1:  # the one width: grouped's positions are the matrix's rows
+            dim = widths[0]
+            rows = np.empty((self.grouped.shape[0], dim), np.float32)
             for shard in used:
-                lo, hi = self.bounds[t, shard], self.bounds[t, shard + 1]
+                rows[self.bounds[shard, 0]:self.bounds[shard, -1]] = replies[shard].rows.reshape(-1, dim)
+            return UniqueRows({dim: rows}, self.index, self.starts, by_name, self.plan_s)
+        # several widths: each width's matrix holds its tables' rows, shard-major as grouped
+        where = np.empty(self.grouped.shape[0], np.int64)  # grouped position -> matrix row
+        sizes = dict.fromkeys(widths, 0)
+        for t, dim in enumerate(widths):
+            sizes[dim] += int(counts[:, t].sum())
+        matrices = {dim: np.empty((size, dim), np.float32) for dim, size in sizes.items()}
+        filled = dict.fromkeys(widths, 0)
+        for shard in used:
+            block, offset = replies[shard].rows, 0
+            for t, dim in enumerate(widths):
+                lo, hi = int(self.bounds[shard, t]), int(self.bounds[shard, t + 1])
                 if hi > lo:
-                    got = answers[shard][t].rows
-                    if got.shape != (hi - lo, dim):
-                        raise error(shard, f"table {self.tables[t]!r}: {got.shape[0]} rows for "
-                                           f"{hi - lo} signs")
-                    rows[dim][lo + shift:hi + shift] = got
-        return UniqueRows(rows, index, self.starts, dims, self.plan_s)
+                    at = filled[dim]
+                    matrices[dim][at:at + hi - lo] = block[offset:offset + (hi - lo) * dim].reshape(-1, dim)
+                    where[lo:hi] = np.arange(at, at + hi - lo)
+                    filled[dim] = at + hi - lo
+                    offset += (hi - lo) * dim
+        return UniqueRows(matrices, where[self.index], self.starts, by_name, self.plan_s)
 
 
 def plan_tables(tables: tuple[str, ...], arrays: list[np.ndarray], num_shards: int) -> LookupPlan:

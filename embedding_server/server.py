@@ -40,7 +40,9 @@ from persia_inc.embedding_server._wire import (
     ApplyRequestView,
     LookupReply,
     decode_apply_request,
+    lookup_blocks_reply,
     lookup_tables_reply,
+    split_blocks,
 )
 from persia_inc.embedding_server.health_service import SERVICE_NAME, HealthService
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
@@ -263,7 +265,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             scheme, _, secret = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(secret.encode(), self._token):
                 return grpc.StatusCode.PERMISSION_DENIED, f"{method}: wrong token"
-        if (method in ("Lookup", "LookupTables", "Apply", "Delete", "Dump")
+        if (method in ("Lookup", "LookupTables", "LookupBlocks", "Apply", "Delete", "Dump")
                 and not self.ready.is_set()):
             return grpc.StatusCode.UNAVAILABLE, "loading the initial checkpoint; not ready yet"
         return None, ""
@@ -324,6 +326,23 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
         self.shard.lookup_tables(asked, check_owner=not request.num_shards, into=into)
         return reply  # LookupTablesResponse wire bytes
+
+    @_rpc("LookupBlocks")
+    def LookupBlocks(self, request: pb.LookupBlocksRequest, context: grpc.ServicerContext  # noqa: N802
+                     ) -> bytes:
+        self._check_identity(request.shard, request.num_shards)
+        self._check_current(request.allow_behind)
+        asked = split_blocks(request.tables, request.counts, _signs(request.signs, "signs"))
+        reply, misses = b"", np.zeros(0, np.uint64)
+
+        def into(shapes: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
+            nonlocal reply, misses  # the answer's bytes, the rows gathered straight into them
+            reply, rows, misses = lookup_blocks_reply(shapes)
+            return rows
+
+        found = self.shard.lookup_tables(asked, check_owner=not request.num_shards, into=into)
+        misses[:] = [count for _, count in found]
+        return reply  # LookupBlocksResponse wire bytes
 
     @_rpc("Apply")
     def Apply(self, request: ApplyRequestView, context: grpc.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
@@ -427,8 +446,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 def _register(servicer: EmbeddingServicer, server: grpc.Server) -> None:
     """Add the service like the generated `add_EmbeddingServiceServicer_to_server`, except
     that Lookup's answer is written straight from its row array (`LookupReply.encode`),
-    LookupTables' rows are gathered straight into its answer's bytes (`lookup_tables_reply`),
-    and Apply is read as views (`decode_apply_request`)."""
+    LookupTables' and LookupBlocks' rows are gathered straight into their answers' bytes
+    (`lookup_tables_reply`, `lookup_blocks_reply`), and Apply is read as views (`decode_apply_request`)."""
     unary = grpc.unary_unary_rpc_method_handler
     handlers = {
         "Apply": unary(servicer.Apply, request_deserializer=decode_apply_request,
@@ -437,6 +456,9 @@ def _register(servicer: EmbeddingServicer, server: grpc.Server) -> None:
                         response_serializer=LookupReply.encode),
         "LookupTables": unary(servicer.LookupTables,
                               request_deserializer=pb.LookupTablesRequest.FromString,
+                              response_serializer=None),  # wire bytes already
+        "LookupBlocks": unary(servicer.LookupBlocks,
+                              request_deserializer=pb.LookupBlocksRequest.FromString,
                               response_serializer=None),  # wire bytes already
         "Dump": grpc.unary_stream_rpc_method_handler(
             servicer.Dump, request_deserializer=pb.DumpRequest.FromString,

@@ -26,8 +26,10 @@ from persia_inc.embedding_server._wire import (
     LookupTablesReply,
     SliceArrays,
     decode_apply_request,
+    decode_lookup_blocks_reply,
     decode_lookup_tables_reply,
     encode_apply_request,
+    lookup_blocks_reply,
     lookup_tables_reply,
 )
 from persia_inc.embedding_server.checkpoint import save_checkpoint
@@ -395,10 +397,39 @@ def test_lookup_tables_matches_lookup_dedups_and_checks_identity(
             shard0.LookupTables(pb.LookupTablesRequest(tables=[
                 pb.TableSigns(table="b"), pb.TableSigns(table="b")]), timeout=10)
         assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # the per-table form, as clients from before LookupBlocks send it, still answers
+        mine = signs["c"][shard_of(signs["c"], 2) == 0][:3]
         reply = shard0.LookupTables(pb.LookupTablesRequest(tables=[
-            pb.TableSigns(table="c", signs=signs["c"][:3].tobytes()), pb.TableSigns(table="a")],
+            pb.TableSigns(table="c", signs=mine.tobytes()), pb.TableSigns(table="a")],
             shard=0, num_shards=2), timeout=10)  # generated classes read the hand encoding
         assert [(t.table, t.dim) for t in reply.tables] == [("c", 64), ("a", 4)]
+        assert reply.tables[0].rows == rows_for(mine, 64).tobytes()
+
+        def blocks(tables: dict[str, np.ndarray], **kw: object) -> pb.LookupBlocksRequest:
+            return pb.LookupBlocksRequest(tables=list(tables), counts=[s.size for s in tables.values()],
+                                          signs=b"".join(s.tobytes() for s in tables.values()),
+                                          **kw)  # type: ignore[arg-type]
+
+        reply = shard0.LookupBlocks(blocks({"c": mine, "a": NONE, "b": signs["b"][:1]}, shard=0,
+                                           num_shards=2), timeout=10)
+        assert list(reply.dims) == [64, 4, 16]
+        mine_b = signs["b"][:1] if shard_of(signs["b"][:1], 2)[0] == 0 else np.zeros(16, np.float32)
+        assert reply.rows == rows_for(mine, 64).tobytes() + (
+            rows_for(mine_b, 16).tobytes() if mine_b.dtype == np.uint64 else mine_b.tobytes())
+        assert list(reply.misses) == [0, 0, int(mine_b.dtype != np.uint64)]
+        with pytest.raises(grpc.RpcError) as rpc:
+            shard0.LookupBlocks(blocks({"b": signs["b"][:4]}, shard=1, num_shards=2), timeout=10)
+        assert rpc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        for bad, reason in ((pb.LookupBlocksRequest(tables=["b", "b"], counts=[0, 0]), "once"),
+                            (pb.LookupBlocksRequest(tables=["b"], counts=[3],
+                                                    signs=signs["b"][:2].tobytes()), "adding up"),
+                            (pb.LookupBlocksRequest(), "0 tables"),
+                            (blocks({"never-made": NONE}), "never-made")):
+            with pytest.raises(grpc.RpcError) as rpc:
+                shard0.LookupBlocks(bad, timeout=10)
+            assert reason in (rpc.value.details() or "")
+            assert rpc.value.code() == (grpc.StatusCode.NOT_FOUND if reason == "never-made"
+                                        else grpc.StatusCode.INVALID_ARGUMENT)
     finally:
         channel.close()
     with EmbeddingClient(cluster.servers[::-1], token=EMBEDDING_TOKEN) as swapped, \
@@ -498,3 +529,20 @@ def test_hand_encoded_multi_table_messages_match_protobuf() -> None:
     (t, got_t), (u, got_u) = decode_lookup_tables_reply(expected).tables
     assert (t, u, got_t.misses, got_u.dim) == ("t", "u", 2, 4)
     assert np.array_equal(got_t.rows, rows) and got_u.rows.shape == (0, 4)
+
+    # LookupBlocks: the same in place, every table's rows in one block
+    expected = pb.LookupBlocksResponse(dims=[8, 4], rows=rows.tobytes(), misses=[2, 0]).SerializeToString()
+    data, views, misses = lookup_blocks_reply([(5, 8, 2), (0, 4, 0)])
+    views[0][...] = rows
+    misses[:] = [2, 0]
+    assert isinstance(data, bytes) and data == expected and views[1].shape == (0, 4)
+    got = decode_lookup_blocks_reply(expected)
+    assert got.dims.tolist() == [8, 4] and got.misses.tolist() == [2, 0]
+    assert np.array_equal(got.rows, rows.ravel())
+    wide = pb.LookupBlocksResponse(dims=[300, 4], misses=[0, 0]).SerializeToString()
+    assert decode_lookup_blocks_reply(wide).dims.tolist() == [300, 4]  # two-byte varints
+    data, _, misses = lookup_blocks_reply([(0, 300, 0), (0, 4, 0)])
+    misses[:] = 0
+    assert data == wide
+    with pytest.raises(ValueError, match="whole values"):
+        decode_lookup_blocks_reply(pb.LookupBlocksResponse(dims=[1], rows=b"abc").SerializeToString())

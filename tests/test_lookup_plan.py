@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from persia_inc.embedding_server._wire import LookupReply, LookupTablesReply
+from persia_inc.embedding_server._wire import BlocksReply
 from persia_inc.embedding_server.lookup_plan import plan_tables
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.sharding import shard_of
@@ -26,11 +26,15 @@ def test_plan_deduplicates_each_table_and_routes_as_shard_of(num_shards: int) ->
     for t, signs in enumerate(arrays):
         index = plan.index[plan.starts[t]:plan.starts[t + 1]]
         assert np.array_equal(plan.grouped[index], signs)  # every asked sign finds its own
-        mine = plan.grouped[plan.bounds[t, 0]:plan.bounds[t, -1]]
+        mine = np.concatenate([plan.grouped[plan.bounds[s, t]:plan.bounds[s, t + 1]]
+                               for s in range(num_shards)])
         assert np.array_equal(np.sort(mine), np.unique(signs))  # each distinct sign once
         for shard in range(num_shards):
-            share = plan.grouped[plan.bounds[t, shard]:plan.bounds[t, shard + 1]]
+            share = plan.grouped[plan.bounds[shard, t]:plan.bounds[shard, t + 1]]
             assert (shard_of(share, num_shards) == shard).all()
+    # shard-major: each shard's signs are one block, the next shard's right after it
+    assert plan.bounds[0, 0] == 0 and plan.bounds[-1, -1] == plan.grouped.size
+    assert (plan.bounds[1:, 0] == plan.bounds[:-1, -1]).all()
     assert plan.shards() == [s for s in range(num_shards)
                              if any((shard_of(a, num_shards) == s).any() for a in arrays)]
 
@@ -40,30 +44,41 @@ def test_plan_request_bytes_are_protobufs_and_answers_assemble_per_width() -> No
     dims = {"t0": 4, "t1": 8, "t2": 4, "t3": 8, "t4": 4, "t5": 8}
     plan = plan_tables(names, arrays, 2)
     for shard in (0, 1):
-        want = pb.LookupTablesRequest(
-            tables=[pb.TableSigns(table=name, signs=plan.grouped[plan.bounds[t, shard]:
-                                                                 plan.bounds[t, shard + 1]].tobytes())
-                    for t, name in enumerate(names)], shard=shard, num_shards=2)
-        assert plan.request(shard, 2) == want.SerializeToString()
+        bounds = plan.bounds[shard]
+        want = pb.LookupBlocksRequest(tables=names, counts=np.diff(bounds).tolist(),
+                                      signs=plan.grouped[bounds[0]:bounds[-1]].tobytes(),
+                                      shard=shard, num_shards=2, allow_behind=shard == 1)
+        assert plan.request(shard, 2, shard == 1) == want.SerializeToString()
 
     def row(sign: np.ndarray, dim: int) -> np.ndarray:  # a row that names its sign
         return (sign.astype(np.float64)[:, None] % 1000 + np.arange(dim)).astype(np.float32)
 
-    replies = {}
-    for shard in (0, 1):
-        answers = []
-        for t, name in enumerate(names):
-            share = plan.grouped[plan.bounds[t, shard]:plan.bounds[t, shard + 1]]
-            answers.append((name, LookupReply(dims[name], row(share, dims[name]), 0)))
-        replies[shard] = LookupTablesReply(tuple(answers))
-    found = plan.assemble(replies, lambda shard, message: ValueError(f"{shard}: {message}"))
-    assert found.dims == dims and set(found.rows) == {4, 8}
-    for t, (name, signs) in enumerate(zip(names, arrays, strict=True)):
-        assert np.array_equal(found.table(t), row(signs, dims[name]))
-    assert found.rows[4].shape[0] == sum(np.unique(arrays[t]).size for t in (0, 2, 4))
+    def answer(shard: int, widths: dict[str, int]) -> BlocksReply:
+        blocks = [row(plan.grouped[plan.bounds[shard, t]:plan.bounds[shard, t + 1]], widths[name])
+                  for t, name in enumerate(names)]
+        return BlocksReply(np.array([widths[n] for n in names]),
+                                 np.concatenate([b.ravel() for b in blocks]),
+                                 np.zeros(len(names), np.uint64))
 
-    wrong = dict(replies)
-    wrong[1] = LookupTablesReply(tuple((n, LookupReply(dims[n] * 2, r.rows, 0))
-                                       for n, r in replies[1].tables))
-    with pytest.raises(ValueError, match=r"t0.*dims"):
-        plan.assemble(wrong, lambda shard, message: ValueError(f"{shard}: {message}"))
+    def error(shard: int, message: str) -> ValueError:
+        return ValueError(f"{shard}: {message}")
+
+    for widths in (dims, dict.fromkeys(names, 4)):  # several widths, and the one-width path
+        found = plan.assemble({0: answer(0, widths), 1: answer(1, widths)}, error)
+        assert found.dims == widths and set(found.rows) == set(widths.values())
+        for t, (name, signs) in enumerate(zip(names, arrays, strict=True)):
+            assert np.array_equal(found.table(t), row(signs, widths[name]))
+    assert found.rows[4].shape[0] == plan.grouped.size
+    several = plan.assemble({0: answer(0, dims), 1: answer(1, dims)}, error)
+    assert several.rows[4].shape[0] == sum(np.unique(arrays[t]).size for t in (0, 2, 4))
+
+    with pytest.raises(ValueError, match=r"1: table 't0'.*dims"):
+        plan.assemble({0: answer(0, dims), 1: answer(1, {n: 2 * d for n, d in dims.items()})},
+                      error)
+    short = answer(1, dims)
+    with pytest.raises(ValueError, match=r"1: answered .* floats, expected"):
+        plan.assemble({0: answer(0, dims), 1: BlocksReply(short.dims, short.rows[:-1],
+                                                                short.misses)}, error)
+    with pytest.raises(ValueError, match=r"0: answered 5 tables, asked 6"):
+        plan.assemble({0: BlocksReply(short.dims[:5], short.rows, short.misses),
+                       1: answer(1, dims)}, error)

@@ -122,6 +122,32 @@ class LookupTablesResponse(_message.Message):
     tables: _containers.RepeatedCompositeFieldContainer[TableLookup]
     def __init__(self, tables: _Optional[_Iterable[_Union[TableLookup, _Mapping]]] = ...) -> None: ...
 
+class LookupBlocksRequest(_message.Message):
+    __slots__ = ("tables", "counts", "signs", "shard", "num_shards", "allow_behind")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SIGNS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_BEHIND_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    signs: bytes
+    shard: int
+    num_shards: int
+    allow_behind: bool
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., counts: _Optional[_Iterable[int]] = ..., signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., allow_behind: _Optional[bool] = ...) -> None: ...
+
+class LookupBlocksResponse(_message.Message):
+    __slots__ = ("dims", "rows", "misses")
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    rows: bytes
+    misses: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dims: _Optional[_Iterable[int]] = ..., rows: _Optional[bytes] = ..., misses: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class Watermark(_message.Message):
     __slots__ = ("table", "producer", "generation", "sequence")
     TABLE_FIELD_NUMBER: _ClassVar[int]

@@ -48,6 +48,11 @@ class EmbeddingServiceStub:
                 request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesRequest.SerializeToString,
                 response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesResponse.FromString,
                 _registered_method=True)
+        self.LookupBlocks = channel.unary_unary(
+                '/persia_inc.embedding.v1.EmbeddingService/LookupBlocks',
+                request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupBlocksRequest.SerializeToString,
+                response_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupBlocksResponse.FromString,
+                _registered_method=True)
         self.Apply = channel.unary_unary(
                 '/persia_inc.embedding.v1.EmbeddingService/Apply',
                 request_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.ApplyRequest.SerializeToString,
@@ -99,6 +104,16 @@ class EmbeddingServiceServicer:
         table's signs as in Lookup; the answer lists the tables in request order. A table named
         twice is INVALID_ARGUMENT; NOT_FOUND names the first unknown table. The tables are read
         together (their read locks held at once), so an Apply of several tables is seen whole.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupBlocks(self, request, context):
+        """LookupTables with the signs and the rows each in one block (see LookupBlocksRequest):
+        what this project's clients call since the block form; LookupTables stays for clients
+        from before it (a rolling deploy restarts servers first). Same refusals as LookupTables,
+        and INVALID_ARGUMENT when the counts do not add up to the signs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +178,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.LookupTables,
                     request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesRequest.FromString,
                     response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesResponse.SerializeToString,
+            ),
+            'LookupBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupBlocks,
+                    request_deserializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupBlocksRequest.FromString,
+                    response_serializer=persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupBlocksResponse.SerializeToString,
             ),
             'Apply': grpc.unary_unary_rpc_method_handler(
                     servicer.Apply,
@@ -253,6 +273,33 @@ class EmbeddingService:
             '/persia_inc.embedding.v1.EmbeddingService/LookupTables',
             persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesRequest.SerializeToString,
             persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupTablesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/persia_inc.embedding.v1.EmbeddingService/LookupBlocks',
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupBlocksRequest.SerializeToString,
+            persia__inc_dot_embedding__server_dot_protos_dot_embedding__pb2.LookupBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,
