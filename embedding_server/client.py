@@ -412,15 +412,20 @@ class EmbeddingClient:
                             for s in signs_by_table.values()], num)
 
         def ask(target: int, allow_behind: bool, timeout: float) -> Any:
-            shard = self.targets[target].shard
-            return self._lookup_blocks_raw[target](plan.request(shard, num, allow_behind),
-                                                   timeout=timeout)
+            return self._lookup_blocks_raw[target](
+                plan.request(self.targets[target].shard, num, allow_behind), timeout=timeout)
+
+        placing = plan.placing([self._dims.get(table) for table in plan.tables])  # widths seen
+
+        def read(shard: int) -> Any:  # its block placed on the thread that received it
+            return placing.take(shard, self._read(shard, ask))
 
         first, *others = plan.shards()
-        calls = {shard: self._pool.submit(self._read, shard, ask) for shard in others}
-        calls[first] = run_here(self._read, first, ask)  # one thread hand-off fewer
+        calls = {shard: self._pool.submit(read, shard) for shard in others}
+        calls[first] = run_here(read, first)  # one thread hand-off fewer
         found = plan.assemble(self._gather(calls), lambda shard, message: ShardError(
-            shard, self.targets[self._by_shard[shard][0]].address, "FAILED_PRECONDITION", message))
+            shard, self.targets[self._by_shard[shard][0]].address, "FAILED_PRECONDITION", message),
+            placing)
         self._dims.update(found.dims)
         return found
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numba as nb
 import numpy as np
@@ -165,13 +165,21 @@ class LookupPlan:
         _fields(parts, ((4, shard), (5, num_shards), (6, int(allow_behind))))
         return b"".join(parts)
 
+    def placing(self, widths: Sequence[int | None]) -> Placing:
+        """A `Placing` for the shards' blocks, with a matrix when every table's expected width
+        (None: unknown) is known and one (else it places nothing)."""
+        one = widths and None not in widths and len(set(widths)) == 1
+        return Placing(self, np.empty((self.grouped.shape[0], widths[0] or 0), np.float32)
+                       if one else None)
+
     def assemble(self, replies: Mapping[int, BlocksReply],
-                 error: Callable[[int, str], Exception]) -> UniqueRows:
+                 error: Callable[[int, str], Exception],
+                 placed: Placing | None = None) -> UniqueRows:
         """The shards' answers (shard -> reply, for every shard of `shards()`) as `UniqueRows`:
         with one width, each shard's block copied once, whole, into the width's matrix (else
-        each (shard, table) share into its width's). A reply that does not answer the tables
-        asked, answers another width than its siblings, or the wrong number of rows, raises
-        `error(shard, message)`."""
+        each (shard, table) share into its width's), but for the blocks `placed` holds already.
+        A reply that does not answer the tables asked, answers another width than its
+        siblings, or the wrong number of rows, raises `error(shard, message)`."""
         used = sorted(replies)
         tables = len(self.tables)
         dims = replies[used[0]].dims
@@ -193,9 +201,12 @@ class LookupPlan:
         by_name = dict(zip(self.tables, widths, strict=True))
         if len(set(widths)) == 1:  # the one width: grouped's positions are the matrix's rows
             dim = widths[0]
-            rows = np.empty((self.grouped.shape[0], dim), np.float32)
+            rows, done = ((placed.rows, placed.done) if placed is not None and placed.rows is not None
+                          and placed.rows.shape[1] == dim
+                          else (np.empty((self.grouped.shape[0], dim), np.float32), set()))
             for shard in used:
-                rows[self.bounds[shard, 0]:self.bounds[shard, -1]] = replies[shard].rows.reshape(-1, dim)
+                if shard not in done:
+                    rows[self.bounds[shard, 0]:self.bounds[shard, -1]] = replies[shard].rows.reshape(-1, dim)
             return UniqueRows({dim: rows}, self.index, self.starts, by_name, self.plan_s)
         # several widths: each width's matrix holds its tables' rows, shard-major as grouped
         where = np.empty(self.grouped.shape[0], np.int64)  # grouped position -> matrix row
@@ -215,6 +226,30 @@ class LookupPlan:
                     filled[dim] = at + hi - lo
                     offset += (hi - lo) * dim
         return UniqueRows(matrices, where[self.index], self.starts, by_name, self.plan_s)
+
+
+@dataclass(slots=True)
+class Placing:
+    """Shards' answer blocks copied into one matrix as each arrives, on the thread that
+    received it (numpy lets the GIL go while it copies), so the copy overlaps another shard's
+    answer still arriving. rows: float32[u, dim], or None (nothing is placed); done: the
+    shards whose blocks are in it."""
+
+    plan: LookupPlan
+    rows: np.ndarray | None
+    done: set[int] = field(default_factory=set)
+
+    def take(self, shard: int, reply: BlocksReply) -> BlocksReply:
+        """Place `shard`'s block if the reply answers every table with the matrix's width and
+        the rows asked (else `assemble` checks it and copies it itself); returns the reply."""
+        rows, plan = self.rows, self.plan
+        if rows is not None and reply.dims.shape == (len(plan.tables),) and (
+                reply.dims == rows.shape[1]).all():
+            lo, hi = int(plan.bounds[shard, 0]), int(plan.bounds[shard, -1])
+            if reply.rows.size == (hi - lo) * rows.shape[1]:
+                rows[lo:hi] = reply.rows.reshape(hi - lo, rows.shape[1])
+                self.done.add(shard)
+        return reply
 
 
 def plan_tables(tables: tuple[str, ...], arrays: list[np.ndarray], num_shards: int) -> LookupPlan:
@@ -258,4 +293,4 @@ class UniqueRows:
         return self.rows[dim][self.index[self.starts[position]:self.starts[position + 1]]]
 
 
-__all__ = ["LookupPlan", "UniqueRows", "plan_tables", "warm_up"]
+__all__ = ["LookupPlan", "Placing", "UniqueRows", "plan_tables", "warm_up"]

@@ -82,3 +82,36 @@ def test_plan_request_bytes_are_protobufs_and_answers_assemble_per_width() -> No
     with pytest.raises(ValueError, match=r"0: answered 5 tables, asked 6"):
         plan.assemble({0: BlocksReply(short.dims[:5], short.rows, short.misses),
                        1: answer(1, dims)}, error)
+
+
+def test_blocks_placed_as_they_arrive_assemble_as_copied_ones() -> None:
+    names, arrays = tables_of_signs()
+    plan = plan_tables(names, arrays, 2)
+
+    def answer(shard: int, dim: int) -> BlocksReply:
+        share = plan.grouped[plan.bounds[shard, 0]:plan.bounds[shard, -1]]
+        rows = (share.astype(np.float64)[:, None] % 1000 + np.arange(dim)).astype(np.float32)
+        return BlocksReply(np.full(len(names), dim), rows.ravel(), np.zeros(len(names), np.uint64))
+
+    def error(shard: int, message: str) -> ValueError:
+        return ValueError(f"{shard}: {message}")
+
+    replies = {0: answer(0, 4), 1: answer(1, 4)}
+    copied = plan.assemble(replies, error)
+    placing = plan.placing([4] * len(names))
+    for shard, reply in replies.items():
+        assert placing.take(shard, reply) is reply
+    assert placing.done == {0, 1}
+    placed = plan.assemble(replies, error, placing)
+    assert placed.rows[4] is placing.rows and np.array_equal(placed.rows[4], copied.rows[4])
+    # a width other than expected is not placed: assemble copies it, or refuses a mixed answer
+    stale = plan.placing([8] * len(names))
+    stale.take(0, replies[0])
+    assert stale.done == set()
+    assert np.array_equal(plan.assemble(replies, error, stale).rows[4], copied.rows[4])
+    mixed = plan.placing([4] * len(names))
+    mixed.take(0, replies[0])
+    with pytest.raises(ValueError, match=r"1: table 't0'.*dims"):
+        plan.assemble({0: replies[0], 1: answer(1, 8)}, error, mixed)
+    assert plan.placing([4, None, 4, 4, 4, 4]).rows is None  # a width not yet known
+    assert plan.placing([4, 8, 4, 4, 4, 4]).rows is None  # several widths
