@@ -9,6 +9,10 @@ settings of `infra/torchserve/config.properties`), and logs go to `workdir/logs`
 
 `persia-inc serve` runs one for a deployment (fixed ports, the user's model store); tests and
 benchmarks take free ports and `workdir/model-store`.
+
+Its workers start at the lowest CPU priority and serve at their normal one
+(`inference.worker_start`, through the `--python` script `workdir/worker-python`): a dense
+version's new worker no longer slows the one serving while it imports torch.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -115,12 +120,14 @@ class LocalTorchServe:
 
     env: extra environment for the server and its workers (e.g. PERSIA_INC_CONFIG);
     model_store: default `workdir/model-store`; ports: any of PORT_NAMES -> port (a missing
-    one, or 0, takes a free port); properties: extra or overriding config.properties entries.
+    one, or 0, takes a free port); low_priority_start: start workers at the lowest CPU
+    priority (`inference.worker_start`; False: as TorchServe starts them); properties: extra or
+    overriding config.properties entries.
     """
 
     def __init__(self, workdir: str | Path, *, env: Mapping[str, str] | None = None,
                  model_store: str | Path | None = None, ports: Mapping[str, int] | None = None,
-                 **properties: str) -> None:
+                 low_priority_start: bool = True, **properties: str) -> None:
         self.workdir = Path(workdir)
         self.model_store = Path(model_store) if model_store is not None else self.workdir / "model-store"
         unknown = set(ports or {}) - set(PORT_NAMES)
@@ -129,6 +136,7 @@ class LocalTorchServe:
         given = dict(ports or {})
         self.ports = {name: given.get(name) or free_port() for name in PORT_NAMES}
         self.env = dict(env or {})
+        self.low_priority_start = low_priority_start
         self.properties = local_properties(self.model_store, self.ports, **properties)
         self._proc: subprocess.Popen | None = None
 
@@ -190,12 +198,23 @@ class LocalTorchServe:
         except (OSError, ValueError, KeyError, TypeError):
             return ""
 
+    def worker_python(self) -> str:
+        """The interpreter TorchServe starts workers with: this one, or (low_priority_start)
+        `workdir/worker-python`, a script running it on `inference/worker_start.py`."""
+        if not self.low_priority_start:
+            return sys.executable
+        script = self.workdir / "worker-python"
+        start = Path(__file__).with_name("worker_start.py")
+        script.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(start))} \"$@\"\n")
+        script.chmod(0o755)
+        return str(script)
+
     def _command(self, config: Path) -> list[str]:
         ts_home = torchserve_home()
         java = find_java()
         return [java, f"-Dmodel_server_home={ts_home}", *self.properties["vmargs"].split(),
                 "-cp", f".:{ts_home / 'ts' / 'frontend' / '*'}", "org.pytorch.serve.ModelServer",
-                "--python", sys.executable, "-f", str(config), "-s", str(self.model_store), "-ncs"]
+                "--python", self.worker_python(), "-f", str(config), "-s", str(self.model_store), "-ncs"]
 
     def start(self, timeout_s: float = 60.0, *, cancel: threading.Event | None = None
               ) -> LocalTorchServe:

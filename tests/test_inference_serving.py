@@ -300,6 +300,8 @@ def test_register_infer_and_bad_requests(torchserve: LocalTorchServe, dense_pt: 
             want = engine.predict(body)
             assert want.shape == (ROWS,) and np.isfinite(want).all()
             assert np.array_equal(infer(stub, "served", body), want)
+            worker = int(http_mgmt.describe("served")[0]["workers"][0]["pid"])
+            assert_serves_at_frontend_priority(worker, torchserve)
             assert np.array_equal(infer_http(torchserve.inference_url, "served", body), want)
 
             narrow = PersiaBatch().add_dense([np.zeros((4, 12), np.float32)]).add_sparse(
@@ -347,6 +349,18 @@ def test_register_infer_and_bad_requests(torchserve: LocalTorchServe, dense_pt: 
     finally:
         stub.channel.close()
         client.close()
+
+
+def assert_serves_at_frontend_priority(worker: int, torchserve: LocalTorchServe) -> None:
+    """The worker was started by inference/worker_start.py, in a session of its own (its start
+    ran at the lowest priority), and now serves at the frontend's priority."""
+    assert torchserve.pid is not None
+    assert "worker_start.py" in Path(f"/proc/{worker}/cmdline").read_text()
+    assert os.getsid(worker) != os.getsid(torchserve.pid)
+    assert os.getpriority(os.PRIO_PROCESS, worker) == os.getpriority(os.PRIO_PROCESS, torchserve.pid)
+    groups = [Path(f"/proc/{pid}/autogroup").read_text().split()[-1]
+              for pid in (worker, torchserve.pid) if Path(f"/proc/{pid}/autogroup").exists()]
+    assert len(set(groups)) <= 1, groups  # the same autogroup nice
 
 
 def test_handler_in_process_with_config_from_environment(
