@@ -56,6 +56,7 @@ from torch.nn.functional import embedding_bag
 
 from persia_inc.demo.kserve import KServeServed
 from persia_inc.embedding_server.client import EmbeddingClient
+from persia_inc.foundation.memory import keep_freed_memory
 from persia_inc.inference.archive import archive_model
 from persia_inc.inference.batch import PersiaBatch
 from persia_inc.inference.client import get_inference_stub, infer, infer_http
@@ -423,6 +424,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "inference.json"))
     args = parser.parse_args()
     threads = serving_threads()  # as the handler does: OMP_NUM_THREADS, else 1
+    keep_freed_memory()  # as the TorchServe and kserve workers do: in process pays no more page faults
     options = RegisterOptions(initial_workers=args.workers, batch_size=args.batch_size,
                               max_batch_delay_ms=args.max_batch_delay_ms)
 
