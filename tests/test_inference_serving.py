@@ -396,7 +396,7 @@ def test_handler_in_process_with_config_from_environment(
         handler.context = context
         out = handler.postprocess(handler.inference(handler.preprocess(
             [{"data": bytearray(good1)}, {"body": bytearray(b"junk")}, {"batch": bytearray(good2)}])))
-        assert len(out) == 3 and len(out[0]) == 5 and len(out[2]) == 7
+        assert len(out) == 3 and len(json.loads(out[0])) == 5 and len(json.loads(out[2])) == 7
         assert context.get_response_status(1)[0] == 400 and "bad request" in out[1]["error"]
         assert context.get_response_status(0)[0] == 200
         # a batch of bad requests only: one PredictionException(400), which TorchServe sends
@@ -409,7 +409,7 @@ def test_handler_in_process_with_config_from_environment(
         assert ";" not in refused.value.message  # the same error once
         engine, client = in_process(cluster, dense_pt)
         try:
-            assert out[0] == engine.predict(good1).tolist()
+            assert np.array_equal(np.asarray(json.loads(out[0]), np.float32), engine.predict(good1))
         finally:
             client.close()
     finally:
