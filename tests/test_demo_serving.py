@@ -252,6 +252,11 @@ def test_a_real_demo_run_served_by_torchserve_shows_freshness_pays(tmp_path: Pat
     assert "live rows + ckpt dense / frozen" in result.stdout and "checked / mismatched" in result.stdout
     assert f"{len(versions)} / {len(versions)}" in result.stdout  # dense versions activated / published
     assert "not through TorchServe" not in result.stdout
+    # an on-call engineer reads ERROR as something to act on: a clean run logs none (the
+    # loader's dense sync once logged TorchServe gone, when the demo stopped it first)
+    errors = [line for line in (tmp_path / "logs" / "loader.log").read_text().splitlines()
+              if " ERROR " in line]
+    assert errors == []
 
 
 def test_without_java_the_demo_serves_in_process_and_says_so_in_one_line(tmp_path: Path) -> None:

@@ -503,8 +503,6 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             stub.channel.close()
         if kserve_live is not None:
             kserve_live.close()
-        if served is not None:
-            served.close()
         for opened in clients:
             opened.close()
         for child in reversed(children):
@@ -512,6 +510,8 @@ def run_demo(options: DemoOptions, on_progress: Callable[[Progress], None] | Non
             if code not in (0, None):
                 report.problems.append(f"{child.name} exited with {code} on SIGTERM")
                 report.verified = False
+        if served is not None:  # after the loader: its dense sync would log the frontend gone
+            served.close()
         if live_servers is not None:
             stopped = live_servers.stop()
             report.problems += stopped
