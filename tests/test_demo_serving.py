@@ -157,7 +157,7 @@ def _apply_tables(client, tables: dict[str, np.ndarray], producer: str = "p") ->
 
 def test_in_process_scoring_equals_the_training_model(embedding_cluster_factory,
                                                      tmp_path: Path) -> None:
-    """Embeddings from the servers (one LookupTables per shard) + the TorchScript-able dense
+    """Embeddings from the servers (one LookupBlocks call per shard) + the TorchScript-able dense
     part give the training model's own probabilities."""
     model = CTRModel(vocab=300, dim=4, seed=2)
     cluster = embedding_cluster_factory(2)

@@ -1,7 +1,8 @@
 """Multi-table applies (a producer's cut) and multi-table lookups against real server processes:
 one Apply per shard for all of a cut's tables, idempotence and all-or-nothing under one
 (lane, producer) watermark, chunked cuts whose tables span chunks, cut watermarks through a
-checkpoint, and LookupTables (one call per shard, deduplicated, identity-checked).
+checkpoint, and multi-table lookups: LookupBlocks, the one call per shard clients make
+(deduplicated, identity-checked), and LookupTables, the form older clients still call.
 
 Servers are `persia-inc embedding-server` child processes on 127.0.0.1 (the
 `embedding_cluster_factory` fixture); cuts are built directly from the `packet_format.cut`

@@ -103,7 +103,7 @@ def log_loss(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
 
 def lookup_embeddings(client: EmbeddingClient, ids: np.ndarray) -> np.ndarray:
     """ids: int64[b, 26] (row of table C{i+1} in column i, whose sign is the row) ->
-    float32[b, 26, dim], in one LookupTables RPC per shard."""
+    float32[b, 26, dim], in one LookupBlocks RPC per shard."""
     names = table_names()
     rows = client.lookup_tables({name: ids[:, i].astype(np.uint64) for i, name in enumerate(names)})
     return np.stack([rows[name] for name in names], axis=1)
