@@ -392,6 +392,8 @@ def test_handler_in_process_with_config_from_environment(
     handler = ConfiguredHandler()
     handler.initialize(context)
     try:
+        assert handler.engine is not None and handler.engine.last_timings.total_s > 0  # warmed up
+        assert handler.warm_up(SPEC) == 2
         context.request_processor = [RequestProcessor({}) for _ in range(3)]
         handler.context = context
         out = handler.postprocess(handler.inference(handler.preprocess(
