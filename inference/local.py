@@ -60,6 +60,16 @@ def local_properties(model_store: Path, ports: Mapping[str, int], **extra: str) 
     return props
 
 
+# one of TorchServe's rolling log files, `name`.log under the folder env variable `where` names
+_ROLLING_FILE = """    <RollingFile name="{name}" fileName="${{env:{where}:-logs}}/{name}.log"
+                 filePattern="${{env:{where}:-logs}}/{name}.%d{{dd-MMM}}.log.gz">
+      <PatternLayout pattern="{pattern}"/>
+      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>
+      <DefaultRolloverStrategy max="5"/>
+    </RollingFile>
+"""
+_BARE, _LEVELLED = "%d{ISO8601} - %m%n", "%d{ISO8601} [%-5p] %t %c - %m%n"
+
 # TorchServe's own log4j2.xml (in its jar) with each line written once and without the
 # frontend's lines per request: the jar's writes every org.pytorch.serve line to ts_log twice and
 # to stdout, about 40 writes per request in all. Measured (400 requests of 128 rows, 2 rounds
@@ -71,37 +81,11 @@ LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
     <Console name="STDOUT" target="SYSTEM_OUT">
       <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
     </Console>
-    <RollingFile name="access_log" fileName="${env:LOG_LOCATION:-logs}/access_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/access_log.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>
-      <DefaultRolloverStrategy max="5"/>
-    </RollingFile>
-    <RollingFile name="model_log" fileName="${env:LOG_LOCATION:-logs}/model_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/model_log.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>
-      <DefaultRolloverStrategy max="5"/>
-    </RollingFile>
-    <RollingFile name="model_metrics" fileName="${env:METRICS_LOCATION:-logs}/model_metrics.log"
-                 filePattern="${env:METRICS_LOCATION:-logs}/model_metrics.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>
-      <DefaultRolloverStrategy max="5"/>
-    </RollingFile>
-    <RollingFile name="ts_log" fileName="${env:LOG_LOCATION:-logs}/ts_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/ts_log.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>
-      <DefaultRolloverStrategy max="5"/>
-    </RollingFile>
-    <RollingFile name="ts_metrics" fileName="${env:METRICS_LOCATION:-logs}/ts_metrics.log"
-                 filePattern="${env:METRICS_LOCATION:-logs}/ts_metrics.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/><TimeBasedTriggeringPolicy/></Policies>
-      <DefaultRolloverStrategy max="5"/>
-    </RollingFile>
-  </Appenders>
+""" + "".join(
+    _ROLLING_FILE.format(name=name, where=where, pattern=pattern) for name, where, pattern in (
+        ("access_log", "LOG_LOCATION", _BARE), ("model_log", "LOG_LOCATION", _LEVELLED),
+        ("model_metrics", "METRICS_LOCATION", _BARE), ("ts_log", "LOG_LOCATION", _LEVELLED),
+        ("ts_metrics", "METRICS_LOCATION", _BARE))) + """  </Appenders>
   <Loggers>
     <Logger name="ACCESS_LOG" level="info" additivity="false"><AppenderRef ref="access_log"/></Logger>
     <Logger name="MODEL_LOG" level="all" additivity="false"><AppenderRef ref="model_log"/></Logger>
