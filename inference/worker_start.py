@@ -69,13 +69,15 @@ def _may_raise_nice_to(nice: int) -> bool:
 def lower_priority() -> str:
     """Lower this process's CPU priority for its start; returns what `restore_priority` needs
     ('' if nothing was lowered)."""
+    # the group this process started in; a process of the root group (init's, where CI and
+    # daemons without a session of their own run) reads none, and runs as at nice 0
+    started_in = _autogroup_nice() or 0
     with contextlib.suppress(OSError):  # fails only for a process group leader
         os.setsid()  # a session, so an autogroup, of its own
-    group_nice = _autogroup_nice()
-    if group_nice is not None:
+    if _autogroup_nice() is not None:
         try:
             _set_autogroup_nice(LOW_NICE)
-            return f"autogroup:{group_nice}"
+            return f"autogroup:{started_in}"
         except OSError:
             pass
     nice = os.getpriority(os.PRIO_PROCESS, 0)
