@@ -3,6 +3,7 @@ shared by the servers and the clients that call them."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 LOAD_LOG_INTERVAL_S = 5.0
@@ -79,3 +80,8 @@ class EmbeddingServerSettings:
                              "replica_poll_s > 0")
         if not 0 <= self.metrics_port_base < 65536:
             raise ValueError("metrics_port_base must be a port number (0: off)")
+
+    def write_token(self) -> str:
+        """The write token from the environment variable `token_env` ('' when none is set).
+        The same secret guards the servers' write calls and the loader's `POST /clear`."""
+        return os.environ.get(self.token_env, "") if self.token_env else ""

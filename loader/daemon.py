@@ -81,9 +81,10 @@ class Loader:
                  kafka: KafkaSettings | None = None, owns_store: bool = False,
                  clock: Callable[[], float] = time.monotonic,
                  dense_management: DenseManagement | None = None,
-                 dense_validator: DenseValidator | None = None) -> None:
+                 dense_validator: DenseValidator | None = None, clear_token: str = "") -> None:
         self.settings = settings if settings is not None else LoaderSettings()
         self.model = model
+        self.clear_token = clear_token  # POST /clear needs it when set (loader.metrics)
         self.kafka = kafka
         self.client = client
         self._owns_store = owns_store
@@ -167,7 +168,7 @@ class Loader:
         s = self.settings
         if s.metrics_port:
             self._http = self.metrics.serve(s.metrics_port, s.metrics_addr, self.health,
-                                            self.streams, self.clear_anomalies)
+                                            self.streams, self.clear_anomalies, self.clear_token)
         log.info("loader for model %s on %s: source %s, %d servers", self.model,
                  self.store.root_uri, self.source_kind, len(self.client.servers))
         return self

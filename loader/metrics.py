@@ -3,6 +3,7 @@ them with `/healthz` beside `/metrics`."""
 
 from __future__ import annotations
 
+import hmac
 import http.server
 import json
 import logging
@@ -187,10 +188,11 @@ class LoaderMetrics:
 
     def serve(self, port: int, addr: str, health: Callable[[], HealthReport],
               streams: Callable[[], LoaderReport] | None = None,
-              clear: Callable[[list[tuple[str, str]] | None], list[tuple[str, str]]] | None = None
-              ) -> MetricsServer:
-        """Serve /metrics, /healthz, /streams and POST /clear on addr:port (0: a free port)."""
-        return MetricsServer(self.registry, port, addr, health, streams, clear)
+              clear: Callable[[list[tuple[str, str]] | None], list[tuple[str, str]]] | None = None,
+              clear_token: str = "") -> MetricsServer:
+        """Serve /metrics, /healthz, /streams and POST /clear on addr:port (0: a free port);
+        with `clear_token`, POST /clear needs `Authorization: Bearer <clear_token>`."""
+        return MetricsServer(self.registry, port, addr, health, streams, clear, clear_token)
 
 
 class MetricsServer:
@@ -198,13 +200,18 @@ class MetricsServer:
     healthy), `/streams` (JSON: per stream, the loader's watermarks and flags, which
     `persia-inc status` shows) and `POST /clear` (body `{"streams": ["table/producer", ...]}`
     or `{"streams": "all"}`: clears those streams' anomaly flags; answers the ones cleared).
+    With a `clear_token` (the embedding servers' write token), POST /clear answers 401 unless
+    it carries `Authorization: Bearer <clear_token>`: clearing a flag is a write, and the
+    metrics port is often opened to a Prometheus scraper.
     Runs on a `ServiceThread` (`persia-inc-loader-metrics`); `close()` stops it promptly and
     is safe to call twice."""
 
     def __init__(self, registry: CollectorRegistry, port: int, addr: str,
                  health: Callable[[], HealthReport], streams: Callable[[], LoaderReport] | None = None,
-                 clear: Callable[[list[tuple[str, str]] | None], list[tuple[str, str]]] | None = None
-                 ) -> None:
+                 clear: Callable[[list[tuple[str, str]] | None], list[tuple[str, str]]] | None = None,
+                 clear_token: str = "") -> None:
+        expected = f"Bearer {clear_token}".encode()
+
         class MetricsRequestHandler(http.server.BaseHTTPRequestHandler):
             def _reply(self, code: int, body: bytes, kind: str = "application/json") -> None:
                 self.send_response(code)
@@ -227,6 +234,14 @@ class MetricsServer:
             def do_POST(self) -> None:
                 if not self.path.startswith("/clear") or clear is None:
                     self._reply(404, b"not found\n", "text/plain")
+                    return
+                given = (self.headers.get("Authorization") or "").encode()
+                if clear_token and not hmac.compare_digest(given, expected):
+                    log.warning("POST /clear from %s refused: %s Authorization header",
+                                self.client_address[0], "a wrong" if given else "no")
+                    self._reply(401, json.dumps({"error": "POST /clear needs 'Authorization: Bearer "
+                                                 "<token>' with the embedding servers' write token "
+                                                 "(persia_inc.embedding_server.token_env)"}).encode())
                     return
                 try:
                     length = int(self.headers.get("Content-Length") or 0)

@@ -84,6 +84,7 @@ def loader_from_config(config: Config | str | os.PathLike[str], client: Embeddin
     kwargs: dict[str, Any] = {
         "model": s.model, "settings": settings, "limits": s.limits,
         "kafka": s.kafka if kafka_wanted else None,
+        "clear_token": s.embedding_server.write_token(),
     }
     kwargs.update(overrides)
     dense = settings.dense_sync

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from test_loader_services import FAST, Training
 from test_producer_support import NumpyModel
 
@@ -115,9 +116,13 @@ def test_labelled_counters_start_at_zero_and_the_lag_names_its_producer(
                    "the stream's gauges and counters at 0", timeout_s=10)
 
 
-def test_anomalies_stay_flagged_until_cleared(embedding_cluster_factory, tmp_path: Path) -> None:
+def test_anomalies_stay_flagged_until_cleared(embedding_cluster_factory, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A quarantined packet and the gap it leaves stay flags on their stream in `status` (exit 3)
-    and `/healthz` after later packets applied cleanly, until `status --clear t/p`."""
+    and `/healthz` after later packets applied cleanly, until `status --clear t/p`, which
+    carries the write token the loader asks for; without it (or with a wrong one) the loader
+    answers 401 and keeps the flags."""
+    monkeypatch.setenv(EMBEDDING_TOKEN_ENV, EMBEDDING_TOKEN)  # the loader's, from the config
     port = free_port()
     cluster = embedding_cluster_factory(1, incremental_dir=str(tmp_path / "inc"), persia_inc={
         "loader": {**FAST, "metrics_port": port, "settle_s": 0.0}})
@@ -145,6 +150,18 @@ def test_anomalies_stay_flagged_until_cleared(embedding_cluster_factory, tmp_pat
             assert code == 200 and health["healthy"]  # flagged, not unhealthy
             assert health["flags"] == ["t/p quarantined=1 gap-passed=1"]
 
+            for header in ({}, {"Authorization": "Bearer wrong"}):
+                request = urllib.request.Request(f"{base}/clear", data=b'{"streams": "all"}',
+                                                 method="POST", headers=header)
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(request, timeout=10)
+                assert refused.value.code == 401 and b"token_env" in refused.value.read()
+            assert json.loads(_get(f"{base}/healthz")[1])["flags"] == ["t/p quarantined=1 gap-passed=1"]
+            no_token = subprocess.run(
+                [sys.executable, "-m", "persia_inc.cli", "status", "--config", str(cluster.config_path),
+                 "--clear", "t/p"], capture_output=True, text=True, timeout=120, check=False,
+                env={k: v for k, v in os.environ.items() if k != EMBEDDING_TOKEN_ENV})
+            assert no_token.returncode == 1 and "refused --clear" in no_token.stderr, no_token.stderr
             bad = cli("status", "--config", str(cluster.config_path), "--clear", "t/other")
             assert bad.returncode == 3 and "cleared the flags of no stream" in bad.stderr
             cleared = cli("status", "--config", str(cluster.config_path), "--clear", "t/p")

@@ -28,8 +28,10 @@ stored), and flags for what must not go unseen:
 
 The first four come from the loader and stay until an operator clears them (a later clean
 apply does not repair the rows they concern): --clear TABLE/PRODUCER (repeatable) or --clear
-all asks the loader to clear them, then shows the status. Also flagged: a loader that does not
-answer (loader-unreachable) and packets of other models under incremental_dir.
+all asks the loader to clear them, then shows the status (with the embedding servers' write
+token from persia_inc.embedding_server.token_env, which the loader then asks for). Also
+flagged: a loader that does not answer (loader-unreachable) and packets of other models under
+incremental_dir.
 
 Dense versions (when the loader's dense sync runs, from its /streams endpoint): the version
 TorchServe serves by default, when it was exported and activated, and every pending version
@@ -142,15 +144,17 @@ def replica_rows(client: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def clear_flags(url: str, chosen: list[str], timeout_s: float = 5.0) -> list[str]:
+def clear_flags(url: str, chosen: list[str], token: str = "", timeout_s: float = 5.0) -> list[str]:
     """Ask the loader at `url` to clear the anomaly flags of `chosen` ("table/producer", or
-    "all"); returns the streams it cleared. Raises OSError (or ValueError) naming why not."""
+    "all"), with the write `token` if any; returns the streams it cleared. Raises OSError (or
+    ValueError) naming why not."""
     import urllib.error
     import urllib.request
 
     body = json.dumps({"streams": "all" if "all" in chosen else chosen}).encode()
     request = urllib.request.Request(url.rstrip("/") + "/clear", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {token}"} if token else {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             return [str(s) for s in json.load(reply)["cleared"]]
@@ -185,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
                   "or persia_inc.loader.metrics_port)", file=sys.stderr)
             return EXIT_USAGE
         try:
-            cleared = clear_flags(str(url), args.clear)
+            cleared = clear_flags(str(url), args.clear, config.persia_inc.embedding_server.write_token())
         except (OSError, ValueError, KeyError) as exc:
             print(f"persia-inc status: --clear: {getattr(exc, 'reason', exc)}", file=sys.stderr)
             return EXIT_FAILED
