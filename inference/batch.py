@@ -182,69 +182,169 @@ def _decode(data: bytes | bytearray | memoryview, spec: ModelSpec) -> DecodedBat
     if batch.num_rows == 0:
         raise BatchError("", "the batch has no samples")
     try:
-        batch.validate(full=True)
+        batch.validate(full=True)  # offsets within their values, buffers long enough
     except pa.ArrowInvalid as exc:
         raise BatchError("", f"inconsistent Arrow data: {exc}") from exc
-
-    names = batch.schema.names
-    if len(set(names)) != len(names):
-        raise BatchError("", f"duplicate column names in {names}")
-    expected = [DENSE_COLUMN, *spec.sparse] if spec.dense_dim else list(spec.sparse)
-    for name in names:
-        if name not in expected:
-            raise BatchError(name, f"unexpected column; the model takes {len(expected)} columns: "
-                                   f"{', '.join(expected)}")
-    for name in expected:
-        if name not in names:
-            raise BatchError(name, f"missing; the model takes {len(spec.sparse)} sparse features "
-                                   f"and the request has {len(names) - (DENSE_COLUMN in names)}")
-
+    columns = _layout(spec).columns(data, batch)
     rows = batch.num_rows
+
+    # every column's buffers in one call (an array read from an IPC stream has offset 0):
+    # pyarrow's per-column accessors cost several microseconds a column, 27 columns a request
+    buffers = batch.to_struct_array().buffers()
+    if any(buffers[i] is not None for i in columns.validity):
+        _check_nulls(batch, columns, spec)  # a validity bitmap: count its nulls
     if spec.dense_dim:
-        column = batch.column(DENSE_COLUMN)
-        want = pa.list_(pa.float32(), spec.dense_dim)
-        if column.type != want:
-            raise BatchError(DENSE_COLUMN, f"expected {want} ({spec.dense_dim} dense features), "
-                                           f"got {column.type}")
-        if column.null_count or column.flatten().null_count:
-            raise BatchError(DENSE_COLUMN, "has nulls")
-        dense = column.flatten().to_numpy(zero_copy_only=False).reshape(rows, spec.dense_dim).copy()
+        dense = _view(buffers[columns.dense], np.float32)[:rows * spec.dense_dim]
+        dense = dense.reshape(rows, spec.dense_dim).copy()
     else:
         dense = np.zeros((rows, 0), np.float32)
-
-    # each column's signs as views on the request: its offsets and its child array's values
-    # (`ListArray.flatten` goes through pyarrow.compute, about 20 us a call)
-    want = _SPARSE_TYPE
-    pieces = []
-    total = 0
-    for name in spec.sparse:
-        column = batch.column(name)
-        if column.type != want:
-            raise BatchError(name, f"expected list<uint64>, got {column.type}")
-        if column.null_count:
-            raise BatchError(name, "has null lists (use an empty list for no signs)")
-        offsets = column.offsets.to_numpy()
-        lo, hi = int(offsets[0]), int(offsets[-1])
-        values = column.values.slice(lo, hi - lo)
-        if values.null_count:
-            raise BatchError(name, "has null signs")
-        pieces.append((offsets, values.to_numpy()))
-        total += hi - lo
+    features = len(spec.sparse)
+    offsets = np.empty((features, rows + 1), np.int64)
+    for f, at in enumerate(columns.offsets):
+        offsets[f] = _view(buffers[at], np.int32)[:rows + 1]
+    firsts, lasts = offsets[:, 0], offsets[:, -1]
+    sizes = lasts - firsts
+    total = int(sizes.sum())
     if total > limits.max_signs:
         raise BatchError("", f"{total} signs is over the limit of {limits.max_signs}")
 
-    signs = np.empty(total, np.uint64)
-    bag_offsets = np.empty(len(spec.sparse) * rows + 1, np.int64)
+    starts = np.zeros(features + 1, np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    bag_offsets = np.empty(features * rows + 1, np.int64)
     bag_offsets[0] = 0
-    start = 0
-    for f, (offsets, values) in enumerate(pieces):
-        # ids are a per-feature table's signs as they are; a shared table's get the prefix
-        signs[start:start + values.size] = (spec.table_signs(f, values)
-                                            if spec.feature_table(f).prefix_bits else values)
-        np.add(offsets[1:], np.int64(start - int(offsets[0])),
-               out=bag_offsets[f * rows + 1:(f + 1) * rows + 1])
-        start += values.size
+    np.add(offsets[:, 1:], (starts[:-1] - firsts)[:, None], out=bag_offsets[1:].reshape(features, rows))
+    pieces = [_view(buffers[at], np.uint64)[lo:hi]
+              for at, lo, hi in zip(columns.values, firsts.tolist(), lasts.tolist(), strict=True)]
+    signs = np.concatenate(pieces) if pieces else np.empty(0, np.uint64)
+    if signs.size != total:
+        raise BatchError("", "a sparse column's values are shorter than its offsets say")
+    # ids are a per-feature table's signs as they are; a shared table's get the prefix
+    # (`ModelSpec.table_signs`): the top bits become the feature's number in its table
+    for f, mask, prefix in _layout(spec).prefixes:
+        piece = signs[starts[f]:starts[f + 1]]
+        np.bitwise_and(piece, mask, out=piece)
+        np.bitwise_or(piece, prefix, out=piece)
     return DecodedBatch(rows=rows, dense=dense, signs=signs, bag_offsets=bag_offsets)
+
+
+def _check_nulls(batch: pa.RecordBatch, columns: _Columns, spec: ModelSpec) -> None:
+    """Raise `BatchError` naming the first column with a null (list, sign or dense value)."""
+    if spec.dense_dim:
+        column = batch.column(columns.positions[0])
+        if column.null_count or column.flatten().null_count:
+            raise BatchError(DENSE_COLUMN, "has nulls")
+    for name, position in zip(spec.sparse, columns.positions[1:], strict=True):
+        column = batch.column(position)
+        if column.null_count:
+            raise BatchError(name, "has null lists (use an empty list for no signs)")
+        lo, hi = column.offsets[0].as_py(), column.offsets[-1].as_py()
+        if column.values.slice(lo, hi - lo).null_count:
+            raise BatchError(name, "has null signs")
+
+
+def _view(buffer: pa.Buffer | None, dtype: type[np.generic]) -> np.ndarray:
+    """A read-only numpy view of an Arrow buffer (an absent one: empty)."""
+    if buffer is None:
+        return np.empty(0, dtype)
+    return np.frombuffer(buffer, dtype, buffer.size // np.dtype(dtype).itemsize)
+
+
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """Where a request schema's columns are: `positions` the dense column's (-1 without),
+    then the sparse features' in the spec's order; and, in the record batch's flattened
+    buffers (`StructArray.buffers`), the dense values', each feature's offsets' and values',
+    and every validity bitmap's."""
+
+    positions: list[int]
+    dense: int
+    offsets: list[int]
+    values: list[int]
+    validity: list[int]
+
+
+class _Layout:
+    """What decoding a request of `spec` needs, worked out once per spec: the columns it
+    takes, each prefixed feature's (feature, mask, prefix) for `ModelSpec.table_signs`, and
+    the schemas already checked, by their stream message's bytes (a fresh pa.Schema's first
+    comparison costs about 28 us, its bytes' lookup about 1 us)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.expected = [DENSE_COLUMN, *spec.sparse] if spec.dense_dim else list(spec.sparse)
+        self.dense_type = pa.list_(pa.float32(), spec.dense_dim) if spec.dense_dim else None
+        self.accepted: dict[bytes, _Columns] = {}
+        self.prefixes = []
+        for f in range(len(spec.sparse)):
+            bits = spec.feature_table(f).prefix_bits
+            if bits:
+                number = spec.table_signs(f, np.zeros(1, np.uint64))[0]
+                self.prefixes.append((f, np.uint64((1 << (64 - bits)) - 1), number))
+
+    def columns(self, data: bytes | bytearray | memoryview, batch: pa.RecordBatch) -> _Columns:
+        """The columns of `batch`, read from `data`; raises `BatchError` naming the column that
+        is missing, unexpected, or of the wrong type."""
+        view = memoryview(data).cast("B")
+        head = 8 if view[:4] == b"\xff\xff\xff\xff" else 4  # continuation marker, length
+        key = bytes(view[:head + int.from_bytes(view[head - 4:head], "little")])
+        found = self.accepted.get(key)
+        if found is None:
+            found = self._check(batch.schema)
+            if len(self.accepted) < _ACCEPTED_SCHEMAS:
+                self.accepted[key] = found
+        return found
+
+    def _check(self, schema: pa.Schema) -> _Columns:
+        names, expected, spec = schema.names, self.expected, self.spec
+        if len(set(names)) != len(names):
+            raise BatchError("", f"duplicate column names in {names}")
+        for name in names:
+            if name not in expected:
+                raise BatchError(name, f"unexpected column; the model takes {len(expected)} columns: "
+                                       f"{', '.join(expected)}")
+        for name in expected:
+            if name not in names:
+                raise BatchError(name, f"missing; the model takes {len(spec.sparse)} sparse features "
+                                       f"and the request has {len(names) - (DENSE_COLUMN in names)}")
+        if self.dense_type is not None:
+            got = schema.field(DENSE_COLUMN).type
+            if got != self.dense_type:
+                raise BatchError(DENSE_COLUMN, f"expected {self.dense_type} ({spec.dense_dim} dense "
+                                               f"features), got {got}")
+        for name in spec.sparse:
+            got = schema.field(name).type
+            if got != _SPARSE_TYPE:
+                raise BatchError(name, f"expected list<uint64>, got {got}")
+        # flattened buffers: the struct's validity, then per column its validity and, for
+        # fixed_size_list<float32>, values' validity and values; for list<uint64>, offsets,
+        # values' validity and values
+        first, at = {}, 1
+        for name in names:
+            first[name] = at
+            at += 3 if name == DENSE_COLUMN else 4
+        dense = first.get(DENSE_COLUMN, 0)
+        return _Columns(
+            positions=[names.index(DENSE_COLUMN) if spec.dense_dim else -1,
+                       *(names.index(n) for n in spec.sparse)],
+            dense=dense + 2,
+            offsets=[first[n] + 1 for n in spec.sparse],
+            values=[first[n] + 3 for n in spec.sparse],
+            validity=[*((dense, dense + 1) if spec.dense_dim else ()),
+                      *(i for n in spec.sparse for i in (first[n], first[n] + 2))])
+
+
+_ACCEPTED_SCHEMAS = 8
+_LAYOUTS: dict[int, _Layout] = {}
+
+
+def _layout(spec: ModelSpec) -> _Layout:
+    """The spec's `_Layout` (cached by identity: hashing a spec costs microseconds)."""
+    layout = _LAYOUTS.get(id(spec))
+    if layout is None or layout.spec is not spec:
+        if len(_LAYOUTS) >= 64:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[id(spec)] = _Layout(spec)
+    return layout
 
 
 __all__ = ["FORMAT", "BatchError", "DecodedBatch", "PersiaBatch", "PyPersiaBatchData", "decode_batch"]

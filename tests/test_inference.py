@@ -119,6 +119,46 @@ def test_bad_requests_name_the_column() -> None:
     assert "exactly one record batch" in str(_bad(sink.getvalue().to_pybytes()))
 
 
+def _stream(columns: dict[str, pa.Array]) -> bytes:
+    batch = pa.RecordBatch.from_pydict(columns)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def test_a_known_schema_is_still_checked_for_order_and_nulls() -> None:
+    """A schema seen before skips its column checks, never the columns' order or their nulls:
+    the same columns reversed decode alike, and a null sign or dense value in a request of
+    an accepted schema names its column."""
+    rng = np.random.default_rng(5)
+    good, dense, sparse = seed_style_batch(rng, batch_size=4)
+    expected = decode_batch(good.to_bytes(), SPEC)
+    batch = good.to_record_batch()
+    reversed_body = _stream({n: batch.column(n) for n in reversed(batch.schema.names)})
+    for _ in range(2):  # the second time from the accepted schemas
+        got = decode_batch(reversed_body, SPEC)
+        assert np.array_equal(got.signs, expected.signs) and np.array_equal(got.dense, dense)
+        assert np.array_equal(got.bag_offsets, expected.bag_offsets)
+
+    def body(null_sign: bool = False, null_dense: bool = False) -> bytes:
+        values = dense.reshape(-1).tolist()
+        if null_dense:
+            values[5] = None
+        columns = {"dense": pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), 13)}
+        for f, name in enumerate(SPEC.sparse):
+            lists = [[int(s) for s in signs] + [7] for signs in sparse[f]]
+            columns[name] = pa.array([[*lists[0][:-1], None], *lists[1:]] if null_sign and f == 3
+                                     else lists, pa.list_(pa.uint64()))
+        return _stream(columns)
+
+    assert decode_batch(body(), SPEC).signs.size == sum(len(s) + 1 for f in sparse for s in f)
+    err = _bad(body(null_sign=True))
+    assert err.column == "feature4" and "null signs" in str(err)
+    err = _bad(body(null_dense=True))
+    assert err.column == "dense" and "nulls" in str(err)
+
+
 def test_limits_are_checked_before_use() -> None:
     rng = np.random.default_rng(2)
     body = seed_style_batch(rng, batch_size=8)[0].to_bytes()
