@@ -139,6 +139,12 @@ class PersiaInference:
             in_order = (spec.uniform_dim is not None
                         and torch.equal(where, torch.arange(len(spec.sparse))))
             self._widths.append((dim, positions, None if in_order else where))
+        # one width, tables reading runs of features in model order (the table-per-feature and
+        # shared-table layouts): one request's decoded signs and bags are already the lookup's
+        # and the pooling's, in order (`_features_in_order`)
+        self._in_order = (len(self._widths) == 1 and self._widths[0][2] is None
+                          and [f for g in self._groups for f in g[1]] == list(range(len(spec.sparse))))
+        self._cuts = np.cumsum([0, *(len(g[1]) for g in self._groups)])  # first feature per table
 
     @classmethod
     def from_client(cls, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], spec: ModelSpec,
@@ -177,6 +183,8 @@ class PersiaInference:
         signs of that feature (zeros for an empty list, and for signs no server holds).
         """
         timings = timings or Timings()
+        if self._in_order and len(batches) == 1:
+            return self._features_in_order(batches[0], timings)
         start = time.monotonic()
         total = sum(b.rows for b in batches)
         bags = [self._table_bags(batches, features) for _, features, _, _ in self._groups]
@@ -222,6 +230,34 @@ class PersiaInference:
                  else torch.from_numpy(batches[0].dense))
         timings.pool_s += time.monotonic() - lookup_done
         return dense, sparse
+
+    def _features_in_order(self, batch: DecodedBatch, timings: Timings) -> tuple[torch.Tensor, torch.Tensor]:
+        """`features` of one request when its signs and bags are already table-major in model
+        order with one width (`_in_order`): each table's signs a view on the request's, its
+        bag offsets the pooling's, with none of the per-table slicing and concatenating of
+        the general path (about 0.1 ms of 26 tables)."""
+        start = time.monotonic()
+        cuts = batch.bag_offsets[self._cuts * batch.rows].tolist()
+        found = self.lookup_unique({group[0]: batch.signs[lo:hi] for group, lo, hi
+                                    in zip(self._groups, cuts, cuts[1:], strict=False)})
+        lookup_done = time.monotonic()
+        timings.dedup_s += found.plan_s
+        timings.lookup_s += lookup_done - start - found.plan_s
+        dim = self._widths[0][0]
+        for table, _, _, _ in self._groups:
+            if found.dims.get(table) != dim:
+                raise EmbeddingShapeError(
+                    f"table {table!r} returned rows of width {found.dims.get(table)}, the model "
+                    f"needs {dim}")
+        rows = found.rows[dim]
+        weight = (torch.from_numpy(np.require(rows, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+                  if rows.shape[0] else torch.zeros((1, dim), dtype=torch.float32))
+        pooled = embedding_bag(torch.from_numpy(found.index), weight, torch.from_numpy(batch.bag_offsets),
+                               mode="sum", include_last_offset=True)
+        # bags are feature-major: [F * B, dim] -> [B, F, dim]
+        sparse = pooled.view(-1, batch.rows, dim).transpose(0, 1).contiguous()
+        timings.pool_s += time.monotonic() - lookup_done
+        return torch.from_numpy(batch.dense), sparse
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """float32[B] scores of the dense model, without autograd."""

@@ -247,6 +247,27 @@ def test_engine_takes_read_only_rows_as_one_shard_returns_them() -> None:
     assert isinstance(scores, np.ndarray) and scores.shape == (dense.shape[0],)
 
 
+def test_one_request_pools_as_a_batch_of_several_does() -> None:
+    """One request takes the in-order path (its decoded signs and bags used as they are), a
+    batch of several the general one: each request's pooled features are bit for bit alike,
+    for one table per feature and for a shared table."""
+    rng = np.random.default_rng(6)
+    rows: dict[tuple[str, int], np.ndarray] = {}
+
+    def lookup(name: str, signs: np.ndarray) -> np.ndarray:
+        return np.stack([rows.setdefault((name, int(s)), rng.standard_normal(16).astype(np.float32))
+                         for s in signs]).reshape(-1, 16)
+
+    for spec in (SPEC, ModelSpec.per_feature({name: 16 for name in SPEC.sparse})):
+        engine = PersiaInference(script(build_model(spec)), spec, per_table(lookup))
+        one, other = (engine.decode(seed_style_batch(rng, n, spec)[0].to_bytes()) for n in (5, 3))
+        dense, alone = engine.features([one])
+        both = engine.features([one, other])[1]
+        assert alone.shape == (5, 26, 16) and torch.equal(alone, both[:5]) and alone.abs().sum() > 0
+        assert torch.equal(engine.features([other])[1], both[5:])
+        assert np.array_equal(dense.numpy(), one.dense)
+
+
 def test_torchserve_stubs_are_generated_from_the_jar(tmp_path: Path) -> None:
     from persia_inc.inference.protos import generate, stubs
 
