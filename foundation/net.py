@@ -13,4 +13,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-__all__ = ["free_port"]
+def port_open(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on host:port now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+__all__ = ["free_port", "port_open"]

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -36,6 +38,8 @@ import requests
 
 from persia_inc.foundation.net import free_port
 from persia_inc.foundation.wait import WaitStoppedError, WaitTimeoutError, wait_until
+
+log = logging.getLogger(__name__)
 
 
 def local_properties(model_store: Path, ports: Mapping[str, int], **extra: str) -> dict[str, str]:
@@ -111,6 +115,9 @@ LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 PORT_NAMES = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+BIND_ATTEMPTS = 3  # starts on fresh ports when a port picked free was taken before Java bound it
+_BIND_FAILED = re.compile(rb"Failed to bind to address /?(\S+)")  # Java's line (frontend.out)
+_STARTED = b"Model server started."  # ModelServer's line once every port is bound
 # TorchServe's own defaults, which clients assume (gRPC inference 7070, REST 8080 ...)
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
                  "grpc_inference": 7070, "grpc_management": 7071}
@@ -187,8 +194,10 @@ class LocalTorchServe:
             raise ValueError(f"unknown TorchServe ports {sorted(unknown)}; known: {PORT_NAMES}")
         given = dict(ports or {})
         self.ports = {name: given.get(name) or free_port() for name in PORT_NAMES}
+        self._picked = [name for name in PORT_NAMES if not given.get(name)]  # ours to pick again
         self.env = dict(env or {})
         self.low_priority_start = low_priority_start
+        self._extra = properties
         self.properties = local_properties(self.model_store, self.ports, **properties)
         self._proc: subprocess.Popen | None = None
 
@@ -273,11 +282,37 @@ class LocalTorchServe:
 
     def start(self, timeout_s: float = 60.0, *, cancel: threading.Event | None = None
               ) -> LocalTorchServe:
-        """Start and wait until /ping answers; TorchServeError (with the log tail) if it
-        exits or is not answering within `timeout_s`. Setting `cancel` (e.g. from a signal
-        handler) stops it and raises StartCancelledError."""
+        """Start and wait until every port is bound and /ping answers; TorchServeError
+        (with the log tail) if it exits or is not up within `timeout_s`. Setting `cancel` (e.g.
+        from a signal handler) stops it and raises StartCancelledError.
+
+        A port taken free a moment before can be taken by another process before Java binds it
+        (an outgoing connection's ephemeral port, another test's server): TorchServe then
+        serves only some of its ports. Ports this object picked are picked again and the
+        start retried, up to `BIND_ATTEMPTS` times; a port the caller gave is its to fix."""
         if self._proc is not None:
             raise TorchServeError("already started")
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            out = self.workdir / "frontend.out"
+            seen = out.stat().st_size if out.exists() else 0
+            try:
+                return self._start_once(timeout_s, cancel, seen)
+            except TorchServeError:
+                failed = _BIND_FAILED.findall(out.read_bytes()[seen:]) if out.exists() else []
+                taken = [n for n in self._picked
+                         if any(f.endswith(b":%d" % self.ports[n]) for f in failed)]
+                if not taken or attempt == BIND_ATTEMPTS:
+                    raise
+                log.warning("TorchServe could not bind its %s port(s) %s (taken since they were "
+                            "picked): starting again on fresh ports", ", ".join(taken),
+                            ", ".join(str(self.ports[n]) for n in taken))
+                self.ports.update({name: free_port() for name in self._picked})
+                self.properties = local_properties(self.model_store, self.ports, **self._extra)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float, cancel: threading.Event | None, seen: int
+                    ) -> LocalTorchServe:
+        """One start; `seen`: frontend.out's size before it (earlier starts' lines)."""
         self.model_store.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
         config = self.workdir / "config.properties"
@@ -295,6 +330,15 @@ class LocalTorchServe:
         def answers() -> bool:
             if proc.poll() is not None:
                 raise TorchServeError(f"TorchServe exited with {proc.returncode}:\n{self.log_tail()}")
+            # Java binds its ports one by one (/ping answers before the gRPC ports are bound)
+            # and says so once all are; a failed bind stops the start
+            said = (self.workdir / "frontend.out").read_bytes()[seen:]
+            failed = _BIND_FAILED.search(said)
+            if failed:
+                raise TorchServeError(f"TorchServe could not bind {failed[1].decode()} (taken by "
+                                      f"another process):\n{self.log_tail()}")
+            if _STARTED not in said:
+                return False
             key = self.key("inference")  # with token authorization, /ping wants it too
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             return requests.get(f"{self.inference_url}/ping", headers=headers, timeout=1).status_code == 200
@@ -309,6 +353,9 @@ class LocalTorchServe:
         except WaitTimeoutError as exc:
             self.stop()
             raise TorchServeError(f"{exc}:\n{self.log_tail()}") from None
+        except TorchServeError:
+            self.stop()
+            raise
         return self
 
     def stop(self, timeout_s: float = 30.0) -> None:

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from persia_inc.config import load_config
-from persia_inc.foundation.net import free_port
+from persia_inc.foundation.net import free_port, port_open
 from persia_inc.foundation.wait import wait_until
 from persia_inc.inference.archive import archive_model
 from persia_inc.inference.batch import PersiaBatch
 from persia_inc.inference.client import InferenceError, get_inference_stub, infer, infer_http
 from persia_inc.inference.engine import PersiaInference
+from persia_inc.inference.local import LocalTorchServe, TorchServeError
 from persia_inc.inference.model import build_model, load_torchscript, save_torchscript
 from persia_inc.inference.spec import ModelSpec
 from persia_inc.local_services import EmbeddingCluster, stop_pid, write_test_config
@@ -62,10 +63,27 @@ def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60, **kwargs)  # type: ignore[call-overload]
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def test_a_port_taken_before_torchserve_binds_it_is_picked_again(tmp_path: Path) -> None:
+    """CI once saw a free port taken between its pick and Java's bind: TorchServe served its
+    other ports and `serve` failed on the missing one. A port LocalTorchServe picked is picked
+    again and the start retried; a port the caller gave fails the start, named."""
+    picked = LocalTorchServe(tmp_path / "picked")
+    taken = picked.ports["grpc_management"]
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", taken))
+        blocker.listen()
+        picked.start()
+        try:
+            assert picked.ports["grpc_management"] != taken
+            assert all(port_open(port) for port in picked.ports.values())
+            assert (tmp_path / "picked" / "frontend.out").read_text().count("Failed to bind") == 1
+        finally:
+            picked.stop()
+
+        given = LocalTorchServe(tmp_path / "given", ports={"grpc_management": taken})
+        with pytest.raises(TorchServeError, match=f"could not bind 127.0.0.1:{taken} "):
+            given.start()
+        assert given.pid is None and not port_open(given.ports["inference"])  # stopped
 
 
 def test_serve_starts_serves_and_stops_on_sigterm(
