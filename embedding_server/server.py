@@ -340,8 +340,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             reply, rows, misses = lookup_blocks_reply(shapes)
             return rows
 
-        found = self.shard.lookup_tables(asked, check_owner=not request.num_shards, into=into)
-        misses[:] = [count for _, count in found]
+        found = self.shard.lookup_blocks(asked, into, check_owner=not request.num_shards)
+        misses[:] = found  # the answer's misses field, after the rows
         return reply  # LookupBlocksResponse wire bytes
 
     @_rpc("Apply")
