@@ -13,6 +13,7 @@ import torch
 
 from persia_inc.inference.batch import BatchError, PersiaBatch, decode_batch
 from persia_inc.inference.engine import PersiaInference, per_table
+from persia_inc.inference.local import JVM_OPTIONS
 from persia_inc.inference.model import build_model, load_torchscript, save_torchscript, script
 from persia_inc.inference.spec import ModelSpec, RequestLimits
 
@@ -295,5 +296,6 @@ def test_infra_torchserve_config_is_local_only() -> None:
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert props["disable_token_authorization"] == "true"
     assert props["enable_model_api"] == "true"
+    assert props["vmargs"] == JVM_OPTIONS  # the JVM options LocalTorchServe starts with
     deploy = (root / "config.deploy.properties").read_text()
     assert "disable_token_authorization=false" in deploy
