@@ -9,6 +9,9 @@ bench/results/producer.json; the recorded result is the default settings' (a few
 
     flock /tmp/persia-heavy.lock .venv/bin/python bench/producer.py [--no-ceph]
 
+The hook keeps freed memory for reuse in this process, as in any training job it runs in
+(producer/torch_hook.py); --default-malloc measures under glibc's defaults instead.
+
 The switchable piece (on by default; the `no_page_sink` arm turns it off; its step overhead
 is measured with --overhead-arms all,no_page_sink):
   page_sink    size-hinted local writes encoded into page-aligned memory and written with
@@ -26,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see b
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import sys
@@ -38,6 +42,7 @@ import numpy as np
 
 from persia_inc.config import config_from_mapping
 from persia_inc.demo import ctr
+from persia_inc.foundation.memory import OPT_OUT
 from persia_inc.producer import IncrementalProducer
 from persia_inc.producer.signset import SignBuffer
 from persia_inc.wiring import producer_from_config
@@ -201,6 +206,7 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str,
         batches = [pool[(at + i) % len(pool)] for i in range(n)]
         cursors[name] = at + n
         ours = [_producer_cpu_s(p) for p in producers.values()]
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu_started, started = time.process_time(), time.perf_counter()
         for dense, sparse, label in batches:
             optimizer.zero_grad()
@@ -210,12 +216,15 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str,
             hook.remove()
             producer.writer.drain()
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        after = resource.getrusage(resource.RUSAGE_SELF)
         spent = [tuple(b - a for a, b in zip(before, _producer_cpu_s(p), strict=True))
                  for before, p in zip(ours, producers.values(), strict=True)]
         writer, store = sum(s[0] for s in spent), sum(s[1] for s in spent)
         return {"wall_ms": wall / n * 1e3, "cpu_ms": cpu / n * 1e3,
                 "training_cpu_ms": (cpu - writer - store) / n * 1e3,
-                "writer_cpu_ms": writer / n * 1e3, "store_cpu_ms": store / n * 1e3}
+                "writer_cpu_ms": writer / n * 1e3, "store_cpu_ms": store / n * 1e3,
+                "system_cpu_ms": (after.ru_stime - usage.ru_stime) / n * 1e3,
+                "page_faults": (after.ru_minflt - usage.ru_minflt) / n}
 
     def stored(name: str) -> int:
         return len(producers[name].writer.stored)
@@ -237,7 +246,8 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str,
     for producer in producers.values():
         producer.close()
     base = blocks["no_hook"]
-    figures = ("wall_ms", "cpu_ms", "training_cpu_ms", "writer_cpu_ms", "store_cpu_ms")
+    figures = ("wall_ms", "cpu_ms", "training_cpu_ms", "writer_cpu_ms", "store_cpu_ms",
+               "system_cpu_ms", "page_faults")
     arms: dict[str, dict] = {}
     for name in names:
         arm: dict = {figure: round(statistics.mean(b[figure] for b in blocks[name]), 3)
@@ -268,7 +278,8 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str,
           f"threads on {os.cpu_count()} cores, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
           "): process CPU per step with the hook vs without, paired by round:")
     b = arms["no_hook"]
-    print(f"  {'no_hook':<13} CPU {b['cpu_ms']:6.2f} ms/step, wall {b['wall_ms']:6.2f} ms/step")
+    print(f"  {'no_hook':<13} CPU {b['cpu_ms']:6.2f} ms/step, wall {b['wall_ms']:6.2f} ms/step; "
+          f"system CPU {b['system_cpu_ms']:.2f} ms, {b['page_faults']:.0f} page faults per step")
     for name in arm_names:
         a = arms[name]
         low, high = a["overhead_pct_ci95"]
@@ -279,12 +290,14 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str,
               f"training threads {split['training']:+.2f} + writer {split['writer']:+.2f} + "
               f"store {split['store']:+.2f} points; wall {a['wall_ms']:6.2f} ms/step, "
               f"{a['wall_overhead_pct']:+.1f}% (CI {wall_low:+.1f}..{wall_high:+.1f}); "
-              f"{a['packets_while_measuring']} packets")
+              f"{a['packets_while_measuring']} packets; system CPU {a['system_cpu_ms']:.2f} ms, "
+              f"{a['page_faults']:.0f} page faults per step")
     return {"setup": {"model": "persia_inc.demo.ctr.example_model", "batch": 2048, "vocab": vocab,
                       "dim": 16, "tables": 26, "flush": "100,000 distinct rows over all tables",
                       "rounds": rounds, "block_steps": block, "warm_up_steps_per_arm": warm_up,
                       "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                      "keep_freed_memory": os.environ.get(OPT_OUT, "1") != "0",
                       "overhead": "process CPU time per step (every thread, the end-of-block "
                                   "drain in, the batches' making out) with the hook over without, "
                                   "minus 1, per ABBA round; mean and Student-t 95% interval over "
@@ -495,7 +508,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON (its 'decisions' are kept)")
     parser.add_argument("--s3-uri", default="", help="s3://bucket/prefix when S3_ENDPOINT_URL is set")
     parser.add_argument("--no-ceph", action="store_true", help="skip the flush to Ceph")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc defaults (the hook keeps freed memory: "
+                             "foundation/memory.py, producer/torch_hook.py)")
     args = parser.parse_args()
+    if args.default_malloc:
+        os.environ[OPT_OUT] = "0"
     results: dict = {"command": "bench/producer.py " + " ".join(sys.argv[1:]),
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     results["record"] = bench_record()
