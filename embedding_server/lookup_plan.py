@@ -71,7 +71,7 @@ def _plan(signs: np.ndarray, starts: np.ndarray, num_shards: int
     while size < 4 * longest:
         size *= 2
     keys = np.empty(size, np.uint64)
-    slots = np.empty(size, np.int64)
+    slots = np.full(size, -1, np.int64)
     u = 0
     for t in range(tables):
         lo, hi = starts[t], starts[t + 1]
@@ -81,14 +81,14 @@ def _plan(signs: np.ndarray, starts: np.ndarray, num_shards: int
             bits += 1
         mask = width - 1
         down = np.uint64(64 - bits)
-        slots[:width] = -1
+        fresh = u  # a slot holding an earlier table's id (< fresh) is free: no refill per table
         for i in range(lo, hi):
             sign = signs[i]
             z = _mix(sign)
             h = np.int64(z >> down)
             while True:
                 held = slots[h]
-                if held < 0:
+                if held < fresh:
                     slots[h] = u
                     keys[h] = sign
                     distinct[u] = sign
