@@ -9,9 +9,6 @@ bench/results/producer.json; the recorded result is the default settings' (a few
 
     flock /tmp/persia-heavy.lock .venv/bin/python bench/producer.py [--no-ceph]
 
-The hook keeps freed memory for reuse in this process, as in any training job it runs in
-(producer/torch_hook.py); --default-malloc measures under glibc's defaults instead.
-
 The switchable piece (on by default; the `no_page_sink` arm turns it off; its step overhead
 is measured with --overhead-arms all,no_page_sink):
   page_sink    size-hinted local writes encoded into page-aligned memory and written with
@@ -42,7 +39,6 @@ import numpy as np
 
 from persia_inc.config import config_from_mapping
 from persia_inc.demo import ctr
-from persia_inc.foundation.memory import OPT_OUT
 from persia_inc.producer import IncrementalProducer
 from persia_inc.producer.signset import SignBuffer
 from persia_inc.wiring import producer_from_config
@@ -297,7 +293,6 @@ def bench_overhead(rounds: int, block: int, vocab: int, folder: str,
                       "rounds": rounds, "block_steps": block, "warm_up_steps_per_arm": warm_up,
                       "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                      "keep_freed_memory": os.environ.get(OPT_OUT, "1") != "0",
                       "overhead": "process CPU time per step (every thread, the end-of-block "
                                   "drain in, the batches' making out) with the hook over without, "
                                   "minus 1, per ABBA round; mean and Student-t 95% interval over "
@@ -508,12 +503,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON (its 'decisions' are kept)")
     parser.add_argument("--s3-uri", default="", help="s3://bucket/prefix when S3_ENDPOINT_URL is set")
     parser.add_argument("--no-ceph", action="store_true", help="skip the flush to Ceph")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc defaults (the hook keeps freed memory: "
-                             "foundation/memory.py, producer/torch_hook.py)")
     args = parser.parse_args()
-    if args.default_malloc:
-        os.environ[OPT_OUT] = "0"
     results: dict = {"command": "bench/producer.py " + " ".join(sys.argv[1:]),
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     results["record"] = bench_record()

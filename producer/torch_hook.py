@@ -7,13 +7,6 @@ read on the writer thread under a lock the optimizer's step holds from its pre-h
 post-hook, so they are never torn, and the training thread does not wait for them.
 The sign of row i is i (uint64).
 
-The hook makes the training process keep freed memory for reuse (foundation/memory.py, as the
-loader and the servers do; opt out: PERSIA_INC_KEEP_FREED_MEMORY=0): glibc's defaults trim
-and re-map the heap as the writer's megabyte packet buffers come and go, and the training
-step's own tensors then fault fresh zeroed pages in (bench/producer.py: 187 page faults and
-0.88 ms of system CPU per step with the hook under the defaults, 0 and 0.52 ms kept; step
-overhead +21.2% vs +15.2%).
-
 With `dense_every_s`, the hook also publishes the dense part as one version
 (`IncrementalProducer.publish_dense`) after the first step that ends that long after the last
 publish: between optimizer steps, so the sparse cut and the dense snapshot are the same step's.
@@ -21,7 +14,6 @@ publish: between optimizer steps, so the sparse cut and the dense snapshot are t
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import typing
@@ -33,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from persia_inc.foundation.memory import keep_freed_memory
 from persia_inc.producer.core import IncrementalProducer
 from persia_inc.producer.dense import DenseExporter, DenseVersion
 
@@ -93,7 +84,6 @@ class IncrementalUpdateHook:
             producer.register_table(name, self._reader(module), dim=int(weight.shape[1]),
                                     rows=int(weight.shape[0]), reads_into=True)
             self._handles.append(module.register_forward_hook(self._forward_hook(self._seen[name])))
-        _keep_freed_memory_once()
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
         producer.defer_reads()
@@ -184,13 +174,6 @@ class IncrementalUpdateHook:
         self._handles.clear()
         self.producer._end_update()
         self.producer.defer_reads(False)
-
-
-@functools.cache
-def _keep_freed_memory_once() -> bool:
-    """`keep_freed_memory()` once per process (it looks the C library up): see the module
-    docstring for why the hook asks for it."""
-    return keep_freed_memory()
 
 
 def _columns_of_one_matrix(seen: dict[str, list[torch.Tensor]]

@@ -176,39 +176,3 @@ def test_compiled_row_and_sign_checks_match_numpy() -> None:
     assert strictly_ascending(signs[:0])
     assert not strictly_ascending(np.array([1, 5, 5, 9], np.uint64))
     assert not strictly_ascending(np.array([1, 9, 5], np.uint64))
-
-
-_KEPT_AFTER_HOOK = """
-import ctypes
-import numpy as np
-import torch
-from persia_inc.producer import IncrementalProducer
-from persia_inc.producer.torch_hook import IncrementalUpdateHook
-class Info(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
-                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-mallinfo2 = ctypes.CDLL(None).mallinfo2
-mallinfo2.restype = Info
-table = torch.nn.Embedding(10, 4, sparse=True)
-IncrementalUpdateHook(IncrementalProducer(None, enabled=False), {"t": table},
-                      torch.optim.SGD(table.parameters(), lr=0.1))
-before = mallinfo2().arena
-buffer = np.ones(8 << 20)  # 64 MiB
-del buffer
-print((mallinfo2().arena - before) >> 20)  # heap kept after the free, in MiB
-"""
-
-
-def test_hook_makes_the_training_process_keep_freed_memory() -> None:
-    """Once a hook is made, a 64 MiB buffer comes from malloc's heap and stays there after its
-    free (the writer's packet buffers then never make training fault fresh pages in); not
-    with PERSIA_INC_KEEP_FREED_MEMORY=0."""
-    from persia_inc.foundation.memory import OPT_OUT
-
-    heap_mib = {}
-    for opt_out in ("1", "0"):
-        out = subprocess.run([sys.executable, "-c", _KEPT_AFTER_HOOK], capture_output=True,
-                             text=True, env={**os.environ, OPT_OUT: opt_out}, timeout=120, check=False)
-        assert out.returncode == 0, out.stderr
-        heap_mib[opt_out] = int(out.stdout.split()[-1])  # the heap's growth
-    assert heap_mib["1"] >= 32 and heap_mib["0"] < 32, heap_mib  # part may reuse free heap
