@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 # ms to 0.55 / 0.40 ms (gRPC p50 minus in-process p50 minus constant-handler p50). After 1,500
 # warm-up requests the frontend's CPU per request was 1.6 ms against 2.75 ms; C2 was still
 # compiling at 1.1 ms per two requests. The gaps were then equal (0.37 ms), and p99 was 17.1
-# against 21.7 ms.
+# against 21.7 ms. bench/inference.py --throughput '' (300 requests, both layouts), runs
+# alternating old and new options: the gap was 0.25 / 0.70 ms (shared table) and 0.87 / 0.57 ms
+# (table per feature) with the old ones, 0.33 / 0.19 and 0.18 / -0.08 ms with these, and TorchServe
+# gRPC p99 27.6-38.5 ms against 14.8-17.6 ms.
 JVM_OPTIONS = ("-Xms512m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1 "
                "-XX:-UsePerfData")
 
