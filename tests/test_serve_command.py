@@ -81,9 +81,12 @@ def test_a_port_taken_before_torchserve_binds_it_is_picked_again(tmp_path: Path)
             picked.stop()
 
         given = LocalTorchServe(tmp_path / "given", ports={"grpc_management": taken})
-        with pytest.raises(TorchServeError, match=f"could not bind 127.0.0.1:{taken} "):
-            given.start()
-        assert given.pid is None and not port_open(given.ports["inference"])  # stopped
+        try:
+            with pytest.raises(TorchServeError, match=f"could not bind 127.0.0.1:{taken} "):
+                given.start()
+            assert given.pid is None and not port_open(given.ports["inference"])  # stopped
+        finally:
+            given.stop()  # had it started after all
 
 
 def test_serve_starts_serves_and_stops_on_sigterm(
