@@ -348,15 +348,16 @@ class LocalTorchServe:
         proc = self._proc
 
         def answers() -> bool:
-            if proc.poll() is not None:
-                raise TorchServeError(f"TorchServe exited with {proc.returncode}:\n{self.log_tail()}")
+            exited = proc.poll() is not None  # before the read: then its output is all there
             # Java binds its ports one by one (/ping answers before the gRPC ports are bound)
-            # and says so once all are; a failed bind stops the start
+            # and says so once all are; a failed bind stops the start (Java may exit on it)
             said = (self.workdir / "frontend.out").read_bytes()[seen:]
             failed = _BIND_FAILED.search(said)
             if failed:
                 raise TorchServeError(f"TorchServe could not bind {failed[1].decode()} (taken by "
                                       f"another process):\n{self.log_tail()}")
+            if exited:
+                raise TorchServeError(f"TorchServe exited with {proc.returncode}:\n{self.log_tail()}")
             if _STARTED not in said:
                 return False
             key = self.key("inference")  # with token authorization, /ping wants it too
