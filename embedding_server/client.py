@@ -25,7 +25,6 @@ is catching up, the read is asked again with `allow_behind` and counted (`counte
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -158,7 +157,7 @@ class EmbeddingClient:
         """A client for `servers` (in shard order: host:port, or a shard's replicas) with the
         token (read from the environment variable `settings.token_env`), TLS roots, deadline,
         message limit and replica retry of `settings`."""
-        token = os.environ.get(settings.token_env, "") if settings.token_env else ""
+        token = settings.write_token()
         tls_ca = None
         if settings.tls_cert_file:
             with open(settings.tls_ca_file or settings.tls_cert_file, "rb") as handle:

@@ -21,7 +21,6 @@ import faulthandler
 import functools
 import hmac
 import logging
-import os
 import signal
 import threading
 import time
@@ -508,11 +507,9 @@ def serve(servers: Sequence[str | Sequence[str]], shard_index: int, *,
     label = (f"shard {shard_index} replica {replica}" if len(sets[shard_index]) > 1
              else f"shard {shard_index}")
     num_shards = len(sets)
-    token = ""
-    if settings.token_env:
-        token = os.environ.get(settings.token_env, "")
-        if not token:
-            raise ValueError(f"token_env names {settings.token_env!r} but that variable is empty")
+    token = settings.write_token()
+    if settings.token_env and not token:
+        raise ValueError(f"token_env names {settings.token_env!r} but that variable is empty")
 
     shard = Shard(capacity=settings.capacity, max_dim=limits.max_dim, shard_index=shard_index,
                   num_shards=num_shards)
