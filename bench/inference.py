@@ -205,6 +205,9 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
     pt = save_torchscript(build_model(spec), work / f"{name}.pt")
     module = load_torchscript(pt)
     engine = PersiaInference.from_client(module, spec, client)
+    # the same engine on a client that lends no lookup regions: everything through gRPC
+    grpc_client = EmbeddingClient(servers, shared_memory=False)
+    grpc_engine = PersiaInference.from_client(module, spec, grpc_client)
     archive_model(name, pt, spec, torchserve.model_store, handler=MAR_HANDLER, config_file=config)
     with HttpManagement(torchserve.management_url) as mgmt:
         mgmt.register(f"{name}.mar", options=options)
@@ -223,6 +226,7 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
         "torchserve_constant_grpc": lambda b: infer(stub, CONSTANT_MODEL, b),
         "torchserve_http": lambda b: infer_http(torchserve.inference_url, name, b, session=session),
         "in_process": engine.predict,
+        "in_process_grpc_only": grpc_engine.predict,
         **kserve,
     }
 
@@ -234,6 +238,7 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
             "decode": clock(lambda: pa.ipc.open_stream(pa.py_buffer(req.body)).read_next_batch())[0],
             "dedup": clock(lambda: [pc.unique(s) for s in req.signs_by_table.values()])[0],
             "lookup": clock(lambda: client.lookup(first_table, every))[0],
+            "lookup_unique": clock(lambda: client.lookup_unique({first_table: every}))[0],
             "pool": clock(lambda: embedding_bag(torch.arange(decoded.signs.size), weight, offsets,
                                                 mode="sum", include_last_offset=True))[0],
         }
@@ -248,7 +253,8 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
 
     times: dict[str, list[float]] = {p: [] for p in paths}
     stages: dict[str, list[float]] = {s: [] for s in stage_names()}
-    floor_t: dict[str, list[float]] = {s: [] for s in ("decode", "dedup", "lookup", "pool", "forward")}
+    floor_t: dict[str, list[float]] = {s: [] for s in ("decode", "dedup", "lookup", "lookup_unique",
+                                                       "pool", "forward")}
     mismatches = kserve_mismatches = 0
     server_before = server_seconds(metrics_urls, "LookupBlocks")
     shuffle = np.random.default_rng(7)
@@ -264,6 +270,7 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
                 for stage, value in dataclasses.asdict(engine.last_timings).items():
                     stages[stage.removesuffix("_s")].append(value)
         mismatches += int(not np.array_equal(results["torchserve_grpc"], results["in_process"]))
+        mismatches += int(not np.array_equal(results["in_process_grpc_only"], results["in_process"]))
         kserve_mismatches += sum(int(not np.array_equal(results[p], results["in_process"])) for p in kserve)
         for stage, t in floors(req).items():
             floor_t[stage].append(t)
@@ -272,7 +279,9 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
     close_kserve()
     served.close()
     session.close()
+    region_answers = client.counters()["region_answers"]
     client.close()
+    grpc_client.close()
 
     n = len(reqs) - args.warmup
     in_process_mean = float(np.mean(times["in_process"]))
@@ -287,6 +296,9 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
     served = server_after[1] - server_before[1]
     server_mean_ms = (server_after[0] - server_before[0]) / served * 1e3 if served else float("nan")
     stage_out.setdefault("lookup", {})["servers_own_mean_ms"] = round(server_mean_ms, 3)
+    # the same signs as one table through lookup_unique (which lends lookup regions, as the
+    # engine's lookup does; `lookup` sends them through gRPC)
+    stage_out["lookup"]["floor_lookup_unique"] = percentiles(floor_t["lookup_unique"])
     grpc, local, const = (np.asarray(times[p]) for p in ("torchserve_grpc", "in_process",
                                                          "torchserve_constant_grpc"))
     out: dict[str, object] = {
@@ -299,6 +311,12 @@ def measure(name: str, spec: ModelSpec, args: argparse.Namespace, work: Path, se
             float(np.median(grpc) - np.median(local) - np.median(const)) * 1e3, 3),
         "ratio_in_process_to_one_lookup_p50": round(
             float(np.median(local) / np.median(floor_t["lookup"])), 2),
+        "ratio_in_process_to_one_lookup_unique_p50": round(
+            float(np.median(local) / np.median(floor_t["lookup_unique"])), 2),
+        # lookup regions (embedding_server/regions.py) against the same engine through gRPC
+        "ratio_in_process_to_grpc_only_p50": round(
+            float(np.median(local) / np.median(times["in_process_grpc_only"])), 2),
+        "region_answers": region_answers,
         "in_process_stages": stage_out,
         "torchserve_equals_in_process": mismatches == 0,
         # issue 26's Done-when: kserve gRPC p50 <= in-process p50 + 2 ms
@@ -369,8 +387,8 @@ def throughput(name: str, bodies: list[bytes], torchserve: LocalTorchServe,
 
 def print_layout(name: str, result: dict[str, object]) -> None:
     print(f"\n== {name} ({result['tables']} tables, {result['requests']} requests)")
-    for path in ("in_process", "torchserve_grpc", "torchserve_constant_grpc", "torchserve_http",
-                 "kserve_grpc", "kserve_http"):
+    for path in ("in_process", "in_process_grpc_only", "torchserve_grpc", "torchserve_constant_grpc",
+                 "torchserve_http", "kserve_grpc", "kserve_http"):
         p = result[path]
         print(f"  {path:26s} p50 {p['p50_ms']:7.2f}  p99 {p['p99_ms']:7.2f}  mean {p['mean_ms']:7.2f} ms")  # type: ignore[index]
     print(f"  {'stage':10s} {'p50':>7s} {'p99':>7s} {'mean':>7s} {'share':>6s} "
@@ -383,8 +401,12 @@ def print_layout(name: str, result: dict[str, object]) -> None:
             line += (f" | {f['p50_ms']:6.2f} {f['p99_ms']:6.2f} {f['mean_ms']:6.2f}  "
                      f"x{s['ratio_p50_to_floor']}")
         if "servers_own_mean_ms" in s:
-            line += f"; servers' own mean {s['servers_own_mean_ms']:.2f}"
+            line += (f"; servers' own mean {s['servers_own_mean_ms']:.2f}; one lookup_unique p50 "
+                     f"{s['floor_lookup_unique']['p50_ms']:.2f}")
         print(line)
+    print(f"  in process / through gRPC only p50: x{result['ratio_in_process_to_grpc_only_p50']} "
+          f"({result['region_answers']} shard answers through lookup regions); "
+          f"/ one lookup_unique p50: x{result['ratio_in_process_to_one_lookup_unique_p50']}")
     print(f"  in process / one lookup p50: x{result['ratio_in_process_to_one_lookup_p50']}; "
           "grpc p50 - (in process + constant) p50: "
           f"{result['grpc_p50_over_in_process_plus_constant_ms']} ms; "

@@ -354,31 +354,38 @@ def decode_lookup_tables_reply(message: bytes) -> LookupTablesReply:
 
 
 _BLOCK_DIMS_TAG, _BLOCK_ROWS_TAG, _BLOCK_MISSES_TAG = (bytes([n << 3 | _LEN]) for n in (1, 2, 3))
+_IN_REGION_FIELD = bytes([4 << 3 | _VARINT, 1])  # rows_in_region = true
 
 
-def lookup_blocks_reply(shapes: Sequence[tuple[int, int, int]]
+def lookup_blocks_reply(shapes: Sequence[tuple[int, int, int]], space: memoryview | None = None
                         ) -> tuple[bytes, list[np.ndarray], np.ndarray]:
     """`LookupBlocksResponse` wire bytes for tables of (signs, dim, misses) `shapes`, with a
     writable float32[signs, dim] view on each table's rows in its block and a writable
     uint64[T] view on its misses, to fill before the bytes are shared: the rows are gathered
     straight into the answer, not built aside and copied in. (The misses given are not
-    written: the caller fills them after the gather.)"""
+    written: the caller fills them after the gather.) With `space` (a lookup region's bytes
+    for the rows) big enough, the rows go there instead and the answer says rows_in_region."""
     packed = b"".join(_varint(dim) for _, dim, _ in shapes)
     floats = sum(n * dim for n, dim, _ in shapes)
+    in_region = space is not None and 4 * floats <= len(space)
     head = _BLOCK_DIMS_TAG + _varint(len(packed)) + packed if packed else b""
-    if floats:
+    if floats and not in_region:
         head += _BLOCK_ROWS_TAG + _varint(4 * floats)
     tail = _BLOCK_MISSES_TAG + _varint(8 * len(shapes)) if shapes else b""
-    rows_end = len(head) + 4 * floats
-    data, view = unfilled_bytes(rows_end + len(tail) + 8 * len(shapes))
+    rows_end = len(head) + (0 if in_region else 4 * floats)
+    flag = _IN_REGION_FIELD if in_region else b""
+    data, view = unfilled_bytes(rows_end + len(tail) + 8 * len(shapes) + len(flag))
     view[:len(head)] = head
     view[rows_end:rows_end + len(tail)] = tail
-    block = np.frombuffer(view[len(head):rows_end], np.float32)
+    view[len(view) - len(flag):] = flag
+    block = np.frombuffer(space if space is not None and in_region else view[len(head):rows_end],
+                          np.float32, floats)
     rows, at = [], 0
     for n, dim, _ in shapes:
         rows.append(block[at:at + n * dim].reshape(n, dim))
         at += n * dim
-    return data, rows, np.frombuffer(view[rows_end + len(tail):], "<u8")
+    misses_at = rows_end + len(tail)
+    return data, rows, np.frombuffer(view[misses_at:misses_at + 8 * len(shapes)], "<u8")
 
 
 def split_blocks(tables: Sequence[str], counts: Sequence[int], signs: np.ndarray
@@ -397,11 +404,13 @@ def split_blocks(tables: Sequence[str], counts: Sequence[int], signs: np.ndarray
 class BlocksReply:
     """A LookupBlocks answer as received: dims: int64[T] each table's width; rows: float32[k]
     every table's rows, one table after the other (a read-only view on the message, no copy);
-    misses: uint64[T] (zeros when the server sent none)."""
+    misses: uint64[T] (zeros when the server sent none); in_region: the rows are in the lookup
+    region the request lent (`regions.py`), not in the message."""
 
     dims: np.ndarray
     rows: np.ndarray
     misses: np.ndarray
+    in_region: bool = False
 
 
 def _packed_varints(data: memoryview) -> np.ndarray:
@@ -420,9 +429,11 @@ def decode_lookup_blocks_reply(message: bytes) -> BlocksReply:
     """Parse `LookupBlocksResponse` wire bytes (repeated fields packed, as protobuf writes
     them); rows is a view on `message`. Malformed bytes raise ValueError."""
     data = memoryview(message)
-    dims, rows, misses = np.zeros(0, np.int64), data[0:0], data[0:0]
+    dims, rows, misses, in_region = np.zeros(0, np.int64), data[0:0], data[0:0], False
     for number, value in _parse(data):
-        if isinstance(value, memoryview):
+        if number == 4 and isinstance(value, int):
+            in_region = bool(value)
+        elif isinstance(value, memoryview):
             if number == 1:
                 dims = _packed_varints(value)
             elif number == 2:
@@ -433,4 +444,4 @@ def decode_lookup_blocks_reply(message: bytes) -> BlocksReply:
         raise ValueError(f"{len(rows)} row bytes, {len(misses)} misses bytes: not whole values")
     counted = np.frombuffer(misses, "<u8")
     return BlocksReply(dims, np.frombuffer(rows, "<f4"),
-                       counted if counted.size else np.zeros(dims.size, np.uint64))
+                       counted if counted.size else np.zeros(dims.size, np.uint64), in_region)

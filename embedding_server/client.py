@@ -36,10 +36,10 @@ import numpy as np
 
 from persia_inc.embedding_server._wire import decode_lookup_blocks_reply, decode_lookup_reply
 from persia_inc.embedding_server.errors import (
-    ModelIdentityError,
     ShardError,
     ShardIdentityError,
     WatermarkMovedError,
+    identity_mismatch,
 )
 from persia_inc.embedding_server.health_watch import HealthWatch, wait_serving
 from persia_inc.embedding_server.messages import (
@@ -53,6 +53,7 @@ from persia_inc.embedding_server.messages import (
 )
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
+from persia_inc.embedding_server.regions import Region, RegionLender
 from persia_inc.embedding_server.routing import ReplicaRouter, targets_of_servers
 from persia_inc.embedding_server.settings import EmbeddingServerSettings, channel_options
 from persia_inc.embedding_server.sharding import group_by_shard
@@ -98,7 +99,7 @@ class EmbeddingClient:
     def __init__(self, servers: Sequence[str | Sequence[str]], *, token: str = "",
                  tls_ca: bytes | None = None, timeout_s: float = 60.0,
                  max_message_bytes: int = 256 * 1024 * 1024, replica_retry_s: float = 0.5,
-                 model: str = "", watch_health: bool = True) -> None:
+                 model: str = "", watch_health: bool = True, shared_memory: bool = True) -> None:
         if not servers:
             raise ValueError("EmbeddingClient needs at least one server")
         self.model = model  # "" : any; else a server reporting another model is refused
@@ -112,6 +113,7 @@ class EmbeddingClient:
         self._limits = [max_message_bytes] * num  # lowered to what each server accepts
         self._verify_lock = threading.Lock()
         self._dims: dict[str, int] = {}  # table -> width, as last answered
+        self._regions = RegionLender(num, shared_memory)  # lent to servers on this host
         self._write_metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = channel_options(max_message_bytes)
         addresses = [t.address for t in self.targets]
@@ -164,7 +166,8 @@ class EmbeddingClient:
                 tls_ca = handle.read()
         return cls(servers, token=token, tls_ca=tls_ca, timeout_s=settings.request_timeout_s,
                    max_message_bytes=settings.max_message_bytes,
-                   replica_retry_s=settings.replica_retry_s, model=model)
+                   replica_retry_s=settings.replica_retry_s, model=model,
+                   shared_memory=settings.shared_memory_lookups)
 
     @property
     def num_shards(self) -> int:
@@ -176,8 +179,10 @@ class EmbeddingClient:
         return self._by_shard[shard]
 
     def counters(self) -> dict[str, int]:
-        """failovers (reads sent on to another replica), behind_answers (every replica behind)."""
-        return {"failovers": self.router.failovers, "behind_answers": self.router.behind_answers}
+        """failovers (reads sent on to another replica), behind_answers (every replica behind),
+        region_answers (shard answers that came through a lookup region, `regions.py`)."""
+        return {"failovers": self.router.failovers, "behind_answers": self.router.behind_answers,
+                "region_answers": self._regions.answered}
 
     # ---------------------------------------------------------------------------- calls
 
@@ -222,24 +227,13 @@ class EmbeddingClient:
         with self._verify_lock:
             for index in todo:
                 reply, t = replies[index], self.targets[index]
-                replicas = len(self._by_shard[t.shard])
-                # a server from before replicas reports num_replicas 0: one replica
-                reported = (reply.replica, reply.num_replicas or 1)
-                if (reply.shard, reply.num_shards) != (t.shard, num) or reported != (t.replica,
-                                                                                     replicas):
+                mismatch = identity_mismatch(t, len(self._by_shard[t.shard]), num, self.model, reply)
+                if mismatch is not None:  # logged there
                     self._verified[index] = False
-                    log.error("%s reports itself as shard %d of %d, replica %d of %d; refusing it",
-                              t.address, reply.shard, reply.num_shards, *reported)
-                    raise ShardIdentityError(
-                        t.shard, t.address, (t.shard, num), (reply.shard, reply.num_shards),
-                        f"our list makes it replica {t.replica} of {replicas}, it reports "
-                        f"replica {reported[0]} of {reported[1]}")
-                if self.model and reply.model and reply.model != self.model:
-                    self._verified[index] = False
-                    log.error("%s serves model %r, not %r; refusing it", t.address, reply.model, self.model)
-                    raise ModelIdentityError(t.shard, t.address, self.model, reply.model)
+                    raise mismatch
                 if reply.max_message_bytes:
                     self._limits[index] = min(self.max_message_bytes, reply.max_message_bytes)
+                self._regions.learn(index, reply.shared_memory)
                 self._verified[index] = True
 
     def _start(self, method: Callable[..., Any], request: Any, **kwargs: Any) -> Future:
@@ -410,21 +404,27 @@ class EmbeddingClient:
                            [np.ascontiguousarray(s, dtype=np.uint64).ravel()
                             for s in signs_by_table.values()], num)
 
-        def ask(target: int, allow_behind: bool, timeout: float) -> Any:
-            return self._lookup_blocks_raw[target](
-                plan.request(self.targets[target].shard, num, allow_behind), timeout=timeout)
+        widths = [self._dims.get(table) for table in plan.tables]
+        lent: list[Region] = []  # lookup regions the answers are in, until copied out
 
-        placing = plan.placing([self._dims.get(table) for table in plan.tables])  # widths seen
+        def ask(target: int, allow_behind: bool, timeout: float) -> Any:  # through a region or not
+            return self._regions.ask(target, plan, self.targets[target].shard, num, allow_behind,
+                                     widths, self._lookup_blocks_raw[target], timeout, lent)
+
+        placing = plan.placing(widths)  # widths seen
 
         def read(shard: int) -> Any:  # its block placed on the thread that received it
             return placing.take(shard, self._read(shard, ask))
 
         first, *others = plan.shards()
         calls = {shard: self._pool.submit(read, shard) for shard in others}
-        calls[first] = run_here(read, first)  # one thread hand-off fewer
-        found = plan.assemble(self._gather(calls), lambda shard, message: ShardError(
-            shard, self.targets[self._by_shard[shard][0]].address, "FAILED_PRECONDITION", message),
-            placing)
+        try:
+            calls[first] = run_here(read, first)  # one thread hand-off fewer
+            found = plan.assemble(self._gather(calls), lambda shard, message: ShardError(
+                shard, self.targets[self._by_shard[shard][0]].address, "FAILED_PRECONDITION",
+                message), placing)
+        finally:
+            self._regions.give_back(lent)  # every answer in them is copied out, or failed
         self._dims.update(found.dims)
         return found
 
@@ -636,6 +636,7 @@ class EmbeddingClient:
         if not self._closed:
             self._closed = True
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._regions.close()
             if self._health is not None:
                 self._health.close()
             for channel in self._channels:

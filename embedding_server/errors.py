@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+log = logging.getLogger("persia_inc.embedding_server.client")  # where the client logged it
+
 # gRPC status names a caller may retry after a backoff (the call did not take effect or may
 # be repeated safely: Apply is idempotent by watermark, Lookup has no effect).
 RETRIABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"})
@@ -37,6 +42,26 @@ class ShardIdentityError(ShardError):
         super().__init__(shard, address, "FAILED_PRECONDITION",
                          f"{text}: {details}" if details else text)
         self.retriable = False
+
+
+def identity_mismatch(target: Any, replicas: int, num_shards: int, model: str, status: Any
+                      ) -> ShardError | None:
+    """The error (logged) when a server's Status disagrees with the client's list: `target`
+    (a routing.Target) is replica target.replica of `replicas` of shard target.shard of
+    `num_shards`, serving `model` ('' : any); None when it agrees."""
+    reported = (status.replica, status.num_replicas or 1)  # before replicas: 0, one replica
+    if (status.shard, status.num_shards) != (target.shard, num_shards) or reported != (
+            target.replica, replicas):
+        log.error("%s reports itself as shard %d of %d, replica %d of %d; refusing it",
+                  target.address, status.shard, status.num_shards, *reported)
+        return ShardIdentityError(
+            target.shard, target.address, (target.shard, num_shards),
+            (status.shard, status.num_shards), f"our list makes it replica {target.replica} of "
+            f"{replicas}, it reports replica {reported[0]} of {reported[1]}")
+    if model and status.model and status.model != model:
+        log.error("%s serves model %r, not %r; refusing it", target.address, status.model, model)
+        return ModelIdentityError(target.shard, target.address, model, status.model)
+    return None
 
 
 class ModelIdentityError(ShardError):

@@ -150,19 +150,20 @@ class LookupPlan:
         """The shards holding any of the signs (shard 0 when there are none)."""
         return [int(s) for s in np.flatnonzero(self.bounds[:, -1] > self.bounds[:, 0])] or [0]
 
-    def request(self, shard: int, num_shards: int, allow_behind: bool = False) -> bytes:
+    def request(self, shard: int, num_shards: int, allow_behind: bool = False,
+                region: str = "") -> bytes:
         """`LookupBlocksRequest` wire bytes for `shard`: every table, its count of signs, and
         the signs in one block (allow_behind: a replica that is catching up answers too),
-        the signs copied once."""
+        the signs copied once; with `region`, the lookup region holding them instead."""
         bounds = self.bounds[shard]
         counts = b"".join(_varint(c) for c in np.diff(bounds).tolist())
         parts: list[bytes | memoryview] = [_tables_field(self.tables)]
         if counts:
             parts += [_COUNTS_TAG, _varint(len(counts)), counts]
         lo, hi = int(bounds[0]), int(bounds[-1])
-        if hi > lo:
+        if hi > lo and not region:
             parts += [_SIGNS_TAG, _varint(8 * (hi - lo)), self.grouped[lo:hi].data]
-        _fields(parts, ((4, shard), (5, num_shards), (6, int(allow_behind))))
+        _fields(parts, ((4, shard), (5, num_shards), (6, int(allow_behind)), (7, region)))
         return b"".join(parts)
 
     def placing(self, widths: Sequence[int | None]) -> Placing:

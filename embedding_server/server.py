@@ -46,6 +46,7 @@ from persia_inc.embedding_server._wire import (
 from persia_inc.embedding_server.health_service import SERVICE_NAME, HealthService
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
+from persia_inc.embedding_server.regions import RegionError, RegionMaps, trailing_region_error
 from persia_inc.embedding_server.settings import LOAD_LOG_INTERVAL_S, EmbeddingServerSettings
 from persia_inc.embedding_server.shard import (
     ChunkLostError,
@@ -197,6 +198,9 @@ def _rpc(method: str) -> Callable:
                     self.metrics.misrouted.labels(method).inc()
                     context.set_trailing_metadata(tuple(zip(
                         IDENTITY_KEYS, (str(self.shard_index), str(self.num_shards)), strict=True)))
+                except RegionError as exc:  # the client asks again without the region
+                    code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+                    context.set_trailing_metadata(trailing_region_error())
                 except CatchingUpError as exc:  # the client asks a sibling replica
                     code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
                     context.set_trailing_metadata(((CATCHING_UP_KEY, "1"),))
@@ -235,8 +239,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                  token: str = "", dump_chunk_rows: int = 1_000_000,
                  loader: Callable[[str], tuple[int, float]] | None = None,
                  max_message_bytes: int = 256 * 1024 * 1024, replica: int = 0,
-                 num_replicas: int = 1, model: str = "") -> None:
+                 num_replicas: int = 1, model: str = "", regions: RegionMaps | None = None
+                 ) -> None:
         self.shard = shard
+        self.regions = regions  # None: it takes no lookup regions
         self.model = model
         self.shard_index, self.num_shards = shard_index, num_shards
         self.replica, self.num_replicas = replica, num_replicas
@@ -331,12 +337,22 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                      ) -> bytes:
         self._check_identity(request.shard, request.num_shards)
         self._check_current(request.allow_behind)
-        asked = split_blocks(request.tables, request.counts, _signs(request.signs, "signs"))
+        space = None  # a lookup region's bytes for the rows (regions.py)
+        if request.region:
+            if self.regions is None:
+                raise RegionError("this server takes no lookup regions (shared_memory_lookups)")
+            region = self.regions.open(request.region)
+            count = sum(request.counts)
+            signs = self.regions.signs(region, count)
+            space = self.regions.rows_space(region, count)
+        else:
+            signs = _signs(request.signs, "signs")
+        asked = split_blocks(request.tables, request.counts, signs)
         reply, misses = b"", np.zeros(0, np.uint64)
 
         def into(shapes: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
             nonlocal reply, misses  # the answer's bytes, the rows gathered straight into them
-            reply, rows, misses = lookup_blocks_reply(shapes)
+            reply, rows, misses = lookup_blocks_reply(shapes, space)
             return rows
 
         found = self.shard.lookup_blocks(asked, into, check_owner=not request.num_shards)
@@ -421,7 +437,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             staged_applies=staged, staged_bytes=staged_bytes,
             foreign_lookup_signs=self.shard.foreign_lookup_signs, replica=self.replica,
             num_replicas=self.num_replicas, current=self.current, behind_s=self.behind_s(),
-            siblings_up=self.siblings_up(), model=self.model)
+            siblings_up=self.siblings_up(), model=self.model,
+            shared_memory=self.regions.memory if self.regions else "")
 
     def Dump(self, request: pb.DumpRequest, context: grpc.ServicerContext) -> Iterator[pb.DumpChunk]:  # noqa: N802
         code, message = self._check_call("Dump", context)
@@ -528,7 +545,8 @@ def serve(servers: Sequence[str | Sequence[str]], shard_index: int, *,
     servicer = EmbeddingServicer(shard, shard_index=shard_index, num_shards=num_shards,
                                  token=token, dump_chunk_rows=settings.dump_chunk_rows, loader=load,
                                  max_message_bytes=settings.max_message_bytes, replica=replica,
-                                 num_replicas=len(sets[shard_index]), model=model)
+                                 num_replicas=len(sets[shard_index]), model=model,
+                                 regions=RegionMaps() if settings.shared_memory_lookups else None)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -547,3 +547,15 @@ def test_hand_encoded_multi_table_messages_match_protobuf() -> None:
     assert data == wide
     with pytest.raises(ValueError, match="whole values"):
         decode_lookup_blocks_reply(pb.LookupBlocksResponse(dims=[1], rows=b"abc").SerializeToString())
+    # the rows into a lookup region (regions.py): the message says so and carries none
+    space = bytearray(4 * 40 + 12)
+    data, views, misses = lookup_blocks_reply([(5, 8, 2), (0, 4, 0)], memoryview(space))
+    views[0][...] = rows
+    misses[:] = [2, 0]
+    assert data == pb.LookupBlocksResponse(dims=[8, 4], misses=[2, 0],
+                                           rows_in_region=True).SerializeToString()
+    assert bytes(space[:160]) == rows.tobytes() and not any(space[160:])
+    got = decode_lookup_blocks_reply(data)
+    assert got.in_region and got.rows.size == 0 and got.misses.tolist() == [2, 0]
+    data, views, _ = lookup_blocks_reply([(5, 8, 2)], memoryview(space)[:159])  # no room
+    assert not decode_lookup_blocks_reply(data).in_region and views[0].shape == (5, 8)

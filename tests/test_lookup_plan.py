@@ -49,6 +49,9 @@ def test_plan_request_bytes_are_protobufs_and_answers_assemble_per_width() -> No
                                       signs=plan.grouped[bounds[0]:bounds[-1]].tobytes(),
                                       shard=shard, num_shards=2, allow_behind=shard == 1)
         assert plan.request(shard, 2, shard == 1) == want.SerializeToString()
+        want.ClearField("signs")  # in a lookup region (regions.py) instead
+        want.region = f"persia-inc-lookup-1-{'f' * 32}"
+        assert plan.request(shard, 2, shard == 1, region=want.region) == want.SerializeToString()
 
     def row(sign: np.ndarray, dim: int) -> np.ndarray:  # a row that names its sign
         return (sign.astype(np.float64)[:, None] % 1000 + np.arange(dim)).astype(np.float32)

@@ -123,30 +123,34 @@ class LookupTablesResponse(_message.Message):
     def __init__(self, tables: _Optional[_Iterable[_Union[TableLookup, _Mapping]]] = ...) -> None: ...
 
 class LookupBlocksRequest(_message.Message):
-    __slots__ = ("tables", "counts", "signs", "shard", "num_shards", "allow_behind")
+    __slots__ = ("tables", "counts", "signs", "shard", "num_shards", "allow_behind", "region")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     SIGNS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_BEHIND_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedScalarFieldContainer[str]
     counts: _containers.RepeatedScalarFieldContainer[int]
     signs: bytes
     shard: int
     num_shards: int
     allow_behind: bool
-    def __init__(self, tables: _Optional[_Iterable[str]] = ..., counts: _Optional[_Iterable[int]] = ..., signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., allow_behind: _Optional[bool] = ...) -> None: ...
+    region: str
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., counts: _Optional[_Iterable[int]] = ..., signs: _Optional[bytes] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., allow_behind: _Optional[bool] = ..., region: _Optional[str] = ...) -> None: ...
 
 class LookupBlocksResponse(_message.Message):
-    __slots__ = ("dims", "rows", "misses")
+    __slots__ = ("dims", "rows", "misses", "rows_in_region")
     DIMS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_IN_REGION_FIELD_NUMBER: _ClassVar[int]
     dims: _containers.RepeatedScalarFieldContainer[int]
     rows: bytes
     misses: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, dims: _Optional[_Iterable[int]] = ..., rows: _Optional[bytes] = ..., misses: _Optional[_Iterable[int]] = ...) -> None: ...
+    rows_in_region: bool
+    def __init__(self, dims: _Optional[_Iterable[int]] = ..., rows: _Optional[bytes] = ..., misses: _Optional[_Iterable[int]] = ..., rows_in_region: _Optional[bool] = ...) -> None: ...
 
 class Watermark(_message.Message):
     __slots__ = ("table", "producer", "generation", "sequence")
@@ -243,7 +247,7 @@ class TableStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_rows: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("shard", "num_shards", "ready", "uptime_s", "tables", "watermarks", "max_message_bytes", "staged_applies", "staged_bytes", "foreign_lookup_signs", "replica", "num_replicas", "current", "behind_s", "siblings_up", "model")
+    __slots__ = ("shard", "num_shards", "ready", "uptime_s", "tables", "watermarks", "max_message_bytes", "staged_applies", "staged_bytes", "foreign_lookup_signs", "replica", "num_replicas", "current", "behind_s", "siblings_up", "model", "shared_memory")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +264,7 @@ class StatusResponse(_message.Message):
     BEHIND_S_FIELD_NUMBER: _ClassVar[int]
     SIBLINGS_UP_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     shard: int
     num_shards: int
     ready: bool
@@ -276,7 +281,8 @@ class StatusResponse(_message.Message):
     behind_s: float
     siblings_up: int
     model: str
-    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[Watermark, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., staged_applies: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., foreign_lookup_signs: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., current: _Optional[bool] = ..., behind_s: _Optional[float] = ..., siblings_up: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    shared_memory: str
+    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[Watermark, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., staged_applies: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., foreign_lookup_signs: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., current: _Optional[bool] = ..., behind_s: _Optional[float] = ..., siblings_up: _Optional[int] = ..., model: _Optional[str] = ..., shared_memory: _Optional[str] = ...) -> None: ...
 
 class DumpRequest(_message.Message):
     __slots__ = ("table", "chunk_rows")
