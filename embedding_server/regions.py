@@ -96,10 +96,12 @@ class Region:
 
 
 def _unlink(names: set[str]) -> None:
+    mine = f"{PREFIX}{os.getpid()}-"  # a forked child never removes its parent's regions
     for name in list(names):
         names.discard(name)
-        with contextlib.suppress(OSError):
-            os.unlink(SHM_DIR / name)
+        if name.startswith(mine):
+            with contextlib.suppress(OSError):
+                os.unlink(SHM_DIR / name)
 
 
 def _sweep_dead() -> None:
@@ -131,12 +133,15 @@ class RegionPool:
         self._names: set[str] = set()  # created, not yet removed
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
         self._finalizer = weakref.finalize(self, _unlink, self._names)
         _sweep_dead()
 
     def take(self, nbytes: int) -> Region:
         """A region of at least `nbytes` (a free one, else a new one)."""
         with self._lock:
+            if self._pid != os.getpid():  # forked: the free regions are the parent's
+                self._pid, self._free = os.getpid(), []
             fits = [r for r in self._free if r.size >= nbytes]
             if fits:
                 region = min(fits, key=lambda r: r.size)

@@ -201,6 +201,16 @@ def test_a_pool_reuses_discards_and_cleans_up_after_dead_clients() -> None:
         pool.give_back(first)
         pool.close()
         assert not (SHM_DIR / first.name).exists()
+        forked = RegionPool()
+        parents = forked.take(10)
+        forked.give_back(parents)
+        child = os.fork()
+        if child == 0:  # a forked child: its own regions, the parent's left alone
+            os._exit(0 if forked.take(10).name != parents.name and (forked.close() or True)
+                     and (SHM_DIR / parents.name).exists() else 1)
+        assert os.waitpid(child, 0)[1] == 0
+        assert (SHM_DIR / parents.name).exists()
+        forked.close()
         late = RegionPool()
         held = late.take(10)
         late.close()
