@@ -3,21 +3,24 @@ server's host.
 
 A 128-row request's lookup moves 53k signs out and 3.4 MB of rows back; through gRPC that is
 several copies (protobuf framing, the loopback socket, each side's buffers) on the two cores
-serving it, about 3 ms of a 7 ms lookup (bench/inference.py). When the server sees the same
-/dev/shm as the client (`memory_id`, which each reports: the server in its Status), the client
-lends it a region per call instead, as Triton's system shared-memory extension does: a file in
-/dev/shm holding the signs, into which the server gathers the rows, and the gRPC messages carry
-only names and counts (LookupBlocksRequest.region).
+serving it, about a quarter of the request (bench/inference.py measures both). When the server
+runs on the client's host, in its process namespace (`memory_id`, which each reports: the
+server in its Status), the client lends it a region per call instead, as Triton's system
+shared-memory extension does: an anonymous memory file (memfd) holding a random token and the
+signs, into which the server gathers the rows; the gRPC messages carry only its place
+(`pid:fd:token`) and counts (LookupBlocksRequest.region). The server opens it through
+/proc/PID/fd/FD and maps it once.
 
-The trust boundary is the user: regions are created 0600 and a server opens only regular files
-of its own user, with this module's names, never following a link; a process that can write
-them can signal the server anyway. A region a call failed on (a deadline, a failover) is never
-used again: the server may still be writing into it.
+Nothing is left behind: a memfd has no name in any folder and goes with the last process
+holding it (a client killed with -9 included). The trust boundary is the user: the server
+opens only memfds made by this module whose first bytes are the token named in the request
+(a reused descriptor number then never matches); a process that can reach them can signal the
+server anyway. A region a call failed on is never used again: the server may still be writing
+into it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import mmap
 import os
@@ -25,7 +28,6 @@ import re
 import secrets
 import stat
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -41,11 +43,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = Path("/dev/shm")
-PREFIX = "persia-inc-lookup-"
-_NAME = re.compile(r"persia-inc-lookup-(\d+)-[0-9a-f]{32}")
+MEMFD_NAME = "persia-inc-lookup"
 REGION_KEY = "persia-region"  # trailing metadata of a refusal: the region, not the lookup, failed
-_ALIGN = 64
+_NAME = re.compile(r"(\d{1,10}):(\d{1,10}):([0-9a-f]{32})")
+_TOKEN_BYTES = 16
+_HEAD = 64  # the token, then the signs from here (rows 64-byte aligned after them)
 _MIN_BYTES = 1 << 20
 _FREE_KEPT = 8  # free regions a client keeps for its next calls
 
@@ -56,20 +58,19 @@ class RegionError(Exception):
 
 
 def memory_id() -> str:
-    """The shared memory this process sees: the boot id and /dev/shm's device and inode (two
-    containers of one host have the same boot id but their own /dev/shm). '' when there is
-    none to share."""
+    """Where this process can reach another's memory files: the boot id and the process
+    namespace (/proc/PID means the same process to both). '' when there is no such place."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        seen = os.stat(SHM_DIR)
+        namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return ""
-    return f"{boot}:{seen.st_dev}:{seen.st_ino}" if stat.S_ISDIR(seen.st_mode) else ""
+    return f"{boot}:{namespace}" if hasattr(os, "memfd_create") else ""
 
 
 def rows_offset(signs: int) -> int:
-    """Where a region's rows start, after `signs` signs (64-byte aligned)."""
-    return -(-8 * signs // _ALIGN) * _ALIGN
+    """Where a region's rows start, after its token and `signs` signs (64-byte aligned)."""
+    return _HEAD + -(-8 * signs // 64) * 64
 
 
 # ------------------------------------------------------------------------------ client side
@@ -77,9 +78,10 @@ def rows_offset(signs: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Region:
-    """One lent file: its name (in SHM_DIR) and its mapping."""
+    """One lent memory file: its place (`pid:fd:token`), descriptor and mapping."""
 
     name: str
+    fd: int
     memory: mmap.mmap
 
     @property
@@ -87,106 +89,72 @@ class Region:
         return len(self.memory)
 
     def signs(self, n: int) -> np.ndarray:
-        """uint64[n], writable: the signs at the region's start."""
-        return np.frombuffer(self.memory, np.uint64, n)
+        """uint64[n], writable: the signs, after the token."""
+        return np.frombuffer(self.memory, np.uint64, n, _HEAD)
 
     def rows(self, signs: int, floats: int) -> np.ndarray:
         """float32[floats]: the rows the server gathered after `signs` signs."""
         return np.frombuffer(self.memory, np.float32, floats, rows_offset(signs))
 
 
-def _unlink(names: set[str]) -> None:
-    mine = f"{PREFIX}{os.getpid()}-"  # a forked child never removes its parent's regions
-    for name in list(names):
-        names.discard(name)
-        if name.startswith(mine):
-            with contextlib.suppress(OSError):
-                os.unlink(SHM_DIR / name)
-
-
-def _sweep_dead() -> None:
-    """Remove the regions of clients that died without closing (kill -9): the pid in the name
-    no longer runs."""
+def _new_region(size: int) -> Region:
+    """A memory file of `size` bytes, its pages reserved (a full memory limit fails here, not
+    as SIGBUS at a write), its token written."""
+    fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
     try:
-        entries = list(os.scandir(SHM_DIR))
+        os.posix_fallocate(fd, 0, size)
+        memory = mmap.mmap(fd, size)
     except OSError:
-        return
-    for entry in entries:
-        match = _NAME.fullmatch(entry.name)
-        if match is None:
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-        except OSError:  # alive, another user's
-            pass
+        os.close(fd)
+        raise
+    token = secrets.token_bytes(_TOKEN_BYTES)
+    memory[:_TOKEN_BYTES] = token
+    return Region(f"{os.getpid()}:{fd}:{token.hex()}", fd, memory)
 
 
 class RegionPool:
     """A client's regions: taken per call, given back once the answer is copied out, discarded
-    when a call on them failed. Thread-safe; its files are removed by `close`, or at exit."""
+    when a call on them failed. Thread-safe."""
 
     def __init__(self) -> None:
         self._free: list[Region] = []
-        self._names: set[str] = set()  # created, not yet removed
         self._lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
-        self._finalizer = weakref.finalize(self, _unlink, self._names)
-        _sweep_dead()
 
     def take(self, nbytes: int) -> Region:
         """A region of at least `nbytes` (a free one, else a new one)."""
         with self._lock:
-            if self._pid != os.getpid():  # forked: the free regions are the parent's
+            if self._pid != os.getpid():  # forked: the free regions are the parent's too
                 self._pid, self._free = os.getpid(), []
             fits = [r for r in self._free if r.size >= nbytes]
             if fits:
                 region = min(fits, key=lambda r: r.size)
                 self._free.remove(region)
                 return region
-        size = max(_MIN_BYTES, 1 << (nbytes - 1).bit_length())
-        name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
-        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-        with self._lock:
-            self._names.add(name)
-        try:  # the pages reserved now: a full /dev/shm fails here (ENOSPC), not as SIGBUS later
-            os.posix_fallocate(fd, 0, size)
-            return Region(name, mmap.mmap(fd, size))
-        except OSError:
-            self.discard_name(name)
-            raise
-        finally:
-            os.close(fd)
+        return _new_region(max(_MIN_BYTES, 1 << (nbytes - 1).bit_length()))
 
     def give_back(self, region: Region) -> None:
         """`region` is free again (the server has answered and its rows are copied out)."""
         with self._lock:
-            if not self._closed and len(self._free) < _FREE_KEPT:
+            if not self._closed and len(self._free) < _FREE_KEPT and self._pid == os.getpid():
                 self._free.append(region)
                 return
         self.discard(region)
 
-    def discard(self, region: Region) -> None:
-        """Never use `region` again: its file goes (a server may still write into its own
-        mapping, which no one reads)."""
-        self.discard_name(region.name)
-
-    def discard_name(self, name: str) -> None:
-        with self._lock:
-            names = {name} & self._names
-            self._names.difference_update(names)
-        _unlink(names)
+    @staticmethod
+    def discard(region: Region) -> None:
+        """Never use `region` again: its descriptor closes (its memory goes with the last
+        mapping; a server may still write into its own, which no one reads)."""
+        os.close(region.fd)
 
     def close(self) -> None:
-        """Remove every region's file; a region given back later is discarded."""
+        """Close every free region; a region given back later is discarded."""
         with self._lock:
             self._closed = True
-            self._free.clear()
-        self._finalizer()
+            free, self._free = self._free, []
+        for region in free:
+            self.discard(region)
 
 
 class RegionLender:
@@ -222,11 +190,11 @@ class RegionLender:
         counts = np.diff(plan.bounds[shard])
         try:
             region = self._pool.take(rows_offset(hi - lo) + 4 * int(counts @ np.asarray(widths, np.int64)))
-        except OSError as exc:  # /dev/shm full, or not writable: this call through gRPC
+        except OSError as exc:  # out of memory, or of descriptors: this call through gRPC
             if not self._warned:
                 self._warned = True
-                log.warning("cannot create a lookup region in %s (%s); lookups go through gRPC "
-                            "until one can be made", SHM_DIR, exc)
+                log.warning("cannot create a lookup region (%s); lookups go through gRPC until "
+                            "one can be made", exc)
             return call(plan.request(shard, num_shards, allow_behind), timeout=timeout)
         region.signs(hi - lo)[:] = plan.grouped[lo:hi]
         try:
@@ -274,26 +242,32 @@ class RegionMaps:
         self._lock = threading.Lock()
 
     def open(self, name: str) -> mmap.mmap:
-        """The mapping of region `name`; RegionError when it is not a region of this user."""
-        if not _NAME.fullmatch(name):
-            raise RegionError(f"lookup region {name[:80]!r}: not a region name")
+        """The mapping of region `name` (`pid:fd:token`); RegionError when it cannot be
+        reached or is not that region."""
+        match = _NAME.fullmatch(name)
+        if match is None:
+            raise RegionError(f"lookup region {name[:80]!r}: not a region's place (pid:fd:token)")
         with self._lock:
             memory = self._maps.get(name)
             if memory is not None:
                 self._maps.move_to_end(name)
                 return memory
+        pid, fd, token = match.groups()
         try:
-            fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise RegionError(f"lookup region {name}: cannot open it: {exc.strerror}") from exc
-        try:
-            seen = os.fstat(fd)
-            if not stat.S_ISREG(seen.st_mode) or seen.st_uid != os.getuid() or seen.st_size < _ALIGN:
-                raise RegionError(f"lookup region {name}: not a regular file of this user "
-                                  f"of at least {_ALIGN} bytes")
-            memory = mmap.mmap(fd, seen.st_size)
+        try:  # what was opened, not what the path named a moment before
+            opened = os.readlink(f"/proc/self/fd/{handle}")
+            seen = os.fstat(handle)
+            if (not opened.startswith(f"/memfd:{MEMFD_NAME} ") or not stat.S_ISREG(seen.st_mode)
+                    or seen.st_size < _HEAD):
+                raise RegionError(f"lookup region {name}: not a lookup region ({opened[:80]})")
+            memory = mmap.mmap(handle, seen.st_size)
         finally:
-            os.close(fd)
+            os.close(handle)
+        if memory[:_TOKEN_BYTES] != bytes.fromhex(token):
+            raise RegionError(f"lookup region {name}: its token is another (a reused descriptor)")
         with self._lock:
             self._maps[name] = memory
             while len(self._maps) > self._kept:  # dropped, not closed: a reply may still view it
@@ -303,9 +277,9 @@ class RegionMaps:
     def signs(self, memory: mmap.mmap, n: int) -> np.ndarray:
         """A copy of the region's `n` signs (the client may write on; the server reads its
         own); RegionError if the region is too small for them."""
-        if 8 * n > len(memory):
+        if _HEAD + 8 * n > len(memory):
             raise RegionError(f"lookup region of {len(memory)} bytes cannot hold {n} signs")
-        return np.frombuffer(memory, np.uint64, n).copy()
+        return np.frombuffer(memory, np.uint64, n, _HEAD).copy()
 
     @staticmethod
     def rows_space(memory: mmap.mmap, signs: int) -> memoryview:
@@ -318,6 +292,6 @@ def trailing_region_error() -> tuple[tuple[str, str], ...]:
     return ((REGION_KEY, "1"),)
 
 
-__all__: list[Any] = ["PREFIX", "REGION_KEY", "Region", "RegionError", "RegionLender",
+__all__: list[Any] = ["MEMFD_NAME", "REGION_KEY", "Region", "RegionError", "RegionLender",
                       "RegionMaps", "RegionPool", "memory_id", "rows_offset",
                       "trailing_region_error"]

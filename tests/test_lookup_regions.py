@@ -1,16 +1,14 @@
 """Lookup regions (embedding_server/regions.py): a client on its servers' host lends them a
-/dev/shm file per multi-table lookup for the signs and rows. Real shard processes on loopback:
-the same rows as through gRPC, bit for bit; a server that takes none, or cannot open one, is
-asked in the message; hostile region names are refused while the server keeps serving; the
-client's files go when it closes, and a dead client's at the next one's start.
+memory file per multi-table lookup for the signs and rows. Real shard processes on loopback:
+the same rows as through gRPC, bit for bit; a server that takes none, or cannot use one, is
+asked in the message; hostile regions are refused while the server keeps serving; a client's
+regions close with it, and a forked child never shares its parent's.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 from persia_inc.embedding_server import regions
 from persia_inc.embedding_server._wire import decode_lookup_blocks_reply
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
-from persia_inc.embedding_server.regions import PREFIX, REGION_KEY, SHM_DIR, RegionPool, rows_offset
+from persia_inc.embedding_server.regions import MEMFD_NAME, REGION_KEY, RegionPool, rows_offset
 from persia_inc.local_services import EmbeddingCluster as Cluster
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
 
@@ -49,7 +47,15 @@ def query(signs: dict[str, np.ndarray], rng: np.random.Generator, tables: str) -
 
 
 def my_regions() -> set[str]:
-    return {p.name for p in SHM_DIR.glob(f"{PREFIX}{os.getpid()}-*")}
+    """The descriptors of this process's lookup regions."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{MEMFD_NAME} "):
+                found.add(fd)
+        except OSError:  # the listing's own descriptor
+            pass
+    return found
 
 
 def test_lookups_through_regions_are_the_rows_grpc_answers(
@@ -73,7 +79,7 @@ def test_lookups_through_regions_are_the_rows_grpc_answers(
         assert lender.counters()["region_answers"] == 8
         assert plain.counters()["region_answers"] == 0
         assert len(my_regions() - before) >= 2  # kept for the next calls
-    assert my_regions() == before  # closing removed its files
+    assert my_regions() == before  # closing closed them
 
 
 def test_a_server_that_takes_no_regions_is_never_lent_one(
@@ -94,8 +100,8 @@ def test_a_server_that_takes_no_regions_is_never_lent_one(
 def test_a_region_the_server_cannot_open_is_asked_again_in_the_message(
         embedding_cluster_factory: Callable[..., Cluster], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    """As when a cleaner removed the file, or the server runs as another user: the lookup is
-    answered through gRPC, and that server is not lent regions again."""
+    """As when the server runs in another user's name, or a descriptor was reused: the lookup
+    is answered through gRPC, and that server is not lent regions again."""
     cluster = embedding_cluster_factory(1)
     rng = np.random.default_rng(5)
     with cluster.client() as client, cluster.client(shared_memory=False) as plain:
@@ -108,7 +114,7 @@ def test_a_region_the_server_cannot_open_is_asked_again_in_the_message(
 
         def gone(pool: RegionPool, nbytes: int) -> regions.Region:
             region = taken(pool, nbytes)
-            os.unlink(SHM_DIR / region.name)
+            region.memory[:16] = bytes(16)  # another token than its name's
             return region
 
         monkeypatch.setattr(RegionPool, "take", gone)
@@ -117,7 +123,7 @@ def test_a_region_the_server_cannot_open_is_asked_again_in_the_message(
         for table in asked:
             np.testing.assert_array_equal(got[table], want[table])
         assert "target 0 cannot use lookup regions" in caplog.text
-        assert "cannot open it" in caplog.text
+        assert "its token is another" in caplog.text
         assert not client._regions.lends_to(0)
         monkeypatch.undo()
         client.lookup_tables(asked)
@@ -140,82 +146,69 @@ def test_hostile_regions_are_refused_and_the_server_keeps_serving(
         mine = signs["a"][:100]
         victim = tmp_path / "victim"
         victim.write_bytes(b"\x00" * 4096)
-        link = SHM_DIR / f"{PREFIX}{os.getpid()}-{'a' * 32}"
-        small = SHM_DIR / f"{PREFIX}{os.getpid()}-{'b' * 32}"
-        folder = SHM_DIR / f"{PREFIX}{os.getpid()}-{'c' * 32}"
-        link.symlink_to(victim)
-        small.write_bytes(b"\x00" * 64)  # too small for 100 signs
-        folder.mkdir()
-        try:
-            for name, reason in [("../../etc/passwd", "not a region name"),
-                                 (f"{PREFIX}1-{'0' * 32}", "cannot open it"),
-                                 (link.name, "cannot open it"),
-                                 (folder.name, "cannot open it"),
-                                 (small.name, "cannot hold 100 signs")]:
+        pool = RegionPool()
+        real = pool.take(100)
+        token = real.name.rsplit(":", 1)[1]
+        small = os.memfd_create(MEMFD_NAME)  # a lookup region's file, too small for 100 signs
+        os.ftruncate(small, 80)
+        os.pwrite(small, bytes.fromhex(token), 0)
+        with victim.open("r+b") as handle:
+            for name, reason in [
+                    ("../../etc/passwd", "not a region's place"),
+                    (f"999999999:3:{token}", "cannot open it"),  # no such process
+                    (f"{os.getpid()}:{handle.fileno()}:{token}", "not a lookup region"),  # a file
+                    (f"{os.getpid()}:{real.fd}:{'0' * 32}", "its token is another"),
+                    (f"{os.getpid()}:{small}:{token}", "cannot hold 100 signs")]:
                 with pytest.raises(grpc.RpcError) as raised:
                     raw_lookup(client, pb.LookupBlocksRequest(tables=["a"], counts=[100], region=name))
                 assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
                 assert reason in raised.value.details()
                 assert REGION_KEY in dict(raised.value.trailing_metadata())
-            assert victim.read_bytes() == b"\x00" * 4096  # never written through the link
+        os.close(small)
+        assert victim.read_bytes() == b"\x00" * 4096  # never written
 
-            # a region with room for the signs only: the rows come back in the message
-            pool = RegionPool()
-            count = 40_000  # 320 KB of signs, 1.28 MB of rows at width 8: over 1 MiB
-            region = pool.take(rows_offset(count))
-            assert region.size < rows_offset(count) + 32 * count
-            many = np.resize(mine, count)
-            region.signs(count)[:] = many
-            reply = raw_lookup(client, pb.LookupBlocksRequest(tables=["a"], counts=[count],
-                                                              region=region.name))
-            assert not reply.in_region
-            np.testing.assert_array_equal(reply.rows.reshape(count, 8), client.lookup("a", many))
-            pool.close()
-
-            asked = query(signs, rng, "ab")  # and real lookups still answer
-            assert client.lookup_tables(asked)["a"].shape == (2550, 8)
-        finally:
-            link.unlink()
-            small.unlink()
-            folder.rmdir()
-
-
-def test_a_pool_reuses_discards_and_cleans_up_after_dead_clients() -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    orphan = SHM_DIR / f"{PREFIX}{int(dead.stdout)}-{'d' * 32}"  # a client killed with -9
-    alive = SHM_DIR / f"{PREFIX}{os.getpid()}-{'e' * 32}"
-    orphan.write_bytes(b"x")
-    alive.write_bytes(b"x")
-    try:
-        pool = RegionPool()
-        assert not orphan.exists() and alive.exists()
-        first = pool.take(100)
-        assert first.size == 1 << 20 and (SHM_DIR / first.name).stat().st_mode & 0o777 == 0o600
-        pool.give_back(first)
-        assert pool.take(1000).name == first.name  # reused
-        bigger = pool.take(3 << 20)
-        assert bigger.size == 4 << 20 and bigger.name != first.name
-        pool.discard(bigger)  # a call on it failed: never used again
-        assert not (SHM_DIR / bigger.name).exists()
-        pool.give_back(first)
+        # a region with room for the signs only: the rows come back in the message
+        count = 40_000  # 320 KB of signs, 1.28 MB of rows at width 8: over 1 MiB
+        region = pool.take(rows_offset(count))
+        assert region.size < rows_offset(count) + 32 * count
+        many = np.resize(mine, count)
+        region.signs(count)[:] = many
+        reply = raw_lookup(client, pb.LookupBlocksRequest(tables=["a"], counts=[count],
+                                                          region=region.name))
+        assert not reply.in_region
+        np.testing.assert_array_equal(reply.rows.reshape(count, 8), client.lookup("a", many))
         pool.close()
-        assert not (SHM_DIR / first.name).exists()
-        forked = RegionPool()
-        parents = forked.take(10)
-        forked.give_back(parents)
-        child = os.fork()
-        if child == 0:  # a forked child: its own regions, the parent's left alone
-            os._exit(0 if forked.take(10).name != parents.name and (forked.close() or True)
-                     and (SHM_DIR / parents.name).exists() else 1)
-        assert os.waitpid(child, 0)[1] == 0
-        assert (SHM_DIR / parents.name).exists()
-        forked.close()
-        late = RegionPool()
-        held = late.take(10)
-        late.close()
-        late.give_back(held)  # given back after close: removed, not kept
-        assert not (SHM_DIR / held.name).exists()
-    finally:
-        alive.unlink()
-        orphan.unlink(missing_ok=True)
+
+        asked = query(signs, rng, "ab")  # and real lookups still answer
+        assert client.lookup_tables(asked)["a"].shape == (2550, 8)
+
+
+def test_a_pool_reuses_and_discards_regions_and_a_fork_never_shares_them() -> None:
+    pool = RegionPool()
+    first = pool.take(100)
+    assert first.size == 1 << 20 and first.name.startswith(f"{os.getpid()}:{first.fd}:")
+    assert bytes.fromhex(first.name.rsplit(":", 1)[1]) == first.memory[:16]
+    pool.give_back(first)
+    assert pool.take(1000).name == first.name  # reused
+    bigger = pool.take(3 << 20)
+    assert bigger.size == 4 << 20 and bigger.name != first.name
+    pool.discard(bigger)  # a call on it failed: never used again
+    with pytest.raises(OSError):
+        os.fstat(bigger.fd)
+    pool.give_back(first)
+
+    child = os.fork()
+    if child == 0:  # a forked child makes its own regions
+        os._exit(0 if pool.take(10).name != first.name else 1)
+    assert os.waitpid(child, 0)[1] == 0
+    assert pool.take(10).name == first.name  # the parent's still its own
+    pool.give_back(first)
+    before = my_regions()
+    pool.close()
+    assert str(first.fd) not in my_regions() and str(first.fd) in before
+    late = RegionPool()
+    held = late.take(10)
+    late.close()
+    late.give_back(held)  # given back after close: closed, not kept
+    with pytest.raises(OSError):
+        os.fstat(held.fd)
