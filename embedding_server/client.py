@@ -113,7 +113,7 @@ class EmbeddingClient:
         self._limits = [max_message_bytes] * num  # lowered to what each server accepts
         self._verify_lock = threading.Lock()
         self._dims: dict[str, int] = {}  # table -> width, as last answered
-        self._regions = RegionLender(num, shared_memory)  # lent to servers on this host
+        self._regions = RegionLender([t.address for t in self.targets], shared_memory)  # same host
         self._write_metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = channel_options(max_message_bytes)
         addresses = [t.address for t in self.targets]

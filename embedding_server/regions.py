@@ -161,11 +161,13 @@ class RegionLender:
     """Which of a client's targets see its shared memory (learned from their Status), and the
     LookupBlocks call that lends them a region."""
 
-    def __init__(self, targets: int, enabled: bool = True) -> None:
+    def __init__(self, addresses: Sequence[str], enabled: bool = True) -> None:
         self.memory = memory_id() if enabled else ""
         self.answered = 0  # answers that came back through a region
+        self._addresses = tuple(addresses)  # per target, for the logs
+        self._counting = threading.Lock()
         self._warned = False
-        self._shared = [False] * targets
+        self._shared = [False] * len(addresses)
         self._pool = RegionPool() if self.memory else None
 
     def learn(self, target: int, reported: str) -> None:
@@ -206,14 +208,15 @@ class RegionLender:
             if REGION_KEY not in trailing:
                 raise
             self._shared[target] = False
-            log.warning("target %d cannot use lookup regions (%s); its lookups go through gRPC",
-                        target, exc.details() if hasattr(exc, "details") else exc)
+            log.warning("%s cannot use lookup regions (%s); its lookups go through gRPC",
+                        self._addresses[target], exc.details() if hasattr(exc, "details") else exc)
             return call(plan.request(shard, num_shards, allow_behind), timeout=timeout)
         if not reply.in_region:  # it answered in the message (the widths changed)
             self._pool.give_back(region)
             return reply
         lent.append(region)
-        self.answered += 1
+        with self._counting:  # two shards' answers may arrive at once
+            self.answered += 1
         floats = int(counts @ reply.dims) if reply.dims.shape == counts.shape else 0
         if rows_offset(hi - lo) + 4 * floats > region.size:
             floats = 0  # assemble names the shard: it answered the wrong number of rows
