@@ -358,13 +358,14 @@ _IN_REGION_FIELD = bytes([4 << 3 | _VARINT, 1])  # rows_in_region = true
 
 
 def lookup_blocks_reply(shapes: Sequence[tuple[int, int, int]], space: memoryview | None = None
-                        ) -> tuple[bytes, list[np.ndarray], np.ndarray]:
+                        ) -> tuple[bytes, list[np.ndarray], np.ndarray, bool]:
     """`LookupBlocksResponse` wire bytes for tables of (signs, dim, misses) `shapes`, with a
     writable float32[signs, dim] view on each table's rows in its block and a writable
     uint64[T] view on its misses, to fill before the bytes are shared: the rows are gathered
     straight into the answer, not built aside and copied in. (The misses given are not
     written: the caller fills them after the gather.) With `space` (a lookup region's bytes
-    for the rows) big enough, the rows go there instead and the answer says rows_in_region."""
+    for the rows) big enough, the rows go there instead and the answer says rows_in_region
+    (the last value returned)."""
     packed = b"".join(_varint(dim) for _, dim, _ in shapes)
     floats = sum(n * dim for n, dim, _ in shapes)
     in_region = space is not None and 4 * floats <= len(space)
@@ -385,7 +386,7 @@ def lookup_blocks_reply(shapes: Sequence[tuple[int, int, int]], space: memoryvie
         rows.append(block[at:at + n * dim].reshape(n, dim))
         at += n * dim
     misses_at = rows_end + len(tail)
-    return data, rows, np.frombuffer(view[misses_at:misses_at + 8 * len(shapes)], "<u8")
+    return data, rows, np.frombuffer(view[misses_at:misses_at + 8 * len(shapes)], "<u8"), in_region
 
 
 def split_blocks(tables: Sequence[str], counts: Sequence[int], signs: np.ndarray

@@ -533,7 +533,8 @@ def test_hand_encoded_multi_table_messages_match_protobuf() -> None:
 
     # LookupBlocks: the same in place, every table's rows in one block
     expected = pb.LookupBlocksResponse(dims=[8, 4], rows=rows.tobytes(), misses=[2, 0]).SerializeToString()
-    data, views, misses = lookup_blocks_reply([(5, 8, 2), (0, 4, 0)])
+    data, views, misses, in_region = lookup_blocks_reply([(5, 8, 2), (0, 4, 0)])
+    assert not in_region
     views[0][...] = rows
     misses[:] = [2, 0]
     assert isinstance(data, bytes) and data == expected and views[1].shape == (0, 4)
@@ -542,14 +543,15 @@ def test_hand_encoded_multi_table_messages_match_protobuf() -> None:
     assert np.array_equal(got.rows, rows.ravel())
     wide = pb.LookupBlocksResponse(dims=[300, 4], misses=[0, 0]).SerializeToString()
     assert decode_lookup_blocks_reply(wide).dims.tolist() == [300, 4]  # two-byte varints
-    data, _, misses = lookup_blocks_reply([(0, 300, 0), (0, 4, 0)])
+    data, _, misses, _ = lookup_blocks_reply([(0, 300, 0), (0, 4, 0)])
     misses[:] = 0
     assert data == wide
     with pytest.raises(ValueError, match="whole values"):
         decode_lookup_blocks_reply(pb.LookupBlocksResponse(dims=[1], rows=b"abc").SerializeToString())
     # the rows into a lookup region (regions.py): the message says so and carries none
     space = bytearray(4 * 40 + 12)
-    data, views, misses = lookup_blocks_reply([(5, 8, 2), (0, 4, 0)], memoryview(space))
+    data, views, misses, in_region = lookup_blocks_reply([(5, 8, 2), (0, 4, 0)], memoryview(space))
+    assert in_region
     views[0][...] = rows
     misses[:] = [2, 0]
     assert data == pb.LookupBlocksResponse(dims=[8, 4], misses=[2, 0],
@@ -557,5 +559,5 @@ def test_hand_encoded_multi_table_messages_match_protobuf() -> None:
     assert bytes(space[:160]) == rows.tobytes() and not any(space[160:])
     got = decode_lookup_blocks_reply(data)
     assert got.in_region and got.rows.size == 0 and got.misses.tolist() == [2, 0]
-    data, views, _ = lookup_blocks_reply([(5, 8, 2)], memoryview(space)[:159])  # no room
-    assert not decode_lookup_blocks_reply(data).in_region and views[0].shape == (5, 8)
+    data, views, _, in_region = lookup_blocks_reply([(5, 8, 2)], memoryview(space)[:159])  # no room
+    assert not in_region and not decode_lookup_blocks_reply(data).in_region and views[0].shape == (5, 8)

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from persia_inc.embedding_server import regions
 from persia_inc.embedding_server._wire import decode_lookup_blocks_reply
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.regions import MEMFD_NAME, REGION_KEY, RegionPool, rows_offset
 from persia_inc.local_services import EmbeddingCluster as Cluster
+from persia_inc.local_services import free_port
 from persia_inc.packet_format import PacketHeader, decode_packet, encode_packet
 
 WIDTHS = {"a": 8, "b": 8, "w": 4}
@@ -46,6 +49,16 @@ def query(signs: dict[str, np.ndarray], rng: np.random.Generator, tables: str) -
     return out
 
 
+def region_lookups(metrics_port: int) -> dict[str, float]:
+    """A shard's persia_inc_embedding_region_lookups_total, by where the rows went."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {sample.labels["rows"]: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "persia_inc_embedding_region_lookups"
+            for sample in family.samples if sample.name.endswith("_total")}
+
+
 def my_regions() -> set[str]:
     """The descriptors of this process's lookup regions."""
     found = set()
@@ -60,7 +73,8 @@ def my_regions() -> set[str]:
 
 def test_lookups_through_regions_are_the_rows_grpc_answers(
         embedding_cluster_factory: Callable[..., Cluster]) -> None:
-    cluster = embedding_cluster_factory(2)
+    metrics_base = free_port()
+    cluster = embedding_cluster_factory(2, metrics_port_base=metrics_base)
     rng = np.random.default_rng(3)
     before = my_regions()
     with cluster.client() as lender, cluster.client(shared_memory=False) as plain:
@@ -77,6 +91,9 @@ def test_lookups_through_regions_are_the_rows_grpc_answers(
         # 2 shards; through the message only while a table's width was unknown ("ab" and
         # "abw" once each), so 2 rounds of 3 - 2 = 4 lookups through regions
         assert lender.counters()["region_answers"] == 8
+        seen = [region_lookups(metrics_base + shard) for shard in range(2)]
+        assert sum(c.get("in_region", 0) for c in seen) == 8, seen  # the servers count them too
+        assert sum(c.get("in_message", 0) for c in seen) == 0, seen
         assert plain.counters()["region_answers"] == 0
         assert len(my_regions() - before) >= 2  # kept for the next calls
     assert my_regions() == before  # closing closed them
@@ -139,7 +156,8 @@ def raw_lookup(client, request: pb.LookupBlocksRequest):
 
 def test_hostile_regions_are_refused_and_the_server_keeps_serving(
         embedding_cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
-    cluster = embedding_cluster_factory(1)
+    metrics_base = free_port()
+    cluster = embedding_cluster_factory(1, metrics_port_base=metrics_base)
     rng = np.random.default_rng(6)
     with cluster.client() as client:
         signs = fill(client, rng)
@@ -177,6 +195,7 @@ def test_hostile_regions_are_refused_and_the_server_keeps_serving(
                                                           region=region.name))
         assert not reply.in_region
         np.testing.assert_array_equal(reply.rows.reshape(count, 8), client.lookup("a", many))
+        assert region_lookups(metrics_base) == {"in_region": 0, "in_message": 1}
         pool.close()
 
         asked = query(signs, rng, "ab")  # and real lookups still answer
