@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -185,8 +185,12 @@ class RegionLender:
         (`widths`, to size it): the reply's rows are then a view on the region, which is
         appended to `lent` (give each back with `give_back` once copied out). A target that
         cannot use the region is asked again in the message, and not lent regions again."""
-        if not self._shared[target] or None in widths:
+
+        def in_message() -> BlocksReply:
             return call(plan.request(shard, num_shards, allow_behind), timeout=timeout)
+
+        if not self._shared[target] or None in widths:
+            return in_message()
         assert self._pool is not None
         lo, hi = int(plan.bounds[shard, 0]), int(plan.bounds[shard, -1])
         counts = np.diff(plan.bounds[shard])
@@ -197,7 +201,7 @@ class RegionLender:
                 self._warned = True
                 log.warning("cannot create a lookup region (%s); lookups go through gRPC until "
                             "one can be made", exc)
-            return call(plan.request(shard, num_shards, allow_behind), timeout=timeout)
+            return in_message()
         region.signs(hi - lo)[:] = plan.grouped[lo:hi]
         try:
             reply = call(plan.request(shard, num_shards, allow_behind, region=region.name),
@@ -210,7 +214,7 @@ class RegionLender:
             self._shared[target] = False
             log.warning("%s cannot use lookup regions (%s); its lookups go through gRPC",
                         self._addresses[target], exc.details() if hasattr(exc, "details") else exc)
-            return call(plan.request(shard, num_shards, allow_behind), timeout=timeout)
+            return in_message()
         if not reply.in_region:  # it answered in the message (the widths changed)
             self._pool.give_back(region)
             return reply
@@ -277,7 +281,8 @@ class RegionMaps:
                 self._maps.popitem(last=False)
         return memory
 
-    def signs(self, memory: mmap.mmap, n: int) -> np.ndarray:
+    @staticmethod
+    def signs(memory: mmap.mmap, n: int) -> np.ndarray:
         """A copy of the region's `n` signs (the client may write on; the server reads its
         own); RegionError if the region is too small for them."""
         if _HEAD + 8 * n > len(memory):
@@ -290,11 +295,5 @@ class RegionMaps:
         return memoryview(memory)[min(rows_offset(signs), len(memory)):]
 
 
-def trailing_region_error() -> tuple[tuple[str, str], ...]:
-    """The trailing metadata of a RegionError's refusal."""
-    return ((REGION_KEY, "1"),)
-
-
-__all__: list[Any] = ["MEMFD_NAME", "REGION_KEY", "Region", "RegionError", "RegionLender",
-                      "RegionMaps", "RegionPool", "memory_id", "rows_offset",
-                      "trailing_region_error"]
+__all__ = ["MEMFD_NAME", "REGION_KEY", "Region", "RegionError", "RegionLender", "RegionMaps",
+           "RegionPool", "memory_id", "rows_offset"]

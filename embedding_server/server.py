@@ -44,7 +44,7 @@ from persia_inc.embedding_server._wire import (
 from persia_inc.embedding_server.health_service import SERVICE_NAME, HealthService
 from persia_inc.embedding_server.protos import embedding_pb2 as pb
 from persia_inc.embedding_server.protos import embedding_pb2_grpc as pb_grpc
-from persia_inc.embedding_server.regions import RegionError, RegionMaps, trailing_region_error
+from persia_inc.embedding_server.regions import REGION_KEY, RegionError, RegionMaps
 from persia_inc.embedding_server.server_metrics import Metrics
 from persia_inc.embedding_server.settings import LOAD_LOG_INTERVAL_S, EmbeddingServerSettings
 from persia_inc.embedding_server.shard import (
@@ -124,7 +124,7 @@ def _rpc(method: str) -> Callable:
                         IDENTITY_KEYS, (str(self.shard_index), str(self.num_shards)), strict=True)))
                 except RegionError as exc:  # the client asks again without the region
                     code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-                    context.set_trailing_metadata(trailing_region_error())
+                    context.set_trailing_metadata(((REGION_KEY, "1"),))
                 except CatchingUpError as exc:  # the client asks a sibling replica
                     code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
                     context.set_trailing_metadata(((CATCHING_UP_KEY, "1"),))
